@@ -1,0 +1,38 @@
+//! `strata fsck`
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use crate::Ctx;
+
+pub fn run(ctx: &Ctx) -> Result<ExitCode> {
+    let store = ctx.open_store()?;
+    let report = store.fsck()?;
+    if ctx.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for p in &report.problems {
+            println!("problem: {p}");
+        }
+        if !ctx.quiet || !report.is_ok() {
+            println!(
+                "checked {} objects, {} layers, {} images, {} refs: {}",
+                report.objects,
+                report.layers,
+                report.images,
+                report.refs,
+                if report.is_ok() {
+                    "ok".to_string()
+                } else {
+                    format!("{} problems", report.problems.len())
+                }
+            );
+        }
+    }
+    Ok(if report.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,44 @@
+//! `strata gc [--dry-run]`
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+
+use super::human;
+use crate::Ctx;
+
+/// Arguments of `strata gc`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Show what would be removed without removing it.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
+    let store = strata_store::Store::open_exclusive(&ctx.root)
+        .with_context(|| format!("opening store {} for gc", ctx.root.display()))?;
+    let report = store.gc(a.dry_run)?;
+    if ctx.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let verb = if a.dry_run { "would free" } else { "freed" };
+    if !ctx.quiet {
+        for i in &report.images {
+            println!("image {i}");
+        }
+        for l in &report.layers {
+            println!("layer {l}");
+        }
+    }
+    println!(
+        "{verb} {}: {} images, {} layers, {} objects, {} blob aliases",
+        human(report.bytes_freed),
+        report.images.len(),
+        report.layers.len(),
+        report.objects,
+        report.blob_aliases
+    );
+    Ok(ExitCode::SUCCESS)
+}

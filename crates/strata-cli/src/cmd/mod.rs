@@ -1,0 +1,26 @@
+//! One module per subcommand.
+
+pub mod export;
+pub mod fsck;
+pub mod gc;
+pub mod images;
+pub mod inspect;
+pub mod pull;
+pub mod rm;
+pub mod tag;
+
+/// Human-readable byte count.
+pub fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

@@ -1,0 +1,92 @@
+//! `strata pull REF`
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use strata_oci::pull::{PullOptions, pull};
+use strata_oci::{ImageRef, Platform, RegistryOptions};
+
+use super::human;
+use crate::Ctx;
+use crate::progress::TermProgress;
+
+/// Arguments of `strata pull`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image reference (skopeo transport syntax).
+    reference: String,
+    /// Use plain HTTP for the registry (no TLS).
+    #[arg(long)]
+    plain_http: bool,
+    /// Platform to pick from an index, os/arch[/variant].
+    #[arg(long)]
+    platform: Option<String>,
+    /// Registry credentials file (auth.json format).
+    #[arg(long, env = "REGISTRY_AUTH_FILE")]
+    authfile: Option<std::path::PathBuf>,
+    /// Layers downloaded at once.
+    #[arg(long, default_value_t = 3)]
+    jobs: usize,
+}
+
+pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
+    let reference: ImageRef = a
+        .reference
+        .parse()
+        .with_context(|| format!("parsing image reference {:?}", a.reference))?;
+    let platform = match &a.platform {
+        Some(p) => p.parse().with_context(|| format!("parsing platform {p:?}"))?,
+        None => Platform::host_default(),
+    };
+    let store = ctx.open_store()?;
+    let mut registry = RegistryOptions {
+        plain_http: a.plain_http,
+        auth_file: a.authfile.clone(),
+        user_agent: format!("strata/{}", env!("CARGO_PKG_VERSION")),
+        ..RegistryOptions::default()
+    };
+    registry.insecure_registries = insecure_registries(&store);
+    let opts = PullOptions {
+        platform,
+        registry,
+        jobs: a.jobs,
+    };
+    let name = reference.to_string();
+    let progress = TermProgress::new(!ctx.quiet && !ctx.json);
+    let summary = pull(&store, &reference, &name, &opts, &progress)
+        .with_context(|| format!("pulling {name}"));
+    progress.finish();
+    let summary = summary?;
+    if ctx.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else if ctx.quiet {
+        println!("{}", summary.manifest_digest);
+    } else {
+        println!(
+            "pulled {} {}: layers {} reused, {} fetched; {} downloaded, {} written, {} files deduplicated",
+            summary.name,
+            summary.manifest_digest,
+            summary.layers_reused,
+            summary.layers_fetched,
+            human(summary.bytes_downloaded),
+            human(summary.bytes_written),
+            summary.files_deduplicated
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Registries named in `$STRATA_ROOT/registries.json` (`{"insecure":
+/// ["host:port", ...]}`) are reached over plain HTTP without `--plain-http`.
+pub fn insecure_registries(store: &strata_store::Store) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    struct Conf {
+        #[serde(default)]
+        insecure: Vec<String>,
+    }
+    std::fs::read(store.root().join("registries.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Conf>(&b).ok())
+        .map(|c| c.insecure)
+        .unwrap_or_default()
+}

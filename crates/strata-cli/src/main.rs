@@ -1,0 +1,110 @@
+//! `strata`: pull, store, inspect and export container root filesystems.
+//!
+//! This binary is glue: argument parsing (clap), terminal output and exit
+//! codes. Every capability lives in a library crate; commands are one file
+//! each under `cmd/`.
+
+#![forbid(unsafe_code)]
+
+mod cmd;
+mod progress;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+/// strata: a content-addressed store of container and microVM root filesystems.
+#[derive(Parser)]
+#[command(name = "strata", version, about)]
+struct Cli {
+    /// Store directory (default /var/lib/strata as root, else $XDG_DATA_HOME/strata).
+    #[arg(long, global = true, env = "STRATA_ROOT")]
+    root: Option<PathBuf>,
+    /// Print only what scripts need (digests), no progress.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Pull an image: docker://HOST/REPO[:TAG|@DIGEST], oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:TAG].
+    Pull(cmd::pull::Args),
+    /// List images in the store.
+    Images,
+    /// Show an image's manifest, config and layers as JSON.
+    Inspect(cmd::inspect::Args),
+    /// Give an image another name.
+    Tag(cmd::tag::Args),
+    /// Remove an image name (all names, given a digest).
+    Rm(cmd::rm::Args),
+    /// Remove everything no name reaches.
+    Gc(cmd::gc::Args),
+    /// Check the whole store; exits 1 when anything is wrong.
+    Fsck,
+    /// Write an image's flattened tree to a directory or a tar file.
+    Export(cmd::export::Args),
+}
+
+/// What every command gets.
+pub struct Ctx {
+    root: PathBuf,
+    quiet: bool,
+    json: bool,
+}
+
+impl Ctx {
+    fn open_store(&self) -> Result<strata_store::Store> {
+        strata_store::Store::open(&self.root)
+            .with_context(|| format!("opening store {}", self.root.display()))
+    }
+}
+
+fn default_root() -> PathBuf {
+    if rustix_is_root() {
+        return PathBuf::from("/var/lib/strata");
+    }
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(d).join("strata");
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        return PathBuf::from(h).join(".local/share/strata");
+    }
+    PathBuf::from("/var/lib/strata")
+}
+
+fn rustix_is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let ctx = Ctx {
+        root: cli.root.clone().unwrap_or_else(default_root),
+        quiet: cli.quiet,
+        json: cli.json,
+    };
+    let result = match cli.command {
+        Command::Pull(a) => cmd::pull::run(&ctx, a),
+        Command::Images => cmd::images::run(&ctx),
+        Command::Inspect(a) => cmd::inspect::run(&ctx, a),
+        Command::Tag(a) => cmd::tag::run(&ctx, a),
+        Command::Rm(a) => cmd::rm::run(&ctx, a),
+        Command::Gc(a) => cmd::gc::run(&ctx, a),
+        Command::Fsck => cmd::fsck::run(&ctx),
+        Command::Export(a) => cmd::export::run(&ctx, a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("strata: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! Consistency check of the whole store.
+//!
+//! Every object is re-hashed (two threads); every layer record is decoded,
+//! its objects must exist, and the layer's tar is rebuilt and hashed against
+//! its diff_id; every image's manifest and config must hash to their names
+//! and its layers exist; every ref must parse and point to an image. Staging
+//! leftovers under tmp/ are not problems: they are invisible by design.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use serde::Serialize;
+use strata_digest::{Digest, Hasher};
+
+use crate::{Result, Store, io_err, list_hex_names, unescape_ref};
+
+/// The outcome of [`Store::fsck`].
+#[derive(Debug, Default, Serialize)]
+pub struct FsckReport {
+    /// Objects checked.
+    pub objects: u64,
+    /// Layers checked.
+    pub layers: u64,
+    /// Images checked.
+    pub images: u64,
+    /// Refs checked.
+    pub refs: u64,
+    /// Every problem found, one line each, naming the path or digest.
+    pub problems: Vec<String>,
+}
+
+impl FsckReport {
+    /// Whether the store is consistent.
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+pub(crate) fn run(store: &Store) -> Result<FsckReport> {
+    let mut report = FsckReport::default();
+    let root = store.root();
+    check_objects(store, &mut report)?;
+
+    for layer in list_hex_names(&root.join("layers"))? {
+        report.layers += 1;
+        let meta = match store.layer_meta(&layer) {
+            Ok(m) => m,
+            Err(e) => {
+                report.problems.push(format!("layer {layer}: {e}"));
+                continue;
+            }
+        };
+        if meta.diff_id != layer {
+            report
+                .problems
+                .push(format!("layer {layer}: meta names diff_id {}", meta.diff_id));
+        }
+        let record = match store.layer_record(&layer) {
+            Ok(r) => r,
+            Err(e) => {
+                report.problems.push(format!("layer {layer}: {e}"));
+                continue;
+            }
+        };
+        let missing: Vec<Digest> = record.objects().filter(|d| !store.has_object(d)).collect();
+        if !missing.is_empty() {
+            report.problems.push(format!(
+                "layer {layer}: {} missing objects, e.g. {}",
+                missing.len(),
+                missing[0]
+            ));
+            continue;
+        }
+        let mut hasher = Hasher::new();
+        match store.rebuild_layer(&layer, &mut hasher) {
+            Ok(_) => {
+                let got = hasher.finish();
+                if got != layer {
+                    report
+                        .problems
+                        .push(format!("layer {layer}: rebuilt tar hashes to {got}"));
+                }
+            }
+            Err(e) => report.problems.push(format!("layer {layer}: {e}")),
+        }
+    }
+
+    for img in list_hex_names(&root.join("images"))? {
+        report.images += 1;
+        let check = |what: &str, bytes: io::Result<Vec<u8>>, want: &Digest| -> Option<String> {
+            match bytes {
+                Ok(b) if Digest::sha256_of(&b) == *want => None,
+                Ok(b) => Some(format!(
+                    "image {img}: {what} hashes to {} not {want}",
+                    Digest::sha256_of(&b)
+                )),
+                Err(e) => Some(format!("image {img}: reading {what}: {e}")),
+            }
+        };
+        let dir = root.join("images").join(img.hex());
+        report
+            .problems
+            .extend(check("manifest", fs::read(dir.join("manifest")), &img));
+        let meta = match store.image_meta(&img) {
+            Ok(m) => m,
+            Err(e) => {
+                report.problems.push(format!("image {img}: {e}"));
+                continue;
+            }
+        };
+        report.problems.extend(check(
+            "config",
+            fs::read(dir.join("config")),
+            &meta.config_digest,
+        ));
+        for l in &meta.layers {
+            if !store.has_layer(&l.diff_id) {
+                report
+                    .problems
+                    .push(format!("image {img}: layer {} missing", l.diff_id));
+            }
+        }
+    }
+
+    let refs_dir = root.join("refs");
+    for e in fs::read_dir(&refs_dir).map_err(io_err("listing", &refs_dir))? {
+        let e = e.map_err(io_err("listing", &refs_dir))?;
+        report.refs += 1;
+        let fname = e.file_name().to_string_lossy().into_owned();
+        let Some(name) = unescape_ref(&fname) else {
+            report.problems.push(format!("ref file {fname:?}: not a valid ref name"));
+            continue;
+        };
+        match fs::read_to_string(e.path())
+            .ok()
+            .and_then(|s| s.trim().parse::<Digest>().ok())
+        {
+            Some(d) if store.has_image(&d) => {}
+            Some(d) => report
+                .problems
+                .push(format!("ref {name:?}: points to missing image {d}")),
+            None => report
+                .problems
+                .push(format!("ref {name:?}: does not hold a digest")),
+        }
+    }
+    Ok(report)
+}
+
+fn check_objects(store: &Store, report: &mut FsckReport) -> Result<()> {
+    let objects = store.root().join("objects");
+    let mut files: Vec<(String, PathBuf)> = Vec::new();
+    for fan in fs::read_dir(&objects).map_err(io_err("listing", &objects))? {
+        let fan = fan.map_err(io_err("listing", &objects))?;
+        let prefix = fan.file_name().to_string_lossy().into_owned();
+        if !fan.path().is_dir() {
+            report
+                .problems
+                .push(format!("stray file in objects/: {prefix}"));
+            continue;
+        }
+        for e in fs::read_dir(fan.path()).map_err(io_err("listing", fan.path()))? {
+            let e = e.map_err(io_err("listing", fan.path()))?;
+            files.push((
+                format!("sha256:{prefix}{}", e.file_name().to_string_lossy()),
+                e.path(),
+            ));
+        }
+    }
+    report.objects = files.len() as u64;
+    let problems = Mutex::new(Vec::new());
+    let next = Mutex::new(files.into_iter());
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    let item = next.lock().expect("no panics while held").next();
+                    let Some((name, path)) = item else { break };
+                    let problem = match name.parse::<Digest>() {
+                        Err(_) => Some(format!("object {}: name is not a digest", path.display())),
+                        Ok(want) => match hash_file(&path, &mut buf) {
+                            Ok(got) if got == want => None,
+                            Ok(got) => Some(format!("object {want}: content hashes to {got}")),
+                            Err(e) => Some(format!("object {want}: {e}")),
+                        },
+                    };
+                    if let Some(p) = problem {
+                        problems.lock().expect("no panics while held").push(p);
+                    }
+                }
+            });
+        }
+    });
+    let mut problems = problems.into_inner().expect("threads joined");
+    problems.sort();
+    report.problems.extend(problems);
+    Ok(())
+}
+
+fn hash_file(path: &std::path::Path, buf: &mut [u8]) -> io::Result<Digest> {
+    let mut f = File::open(path)?;
+    let mut h = Hasher::new();
+    loop {
+        let n = f.read(buf)?;
+        if n == 0 {
+            return Ok(h.finish());
+        }
+        h.update(&buf[..n]);
+    }
+}

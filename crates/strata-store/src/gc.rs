@@ -1,0 +1,110 @@
+//! Mark and sweep.
+//!
+//! Mark: every ref names an image; every image names layers; every layer's
+//! record names objects. Sweep: images, layers, blob aliases and objects
+//! that nothing marked reaches. Runs under the exclusive store lock, so no
+//! pull can be between "object written" and "record committed" meanwhile.
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::Path;
+
+use serde::Serialize;
+use strata_digest::Digest;
+
+use crate::{Result, Store, io_err, list_hex_names};
+
+/// What a gc freed (or would free, on a dry run).
+#[derive(Debug, Default, Serialize)]
+pub struct GcReport {
+    /// Whether nothing was actually removed.
+    pub dry_run: bool,
+    /// Images removed.
+    pub images: Vec<Digest>,
+    /// Layers removed.
+    pub layers: Vec<Digest>,
+    /// Number of objects removed.
+    pub objects: u64,
+    /// Blob aliases removed.
+    pub blob_aliases: u64,
+    /// Bytes freed (objects + records + image files).
+    pub bytes_freed: u64,
+}
+
+pub(crate) fn run(store: &Store, dry_run: bool) -> Result<GcReport> {
+    let mut report = GcReport {
+        dry_run,
+        ..Default::default()
+    };
+    let root = store.root();
+    let live_images: HashSet<Digest> = store.refs()?.into_values().collect();
+    let mut live_layers = HashSet::new();
+    for img in store.image_digests()? {
+        if live_images.contains(&img) {
+            let meta = store.image_meta(&img)?;
+            live_layers.extend(meta.layers.iter().map(|l| l.diff_id));
+        } else {
+            let dir = root.join("images").join(img.hex());
+            report.bytes_freed += dir_size(&dir);
+            report.images.push(img);
+            if !dry_run {
+                fs::remove_dir_all(&dir).map_err(io_err("removing image", &dir))?;
+            }
+        }
+    }
+    let mut live_objects = HashSet::new();
+    for layer in list_hex_names(&root.join("layers"))? {
+        let dir = root.join("layers").join(layer.hex());
+        if live_layers.contains(&layer) {
+            let record = store.layer_record(&layer)?;
+            live_objects.extend(record.objects());
+        } else {
+            report.bytes_freed += dir_size(&dir);
+            report.layers.push(layer);
+            if !dry_run {
+                fs::remove_dir_all(&dir).map_err(io_err("removing layer", &dir))?;
+            }
+        }
+    }
+    let blobs = root.join("blobs");
+    for e in fs::read_dir(&blobs).map_err(io_err("listing", &blobs))? {
+        let e = e.map_err(io_err("listing", &blobs))?;
+        let target = fs::read_to_string(e.path())
+            .ok()
+            .and_then(|s| s.trim().parse::<Digest>().ok());
+        if !target.is_some_and(|t| live_layers.contains(&t)) {
+            report.blob_aliases += 1;
+            if !dry_run {
+                fs::remove_file(e.path()).map_err(io_err("removing blob alias", e.path()))?;
+            }
+        }
+    }
+    let objects = root.join("objects");
+    for fan in fs::read_dir(&objects).map_err(io_err("listing", &objects))? {
+        let fan = fan.map_err(io_err("listing", &objects))?;
+        let prefix = fan.file_name().to_string_lossy().into_owned();
+        for e in fs::read_dir(fan.path()).map_err(io_err("listing", fan.path()))? {
+            let e = e.map_err(io_err("listing", fan.path()))?;
+            let name = format!("sha256:{prefix}{}", e.file_name().to_string_lossy());
+            let live = name.parse::<Digest>().is_ok_and(|d| live_objects.contains(&d));
+            if !live {
+                report.objects += 1;
+                report.bytes_freed += e.metadata().map(|m| m.len()).unwrap_or(0);
+                if !dry_run {
+                    fs::remove_file(e.path()).map_err(io_err("removing object", e.path()))?;
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+fn dir_size(p: &Path) -> u64 {
+    fs::read_dir(p)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0)
+}

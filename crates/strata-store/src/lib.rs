@@ -1,0 +1,719 @@
+//! The strata store: one content-addressed directory that is the single
+//! source of truth for everything strata knows.
+//!
+//! ```text
+//! $STRATA_ROOT
+//! ├── lock                    flock: shared for work, exclusive for gc
+//! ├── objects/ab/cdef…        file contents, named by SHA-256 of content, mode 0444
+//! ├── layers/<diff_id hex>/   one per uncompressed layer
+//! │   ├── record              tar rebuild data (headers inline, contents as object refs; zstd)
+//! │   └── meta.json           diff_id, size, compressed blobs seen, counts
+//! ├── blobs/<blob hex>        compressed blob digest -> diff_id (layer reuse by blob)
+//! ├── images/<manifest hex>/  manifest (exact bytes), config (exact bytes), meta.json
+//! ├── refs/<escaped name>     image name -> manifest digest (one file per name)
+//! └── tmp/                    per-process staging; emptied when a store opens alone
+//! ```
+//!
+//! Rules this crate enforces:
+//! - A thing becomes visible only by an atomic `rename(2)` after its bytes are
+//!   durable (`syncfs`/`fsync`) and verified. Objects are verified by
+//!   construction (their name is the hash of what was written); layers and
+//!   images are committed by callers only after blob and diff_id checks.
+//! - Commit order is objects -> layer -> image -> ref, each durable before the
+//!   next, so a crash at any instant leaves a store that [`Store::fsck`]
+//!   accepts: at worst staging leftovers in `tmp/` and unreferenced objects,
+//!   layers or images for [`Store::gc`].
+//! - Every process holds `lock` shared while it works; gc holds it exclusive.
+//!   `tmp/` is emptied only by a process that briefly got the lock exclusive.
+//!
+//! What this crate does not do: network, decompression, tar parsing (it
+//! stores [`strata_tar::LayerRecord`]s built elsewhere), printing.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod fsck;
+mod gc;
+mod objects;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+use strata_digest::Digest;
+use strata_tar::LayerRecord;
+
+pub use fsck::FsckReport;
+pub use gc::GcReport;
+pub use objects::{BatchStats, ObjectBatch};
+
+/// Errors of store operations. Each names the path or object and the action.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A filesystem operation failed.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What we were doing.
+        action: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// An image name or digest that the store does not know.
+    #[error("image {0:?} not found in the store")]
+    ImageNotFound(String),
+    /// A layer the store does not have.
+    #[error("layer {0} not found in the store")]
+    LayerNotFound(Digest),
+    /// A record in the store is malformed.
+    #[error("corrupt {what} {path}: {reason}")]
+    Corrupt {
+        /// Kind of record.
+        what: &'static str,
+        /// Where it is.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Lock contention that cannot be waited out.
+    #[error("store {0} is locked by another process")]
+    Locked(PathBuf),
+}
+
+/// Result alias.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+pub(crate) fn io_err(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> StoreError {
+    let path = path.into();
+    move |source| StoreError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// One compressed form of a layer that was seen (pulled) for it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BlobInfo {
+    /// Digest of the compressed blob.
+    pub digest: Digest,
+    /// Its media type.
+    pub media_type: String,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// `layers/<diff_id>/meta.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerMeta {
+    /// sha256 of the uncompressed tar.
+    pub diff_id: Digest,
+    /// Size of the uncompressed tar.
+    pub size: u64,
+    /// Compressed blobs known to decompress to this layer.
+    pub blobs: Vec<BlobInfo>,
+    /// Number of tar entries.
+    pub entries: u64,
+    /// Number of distinct objects referenced.
+    pub objects: u64,
+}
+
+/// One layer of an image, as recorded in the image's meta.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageLayer {
+    /// The compressed blob named in the manifest.
+    pub blob: BlobInfo,
+    /// The uncompressed layer's digest (config rootfs.diff_ids).
+    pub diff_id: Digest,
+}
+
+/// `images/<manifest digest>/meta.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageMeta {
+    /// Digest of the manifest bytes.
+    pub manifest_digest: Digest,
+    /// Manifest media type.
+    pub manifest_media_type: String,
+    /// Digest of the config bytes.
+    pub config_digest: Digest,
+    /// Layers bottom to top.
+    pub layers: Vec<ImageLayer>,
+    /// The reference it was first pulled from.
+    pub source: String,
+    /// Seconds since the epoch when it was committed.
+    pub created: u64,
+}
+
+/// The on-disk store. Holds the store lock (shared) for its lifetime.
+pub struct Store {
+    root: PathBuf,
+    staging: PathBuf,
+    _lock: File,
+}
+
+static STAGING_SEQ: AtomicU64 = AtomicU64::new(0);
+
+const DIRS: [&str; 6] = ["objects", "layers", "blobs", "images", "refs", "tmp"];
+
+impl Store {
+    /// Open (creating if needed) the store at `root`, holding the lock shared.
+    /// Waits while a gc holds it exclusive.
+    pub fn open(root: impl AsRef<Path>) -> Result<Store> {
+        Self::open_with(root.as_ref(), false)
+    }
+
+    /// Open the store holding the lock exclusive (gc). Waits for every other
+    /// user of the store to finish.
+    pub fn open_exclusive(root: impl AsRef<Path>) -> Result<Store> {
+        Self::open_with(root.as_ref(), true)
+    }
+
+    fn open_with(root: &Path, exclusive: bool) -> Result<Store> {
+        fs::create_dir_all(root).map_err(io_err("creating store", root))?;
+        for d in DIRS {
+            let p = root.join(d);
+            fs::create_dir_all(&p).map_err(io_err("creating store dir", &p))?;
+        }
+        let lock_path = root.join("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err("opening store lock", &lock_path))?;
+        use rustix::fs::{FlockOperation, flock};
+        let lock_err = |e: rustix::io::Errno| StoreError::Io {
+            action: "locking store",
+            path: lock_path.clone(),
+            source: e.into(),
+        };
+        // Empty tmp/ only when nobody else is working: try exclusive without
+        // waiting; on success clean, then settle on the mode we need.
+        let alone = flock(&lock, FlockOperation::NonBlockingLockExclusive).is_ok();
+        if alone {
+            clean_dir(&root.join("tmp"))?;
+        }
+        if !exclusive {
+            flock(&lock, FlockOperation::LockShared).map_err(lock_err)?;
+        } else if !alone {
+            flock(&lock, FlockOperation::LockExclusive).map_err(lock_err)?;
+            clean_dir(&root.join("tmp"))?;
+        }
+        let staging = root.join("tmp").join(format!(
+            "{}-{}",
+            std::process::id(),
+            STAGING_SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir_all(&staging).map_err(io_err("creating staging dir", &staging))?;
+        Ok(Store {
+            root: root.to_path_buf(),
+            staging,
+            _lock: lock,
+        })
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// A fresh, unique path inside this process's staging dir.
+    pub(crate) fn staging_path(&self, what: &str) -> PathBuf {
+        self.staging.join(format!(
+            "{what}-{}",
+            STAGING_SEQ.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+
+    // ---- objects ---------------------------------------------------------
+
+    /// Where the object named `digest` lives (it may not exist).
+    pub fn object_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.root.join("objects").join(&hex[..2]).join(&hex[2..])
+    }
+
+    /// Whether the object exists.
+    pub fn has_object(&self, digest: &Digest) -> bool {
+        self.object_path(digest).exists()
+    }
+
+    /// Open an object for reading.
+    pub fn open_object(&self, digest: &Digest) -> Result<File> {
+        let p = self.object_path(digest);
+        File::open(&p).map_err(io_err("opening object", p))
+    }
+
+    /// Start a batch of object writes that become visible together on commit.
+    pub fn object_batch(&self) -> Result<ObjectBatch<'_>> {
+        ObjectBatch::new(self)
+    }
+
+    // ---- layers ----------------------------------------------------------
+
+    fn layer_dir(&self, diff_id: &Digest) -> PathBuf {
+        self.root.join("layers").join(diff_id.hex())
+    }
+
+    /// Whether a layer with this diff_id is committed.
+    pub fn has_layer(&self, diff_id: &Digest) -> bool {
+        self.layer_dir(diff_id).join("meta.json").exists()
+    }
+
+    /// The diff_id of the layer a compressed blob is known to decompress to.
+    pub fn layer_by_blob(&self, blob: &Digest) -> Option<Digest> {
+        let p = self.root.join("blobs").join(blob.hex());
+        let s = fs::read_to_string(p).ok()?;
+        let d: Digest = s.trim().parse().ok()?;
+        self.has_layer(&d).then_some(d)
+    }
+
+    /// A committed layer's meta.
+    pub fn layer_meta(&self, diff_id: &Digest) -> Result<LayerMeta> {
+        let p = self.layer_dir(diff_id).join("meta.json");
+        if !p.exists() {
+            return Err(StoreError::LayerNotFound(*diff_id));
+        }
+        read_json(&p, "layer meta")
+    }
+
+    /// A committed layer's record.
+    pub fn layer_record(&self, diff_id: &Digest) -> Result<LayerRecord> {
+        let p = self.layer_dir(diff_id).join("record");
+        let f = File::open(&p).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                StoreError::LayerNotFound(*diff_id)
+            } else {
+                io_err("opening layer record", &p)(e)
+            }
+        })?;
+        LayerRecord::decode(io::BufReader::new(f)).map_err(|e| StoreError::Corrupt {
+            what: "layer record",
+            path: p.clone(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Regenerate a layer's exact uncompressed tar from its record.
+    pub fn rebuild_layer(&self, diff_id: &Digest, out: &mut dyn Write) -> Result<u64> {
+        let record = self.layer_record(diff_id)?;
+        let mut open = |d: &Digest| -> io::Result<Box<dyn Read>> {
+            let p = self.object_path(d);
+            Ok(Box::new(File::open(&p).map_err(|e| {
+                io::Error::new(e.kind(), format!("opening object {}: {e}", p.display()))
+            })?))
+        };
+        record
+            .rebuild(&mut open, out)
+            .map_err(io_err("rebuilding layer", self.layer_dir(diff_id)))
+    }
+
+    /// Commit a layer: make the batch's objects visible, then the record and
+    /// meta, atomically. Call only after the layer's blob digest and diff_id
+    /// were verified. If the layer already exists (a concurrent pull), the
+    /// existing one is kept and the blob alias is still recorded.
+    pub fn commit_layer(
+        &self,
+        batch: ObjectBatch<'_>,
+        meta: &LayerMeta,
+        record: &LayerRecord,
+    ) -> Result<BatchStats> {
+        let stats = batch.commit()?;
+        let final_dir = self.layer_dir(&meta.diff_id);
+        if !final_dir.exists() {
+            let stage = self.staging_path("layer");
+            fs::create_dir(&stage).map_err(io_err("creating layer staging", &stage))?;
+            let rec_path = stage.join("record");
+            let mut f = File::create(&rec_path).map_err(io_err("writing layer record", &rec_path))?;
+            let mut w = io::BufWriter::new(&mut f);
+            record
+                .encode(&mut w)
+                .map_err(io_err("writing layer record", &rec_path))?;
+            w.flush().map_err(io_err("writing layer record", &rec_path))?;
+            drop(w);
+            f.sync_all().map_err(io_err("syncing layer record", &rec_path))?;
+            write_json_durable(&stage.join("meta.json"), meta)?;
+            sync_dir(&stage)?;
+            match fs::rename(&stage, &final_dir) {
+                Ok(()) => sync_dir(&self.root.join("layers"))?,
+                Err(_) if final_dir.join("meta.json").exists() => {
+                    let _ = fs::remove_dir_all(&stage);
+                }
+                Err(e) => return Err(io_err("committing layer", &final_dir)(e)),
+            }
+        }
+        for b in &meta.blobs {
+            self.add_blob_alias(&b.digest, &meta.diff_id)?;
+        }
+        Ok(stats)
+    }
+
+    /// Record that the compressed blob `blob` decompresses to layer `diff_id`.
+    pub fn add_blob_alias(&self, blob: &Digest, diff_id: &Digest) -> Result<()> {
+        let p = self.root.join("blobs").join(blob.hex());
+        if fs::read_to_string(&p).is_ok_and(|s| s.trim() == diff_id.to_string()) {
+            return Ok(());
+        }
+        write_atomic(self, &p, format!("{diff_id}\n").as_bytes())
+    }
+
+    // ---- images ----------------------------------------------------------
+
+    fn image_dir(&self, manifest_digest: &Digest) -> PathBuf {
+        self.root.join("images").join(manifest_digest.hex())
+    }
+
+    /// Whether an image is committed.
+    pub fn has_image(&self, manifest_digest: &Digest) -> bool {
+        self.image_dir(manifest_digest).join("meta.json").exists()
+    }
+
+    /// Commit an image whose layers are all committed. Idempotent.
+    pub fn commit_image(&self, meta: &ImageMeta, manifest: &[u8], config: &[u8]) -> Result<()> {
+        for l in &meta.layers {
+            if !self.has_layer(&l.diff_id) {
+                return Err(StoreError::LayerNotFound(l.diff_id));
+            }
+        }
+        let final_dir = self.image_dir(&meta.manifest_digest);
+        if final_dir.join("meta.json").exists() {
+            return Ok(());
+        }
+        let stage = self.staging_path("image");
+        fs::create_dir(&stage).map_err(io_err("creating image staging", &stage))?;
+        write_durable(&stage.join("manifest"), manifest)?;
+        write_durable(&stage.join("config"), config)?;
+        write_json_durable(&stage.join("meta.json"), meta)?;
+        sync_dir(&stage)?;
+        match fs::rename(&stage, &final_dir) {
+            Ok(()) => sync_dir(&self.root.join("images")),
+            Err(_) if final_dir.join("meta.json").exists() => {
+                let _ = fs::remove_dir_all(&stage);
+                Ok(())
+            }
+            Err(e) => Err(io_err("committing image", &final_dir)(e)),
+        }
+    }
+
+    /// An image's meta.
+    pub fn image_meta(&self, manifest_digest: &Digest) -> Result<ImageMeta> {
+        let p = self.image_dir(manifest_digest).join("meta.json");
+        if !p.exists() {
+            return Err(StoreError::ImageNotFound(manifest_digest.to_string()));
+        }
+        read_json(&p, "image meta")
+    }
+
+    /// An image's exact manifest bytes.
+    pub fn image_manifest(&self, manifest_digest: &Digest) -> Result<Vec<u8>> {
+        let p = self.image_dir(manifest_digest).join("manifest");
+        fs::read(&p).map_err(io_err("reading manifest", p))
+    }
+
+    /// An image's exact config bytes.
+    pub fn image_config(&self, manifest_digest: &Digest) -> Result<Vec<u8>> {
+        let p = self.image_dir(manifest_digest).join("config");
+        fs::read(&p).map_err(io_err("reading config", p))
+    }
+
+    /// Every committed image's manifest digest.
+    pub fn image_digests(&self) -> Result<Vec<Digest>> {
+        list_hex_names(&self.root.join("images"))
+    }
+
+    // ---- refs ------------------------------------------------------------
+
+    /// Point `name` at an image, replacing any previous target atomically.
+    pub fn set_ref(&self, name: &str, manifest_digest: &Digest) -> Result<()> {
+        if !self.has_image(manifest_digest) {
+            return Err(StoreError::ImageNotFound(manifest_digest.to_string()));
+        }
+        let p = self.root.join("refs").join(escape_ref(name));
+        write_atomic(self, &p, format!("{manifest_digest}\n").as_bytes())
+    }
+
+    /// Remove a name. Returns the digest it pointed to.
+    pub fn remove_ref(&self, name: &str) -> Result<Option<Digest>> {
+        let p = self.root.join("refs").join(escape_ref(name));
+        let target = read_ref_file(&p).ok();
+        match fs::remove_file(&p) {
+            Ok(()) => {
+                sync_dir(&self.root.join("refs"))?;
+                Ok(target)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("removing ref", p)(e)),
+        }
+    }
+
+    /// Every name and what it points to, sorted by name.
+    pub fn refs(&self) -> Result<BTreeMap<String, Digest>> {
+        let dir = self.root.join("refs");
+        let mut out = BTreeMap::new();
+        for e in fs::read_dir(&dir).map_err(io_err("listing refs", &dir))? {
+            let e = e.map_err(io_err("listing refs", &dir))?;
+            let fname = e.file_name();
+            let Some(name) = fname.to_str().and_then(unescape_ref) else {
+                continue;
+            };
+            if let Ok(d) = read_ref_file(&e.path()) {
+                out.insert(name, d);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Resolve an IMAGE argument: a name (exactly as pulled or tagged), a
+    /// manifest digest (`sha256:...`), or an unambiguous hex prefix of one
+    /// (at least 6 digits).
+    pub fn resolve_image(&self, name_or_digest: &str) -> Result<Digest> {
+        let p = self.root.join("refs").join(escape_ref(name_or_digest));
+        if let Ok(d) = read_ref_file(&p) {
+            return Ok(d);
+        }
+        if let Ok(d) = name_or_digest.parse::<Digest>()
+            && self.has_image(&d)
+        {
+            return Ok(d);
+        }
+        let prefix = name_or_digest.strip_prefix("sha256:").unwrap_or(name_or_digest);
+        if prefix.len() >= 6 && prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let matches: Vec<Digest> = self
+                .image_digests()?
+                .into_iter()
+                .filter(|d| d.hex().starts_with(prefix))
+                .collect();
+            if matches.len() == 1 {
+                return Ok(matches[0]);
+            }
+        }
+        // A short name matches a ref that ends with it (`hello` ->
+        // `oci:samples/hello:latest` is not attempted: too loose); we accept
+        // `NAME` for `NAME:latest` refs only when unique.
+        let refs = self.refs()?;
+        let candidates: Vec<&Digest> = refs
+            .iter()
+            .filter(|(n, _)| {
+                n.strip_suffix(":latest")
+                    .is_some_and(|base| base == name_or_digest || base.ends_with(&format!("/{name_or_digest}")))
+            })
+            .map(|(_, d)| d)
+            .collect();
+        if candidates.len() == 1 {
+            return Ok(*candidates[0]);
+        }
+        Err(StoreError::ImageNotFound(name_or_digest.to_string()))
+    }
+
+    /// Remove an image name; when given a digest, remove every name of that
+    /// image. The image's files go when no name points to it any more (its
+    /// layers and objects stay until gc). Returns the names removed.
+    pub fn remove_image(&self, name_or_digest: &str) -> Result<(Digest, Vec<String>)> {
+        let digest = self.resolve_image(name_or_digest)?;
+        let refs = self.refs()?;
+        let is_name = refs.contains_key(name_or_digest);
+        let mut removed = Vec::new();
+        for (name, d) in &refs {
+            if *d == digest && (!is_name || name == name_or_digest) {
+                self.remove_ref(name)?;
+                removed.push(name.clone());
+            }
+        }
+        if !self.refs()?.values().any(|d| *d == digest) {
+            let dir = self.image_dir(&digest);
+            // Move aside first so a half-deleted image is never visible.
+            let trash = self.staging_path("rm-image");
+            if fs::rename(&dir, &trash).is_ok() {
+                sync_dir(&self.root.join("images"))?;
+                let _ = fs::remove_dir_all(&trash);
+            }
+        }
+        Ok((digest, removed))
+    }
+
+    /// Images that use the layer `diff_id`.
+    pub fn images_using_layer(&self, diff_id: &Digest) -> Result<Vec<Digest>> {
+        let mut out = Vec::new();
+        for d in self.image_digests()? {
+            if let Ok(m) = self.image_meta(&d)
+                && m.layers.iter().any(|l| l.diff_id == *diff_id)
+            {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Mark and sweep: keep what refs reach, remove the rest. Needs a store
+    /// opened with [`Store::open_exclusive`].
+    pub fn gc(&self, dry_run: bool) -> Result<GcReport> {
+        gc::run(self, dry_run)
+    }
+
+    /// Check everything: re-hash every object, decode every record, rebuild
+    /// every layer and compare with its diff_id, check images and refs.
+    pub fn fsck(&self) -> Result<FsckReport> {
+        fsck::run(self)
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.staging);
+    }
+}
+
+// ---- helpers ---------------------------------------------------------------
+
+/// Escape a ref name into one file name: keep `[A-Za-z0-9._-]`, encode the
+/// rest as `%XX` (so `/` and `:` never make directories or look odd).
+pub fn escape_ref(name: &str) -> String {
+    let mut s = String::with_capacity(name.len() + 8);
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-' {
+            s.push(b as char);
+        } else {
+            s.push_str(&format!("%{b:02X}"));
+        }
+    }
+    if s.starts_with('.') {
+        s.replace_range(0..1, "%2E");
+    }
+    s
+}
+
+/// Inverse of [`escape_ref`]; `None` for names that are not ours.
+pub fn unescape_ref(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let h = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(h, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn read_ref_file(p: &Path) -> io::Result<Digest> {
+    let s = fs::read_to_string(p)?;
+    s.trim()
+        .parse()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+fn list_hex_names(dir: &Path) -> Result<Vec<Digest>> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).map_err(io_err("listing", dir))? {
+        let e = e.map_err(io_err("listing", dir))?;
+        if let Some(n) = e.file_name().to_str()
+            && let Ok(d) = format!("sha256:{n}").parse::<Digest>()
+        {
+            out.push(d);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+pub(crate) fn clean_dir(dir: &Path) -> Result<()> {
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err("cleaning", dir)(e)),
+    };
+    for e in rd {
+        let e = e.map_err(io_err("cleaning", dir))?;
+        let p = e.path();
+        let r = if e.file_type().is_ok_and(|t| t.is_dir()) {
+            make_writable(&p);
+            fs::remove_dir_all(&p)
+        } else {
+            fs::remove_file(&p)
+        };
+        r.map_err(io_err("removing stale staging", &p))?;
+    }
+    Ok(())
+}
+
+fn make_writable(p: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(rd) = fs::read_dir(p) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                let _ = fs::set_permissions(e.path(), fs::Permissions::from_mode(0o700));
+                make_writable(&e.path());
+            }
+        }
+    }
+}
+
+pub(crate) fn sync_dir(p: &Path) -> Result<()> {
+    File::open(p)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err("syncing dir", p))
+}
+
+fn write_durable(p: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(p).map_err(io_err("creating", p))?;
+    f.write_all(bytes).map_err(io_err("writing", p))?;
+    f.sync_all().map_err(io_err("syncing", p))
+}
+
+fn write_json_durable<T: Serialize>(p: &Path, v: &T) -> Result<()> {
+    let mut bytes = serde_json::to_vec_pretty(v).map_err(|e| StoreError::Corrupt {
+        what: "json",
+        path: p.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    bytes.push(b'\n');
+    write_durable(p, &bytes)
+}
+
+/// Write `bytes` to `p` atomically: staging file, fsync, rename, fsync dir.
+fn write_atomic(store: &Store, p: &Path, bytes: &[u8]) -> Result<()> {
+    let stage = store.staging_path("file");
+    write_durable(&stage, bytes)?;
+    fs::rename(&stage, p).map_err(io_err("renaming into place", p))?;
+    sync_dir(p.parent().expect("store paths have parents"))
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(p: &Path, what: &'static str) -> Result<T> {
+    let bytes = fs::read(p).map_err(io_err("reading", p))?;
+    serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+        what,
+        path: p.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ref_escaping_round_trips() {
+        for name in [
+            "docker://127.0.0.1:5000/debian:bookworm",
+            "oci:samples/hello:latest",
+            ".hidden",
+            "a%b",
+            "sha256:abc",
+        ] {
+            let e = escape_ref(name);
+            assert!(!e.contains('/') && !e.starts_with('.'), "{e}");
+            assert_eq!(unescape_ref(&e).as_deref(), Some(name));
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Batched object writes.
+//!
+//! Design note: one `fsync` per file would cap an import at ~1650 files/s on
+//! this class of machine (a Debian base has ~10k files). Instead a batch
+//! writes new contents into a private staging dir without syncing, and on
+//! commit calls `syncfs` once (every staged byte durable), then renames each
+//! file into `objects/` and syncs the touched fan-out dirs. A crash before
+//! the renames leaves only staging files (removed at next open); a crash
+//! during them leaves complete, correctly named objects, which are valid
+//! store content (unreferenced until a layer record names them).
+//!
+//! Small contents are hashed in memory first, so content already in the
+//! store is never written again; big ones are streamed to staging while
+//! hashed and dropped if the object turns out to exist.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+
+use strata_digest::{Digest, Hasher};
+
+use crate::{Result, Store, io_err, sync_dir};
+
+const IN_MEMORY_MAX: u64 = 1 << 20;
+
+/// Counts of what a batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Objects newly written to the store.
+    pub objects_written: u64,
+    /// Bytes of those objects.
+    pub bytes_written: u64,
+    /// Contents that were already in the store (or earlier in this batch).
+    pub files_deduplicated: u64,
+}
+
+/// A set of objects that become visible together on [`ObjectBatch::commit`].
+/// Dropping a batch without committing discards its staged files.
+pub struct ObjectBatch<'s> {
+    store: &'s Store,
+    dir: PathBuf,
+    pending: HashMap<Digest, PathBuf>,
+    seq: u64,
+    buf: Vec<u8>,
+    stats: BatchStats,
+}
+
+impl<'s> ObjectBatch<'s> {
+    pub(crate) fn new(store: &'s Store) -> Result<Self> {
+        let dir = store.staging_path("objects");
+        fs::create_dir(&dir).map_err(io_err("creating object staging", &dir))?;
+        Ok(ObjectBatch {
+            store,
+            dir,
+            pending: HashMap::new(),
+            seq: 0,
+            buf: Vec::new(),
+            stats: BatchStats::default(),
+        })
+    }
+
+    /// What the batch did so far.
+    pub fn stats(&self) -> BatchStats {
+        self.stats
+    }
+
+    fn known(&self, d: &Digest) -> bool {
+        self.pending.contains_key(d) || self.store.has_object(d)
+    }
+
+    fn next_path(&mut self) -> PathBuf {
+        self.seq += 1;
+        self.dir.join(self.seq.to_string())
+    }
+
+    /// Add content of exactly `size` bytes; returns its digest.
+    pub fn put(&mut self, content: &mut dyn Read, size: u64) -> io::Result<Digest> {
+        if size <= IN_MEMORY_MAX {
+            self.buf.clear();
+            content.take(size).read_to_end(&mut self.buf)?;
+            if self.buf.len() as u64 != size {
+                return Err(short_read(size, self.buf.len() as u64));
+            }
+            let digest = Digest::sha256_of(&self.buf);
+            if self.known(&digest) {
+                self.stats.files_deduplicated += 1;
+                return Ok(digest);
+            }
+            let path = self.next_path();
+            let mut f = File::create(&path)?;
+            f.write_all(&self.buf)?;
+            self.admit(digest, path, size, &f)?;
+            return Ok(digest);
+        }
+        let path = self.next_path();
+        let mut f = File::create(&path)?;
+        let mut hasher = Hasher::new();
+        let mut limited = content.take(size);
+        let mut chunk = vec![0u8; 256 * 1024];
+        loop {
+            let n = limited.read(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&chunk[..n]);
+            f.write_all(&chunk[..n])?;
+        }
+        if hasher.len() != size {
+            let _ = fs::remove_file(&path);
+            return Err(short_read(size, hasher.len()));
+        }
+        let digest = hasher.finish();
+        if self.known(&digest) {
+            drop(f);
+            fs::remove_file(&path)?;
+            self.stats.files_deduplicated += 1;
+            return Ok(digest);
+        }
+        self.admit(digest, path, size, &f)?;
+        Ok(digest)
+    }
+
+    fn admit(&mut self, digest: Digest, path: PathBuf, size: u64, f: &File) -> io::Result<()> {
+        f.set_permissions(fs::Permissions::from_mode(0o444))?;
+        self.pending.insert(digest, path);
+        self.stats.objects_written += 1;
+        self.stats.bytes_written += size;
+        Ok(())
+    }
+
+    /// Make every staged object durable and visible.
+    pub fn commit(self) -> Result<BatchStats> {
+        if self.pending.is_empty() {
+            let _ = fs::remove_dir_all(&self.dir);
+            return Ok(self.stats);
+        }
+        let dir_file = File::open(&self.dir).map_err(io_err("opening staging", &self.dir))?;
+        rustix::fs::syncfs(&dir_file).map_err(|e| io_err("syncing staged objects", &self.dir)(e.into()))?;
+        let mut fanouts = BTreeSet::new();
+        for (digest, staged) in &self.pending {
+            let dest = self.store.object_path(digest);
+            let parent = dest.parent().expect("object paths have a fan-out dir");
+            if !parent.exists() {
+                fs::create_dir_all(parent).map_err(io_err("creating object dir", parent))?;
+                fanouts.insert(self.store.root().join("objects"));
+            }
+            // rename over an identical object written concurrently is harmless
+            fs::rename(staged, &dest).map_err(io_err("committing object", &dest))?;
+            fanouts.insert(parent.to_path_buf());
+        }
+        for d in &fanouts {
+            sync_dir(d)?;
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+        Ok(self.stats)
+    }
+}
+
+impl Drop for ObjectBatch<'_> {
+    fn drop(&mut self) {
+        if self.dir.exists() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+impl strata_tar::ObjectSink for ObjectBatch<'_> {
+    fn put(&mut self, content: &mut dyn Read, size: u64) -> io::Result<Digest> {
+        ObjectBatch::put(self, content, size)
+    }
+}
+
+fn short_read(expected: u64, got: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!("file content ended after {got} of {expected} bytes"),
+    )
+}
