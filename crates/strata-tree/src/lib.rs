@@ -1,0 +1,562 @@
+//! The flattened tree of an image.
+//!
+//! [`Tree::apply_layer`] applies one layer's [`strata_tar::Entry`]s with OCI
+//! semantics; applying every layer bottom-up gives the image's root
+//! filesystem as a runtime would see it. [`export`] writes a tree to a
+//! directory or a tar. The tree holds file contents only as object digests.
+//!
+//! Design notes (why, not what):
+//! - Inodes live in an arena and names point at them, so a hardlink is a
+//!   second name for the *current* inode at its target path. When a later
+//!   layer replaces one name of a hardlink group, only that name moves to a
+//!   new inode; the others keep the old content, as on a real filesystem
+//!   that unpacked the layers one after another.
+//! - Whiteouts and opaque markers hide only what *lower* layers put there:
+//!   an opaque marker may come after the new children in the same layer
+//!   (tar order is arbitrary), so we remember which names this layer added.
+//! - A parent component that is a symlink is resolved inside the tree (as
+//!   umoci does with securejoin), but where the resolution would climb above
+//!   the root we refuse the layer instead of clamping: a layer that tries
+//!   this is hostile or broken, and clamping would silently write elsewhere.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod export;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt::Write as _;
+
+use strata_digest::Digest;
+use strata_tar::{Entry, EntryKind, Timestamp};
+
+/// Metadata of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Meta {
+    /// Permission bits incl. setuid/setgid/sticky.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u64,
+    /// Group.
+    pub gid: u64,
+    /// Modification time.
+    pub mtime: Timestamp,
+    /// Extended attributes.
+    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+/// What a node is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeKind {
+    /// Regular file with content in the object store.
+    Regular {
+        /// Object digest.
+        digest: Digest,
+        /// Size in bytes.
+        size: u64,
+    },
+    /// Directory.
+    Dir,
+    /// Symbolic link.
+    Symlink {
+        /// Target, verbatim.
+        target: Vec<u8>,
+    },
+    /// Character device.
+    CharDev {
+        /// Major.
+        major: u32,
+        /// Minor.
+        minor: u32,
+    },
+    /// Block device.
+    BlockDev {
+        /// Major.
+        major: u32,
+        /// Minor.
+        minor: u32,
+    },
+    /// Named pipe.
+    Fifo,
+}
+
+/// An inode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    /// Kind.
+    pub kind: NodeKind,
+    /// Metadata.
+    pub meta: Meta,
+    /// Inode number in this tree (shared by hardlinked names).
+    pub ino: u64,
+    /// Number of names (for dirs: 2 + subdirectories).
+    pub nlink: u32,
+}
+
+/// Errors applying a layer.
+#[derive(Debug, thiserror::Error)]
+pub enum TreeError {
+    /// A path resolution left the root through a symlink.
+    #[error("path {path:?} passes through symlink {symlink:?} which leaves the root")]
+    SymlinkEscape {
+        /// The entry path.
+        path: String,
+        /// The symlink.
+        symlink: String,
+    },
+    /// A hardlink whose target does not exist.
+    #[error("hardlink {path:?} points to {target:?}, which does not exist")]
+    HardlinkMissing {
+        /// The link.
+        path: String,
+        /// Its target.
+        target: String,
+    },
+    /// A hardlink to a directory.
+    #[error("hardlink {path:?} points to directory {target:?}")]
+    HardlinkToDir {
+        /// The link.
+        path: String,
+        /// Its target.
+        target: String,
+    },
+    /// A parent component that is not a directory.
+    #[error("path {path:?}: parent {parent:?} is not a directory")]
+    NotADirectory {
+        /// The entry path.
+        path: String,
+        /// The offending component.
+        parent: String,
+    },
+    /// Too many symlinks (a loop).
+    #[error("path {0:?}: too many levels of symbolic links")]
+    SymlinkLoop(String),
+    /// An entry replacing the root with a non-directory.
+    #[error("entry for the root directory is not a directory")]
+    RootNotDir,
+}
+
+fn lossy(p: &[u8]) -> String {
+    String::from_utf8_lossy(p).into_owned()
+}
+
+type Ino = usize;
+
+/// The flattened tree.
+#[derive(Debug, Clone)]
+pub struct Tree {
+    nodes: Vec<Node>,
+    children: HashMap<Ino, BTreeMap<Vec<u8>, Ino>>,
+}
+
+impl Default for Tree {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+const ROOT: Ino = 0;
+const MAX_HOPS: usize = 40;
+
+impl Tree {
+    /// An empty root directory (0755, root:root, mtime 0).
+    pub fn new() -> Self {
+        let root = Node {
+            kind: NodeKind::Dir,
+            meta: Meta {
+                mode: 0o755,
+                ..Meta::default()
+            },
+            ino: 0,
+            nlink: 2,
+        };
+        let mut children = HashMap::new();
+        children.insert(ROOT, BTreeMap::new());
+        Tree {
+            nodes: vec![root],
+            children,
+        }
+    }
+
+    fn new_node(&mut self, kind: NodeKind, meta: Meta) -> Ino {
+        let ino = self.nodes.len();
+        let is_dir = kind == NodeKind::Dir;
+        self.nodes.push(Node {
+            kind,
+            meta,
+            ino: ino as u64,
+            nlink: 0,
+        });
+        if is_dir {
+            self.children.insert(ino, BTreeMap::new());
+        }
+        ino
+    }
+
+    fn is_dir(&self, ino: Ino) -> bool {
+        self.nodes[ino].kind == NodeKind::Dir
+    }
+
+    /// Resolve the directory that holds `path`'s last component, following
+    /// symlinks in parent components inside the tree. Missing parents are
+    /// created when `create` is set. Returns the dir stack (root first).
+    fn resolve_parent(
+        &mut self,
+        path: &[u8],
+        comps: &[&[u8]],
+        create: bool,
+    ) -> Result<Option<Vec<Ino>>, TreeError> {
+        let mut stack = vec![ROOT];
+        let mut hops = 0;
+        // work list of components still to walk
+        let mut todo: Vec<Vec<u8>> = comps.iter().rev().map(|c| c.to_vec()).collect();
+        while let Some(c) = todo.pop() {
+            if c.is_empty() || c == b"." {
+                continue;
+            }
+            if c == b".." {
+                // only reachable through symlink targets
+                if stack.len() == 1 {
+                    return Err(TreeError::SymlinkEscape {
+                        path: lossy(path),
+                        symlink: lossy(path),
+                    });
+                }
+                stack.pop();
+                continue;
+            }
+            let dir = *stack.last().expect("stack starts with root");
+            let child = self.children[&dir].get(&c).copied();
+            match child {
+                None => {
+                    if !create {
+                        return Ok(None);
+                    }
+                    let ino = self.new_node(
+                        NodeKind::Dir,
+                        Meta {
+                            mode: 0o755,
+                            ..Meta::default()
+                        },
+                    );
+                    self.link(dir, c.clone(), ino);
+                    stack.push(ino);
+                }
+                Some(ino) => match &self.nodes[ino].kind {
+                    NodeKind::Dir => stack.push(ino),
+                    NodeKind::Symlink { target } => {
+                        hops += 1;
+                        if hops > MAX_HOPS {
+                            return Err(TreeError::SymlinkLoop(lossy(path)));
+                        }
+                        let target = target.clone();
+                        if target.first() == Some(&b'/') {
+                            stack.truncate(1);
+                        }
+                        // Climbing above the root through this link is an escape.
+                        let mut depth = stack.len() as i64 - 1;
+                        for t in target.split(|b| *b == b'/') {
+                            match t {
+                                b"" | b"." => {}
+                                b".." => {
+                                    depth -= 1;
+                                    if depth < 0 {
+                                        return Err(TreeError::SymlinkEscape {
+                                            path: lossy(path),
+                                            symlink: lossy(&c),
+                                        });
+                                    }
+                                }
+                                _ => depth += 1,
+                            }
+                        }
+                        for t in target.split(|b| *b == b'/').rev() {
+                            todo.push(t.to_vec());
+                        }
+                    }
+                    _ => {
+                        return Err(TreeError::NotADirectory {
+                            path: lossy(path),
+                            parent: lossy(&c),
+                        });
+                    }
+                },
+            }
+        }
+        Ok(Some(stack))
+    }
+
+    fn link(&mut self, dir: Ino, name: Vec<u8>, ino: Ino) {
+        self.nodes[ino].nlink += 1;
+        if self.is_dir(ino) {
+            self.nodes[ino].nlink += 1; // its own "."
+            self.nodes[dir].nlink += 1; // its ".."
+        }
+        self.children
+            .get_mut(&dir)
+            .expect("dir has a child map")
+            .insert(name, ino);
+    }
+
+    fn unlink(&mut self, dir: Ino, name: &[u8]) {
+        let Some(ino) = self
+            .children
+            .get_mut(&dir)
+            .and_then(|m| m.remove(name))
+        else {
+            return;
+        };
+        self.nodes[ino].nlink = self.nodes[ino].nlink.saturating_sub(1);
+        if self.is_dir(ino) {
+            self.nodes[dir].nlink -= 1;
+            let names: Vec<Vec<u8>> = self.children[&ino].keys().cloned().collect();
+            for n in names {
+                self.unlink(ino, &n);
+            }
+            self.nodes[ino].nlink = 0;
+        }
+    }
+
+    /// Apply one layer's entries in order (OCI layer semantics).
+    pub fn apply_layer(&mut self, entries: &[Entry]) -> Result<(), TreeError> {
+        let mut added: HashSet<(Ino, Vec<u8>)> = HashSet::new();
+        for e in entries {
+            if e.path.is_empty() {
+                if e.kind != EntryKind::Dir {
+                    return Err(TreeError::RootNotDir);
+                }
+                self.nodes[ROOT].meta = meta_of(e);
+                continue;
+            }
+            let comps: Vec<&[u8]> = e.path.split(|b| *b == b'/').collect();
+            let (name, parents) = comps.split_last().expect("non-empty path");
+            let name = name.to_vec();
+            if let Some(hidden) = name.strip_prefix(b".wh.") {
+                // Whiteouts never create anything; a missing parent means
+                // there is nothing to hide.
+                let Some(stack) = self.resolve_parent(&e.path, parents, false)? else {
+                    continue;
+                };
+                let dir = *stack.last().expect("non-empty");
+                if hidden == b".wh..opq" {
+                    let names: Vec<Vec<u8>> = self.children[&dir]
+                        .keys()
+                        .filter(|n| !added.contains(&(dir, (*n).clone())))
+                        .cloned()
+                        .collect();
+                    for n in names {
+                        self.unlink(dir, &n);
+                    }
+                } else if !added.contains(&(dir, hidden.to_vec())) {
+                    self.unlink(dir, hidden);
+                }
+                continue;
+            }
+            let stack = self
+                .resolve_parent(&e.path, parents, true)?
+                .expect("created parents");
+            let dir = *stack.last().expect("non-empty");
+            let existing = self.children[&dir].get(&name).copied();
+            match &e.kind {
+                EntryKind::Dir => {
+                    if let Some(ino) = existing
+                        && self.is_dir(ino)
+                    {
+                        self.nodes[ino].meta = meta_of(e);
+                    } else {
+                        self.unlink(dir, &name);
+                        let ino = self.new_node(NodeKind::Dir, meta_of(e));
+                        self.link(dir, name.clone(), ino);
+                    }
+                }
+                EntryKind::Hardlink { target } => {
+                    let tcomps: Vec<&[u8]> = target.split(|b| *b == b'/').collect();
+                    let (tname, tparents) = tcomps.split_last().expect("non-empty target");
+                    let missing = || TreeError::HardlinkMissing {
+                        path: lossy(&e.path),
+                        target: lossy(target),
+                    };
+                    let tstack = self
+                        .resolve_parent(target, tparents, false)?
+                        .ok_or_else(missing)?;
+                    let tdir = *tstack.last().expect("non-empty");
+                    let tino = self.children[&tdir]
+                        .get(*tname)
+                        .copied()
+                        .ok_or_else(missing)?;
+                    if self.is_dir(tino) {
+                        return Err(TreeError::HardlinkToDir {
+                            path: lossy(&e.path),
+                            target: lossy(target),
+                        });
+                    }
+                    if existing == Some(tino) {
+                        continue;
+                    }
+                    self.unlink(dir, &name);
+                    self.link(dir, name.clone(), tino);
+                }
+                other => {
+                    let kind = match other {
+                        EntryKind::Regular { digest, size } => NodeKind::Regular {
+                            digest: *digest,
+                            size: *size,
+                        },
+                        EntryKind::Symlink { target } => NodeKind::Symlink {
+                            target: target.clone(),
+                        },
+                        EntryKind::CharDev { major, minor } => NodeKind::CharDev {
+                            major: *major,
+                            minor: *minor,
+                        },
+                        EntryKind::BlockDev { major, minor } => NodeKind::BlockDev {
+                            major: *major,
+                            minor: *minor,
+                        },
+                        EntryKind::Fifo => NodeKind::Fifo,
+                        EntryKind::Dir | EntryKind::Hardlink { .. } => {
+                            unreachable!("handled above")
+                        }
+                    };
+                    self.unlink(dir, &name);
+                    let ino = self.new_node(kind, meta_of(e));
+                    self.link(dir, name.clone(), ino);
+                }
+            }
+            added.insert((dir, name));
+        }
+        Ok(())
+    }
+
+    /// Depth-first walk, names in bytewise order, root first (empty path).
+    pub fn walk(&self) -> Vec<(Vec<u8>, &Node)> {
+        let mut out = Vec::with_capacity(self.nodes.len());
+        let mut stack: Vec<(Vec<u8>, Ino)> = vec![(Vec::new(), ROOT)];
+        while let Some((path, ino)) = stack.pop() {
+            out.push((path.clone(), &self.nodes[ino]));
+            if let Some(kids) = self.children.get(&ino)
+                && self.is_dir(ino)
+            {
+                for (name, child) in kids.iter().rev() {
+                    let mut p = path.clone();
+                    if !p.is_empty() {
+                        p.push(b'/');
+                    }
+                    p.extend_from_slice(name);
+                    stack.push((p, *child));
+                }
+            }
+        }
+        out
+    }
+
+    /// Look a path up (no symlink following).
+    pub fn lookup(&self, path: &[u8]) -> Option<&Node> {
+        let mut ino = ROOT;
+        for c in path.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
+            ino = *self.children.get(&ino)?.get(c)?;
+        }
+        Some(&self.nodes[ino])
+    }
+
+    /// Every object digest the tree references.
+    pub fn objects(&self) -> BTreeSet<Digest> {
+        self.walk()
+            .into_iter()
+            .filter_map(|(_, n)| match n.kind {
+                NodeKind::Regular { digest, .. } => Some(digest),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A canonical text dump: one line per path; equal trees give equal
+    /// dumps whatever order they were built in. Hardlinks show the first
+    /// name (in walk order) of their inode.
+    pub fn dump(&self) -> String {
+        let mut first_name: HashMap<u64, Vec<u8>> = HashMap::new();
+        let mut s = String::new();
+        for (path, n) in self.walk() {
+            let shown = escape(&path);
+            let _ = write!(
+                s,
+                "/{shown} {:o} {}:{} {}.{:09}",
+                n.meta.mode, n.meta.uid, n.meta.gid, n.meta.mtime.secs, n.meta.mtime.nanos
+            );
+            match &n.kind {
+                NodeKind::Regular { digest, size } => {
+                    if let Some(first) = first_name.get(&n.ino) {
+                        let _ = write!(s, " hardlink=/{}", escape(first));
+                    } else {
+                        first_name.insert(n.ino, path.clone());
+                        let _ = write!(s, " file {size} {digest} nlink={}", n.nlink);
+                    }
+                }
+                NodeKind::Dir => {
+                    let _ = write!(s, " dir nlink={}", n.nlink);
+                }
+                NodeKind::Symlink { target } => {
+                    let _ = write!(s, " symlink {}", escape(target));
+                }
+                NodeKind::CharDev { major, minor } => {
+                    let _ = write!(s, " char {major}:{minor}");
+                }
+                NodeKind::BlockDev { major, minor } => {
+                    let _ = write!(s, " block {major}:{minor}");
+                }
+                NodeKind::Fifo => s.push_str(" fifo"),
+            }
+            if !matches!(n.kind, NodeKind::Regular { .. } | NodeKind::Dir)
+                && let Some(first) = first_name.get(&n.ino)
+            {
+                let _ = write!(s, " hardlink=/{}", escape(first));
+            } else if !matches!(n.kind, NodeKind::Regular { .. } | NodeKind::Dir) {
+                first_name.insert(n.ino, path.clone());
+            }
+            for (k, v) in &n.meta.xattrs {
+                let _ = write!(s, " xattr:{}={}", escape(k), hexs(v));
+            }
+            s.push('\n');
+        }
+        s
+    }
+
+    /// Number of names in the tree (incl. the root).
+    pub fn len(&self) -> usize {
+        self.walk().len()
+    }
+
+    /// Whether the tree has only its root.
+    pub fn is_empty(&self) -> bool {
+        self.children[&ROOT].is_empty()
+    }
+}
+
+fn meta_of(e: &Entry) -> Meta {
+    Meta {
+        mode: e.mode,
+        uid: e.uid,
+        gid: e.gid,
+        mtime: e.mtime,
+        xattrs: e.xattrs.clone(),
+    }
+}
+
+fn escape(b: &[u8]) -> String {
+    let mut s = String::new();
+    for c in b {
+        if c.is_ascii_graphic() && *c != b'\\' && *c != b'=' {
+            s.push(*c as char);
+        } else {
+            let _ = write!(s, "\\x{c:02x}");
+        }
+    }
+    s
+}
+
+fn hexs(b: &[u8]) -> String {
+    b.iter().map(|c| format!("{c:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests;
