@@ -1,0 +1,341 @@
+//! Local sources: OCI image layouts (`oci:`), their tar archives
+//! (`oci-archive:`), and `docker save` archives (`docker-archive:`).
+//!
+//! Archives are unpacked into a private temporary directory held by the
+//! source (members are checked not to escape it). A docker archive has no
+//! manifest of its own: we synthesize an OCI manifest whose bytes are
+//! canonical (fixed field order, no whitespace), so pulling the same archive
+//! twice gives the same manifest digest.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use strata_digest::{Digest, Hasher};
+
+use crate::manifest::{Document, OCI_MANIFEST, parse_document, pick_platform};
+use crate::{Descriptor, ImageSource, OciError, Platform, ResolvedImage, verify};
+
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+fn io_err(action: &str, path: &Path) -> impl FnOnce(io::Error) -> OciError {
+    let action = action.to_string();
+    let path = path.to_path_buf();
+    move |source| OciError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// An OCI image layout directory (possibly unpacked from an archive).
+pub struct LayoutSource {
+    dir: PathBuf,
+    tag: Option<String>,
+    describe: String,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl LayoutSource {
+    /// Open a layout directory.
+    pub fn open(dir: PathBuf, tag: Option<String>, describe: String) -> Result<Self, OciError> {
+        let layout = dir.join("oci-layout");
+        if !layout.is_file() {
+            return Err(OciError::Io {
+                action: "opening OCI layout (no oci-layout file)".into(),
+                path: dir.clone(),
+                source: io::Error::new(io::ErrorKind::NotFound, "not an OCI image layout"),
+            });
+        }
+        Ok(LayoutSource {
+            dir,
+            tag,
+            describe,
+            _tmp: None,
+        })
+    }
+
+    /// Unpack an `oci-archive:` tar and open it.
+    pub fn open_archive(file: &Path, tag: Option<String>, describe: String) -> Result<Self, OciError> {
+        let tmp = unpack_archive(file)?;
+        let mut s = Self::open(tmp.path().to_path_buf(), tag, describe)?;
+        s._tmp = Some(tmp);
+        Ok(s)
+    }
+
+    fn blob_path(&self, d: &Digest) -> PathBuf {
+        self.dir.join("blobs").join(d.algorithm().name()).join(d.hex())
+    }
+
+    fn read_blob(&self, desc: &Descriptor, what: &str) -> Result<Vec<u8>, OciError> {
+        let p = self.blob_path(&desc.digest);
+        let bytes = fs::read(&p).map_err(io_err(&format!("reading {what}"), &p))?;
+        verify(&format!("{} {what} {}", self.describe, desc.digest), &bytes, &desc.digest)?;
+        Ok(bytes)
+    }
+}
+
+impl ImageSource for LayoutSource {
+    fn resolve(&self, platform: &Platform) -> Result<ResolvedImage, OciError> {
+        let index_path = self.dir.join("index.json");
+        let index_bytes = fs::read(&index_path).map_err(io_err("reading", &index_path))?;
+        let Document::Index(entries) =
+            parse_document(&index_bytes, Some(crate::manifest::OCI_INDEX), &format!("{} index.json", self.describe))?
+        else {
+            return Err(OciError::Format {
+                what: format!("{} index.json", self.describe),
+                reason: "not an index".into(),
+            });
+        };
+        let tags: Vec<&str> = entries
+            .iter()
+            .filter_map(|d| d.annotations.get(REF_NAME).map(|s| s.as_str()))
+            .collect();
+        let chosen = match &self.tag {
+            Some(t) => entries
+                .iter()
+                .find(|d| d.annotations.get(REF_NAME) == Some(t))
+                .ok_or_else(|| OciError::Format {
+                    what: self.describe.clone(),
+                    reason: format!("no image tagged {t:?} in the layout; tags: {}", tags.join(", ")),
+                })?,
+            None if entries.len() == 1 => &entries[0],
+            None => {
+                return Err(OciError::Format {
+                    what: self.describe.clone(),
+                    reason: format!("the layout holds {} images: name one of: {}", entries.len(), tags.join(", ")),
+                });
+            }
+        };
+        let mut desc = chosen.clone();
+        let mut index_digest = None;
+        for _ in 0..4 {
+            let bytes = self.read_blob(&desc, "manifest")?;
+            match parse_document(&bytes, Some(&desc.media_type), &format!("{} manifest {}", self.describe, desc.digest))? {
+                Document::Manifest(manifest) => {
+                    let config_bytes = self.read_blob(&manifest.config, "config")?;
+                    return Ok(ResolvedImage {
+                        manifest_digest: desc.digest,
+                        manifest_bytes: bytes,
+                        manifest,
+                        config_bytes,
+                        index_digest,
+                    });
+                }
+                Document::Index(entries) => {
+                    index_digest = Some(desc.digest);
+                    desc = pick_platform(&entries, platform, &self.describe)?.clone();
+                }
+            }
+        }
+        Err(OciError::Format {
+            what: self.describe.clone(),
+            reason: "indexes nested too deep".into(),
+        })
+    }
+
+    fn open_blob(&self, desc: &Descriptor, offset: u64) -> Result<Box<dyn Read + Send>, OciError> {
+        let p = self.blob_path(&desc.digest);
+        let mut f = File::open(&p).map_err(io_err("opening blob", &p))?;
+        if offset > 0 {
+            f.seek(SeekFrom::Start(offset)).map_err(io_err("seeking blob", &p))?;
+        }
+        Ok(Box::new(io::BufReader::with_capacity(256 * 1024, f)))
+    }
+
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+}
+
+fn unpack_archive(file: &Path) -> Result<tempfile::TempDir, OciError> {
+    let f = File::open(file).map_err(io_err("opening archive", file))?;
+    let tmp = tempfile::Builder::new()
+        .prefix("strata-archive-")
+        .tempdir()
+        .map_err(io_err("creating temp dir for", file))?;
+    let mut ar = tar::Archive::new(io::BufReader::new(f));
+    ar.set_preserve_permissions(false);
+    ar.set_unpack_xattrs(false);
+    for entry in ar.entries().map_err(io_err("reading archive", file))? {
+        let mut entry = entry.map_err(io_err("reading archive", file))?;
+        let kind = entry.header().entry_type();
+        if !(kind.is_file() || kind.is_dir()) {
+            // layouts hold only files and dirs; links could point anywhere
+            continue;
+        }
+        // unpack_in refuses paths that escape the directory
+        let ok = entry
+            .unpack_in(tmp.path())
+            .map_err(io_err("unpacking archive", file))?;
+        if !ok {
+            return Err(OciError::Format {
+                what: format!("archive {}", file.display()),
+                reason: "a member path leaves the archive root".into(),
+            });
+        }
+    }
+    Ok(tmp)
+}
+
+/// A `docker save` archive.
+pub struct DockerArchiveSource {
+    tmp: tempfile::TempDir,
+    tag: Option<String>,
+    describe: String,
+    blobs: std::sync::Mutex<HashMap<Digest, PathBuf>>,
+}
+
+#[derive(Deserialize)]
+struct DockerManifestEntry {
+    #[serde(rename = "Config")]
+    config: String,
+    #[serde(rename = "RepoTags", default)]
+    repo_tags: Option<Vec<String>>,
+    #[serde(rename = "Layers")]
+    layers: Vec<String>,
+}
+
+impl DockerArchiveSource {
+    /// Unpack and open a docker archive.
+    pub fn open(file: &Path, tag: Option<String>, describe: String) -> Result<Self, OciError> {
+        let tmp = unpack_archive(file)?;
+        Ok(DockerArchiveSource {
+            tmp,
+            tag,
+            describe,
+            blobs: std::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn member(&self, rel: &str) -> Result<PathBuf, OciError> {
+        if rel.starts_with('/') || rel.split('/').any(|c| c == "..") {
+            return Err(OciError::Format {
+                what: self.describe.clone(),
+                reason: format!("manifest.json names a path outside the archive: {rel:?}"),
+            });
+        }
+        Ok(self.tmp.path().join(rel))
+    }
+}
+
+fn sniff_and_hash(p: &Path) -> Result<(Digest, u64, &'static str), OciError> {
+    let mut f = File::open(p).map_err(io_err("opening layer", p))?;
+    let mut h = Hasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut head = Vec::new();
+    loop {
+        let n = f.read(&mut buf).map_err(io_err("reading layer", p))?;
+        if n == 0 {
+            break;
+        }
+        if head.len() < 4 {
+            head.extend_from_slice(&buf[..n.min(4)]);
+        }
+        h.update(&buf[..n]);
+    }
+    let mt = if head.starts_with(&[0x1f, 0x8b]) {
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+    } else {
+        "application/vnd.oci.image.layer.v1.tar"
+    };
+    let size = h.len();
+    Ok((h.finish(), size, mt))
+}
+
+impl ImageSource for DockerArchiveSource {
+    fn resolve(&self, _platform: &Platform) -> Result<ResolvedImage, OciError> {
+        let mpath = self.tmp.path().join("manifest.json");
+        let bytes = fs::read(&mpath).map_err(io_err("reading docker archive manifest.json", &mpath))?;
+        let entries: Vec<DockerManifestEntry> = serde_json::from_slice(&bytes).map_err(|e| OciError::Format {
+            what: format!("{} manifest.json", self.describe),
+            reason: e.to_string(),
+        })?;
+        let all_tags: Vec<String> = entries.iter().flat_map(|e| e.repo_tags.clone().unwrap_or_default()).collect();
+        let entry = match &self.tag {
+            Some(t) => entries
+                .iter()
+                .find(|e| {
+                    e.repo_tags.as_ref().is_some_and(|tags| {
+                        tags.iter().any(|x| {
+                            x == t
+                                || x.strip_prefix("docker.io/library/") == Some(t)
+                                || x.strip_prefix("docker.io/") == Some(t)
+                                || t.strip_prefix("docker.io/library/") == Some(x)
+                        })
+                    })
+                })
+                .ok_or_else(|| OciError::Format {
+                    what: self.describe.clone(),
+                    reason: format!("no image tagged {t:?}; tags: {}", all_tags.join(", ")),
+                })?,
+            None if entries.len() == 1 => &entries[0],
+            None => {
+                return Err(OciError::Format {
+                    what: self.describe.clone(),
+                    reason: format!("the archive holds {} images: name one of: {}", entries.len(), all_tags.join(", ")),
+                });
+            }
+        };
+        let cpath = self.member(&entry.config)?;
+        let config_bytes = fs::read(&cpath).map_err(io_err("reading config", &cpath))?;
+        let config_digest = Digest::sha256_of(&config_bytes);
+        let mut blobs = self.blobs.lock().expect("no panics while held");
+        let mut layers = Vec::new();
+        for l in &entry.layers {
+            let p = self.member(l)?;
+            let (digest, size, mt) = sniff_and_hash(&p)?;
+            blobs.insert(digest, p);
+            layers.push(serde_json::json!({"mediaType": mt, "digest": digest, "size": size}));
+        }
+        // serde_json's default map is sorted: canonical bytes.
+        let manifest_json = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": config_digest,
+                "size": config_bytes.len(),
+            },
+            "layers": layers,
+        });
+        let manifest_bytes = serde_json::to_vec(&manifest_json).map_err(|e| OciError::Format {
+            what: self.describe.clone(),
+            reason: e.to_string(),
+        })?;
+        let Document::Manifest(manifest) = parse_document(&manifest_bytes, None, &self.describe)? else {
+            unreachable!("we built a manifest")
+        };
+        Ok(ResolvedImage {
+            manifest_digest: Digest::sha256_of(&manifest_bytes),
+            manifest_bytes,
+            manifest,
+            config_bytes,
+            index_digest: None,
+        })
+    }
+
+    fn open_blob(&self, desc: &Descriptor, offset: u64) -> Result<Box<dyn Read + Send>, OciError> {
+        let p = self
+            .blobs
+            .lock()
+            .expect("no panics while held")
+            .get(&desc.digest)
+            .cloned()
+            .ok_or_else(|| OciError::Format {
+                what: self.describe.clone(),
+                reason: format!("no layer {} in the archive", desc.digest),
+            })?;
+        let mut f = File::open(&p).map_err(io_err("opening layer", &p))?;
+        f.seek(SeekFrom::Start(offset)).map_err(io_err("seeking layer", &p))?;
+        Ok(Box::new(io::BufReader::with_capacity(256 * 1024, f)))
+    }
+
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+}

@@ -1,0 +1,562 @@
+//! Pulling an image into the store.
+//!
+//! ```text
+//! resolve manifest + config (verified)
+//!   -> per layer, in parallel (bounded):
+//!        diff_id already in the store?        -> reuse, download nothing
+//!        compressed digest known to the store? -> reuse
+//!        else: blob stream -> count -> verify(blob digest, size)
+//!              -> decompress (gzip | zstd | none)   [reader thread]
+//!              -> tar import: contents -> staged objects, record  [this thread]
+//!              -> diff_id == config's?  -> commit objects, then layer
+//!   -> commit image -> point the name at it
+//! ```
+//!
+//! Nothing from the network becomes visible before its digest was checked:
+//! staged objects of a layer are committed only after both the compressed
+//! digest and the diff_id matched; any failure drops the staging.
+
+use std::io::{self, BufReader, Read};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use strata_digest::{Digest, VerifyingReader};
+use strata_store::{BlobInfo, ImageLayer, ImageMeta, LayerMeta, Store, StoreError};
+use strata_tar::TarError;
+
+use crate::{
+    Descriptor, ImageRef, ImageSource, LayerCompression, OciError, Platform, RegistryOptions,
+    layer_compression, open_source, parse_config,
+};
+
+/// Options of a pull.
+#[derive(Debug, Clone)]
+pub struct PullOptions {
+    /// Which platform to pick from an index.
+    pub platform: Platform,
+    /// Registry access.
+    pub registry: RegistryOptions,
+    /// Layers fetched at once.
+    pub jobs: usize,
+}
+
+/// Receives progress events; the CLI renders them, the server exposes them.
+pub trait Progress: Send + Sync {
+    /// The image was resolved; `layers` is the number of layers.
+    fn resolved(&self, _manifest_digest: &Digest, _layers: usize) {}
+    /// Layer `index` starts downloading (`reused == false`) or is reused.
+    fn layer_start(&self, _index: usize, _desc: &Descriptor, _reused: bool) {}
+    /// `n` more compressed bytes of layer `index` arrived.
+    fn layer_bytes(&self, _index: usize, _n: u64) {}
+    /// Layer `index` is committed.
+    fn layer_done(&self, _index: usize) {}
+}
+
+/// Progress sink that ignores everything.
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+/// What a pull did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PullSummary {
+    /// The name the image was recorded under.
+    pub name: String,
+    /// The image's manifest digest.
+    pub manifest_digest: Digest,
+    /// Layers already in the store.
+    pub layers_reused: usize,
+    /// Layers downloaded.
+    pub layers_fetched: usize,
+    /// Compressed bytes downloaded.
+    pub bytes_downloaded: u64,
+    /// Bytes of new objects written to the store.
+    pub bytes_written: u64,
+    /// New objects written.
+    pub objects_written: u64,
+    /// File contents that were already in the store.
+    pub files_deduplicated: u64,
+}
+
+/// Why a pull failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    /// Registry, layout or format problem.
+    #[error(transparent)]
+    Oci(#[from] OciError),
+    /// Store problem.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A layer's bytes were bad.
+    #[error("layer {index} ({digest}): {reason}")]
+    Layer {
+        /// Position in the manifest, bottom = 0.
+        index: usize,
+        /// The blob's digest.
+        digest: Digest,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The config does not fit the manifest.
+    #[error("config {0}: {1}")]
+    Config(Digest, String),
+}
+
+/// Pull `reference` into `store` and name it `name`.
+pub fn pull(
+    store: &Store,
+    reference: &ImageRef,
+    name: &str,
+    opts: &PullOptions,
+    progress: &dyn Progress,
+) -> Result<PullSummary, PullError> {
+    let source = open_source(reference, &opts.registry)?;
+    pull_from(store, source.as_ref(), name, opts, progress)
+}
+
+/// Pull from an already opened source.
+pub fn pull_from(
+    store: &Store,
+    source: &dyn ImageSource,
+    name: &str,
+    opts: &PullOptions,
+    progress: &dyn Progress,
+) -> Result<PullSummary, PullError> {
+    let resolved = source.resolve(&opts.platform)?;
+    let manifest = &resolved.manifest;
+    let config = parse_config(&resolved.config_bytes)?;
+    let config_digest = manifest.config.digest;
+    if config.diff_ids.len() != manifest.layers.len() {
+        return Err(PullError::Config(
+            config_digest,
+            format!(
+                "lists {} diff_ids but the manifest has {} layers",
+                config.diff_ids.len(),
+                manifest.layers.len()
+            ),
+        ));
+    }
+    // Unknown media types fail before any byte is downloaded.
+    let mut compressions = Vec::new();
+    for (index, l) in manifest.layers.iter().enumerate() {
+        compressions.push(layer_compression(&l.media_type).map_err(|e| PullError::Layer {
+            index,
+            digest: l.digest,
+            reason: e.to_string(),
+        })?);
+    }
+    progress.resolved(&resolved.manifest_digest, manifest.layers.len());
+
+    let summary = Mutex::new(PullSummary {
+        name: name.to_string(),
+        manifest_digest: resolved.manifest_digest,
+        layers_reused: 0,
+        layers_fetched: 0,
+        bytes_downloaded: 0,
+        bytes_written: 0,
+        objects_written: 0,
+        files_deduplicated: 0,
+    });
+    let downloaded = AtomicU64::new(0);
+    let next = AtomicUsize::new(0);
+    let first_error: Mutex<Option<PullError>> = Mutex::new(None);
+    let jobs = opts.jobs.clamp(1, 8).min(manifest.layers.len().max(1));
+    std::thread::scope(|s| {
+        for _ in 0..jobs {
+            s.spawn(|| {
+                loop {
+                    if first_error.lock().expect("lock").is_some() {
+                        return;
+                    }
+                    let index = next.fetch_add(1, Ordering::SeqCst);
+                    if index >= manifest.layers.len() {
+                        return;
+                    }
+                    let desc = &manifest.layers[index];
+                    let diff_id = config.diff_ids[index];
+                    let r = pull_layer(
+                        store,
+                        source,
+                        index,
+                        desc,
+                        compressions[index],
+                        diff_id,
+                        progress,
+                        &downloaded,
+                    );
+                    match r {
+                        Ok(outcome) => {
+                            let mut sum = summary.lock().expect("lock");
+                            match outcome {
+                                None => sum.layers_reused += 1,
+                                Some(stats) => {
+                                    sum.layers_fetched += 1;
+                                    sum.bytes_written += stats.bytes_written;
+                                    sum.objects_written += stats.objects_written;
+                                    sum.files_deduplicated += stats.files_deduplicated;
+                                }
+                            }
+                            progress.layer_done(index);
+                        }
+                        Err(e) => {
+                            first_error.lock().expect("lock").get_or_insert(e);
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = first_error.into_inner().expect("threads joined") {
+        return Err(e);
+    }
+    let mut summary = summary.into_inner().expect("threads joined");
+    summary.bytes_downloaded = downloaded.load(Ordering::SeqCst);
+
+    let meta = ImageMeta {
+        manifest_digest: resolved.manifest_digest,
+        manifest_media_type: manifest.media_type.clone(),
+        config_digest,
+        layers: manifest
+            .layers
+            .iter()
+            .zip(&config.diff_ids)
+            .map(|(l, d)| ImageLayer {
+                blob: BlobInfo {
+                    digest: l.digest,
+                    media_type: l.media_type.clone(),
+                    size: l.size,
+                },
+                diff_id: *d,
+            })
+            .collect(),
+        source: source.describe(),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    };
+    store.commit_image(&meta, &resolved.manifest_bytes, &resolved.config_bytes)?;
+    store.set_ref(name, &resolved.manifest_digest)?;
+    Ok(summary)
+}
+
+/// `Ok(None)`: reused; `Ok(Some(stats))`: fetched and committed.
+#[allow(clippy::too_many_arguments)]
+fn pull_layer(
+    store: &Store,
+    source: &dyn ImageSource,
+    index: usize,
+    desc: &Descriptor,
+    compression: LayerCompression,
+    diff_id: Digest,
+    progress: &dyn Progress,
+    downloaded: &AtomicU64,
+) -> Result<Option<strata_store::BatchStats>, PullError> {
+    let layer_err = |reason: String| PullError::Layer {
+        index,
+        digest: desc.digest,
+        reason,
+    };
+    if store.has_layer(&diff_id) {
+        store.add_blob_alias(&desc.digest, &diff_id)?;
+        progress.layer_start(index, desc, true);
+        return Ok(None);
+    }
+    if let Some(known) = store.layer_by_blob(&desc.digest) {
+        if known != diff_id {
+            return Err(layer_err(format!(
+                "config says diff_id {diff_id} but this blob is known to decompress to {known}"
+            )));
+        }
+        progress.layer_start(index, desc, true);
+        return Ok(None);
+    }
+    progress.layer_start(index, desc, false);
+    let blob = source.open_blob(desc, 0)?;
+    let counted = CountingReader {
+        inner: blob,
+        index,
+        progress,
+        total: downloaded,
+    };
+    let verified = VerifyingReader::new(
+        BufReader::with_capacity(256 * 1024, counted),
+        desc.digest,
+        Some(desc.size),
+    );
+    // Decompression runs on its own thread, so hashing+parsing and
+    // decompression+verification use both cores.
+    let mut batch = store.object_batch()?;
+    let imported = std::thread::scope(|scope| {
+    let decompressed = ThreadedReader::spawn(scope, move || -> io::Result<Box<dyn Read + Send + '_>> {
+        Ok(match compression {
+            LayerCompression::None => Box::new(verified),
+            LayerCompression::Gzip => Box::new(DrainAtEof::new(GzipLayer(
+                flate2::bufread::MultiGzDecoder::new(BufReader::with_capacity(256 * 1024, verified)),
+            ))),
+            LayerCompression::Zstd => Box::new(DrainAtEof::new(ZstdLayer(
+                zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(
+                    256 * 1024,
+                    verified,
+                ))?,
+            ))),
+        })
+    });
+    strata_tar::import_tar(decompressed, &mut batch).map_err(|e| match e {
+        TarError::Io(io) => layer_err(io_error_text(&io)),
+        other => layer_err(other.to_string()),
+    })
+    })?;
+    if imported.diff_id != diff_id {
+        return Err(layer_err(format!(
+            "uncompressed layer hashes to {} but the config says diff_id {diff_id}",
+            imported.diff_id
+        )));
+    }
+    let meta = LayerMeta {
+        diff_id,
+        size: imported.size,
+        blobs: vec![BlobInfo {
+            digest: desc.digest,
+            media_type: desc.media_type.clone(),
+            size: desc.size,
+        }],
+        entries: imported.record.entries.len() as u64,
+        objects: imported
+            .record
+            .objects()
+            .collect::<std::collections::HashSet<_>>()
+            .len() as u64,
+    };
+    let stats = store.commit_layer(batch, &meta, &imported.record)?;
+    Ok(Some(stats))
+}
+
+fn io_error_text(e: &io::Error) -> String {
+    match e.get_ref() {
+        Some(inner) => inner.to_string(),
+        None => e.to_string(),
+    }
+}
+
+struct CountingReader<'a, R> {
+    inner: R,
+    index: usize,
+    progress: &'a dyn Progress,
+    total: &'a AtomicU64,
+}
+
+impl<R: Read> Read for CountingReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.total.fetch_add(n as u64, Ordering::Relaxed);
+        self.progress.layer_bytes(self.index, n as u64);
+        Ok(n)
+    }
+}
+
+/// A decompressor whose underlying compressed stream can be drained.
+trait Drain: Read {
+    /// Read the compressed stream to its end (so it is verified).
+    fn drain(&mut self) -> io::Result<()>;
+}
+
+struct GzipLayer<R: io::BufRead>(flate2::bufread::MultiGzDecoder<R>);
+impl<R: io::BufRead> Read for GzipLayer<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+impl<R: io::BufRead> Drain for GzipLayer<R> {
+    fn drain(&mut self) -> io::Result<()> {
+        let trailing = io::copy(self.0.get_mut(), &mut io::sink())?;
+        if trailing > 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{trailing} bytes of garbage after the gzip stream"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+struct ZstdLayer<'a, R: io::BufRead>(zstd::stream::read::Decoder<'a, R>);
+impl<R: io::BufRead> Read for ZstdLayer<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+impl<R: io::BufRead> Drain for ZstdLayer<'_, R> {
+    fn drain(&mut self) -> io::Result<()> {
+        let trailing = io::copy(self.0.get_mut(), &mut io::sink())?;
+        if trailing > 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{trailing} bytes of garbage after the zstd stream"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// At the decompressed stream's end, drain the compressed stream so its
+/// digest check runs before the consumer sees end-of-file.
+struct DrainAtEof<D> {
+    inner: D,
+    done: bool,
+}
+impl<D: Drain> DrainAtEof<D> {
+    fn new(inner: D) -> Self {
+        DrainAtEof { inner, done: false }
+    }
+}
+impl<D: Drain> Read for DrainAtEof<D> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.done {
+            return Ok(0);
+        }
+        let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.inner.drain()?;
+            self.done = true;
+        }
+        Ok(n)
+    }
+}
+
+/// Runs a reader on a background thread, handing over 1 MiB chunks through
+/// a bounded channel. Errors travel in order; dropping the reader stops the
+/// thread at its next send.
+struct ThreadedReader {
+    rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+    current: Vec<u8>,
+    pos: usize,
+    done: bool,
+}
+
+impl ThreadedReader {
+    fn spawn<'scope, 'env, F>(scope: &'scope std::thread::Scope<'scope, 'env>, make: F) -> Self
+    where
+        F: FnOnce() -> io::Result<Box<dyn Read + Send + 'scope>> + Send + 'scope,
+    {
+        let (tx, rx) = mpsc::sync_channel(8);
+        scope.spawn(move || {
+            let mut r = match make() {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            loop {
+                let mut buf = vec![0u8; 1 << 20];
+                let mut filled = 0;
+                let res = loop {
+                    match r.read(&mut buf[filled..]) {
+                        Ok(0) => break Ok(()),
+                        Ok(n) => {
+                            filled += n;
+                            if filled == buf.len() {
+                                break Ok(());
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => break Err(e),
+                    }
+                };
+                buf.truncate(filled);
+                let eof = filled == 0;
+                if filled > 0 && tx.send(Ok(buf)).is_err() {
+                    return;
+                }
+                if let Err(e) = res {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+                if eof {
+                    let _ = tx.send(Ok(Vec::new()));
+                    return;
+                }
+            }
+        });
+        ThreadedReader {
+            rx,
+            current: Vec::new(),
+            pos: 0,
+            done: false,
+        }
+    }
+}
+
+impl Read for ThreadedReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.current.len() {
+            if self.done {
+                return Ok(0);
+            }
+            match self.rx.recv() {
+                Ok(Ok(chunk)) if chunk.is_empty() => {
+                    self.done = true;
+                    return Ok(0);
+                }
+                Ok(Ok(chunk)) => {
+                    self.current = chunk;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => {
+                    self.done = true;
+                    return Err(e);
+                }
+                Err(_) => {
+                    self.done = true;
+                    return Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "decompression thread ended unexpectedly",
+                    ));
+                }
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.pos);
+        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threaded_reader_passes_bytes_and_errors_in_order() {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+        let d2 = data.clone();
+        std::thread::scope(|s| {
+            let mut r = ThreadedReader::spawn(s, move || Ok(Box::new(io::Cursor::new(d2))));
+            let mut out = Vec::new();
+            r.read_to_end(&mut out).unwrap();
+            assert_eq!(out, data);
+        });
+
+        struct Failing(usize);
+        impl Read for Failing {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(io::Error::other("boom"));
+                }
+                self.0 -= 1;
+                buf[0] = 7;
+                Ok(1)
+            }
+        }
+        std::thread::scope(|s| {
+            let mut r = ThreadedReader::spawn(s, || Ok(Box::new(Failing(10))));
+            let mut out = Vec::new();
+            let err = r.read_to_end(&mut out).unwrap_err();
+            assert_eq!(err.to_string(), "boom");
+            assert_eq!(out, vec![7; 10]);
+        });
+    }
+}

@@ -1,0 +1,587 @@
+//! The registry client (OCI distribution spec, blocking).
+//!
+//! - Every manifest request sends `Accept` with all four manifest types
+//!   (Debian's docker-registry answers 404 for OCI manifests otherwise).
+//! - Auth: anonymous first; a 401 challenge `Basic` or `Bearer realm=…`
+//!   is answered with credentials from the auth files (token fetched from
+//!   the realm and cached). Credentials and tokens never appear in errors,
+//!   logs or `Debug` output.
+//! - Retries: connection failures and 5xx are retried with exponential
+//!   backoff (200 ms, x2, 5 attempts). A blob stream that breaks mid-way is
+//!   resumed with `Range: bytes=N-` from the byte it reached; a registry
+//!   that ignores Range (200) is skipped forward instead.
+
+use std::fmt;
+use std::io::{self, Read};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use reqwest::StatusCode;
+use reqwest::blocking::{Client, Response};
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, RANGE, WWW_AUTHENTICATE};
+use strata_digest::Digest;
+
+use crate::manifest::{ACCEPT_MANIFESTS, Document, parse_document, pick_platform};
+use crate::{Descriptor, ImageRef, ImageSource, OciError, Platform, RegistryOptions, ResolvedImage, verify};
+
+const ATTEMPTS: u32 = 5;
+
+/// Username and password for one registry. `Debug` redacts.
+#[derive(Clone)]
+pub struct Credentials {
+    user: String,
+    password: String,
+    /// Which file they came from (safe to show).
+    pub source: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Credentials {{ user: <redacted>, password: <redacted>, source: {:?} }}", self.source)
+    }
+}
+
+/// Find credentials for `host` in the usual auth files, in order:
+/// `explicit`, `$REGISTRY_AUTH_FILE`, `$XDG_RUNTIME_DIR/containers/auth.json`,
+/// `~/.docker/config.json`.
+pub fn find_credentials(host: &str, explicit: Option<&PathBuf>) -> Option<Credentials> {
+    let mut files: Vec<PathBuf> = Vec::new();
+    if let Some(p) = explicit {
+        files.push(p.clone());
+    }
+    if let Some(p) = std::env::var_os("REGISTRY_AUTH_FILE") {
+        files.push(PathBuf::from(p));
+    }
+    if let Some(p) = std::env::var_os("XDG_RUNTIME_DIR") {
+        files.push(PathBuf::from(p).join("containers/auth.json"));
+    }
+    if let Some(p) = std::env::var_os("HOME") {
+        files.push(PathBuf::from(p).join(".docker/config.json"));
+    }
+    for f in files {
+        let Ok(bytes) = std::fs::read(&f) else { continue };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+            continue;
+        };
+        let Some(auths) = v.get("auths").and_then(|a| a.as_object()) else {
+            continue;
+        };
+        for (key, entry) in auths {
+            let k = key
+                .trim_start_matches("https://")
+                .trim_start_matches("http://");
+            let k = k.split('/').next().unwrap_or(k);
+            let matches = k == host || (host == "docker.io" && (k == "index.docker.io" || k == "registry-1.docker.io"));
+            if !matches {
+                continue;
+            }
+            let (user, password) = if let Some(a) = entry.get("auth").and_then(|a| a.as_str()) {
+                let Ok(dec) = base64::engine::general_purpose::STANDARD.decode(a) else {
+                    continue;
+                };
+                let Ok(s) = String::from_utf8(dec) else { continue };
+                let Some((u, p)) = s.split_once(':') else { continue };
+                (u.to_string(), p.to_string())
+            } else {
+                let u = entry.get("username").and_then(|x| x.as_str());
+                let p = entry.get("password").and_then(|x| x.as_str());
+                match (u, p) {
+                    (Some(u), Some(p)) => (u.to_string(), p.to_string()),
+                    _ => continue,
+                }
+            };
+            return Some(Credentials {
+                user,
+                password,
+                source: f.display().to_string(),
+            });
+        }
+    }
+    None
+}
+
+#[derive(Clone)]
+enum Authz {
+    None,
+    Basic,
+    Bearer(String),
+}
+
+struct Inner {
+    client: Client,
+    base: String,
+    host: String,
+    repository: String,
+    creds: Option<Credentials>,
+    authz: Mutex<Authz>,
+}
+
+/// A source backed by a registry.
+pub struct RegistrySource {
+    inner: Arc<Inner>,
+    reference: ImageRef,
+    tag: Option<String>,
+    digest: Option<Digest>,
+}
+
+impl RegistrySource {
+    /// Prepare a client for `reference` (a `docker://` reference).
+    pub fn new(reference: ImageRef, opts: &RegistryOptions) -> Result<Self, OciError> {
+        let ImageRef::Docker {
+            registry,
+            repository,
+            tag,
+            digest,
+        } = &reference
+        else {
+            return Err(OciError::Reference {
+                input: reference.to_string(),
+                reason: "not a docker:// reference".into(),
+            });
+        };
+        let plain = opts.plain_http || opts.insecure_registries.iter().any(|h| h == registry);
+        let host = if registry == "docker.io" {
+            "registry-1.docker.io".to_string()
+        } else {
+            registry.clone()
+        };
+        let base = format!("{}://{host}", if plain { "http" } else { "https" });
+        let ua = if opts.user_agent.is_empty() {
+            "strata".to_string()
+        } else {
+            opts.user_agent.clone()
+        };
+        let client = Client::builder()
+            .user_agent(ua)
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(None)
+            .build()
+            .map_err(|e| OciError::Network {
+                action: format!("setting up HTTP client for {registry}"),
+                reason: e.to_string(),
+            })?;
+        Ok(RegistrySource {
+            inner: Arc::new(Inner {
+                client,
+                base,
+                host: registry.clone(),
+                repository: repository.clone(),
+                creds: find_credentials(registry, opts.auth_file.as_ref()),
+                authz: Mutex::new(Authz::None),
+            }),
+            tag: tag.clone(),
+            digest: *digest,
+            reference,
+        })
+    }
+}
+
+impl Inner {
+    fn creds_source(&self) -> String {
+        self.creds
+            .as_ref()
+            .map_or("none found".to_string(), |c| c.source.clone())
+    }
+
+    /// Send a GET with retries and auth. Returns the response with a
+    /// success (2xx) status, or an error naming `action`.
+    fn get(&self, url: &str, headers: &HeaderMap, action: &str) -> Result<Response, OciError> {
+        let mut delay = Duration::from_millis(200);
+        let mut authed_once = false;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut req = self.client.get(url).headers(headers.clone());
+            req = match self.authz.lock().expect("no panics while held").clone() {
+                Authz::None => req,
+                Authz::Basic => match &self.creds {
+                    Some(c) => req.basic_auth(&c.user, Some(&c.password)),
+                    None => req,
+                },
+                Authz::Bearer(t) => req.bearer_auth(t),
+            };
+            let resp = match req.send() {
+                Ok(r) => r,
+                Err(e) => {
+                    if attempt < ATTEMPTS {
+                        std::thread::sleep(delay);
+                        delay *= 2;
+                        continue;
+                    }
+                    return Err(OciError::Network {
+                        action: action.to_string(),
+                        reason: error_chain(&e),
+                    });
+                }
+            };
+            let status = resp.status();
+            if status.is_success() {
+                return Ok(resp);
+            }
+            if status == StatusCode::UNAUTHORIZED {
+                if authed_once {
+                    return Err(OciError::Auth {
+                        action: action.to_string(),
+                        host: self.host.clone(),
+                        source_of_creds: self.creds_source(),
+                    });
+                }
+                authed_once = true;
+                let challenge = resp
+                    .headers()
+                    .get(WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                self.authenticate(&challenge, action)?;
+                continue;
+            }
+            if status.is_server_error() && attempt < ATTEMPTS {
+                std::thread::sleep(delay);
+                delay *= 2;
+                continue;
+            }
+            let detail = error_detail(resp);
+            return Err(OciError::Registry {
+                action: action.to_string(),
+                status: status.as_u16(),
+                detail,
+            });
+        }
+    }
+
+    fn authenticate(&self, challenge: &str, action: &str) -> Result<(), OciError> {
+        let (scheme, params) = challenge.split_once(' ').unwrap_or((challenge, ""));
+        let auth_err = || OciError::Auth {
+            action: action.to_string(),
+            host: self.host.clone(),
+            source_of_creds: self.creds_source(),
+        };
+        if scheme.eq_ignore_ascii_case("basic") {
+            if self.creds.is_none() {
+                return Err(auth_err());
+            }
+            *self.authz.lock().expect("no panics while held") = Authz::Basic;
+            return Ok(());
+        }
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(auth_err());
+        }
+        let params = parse_challenge(params);
+        let realm = params
+            .iter()
+            .find(|(k, _)| k == "realm")
+            .map(|(_, v)| v.clone())
+            .ok_or_else(auth_err)?;
+        let mut query: Vec<(String, String)> = Vec::new();
+        if let Some((_, s)) = params.iter().find(|(k, _)| k == "service") {
+            query.push(("service".into(), s.clone()));
+        }
+        let scope = params
+            .iter()
+            .find(|(k, _)| k == "scope")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| format!("repository:{}:pull", self.repository));
+        query.push(("scope".into(), scope));
+        let qs: Vec<String> = query
+            .iter()
+            .map(|(k, v)| format!("{k}={}", url_encode(v)))
+            .collect();
+        let sep = if realm.contains('?') { '&' } else { '?' };
+        let mut req = self.client.get(format!("{realm}{sep}{}", qs.join("&")));
+        if let Some(c) = &self.creds {
+            req = req.basic_auth(&c.user, Some(&c.password));
+        }
+        let resp = req.send().map_err(|e| OciError::Network {
+            action: format!("{action}: fetching a token from {realm}"),
+            reason: error_chain(&e),
+        })?;
+        if !resp.status().is_success() {
+            return Err(auth_err());
+        }
+        let body = resp.bytes().map_err(|_| auth_err())?;
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|_| auth_err())?;
+        let token = v
+            .get("token")
+            .or_else(|| v.get("access_token"))
+            .and_then(|t| t.as_str())
+            .ok_or_else(auth_err)?;
+        *self.authz.lock().expect("no panics while held") = Authz::Bearer(token.to_string());
+        Ok(())
+    }
+
+    fn fetch_manifest(&self, reference: &str, what: &str) -> Result<(Vec<u8>, Option<String>), OciError> {
+        let url = format!("{}/v2/{}/manifests/{reference}", self.base, self.repository);
+        let mut h = HeaderMap::new();
+        h.insert(ACCEPT, ACCEPT_MANIFESTS.parse().expect("static header"));
+        let action = format!("fetching manifest {what}");
+        let resp = self.get(&url, &h, &action)?;
+        let ct = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.to_string());
+        let bytes = resp.bytes().map_err(|e| OciError::Network {
+            action,
+            reason: error_chain(&e),
+        })?;
+        if bytes.len() > 16 << 20 {
+            return Err(OciError::Format {
+                what: format!("manifest {what}"),
+                reason: "larger than 16 MiB".into(),
+            });
+        }
+        Ok((bytes.to_vec(), ct))
+    }
+
+    fn blob_url(&self, d: &Digest) -> String {
+        format!("{}/v2/{}/blobs/{d}", self.base, self.repository)
+    }
+}
+
+fn url_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn parse_challenge(s: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = s.trim();
+    while !rest.is_empty() {
+        let Some(eq) = rest.find('=') else { break };
+        let key = rest[..eq].trim().trim_start_matches(',').trim().to_string();
+        rest = &rest[eq + 1..];
+        let value;
+        if let Some(r) = rest.strip_prefix('"') {
+            let end = r.find('"').unwrap_or(r.len());
+            value = r[..end].to_string();
+            rest = r.get(end + 1..).unwrap_or("");
+        } else {
+            let end = rest.find(',').unwrap_or(rest.len());
+            value = rest[..end].trim().to_string();
+            rest = &rest[end..];
+        }
+        rest = rest.trim_start_matches(',').trim();
+        out.push((key, value));
+    }
+    out
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn error_detail(resp: Response) -> String {
+    let body = resp.text().unwrap_or_default();
+    let v: Option<serde_json::Value> = serde_json::from_str(&body).ok();
+    if let Some(errs) = v.as_ref().and_then(|v| v.get("errors")).and_then(|e| e.as_array())
+        && let Some(first) = errs.first()
+    {
+        let code = first.get("code").and_then(|c| c.as_str()).unwrap_or("");
+        let msg = first.get("message").and_then(|c| c.as_str()).unwrap_or("");
+        return format!(" {code}: {msg}");
+    }
+    String::new()
+}
+
+impl ImageSource for RegistrySource {
+    fn resolve(&self, platform: &Platform) -> Result<ResolvedImage, OciError> {
+        let what = self.reference.to_string();
+        let first_ref = match (&self.digest, &self.tag) {
+            (Some(d), _) => d.to_string(),
+            (None, Some(t)) => t.clone(),
+            (None, None) => "latest".to_string(),
+        };
+        let (mut bytes, mut ct) = self.inner.fetch_manifest(&first_ref, &what)?;
+        let mut digest = Digest::sha256_of(&bytes);
+        if let Some(d) = &self.digest {
+            verify(&format!("manifest {what}"), &bytes, d)?;
+        }
+        let mut index_digest = None;
+        for _ in 0..4 {
+            match parse_document(&bytes, ct.as_deref(), &format!("manifest {what}"))? {
+                Document::Manifest(manifest) => {
+                    let url = self.inner.blob_url(&manifest.config.digest);
+                    let action = format!("fetching config {} of {what}", manifest.config.digest);
+                    let resp = self.inner.get(&url, &HeaderMap::new(), &action)?;
+                    let config_bytes = resp
+                        .bytes()
+                        .map_err(|e| OciError::Network {
+                            action: action.clone(),
+                            reason: error_chain(&e),
+                        })?
+                        .to_vec();
+                    verify(&format!("config of {what}"), &config_bytes, &manifest.config.digest)?;
+                    return Ok(ResolvedImage {
+                        manifest_bytes: bytes,
+                        manifest_digest: digest,
+                        manifest,
+                        config_bytes,
+                        index_digest,
+                    });
+                }
+                Document::Index(entries) => {
+                    index_digest = Some(digest);
+                    let chosen = pick_platform(&entries, platform, &what)?.clone();
+                    let (b, c) = self.inner.fetch_manifest(&chosen.digest.to_string(), &what)?;
+                    verify(&format!("manifest {what} ({platform})"), &b, &chosen.digest)?;
+                    bytes = b;
+                    ct = c.or(Some(chosen.media_type.clone()));
+                    digest = chosen.digest;
+                }
+            }
+        }
+        Err(OciError::Format {
+            what,
+            reason: "indexes nested too deep".into(),
+        })
+    }
+
+    fn open_blob(&self, desc: &Descriptor, offset: u64) -> Result<Box<dyn Read + Send>, OciError> {
+        let mut r = BlobReader {
+            inner: self.inner.clone(),
+            desc: desc.clone(),
+            pos: offset,
+            resp: None,
+            failures: 0,
+        };
+        r.connect()?;
+        Ok(Box::new(r))
+    }
+
+    fn describe(&self) -> String {
+        self.reference.to_string()
+    }
+}
+
+/// A blob stream that resumes after dropped connections.
+struct BlobReader {
+    inner: Arc<Inner>,
+    desc: Descriptor,
+    pos: u64,
+    resp: Option<Response>,
+    failures: u32,
+}
+
+impl BlobReader {
+    fn action(&self) -> String {
+        format!("fetching blob {} of {}", self.desc.digest, self.inner.repository)
+    }
+
+    fn connect(&mut self) -> Result<(), OciError> {
+        let mut h = HeaderMap::new();
+        if self.pos > 0 {
+            h.insert(RANGE, format!("bytes={}-", self.pos).parse().expect("ascii"));
+        }
+        let url = self.inner.blob_url(&self.desc.digest);
+        let mut resp = self.inner.get(&url, &h, &self.action())?;
+        if self.pos > 0 && resp.status() == StatusCode::OK {
+            // Range ignored: skip what we already have.
+            let skipped = io::copy(&mut (&mut resp).take(self.pos), &mut io::sink()).map_err(|e| {
+                OciError::Network {
+                    action: self.action(),
+                    reason: e.to_string(),
+                }
+            })?;
+            if skipped != self.pos {
+                return Err(OciError::Network {
+                    action: self.action(),
+                    reason: "connection dropped while skipping".into(),
+                });
+            }
+        }
+        self.resp = Some(resp);
+        Ok(())
+    }
+
+    fn retry(&mut self, why: String) -> io::Result<()> {
+        self.resp = None;
+        self.failures += 1;
+        if self.failures >= ATTEMPTS {
+            return Err(io::Error::other(format!(
+                "{}: gave up after {} attempts at byte {}: {why}",
+                self.action(),
+                self.failures,
+                self.pos
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(200 << self.failures.min(5)));
+        self.connect().map_err(io::Error::other)
+    }
+}
+
+impl Read for BlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if self.resp.is_none() {
+                self.retry("connection lost".into())?;
+                continue;
+            }
+            let r = self.resp.as_mut().expect("checked").read(buf);
+            match r {
+                Ok(0) if !buf.is_empty() && self.pos < self.desc.size => {
+                    let why = format!("stream ended at byte {} of {}", self.pos, self.desc.size);
+                    self.retry(why)?;
+                }
+                Ok(n) => {
+                    self.pos += n as u64;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let why = e.to_string();
+                    self.retry(why)?;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenge_parsing() {
+        let p = parse_challenge(r#"realm="http://127.0.0.1:1/token",service="reg",scope="repository:a/b:pull,push""#);
+        assert_eq!(
+            p,
+            vec![
+                ("realm".to_string(), "http://127.0.0.1:1/token".to_string()),
+                ("service".to_string(), "reg".to_string()),
+                ("scope".to_string(), "repository:a/b:pull,push".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn credentials_debug_redacts_and_files_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("auth.json");
+        let enc = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
+        std::fs::write(&f, format!(r#"{{"auths":{{"127.0.0.1:5000":{{"auth":"{enc}"}},"https://other.io/v1/":{{"username":"bob","password":"pw"}}}}}}"#)).unwrap();
+        let c = find_credentials("127.0.0.1:5000", Some(&f)).unwrap();
+        assert_eq!((c.user.as_str(), c.password.as_str()), ("alice", "s3cret"));
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("s3cret") && !dbg.contains("alice"), "{dbg}");
+        let c2 = find_credentials("other.io", Some(&f)).unwrap();
+        assert_eq!(c2.user, "bob");
+        assert!(find_credentials("nothere.io", Some(&f)).is_none() || std::env::var_os("REGISTRY_AUTH_FILE").is_some());
+    }
+}
