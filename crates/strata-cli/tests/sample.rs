@@ -30,7 +30,7 @@ fn pull_inspect_export_equals_umoci() {
     let images = env.ok(&["images"]);
     assert!(images.contains(&src), "{images}");
 
-    env.assert_export_matches_umoci(&layout, "latest", &src);
+    let exported = env.assert_export_matches_umoci(&layout, "latest", &src);
 
     // Tar export re-imported by GNU tar equals the dir export.
     let tarfile = env.path("sample.tar");
@@ -42,7 +42,7 @@ fn pull_inspect_export_equals_umoci() {
         .arg(&tarfile)
         .arg("-C")
         .arg(&untar));
-    let diffs = compare_trees(&env.path("export-hello-latest"), &untar, Compare::ALL);
+    let diffs = compare_trees(&exported, &untar, Compare::ALL);
     assert!(diffs.is_empty(), "tar export differs:\n{}", diffs.join("\n"));
 
     // A second pull downloads and writes nothing.

@@ -214,6 +214,19 @@ pub fn pull_from(
     let mut summary = summary.into_inner().expect("threads joined");
     summary.bytes_downloaded = downloaded.load(Ordering::SeqCst);
 
+    // The layers are valid one by one; the image is valid only if they
+    // flatten (hardlinks resolve, no path escapes through a symlink).
+    let mut tree = strata_tree::Tree::new();
+    for (index, (l, d)) in manifest.layers.iter().zip(&config.diff_ids).enumerate() {
+        let record = store.layer_record(d)?;
+        tree.apply_layer(&record.entries)
+            .map_err(|e| PullError::Layer {
+                index,
+                digest: l.digest,
+                reason: e.to_string(),
+            })?;
+    }
+
     let meta = ImageMeta {
         manifest_digest: resolved.manifest_digest,
         manifest_media_type: manifest.media_type.clone(),

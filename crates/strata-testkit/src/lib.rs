@@ -6,6 +6,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod proxy;
+
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;

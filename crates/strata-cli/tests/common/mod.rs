@@ -82,8 +82,11 @@ impl Env {
     }
 
     /// Export an image and compare it with `umoci unpack` of the same layout tag.
-    pub fn assert_export_matches_umoci(&self, layout: &Path, tag: &str, image: &str) {
-        let name = format!("{}-{tag}", layout.file_name().unwrap().to_string_lossy());
+    pub fn assert_export_matches_umoci(&self, layout: &Path, tag: &str, image: &str) -> PathBuf {
+        let name: String = image
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
         let ours = self.path(&format!("export-{name}"));
         self.ok(&["export", image, ours.to_str().unwrap()]);
         let theirs = umoci_unpack(layout, tag, &self.path(&format!("umoci-{name}")));
@@ -94,10 +97,60 @@ impl Env {
             layout.display(),
             diffs.join("\n")
         );
+        ours
     }
 }
 
 /// The repository's sample image layout.
 pub fn sample_layout() -> PathBuf {
     repo_root().join("samples/hello")
+}
+
+/// The fixture layouts built by scripts/fixtures.sh.
+pub fn synth_layout() -> PathBuf {
+    fixtures_dir().join("synth")
+}
+pub fn bad_layout() -> PathBuf {
+    fixtures_dir().join("bad")
+}
+pub fn debian_layout() -> PathBuf {
+    fixtures_dir().join("debian")
+}
+
+/// `oci:LAYOUT:TAG`.
+pub fn oci_ref(layout: &Path, tag: &str) -> String {
+    format!("oci:{}:{tag}", layout.display())
+}
+
+/// The manifest JSON of a layout tag.
+pub fn layout_manifest(layout: &Path, tag: &str) -> serde_json::Value {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let m = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .unwrap_or_else(|| panic!("no tag {tag} in {}", layout.display()));
+    let d = m["digest"].as_str().unwrap();
+    serde_json::from_slice(&std::fs::read(blob_path(layout, d)).unwrap()).unwrap()
+}
+
+pub fn blob_path(layout: &Path, digest: &str) -> PathBuf {
+    layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:"))
+}
+
+/// Every layer of every image in the store rebuilds to its diff_id.
+pub fn assert_layers_rebuild(root: &Path) {
+    let store = strata_store::Store::open(root).unwrap();
+    let mut n = 0;
+    for img in store.image_digests().unwrap() {
+        for l in store.image_meta(&img).unwrap().layers {
+            let mut h = strata_digest::Hasher::new();
+            store.rebuild_layer(&l.diff_id, &mut h).unwrap();
+            assert_eq!(h.finish(), l.diff_id, "layer {} does not rebuild exactly", l.diff_id);
+            n += 1;
+        }
+    }
+    assert!(n > 0, "no layers checked");
 }

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install what strata's tests, demo and benchmarks need. Idempotent; fast
+# when everything is present.
+set -euo pipefail
+PKGS=(docker-registry skopeo umoci containerd runc erofs-utils e2fsprogs fuse3
+      debootstrap libarchive-tools ostree fsverity attr python3 zstd hyperfine
+      tar gzip util-linux)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "install-deps: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The distribution's registry service is not wanted: tests start their own.
+systemctl disable --now docker-registry >/dev/null 2>&1 || true
+for c in rustfmt clippy; do
+  rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c" >/dev/null 2>&1 || true
+done
