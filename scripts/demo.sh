@@ -1,22 +1,34 @@
 #!/usr/bin/env bash
 # README's first command: build strata and run the main job on the sample
-# image that ships with the repository, in a local store. No daemon, no network.
+# image that ships with the repository (samples/hello, an OCI layout), in a
+# local store. No daemon, no network (once the deps are installed).
 set -euo pipefail
+trap 'echo "demo.sh: FAILED (line $LINENO)" >&2' ERR
 cd "$(dirname "$0")/.."
+REPO=$PWD
 bash scripts/install-deps.sh
-cargo build --release -p strata-cli
-S=target/release/strata
-export STRATA_ROOT="${STRATA_ROOT:-$PWD/.cache/demo-store}"
-OUT="$PWD/.cache/demo-export"
+if [[ -n ${STRATA_BIN:-} ]]; then
+  S=$STRATA_BIN # a strata binary built elsewhere: skip the build
+else
+  cargo build --release -p strata-cli
+  S="${CARGO_TARGET_DIR:-$REPO/target}/release/strata"
+fi
+export STRATA_ROOT="${STRATA_ROOT:-$REPO/.cache/demo-store}"
+OUT="$REPO/.cache/demo-export"
+IMAGE=oci:samples/hello:latest
+# The manifest digest of the sample's `latest` tag: IMAGE's other name.
+DIGEST=$(python3 -c 'import json,sys; print(next(m["digest"] for m in json.load(open(sys.argv[1]))["manifests"] if m["annotations"]["org.opencontainers.image.ref.name"] == "latest"))' samples/hello/index.json)
 rm -rf "$OUT" "$OUT.tar"
 set -x
-$S pull oci:samples/hello:latest
-$S images
-$S inspect oci:samples/hello:latest | head -n 40
-$S export oci:samples/hello:latest "$OUT"
-find "$OUT" | sort
-"$OUT/usr/bin/hello" 2>/dev/null || sh "$OUT/usr/bin/hello"
-$S export oci:samples/hello:latest --tar "$OUT.tar"
-tar tvf "$OUT.tar"
-$S pull oci:samples/hello:latest   # second pull: nothing downloaded or written
-$S fsck
+"$S" pull "$IMAGE"
+"$S" images
+"$S" inspect "$DIGEST" | sed -n 1,40p
+"$S" export "$IMAGE" "$OUT"
+find "$OUT" | sort | sed -n 1,40p
+"$OUT/usr/bin/hello"
+"$S" export "$IMAGE" --tar "$OUT.tar"
+tar tvf "$OUT.tar" | sed -n 1,40p
+"$S" pull "$IMAGE"   # second pull: nothing downloaded or written
+"$S" fsck
+{ set +x; } 2>/dev/null
+echo "demo.sh: OK (store $STRATA_ROOT, export $OUT)"

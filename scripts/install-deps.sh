@@ -17,6 +17,15 @@ if ((${#missing[@]})); then
 fi
 # The distribution's registry service is not wanted: tests start their own.
 systemctl disable --now docker-registry >/dev/null 2>&1 || true
-for c in rustfmt clippy; do
-  rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c" >/dev/null 2>&1 || true
-done
+# rustfmt and clippy for scripts/test.sh (rustup is on every CI machine).
+if command -v rustup >/dev/null 2>&1; then
+  installed=$(rustup component list --installed 2>/dev/null || true)
+  for c in rustfmt clippy; do
+    if ! grep -q "^$c" <<<"$installed"; then
+      echo "install-deps: rustup component add $c" >&2
+      rustup component add "$c" >&2 || echo "install-deps: WARNING: could not add $c" >&2
+    fi
+  done
+else
+  echo "install-deps: WARNING: rustup not found; cargo fmt/clippy must come from elsewhere" >&2
+fi

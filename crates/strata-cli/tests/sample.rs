@@ -133,3 +133,44 @@ fn unknown_image_is_a_clear_error() {
     let err = env.fails(&["pull", "bogus://x"]);
     assert!(err.contains("bogus"), "{err}");
 }
+
+#[test]
+fn oci_archive_and_docker_archive_transports() {
+    let env = Env::new();
+    let layout = sample_layout();
+    // oci-archive: a tar of the layout
+    let oa = env.path("hello-oci.tar");
+    run(std::process::Command::new("tar")
+        .arg("-C")
+        .arg(&layout)
+        .arg("-cf")
+        .arg(&oa)
+        .arg("."));
+    let oa_ref = format!("oci-archive:{}:latest", oa.display());
+    let s1 = env.json(&["pull", &oa_ref]);
+    // same manifest bytes as the layout: same digest, nothing new written
+    let from_layout = env.json(&["pull", &format!("oci:{}:latest", layout.display())]);
+    assert_eq!(s1["manifest_digest"], from_layout["manifest_digest"]);
+    assert_eq!(from_layout["bytes_written"], 0);
+
+    // docker-archive written by skopeo (docker save format)
+    require_tool("skopeo", "skopeo");
+    let da = env.path("hello-docker.tar");
+    run(std::process::Command::new("skopeo")
+        .args(["copy", "--quiet"])
+        .arg(format!("oci:{}:latest", layout.display()))
+        .arg(format!("docker-archive:{}:sample/hello:v1", da.display())));
+    let da_ref = format!("docker-archive:{}:sample/hello:v1", da.display());
+    let s2 = env.json(&["pull", &da_ref]);
+    // the layers are the same uncompressed tars: reused by diff_id
+    assert_eq!(s2["layers_fetched"], 0, "{s2}");
+    let ours = env.assert_export_matches_umoci(&layout, "latest", &da_ref);
+    assert!(ours.join("usr/bin/hello").is_file());
+    // pulling the docker archive again gives the same synthesized manifest
+    let s3 = env.json(&["pull", &da_ref]);
+    assert_eq!(s3["manifest_digest"], s2["manifest_digest"]);
+    // a tag that is not in the archive is named in the error
+    let err = env.fails(&["pull", &format!("docker-archive:{}:other:tag", da.display())]);
+    assert!(err.contains("other:tag") && err.contains("sample/hello:v1"), "{err}");
+    env.fsck_ok();
+}

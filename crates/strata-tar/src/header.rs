@@ -8,6 +8,8 @@
 //! devminor 337..345, prefix 345..500 (ustar) | GNU: sparse 386..482,
 //! isextended 482, realsize 483..495.
 
+use std::collections::BTreeMap;
+
 use base64::Engine as _;
 
 use crate::{Pending, TarError, Timestamp};
@@ -87,12 +89,24 @@ impl Header {
         let unsigned: u64 = b
             .iter()
             .enumerate()
-            .map(|(i, c)| if (148..156).contains(&i) { 32 } else { *c as u64 })
+            .map(|(i, c)| {
+                if (148..156).contains(&i) {
+                    32
+                } else {
+                    *c as u64
+                }
+            })
             .sum();
         let signed: i64 = b
             .iter()
             .enumerate()
-            .map(|(i, c)| if (148..156).contains(&i) { 32 } else { *c as i8 as i64 })
+            .map(|(i, c)| {
+                if (148..156).contains(&i) {
+                    32
+                } else {
+                    *c as i8 as i64
+                }
+            })
             .sum();
         if stored != unsigned && stored as i64 != signed {
             return Err(TarError::Malformed {
@@ -174,6 +188,12 @@ pub(crate) fn apply_pax(data: &[u8], p: &mut Pending, offset: u64) -> Result<(),
     let mut rest = data;
     let mut sparse_offsets: Vec<u64> = Vec::new();
     let mut sparse_sizes: Vec<u64> = Vec::new();
+    // bsdtar writes every xattr twice: `LIBARCHIVE.xattr.` (url-encoded
+    // name, base64 value: exact) and `SCHILY.xattr.` (with its name
+    // url-encoded too). GNU tar writes only `SCHILY.xattr.` and encodes just
+    // '%' and '=' in names. Prefer the exact form; decode GNU's escapes.
+    let mut schily: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut libarchive: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
     while !rest.is_empty() {
         if rest.iter().all(|b| *b == 0) {
             break;
@@ -215,9 +235,7 @@ pub(crate) fn apply_pax(data: &[u8], p: &mut Pending, offset: u64) -> Result<(),
             b"gid" => p.gid = Some(num(value)?),
             b"mtime" => p.mtime = Some(parse_time(value).ok_or_else(|| bad("bad mtime".into()))?),
             b"GNU.sparse.name" => p.sparse_name = Some(value.to_vec()),
-            b"GNU.sparse.realsize" | b"GNU.sparse.size" => {
-                p.sparse_realsize = Some(num(value)?)
-            }
+            b"GNU.sparse.realsize" | b"GNU.sparse.size" => p.sparse_realsize = Some(num(value)?),
             b"GNU.sparse.major" => p.sparse_v1 = value == b"1",
             b"GNU.sparse.minor" => {}
             b"GNU.sparse.map" => {
@@ -236,18 +254,27 @@ pub(crate) fn apply_pax(data: &[u8], p: &mut Pending, offset: u64) -> Result<(),
             b"GNU.sparse.numbytes" => sparse_sizes.push(num(value)?),
             _ => {
                 if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-                    p.xattrs.insert(name.to_vec(), value.to_vec());
+                    schily.push((name.to_vec(), value.to_vec()));
                 } else if let Some(name) = key.strip_prefix(b"LIBARCHIVE.xattr.") {
                     let name = url_decode(name).ok_or_else(|| bad("bad xattr name".into()))?;
+                    let trimmed = value
+                        .strip_suffix(b"==")
+                        .or_else(|| value.strip_suffix(b"="));
                     let v = base64::engine::general_purpose::STANDARD_NO_PAD
-                        .decode(value.strip_suffix(b"=").unwrap_or(value))
-                        .or_else(|_| base64::engine::general_purpose::STANDARD.decode(value))
+                        .decode(trimmed.unwrap_or(value))
                         .map_err(|_| bad("bad base64 xattr value".into()))?;
-                    p.xattrs.entry(name).or_insert(v);
+                    libarchive.insert(name, v);
                 }
             }
         }
     }
+    for (name, value) in schily {
+        let covered = url_decode(&name).is_some_and(|n| libarchive.contains_key(&n));
+        if !covered {
+            p.xattrs.insert(gnu_xattr_decode(&name), value);
+        }
+    }
+    p.xattrs.extend(libarchive);
     if !sparse_offsets.is_empty() {
         if sparse_offsets.len() != sparse_sizes.len() {
             return Err(bad("GNU.sparse.offset/numbytes do not pair".into()));
@@ -255,6 +282,29 @@ pub(crate) fn apply_pax(data: &[u8], p: &mut Pending, offset: u64) -> Result<(),
         p.sparse_map = Some(sparse_offsets.into_iter().zip(sparse_sizes).collect());
     }
     Ok(())
+}
+
+/// GNU tar escapes only '%' and '=' in xattr names.
+fn gnu_xattr_decode(s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        match s.get(i..i + 3) {
+            Some(b"%25") => {
+                out.push(b'%');
+                i += 3;
+            }
+            Some(b"%3D") | Some(b"%3d") => {
+                out.push(b'=');
+                i += 3;
+            }
+            _ => {
+                out.push(s[i]);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 fn url_decode(s: &[u8]) -> Option<Vec<u8>> {
@@ -318,6 +368,54 @@ mod tests {
         assert_eq!(number(b"\0\0\0\0", 0).unwrap(), 0);
         assert_eq!(number(&[0x80, 0, 0, 0, 0, 0, 0, 1, 0], 0).unwrap(), 256);
         assert!(number(b"0009", 0).is_err());
+    }
+
+    fn pax(records: &[(&[u8], &[u8])]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (k, v) in records {
+            let base = k.len() + v.len() + 3;
+            let mut len = base + 1;
+            while len.to_string().len() + base != len {
+                len = base + len.to_string().len();
+            }
+            out.extend_from_slice(len.to_string().as_bytes());
+            out.push(b' ');
+            out.extend_from_slice(k);
+            out.push(b'=');
+            out.extend_from_slice(v);
+            out.push(b'\n');
+        }
+        out
+    }
+
+    #[test]
+    fn xattrs_from_schily_and_libarchive_records() {
+        // bsdtar: both forms, names url-encoded in both.
+        let data = pax(&[
+            (b"LIBARCHIVE.xattr.user.we%20ird%25", b"AQI"),
+            (b"SCHILY.xattr.user.we%20ird%25", b"\x01\x02"),
+            (b"LIBARCHIVE.xattr.user.test", b"dmFsdWU="),
+            (b"SCHILY.xattr.user.test", b"value"),
+            (b"mtime", b"1.5"),
+        ]);
+        let mut p = Pending::default();
+        apply_pax(&data, &mut p, 0).unwrap();
+        let want: Vec<(&[u8], &[u8])> =
+            vec![(b"user.test", b"value"), (b"user.we ird%", b"\x01\x02")];
+        let got: Vec<(&[u8], &[u8])> = p
+            .xattrs
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .collect();
+        assert_eq!(got, want);
+        // GNU tar: only SCHILY, with '%' and '=' escaped.
+        let data = pax(&[(b"SCHILY.xattr.user.a%3Db%25c d", b"v=1")]);
+        let mut p = Pending::default();
+        apply_pax(&data, &mut p, 0).unwrap();
+        assert_eq!(p.xattrs.get(&b"user.a=b%c d"[..]).unwrap(), b"v=1");
+        // NUL in a PAX path is refused.
+        let data = pax(&[(b"path", b"a\0b")]);
+        assert!(apply_pax(&data, &mut Pending::default(), 0).is_err());
     }
 
     #[test]

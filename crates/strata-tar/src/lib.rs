@@ -31,18 +31,22 @@
 
 mod header;
 mod record;
+mod stream;
 
 use std::collections::BTreeMap;
-use std::io::{self, BufReader, Read};
+use std::io::{self, Read};
 
 use serde::{Deserialize, Serialize};
-use strata_digest::{Digest, HashingReader};
+use strata_digest::Digest;
 
 pub use record::LayerRecord;
 use record::Segment;
+use stream::StreamReader;
 
 /// A modification time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 pub struct Timestamp {
     /// Seconds since the epoch.
     pub secs: i64,
@@ -174,7 +178,7 @@ pub struct Imported {
 /// Parse a whole tar stream, storing file contents through `sink`.
 pub fn import_tar(r: impl Read, sink: &mut dyn ObjectSink) -> Result<Imported, TarError> {
     let mut p = Parser {
-        r: HashingReader::new(BufReader::with_capacity(256 * 1024, r)),
+        r: StreamReader::new(r)?,
         raw: Vec::new(),
         segments: Vec::new(),
         entries: Vec::new(),
@@ -190,7 +194,7 @@ pub fn import_tar(r: impl Read, sink: &mut dyn ObjectSink) -> Result<Imported, T
         segments.push(Segment::Raw(raw));
     }
     let size = r.len();
-    let (diff_id, _) = r.finish();
+    let diff_id = r.finish()?;
     Ok(Imported {
         record: LayerRecord::new(entries, segments),
         diff_id,
@@ -215,13 +219,16 @@ struct Pending {
 }
 
 struct Parser<R: Read> {
-    r: HashingReader<BufReader<R>>,
+    r: StreamReader<R>,
     raw: Vec<u8>,
     segments: Vec<Segment>,
     entries: Vec<Entry>,
 }
 
 const BLOCK: usize = 512;
+
+/// Largest PAX or GNU long-name header we hold in memory.
+const MAX_EXTENSION: u64 = 16 << 20;
 
 fn padding(size: u64) -> u64 {
     (BLOCK as u64 - size % BLOCK as u64) % BLOCK as u64
@@ -267,7 +274,8 @@ impl<R: Read> Parser<R> {
 
     fn flush_raw(&mut self) {
         if !self.raw.is_empty() {
-            self.segments.push(Segment::Raw(std::mem::take(&mut self.raw)));
+            self.segments
+                .push(Segment::Raw(std::mem::take(&mut self.raw)));
         }
     }
 
@@ -300,6 +308,16 @@ impl<R: Read> Parser<R> {
                 return Ok(());
             }
             let h = header::Header::parse(&block, offset)?;
+            if matches!(h.typeflag, b'x' | b'g' | b'L' | b'K') && h.size > MAX_EXTENSION {
+                // These are held in memory; real ones are a few KiB.
+                return Err(TarError::Malformed {
+                    offset,
+                    reason: format!(
+                        "extension header {:?} of {} bytes is larger than {MAX_EXTENSION}",
+                        h.typeflag as char, h.size
+                    ),
+                });
+            }
             match h.typeflag {
                 b'x' | b'g' => {
                     let data = self.read_raw(h.size)?;
@@ -388,7 +406,11 @@ impl<R: Read> Parser<R> {
                 });
             }
         };
-        if let EntryKind::Regular { digest, size: lsize } = &mut kind {
+        if let EntryKind::Regular {
+            digest,
+            size: lsize,
+        } = &mut kind
+        {
             let sparse = if h.typeflag == b'S' {
                 Some((h.sparse.clone(), h.realsize, false))
             } else if p.sparse_v1 {
@@ -666,7 +688,12 @@ mod tests {
             (b"a/..b", b"a/..b"),
         ];
         for (i, o) in ok {
-            assert_eq!(normalize(i).unwrap(), *o, "{:?}", String::from_utf8_lossy(i));
+            assert_eq!(
+                normalize(i).unwrap(),
+                *o,
+                "{:?}",
+                String::from_utf8_lossy(i)
+            );
         }
         assert_eq!(normalize(b"/etc/passwd"), Err("absolute path"));
         assert_eq!(normalize(b"a/../../x"), Err("path with a '..' component"));

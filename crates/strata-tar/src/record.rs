@@ -23,7 +23,11 @@ const VERSION: u64 = 1;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Segment {
     Raw(Vec<u8>),
-    Object { digest: Digest, offset: u64, len: u64 },
+    Object {
+        digest: Digest,
+        offset: u64,
+        len: u64,
+    },
 }
 
 /// A layer's entries and the data to regenerate its tar byte for byte.
@@ -66,26 +70,38 @@ impl LayerRecord {
         out: &mut dyn Write,
     ) -> io::Result<u64> {
         let mut total = 0u64;
+        // The reader of the last object used, and how far into it we are:
+        // the data segments of a sparse file are consecutive ranges of one
+        // object, read with one open instead of one per segment.
+        let mut current: Option<(Digest, u64, Box<dyn Read>)> = None;
         for s in &self.segments {
             match s {
                 Segment::Raw(r) => {
                     out.write_all(r)?;
                     total += r.len() as u64;
                 }
+                Segment::Object { len: 0, .. } => {}
                 Segment::Object {
                     digest,
                     offset,
                     len,
                 } => {
-                    let mut r = open(digest)?;
-                    let skipped = io::copy(&mut (&mut r).take(*offset), &mut io::sink())?;
-                    let copied = io::copy(&mut r.take(*len), out)?;
-                    if skipped != *offset || copied != *len {
+                    let reuse =
+                        matches!(&current, Some((d, pos, _)) if d == digest && pos <= offset);
+                    if !reuse {
+                        current = Some((*digest, 0, open(digest)?));
+                    }
+                    let (_, pos, r) = current.as_mut().expect("set above");
+                    let gap = offset - *pos;
+                    let skipped = io::copy(&mut (&mut *r).take(gap), &mut io::sink())?;
+                    let copied = io::copy(&mut (&mut *r).take(*len), out)?;
+                    if skipped != gap || copied != *len {
                         return Err(io::Error::new(
                             io::ErrorKind::UnexpectedEof,
                             format!("object {digest} is shorter than {}", offset + len),
                         ));
                     }
+                    *pos = offset + len;
                     total += len;
                 }
             }
@@ -219,6 +235,21 @@ impl LayerRecord {
             if nanos >= 1_000_000_000 {
                 return Err(TarError::Record("nanoseconds out of range".into()));
             }
+            if crate::normalize(&path).ok().as_deref() != Some(&path[..]) {
+                return Err(TarError::Record(format!(
+                    "entry path {:?} is not a normalized relative path",
+                    String::from_utf8_lossy(&path)
+                )));
+            }
+            if let EntryKind::Hardlink { target } = &kind
+                && (target.is_empty()
+                    || crate::normalize(target).ok().as_deref() != Some(&target[..]))
+            {
+                return Err(TarError::Record(format!(
+                    "hardlink target {:?} is not a normalized relative path",
+                    String::from_utf8_lossy(target)
+                )));
+            }
             let nx = d.u()?;
             let mut xattrs = BTreeMap::new();
             for _ in 0..nx {
@@ -321,5 +352,131 @@ impl<R: Read> Dec<R> {
         let mut b = [0u8; 32];
         self.exact(&mut b)?;
         Ok(Digest::sha256_from_bytes(b))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn name() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(
+            any::<u8>().prop_filter("no NUL or /", |b| *b != 0 && *b != b'/'),
+            1..20,
+        )
+        .prop_filter("not . or ..", |n| n != b"." && n != b"..")
+    }
+
+    fn path() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(name(), 0..4).prop_map(|c| c.join(&b'/'))
+    }
+
+    fn digest() -> impl Strategy<Value = Digest> {
+        any::<[u8; 32]>().prop_map(Digest::sha256_from_bytes)
+    }
+
+    fn kind() -> impl Strategy<Value = EntryKind> {
+        prop_oneof![
+            (digest(), any::<u64>()).prop_map(|(digest, size)| EntryKind::Regular { digest, size }),
+            Just(EntryKind::Dir),
+            proptest::collection::vec(any::<u8>(), 0..300)
+                .prop_map(|target| EntryKind::Symlink { target }),
+            proptest::collection::vec(name(), 1..4).prop_map(|c| EntryKind::Hardlink {
+                target: c.join(&b'/')
+            }),
+            (any::<u32>(), any::<u32>())
+                .prop_map(|(major, minor)| EntryKind::CharDev { major, minor }),
+            (any::<u32>(), any::<u32>())
+                .prop_map(|(major, minor)| EntryKind::BlockDev { major, minor }),
+            Just(EntryKind::Fifo),
+        ]
+    }
+
+    fn entry() -> impl Strategy<Value = Entry> {
+        (
+            path(),
+            kind(),
+            0u32..0o10000,
+            any::<u64>(),
+            any::<u64>(),
+            (any::<i64>(), 0u32..1_000_000_000),
+            proptest::collection::btree_map(
+                proptest::collection::vec(any::<u8>(), 1..30),
+                proptest::collection::vec(any::<u8>(), 0..100),
+                0..4,
+            ),
+        )
+            .prop_map(
+                |(path, kind, mode, uid, gid, (secs, nanos), xattrs)| Entry {
+                    path,
+                    kind,
+                    mode,
+                    uid,
+                    gid,
+                    mtime: Timestamp { secs, nanos },
+                    xattrs,
+                },
+            )
+    }
+
+    fn segment() -> impl Strategy<Value = Segment> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..2000).prop_map(Segment::Raw),
+            (digest(), any::<u64>(), any::<u64>()).prop_map(|(digest, offset, len)| {
+                Segment::Object {
+                    digest,
+                    offset,
+                    len,
+                }
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn encode_decode_round_trip(
+            entries in proptest::collection::vec(entry(), 0..20),
+            segments in proptest::collection::vec(segment(), 0..20),
+        ) {
+            let rec = LayerRecord::new(entries, segments);
+            let mut enc = Vec::new();
+            rec.encode(&mut enc).unwrap();
+            let dec = LayerRecord::decode(&enc[..]).unwrap();
+            prop_assert_eq!(dec, rec);
+        }
+
+        #[test]
+        fn decode_of_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            // Raw garbage, and garbage behind a valid zstd frame and magic.
+            let _ = LayerRecord::decode(&bytes[..]);
+            let mut payload = MAGIC.to_vec();
+            payload.push(1);
+            payload.extend_from_slice(&bytes);
+            let z = zstd::encode_all(&payload[..], 1).unwrap();
+            let _ = LayerRecord::decode(&z[..]);
+        }
+    }
+
+    #[test]
+    fn decode_rejects_unnormalized_paths() {
+        for bad in [&b"../x"[..], b"/abs", b"a//b", b"a/"] {
+            let rec = LayerRecord::new(
+                vec![Entry {
+                    path: bad.to_vec(),
+                    kind: EntryKind::Dir,
+                    mode: 0o755,
+                    uid: 0,
+                    gid: 0,
+                    mtime: Timestamp::default(),
+                    xattrs: BTreeMap::new(),
+                }],
+                Vec::new(),
+            );
+            let mut enc = Vec::new();
+            rec.encode(&mut enc).unwrap();
+            let err = LayerRecord::decode(&enc[..]).unwrap_err();
+            assert!(err.to_string().contains("not a normalized"), "{err}");
+        }
     }
 }

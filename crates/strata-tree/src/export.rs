@@ -45,7 +45,10 @@ fn ioe<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Ex
     }
 }
 
-fn rio<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(rustix::io::Errno) -> ExportError + 'a {
+fn rio<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(rustix::io::Errno) -> ExportError + 'a {
     move |e| ExportError::Io {
         action,
         path: path.to_path_buf(),
@@ -70,7 +73,7 @@ pub fn export_dir(
         }
         Err(e) => return Err(ioe("reading", dest)(e)),
     }
-    let walk = tree.walk();
+    let walk: Vec<(Vec<u8>, &Node)> = tree.walk().collect();
     let mut first: HashMap<u64, PathBuf> = HashMap::new();
     let mut dirs: Vec<(PathBuf, &Node)> = Vec::new();
     for (rel, node) in &walk {
@@ -269,24 +272,53 @@ fn pax_record(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
     out.push(b'\n');
 }
 
-fn octal(field: &mut [u8], v: u64) -> bool {
+/// `SECS[.NANOS]`; negative times count the fraction towards zero as PAX
+/// readers expect (-1.25 is 1.25 s before the epoch).
+fn pax_time(t: strata_tar::Timestamp) -> String {
+    if t.nanos == 0 {
+        t.secs.to_string()
+    } else if t.secs >= 0 {
+        format!("{}.{:09}", t.secs, t.nanos)
+    } else {
+        format!("-{}.{:09}", -(t.secs + 1), 1_000_000_000 - t.nanos)
+    }
+}
+
+/// An octal field with its NUL; values that do not fit (large device
+/// numbers) use GNU base-256, which GNU tar, libarchive and Go read.
+fn octal(field: &mut [u8], v: u64) {
     let width = field.len() - 1;
     let s = format!("{v:0width$o}");
-    if s.len() > width {
-        return false;
+    if s.len() <= width {
+        field[..width].copy_from_slice(s.as_bytes());
+        field[width] = 0;
+    } else {
+        field.fill(0);
+        let n = field.len();
+        for (i, b) in v.to_be_bytes().iter().rev().enumerate() {
+            field[n - 1 - i] = *b;
+        }
+        field[0] |= 0x80;
     }
-    field[..width].copy_from_slice(s.as_bytes());
-    field[width] = 0;
-    true
 }
 
 fn write_entry(out: &mut dyn Write, name: &[u8], node: &Node, h: &TarHeader) -> io::Result<()> {
     let m = &node.meta;
     let mut pax = Vec::new();
-    if name.len() > 100 || !name.is_ascii() {
+    // Names that fit stay in the header whatever their bytes; longer ones
+    // go to PAX, flagged as binary when they are not UTF-8 (GNU tar and
+    // libarchive then take them verbatim).
+    let long_name = name.len() > 100;
+    let long_link = h.link.len() > 100;
+    if (long_name && std::str::from_utf8(name).is_err())
+        || (long_link && std::str::from_utf8(&h.link).is_err())
+    {
+        pax_record(&mut pax, b"hdrcharset", b"BINARY");
+    }
+    if long_name {
         pax_record(&mut pax, b"path", name);
     }
-    if h.link.len() > 100 || !h.link.is_ascii() {
+    if long_link {
         pax_record(&mut pax, b"linkpath", &h.link);
     }
     if m.uid > 0o7777777 {
@@ -299,21 +331,28 @@ fn write_entry(out: &mut dyn Write, name: &[u8], node: &Node, h: &TarHeader) -> 
         pax_record(&mut pax, b"size", h.size.to_string().as_bytes());
     }
     if m.mtime.nanos != 0 || m.mtime.secs < 0 || m.mtime.secs > 0o77777777777 {
-        let v = if m.mtime.nanos != 0 {
-            format!("{}.{:09}", m.mtime.secs, m.mtime.nanos)
-        } else {
-            m.mtime.secs.to_string()
-        };
+        let v = pax_time(m.mtime);
         pax_record(&mut pax, b"mtime", v.as_bytes());
     }
     for (k, v) in &m.xattrs {
+        // Escape '%' and '=' in the name as GNU tar does ('=' would end
+        // the key); strata-tar decodes the same escapes.
         let mut key = b"SCHILY.xattr.".to_vec();
-        key.extend_from_slice(k);
+        for c in k {
+            match c {
+                b'%' => key.extend_from_slice(b"%25"),
+                b'=' => key.extend_from_slice(b"%3D"),
+                c => key.push(*c),
+            }
+        }
         pax_record(&mut pax, &key, v);
     }
     if !pax.is_empty() {
         let mut xname = b"./PaxHeaders/".to_vec();
-        let tail = name.rsplit(|b| *b == b'/').find(|c| !c.is_empty()).unwrap_or(b".");
+        let tail = name
+            .rsplit(|b| *b == b'/')
+            .find(|c| !c.is_empty())
+            .unwrap_or(b".");
         xname.extend_from_slice(&tail[..tail.len().min(80)]);
         let hdr = header_block(&xname, b'x', pax.len() as u64, b"", 0o644, 0, 0, 0, (0, 0));
         out.write_all(&hdr)?;

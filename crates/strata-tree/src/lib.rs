@@ -128,6 +128,9 @@ pub enum TreeError {
         /// The offending component.
         parent: String,
     },
+    /// A path whose own `..` components climb above the root.
+    #[error("path {0:?} leaves the root")]
+    PathEscape(String),
     /// Too many symlinks (a loop).
     #[error("path {0:?}: too many levels of symbolic links")]
     SymlinkLoop(String),
@@ -141,6 +144,9 @@ fn lossy(p: &[u8]) -> String {
 }
 
 type Ino = usize;
+
+/// Names (parent dir inode, name) written or entered by the current layer.
+type Touched = HashSet<(Ino, Vec<u8>)>;
 
 /// The flattened tree.
 #[derive(Debug, Clone)]
@@ -200,34 +206,46 @@ impl Tree {
     /// Resolve the directory that holds `path`'s last component, following
     /// symlinks in parent components inside the tree. Missing parents are
     /// created when `create` is set. Returns the dir stack (root first).
+    ///
+    /// With `touched` (only when writing), every directory entered is
+    /// recorded as touched by the current layer, so that an opaque marker
+    /// later in the same layer keeps it (see [`Tree::apply_layer`]).
     fn resolve_parent(
         &mut self,
         path: &[u8],
         comps: &[&[u8]],
-        create: bool,
+        mut touched: Option<&mut Touched>,
     ) -> Result<Option<Vec<Ino>>, TreeError> {
+        let create = touched.is_some();
         let mut stack = vec![ROOT];
+        // Names of the dirs on the stack below the root, for messages.
+        let mut names: Vec<Vec<u8>> = Vec::new();
         let mut hops = 0;
-        // work list of components still to walk
-        let mut todo: Vec<Vec<u8>> = comps.iter().rev().map(|c| c.to_vec()).collect();
-        while let Some(c) = todo.pop() {
+        // Components still to walk, each tagged with the symlink (full
+        // path) whose target it came from, if any.
+        let mut todo: Vec<(Vec<u8>, Option<Vec<u8>>)> =
+            comps.iter().rev().map(|c| (c.to_vec(), None)).collect();
+        while let Some((c, via)) = todo.pop() {
             if c.is_empty() || c == b"." {
                 continue;
             }
             if c == b".." {
-                // only reachable through symlink targets
                 if stack.len() == 1 {
-                    return Err(TreeError::SymlinkEscape {
-                        path: lossy(path),
-                        symlink: lossy(path),
+                    return Err(match via {
+                        Some(link) => TreeError::SymlinkEscape {
+                            path: lossy(path),
+                            symlink: lossy(&link),
+                        },
+                        None => TreeError::PathEscape(lossy(path)),
                     });
                 }
                 stack.pop();
+                names.pop();
                 continue;
             }
             let dir = *stack.last().expect("stack starts with root");
             let child = self.children[&dir].get(&c).copied();
-            match child {
+            let ino = match child {
                 None => {
                     if !create {
                         return Ok(None);
@@ -240,47 +258,48 @@ impl Tree {
                         },
                     );
                     self.link(dir, c.clone(), ino);
-                    stack.push(ino);
+                    ino
                 }
-                Some(ino) => match &self.nodes[ino].kind {
-                    NodeKind::Dir => stack.push(ino),
-                    NodeKind::Symlink { target } => {
-                        hops += 1;
-                        if hops > MAX_HOPS {
-                            return Err(TreeError::SymlinkLoop(lossy(path)));
-                        }
-                        let target = target.clone();
-                        if target.first() == Some(&b'/') {
-                            stack.truncate(1);
-                        }
-                        // Climbing above the root through this link is an escape.
-                        let mut depth = stack.len() as i64 - 1;
-                        for t in target.split(|b| *b == b'/') {
-                            match t {
-                                b"" | b"." => {}
-                                b".." => {
-                                    depth -= 1;
-                                    if depth < 0 {
-                                        return Err(TreeError::SymlinkEscape {
-                                            path: lossy(path),
-                                            symlink: lossy(&c),
-                                        });
-                                    }
-                                }
-                                _ => depth += 1,
-                            }
-                        }
-                        for t in target.split(|b| *b == b'/').rev() {
-                            todo.push(t.to_vec());
-                        }
+                Some(ino) => ino,
+            };
+            match &self.nodes[ino].kind {
+                NodeKind::Dir => {
+                    if let Some(t) = touched.as_deref_mut() {
+                        t.insert((dir, c.clone()));
                     }
-                    _ => {
-                        return Err(TreeError::NotADirectory {
-                            path: lossy(path),
-                            parent: lossy(&c),
-                        });
+                    stack.push(ino);
+                    names.push(c);
+                }
+                NodeKind::Symlink { target } => {
+                    hops += 1;
+                    if hops > MAX_HOPS {
+                        return Err(TreeError::SymlinkLoop(lossy(path)));
                     }
-                },
+                    let mut link = names.join(&b'/');
+                    if !link.is_empty() {
+                        link.push(b'/');
+                    }
+                    link.extend_from_slice(&c);
+                    // Absolute targets are relative to the image root.
+                    if target.first() == Some(&b'/') {
+                        stack.truncate(1);
+                        names.clear();
+                    }
+                    for t in target.split(|b| *b == b'/').rev() {
+                        todo.push((t.to_vec(), Some(link.clone())));
+                    }
+                }
+                _ => {
+                    let mut parent = names.join(&b'/');
+                    if !parent.is_empty() {
+                        parent.push(b'/');
+                    }
+                    parent.extend_from_slice(&c);
+                    return Err(TreeError::NotADirectory {
+                        path: lossy(path),
+                        parent: lossy(&parent),
+                    });
+                }
             }
         }
         Ok(Some(stack))
@@ -299,11 +318,7 @@ impl Tree {
     }
 
     fn unlink(&mut self, dir: Ino, name: &[u8]) {
-        let Some(ino) = self
-            .children
-            .get_mut(&dir)
-            .and_then(|m| m.remove(name))
-        else {
+        let Some(ino) = self.children.get_mut(&dir).and_then(|m| m.remove(name)) else {
             return;
         };
         self.nodes[ino].nlink = self.nodes[ino].nlink.saturating_sub(1);
@@ -317,9 +332,40 @@ impl Tree {
         }
     }
 
-    /// Apply one layer's entries in order (OCI layer semantics).
+    /// Keep under `dir` only what the current layer touched: an opaque
+    /// directory hides every lower entry below it, also inside
+    /// subdirectories that this layer merged into (as overlayfs does with an
+    /// opaque upper dir).
+    fn prune_lower(&mut self, dir: Ino, touched: &Touched) {
+        let names: Vec<(Vec<u8>, Ino)> = self.children[&dir]
+            .iter()
+            .map(|(n, i)| (n.clone(), *i))
+            .collect();
+        for (name, ino) in names {
+            if !touched.contains(&(dir, name.clone())) {
+                self.unlink(dir, &name);
+            } else if self.is_dir(ino) {
+                self.prune_lower(ino, touched);
+            }
+        }
+    }
+
+    /// Apply one layer's entries in order, with OCI layer semantics.
+    ///
+    /// - `.wh.NAME` removes NAME (a whole subtree for a dir) as lower layers
+    ///   left it; `.wh..wh..opq` in D hides everything lower layers put
+    ///   under D but keeps what this layer adds, whatever the order of the
+    ///   marker and the new children in the tar. Whiteouts never appear.
+    /// - An entry replaces whatever is at its path; a dir over a dir keeps
+    ///   the children and takes the new metadata. Missing parents are
+    ///   created (0755, root, mtime 0). The empty path sets the root's
+    ///   metadata.
+    /// - A hardlink is a new name for the inode currently at its target
+    ///   (in this or a lower layer); the target must exist and not be a dir.
+    /// - Symlinks in parent components are followed inside the tree; a
+    ///   resolution that would climb above the root is an error.
     pub fn apply_layer(&mut self, entries: &[Entry]) -> Result<(), TreeError> {
-        let mut added: HashSet<(Ino, Vec<u8>)> = HashSet::new();
+        let mut added: Touched = HashSet::new();
         for e in entries {
             if e.path.is_empty() {
                 if e.kind != EntryKind::Dir {
@@ -334,27 +380,20 @@ impl Tree {
             if let Some(hidden) = name.strip_prefix(b".wh.") {
                 // Whiteouts never create anything; a missing parent means
                 // there is nothing to hide.
-                let Some(stack) = self.resolve_parent(&e.path, parents, false)? else {
+                let Some(stack) = self.resolve_parent(&e.path, parents, None)? else {
                     continue;
                 };
                 let dir = *stack.last().expect("non-empty");
                 if hidden == b".wh..opq" {
-                    let names: Vec<Vec<u8>> = self.children[&dir]
-                        .keys()
-                        .filter(|n| !added.contains(&(dir, (*n).clone())))
-                        .cloned()
-                        .collect();
-                    for n in names {
-                        self.unlink(dir, &n);
-                    }
+                    self.prune_lower(dir, &added);
                 } else if !added.contains(&(dir, hidden.to_vec())) {
                     self.unlink(dir, hidden);
                 }
                 continue;
             }
             let stack = self
-                .resolve_parent(&e.path, parents, true)?
-                .expect("created parents");
+                .resolve_parent(&e.path, parents, Some(&mut added))?
+                .expect("missing parents are created when writing");
             let dir = *stack.last().expect("non-empty");
             let existing = self.children[&dir].get(&name).copied();
             match &e.kind {
@@ -377,7 +416,7 @@ impl Tree {
                         target: lossy(target),
                     };
                     let tstack = self
-                        .resolve_parent(target, tparents, false)?
+                        .resolve_parent(target, tparents, None)?
                         .ok_or_else(missing)?;
                     let tdir = *tstack.last().expect("non-empty");
                     let tino = self.children[&tdir]
@@ -429,7 +468,11 @@ impl Tree {
     }
 
     /// Depth-first walk, names in bytewise order, root first (empty path).
-    pub fn walk(&self) -> Vec<(Vec<u8>, &Node)> {
+    pub fn walk(&self) -> impl Iterator<Item = (Vec<u8>, &Node)> {
+        self.walk_vec().into_iter()
+    }
+
+    fn walk_vec(&self) -> Vec<(Vec<u8>, &Node)> {
         let mut out = Vec::with_capacity(self.nodes.len());
         let mut stack: Vec<(Vec<u8>, Ino)> = vec![(Vec::new(), ROOT)];
         while let Some((path, ino)) = stack.pop() {
@@ -462,7 +505,6 @@ impl Tree {
     /// Every object digest the tree references.
     pub fn objects(&self) -> BTreeSet<Digest> {
         self.walk()
-            .into_iter()
             .filter_map(|(_, n)| match n.kind {
                 NodeKind::Regular { digest, .. } => Some(digest),
                 _ => None,
@@ -523,7 +565,7 @@ impl Tree {
 
     /// Number of names in the tree (incl. the root).
     pub fn len(&self) -> usize {
-        self.walk().len()
+        self.walk().count()
     }
 
     /// Whether the tree has only its root.

@@ -48,7 +48,6 @@ fn hardlink(path: &str, target: &str) -> Entry {
 
 fn paths(t: &Tree) -> Vec<String> {
     t.walk()
-        .into_iter()
         .map(|(p, _)| String::from_utf8_lossy(&p).into_owned())
         .collect()
 }
@@ -63,18 +62,33 @@ fn content(t: &Tree, p: &str) -> Option<Digest> {
 #[test]
 fn whiteouts_remove_files_and_dirs() {
     let mut t = Tree::new();
-    t.apply_layer(&[dir("a"), file("a/x", "1"), dir("a/d"), file("a/d/y", "2"), file("b", "3")])
-        .unwrap();
-    t.apply_layer(&[file("a/.wh.x", ""), file("a/.wh.d", ""), file(".wh.nothere", "")])
-        .unwrap();
+    t.apply_layer(&[
+        dir("a"),
+        file("a/x", "1"),
+        dir("a/d"),
+        file("a/d/y", "2"),
+        file("b", "3"),
+    ])
+    .unwrap();
+    t.apply_layer(&[
+        file("a/.wh.x", ""),
+        file("a/.wh.d", ""),
+        file(".wh.nothere", ""),
+    ])
+    .unwrap();
     assert_eq!(paths(&t), ["", "a", "b"]);
 }
 
 #[test]
 fn opaque_dir_hides_lower_but_keeps_same_layer_children_in_any_order() {
     let mut t = Tree::new();
-    t.apply_layer(&[dir("d"), file("d/old", "o"), dir("d/sub"), file("d/sub/z", "z")])
-        .unwrap();
+    t.apply_layer(&[
+        dir("d"),
+        file("d/old", "o"),
+        dir("d/sub"),
+        file("d/sub/z", "z"),
+    ])
+    .unwrap();
     // the new child comes before the opaque marker
     t.apply_layer(&[dir("d"), file("d/new", "n"), file("d/.wh..wh..opq", "")])
         .unwrap();
@@ -101,7 +115,8 @@ fn dir_replaced_by_file_and_back() {
 #[test]
 fn hardlink_keeps_old_content_when_target_is_replaced_later() {
     let mut t = Tree::new();
-    t.apply_layer(&[file("orig", "v1"), hardlink("link", "orig")]).unwrap();
+    t.apply_layer(&[file("orig", "v1"), hardlink("link", "orig")])
+        .unwrap();
     let a = t.lookup(b"orig").unwrap();
     let b = t.lookup(b"link").unwrap();
     assert_eq!(a.ino, b.ino);
@@ -109,11 +124,17 @@ fn hardlink_keeps_old_content_when_target_is_replaced_later() {
     t.apply_layer(&[file("orig", "v2")]).unwrap();
     assert_eq!(content(&t, "orig"), Some(Digest::sha256_of(b"v2")));
     assert_eq!(content(&t, "link"), Some(Digest::sha256_of(b"v1")));
-    assert_ne!(t.lookup(b"orig").unwrap().ino, t.lookup(b"link").unwrap().ino);
+    assert_ne!(
+        t.lookup(b"orig").unwrap().ino,
+        t.lookup(b"link").unwrap().ino
+    );
     assert_eq!(t.lookup(b"link").unwrap().nlink, 1);
     // a hardlink in a later layer to a file of a lower layer
     t.apply_layer(&[hardlink("link2", "link")]).unwrap();
-    assert_eq!(t.lookup(b"link2").unwrap().ino, t.lookup(b"link").unwrap().ino);
+    assert_eq!(
+        t.lookup(b"link2").unwrap().ino,
+        t.lookup(b"link").unwrap().ino
+    );
 }
 
 #[test]
@@ -129,11 +150,19 @@ fn hardlink_errors() {
 #[test]
 fn symlink_parents_resolve_inside_and_refuse_escapes() {
     let mut t = Tree::new();
-    t.apply_layer(&[dir("real"), symlink("in", "real"), symlink("abs", "/real"), symlink("root", "/")])
-        .unwrap();
+    t.apply_layer(&[
+        dir("real"),
+        symlink("in", "real"),
+        symlink("abs", "/real"),
+        symlink("root", "/"),
+    ])
+    .unwrap();
     t.apply_layer(&[file("in/a", "a"), file("abs/b", "b"), file("root/c", "c")])
         .unwrap();
-    assert_eq!(paths(&t), ["", "abs", "c", "in", "real", "real/a", "real/b", "root"]);
+    assert_eq!(
+        paths(&t),
+        ["", "abs", "c", "in", "real", "real/a", "real/b", "root"]
+    );
 
     let mut t = Tree::new();
     t.apply_layer(&[symlink("evil", "../../../tmp")]).unwrap();
@@ -141,7 +170,8 @@ fn symlink_parents_resolve_inside_and_refuse_escapes() {
     assert!(err.to_string().contains("leaves the root"), "{err}");
 
     let mut t = Tree::new();
-    t.apply_layer(&[dir("d"), symlink("d/up", "../..")]).unwrap();
+    t.apply_layer(&[dir("d"), symlink("d/up", "../..")])
+        .unwrap();
     let err = t.apply_layer(&[file("d/up/x", "x")]).unwrap_err();
     assert!(err.to_string().contains("leaves the root"), "{err}");
 }
@@ -149,12 +179,18 @@ fn symlink_parents_resolve_inside_and_refuse_escapes() {
 #[test]
 fn symlink_chains_and_loops() {
     let mut t = Tree::new();
-    t.apply_layer(&[dir("target"), symlink("c", "target"), symlink("b", "c"), symlink("a", "b")])
-        .unwrap();
+    t.apply_layer(&[
+        dir("target"),
+        symlink("c", "target"),
+        symlink("b", "c"),
+        symlink("a", "b"),
+    ])
+    .unwrap();
     t.apply_layer(&[file("a/f", "f")]).unwrap();
     assert!(t.lookup(b"target/f").is_some());
     let mut t = Tree::new();
-    t.apply_layer(&[symlink("x", "y"), symlink("y", "x")]).unwrap();
+    t.apply_layer(&[symlink("x", "y"), symlink("y", "x")])
+        .unwrap();
     let err = t.apply_layer(&[file("x/f", "f")]).unwrap_err();
     assert!(err.to_string().contains("too many levels"), "{err}");
 }
@@ -189,7 +225,11 @@ fn dump_is_insertion_order_independent() {
     let mut t2 = Tree::new();
     t2.apply_layer(&rev).unwrap();
     assert_eq!(t1.dump(), t2.dump());
-    assert!(t1.dump().contains("/c 644 0:0 1.000000000 hardlink=/a"), "{}", t1.dump());
+    assert!(
+        t1.dump().contains("/c 644 0:0 1.000000000 hardlink=/a"),
+        "{}",
+        t1.dump()
+    );
 }
 
 #[test]
@@ -203,4 +243,91 @@ fn root_entry_sets_root_meta() {
     assert_eq!(t.lookup(b"").unwrap().meta.uid, 5);
     let err = t.apply_layer(&[file("", "x")]).unwrap_err();
     assert!(matches!(err, TreeError::RootNotDir));
+}
+
+#[test]
+fn opaque_dir_hides_lower_children_inside_merged_subdirs() {
+    let mut t = Tree::new();
+    t.apply_layer(&[
+        dir("d"),
+        dir("d/sub"),
+        file("d/sub/old", "o"),
+        file("d/gone", "g"),
+    ])
+    .unwrap();
+    // d/sub is merged (dir over dir) in this layer, but everything lower
+    // layers put under d is hidden, also below d/sub.
+    t.apply_layer(&[
+        dir("d/sub"),
+        file("d/sub/new", "n"),
+        file("d/.wh..wh..opq", ""),
+    ])
+    .unwrap();
+    assert_eq!(paths(&t), ["", "d", "d/sub", "d/sub/new"]);
+    // implicit parents created in this layer count as this layer's too
+    let mut t = Tree::new();
+    t.apply_layer(&[dir("e"), file("e/old", "o")]).unwrap();
+    t.apply_layer(&[file("e/p/q", "q"), file("e/.wh..wh..opq", "")])
+        .unwrap();
+    assert_eq!(paths(&t), ["", "e", "e/p", "e/p/q"]);
+}
+
+#[test]
+fn whiteout_of_missing_name_or_in_missing_dir_is_a_no_op() {
+    let mut t = Tree::new();
+    t.apply_layer(&[file("keep", "k")]).unwrap();
+    t.apply_layer(&[file("nodir/.wh.x", ""), file(".wh.y", "")])
+        .unwrap();
+    assert_eq!(paths(&t), ["", "keep"]);
+}
+
+#[test]
+fn symlinks_with_dotdot_that_stay_inside_resolve() {
+    let mut t = Tree::new();
+    t.apply_layer(&[
+        dir("a/b"),
+        symlink("a/b/up", ".."),
+        symlink("a/b/abs", "/a/b/up/./b"),
+        symlink("a/deep", "b/up/b"),
+    ])
+    .unwrap();
+    t.apply_layer(&[
+        file("a/b/up/x", "x"),
+        file("a/b/abs/y", "y"),
+        file("a/deep/z", "z"),
+    ])
+    .unwrap();
+    assert!(t.lookup(b"a/x").is_some());
+    assert!(t.lookup(b"a/b/y").is_some());
+    assert!(t.lookup(b"a/b/z").is_some());
+    // a symlink to a deeper dir followed by ".." is physical, like the kernel
+    let mut t = Tree::new();
+    t.apply_layer(&[dir("x/y/z"), symlink("l", "x/y/z"), symlink("m", "l/../..")])
+        .unwrap();
+    t.apply_layer(&[file("m/f", "f")]).unwrap();
+    assert!(t.lookup(b"x/f").is_some());
+}
+
+#[test]
+fn escapes_name_the_symlink_and_hardlink_targets_outside_are_refused() {
+    let mut t = Tree::new();
+    t.apply_layer(&[dir("d"), symlink("d/out", "../../etc"), file("f", "f")])
+        .unwrap();
+    let err = t.apply_layer(&[file("d/out/passwd", "x")]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "path \"d/out/passwd\" passes through symlink \"d/out\" which leaves the root"
+    );
+    // hardlink whose target resolves outside the root
+    let err = t.apply_layer(&[hardlink("h", "d/out/shadow")]).unwrap_err();
+    assert!(err.to_string().contains("leaves the root"), "{err}");
+    // hand-built entries with ".." are refused too
+    let err = t.apply_layer(&[file("d/../../x", "x")]).unwrap_err();
+    assert!(err.to_string().contains("leaves the root"), "{err}");
+    // a file used as a directory
+    let err = t.apply_layer(&[file("f/x", "x")]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "path \"f/x\": parent \"f\" is not a directory"
+    );
 }
