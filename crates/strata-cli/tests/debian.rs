@@ -29,7 +29,11 @@ fn derived_pull_downloads_only_the_new_layer() {
     let layout = debian_layout();
     reg.push(&oci_ref(&layout, "base"), "debian:base", &[]);
     reg.push(&oci_ref(&layout, "python"), "debian:python", &[]);
-    let base = env.json(&["pull", "--plain-http", &format!("docker://{}/debian:base", reg.addr)]);
+    let base = env.json(&[
+        "pull",
+        "--plain-http",
+        &format!("docker://{}/debian:base", reg.addr),
+    ]);
     assert_eq!(base["layers_fetched"], 1, "{base}");
     let py_ref = format!("docker://{}/debian:python", reg.addr);
     let py = env.json(&["pull", "--plain-http", &py_ref]);
@@ -45,7 +49,11 @@ fn derived_pull_downloads_only_the_new_layer() {
         "derived pull must download exactly the new layer's compressed bytes: {py}"
     );
     // the base layer is shared and inspect says so
-    assert_eq!(layers[0]["shared_with"].as_array().unwrap().len(), 1, "{insp}");
+    assert_eq!(
+        layers[0]["shared_with"].as_array().unwrap().len(),
+        1,
+        "{insp}"
+    );
 }
 
 #[test]
@@ -71,7 +79,10 @@ fn kill_9_at_random_points_leaves_a_valid_store() {
             .spawn()
             .unwrap();
         std::thread::sleep(at);
-        let _ = Command::new("kill").arg("-9").arg(child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-9")
+            .arg(child.id().to_string())
+            .status();
         let _ = child.wait();
         let out = env.run(&["fsck"]);
         assert!(
@@ -129,8 +140,16 @@ fn full_disk_is_a_clean_error() {
     std::fs::create_dir(&mnt).unwrap();
     run(Command::new("truncate").args(["-s", "24M"]).arg(&img));
     run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
-    let mounted = Command::new("mount").args(["-o", "loop"]).arg(&img).arg(&mnt).status().unwrap();
-    assert!(mounted.success(), "loop mount failed: this test needs root and loop devices");
+    let mounted = Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&img)
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(
+        mounted.success(),
+        "loop mount failed: this test needs root and loop devices"
+    );
     struct Umount(std::path::PathBuf);
     impl Drop for Umount {
         fn drop(&mut self) {
@@ -152,8 +171,16 @@ fn full_disk_is_a_clean_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("No space left on device"), "{err}");
     let fsck = strata(&["fsck"]);
-    assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
     // staging was cleaned: the small image still fits
     let ok = strata(&["pull", &format!("oci:{}:latest", sample_layout().display())]);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
 }

@@ -16,7 +16,11 @@ fn synthetic_images_export_like_umoci_in_every_compression() {
             env.ok(&["pull", &r]);
             // umoci 0.4.7 cannot read zstd layers: compare with the gzip tag
             // of the same tars.
-            let umoci_tag = if suffix == "-zstd" { image.to_string() } else { tag.clone() };
+            let umoci_tag = if suffix == "-zstd" {
+                image.to_string()
+            } else {
+                tag.clone()
+            };
             env.assert_export_matches_umoci(&layout, &umoci_tag, &r);
         }
     }

@@ -26,7 +26,10 @@ fn registry_pull_gzip_and_zstd_equals_umoci() {
     for tag in ["gzip", "zstd"] {
         let r = format!("docker://{}/synth/mixed:{tag}", reg.addr);
         let s = env.json(&["pull", "--plain-http", &r]);
-        assert!(s["layers_fetched"].as_u64().unwrap() > 0 || tag == "zstd", "{s}");
+        assert!(
+            s["layers_fetched"].as_u64().unwrap() > 0 || tag == "zstd",
+            "{s}"
+        );
         env.assert_export_matches_umoci(&layout, "mixed", &r);
         // pull by digest resolves to the same image
         let d = s["manifest_digest"].as_str().unwrap();
@@ -64,7 +67,10 @@ fn not_found_and_server_errors_are_named() {
     push_sample(&reg);
     let missing = format!("docker://{}/sample/hello:nope", reg.addr);
     let err = env.fails(&["pull", "--plain-http", &missing]);
-    assert!(err.contains("404") && err.contains("MANIFEST_UNKNOWN"), "{err}");
+    assert!(
+        err.contains("404") && err.contains("MANIFEST_UNKNOWN"),
+        "{err}"
+    );
     let norepo = format!("docker://{}/no/such:v1", reg.addr);
     let err = env.fails(&["pull", "--plain-http", &norepo]);
     assert!(err.contains("404"), "{err}");
@@ -78,7 +84,10 @@ fn not_found_and_server_errors_are_named() {
     );
     let r = format!("docker://{}/sample/hello:v1", broken.addr);
     let err = env.fails(&["pull", "--plain-http", &r]);
-    assert!(err.contains("500") && err.contains("injected failure"), "{err}");
+    assert!(
+        err.contains("500") && err.contains("injected failure"),
+        "{err}"
+    );
     // retried before giving up
     assert!(broken.requests().len() >= 5, "{:?}", broken.requests());
     env.fsck_ok();
@@ -134,7 +143,10 @@ fn basic_and_bearer_auth_from_auth_files() {
         let r = format!("docker://{}/sample/hello:v1", proxy.addr);
         // no credentials: a clear auth error that names the host
         let err = env.fails(&["pull", "--plain-http", &r]);
-        assert!(err.contains("authentication") && err.contains(&proxy.addr), "{kind}: {err}");
+        assert!(
+            err.contains("authentication") && err.contains(&proxy.addr),
+            "{kind}: {err}"
+        );
         // wrong credentials: same, and the password never shows
         let bad = env.path(&format!("{kind}-bad.json"));
         std::fs::write(
@@ -146,9 +158,18 @@ fn basic_and_bearer_auth_from_auth_files() {
             ),
         )
         .unwrap();
-        let err = env.fails(&["pull", "--plain-http", "--authfile", bad.to_str().unwrap(), &r]);
+        let err = env.fails(&[
+            "pull",
+            "--plain-http",
+            "--authfile",
+            bad.to_str().unwrap(),
+            &r,
+        ]);
         assert!(err.contains("authentication"), "{kind}: {err}");
-        assert!(!err.contains("wrongpw") && !err.contains(&b64("alice:wrongpw")), "{kind}: {err}");
+        assert!(
+            !err.contains("wrongpw") && !err.contains(&b64("alice:wrongpw")),
+            "{kind}: {err}"
+        );
         // right credentials via REGISTRY_AUTH_FILE
         let good = env.path(&format!("{kind}.json"));
         std::fs::write(
@@ -166,7 +187,11 @@ fn basic_and_bearer_auth_from_auth_files() {
             .args(["pull", "--plain-http", &r])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{kind}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{kind}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let all = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),

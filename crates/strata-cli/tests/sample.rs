@@ -12,7 +12,10 @@ fn pull_inspect_export_equals_umoci() {
     let src = format!("oci:{}:latest", layout.display());
     let summary = env.json(&["pull", &src]);
     let digest = summary["manifest_digest"].as_str().unwrap().to_string();
-    assert!(summary["layers_fetched"].as_u64().unwrap() >= 1, "{summary}");
+    assert!(
+        summary["layers_fetched"].as_u64().unwrap() >= 1,
+        "{summary}"
+    );
     assert_eq!(summary["layers_reused"], 0, "{summary}");
     assert!(summary["bytes_written"].as_u64().unwrap() > 0, "{summary}");
 
@@ -43,7 +46,11 @@ fn pull_inspect_export_equals_umoci() {
         .arg("-C")
         .arg(&untar));
     let diffs = compare_trees(&exported, &untar, Compare::ALL);
-    assert!(diffs.is_empty(), "tar export differs:\n{}", diffs.join("\n"));
+    assert!(
+        diffs.is_empty(),
+        "tar export differs:\n{}",
+        diffs.join("\n")
+    );
 
     // A second pull downloads and writes nothing.
     let again = env.json(&["pull", &src]);
@@ -60,7 +67,10 @@ fn tag_rm_gc() {
     let src = format!("oci:{}:latest", sample_layout().display());
     let digest = env.ok(&["--quiet", "pull", &src]).trim().to_string();
     env.ok(&["tag", &src, "mine"]);
-    assert_eq!(env.json(&["inspect", "mine"])["manifest_digest"], digest.as_str());
+    assert_eq!(
+        env.json(&["inspect", "mine"])["manifest_digest"],
+        digest.as_str()
+    );
 
     // Removing one name keeps the image; gc frees nothing.
     env.ok(&["rm", "mine"]);
@@ -76,14 +86,20 @@ fn tag_rm_gc() {
     let n_layers = dry["layers"].as_array().unwrap().len();
     assert!(n_layers >= 1, "{dry}");
     let objects_dir = env.root().join("objects");
-    let count = |d: &std::path::Path| {
-        walk_files(d)
-    };
-    assert_eq!(count(&objects_dir), dry["objects"].as_u64().unwrap() as usize);
+    let count = |d: &std::path::Path| walk_files(d);
+    assert_eq!(
+        count(&objects_dir),
+        dry["objects"].as_u64().unwrap() as usize
+    );
     let real = env.json(&["gc"]);
     assert_eq!(real["objects"], dry["objects"]);
     assert_eq!(count(&objects_dir), 0);
-    assert!(std::fs::read_dir(env.root().join("layers")).unwrap().next().is_none());
+    assert!(
+        std::fs::read_dir(env.root().join("layers"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
     env.fsck_ok();
 }
 
@@ -108,8 +124,18 @@ fn fsck_reports_damaged_objects() {
     env.fsck_ok();
     // Alter one object behind strata's back.
     let objects = env.root().join("objects");
-    let fan = std::fs::read_dir(&objects).unwrap().next().unwrap().unwrap().path();
-    let obj = std::fs::read_dir(&fan).unwrap().next().unwrap().unwrap().path();
+    let fan = std::fs::read_dir(&objects)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let obj = std::fs::read_dir(&fan)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let mut perms = std::fs::metadata(&obj).unwrap().permissions();
     #[allow(clippy::permissions_set_readonly_false)]
     perms.set_readonly(false);
@@ -119,7 +145,10 @@ fn fsck_reports_damaged_objects() {
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     let name = obj.file_name().unwrap().to_string_lossy().to_string();
-    assert!(text.contains(&name), "fsck output should name the object {name}:\n{text}");
+    assert!(
+        text.contains(&name),
+        "fsck output should name the object {name}:\n{text}"
+    );
     assert!(text.contains("hashes to"), "{text}");
 }
 
@@ -170,7 +199,13 @@ fn oci_archive_and_docker_archive_transports() {
     let s3 = env.json(&["pull", &da_ref]);
     assert_eq!(s3["manifest_digest"], s2["manifest_digest"]);
     // a tag that is not in the archive is named in the error
-    let err = env.fails(&["pull", &format!("docker-archive:{}:other:tag", da.display())]);
-    assert!(err.contains("other:tag") && err.contains("sample/hello:v1"), "{err}");
+    let err = env.fails(&[
+        "pull",
+        &format!("docker-archive:{}:other:tag", da.display()),
+    ]);
+    assert!(
+        err.contains("other:tag") && err.contains("sample/hello:v1"),
+        "{err}"
+    );
     env.fsck_ok();
 }

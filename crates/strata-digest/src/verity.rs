@@ -128,7 +128,9 @@ mod tests {
 
     #[test]
     fn incremental_equals_whole() {
-        let data: Vec<u8> = (0..(BLOCK * 130 + 17)).map(|i| (i * 7 % 251) as u8).collect();
+        let data: Vec<u8> = (0..(BLOCK * 130 + 17))
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
         let whole = fsverity_digest(&data);
         let mut h = FsVerityHasher::new();
         for c in data.chunks(1000) {

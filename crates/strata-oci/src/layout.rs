@@ -4,8 +4,26 @@
 //! Archives are unpacked into a private temporary directory held by the
 //! source (members are checked not to escape it). A docker archive has no
 //! manifest of its own: we synthesize an OCI manifest whose bytes are
-//! canonical (fixed field order, no whitespace), so pulling the same archive
-//! twice gives the same manifest digest.
+//! canonical (keys sorted, no whitespace), so pulling the same archive
+//! twice gives the same manifest digest:
+//!
+//! ```text
+//! {"config":{"digest":D,"mediaType":"application/vnd.oci.image.config.v1+json","size":N},
+//!  "layers":[{"digest":D,"mediaType":"application/vnd.oci.image.layer.v1.tar[+gzip|+zstd]","size":N},..],
+//!  "mediaType":"application/vnd.oci.image.manifest.v1+json","schemaVersion":2}
+//! ```
+//!
+//! The `manifest_digest` of such an image is the sha256 of those synthesized
+//! bytes; it is stable for one archive but is not the digest the image has in
+//! any registry. Layer media types are sniffed from magic bytes (docker
+//! writes plain tars, older tools sometimes gzip), and layer digests are
+//! computed by hashing the member files.
+//!
+//! Docker 25+ writes `docker save` archives that are also OCI layouts
+//! (`index.json` beside `manifest.json`); those are read as layouts, so the
+//! real manifest and its registry digest are kept. There `TAG` is matched
+//! against the `io.containerd.image.name` annotation (`repo:tag`, Docker Hub
+//! names normalized) and then against `org.opencontainers.image.ref.name`.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -19,6 +37,34 @@ use crate::manifest::{Document, OCI_MANIFEST, parse_document, pick_platform};
 use crate::{Descriptor, ImageSource, OciError, Platform, ResolvedImage, verify};
 
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
+const CONTAINERD_NAME: &str = "io.containerd.image.name";
+
+/// Normalize a docker image name for comparison: `debian` ->
+/// `docker.io/library/debian:latest`, `a/b:1` -> `docker.io/a/b:1`.
+fn normalize_docker_name(name: &str) -> String {
+    let name = name.split('@').next().unwrap_or(name);
+    let last = name.rsplit('/').next().unwrap_or(name);
+    let mut n = if last.contains(':') {
+        name.to_string()
+    } else {
+        format!("{name}:latest")
+    };
+    let first = n.split('/').next().unwrap_or("");
+    let has_host =
+        n.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
+    if !has_host {
+        n = if n.contains('/') {
+            format!("docker.io/{n}")
+        } else {
+            format!("docker.io/library/{n}")
+        };
+    } else if let Some(rest) = n.strip_prefix("docker.io/")
+        && !rest.contains('/')
+    {
+        n = format!("docker.io/library/{rest}");
+    }
+    n
+}
 
 fn io_err(action: &str, path: &Path) -> impl FnOnce(io::Error) -> OciError {
     let action = action.to_string();
@@ -35,6 +81,9 @@ pub struct LayoutSource {
     dir: PathBuf,
     tag: Option<String>,
     describe: String,
+    /// Match `tag` as a docker name (`repo:tag`) against
+    /// `io.containerd.image.name` first (docker save archives).
+    docker_names: bool,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -44,21 +93,29 @@ impl LayoutSource {
         let layout = dir.join("oci-layout");
         if !layout.is_file() {
             return Err(OciError::Io {
-                action: "opening OCI layout (no oci-layout file)".into(),
+                action: "opening OCI layout".into(),
                 path: dir.clone(),
-                source: io::Error::new(io::ErrorKind::NotFound, "not an OCI image layout"),
+                source: io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "no oci-layout file: not an OCI image layout",
+                ),
             });
         }
         Ok(LayoutSource {
             dir,
             tag,
             describe,
+            docker_names: false,
             _tmp: None,
         })
     }
 
     /// Unpack an `oci-archive:` tar and open it.
-    pub fn open_archive(file: &Path, tag: Option<String>, describe: String) -> Result<Self, OciError> {
+    pub fn open_archive(
+        file: &Path,
+        tag: Option<String>,
+        describe: String,
+    ) -> Result<Self, OciError> {
         let tmp = unpack_archive(file)?;
         let mut s = Self::open(tmp.path().to_path_buf(), tag, describe)?;
         s._tmp = Some(tmp);
@@ -66,13 +123,20 @@ impl LayoutSource {
     }
 
     fn blob_path(&self, d: &Digest) -> PathBuf {
-        self.dir.join("blobs").join(d.algorithm().name()).join(d.hex())
+        self.dir
+            .join("blobs")
+            .join(d.algorithm().name())
+            .join(d.hex())
     }
 
     fn read_blob(&self, desc: &Descriptor, what: &str) -> Result<Vec<u8>, OciError> {
         let p = self.blob_path(&desc.digest);
         let bytes = fs::read(&p).map_err(io_err(&format!("reading {what}"), &p))?;
-        verify(&format!("{} {what} {}", self.describe, desc.digest), &bytes, &desc.digest)?;
+        verify(
+            &format!("{} {what} {}", self.describe, desc.digest),
+            &bytes,
+            &desc.digest,
+        )?;
         Ok(bytes)
     }
 }
@@ -81,45 +145,102 @@ impl ImageSource for LayoutSource {
     fn resolve(&self, platform: &Platform) -> Result<ResolvedImage, OciError> {
         let index_path = self.dir.join("index.json");
         let index_bytes = fs::read(&index_path).map_err(io_err("reading", &index_path))?;
-        let Document::Index(entries) =
-            parse_document(&index_bytes, Some(crate::manifest::OCI_INDEX), &format!("{} index.json", self.describe))?
+        let Document::Index(entries) = parse_document(
+            &index_bytes,
+            Some(crate::manifest::OCI_INDEX),
+            &format!("{} index.json", self.describe),
+        )?
         else {
             return Err(OciError::Format {
                 what: format!("{} index.json", self.describe),
                 reason: "not an index".into(),
             });
         };
-        let tags: Vec<&str> = entries
+        let name_key = if self.docker_names {
+            CONTAINERD_NAME
+        } else {
+            REF_NAME
+        };
+        let mut tags: Vec<&str> = entries
             .iter()
-            .filter_map(|d| d.annotations.get(REF_NAME).map(|s| s.as_str()))
+            .filter_map(|d| d.annotations.get(name_key).map(|s| s.as_str()))
             .collect();
-        let chosen = match &self.tag {
-            Some(t) => entries
-                .iter()
-                .find(|d| d.annotations.get(REF_NAME) == Some(t))
-                .ok_or_else(|| OciError::Format {
-                    what: self.describe.clone(),
-                    reason: format!("no image tagged {t:?} in the layout; tags: {}", tags.join(", ")),
-                })?,
-            None if entries.len() == 1 => &entries[0],
-            None => {
+        tags.dedup();
+        let tag_list = if tags.is_empty() {
+            "(none)".to_string()
+        } else {
+            tags.join(", ")
+        };
+        let candidates: Vec<Descriptor> = match &self.tag {
+            Some(t) => {
+                let wanted = normalize_docker_name(t);
+                let mut by_name: Vec<Descriptor> = Vec::new();
+                if self.docker_names {
+                    by_name = entries
+                        .iter()
+                        .filter(|d| {
+                            d.annotations
+                                .get(CONTAINERD_NAME)
+                                .map(|n| normalize_docker_name(n))
+                                == Some(wanted.clone())
+                        })
+                        .cloned()
+                        .collect();
+                }
+                if by_name.is_empty() {
+                    by_name = entries
+                        .iter()
+                        .filter(|d| d.annotations.get(REF_NAME) == Some(t))
+                        .cloned()
+                        .collect();
+                }
+                if by_name.is_empty() {
+                    return Err(OciError::Format {
+                        what: format!("resolving {}", self.describe),
+                        reason: format!("no image tagged {t:?} in the layout; tags: {tag_list}"),
+                    });
+                }
+                by_name
+            }
+            None => entries.clone(),
+        };
+        let chosen = match candidates.as_slice() {
+            [] => {
                 return Err(OciError::Format {
-                    what: self.describe.clone(),
-                    reason: format!("the layout holds {} images: name one of: {}", entries.len(), tags.join(", ")),
+                    what: format!("resolving {}", self.describe),
+                    reason: "the layout's index.json lists no images".into(),
+                });
+            }
+            [one] => one.clone(),
+            // several entries for one tag: one per platform
+            many if self.tag.is_some() || many.iter().all(|d| d.platform.is_some()) => {
+                pick_platform(many, platform, &self.describe)?.clone()
+            }
+            many => {
+                return Err(OciError::Format {
+                    what: format!("resolving {}", self.describe),
+                    reason: format!(
+                        "the layout holds {} images: name one of: {tag_list}",
+                        many.len()
+                    ),
                 });
             }
         };
-        let mut desc = chosen.clone();
+        let mut desc = chosen;
         let mut index_digest = None;
         for _ in 0..4 {
             let bytes = self.read_blob(&desc, "manifest")?;
-            match parse_document(&bytes, Some(&desc.media_type), &format!("{} manifest {}", self.describe, desc.digest))? {
+            match parse_document(
+                &bytes,
+                Some(&desc.media_type),
+                &format!("{} manifest {}", self.describe, desc.digest),
+            )? {
                 Document::Manifest(manifest) => {
                     let config_bytes = self.read_blob(&manifest.config, "config")?;
                     return Ok(ResolvedImage {
                         manifest_digest: desc.digest,
                         manifest_bytes: bytes,
-                        manifest,
+                        manifest: *manifest,
                         config_bytes,
                         index_digest,
                     });
@@ -131,7 +252,7 @@ impl ImageSource for LayoutSource {
             }
         }
         Err(OciError::Format {
-            what: self.describe.clone(),
+            what: format!("resolving {}", self.describe),
             reason: "indexes nested too deep".into(),
         })
     }
@@ -140,7 +261,8 @@ impl ImageSource for LayoutSource {
         let p = self.blob_path(&desc.digest);
         let mut f = File::open(&p).map_err(io_err("opening blob", &p))?;
         if offset > 0 {
-            f.seek(SeekFrom::Start(offset)).map_err(io_err("seeking blob", &p))?;
+            f.seek(SeekFrom::Start(offset))
+                .map_err(io_err("seeking blob", &p))?;
         }
         Ok(Box::new(io::BufReader::with_capacity(256 * 1024, f)))
     }
@@ -180,8 +302,19 @@ fn unpack_archive(file: &Path) -> Result<tempfile::TempDir, OciError> {
     Ok(tmp)
 }
 
-/// A `docker save` archive.
+/// A `docker save` archive: either the classic format (`manifest.json`
+/// only; an OCI manifest is synthesized) or Docker 25+'s, which is also an
+/// OCI layout and is read as one.
 pub struct DockerArchiveSource {
+    format: DockerArchiveFormat,
+}
+
+enum DockerArchiveFormat {
+    Classic(ClassicDockerArchive),
+    Layout(LayoutSource),
+}
+
+struct ClassicDockerArchive {
     tmp: tempfile::TempDir,
     tag: Option<String>,
     describe: String,
@@ -202,18 +335,53 @@ impl DockerArchiveSource {
     /// Unpack and open a docker archive.
     pub fn open(file: &Path, tag: Option<String>, describe: String) -> Result<Self, OciError> {
         let tmp = unpack_archive(file)?;
+        if tmp.path().join("index.json").is_file() && tmp.path().join("oci-layout").is_file() {
+            let mut layout = LayoutSource::open(tmp.path().to_path_buf(), tag, describe)?;
+            layout.docker_names = true;
+            layout._tmp = Some(tmp);
+            return Ok(DockerArchiveSource {
+                format: DockerArchiveFormat::Layout(layout),
+            });
+        }
         Ok(DockerArchiveSource {
-            tmp,
-            tag,
-            describe,
-            blobs: std::sync::Mutex::new(HashMap::new()),
+            format: DockerArchiveFormat::Classic(ClassicDockerArchive {
+                tmp,
+                tag,
+                describe,
+                blobs: std::sync::Mutex::new(HashMap::new()),
+            }),
         })
     }
+}
 
+impl ImageSource for DockerArchiveSource {
+    fn resolve(&self, platform: &Platform) -> Result<ResolvedImage, OciError> {
+        match &self.format {
+            DockerArchiveFormat::Classic(c) => c.resolve(platform),
+            DockerArchiveFormat::Layout(l) => l.resolve(platform),
+        }
+    }
+
+    fn open_blob(&self, desc: &Descriptor, offset: u64) -> Result<Box<dyn Read + Send>, OciError> {
+        match &self.format {
+            DockerArchiveFormat::Classic(c) => c.open_blob(desc, offset),
+            DockerArchiveFormat::Layout(l) => l.open_blob(desc, offset),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match &self.format {
+            DockerArchiveFormat::Classic(c) => c.describe(),
+            DockerArchiveFormat::Layout(l) => l.describe(),
+        }
+    }
+}
+
+impl ClassicDockerArchive {
     fn member(&self, rel: &str) -> Result<PathBuf, OciError> {
         if rel.starts_with('/') || rel.split('/').any(|c| c == "..") {
             return Err(OciError::Format {
-                what: self.describe.clone(),
+                what: format!("reading {} manifest.json", self.describe),
                 reason: format!("manifest.json names a path outside the archive: {rel:?}"),
             });
         }
@@ -247,37 +415,43 @@ fn sniff_and_hash(p: &Path) -> Result<(Digest, u64, &'static str), OciError> {
     Ok((h.finish(), size, mt))
 }
 
-impl ImageSource for DockerArchiveSource {
+impl ImageSource for ClassicDockerArchive {
     fn resolve(&self, _platform: &Platform) -> Result<ResolvedImage, OciError> {
         let mpath = self.tmp.path().join("manifest.json");
-        let bytes = fs::read(&mpath).map_err(io_err("reading docker archive manifest.json", &mpath))?;
-        let entries: Vec<DockerManifestEntry> = serde_json::from_slice(&bytes).map_err(|e| OciError::Format {
-            what: format!("{} manifest.json", self.describe),
-            reason: e.to_string(),
-        })?;
-        let all_tags: Vec<String> = entries.iter().flat_map(|e| e.repo_tags.clone().unwrap_or_default()).collect();
+        let bytes =
+            fs::read(&mpath).map_err(io_err("reading docker archive manifest.json", &mpath))?;
+        let entries: Vec<DockerManifestEntry> =
+            serde_json::from_slice(&bytes).map_err(|e| OciError::Format {
+                what: format!("{} manifest.json", self.describe),
+                reason: e.to_string(),
+            })?;
+        let all_tags: Vec<String> = entries
+            .iter()
+            .flat_map(|e| e.repo_tags.clone().unwrap_or_default())
+            .collect();
         let entry = match &self.tag {
             Some(t) => entries
                 .iter()
                 .find(|e| {
+                    let wanted = normalize_docker_name(t);
                     e.repo_tags.as_ref().is_some_and(|tags| {
-                        tags.iter().any(|x| {
-                            x == t
-                                || x.strip_prefix("docker.io/library/") == Some(t)
-                                || x.strip_prefix("docker.io/") == Some(t)
-                                || t.strip_prefix("docker.io/library/") == Some(x)
-                        })
+                        tags.iter()
+                            .any(|x| x == t || normalize_docker_name(x) == wanted)
                     })
                 })
                 .ok_or_else(|| OciError::Format {
-                    what: self.describe.clone(),
+                    what: format!("resolving {}", self.describe),
                     reason: format!("no image tagged {t:?}; tags: {}", all_tags.join(", ")),
                 })?,
             None if entries.len() == 1 => &entries[0],
             None => {
                 return Err(OciError::Format {
-                    what: self.describe.clone(),
-                    reason: format!("the archive holds {} images: name one of: {}", entries.len(), all_tags.join(", ")),
+                    what: format!("resolving {}", self.describe),
+                    reason: format!(
+                        "the archive holds {} images: name one of: {}",
+                        entries.len(),
+                        all_tags.join(", ")
+                    ),
                 });
             }
         };
@@ -285,6 +459,7 @@ impl ImageSource for DockerArchiveSource {
         let config_bytes = fs::read(&cpath).map_err(io_err("reading config", &cpath))?;
         let config_digest = Digest::sha256_of(&config_bytes);
         let mut blobs = self.blobs.lock().expect("no panics while held");
+        blobs.insert(config_digest, cpath.clone());
         let mut layers = Vec::new();
         for l in &entry.layers {
             let p = self.member(l)?;
@@ -304,16 +479,20 @@ impl ImageSource for DockerArchiveSource {
             "layers": layers,
         });
         let manifest_bytes = serde_json::to_vec(&manifest_json).map_err(|e| OciError::Format {
-            what: self.describe.clone(),
+            what: format!("synthesizing a manifest for {}", self.describe),
             reason: e.to_string(),
         })?;
-        let Document::Manifest(manifest) = parse_document(&manifest_bytes, None, &self.describe)? else {
-            unreachable!("we built a manifest")
+        let Document::Manifest(manifest) = parse_document(&manifest_bytes, None, &self.describe)?
+        else {
+            return Err(OciError::Format {
+                what: format!("synthesizing a manifest for {}", self.describe),
+                reason: "the synthesized document does not parse as a manifest".into(),
+            });
         };
         Ok(ResolvedImage {
             manifest_digest: Digest::sha256_of(&manifest_bytes),
             manifest_bytes,
-            manifest,
+            manifest: *manifest,
             config_bytes,
             index_digest: None,
         })
@@ -327,15 +506,37 @@ impl ImageSource for DockerArchiveSource {
             .get(&desc.digest)
             .cloned()
             .ok_or_else(|| OciError::Format {
-                what: self.describe.clone(),
-                reason: format!("no layer {} in the archive", desc.digest),
+                what: format!("opening blob {} of {}", desc.digest, self.describe),
+                reason: "not a layer of the resolved image (resolve first)".into(),
             })?;
         let mut f = File::open(&p).map_err(io_err("opening layer", &p))?;
-        f.seek(SeekFrom::Start(offset)).map_err(io_err("seeking layer", &p))?;
+        f.seek(SeekFrom::Start(offset))
+            .map_err(io_err("seeking layer", &p))?;
         Ok(Box::new(io::BufReader::with_capacity(256 * 1024, f)))
     }
 
     fn describe(&self) -> String {
         self.describe.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_names_normalize() {
+        for (a, b) in [
+            ("debian", "docker.io/library/debian:latest"),
+            ("debian:12", "docker.io/library/debian:12"),
+            ("docker.io/debian:12", "docker.io/library/debian:12"),
+            ("docker.io/library/debian:12", "docker.io/library/debian:12"),
+            ("user/app:v1", "docker.io/user/app:v1"),
+            ("localhost/app", "localhost/app:latest"),
+            ("reg.io:5000/a/b:c", "reg.io:5000/a/b:c"),
+            ("reg.io:5000/a", "reg.io:5000/a:latest"),
+        ] {
+            assert_eq!(normalize_docker_name(a), b, "{a}");
+        }
     }
 }

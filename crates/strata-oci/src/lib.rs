@@ -7,6 +7,7 @@
 //!   are over bytes, not over parsed structures.
 //! - [`ImageSource`]: where images come from: a registry ([`registry`]:
 //!   auth, retries, Range resume) or a layout/archive ([`layout`]).
+//! - [`layout_writer`]: writes OCI layouts (fixtures, exports).
 //! - [`pull`]: the pipeline that verifies every byte and commits to the store.
 //!
 //! Everything is blocking; parallelism is threads.
@@ -15,6 +16,7 @@
 #![deny(missing_docs)]
 
 pub mod layout;
+pub mod layout_writer;
 pub mod manifest;
 pub mod pull;
 pub mod reference;
@@ -25,6 +27,7 @@ use std::path::PathBuf;
 
 use strata_digest::Digest;
 
+pub use layout_writer::OciLayoutWriter;
 pub use manifest::{
     Descriptor, ImageConfig, LayerCompression, Manifest, Platform, layer_compression, parse_config,
 };
@@ -71,13 +74,14 @@ pub enum OciError {
         detail: String,
     },
     /// Authentication failed or is required.
-    #[error("{action}: authentication required or failed for {host} (credentials from {source_of_creds})")]
+    #[error("{action}: authentication required or failed for {host} ({source_of_creds})")]
     Auth {
         /// What we asked for.
         action: String,
         /// The registry host.
         host: String,
-        /// Where credentials came from (never the credentials).
+        /// Where credentials came from, e.g. `credentials from
+        /// /run/user/0/containers/auth.json` (never the credentials).
         source_of_creds: String,
     },
     /// A transport-level failure (connection refused, reset, timeout).
@@ -126,14 +130,25 @@ pub struct ResolvedImage {
     pub index_digest: Option<Digest>,
 }
 
-/// Where an image comes from.
+/// Where an image comes from: a registry, an OCI layout, or an archive.
+///
+/// Sources verify what they resolve (manifest and config) but not blob
+/// streams: the caller reads blobs through a
+/// [`VerifyingReader`](strata_digest::VerifyingReader), so verification
+/// happens once, where the bytes are consumed.
 pub trait ImageSource: Send + Sync {
-    /// Resolve to one image manifest for `platform` (following an index),
-    /// fetching and verifying the manifest and the config.
+    /// Resolve to one image manifest: follow an index (or Docker manifest
+    /// list) to `platform` (an error lists the platforms available when
+    /// none matches), fetch and verify the manifest (against the
+    /// reference's digest when it has one; `manifest_digest` is always the
+    /// sha256 of the bytes) and the config.
     fn resolve(&self, platform: &Platform) -> Result<ResolvedImage, OciError>;
-    /// Stream a blob from `offset`. Not verified here: the caller wraps it
-    /// in a verifying reader. Registry sources retry dropped connections
-    /// and 5xx answers by resuming with `Range`.
+    /// Stream a blob's bytes from `offset` (0 = the whole blob). Not
+    /// verified here. Registry sources retry dropped connections and 5xx
+    /// answers by asking again with `Range: bytes=N-` from where they got
+    /// to (5 attempts, backoff from 200 ms, doubling); when the attempts
+    /// run out the returned reader fails with an `io::Error` naming the
+    /// blob and the repository.
     fn open_blob(&self, desc: &Descriptor, offset: u64) -> Result<Box<dyn Read + Send>, OciError>;
     /// A description for messages, e.g. `docker://127.0.0.1:5000/debian:12`.
     fn describe(&self) -> String;
@@ -146,9 +161,11 @@ pub struct RegistryOptions {
     pub plain_http: bool,
     /// Hosts (`host[:port]`) reached over plain HTTP.
     pub insecure_registries: Vec<String>,
-    /// Credentials file (auth.json format) to use first.
+    /// Credentials file (auth.json format) looked in first; then
+    /// `$REGISTRY_AUTH_FILE`, `$XDG_RUNTIME_DIR/containers/auth.json` and
+    /// `~/.docker/config.json`.
     pub auth_file: Option<PathBuf>,
-    /// User-Agent header.
+    /// User-Agent header (`strata` when empty).
     pub user_agent: String,
 }
 
@@ -161,12 +178,16 @@ pub fn open_source(r: &ImageRef, opts: &RegistryOptions) -> Result<Box<dyn Image
             tag.clone(),
             r.to_string(),
         )?),
-        ImageRef::OciArchive { file, tag } => {
-            Box::new(layout::LayoutSource::open_archive(file, tag.clone(), r.to_string())?)
-        }
-        ImageRef::DockerArchive { file, tag } => {
-            Box::new(layout::DockerArchiveSource::open(file, tag.clone(), r.to_string())?)
-        }
+        ImageRef::OciArchive { file, tag } => Box::new(layout::LayoutSource::open_archive(
+            file,
+            tag.clone(),
+            r.to_string(),
+        )?),
+        ImageRef::DockerArchive { file, tag } => Box::new(layout::DockerArchiveSource::open(
+            file,
+            tag.clone(),
+            r.to_string(),
+        )?),
     })
 }
 

@@ -152,15 +152,19 @@ struct RawManifest {
 /// A parsed manifest-or-index document.
 #[derive(Debug, Clone)]
 pub enum Document {
-    /// One image.
-    Manifest(Manifest),
+    /// One image (boxed: it is much larger than an index's entry list).
+    Manifest(Box<Manifest>),
     /// An index / manifest list.
     Index(Vec<Descriptor>),
 }
 
 /// Parse a manifest or index. `content_type` (from HTTP or a descriptor)
 /// is used when the document has no `mediaType`.
-pub fn parse_document(bytes: &[u8], content_type: Option<&str>, what: &str) -> Result<Document, OciError> {
+pub fn parse_document(
+    bytes: &[u8],
+    content_type: Option<&str>,
+    what: &str,
+) -> Result<Document, OciError> {
     let fmt_err = |reason: String| OciError::Format {
         what: what.to_string(),
         reason,
@@ -175,23 +179,30 @@ pub fn parse_document(bytes: &[u8], content_type: Option<&str>, what: &str) -> R
         .clone()
         .or_else(|| content_type.map(|s| s.split(';').next().unwrap_or(s).trim().to_string()))
         .unwrap_or_default();
-    let is_index = mt == OCI_INDEX || mt == DOCKER_LIST || (raw.manifests.is_some() && raw.config.is_none());
+    let is_index =
+        mt == OCI_INDEX || mt == DOCKER_LIST || (raw.manifests.is_some() && raw.config.is_none());
     if is_index {
         return Ok(Document::Index(raw.manifests.unwrap_or_default()));
     }
     let config = raw
         .config
         .ok_or_else(|| fmt_err("manifest has no config".into()))?;
-    let media_type = if mt.is_empty() { OCI_MANIFEST.to_string() } else { mt };
+    let media_type = if mt.is_empty() {
+        OCI_MANIFEST.to_string()
+    } else {
+        mt
+    };
     if media_type != OCI_MANIFEST && media_type != DOCKER_MANIFEST {
-        return Err(fmt_err(format!("unsupported manifest media type {media_type:?}")));
+        return Err(fmt_err(format!(
+            "unsupported manifest media type {media_type:?}"
+        )));
     }
-    Ok(Document::Manifest(Manifest {
+    Ok(Document::Manifest(Box::new(Manifest {
         media_type,
         config,
         layers: raw.layers.unwrap_or_default(),
         annotations: raw.annotations,
-    }))
+    })))
 }
 
 /// Pick the index entry for `platform`.
@@ -212,7 +223,11 @@ pub fn pick_platform<'a>(
             wanted: platform.to_string(),
             available: entries
                 .iter()
-                .map(|d| d.platform.as_ref().map_or("(none)".to_string(), |p| p.to_string()))
+                .map(|d| {
+                    d.platform
+                        .as_ref()
+                        .map_or("(none)".to_string(), |p| p.to_string())
+                })
                 .collect::<Vec<_>>()
                 .join(", "),
         })
@@ -243,8 +258,8 @@ pub fn layer_compression(media_type: &str) -> Result<LayerCompression, OciError>
         | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => LayerCompression::Zstd,
         other => {
             return Err(OciError::Format {
-                what: "layer".into(),
-                reason: format!("unknown layer media type {other:?}"),
+                what: format!("reading layer media type {other:?}"),
+                reason: "unknown layer media type (expected an OCI or Docker tar, tar+gzip or tar+zstd layer)".into(),
             });
         }
     })
@@ -259,6 +274,8 @@ pub struct ImageConfig {
     pub os: String,
     /// `architecture`.
     pub architecture: String,
+    /// The whole config document, for fields strata does not model.
+    pub raw: serde_json::Value,
 }
 
 /// Parse an image config.
@@ -276,14 +293,17 @@ pub fn parse_config(bytes: &[u8]) -> Result<ImageConfig, OciError> {
         architecture: String,
         rootfs: RootFs,
     }
-    let raw: Raw = serde_json::from_slice(bytes).map_err(|e| OciError::Format {
-        what: "image config".into(),
+    let fmt_err = |e: serde_json::Error| OciError::Format {
+        what: "parsing image config".into(),
         reason: e.to_string(),
-    })?;
+    };
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(fmt_err)?;
+    let parsed: Raw = serde_json::from_value(value.clone()).map_err(fmt_err)?;
     Ok(ImageConfig {
-        diff_ids: raw.rootfs.diff_ids,
-        os: raw.os,
-        architecture: raw.architecture,
+        diff_ids: parsed.rootfs.diff_ids,
+        os: parsed.os,
+        architecture: parsed.architecture,
+        raw: value,
     })
 }
 
@@ -291,6 +311,7 @@ pub fn parse_config(bytes: &[u8]) -> Result<ImageConfig, OciError> {
 mod tests {
     use super::*;
 
+    const DOCKER_FOREIGN: &str = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
     const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
     #[test]
@@ -313,10 +334,12 @@ mod tests {
             Document::Manifest(m) => assert_eq!(m.media_type, DOCKER_MANIFEST),
             _ => panic!(),
         }
-        assert!(parse_document(br#"{"schemaVersion":1}"#, None, "m")
-            .unwrap_err()
-            .to_string()
-            .contains("schema1"));
+        assert!(
+            parse_document(br#"{"schemaVersion":1}"#, None, "m")
+                .unwrap_err()
+                .to_string()
+                .contains("schema1")
+        );
         assert!(parse_document(b"nope", None, "m").is_err());
     }
 
@@ -339,6 +362,85 @@ mod tests {
     }
 
     #[test]
+    fn platform_strings() {
+        for (input, os, arch, variant) in [
+            ("linux/amd64", "linux", "amd64", None),
+            ("linux/arm64/v8", "linux", "arm64", Some("v8")),
+            ("windows/amd64", "windows", "amd64", None),
+        ] {
+            let p: Platform = input.parse().unwrap();
+            assert_eq!(
+                (p.os.as_str(), p.architecture.as_str(), p.variant.as_deref()),
+                (os, arch, variant)
+            );
+            assert_eq!(p.to_string(), input);
+        }
+        for bad in ["linux", "linux/", "/amd64", "a/b/c/d", ""] {
+            assert!(bad.parse::<Platform>().is_err(), "{bad}");
+        }
+        let host = Platform::host_default();
+        assert_eq!(host.os, "linux");
+        assert!(!host.architecture.is_empty() && host.architecture != "x86_64");
+        // a wanted platform without variant takes any variant, not vice versa
+        let any: Platform = "linux/arm64".parse().unwrap();
+        let v8: Platform = "linux/arm64/v8".parse().unwrap();
+        assert!(any.matches(&v8) && !v8.matches(&any) && v8.matches(&v8));
+    }
+
+    #[test]
+    fn docker_manifest_list() {
+        let list = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{DOCKER_LIST}","manifests":[
+              {{"mediaType":"{DOCKER_MANIFEST}","digest":"{D}","size":7,"platform":{{"architecture":"amd64","os":"linux"}}}}]}}"#
+        );
+        let Document::Index(entries) = parse_document(list.as_bytes(), None, "l").unwrap() else {
+            panic!("a manifest list is an index")
+        };
+        assert_eq!(
+            pick_platform(&entries, &Platform::host_default(), "l")
+                .map(|d| d.size)
+                .ok(),
+            (Platform::host_default().architecture == "amd64").then_some(7)
+        );
+        // an index found only through the Content-Type
+        let bare = format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{D}","size":1}}]}}"#
+        );
+        let Document::Index(entries) =
+            parse_document(bare.as_bytes(), Some(OCI_INDEX), "i").unwrap()
+        else {
+            panic!("an OCI index")
+        };
+        // one entry without platform: taken whatever is wanted
+        assert_eq!(
+            pick_platform(&entries, &"linux/riscv64".parse().unwrap(), "i")
+                .unwrap()
+                .size,
+            1
+        );
+        // unknown fields and annotations are tolerated and kept
+        let m = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","artifactType":"x","config":{{"mediaType":"c","digest":"{D}","size":2,"annotations":{{"k":"v"}}}},"layers":[{{"mediaType":"{DOCKER_FOREIGN}","digest":"{D}","size":3,"urls":["https://example.com/l"]}}],"annotations":{{"a":"b"}}}}"#
+        );
+        let Document::Manifest(m) = parse_document(m.as_bytes(), None, "m").unwrap() else {
+            panic!("a manifest")
+        };
+        assert_eq!(m.config.annotations["k"], "v");
+        assert_eq!(m.annotations["a"], "b");
+        assert_eq!(m.layers[0].urls, ["https://example.com/l"]);
+        assert_eq!(
+            layer_compression(&m.layers[0].media_type).unwrap(),
+            LayerCompression::Gzip
+        );
+        // a Docker manifest list is not an image manifest
+        let e = parse_document(br#"{"schemaVersion":2,"mediaType":"application/vnd.example+json","config":{"digest":"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855","size":1}}"#, None, "m").unwrap_err();
+        assert!(
+            e.to_string().contains("unsupported manifest media type"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn media_types() {
         assert_eq!(
             layer_compression("application/vnd.oci.image.layer.v1.tar+zstd").unwrap(),
@@ -348,14 +450,47 @@ mod tests {
             layer_compression("application/vnd.docker.image.rootfs.diff.tar.gzip").unwrap(),
             LayerCompression::Gzip
         );
+        for (mt, c) in [
+            (
+                "application/vnd.oci.image.layer.v1.tar",
+                LayerCompression::None,
+            ),
+            (
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+                LayerCompression::Gzip,
+            ),
+            (
+                "application/vnd.docker.image.rootfs.diff.tar",
+                LayerCompression::None,
+            ),
+            (DOCKER_FOREIGN, LayerCompression::Gzip),
+            (
+                "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+                LayerCompression::Zstd,
+            ),
+        ] {
+            assert_eq!(layer_compression(mt).unwrap(), c, "{mt}");
+        }
         let e = layer_compression("application/vnd.example.unknown").unwrap_err();
         assert!(e.to_string().contains("unknown layer media type"), "{e}");
+        assert!(
+            e.to_string().contains("application/vnd.example.unknown"),
+            "{e}"
+        );
     }
 
     #[test]
     fn config_diff_ids() {
-        let c = format!(r#"{{"os":"linux","architecture":"amd64","rootfs":{{"type":"layers","diff_ids":["{D}"]}}}}"#);
-        assert_eq!(parse_config(c.as_bytes()).unwrap().diff_ids.len(), 1);
+        let c = format!(
+            r#"{{"os":"linux","architecture":"amd64","rootfs":{{"type":"layers","diff_ids":["{D}"]}}}}"#
+        );
+        let cfg = parse_config(c.as_bytes()).unwrap();
+        assert_eq!(cfg.diff_ids.len(), 1);
+        assert_eq!(
+            (cfg.os.as_str(), cfg.architecture.as_str()),
+            ("linux", "amd64")
+        );
+        assert_eq!(cfg.raw["rootfs"]["type"], "layers");
         assert!(parse_config(b"{}").is_err());
     }
 }

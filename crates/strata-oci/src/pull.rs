@@ -140,11 +140,13 @@ pub fn pull_from(
     // Unknown media types fail before any byte is downloaded.
     let mut compressions = Vec::new();
     for (index, l) in manifest.layers.iter().enumerate() {
-        compressions.push(layer_compression(&l.media_type).map_err(|e| PullError::Layer {
-            index,
-            digest: l.digest,
-            reason: e.to_string(),
-        })?);
+        compressions.push(
+            layer_compression(&l.media_type).map_err(|e| PullError::Layer {
+                index,
+                digest: l.digest,
+                reason: e.to_string(),
+            })?,
+        );
     }
     progress.resolved(&resolved.manifest_digest, manifest.layers.len());
 
@@ -303,24 +305,28 @@ fn pull_layer(
     // decompression+verification use both cores.
     let mut batch = store.object_batch()?;
     let imported = std::thread::scope(|scope| {
-    let decompressed = ThreadedReader::spawn(scope, move || -> io::Result<Box<dyn Read + Send + '_>> {
-        Ok(match compression {
-            LayerCompression::None => Box::new(verified),
-            LayerCompression::Gzip => Box::new(DrainAtEof::new(GzipLayer(
-                flate2::bufread::MultiGzDecoder::new(BufReader::with_capacity(256 * 1024, verified)),
-            ))),
-            LayerCompression::Zstd => Box::new(DrainAtEof::new(ZstdLayer(
-                zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(
-                    256 * 1024,
-                    verified,
-                ))?,
-            ))),
+        let decompressed =
+            ThreadedReader::spawn(scope, move || -> io::Result<Box<dyn Read + Send + '_>> {
+                Ok(match compression {
+                    LayerCompression::None => Box::new(verified),
+                    LayerCompression::Gzip => Box::new(DrainAtEof::new(GzipLayer(
+                        flate2::bufread::MultiGzDecoder::new(BufReader::with_capacity(
+                            256 * 1024,
+                            verified,
+                        )),
+                    ))),
+                    LayerCompression::Zstd => Box::new(DrainAtEof::new(ZstdLayer(
+                        zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(
+                            256 * 1024,
+                            verified,
+                        ))?,
+                    ))),
+                })
+            });
+        strata_tar::import_tar(decompressed, &mut batch).map_err(|e| match e {
+            TarError::Io(io) => layer_err(io_error_text(&io)),
+            other => layer_err(other.to_string()),
         })
-    });
-    strata_tar::import_tar(decompressed, &mut batch).map_err(|e| match e {
-        TarError::Io(io) => layer_err(io_error_text(&io)),
-        other => layer_err(other.to_string()),
-    })
     })?;
     if imported.diff_id != diff_id {
         return Err(layer_err(format!(

@@ -81,7 +81,11 @@ fn valid_repo(r: &str) -> bool {
         && r.split('/').all(|c| {
             !c.is_empty()
                 && c.bytes().all(|b| {
-                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'_' || b == b'-'
+                    b.is_ascii_lowercase()
+                        || b.is_ascii_digit()
+                        || b == b'.'
+                        || b == b'_'
+                        || b == b'-'
                 })
         })
 }
@@ -90,9 +94,12 @@ impl FromStr for ImageRef {
     type Err = OciError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (transport, rest) = s
-            .split_once(':')
-            .ok_or_else(|| err(s, "expected TRANSPORT:REFERENCE (docker://, oci:, oci-archive:, docker-archive:)"))?;
+        let (transport, rest) = s.split_once(':').ok_or_else(|| {
+            err(
+                s,
+                "expected TRANSPORT:REFERENCE (docker://, oci:, oci-archive:, docker-archive:)",
+            )
+        })?;
         match transport {
             "docker" => {
                 let rest = rest
@@ -157,7 +164,9 @@ impl FromStr for ImageRef {
             }
             other => Err(err(
                 s,
-                &format!("unknown transport {other:?} (docker://, oci:, oci-archive:, docker-archive:)"),
+                &format!(
+                    "unknown transport {other:?} (docker://, oci:, oci-archive:, docker-archive:)"
+                ),
             )),
         }
     }
@@ -202,16 +211,35 @@ mod tests {
     #[test]
     fn parse_table() {
         let d = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let tag_and_digest = format!("docker://reg.io/a:v1@{d}");
         let cases: Vec<(&str, &str)> = vec![
-            ("docker://debian", "docker://docker.io/library/debian:latest"),
+            (
+                "docker://debian",
+                "docker://docker.io/library/debian:latest",
+            ),
             ("docker://debian:12", "docker://docker.io/library/debian:12"),
             ("docker://user/app:v1", "docker://docker.io/user/app:v1"),
-            ("docker://127.0.0.1:5000/deb/base:x", "docker://127.0.0.1:5000/deb/base:x"),
+            (
+                "docker://127.0.0.1:5000/deb/base:x",
+                "docker://127.0.0.1:5000/deb/base:x",
+            ),
             ("docker://localhost/a", "docker://localhost/a:latest"),
+            (
+                "docker://docker.io/debian",
+                "docker://docker.io/library/debian:latest",
+            ),
+            (
+                "docker://localhost:5000/a/b/c:1.0-rc_1",
+                "docker://localhost:5000/a/b/c:1.0-rc_1",
+            ),
+            (&tag_and_digest, &tag_and_digest),
             ("oci:samples/hello:latest", "oci:samples/hello:latest"),
             ("oci:/tmp/x", "oci:/tmp/x"),
             ("oci-archive:/tmp/a.tar:v2", "oci-archive:/tmp/a.tar:v2"),
-            ("docker-archive:/tmp/d.tar:repo/x:tag", "docker-archive:/tmp/d.tar:repo/x:tag"),
+            (
+                "docker-archive:/tmp/d.tar:repo/x:tag",
+                "docker-archive:/tmp/d.tar:repo/x:tag",
+            ),
         ];
         for (input, canonical) in cases {
             let r: ImageRef = input.parse().unwrap_or_else(|e| panic!("{input}: {e}"));
@@ -240,6 +268,11 @@ mod tests {
             ("docker://r.io/a:b@sha256:1234", "invalid digest"),
             ("docker://r.io/a:b c", "invalid tag"),
             ("oci:", "missing path"),
+            ("docker://", "invalid repository"),
+            ("docker://reg.io/", "invalid repository"),
+            ("docker://reg.io/a:", "invalid tag"),
+            ("docker://reg.io/a:.x", "invalid tag"),
+            ("docker://reg.io/a//b", "invalid repository"),
         ] {
             let e = bad.parse::<ImageRef>().unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");

@@ -11,6 +11,7 @@
 //!   resumed with `Range: bytes=N-` from the byte it reached; a registry
 //!   that ignores Range (200) is skipped forward instead.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, Read};
 use std::path::PathBuf;
@@ -24,9 +25,14 @@ use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, RANGE, WWW_AUTHENTICATE};
 use strata_digest::Digest;
 
 use crate::manifest::{ACCEPT_MANIFESTS, Document, parse_document, pick_platform};
-use crate::{Descriptor, ImageRef, ImageSource, OciError, Platform, RegistryOptions, ResolvedImage, verify};
+use crate::{
+    Descriptor, ImageRef, ImageSource, OciError, Platform, RegistryOptions, ResolvedImage, verify,
+};
 
+/// Attempts per request (and per blob stream) before giving up.
 const ATTEMPTS: u32 = 5;
+/// How long one send or one body read may wait for the registry.
+const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Username and password for one registry. `Debug` redacts.
 #[derive(Clone)]
@@ -39,7 +45,11 @@ pub struct Credentials {
 
 impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Credentials {{ user: <redacted>, password: <redacted>, source: {:?} }}", self.source)
+        write!(
+            f,
+            "Credentials {{ user: <redacted>, password: <redacted>, source: {:?} }}",
+            self.source
+        )
     }
 }
 
@@ -61,7 +71,9 @@ pub fn find_credentials(host: &str, explicit: Option<&PathBuf>) -> Option<Creden
         files.push(PathBuf::from(p).join(".docker/config.json"));
     }
     for f in files {
-        let Ok(bytes) = std::fs::read(&f) else { continue };
+        let Ok(bytes) = std::fs::read(&f) else {
+            continue;
+        };
         let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
             continue;
         };
@@ -73,7 +85,8 @@ pub fn find_credentials(host: &str, explicit: Option<&PathBuf>) -> Option<Creden
                 .trim_start_matches("https://")
                 .trim_start_matches("http://");
             let k = k.split('/').next().unwrap_or(k);
-            let matches = k == host || (host == "docker.io" && (k == "index.docker.io" || k == "registry-1.docker.io"));
+            let matches = k == host
+                || (host == "docker.io" && (k == "index.docker.io" || k == "registry-1.docker.io"));
             if !matches {
                 continue;
             }
@@ -81,8 +94,12 @@ pub fn find_credentials(host: &str, explicit: Option<&PathBuf>) -> Option<Creden
                 let Ok(dec) = base64::engine::general_purpose::STANDARD.decode(a) else {
                     continue;
                 };
-                let Ok(s) = String::from_utf8(dec) else { continue };
-                let Some((u, p)) = s.split_once(':') else { continue };
+                let Ok(s) = String::from_utf8(dec) else {
+                    continue;
+                };
+                let Some((u, p)) = s.split_once(':') else {
+                    continue;
+                };
                 (u.to_string(), p.to_string())
             } else {
                 let u = entry.get("username").and_then(|x| x.as_str());
@@ -102,11 +119,22 @@ pub fn find_credentials(host: &str, explicit: Option<&PathBuf>) -> Option<Creden
     None
 }
 
+/// How requests are authorized once a challenge was answered. `Debug` is
+/// not derived: the token must never be printed.
 #[derive(Clone)]
 enum Authz {
     None,
     Basic,
+    /// A bearer token for the scope it was issued for.
     Bearer(String),
+}
+
+/// Bearer tokens by scope (`repository:NAME:pull`). A source serves one
+/// repository, so in practice this holds one token; keying by scope keeps
+/// a token from being reused for a scope it was not issued for.
+#[derive(Default)]
+struct TokenCache {
+    by_scope: HashMap<String, String>,
 }
 
 struct Inner {
@@ -116,6 +144,7 @@ struct Inner {
     repository: String,
     creds: Option<Credentials>,
     authz: Mutex<Authz>,
+    tokens: Mutex<TokenCache>,
 }
 
 /// A source backed by a registry.
@@ -156,7 +185,10 @@ impl RegistrySource {
         let client = Client::builder()
             .user_agent(ua)
             .connect_timeout(Duration::from_secs(10))
-            .timeout(None)
+            // blocking reqwest applies this to each send and each body read,
+            // so it bounds a stall, not a download; a stalled blob read is
+            // then resumed with Range like a dropped connection
+            .timeout(STALL_TIMEOUT)
             .build()
             .map_err(|e| OciError::Network {
                 action: format!("setting up HTTP client for {registry}"),
@@ -170,6 +202,7 @@ impl RegistrySource {
                 repository: repository.clone(),
                 creds: find_credentials(registry, opts.auth_file.as_ref()),
                 authz: Mutex::new(Authz::None),
+                tokens: Mutex::new(TokenCache::default()),
             }),
             tag: tag.clone(),
             digest: *digest,
@@ -180,9 +213,10 @@ impl RegistrySource {
 
 impl Inner {
     fn creds_source(&self) -> String {
-        self.creds
-            .as_ref()
-            .map_or("none found".to_string(), |c| c.source.clone())
+        self.creds.as_ref().map_or_else(
+            || "no credentials found".to_string(),
+            |c| format!("credentials from {}", c.source),
+        )
     }
 
     /// Send a GET with retries and auth. Returns the response with a
@@ -236,6 +270,8 @@ impl Inner {
                     .unwrap_or("")
                     .to_string();
                 self.authenticate(&challenge, action)?;
+                // an authentication round is not a failed attempt
+                attempt -= 1;
                 continue;
             }
             if status.is_server_error() && attempt < ATTEMPTS {
@@ -284,7 +320,26 @@ impl Inner {
             .find(|(k, _)| k == "scope")
             .map(|(_, v)| v.clone())
             .unwrap_or_else(|| format!("repository:{}:pull", self.repository));
-        query.push(("scope".into(), scope));
+        query.push(("scope".into(), scope.clone()));
+        let stale = match &*self.authz.lock().expect("no panics while held") {
+            Authz::Bearer(t) => Some(t.clone()),
+            _ => None,
+        };
+        {
+            // a cached token for this scope that we have not just been
+            // refused with: use it without asking the realm again
+            let mut cache = self.tokens.lock().expect("no panics while held");
+            match cache.by_scope.get(&scope) {
+                Some(t) if Some(t) != stale.as_ref() => {
+                    *self.authz.lock().expect("no panics while held") = Authz::Bearer(t.clone());
+                    return Ok(());
+                }
+                Some(_) => {
+                    cache.by_scope.remove(&scope);
+                }
+                None => {}
+            }
+        }
         let qs: Vec<String> = query
             .iter()
             .map(|(k, v)| format!("{k}={}", url_encode(v)))
@@ -308,32 +363,85 @@ impl Inner {
             .or_else(|| v.get("access_token"))
             .and_then(|t| t.as_str())
             .ok_or_else(auth_err)?;
+        self.tokens
+            .lock()
+            .expect("no panics while held")
+            .by_scope
+            .insert(scope, token.to_string());
         *self.authz.lock().expect("no panics while held") = Authz::Bearer(token.to_string());
         Ok(())
     }
 
-    fn fetch_manifest(&self, reference: &str, what: &str) -> Result<(Vec<u8>, Option<String>), OciError> {
+    /// GET a manifest by tag or digest: its bytes, `Content-Type`, and the
+    /// `Docker-Content-Digest` the registry claims, checked against the
+    /// bytes when it is a digest we can compute.
+    fn fetch_manifest(
+        &self,
+        reference: &str,
+        what: &str,
+    ) -> Result<(Vec<u8>, Option<String>), OciError> {
         let url = format!("{}/v2/{}/manifests/{reference}", self.base, self.repository);
         let mut h = HeaderMap::new();
         h.insert(ACCEPT, ACCEPT_MANIFESTS.parse().expect("static header"));
         let action = format!("fetching manifest {what}");
-        let resp = self.get(&url, &h, &action)?;
-        let ct = resp
-            .headers()
+        let (bytes, headers) = self.get_bytes(&url, &h, &action)?;
+        let ct = headers
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(|s| s.to_string());
-        let bytes = resp.bytes().map_err(|e| OciError::Network {
-            action,
-            reason: error_chain(&e),
-        })?;
+        // Only sha256 digests parse; anything else we cannot check.
+        let claimed_digest: Option<Digest> = headers
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok());
         if bytes.len() > 16 << 20 {
             return Err(OciError::Format {
-                what: format!("manifest {what}"),
+                what: format!("fetching manifest {what}"),
                 reason: "larger than 16 MiB".into(),
             });
         }
-        Ok((bytes.to_vec(), ct))
+        if let Some(claimed) = claimed_digest {
+            verify(
+                &format!("fetching manifest {what} (checking Docker-Content-Digest)"),
+                &bytes,
+                &claimed,
+            )?;
+        }
+        Ok((bytes, ct))
+    }
+
+    /// GET a small document (manifest, config) whole, retrying when the
+    /// body breaks off like [`get`](Self::get) retries failed requests.
+    fn get_bytes(
+        &self,
+        url: &str,
+        headers: &HeaderMap,
+        action: &str,
+    ) -> Result<(Vec<u8>, HeaderMap), OciError> {
+        let mut delay = Duration::from_millis(200);
+        let mut attempt = 1;
+        loop {
+            let resp = self.get(url, headers, action)?;
+            let response_headers = resp.headers().clone();
+            match resp.bytes() {
+                Ok(b) => return Ok((b.to_vec(), response_headers)),
+                Err(_) if attempt < ATTEMPTS => {
+                    attempt += 1;
+                    std::thread::sleep(delay);
+                    delay *= 2;
+                }
+                Err(e) => {
+                    return Err(OciError::Network {
+                        action: action.to_string(),
+                        reason: error_chain(&e),
+                    });
+                }
+            }
+        }
+    }
+
+    fn blob_action(&self, d: &Digest) -> String {
+        format!("fetching blob {d} from {}/{}", self.host, self.repository)
     }
 
     fn blob_url(&self, d: &Digest) -> String {
@@ -390,7 +498,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 fn error_detail(resp: Response) -> String {
     let body = resp.text().unwrap_or_default();
     let v: Option<serde_json::Value> = serde_json::from_str(&body).ok();
-    if let Some(errs) = v.as_ref().and_then(|v| v.get("errors")).and_then(|e| e.as_array())
+    if let Some(errs) = v
+        .as_ref()
+        .and_then(|v| v.get("errors"))
+        .and_then(|e| e.as_array())
         && let Some(first) = errs.first()
     {
         let code = first.get("code").and_then(|c| c.as_str()).unwrap_or("");
@@ -411,7 +522,7 @@ impl ImageSource for RegistrySource {
         let (mut bytes, mut ct) = self.inner.fetch_manifest(&first_ref, &what)?;
         let mut digest = Digest::sha256_of(&bytes);
         if let Some(d) = &self.digest {
-            verify(&format!("manifest {what}"), &bytes, d)?;
+            verify(&format!("fetching manifest {what}"), &bytes, d)?;
         }
         let mut index_digest = None;
         for _ in 0..4 {
@@ -419,19 +530,22 @@ impl ImageSource for RegistrySource {
                 Document::Manifest(manifest) => {
                     let url = self.inner.blob_url(&manifest.config.digest);
                     let action = format!("fetching config {} of {what}", manifest.config.digest);
-                    let resp = self.inner.get(&url, &HeaderMap::new(), &action)?;
-                    let config_bytes = resp
-                        .bytes()
-                        .map_err(|e| OciError::Network {
-                            action: action.clone(),
-                            reason: error_chain(&e),
-                        })?
-                        .to_vec();
-                    verify(&format!("config of {what}"), &config_bytes, &manifest.config.digest)?;
+                    if manifest.config.size > 16 << 20 {
+                        return Err(OciError::Format {
+                            what: action,
+                            reason: format!(
+                                "config declares {} bytes (limit 16 MiB)",
+                                manifest.config.size
+                            ),
+                        });
+                    }
+                    let (config_bytes, _) =
+                        self.inner.get_bytes(&url, &HeaderMap::new(), &action)?;
+                    verify(&action, &config_bytes, &manifest.config.digest)?;
                     return Ok(ResolvedImage {
                         manifest_bytes: bytes,
                         manifest_digest: digest,
-                        manifest,
+                        manifest: *manifest,
                         config_bytes,
                         index_digest,
                     });
@@ -439,8 +553,14 @@ impl ImageSource for RegistrySource {
                 Document::Index(entries) => {
                     index_digest = Some(digest);
                     let chosen = pick_platform(&entries, platform, &what)?.clone();
-                    let (b, c) = self.inner.fetch_manifest(&chosen.digest.to_string(), &what)?;
-                    verify(&format!("manifest {what} ({platform})"), &b, &chosen.digest)?;
+                    let (b, c) = self
+                        .inner
+                        .fetch_manifest(&chosen.digest.to_string(), &what)?;
+                    verify(
+                        &format!("fetching manifest {what} for {platform}"),
+                        &b,
+                        &chosen.digest,
+                    )?;
                     bytes = b;
                     ct = c.or(Some(chosen.media_type.clone()));
                     digest = chosen.digest;
@@ -454,6 +574,10 @@ impl ImageSource for RegistrySource {
     }
 
     fn open_blob(&self, desc: &Descriptor, offset: u64) -> Result<Box<dyn Read + Send>, OciError> {
+        if offset >= desc.size && desc.size > 0 {
+            // nothing left to read; a Range request would answer 416
+            return Ok(Box::new(io::empty()));
+        }
         let mut r = BlobReader {
             inner: self.inner.clone(),
             desc: desc.clone(),
@@ -481,24 +605,47 @@ struct BlobReader {
 
 impl BlobReader {
     fn action(&self) -> String {
-        format!("fetching blob {} of {}", self.desc.digest, self.inner.repository)
+        self.inner.blob_action(&self.desc.digest)
     }
 
     fn connect(&mut self) -> Result<(), OciError> {
         let mut h = HeaderMap::new();
         if self.pos > 0 {
-            h.insert(RANGE, format!("bytes={}-", self.pos).parse().expect("ascii"));
+            h.insert(
+                RANGE,
+                format!("bytes={}-", self.pos).parse().expect("ascii"),
+            );
         }
         let url = self.inner.blob_url(&self.desc.digest);
         let mut resp = self.inner.get(&url, &h, &self.action())?;
-        if self.pos > 0 && resp.status() == StatusCode::OK {
-            // Range ignored: skip what we already have.
-            let skipped = io::copy(&mut (&mut resp).take(self.pos), &mut io::sink()).map_err(|e| {
-                OciError::Network {
+        if self.pos > 0 && resp.status() == StatusCode::PARTIAL_CONTENT {
+            // `Content-Range: bytes START-END/TOTAL` must start where we are
+            let start = resp
+                .headers()
+                .get(reqwest::header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("bytes "))
+                .and_then(|v| v.split('-').next())
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            if start != Some(self.pos) {
+                return Err(OciError::Network {
                     action: self.action(),
-                    reason: e.to_string(),
-                }
-            })?;
+                    reason: format!(
+                        "asked for bytes from {} but the registry answered Content-Range starting at {}",
+                        self.pos,
+                        start.map_or("(none)".to_string(), |s| s.to_string())
+                    ),
+                });
+            }
+        } else if self.pos > 0 && resp.status() == StatusCode::OK {
+            // Range ignored: skip what we already have.
+            let skipped =
+                io::copy(&mut (&mut resp).take(self.pos), &mut io::sink()).map_err(|e| {
+                    OciError::Network {
+                        action: self.action(),
+                        reason: e.to_string(),
+                    }
+                })?;
             if skipped != self.pos {
                 return Err(OciError::Network {
                     action: self.action(),
@@ -521,7 +668,8 @@ impl BlobReader {
                 self.pos
             )));
         }
-        std::thread::sleep(Duration::from_millis(200 << self.failures.min(5)));
+        // 200 ms, 400 ms, 800 ms, ...
+        std::thread::sleep(Duration::from_millis(200 << (self.failures - 1).min(5)));
         self.connect().map_err(io::Error::other)
     }
 }
@@ -558,8 +706,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn url_encoding() {
+        assert_eq!(
+            url_encode("repository:a/b:pull"),
+            "repository%3Aa%2Fb%3Apull"
+        );
+        assert_eq!(url_encode("A-z_0.9~"), "A-z_0.9~");
+    }
+
+    #[test]
+    fn unquoted_challenge_params() {
+        let p = parse_challenge("realm=https://auth.io/token, service=reg");
+        assert_eq!(
+            p[0],
+            ("realm".to_string(), "https://auth.io/token".to_string())
+        );
+        assert_eq!(p[1], ("service".to_string(), "reg".to_string()));
+    }
+
+    #[test]
     fn challenge_parsing() {
-        let p = parse_challenge(r#"realm="http://127.0.0.1:1/token",service="reg",scope="repository:a/b:pull,push""#);
+        let p = parse_challenge(
+            r#"realm="http://127.0.0.1:1/token",service="reg",scope="repository:a/b:pull,push""#,
+        );
         assert_eq!(
             p,
             vec![
@@ -582,6 +751,9 @@ mod tests {
         assert!(!dbg.contains("s3cret") && !dbg.contains("alice"), "{dbg}");
         let c2 = find_credentials("other.io", Some(&f)).unwrap();
         assert_eq!(c2.user, "bob");
-        assert!(find_credentials("nothere.io", Some(&f)).is_none() || std::env::var_os("REGISTRY_AUTH_FILE").is_some());
+        assert!(
+            find_credentials("nothere.io", Some(&f)).is_none()
+                || std::env::var_os("REGISTRY_AUTH_FILE").is_some()
+        );
     }
 }

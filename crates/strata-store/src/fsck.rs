@@ -53,9 +53,10 @@ pub(crate) fn run(store: &Store) -> Result<FsckReport> {
             }
         };
         if meta.diff_id != layer {
-            report
-                .problems
-                .push(format!("layer {layer}: meta names diff_id {}", meta.diff_id));
+            report.problems.push(format!(
+                "layer {layer}: meta names diff_id {}",
+                meta.diff_id
+            ));
         }
         let record = match store.layer_record(&layer) {
             Ok(r) => r,
@@ -130,7 +131,9 @@ pub(crate) fn run(store: &Store) -> Result<FsckReport> {
         report.refs += 1;
         let fname = e.file_name().to_string_lossy().into_owned();
         let Some(name) = unescape_ref(&fname) else {
-            report.problems.push(format!("ref file {fname:?}: not a valid ref name"));
+            report
+                .problems
+                .push(format!("ref file {fname:?}: not a valid ref name"));
             continue;
         };
         match fs::read_to_string(e.path())

@@ -86,7 +86,9 @@ pub(crate) fn run(store: &Store, dry_run: bool) -> Result<GcReport> {
         for e in fs::read_dir(fan.path()).map_err(io_err("listing", fan.path()))? {
             let e = e.map_err(io_err("listing", fan.path()))?;
             let name = format!("sha256:{prefix}{}", e.file_name().to_string_lossy());
-            let live = name.parse::<Digest>().is_ok_and(|d| live_objects.contains(&d));
+            let live = name
+                .parse::<Digest>()
+                .is_ok_and(|d| live_objects.contains(&d));
             if !live {
                 report.objects += 1;
                 report.bytes_freed += e.metadata().map(|m| m.len()).unwrap_or(0);

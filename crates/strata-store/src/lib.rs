@@ -88,7 +88,10 @@ pub enum StoreError {
 /// Result alias.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-pub(crate) fn io_err(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> StoreError {
+pub(crate) fn io_err(
+    action: &'static str,
+    path: impl Into<PathBuf>,
+) -> impl FnOnce(io::Error) -> StoreError {
     let path = path.into();
     move |source| StoreError::Io {
         action,
@@ -330,14 +333,17 @@ impl Store {
             let stage = self.staging_path("layer");
             fs::create_dir(&stage).map_err(io_err("creating layer staging", &stage))?;
             let rec_path = stage.join("record");
-            let mut f = File::create(&rec_path).map_err(io_err("writing layer record", &rec_path))?;
+            let mut f =
+                File::create(&rec_path).map_err(io_err("writing layer record", &rec_path))?;
             let mut w = io::BufWriter::new(&mut f);
             record
                 .encode(&mut w)
                 .map_err(io_err("writing layer record", &rec_path))?;
-            w.flush().map_err(io_err("writing layer record", &rec_path))?;
+            w.flush()
+                .map_err(io_err("writing layer record", &rec_path))?;
             drop(w);
-            f.sync_all().map_err(io_err("syncing layer record", &rec_path))?;
+            f.sync_all()
+                .map_err(io_err("syncing layer record", &rec_path))?;
             write_json_durable(&stage.join("meta.json"), meta)?;
             sync_dir(&stage)?;
             match fs::rename(&stage, &final_dir) {
@@ -482,7 +488,9 @@ impl Store {
         {
             return Ok(d);
         }
-        let prefix = name_or_digest.strip_prefix("sha256:").unwrap_or(name_or_digest);
+        let prefix = name_or_digest
+            .strip_prefix("sha256:")
+            .unwrap_or(name_or_digest);
         if prefix.len() >= 6 && prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
             let matches: Vec<Digest> = self
                 .image_digests()?
@@ -500,8 +508,9 @@ impl Store {
         let candidates: Vec<&Digest> = refs
             .iter()
             .filter(|(n, _)| {
-                n.strip_suffix(":latest")
-                    .is_some_and(|base| base == name_or_digest || base.ends_with(&format!("/{name_or_digest}")))
+                n.strip_suffix(":latest").is_some_and(|base| {
+                    base == name_or_digest || base.ends_with(&format!("/{name_or_digest}"))
+                })
             })
             .map(|(_, d)| d)
             .collect();

@@ -14,12 +14,12 @@
 //! hashed and dropped if the object turns out to exist.
 
 use std::collections::HashMap;
-use std::os::unix::fs::OpenOptionsExt;
-use std::sync::{Arc, Mutex, mpsc};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, mpsc};
 
 use strata_digest::{Digest, Hasher};
 
@@ -109,7 +109,8 @@ impl Writers {
     fn finish(mut self) -> io::Result<()> {
         self.tx = None;
         for t in self.threads.drain(..) {
-            t.join().map_err(|_| io::Error::other("object writer panicked"))?;
+            t.join()
+                .map_err(|_| io::Error::other("object writer panicked"))?;
         }
         self.check()
     }
@@ -211,14 +212,16 @@ impl<'s> ObjectBatch<'s> {
     /// Make every staged object durable and visible.
     pub fn commit(mut self) -> Result<BatchStats> {
         if let Some(w) = self.writers.take() {
-            w.finish().map_err(io_err("writing staged objects", &self.dir))?;
+            w.finish()
+                .map_err(io_err("writing staged objects", &self.dir))?;
         }
         if self.pending.is_empty() {
             let _ = fs::remove_dir_all(&self.dir);
             return Ok(self.stats);
         }
         let dir_file = File::open(&self.dir).map_err(io_err("opening staging", &self.dir))?;
-        rustix::fs::syncfs(&dir_file).map_err(|e| io_err("syncing staged objects", &self.dir)(e.into()))?;
+        rustix::fs::syncfs(&dir_file)
+            .map_err(|e| io_err("syncing staged objects", &self.dir)(e.into()))?;
         for (digest, staged) in &self.pending {
             let dest = self.store.object_path(digest);
             let parent = dest.parent().expect("object paths have a fan-out dir");

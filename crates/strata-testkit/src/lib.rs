@@ -210,7 +210,10 @@ fn scan(root: &Path, p: &Path, out: &mut BTreeMap<Vec<u8>, PathState>) {
         "dir".to_string()
     } else if ft.is_symlink() {
         let t = fs::read_link(p).expect("readlink");
-        format!("symlink -> {}", String::from_utf8_lossy(t.as_os_str().as_bytes()))
+        format!(
+            "symlink -> {}",
+            String::from_utf8_lossy(t.as_os_str().as_bytes())
+        )
     } else if ft.is_file() {
         let mut h = sha2::Sha256::default();
         let mut f = fs::File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
@@ -353,7 +356,12 @@ pub fn compare_trees(a: &Path, b: &Path, what: Compare) -> Vec<String> {
             ));
         }
         if what.xattrs && sa.xattrs != sb.xattrs {
-            diffs.push(format!("{}: xattrs {:?} vs {:?}", show(p), sa.xattrs, sb.xattrs));
+            diffs.push(format!(
+                "{}: xattrs {:?} vs {:?}",
+                show(p),
+                sa.xattrs,
+                sb.xattrs
+            ));
         }
         if what.mtimes && sa.kind != "dir" {
             let (ma, mb) = if what.nanos {
@@ -396,4 +404,3 @@ pub fn compare_trees(a: &Path, b: &Path, what: Compare) -> Vec<String> {
     }
     diffs
 }
-

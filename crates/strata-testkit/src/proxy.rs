@@ -75,7 +75,9 @@ impl Proxy {
                         me.clone(),
                     );
                     thread::spawn(move || {
-                        let _ = handle(conn, &upstream, &faults, &stats, &fail_left, &drop_left, &me);
+                        let _ = handle(
+                            conn, &upstream, &faults, &stats, &fail_left, &drop_left, &me,
+                        );
                     });
                 }
             });
@@ -97,7 +99,10 @@ impl Drop for Proxy {
 }
 
 fn respond(mut c: TcpStream, status: &str, headers: &[String], body: &[u8]) -> std::io::Result<()> {
-    let mut s = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+    let mut s = format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
     for h in headers {
         s.push_str(h);
         s.push_str("\r\n");
@@ -172,24 +177,46 @@ fn handle(
         .map(|h| h[14..].trim().to_string());
 
     if faults.always_500 {
-        return respond(client, "500 Internal Server Error", &[], b"{\"errors\":[{\"code\":\"UNKNOWN\",\"message\":\"injected failure\"}]}");
+        return respond(
+            client,
+            "500 Internal Server Error",
+            &[],
+            b"{\"errors\":[{\"code\":\"UNKNOWN\",\"message\":\"injected failure\"}]}",
+        );
     }
     if let Some(creds) = &faults.bearer {
         if path.starts_with("/token") {
             if auth.as_deref() == Some(&format!("Basic {}", b64(creds))) {
-                return respond(client, "200 OK", &["Content-Type: application/json".into()], format!("{{\"token\":\"{TOKEN}\"}}").as_bytes());
+                return respond(
+                    client,
+                    "200 OK",
+                    &["Content-Type: application/json".into()],
+                    format!("{{\"token\":\"{TOKEN}\"}}").as_bytes(),
+                );
             }
             return respond(client, "401 Unauthorized", &[], b"");
         }
         if auth.as_deref() != Some(&format!("Bearer {TOKEN}")) {
-            let ch = format!("WWW-Authenticate: Bearer realm=\"http://{me}/token\",service=\"test\",scope=\"repository:x:pull\"");
-            return respond(client, "401 Unauthorized", &[ch], b"{\"errors\":[{\"code\":\"UNAUTHORIZED\"}]}");
+            let ch = format!(
+                "WWW-Authenticate: Bearer realm=\"http://{me}/token\",service=\"test\",scope=\"repository:x:pull\""
+            );
+            return respond(
+                client,
+                "401 Unauthorized",
+                &[ch],
+                b"{\"errors\":[{\"code\":\"UNAUTHORIZED\"}]}",
+            );
         }
     }
     if let Some(creds) = &faults.basic
         && auth.as_deref() != Some(&format!("Basic {}", b64(creds)))
     {
-        return respond(client, "401 Unauthorized", &["WWW-Authenticate: Basic realm=\"test\"".into()], b"");
+        return respond(
+            client,
+            "401 Unauthorized",
+            &["WWW-Authenticate: Basic realm=\"test\"".into()],
+            b"",
+        );
     }
     let is_blob = path.contains("/blobs/sha256:");
     if is_blob
@@ -223,19 +250,25 @@ fn handle(
         .unwrap_or(resp.len());
     let body_len = resp.len() - header_end;
     let mut out = client;
-    if is_blob && method == "GET" && body_len > 1024
+    if is_blob
+        && method == "GET"
+        && body_len > 1024
         && drop_left
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok()
     {
         let cut = header_end + body_len / 2;
         out.write_all(&resp[..cut])?;
-        stats.blob_bytes.fetch_add((cut - header_end) as u64, Ordering::SeqCst);
+        stats
+            .blob_bytes
+            .fetch_add((cut - header_end) as u64, Ordering::SeqCst);
         let _ = out.shutdown(std::net::Shutdown::Both);
         return Ok(());
     }
     if is_blob && method == "GET" {
-        stats.blob_bytes.fetch_add(body_len as u64, Ordering::SeqCst);
+        stats
+            .blob_bytes
+            .fetch_add(body_len as u64, Ordering::SeqCst);
     }
     out.write_all(&resp)
 }

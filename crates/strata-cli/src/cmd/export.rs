@@ -42,9 +42,8 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
     let tree = image_tree(&store, &digest)?;
     match (&a.dir, &a.tar) {
         (Some(dir), None) => {
-            let mut open = |d: &Digest| -> io::Result<File> {
-                store.open_object(d).map_err(io::Error::other)
-            };
+            let mut open =
+                |d: &Digest| -> io::Result<File> { store.open_object(d).map_err(io::Error::other) };
             strata_tree::export::export_dir(&tree, dir, &mut open)
                 .with_context(|| format!("exporting {digest} to {}", dir.display()))?;
             if !ctx.quiet {
@@ -62,8 +61,8 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
                     .context("exporting tar to stdout")?;
                 w.flush()?;
             } else {
-                let f = File::create(path)
-                    .with_context(|| format!("creating {}", path.display()))?;
+                let f =
+                    File::create(path).with_context(|| format!("creating {}", path.display()))?;
                 let mut w = BufWriter::with_capacity(1 << 20, f);
                 strata_tree::export::export_tar(&tree, &mut w, &mut open)
                     .with_context(|| format!("exporting {digest} to {}", path.display()))?;

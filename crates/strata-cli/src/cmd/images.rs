@@ -43,7 +43,10 @@ pub fn run(ctx: &Ctx) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<60} {:<19} {:>6} {:>10}", "NAME", "DIGEST", "LAYERS", "SIZE");
+    println!(
+        "{:<60} {:<19} {:>6} {:>10}",
+        "NAME", "DIGEST", "LAYERS", "SIZE"
+    );
     for (d, names, layers, size) in &rows {
         let shown = if names.is_empty() {
             vec!["<none>".to_string()]
@@ -51,7 +54,13 @@ pub fn run(ctx: &Ctx) -> Result<ExitCode> {
             names.clone()
         };
         for n in shown {
-            println!("{:<60} {:<19} {:>6} {:>10}", n, d.short(), layers, human(*size));
+            println!(
+                "{:<60} {:<19} {:>6} {:>10}",
+                n,
+                d.short(),
+                layers,
+                human(*size)
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

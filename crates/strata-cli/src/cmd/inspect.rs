@@ -19,8 +19,8 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
     let meta = store.image_meta(&digest)?;
     let manifest: serde_json::Value = serde_json::from_slice(&store.image_manifest(&digest)?)
         .context("parsing stored manifest")?;
-    let config: serde_json::Value = serde_json::from_slice(&store.image_config(&digest)?)
-        .context("parsing stored config")?;
+    let config: serde_json::Value =
+        serde_json::from_slice(&store.image_config(&digest)?).context("parsing stored config")?;
     let refs = store.refs()?;
     let names: Vec<&String> = refs
         .iter()

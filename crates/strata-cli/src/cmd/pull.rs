@@ -35,7 +35,9 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         .parse()
         .with_context(|| format!("parsing image reference {:?}", a.reference))?;
     let platform = match &a.platform {
-        Some(p) => p.parse().with_context(|| format!("parsing platform {p:?}"))?,
+        Some(p) => p
+            .parse()
+            .with_context(|| format!("parsing platform {p:?}"))?,
         None => Platform::host_default(),
     };
     let store = ctx.open_store()?;

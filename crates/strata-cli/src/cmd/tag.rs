@@ -19,7 +19,10 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
     let store = ctx.open_store()?;
     let digest = store.resolve_image(&a.image)?;
     if a.name.is_empty() || a.name.parse::<strata_digest::Digest>().is_ok() {
-        anyhow::bail!("invalid name {:?}: a name must be non-empty and not a digest", a.name);
+        anyhow::bail!(
+            "invalid name {:?}: a name must be non-empty and not a digest",
+            a.name
+        );
     }
     store.set_ref(&a.name, &digest)?;
     if !ctx.quiet {

@@ -67,7 +67,8 @@ impl Env {
         let mut a = vec!["--json"];
         a.extend_from_slice(args);
         let s = self.ok(&a);
-        serde_json::from_str(&s).unwrap_or_else(|e| panic!("strata {args:?} printed non-JSON ({e}): {s}"))
+        serde_json::from_str(&s)
+            .unwrap_or_else(|e| panic!("strata {args:?} printed non-JSON ({e}): {s}"))
     }
 
     /// `strata fsck` must pass.
@@ -137,7 +138,9 @@ pub fn layout_manifest(layout: &Path, tag: &str) -> serde_json::Value {
 }
 
 pub fn blob_path(layout: &Path, digest: &str) -> PathBuf {
-    layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:"))
+    layout
+        .join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"))
 }
 
 /// Every layer of every image in the store rebuilds to its diff_id.
@@ -148,7 +151,12 @@ pub fn assert_layers_rebuild(root: &Path) {
         for l in store.image_meta(&img).unwrap().layers {
             let mut h = strata_digest::Hasher::new();
             store.rebuild_layer(&l.diff_id, &mut h).unwrap();
-            assert_eq!(h.finish(), l.diff_id, "layer {} does not rebuild exactly", l.diff_id);
+            assert_eq!(
+                h.finish(),
+                l.diff_id,
+                "layer {} does not rebuild exactly",
+                l.diff_id
+            );
             n += 1;
         }
     }

@@ -1,0 +1,489 @@
+//! Real-peer helpers for the integration tests: Debian's `docker-registry`
+//! on 127.0.0.1, `skopeo` pushes, a misbehaving HTTP proxy (auth, 500s,
+//! dropped connections) and tiny image fixtures.
+//!
+//! Self-contained (std, tempfile, tar, flate2, base64 only) so it can move
+//! to `strata-testkit` as is. A missing tool is a failure naming the tool
+//! and its Debian package, never a skip.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+
+/// Panic with an install hint when `tool` is not on PATH.
+pub fn require_tool(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{tool} is required by this test: apt-get install {package}"
+    );
+}
+
+/// Run a command, panicking with its output when it fails.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A free TCP port on 127.0.0.1 (racy by nature; good enough for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding 127.0.0.1:0")
+        .port()
+}
+
+/// A running Debian `docker-registry` on 127.0.0.1 with its own storage,
+/// killed on drop.
+pub struct Registry {
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    /// Storage root.
+    pub storage: PathBuf,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Registry {
+    /// Start a registry and wait until `GET /v2/` answers 200.
+    pub fn start() -> Registry {
+        require_tool("docker-registry", "docker-registry");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = dir.path().join("storage");
+        fs::create_dir_all(&storage).expect("mkdir storage");
+        let addr = format!("127.0.0.1:{}", free_port());
+        let config = dir.path().join("config.yml");
+        fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n\
+                 storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
+                 http:\n  addr: {addr}\n",
+                storage.display()
+            ),
+        )
+        .expect("writing registry config");
+        let log = fs::File::create(dir.path().join("registry.log")).expect("log file");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning docker-registry");
+        let mut reg = Registry {
+            addr,
+            storage,
+            child,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = reg.child.try_wait().expect("waiting for docker-registry") {
+                panic!(
+                    "docker-registry exited ({status}): {}",
+                    fs::read_to_string(reg.dir.path().join("registry.log")).unwrap_or_default()
+                );
+            }
+            if http_status(&reg.addr, "/v2/") == Some(200) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not answer on {} within 20 s",
+                reg.addr
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        reg
+    }
+
+    /// Copy an image into this registry with skopeo (`src` in skopeo
+    /// syntax, `repo_tag` like `test/app:v1`).
+    pub fn push(&self, src: &str, repo_tag: &str, extra: &[&str]) {
+        require_tool("skopeo", "skopeo");
+        run(Command::new("skopeo")
+            .args([
+                "--insecure-policy",
+                "copy",
+                "--quiet",
+                "--dest-tls-verify=false",
+            ])
+            .args(extra)
+            .arg(src)
+            .arg(format!("docker://{}/{repo_tag}", self.addr)));
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The status of `GET path` on `addr`, or None if nothing answers.
+pub fn http_status(addr: &str, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    buf.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// How the [`Proxy`] misbehaves.
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    /// Require `Authorization: Basic base64(user:pass)` (`"user:pass"`).
+    pub basic: Option<String>,
+    /// Require a bearer token, handed out by the proxy's own `/token`
+    /// endpoint to clients presenting these basic credentials.
+    pub bearer: Option<String>,
+    /// Answer 500 to the first N blob GETs.
+    pub fail_blobs: u64,
+    /// Answer 500 to every request.
+    pub always_500: bool,
+    /// Cut the first N blob GET responses (over 1 KiB) after half their body.
+    pub drop_blobs: u64,
+    /// Answer blob GETs with `307` to the upstream registry itself, as
+    /// registries do to send clients to their storage.
+    pub redirect_blobs: bool,
+    /// Replace the `Docker-Content-Digest` of manifest answers with the
+    /// digest of nothing.
+    pub lie_about_manifest_digest: bool,
+}
+
+/// A running HTTP/1.1 proxy on 127.0.0.1 in front of a registry. One
+/// request per connection (`Connection: close` both ways).
+pub struct Proxy {
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    log: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+}
+
+/// The bearer token the proxy issues.
+pub const TOKEN: &str = "strata-test-token-d41d8cd9";
+
+impl Proxy {
+    /// Start a proxy to `upstream` (`127.0.0.1:PORT`).
+    pub fn start(upstream: &str, faults: Faults) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding proxy");
+        let addr = listener.local_addr().expect("proxy address").to_string();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(ProxyState {
+            upstream: upstream.to_string(),
+            me: addr.clone(),
+            faults: faults.clone(),
+            fail_left: AtomicU64::new(faults.fail_blobs),
+            drop_left: AtomicU64::new(faults.drop_blobs),
+            log: log.clone(),
+        });
+        let stop2 = stop.clone();
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                let shared = shared.clone();
+                thread::spawn(move || {
+                    let _ = shared.handle(conn);
+                });
+            }
+        });
+        Proxy { addr, log, stop }
+    }
+
+    /// Requests seen so far: `METHOD PATH[ range=...][ auth=SCHEME]`.
+    pub fn requests(&self) -> Vec<String> {
+        self.log.lock().expect("proxy log").clone()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(&self.addr);
+    }
+}
+
+struct ProxyState {
+    upstream: String,
+    me: String,
+    faults: Faults,
+    fail_left: AtomicU64,
+    drop_left: AtomicU64,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+fn respond(mut c: TcpStream, status: &str, headers: &[String], body: &[u8]) -> std::io::Result<()> {
+    let mut s = format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for h in headers {
+        s.push_str(h);
+        s.push_str("\r\n");
+    }
+    s.push_str("\r\n");
+    c.write_all(s.as_bytes())?;
+    c.write_all(body)
+}
+
+fn basic(creds: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(creds)
+    )
+}
+
+/// Take one unit from `n` if any is left.
+fn take_one(n: &AtomicU64) -> bool {
+    n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+        .is_ok()
+}
+
+impl ProxyState {
+    fn handle(&self, client: TcpStream) -> std::io::Result<()> {
+        let mut reader = BufReader::new(client.try_clone()?);
+        let mut request_line = String::new();
+        reader.read_line(&mut request_line)?;
+        let mut headers = Vec::new();
+        let mut content_length = 0usize;
+        loop {
+            let mut l = String::new();
+            reader.read_line(&mut l)?;
+            let t = l.trim_end().to_string();
+            if t.is_empty() {
+                break;
+            }
+            if let Some(v) = t.to_ascii_lowercase().strip_prefix("content-length:") {
+                content_length = v.trim().parse().unwrap_or(0);
+            }
+            headers.push(t);
+        }
+        let mut body = vec![0u8; content_length];
+        reader.read_exact(&mut body)?;
+        let mut parts = request_line.split_whitespace();
+        let method = parts.next().unwrap_or("").to_string();
+        let path = parts.next().unwrap_or("").to_string();
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|h| h.to_ascii_lowercase().starts_with(&format!("{name}:")))
+                .map(|h| h[name.len() + 1..].trim().to_string())
+        };
+        let range = header("range");
+        let auth = header("authorization");
+        let mut entry = format!("{method} {path}");
+        if let Some(r) = &range {
+            entry.push_str(&format!(" range={r}"));
+        }
+        if let Some(a) = &auth {
+            // the scheme only: tests must not be able to leak secrets either
+            entry.push_str(&format!(" auth={}", a.split(' ').next().unwrap_or("")));
+        }
+        self.log.lock().expect("proxy log").push(entry);
+
+        let f = &self.faults;
+        if f.always_500 {
+            return respond(
+                client,
+                "500 Internal Server Error",
+                &[],
+                br#"{"errors":[{"code":"UNKNOWN","message":"injected failure"}]}"#,
+            );
+        }
+        if let Some(creds) = &f.bearer {
+            if path.starts_with("/token") {
+                if auth.as_deref() == Some(basic(creds).as_str()) {
+                    let body = format!(r#"{{"token":"{TOKEN}","expires_in":300}}"#);
+                    return respond(
+                        client,
+                        "200 OK",
+                        &["Content-Type: application/json".into()],
+                        body.as_bytes(),
+                    );
+                }
+                return respond(client, "401 Unauthorized", &[], b"");
+            }
+            if auth.as_deref() != Some(format!("Bearer {TOKEN}").as_str()) {
+                let challenge = format!(
+                    "WWW-Authenticate: Bearer realm=\"http://{}/token\",service=\"strata-test\",scope=\"repository:{}:pull\"",
+                    self.me,
+                    repo_of(&path)
+                );
+                return respond(
+                    client,
+                    "401 Unauthorized",
+                    &[challenge],
+                    br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#,
+                );
+            }
+        }
+        if let Some(creds) = &f.basic
+            && auth.as_deref() != Some(basic(creds).as_str())
+        {
+            return respond(
+                client,
+                "401 Unauthorized",
+                &["WWW-Authenticate: Basic realm=\"strata-test\"".into()],
+                br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#,
+            );
+        }
+        let is_blob_get = method == "GET" && path.contains("/blobs/sha256:");
+        if is_blob_get && take_one(&self.fail_left) {
+            return respond(client, "500 Internal Server Error", &[], b"");
+        }
+
+        if is_blob_get && f.redirect_blobs {
+            let location = format!("Location: http://{}{path}", self.upstream);
+            return respond(client, "307 Temporary Redirect", &[location], b"");
+        }
+
+        let mut up = TcpStream::connect(&self.upstream)?;
+        let mut req = format!("{method} {path} HTTP/1.1\r\n");
+        for h in &headers {
+            let l = h.to_ascii_lowercase();
+            if l.starts_with("connection:")
+                || l.starts_with("host:")
+                || l.starts_with("authorization:")
+            {
+                continue;
+            }
+            req.push_str(h);
+            req.push_str("\r\n");
+        }
+        req.push_str(&format!(
+            "Host: {}\r\nConnection: close\r\n\r\n",
+            self.upstream
+        ));
+        up.write_all(req.as_bytes())?;
+        up.write_all(&body)?;
+        let mut resp = Vec::new();
+        up.read_to_end(&mut resp)?;
+        let header_end = resp
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(resp.len(), |p| p + 4);
+        let body_len = resp.len() - header_end;
+        if f.lie_about_manifest_digest && path.contains("/manifests/") {
+            let head = String::from_utf8_lossy(&resp[..header_end]).into_owned();
+            let lie = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+            let head: String = head
+                .split("\r\n")
+                .map(|l| {
+                    if l.to_ascii_lowercase().starts_with("docker-content-digest:") {
+                        format!("Docker-Content-Digest: {lie}")
+                    } else {
+                        l.to_string()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\r\n");
+            resp = [head.as_bytes(), &resp[header_end..]].concat();
+            let mut out = client;
+            return out.write_all(&resp);
+        }
+        let mut out = client;
+        if is_blob_get && body_len > 1024 && take_one(&self.drop_left) {
+            out.write_all(&resp[..header_end + body_len / 2])?;
+            out.flush()?;
+            let _ = out.shutdown(Shutdown::Both);
+            return Ok(());
+        }
+        out.write_all(&resp)
+    }
+}
+
+/// `/v2/NAME/(manifests|blobs)/...` -> `NAME`.
+fn repo_of(path: &str) -> String {
+    let p = path.trim_start_matches("/v2/");
+    for marker in ["/manifests/", "/blobs/", "/tags/"] {
+        if let Some(i) = p.find(marker) {
+            return p[..i].to_string();
+        }
+    }
+    p.trim_end_matches('/').to_string()
+}
+
+/// Deterministic incompressible-ish bytes.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A tar of regular files.
+pub fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(1_700_000_000);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, name, *data)
+            .expect("appending to tar");
+    }
+    b.into_inner().expect("finishing tar")
+}
+
+/// gzip `data`.
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).expect("gzip");
+    e.finish().expect("gzip")
+}
+
+/// A tar of the contents of `dir` (paths relative to it), written to `out`.
+pub fn tar_dir(dir: &Path, out: &Path) {
+    let f = fs::File::create(out).expect("creating archive");
+    let mut b = tar::Builder::new(f);
+    b.append_dir_all(".", dir).expect("archiving directory");
+    b.finish().expect("finishing archive");
+}
+
+/// An image config for `diff_ids` (as digest strings).
+pub fn config_json(arch: &str, diff_ids: &[String]) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "architecture": arch,
+        "os": "linux",
+        "config": {"Env": ["PATH=/usr/bin:/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }))
+    .expect("config json")
+}
