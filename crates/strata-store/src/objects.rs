@@ -50,16 +50,19 @@ pub struct ObjectBatch<'s> {
     writers: Option<Writers>,
 }
 
-/// Small objects are written by a few threads: creating a file costs a
-/// few hundred microseconds of metadata latency on a virtual disk, and
-/// overlapping those is what makes an import of many small files fast.
+/// Small objects are written by a writer thread, so creating files (a
+/// few hundred microseconds of metadata work each on a virtual disk)
+/// overlaps with decompression, parsing and hashing. Measured on this
+/// machine's ext4: 1 writer 2.2 s, 4 writers 2.45 s for the Debian base
+/// (5107 files); ext4 serializes creates in one directory, so more
+/// threads only add contention.
 struct Writers {
     tx: Option<mpsc::SyncSender<(PathBuf, Vec<u8>)>>,
     threads: Vec<std::thread::JoinHandle<()>>,
     error: Arc<Mutex<Option<io::Error>>>,
 }
 
-const WRITER_THREADS: usize = 4;
+const WRITER_THREADS: usize = 1;
 
 impl Writers {
     fn start() -> Writers {

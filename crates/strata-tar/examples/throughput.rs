@@ -1,6 +1,6 @@
 //! Import throughput on a generated 1 GiB tar with a sink that only hashes
 //! (what the store costs minus the disk). Run with
-//! `cargo test -p strata-tar --test throughput -- --ignored --nocapture`.
+//! `cargo run --release -p strata-tar --example throughput`.
 
 use std::io::{self, Read};
 use std::time::Instant;
@@ -84,9 +84,7 @@ impl Read for Generated {
     }
 }
 
-#[test]
-#[ignore = "benchmark: run explicitly"]
-fn import_throughput() {
+fn main() {
     let (size, count) = (1 << 20, 1024);
     let mut sink = NullSink {
         buf: vec![0; 256 * 1024],
