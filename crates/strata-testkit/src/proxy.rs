@@ -1,93 +1,96 @@
 //! A small HTTP/1.1 proxy on 127.0.0.1 in front of a registry, to make it
 //! misbehave on purpose: demand Basic or Bearer auth, answer 500, drop a
-//! blob response half way, and count what was asked for.
-//!
-//! One request per connection (`Connection: close` is forced both ways),
-//! which reqwest handles by reconnecting.
+//! blob response half way, redirect blobs, lie about digests, and log what
+//! was asked for. One request per connection (`Connection: close`).
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Duration;
 
-/// How the proxy misbehaves.
+use base64::Engine as _;
+
+/// The status of `GET path` on `addr`, or None if nothing answers.
+pub fn http_status(addr: &str, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    buf.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// How the [`Proxy`] misbehaves.
 #[derive(Clone, Debug, Default)]
 pub struct Faults {
-    /// Require `Authorization: Basic base64(user:pass)`.
+    /// Require `Authorization: Basic base64(user:pass)` (`"user:pass"`).
     pub basic: Option<String>,
-    /// Require a bearer token obtained from `/token` with these basic creds.
+    /// Require a bearer token, handed out by the proxy's own `/token`
+    /// endpoint to clients presenting these basic credentials.
     pub bearer: Option<String>,
-    /// Answer 500 to the first N blob requests.
+    /// Answer 500 to the first N blob GETs.
     pub fail_blobs: u64,
     /// Answer 500 to every request.
     pub always_500: bool,
-    /// Drop the first N blob responses (over 1 KiB) after half their body.
+    /// Cut the first N blob GET responses (over 1 KiB) after half their body.
     pub drop_blobs: u64,
+    /// Answer blob GETs with `307` to the upstream registry itself, as
+    /// registries do to send clients to their storage.
+    pub redirect_blobs: bool,
+    /// Replace the `Docker-Content-Digest` of manifest answers with the
+    /// digest of nothing.
+    pub lie_about_manifest_digest: bool,
 }
 
-/// What the proxy saw.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Requests seen (method and path, with Range if any).
-    pub requests: Mutex<Vec<String>>,
-    /// Response body bytes sent for blob GETs.
-    pub blob_bytes: AtomicU64,
-}
-
-/// A running proxy.
+/// A running HTTP/1.1 proxy on 127.0.0.1 in front of a registry. One
+/// request per connection (`Connection: close` both ways).
 pub struct Proxy {
     /// `127.0.0.1:PORT`.
     pub addr: String,
-    /// Counters.
-    pub stats: Arc<Stats>,
+    log: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
 }
 
-const TOKEN: &str = "strata-test-token";
+/// The bearer token the proxy issues.
+pub const TOKEN: &str = "strata-test-token-d41d8cd9";
 
 impl Proxy {
     /// Start a proxy to `upstream` (`127.0.0.1:PORT`).
     pub fn start(upstream: &str, faults: Faults) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
-        let addr = listener.local_addr().expect("addr").to_string();
-        let stats = Arc::new(Stats::default());
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding proxy");
+        let addr = listener.local_addr().expect("proxy address").to_string();
+        let log = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let fail_left = Arc::new(AtomicU64::new(faults.fail_blobs));
-        let drop_left = Arc::new(AtomicU64::new(faults.drop_blobs));
-        {
-            let stats = stats.clone();
-            let stop = stop.clone();
-            let upstream = upstream.to_string();
-            let me = addr.clone();
-            thread::spawn(move || {
-                for conn in listener.incoming() {
-                    if stop.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    let Ok(conn) = conn else { continue };
-                    let (stats, upstream, faults, fail_left, drop_left, me) = (
-                        stats.clone(),
-                        upstream.clone(),
-                        faults.clone(),
-                        fail_left.clone(),
-                        drop_left.clone(),
-                        me.clone(),
-                    );
-                    thread::spawn(move || {
-                        let _ = handle(
-                            conn, &upstream, &faults, &stats, &fail_left, &drop_left, &me,
-                        );
-                    });
+        let shared = Arc::new(ProxyState {
+            upstream: upstream.to_string(),
+            me: addr.clone(),
+            faults: faults.clone(),
+            fail_left: AtomicU64::new(faults.fail_blobs),
+            drop_left: AtomicU64::new(faults.drop_blobs),
+            log: log.clone(),
+        });
+        let stop2 = stop.clone();
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    return;
                 }
-            });
-        }
-        Proxy { addr, stats, stop }
+                let Ok(conn) = conn else { continue };
+                let shared = shared.clone();
+                thread::spawn(move || {
+                    let _ = shared.handle(conn);
+                });
+            }
+        });
+        Proxy { addr, log, stop }
     }
 
-    /// Requests seen so far.
+    /// Requests seen so far: `METHOD PATH[ range=...][ auth=SCHEME]`.
     pub fn requests(&self) -> Vec<String> {
-        self.stats.requests.lock().expect("lock").clone()
+        self.log.lock().expect("proxy log").clone()
     }
 }
 
@@ -96,6 +99,15 @@ impl Drop for Proxy {
         self.stop.store(true, Ordering::SeqCst);
         let _ = TcpStream::connect(&self.addr);
     }
+}
+
+struct ProxyState {
+    upstream: String,
+    me: String,
+    faults: Faults,
+    fail_left: AtomicU64,
+    drop_left: AtomicU64,
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 fn respond(mut c: TcpStream, status: &str, headers: &[String], body: &[u8]) -> std::io::Result<()> {
@@ -112,163 +124,179 @@ fn respond(mut c: TcpStream, status: &str, headers: &[String], body: &[u8]) -> s
     c.write_all(body)
 }
 
-fn b64(s: &str) -> String {
-    const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let b = s.as_bytes();
-    let mut out = String::new();
-    for chunk in b.chunks(3) {
-        let n = (chunk[0] as u32) << 16
-            | (*chunk.get(1).unwrap_or(&0) as u32) << 8
-            | *chunk.get(2).unwrap_or(&0) as u32;
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+fn basic(creds: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(creds)
+    )
 }
 
-#[allow(clippy::too_many_arguments)]
-fn handle(
-    client: TcpStream,
-    upstream: &str,
-    faults: &Faults,
-    stats: &Stats,
-    fail_left: &AtomicU64,
-    drop_left: &AtomicU64,
-    me: &str,
-) -> std::io::Result<()> {
-    let mut reader = BufReader::new(client.try_clone()?);
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
-    let mut headers = Vec::new();
-    let mut content_length = 0usize;
-    loop {
-        let mut l = String::new();
-        reader.read_line(&mut l)?;
-        let t = l.trim_end().to_string();
-        if t.is_empty() {
-            break;
-        }
-        if let Some(v) = t.to_ascii_lowercase().strip_prefix("content-length:") {
-            content_length = v.trim().parse().unwrap_or(0);
-        }
-        headers.push(t);
-    }
-    let mut body = vec![0u8; content_length];
-    reader.read_exact(&mut body)?;
-    let mut parts = request_line.split_whitespace();
-    let method = parts.next().unwrap_or("").to_string();
-    let path = parts.next().unwrap_or("").to_string();
-    let range = headers
-        .iter()
-        .find(|h| h.to_ascii_lowercase().starts_with("range:"))
-        .map(|h| h[6..].trim().to_string());
-    stats.requests.lock().expect("lock").push(match &range {
-        Some(r) => format!("{method} {path} range={r}"),
-        None => format!("{method} {path}"),
-    });
-    let auth = headers
-        .iter()
-        .find(|h| h.to_ascii_lowercase().starts_with("authorization:"))
-        .map(|h| h[14..].trim().to_string());
+/// Take one unit from `n` if any is left.
+fn take_one(n: &AtomicU64) -> bool {
+    n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+        .is_ok()
+}
 
-    if faults.always_500 {
-        return respond(
-            client,
-            "500 Internal Server Error",
-            &[],
-            b"{\"errors\":[{\"code\":\"UNKNOWN\",\"message\":\"injected failure\"}]}",
-        );
-    }
-    if let Some(creds) = &faults.bearer {
-        if path.starts_with("/token") {
-            if auth.as_deref() == Some(&format!("Basic {}", b64(creds))) {
+impl ProxyState {
+    fn handle(&self, client: TcpStream) -> std::io::Result<()> {
+        let mut reader = BufReader::new(client.try_clone()?);
+        let mut request_line = String::new();
+        reader.read_line(&mut request_line)?;
+        let mut headers = Vec::new();
+        let mut content_length = 0usize;
+        loop {
+            let mut l = String::new();
+            reader.read_line(&mut l)?;
+            let t = l.trim_end().to_string();
+            if t.is_empty() {
+                break;
+            }
+            if let Some(v) = t.to_ascii_lowercase().strip_prefix("content-length:") {
+                content_length = v.trim().parse().unwrap_or(0);
+            }
+            headers.push(t);
+        }
+        let mut body = vec![0u8; content_length];
+        reader.read_exact(&mut body)?;
+        let mut parts = request_line.split_whitespace();
+        let method = parts.next().unwrap_or("").to_string();
+        let path = parts.next().unwrap_or("").to_string();
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|h| h.to_ascii_lowercase().starts_with(&format!("{name}:")))
+                .map(|h| h[name.len() + 1..].trim().to_string())
+        };
+        let range = header("range");
+        let auth = header("authorization");
+        let mut entry = format!("{method} {path}");
+        if let Some(r) = &range {
+            entry.push_str(&format!(" range={r}"));
+        }
+        if let Some(a) = &auth {
+            // the scheme only: tests must not be able to leak secrets either
+            entry.push_str(&format!(" auth={}", a.split(' ').next().unwrap_or("")));
+        }
+        self.log.lock().expect("proxy log").push(entry);
+
+        let f = &self.faults;
+        if f.always_500 {
+            return respond(
+                client,
+                "500 Internal Server Error",
+                &[],
+                br#"{"errors":[{"code":"UNKNOWN","message":"injected failure"}]}"#,
+            );
+        }
+        if let Some(creds) = &f.bearer {
+            if path.starts_with("/token") {
+                if auth.as_deref() == Some(basic(creds).as_str()) {
+                    let body = format!(r#"{{"token":"{TOKEN}","expires_in":300}}"#);
+                    return respond(
+                        client,
+                        "200 OK",
+                        &["Content-Type: application/json".into()],
+                        body.as_bytes(),
+                    );
+                }
+                return respond(client, "401 Unauthorized", &[], b"");
+            }
+            if auth.as_deref() != Some(format!("Bearer {TOKEN}").as_str()) {
+                let challenge = format!(
+                    "WWW-Authenticate: Bearer realm=\"http://{}/token\",service=\"strata-test\",scope=\"repository:{}:pull\"",
+                    self.me,
+                    repo_of(&path)
+                );
                 return respond(
                     client,
-                    "200 OK",
-                    &["Content-Type: application/json".into()],
-                    format!("{{\"token\":\"{TOKEN}\"}}").as_bytes(),
+                    "401 Unauthorized",
+                    &[challenge],
+                    br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#,
                 );
             }
-            return respond(client, "401 Unauthorized", &[], b"");
         }
-        if auth.as_deref() != Some(&format!("Bearer {TOKEN}")) {
-            let ch = format!(
-                "WWW-Authenticate: Bearer realm=\"http://{me}/token\",service=\"test\",scope=\"repository:x:pull\""
-            );
+        if let Some(creds) = &f.basic
+            && auth.as_deref() != Some(basic(creds).as_str())
+        {
             return respond(
                 client,
                 "401 Unauthorized",
-                &[ch],
-                b"{\"errors\":[{\"code\":\"UNAUTHORIZED\"}]}",
+                &["WWW-Authenticate: Basic realm=\"strata-test\"".into()],
+                br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#,
             );
         }
-    }
-    if let Some(creds) = &faults.basic
-        && auth.as_deref() != Some(&format!("Basic {}", b64(creds)))
-    {
-        return respond(
-            client,
-            "401 Unauthorized",
-            &["WWW-Authenticate: Basic realm=\"test\"".into()],
-            b"",
-        );
-    }
-    let is_blob = path.contains("/blobs/sha256:");
-    if is_blob
-        && fail_left
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-    {
-        return respond(client, "500 Internal Server Error", &[], b"");
-    }
-
-    // Forward upstream with Connection: close.
-    let mut up = TcpStream::connect(upstream)?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\n");
-    for h in &headers {
-        let l = h.to_ascii_lowercase();
-        if l.starts_with("connection:") || l.starts_with("host:") {
-            continue;
+        let is_blob_get = method == "GET" && path.contains("/blobs/sha256:");
+        if is_blob_get && take_one(&self.fail_left) {
+            return respond(client, "500 Internal Server Error", &[], b"");
         }
-        req.push_str(h);
-        req.push_str("\r\n");
+
+        if is_blob_get && f.redirect_blobs {
+            let location = format!("Location: http://{}{path}", self.upstream);
+            return respond(client, "307 Temporary Redirect", &[location], b"");
+        }
+
+        let mut up = TcpStream::connect(&self.upstream)?;
+        let mut req = format!("{method} {path} HTTP/1.1\r\n");
+        for h in &headers {
+            let l = h.to_ascii_lowercase();
+            if l.starts_with("connection:")
+                || l.starts_with("host:")
+                || l.starts_with("authorization:")
+            {
+                continue;
+            }
+            req.push_str(h);
+            req.push_str("\r\n");
+        }
+        req.push_str(&format!(
+            "Host: {}\r\nConnection: close\r\n\r\n",
+            self.upstream
+        ));
+        up.write_all(req.as_bytes())?;
+        up.write_all(&body)?;
+        let mut resp = Vec::new();
+        up.read_to_end(&mut resp)?;
+        let header_end = resp
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(resp.len(), |p| p + 4);
+        let body_len = resp.len() - header_end;
+        if f.lie_about_manifest_digest && path.contains("/manifests/") {
+            let head = String::from_utf8_lossy(&resp[..header_end]).into_owned();
+            let lie = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+            let head: String = head
+                .split("\r\n")
+                .map(|l| {
+                    if l.to_ascii_lowercase().starts_with("docker-content-digest:") {
+                        format!("Docker-Content-Digest: {lie}")
+                    } else {
+                        l.to_string()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\r\n");
+            resp = [head.as_bytes(), &resp[header_end..]].concat();
+            let mut out = client;
+            return out.write_all(&resp);
+        }
+        let mut out = client;
+        if is_blob_get && body_len > 1024 && take_one(&self.drop_left) {
+            out.write_all(&resp[..header_end + body_len / 2])?;
+            out.flush()?;
+            let _ = out.shutdown(Shutdown::Both);
+            return Ok(());
+        }
+        out.write_all(&resp)
     }
-    req.push_str(&format!("Host: {upstream}\r\nConnection: close\r\n\r\n"));
-    up.write_all(req.as_bytes())?;
-    up.write_all(&body)?;
-    let mut resp = Vec::new();
-    up.read_to_end(&mut resp)?;
-    let header_end = resp
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| p + 4)
-        .unwrap_or(resp.len());
-    let body_len = resp.len() - header_end;
-    let mut out = client;
-    if is_blob
-        && method == "GET"
-        && body_len > 1024
-        && drop_left
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-    {
-        let cut = header_end + body_len / 2;
-        out.write_all(&resp[..cut])?;
-        stats
-            .blob_bytes
-            .fetch_add((cut - header_end) as u64, Ordering::SeqCst);
-        let _ = out.shutdown(std::net::Shutdown::Both);
-        return Ok(());
+}
+
+/// `/v2/NAME/(manifests|blobs)/...` -> `NAME`.
+fn repo_of(path: &str) -> String {
+    let p = path.trim_start_matches("/v2/");
+    for marker in ["/manifests/", "/blobs/", "/tags/"] {
+        if let Some(i) = p.find(marker) {
+            return p[..i].to_string();
+        }
     }
-    if is_blob && method == "GET" {
-        stats
-            .blob_bytes
-            .fetch_add(body_len as u64, Ordering::SeqCst);
-    }
-    out.write_all(&resp)
+    p.trim_end_matches('/').to_string()
 }
