@@ -59,13 +59,7 @@ fn old_gnu_sparse_and_base256_ids_match_gnu_tar_extraction() {
     env.ok(&["export", &r, ours.to_str().unwrap()]);
     let m = layout_manifest(&layout, "gnu-old-tar");
     let blob = blob_path(&layout, m["layers"][0]["digest"].as_str().unwrap());
-    let theirs = env.path("theirs");
-    std::fs::create_dir(&theirs).unwrap();
-    run(std::process::Command::new("tar")
-        .args(["--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf"])
-        .arg(&blob)
-        .arg("-C")
-        .arg(&theirs));
+    let theirs = gnu_untar(&blob, &env.path("theirs"));
     let diffs = compare_trees(&ours, &theirs, Compare::ALL);
     assert!(diffs.is_empty(), "{}", diffs.join("\n"));
     let sparse = std::fs::metadata(ours.join("sparse")).unwrap();
@@ -83,13 +77,7 @@ fn tar_export_round_trips() {
     env.ok(&["export", &r, dir.to_str().unwrap()]);
     let tarfile = env.path("x.tar");
     env.ok(&["export", &r, "--tar", tarfile.to_str().unwrap()]);
-    let untar = env.path("untar");
-    std::fs::create_dir(&untar).unwrap();
-    run(std::process::Command::new("tar")
-        .args(["--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf"])
-        .arg(&tarfile)
-        .arg("-C")
-        .arg(&untar));
+    let untar = gnu_untar(&tarfile, &env.path("untar"));
     let diffs = compare_trees(&dir, &untar, Compare::ALL);
     assert!(diffs.is_empty(), "{}", diffs.join("\n"));
 }

@@ -38,13 +38,7 @@ fn pull_inspect_export_equals_umoci() {
     // Tar export re-imported by GNU tar equals the dir export.
     let tarfile = env.path("sample.tar");
     env.ok(&["export", &digest, "--tar", tarfile.to_str().unwrap()]);
-    let untar = env.path("untar");
-    std::fs::create_dir(&untar).unwrap();
-    run(std::process::Command::new("tar")
-        .args(["--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf"])
-        .arg(&tarfile)
-        .arg("-C")
-        .arg(&untar));
+    let untar = gnu_untar(&tarfile, &env.path("untar"));
     let diffs = compare_trees(&exported, &untar, Compare::ALL);
     assert!(
         diffs.is_empty(),

@@ -162,3 +162,15 @@ pub fn assert_layers_rebuild(root: &Path) {
     }
     assert!(n > 0, "no layers checked");
 }
+
+/// Extract a tar with GNU tar (xattrs, numeric owners, permissions) into a
+/// new directory `dir`; returns `dir`.
+pub fn gnu_untar(tarfile: &Path, dir: &Path) -> PathBuf {
+    std::fs::create_dir(dir).unwrap();
+    run(Command::new("tar")
+        .args(["--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf"])
+        .arg(tarfile)
+        .arg("-C")
+        .arg(dir));
+    dir.to_path_buf()
+}
