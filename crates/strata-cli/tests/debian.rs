@@ -54,6 +54,22 @@ fn derived_pull_downloads_only_the_new_layer() {
         1,
         "{insp}"
     );
+
+    // The same image recompressed with zstd by skopeo: a fresh store pulls
+    // it, and every layer rebuilds to the config's diff_id (the zstd blobs
+    // decode to the exact tars).
+    reg.push_zstd(&oci_ref(&layout, "python"), "debian-zstd:python");
+    let fresh = Env::new();
+    let z_ref = format!("docker://{}/debian-zstd:python", reg.addr);
+    let z = fresh.json(&["pull", "--plain-http", &z_ref]);
+    assert_eq!(z["layers_fetched"], 2, "{z}");
+    let zi = fresh.json(&["inspect", &z_ref]);
+    for (l, g) in zi["layers"].as_array().unwrap().iter().zip(layers) {
+        assert!(l["media_type"].as_str().unwrap().ends_with("+zstd"), "{zi}");
+        assert_eq!(l["diff_id"], g["diff_id"]);
+    }
+    assert_layers_rebuild(&fresh.root());
+    fresh.fsck_ok();
 }
 
 #[test]

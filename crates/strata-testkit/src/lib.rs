@@ -147,6 +147,27 @@ impl Registry {
             .arg(&dest));
     }
 
+    /// Push `src` recompressed as zstd. skopeo 1.9 substitutes blobs it
+    /// already knows (its blob-info cache) when pushing to a registry, so
+    /// the image is recompressed into a private OCI layout first and then
+    /// pushed with `--preserve-digests`.
+    pub fn push_zstd(&self, src: &str, repo_tag: &str) {
+        require_tool("skopeo", "skopeo");
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let layout = format!("oci:{}:zstd", tmp.path().join("layout").display());
+        run(Command::new("skopeo")
+            .args([
+                "copy",
+                "--quiet",
+                "--dest-compress",
+                "--dest-compress-format",
+                "zstd",
+            ])
+            .arg(src)
+            .arg(&layout));
+        self.push(&layout, repo_tag, &["--preserve-digests"]);
+    }
+
     /// Path of a blob in the registry's storage (to corrupt it in tests).
     pub fn blob_path(&self, hex: &str) -> PathBuf {
         self.storage
