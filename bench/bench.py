@@ -230,7 +230,7 @@ def main():
 | pull debian:base from local registry | {p['strata_s']:.2f} s | ctr image pull (overlayfs) {p['ctr_s']:.2f} s | {p['ctr_s']/p['strata_s']:.1f}x faster |
 | import throughput (oci layout, {i['uncompressed_mb']:.0f} MB tar) | {i['strata_mb_s']:.0f} MB/s | ostree commit {i['ostree_mb_s']:.0f} MB/s | {i['strata_mb_s']/i['ostree_mb_s']:.1f}x |
 | import vs single-core limit, store on disk | {i['strata_mb_s']:.0f} MB/s | min(SHA-256 {i['limits']['sha256_mb_s']:.0f}, gunzip {i['limits']['decompress_mb_s']:.0f}) = {i['limits']['limit_mb_s']:.0f} MB/s | {100*i['ratio_to_limit']:.0f}% of limit |
-| import vs single-core limit, store on tmpfs | {i['tmpfs_mb_s']:.0f} MB/s | {i['limits']['limit_mb_s']:.0f} MB/s | {100*i['tmpfs_ratio_to_limit']:.0f}% of limit |
+| import vs single-core limit, store on tmpfs | {i['tmpfs_mb_s']:.0f} MB/s (best run {i['uncompressed_mb']/min(i['tmpfs_all']):.0f}) | {i['limits']['limit_mb_s']:.0f} MB/s (best of 3) | {100*i['tmpfs_ratio_to_limit']:.0f}% of limit (best run {100*i['uncompressed_mb']/min(i['tmpfs_all'])/i['limits']['limit_mb_s']:.0f}%) |
 | derived pull (python after base) | {d['bytes_downloaded']} bytes downloaded | new layer compressed {d['new_layer_compressed']} bytes | {'equal' if d['bytes_downloaded']==d['new_layer_compressed'] else 'DIFFERENT'} |
 | store size base + python | {s['store_bytes']/1e6:.1f} MB | two unpacked trees {s['two_trees_bytes']/1e6:.1f} MB | {s['store_bytes']/s['two_trees_bytes']:.2f}x |
 

@@ -450,6 +450,9 @@ impl<D: Drain> Read for DrainAtEof<D> {
 /// thread at its next send.
 struct ThreadedReader {
     rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+    /// Used chunks go back to the producer, so it never allocates and
+    /// zeroes a fresh megabyte per chunk.
+    recycle: mpsc::Sender<Vec<u8>>,
     current: Vec<u8>,
     pos: usize,
     done: bool,
@@ -461,6 +464,7 @@ impl ThreadedReader {
         F: FnOnce() -> io::Result<Box<dyn Read + Send + 'scope>> + Send + 'scope,
     {
         let (tx, rx) = mpsc::sync_channel(8);
+        let (recycle, recycled) = mpsc::channel::<Vec<u8>>();
         scope.spawn(move || {
             let mut r = match make() {
                 Ok(r) => r,
@@ -470,7 +474,13 @@ impl ThreadedReader {
                 }
             };
             loop {
-                let mut buf = vec![0u8; 1 << 20];
+                let mut buf = match recycled.try_recv() {
+                    Ok(mut b) => {
+                        b.resize(1 << 20, 0);
+                        b
+                    }
+                    Err(_) => vec![0u8; 1 << 20],
+                };
                 let mut filled = 0;
                 let res = loop {
                     match r.read(&mut buf[filled..]) {
@@ -502,6 +512,7 @@ impl ThreadedReader {
         });
         ThreadedReader {
             rx,
+            recycle,
             current: Vec::new(),
             pos: 0,
             done: false,
@@ -521,7 +532,10 @@ impl Read for ThreadedReader {
                     return Ok(0);
                 }
                 Ok(Ok(chunk)) => {
-                    self.current = chunk;
+                    let used = std::mem::replace(&mut self.current, chunk);
+                    if used.capacity() > 0 {
+                        let _ = self.recycle.send(used);
+                    }
                     self.pos = 0;
                 }
                 Ok(Err(e)) => {
