@@ -1,6 +1,7 @@
 //! The layer record: entries plus the data to rebuild the tar exactly.
 //!
-//! Encoding (then zstd level 3), all integers LEB128 unless noted:
+//! Encoding (then zstd level 1: records are written once per layer, on the
+//! pull's critical path), all integers LEB128 unless noted:
 //! ```text
 //! magic "STRATA-LAYER-RECORD\n" (20 bytes), version (1)
 //! entry count, entries: path(len, bytes) kind(u8 + payload) mode uid gid
@@ -111,7 +112,7 @@ impl LayerRecord {
 
     /// Serialize (zstd-compressed).
     pub fn encode(&self, w: impl Write) -> io::Result<()> {
-        let mut z = zstd::stream::write::Encoder::new(w, 3)?;
+        let mut z = zstd::stream::write::Encoder::new(w, 1)?;
         let mut b = Vec::with_capacity(64 * 1024);
         b.extend_from_slice(MAGIC);
         put_u(&mut b, VERSION);
