@@ -203,3 +203,39 @@ fn oci_archive_and_docker_archive_transports() {
     );
     env.fsck_ok();
 }
+
+#[test]
+fn progress_bars_on_a_terminal_and_none_when_piped() {
+    require_tool("script", "util-linux");
+    let env = Env::new();
+    let src = format!("oci:{}:latest", sample_layout().display());
+    // `script` gives strata a pseudo-terminal, as a user's shell would.
+    let cmdline = format!(
+        "{} --root {} pull {src}",
+        env!("CARGO_BIN_EXE_strata"),
+        env.root().display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &cmdline, "/dev/null"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let tty = String::from_utf8_lossy(&out.stdout);
+    // one bar per layer with bytes, rate and ETA, finished with "done"
+    for l in env.json(&["inspect", &src])["layers"].as_array().unwrap() {
+        let short = &l["digest"].as_str().unwrap()[..19];
+        assert!(tty.contains(short), "no bar for {short}: {tty}");
+    }
+    assert!(
+        tty.contains("eta") && tty.contains("/s") && tty.contains("done"),
+        "{tty}"
+    );
+    assert!(tty.contains("pulled "), "summary line missing: {tty}");
+    // piped (not a terminal): the summary line only
+    let piped = env.ok(&["pull", &src]);
+    assert_eq!(piped.lines().count(), 1, "{piped}");
+    assert!(
+        piped.starts_with("pulled ") && !piped.contains("eta"),
+        "{piped}"
+    );
+}
