@@ -66,6 +66,18 @@ fn fixture(tag: &str) -> Fixture {
     }
 }
 
+/// A registry holding the `fixture("v1")` image as `test/app:v1`.
+fn registry_with_app() -> (Registry, Fixture) {
+    let reg = Registry::start();
+    let fx = fixture("v1");
+    reg.push(
+        &format!("oci:{}:v1", fx.layout.display()),
+        "test/app:v1",
+        KEEP,
+    );
+    (reg, fx)
+}
+
 fn plain(addr: &str) -> RegistryOptions {
     RegistryOptions {
         insecure_registries: vec![addr.to_string()],
@@ -108,13 +120,7 @@ fn check_resolved_matches(src: &dyn ImageSource, fx: &Fixture) {
 
 #[test]
 fn registry_resolves_by_tag_and_digest_and_streams_blobs() {
-    let reg = Registry::start();
-    let fx = fixture("v1");
-    reg.push(
-        &format!("oci:{}:v1", fx.layout.display()),
-        "test/app:v1",
-        KEEP,
-    );
+    let (reg, fx) = registry_with_app();
 
     let by_tag = open(
         &format!("docker://{}/test/app:v1", reg.addr),
@@ -248,13 +254,7 @@ fn registry_follows_an_index_to_the_wanted_platform() {
 
 #[test]
 fn registry_errors_name_what_was_missing() {
-    let reg = Registry::start();
-    let fx = fixture("v1");
-    reg.push(
-        &format!("oci:{}:v1", fx.layout.display()),
-        "test/app:v1",
-        KEEP,
-    );
+    let (reg, fx) = registry_with_app();
     let opts = plain(&reg.addr);
 
     let missing_tag = format!("docker://{}/test/app:nope", reg.addr);
@@ -318,13 +318,7 @@ fn write_auth_file(dir: &Path, host: &str, user_pass: &str) -> PathBuf {
 
 #[test]
 fn registry_bearer_token_auth() {
-    let reg = Registry::start();
-    let fx = fixture("v1");
-    reg.push(
-        &format!("oci:{}:v1", fx.layout.display()),
-        "test/app:v1",
-        KEEP,
-    );
+    let (reg, fx) = registry_with_app();
     let proxy = Proxy::start(
         &reg.addr,
         Faults {
@@ -391,13 +385,7 @@ fn registry_bearer_token_auth() {
 
 #[test]
 fn registry_basic_auth_from_auth_file() {
-    let reg = Registry::start();
-    let fx = fixture("v1");
-    reg.push(
-        &format!("oci:{}:v1", fx.layout.display()),
-        "test/app:v1",
-        KEEP,
-    );
+    let (reg, fx) = registry_with_app();
     let proxy = Proxy::start(
         &reg.addr,
         Faults {
@@ -423,13 +411,7 @@ fn registry_basic_auth_from_auth_file() {
 
 #[test]
 fn registry_blob_survives_500_and_a_dropped_connection() {
-    let reg = Registry::start();
-    let fx = fixture("v1");
-    reg.push(
-        &format!("oci:{}:v1", fx.layout.display()),
-        "test/app:v1",
-        KEEP,
-    );
+    let (reg, fx) = registry_with_app();
     let proxy = Proxy::start(
         &reg.addr,
         Faults {
@@ -461,13 +443,7 @@ fn registry_blob_survives_500_and_a_dropped_connection() {
 
 #[test]
 fn registry_blob_reports_the_blob_when_resume_attempts_run_out() {
-    let reg = Registry::start();
-    let fx = fixture("v1");
-    reg.push(
-        &format!("oci:{}:v1", fx.layout.display()),
-        "test/app:v1",
-        KEEP,
-    );
+    let (reg, _fx) = registry_with_app();
     let proxy = Proxy::start(
         &reg.addr,
         Faults {
@@ -503,13 +479,7 @@ fn registry_blob_reports_the_blob_when_resume_attempts_run_out() {
 
 #[test]
 fn registry_blob_redirects_are_followed() {
-    let reg = Registry::start();
-    let fx = fixture("v1");
-    reg.push(
-        &format!("oci:{}:v1", fx.layout.display()),
-        "test/app:v1",
-        KEEP,
-    );
+    let (reg, fx) = registry_with_app();
     let proxy = Proxy::start(
         &reg.addr,
         Faults {
@@ -542,13 +512,7 @@ fn registry_blob_redirects_are_followed() {
 
 #[test]
 fn registry_manifest_must_match_docker_content_digest() {
-    let reg = Registry::start();
-    let fx = fixture("v1");
-    reg.push(
-        &format!("oci:{}:v1", fx.layout.display()),
-        "test/app:v1",
-        KEEP,
-    );
+    let (reg, _fx) = registry_with_app();
     let proxy = Proxy::start(
         &reg.addr,
         Faults {
