@@ -33,6 +33,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use strata_digest::{Digest, Hasher};
 
+use crate::io_err;
 use crate::manifest::{Document, OCI_MANIFEST, parse_document, pick_platform};
 use crate::{Descriptor, ImageSource, OciError, Platform, ResolvedImage, verify};
 
@@ -64,16 +65,6 @@ fn normalize_docker_name(name: &str) -> String {
         n = format!("docker.io/library/{rest}");
     }
     n
-}
-
-fn io_err(action: &str, path: &Path) -> impl FnOnce(io::Error) -> OciError {
-    let action = action.to_string();
-    let path = path.to_path_buf();
-    move |source| OciError::Io {
-        action,
-        path,
-        source,
-    }
 }
 
 /// An OCI image layout directory (possibly unpacked from an archive).

@@ -14,12 +14,13 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use strata_digest::Digest;
 
+use crate::io_err;
 use crate::manifest::{OCI_INDEX, OCI_MANIFEST};
 use crate::{Descriptor, OciError, Platform};
 
@@ -52,16 +53,6 @@ struct ManifestOut<'a> {
     layers: &'a [Descriptor],
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     annotations: &'a BTreeMap<String, String>,
-}
-
-fn io_err(action: &str, path: &Path) -> impl FnOnce(io::Error) -> OciError {
-    let action = action.to_string();
-    let path = path.to_path_buf();
-    move |source| OciError::Io {
-        action,
-        path,
-        source,
-    }
 }
 
 fn json_err(what: &str) -> impl FnOnce(serde_json::Error) -> OciError {

@@ -191,6 +191,20 @@ pub fn open_source(r: &ImageRef, opts: &RegistryOptions) -> Result<Box<dyn Image
     })
 }
 
+/// An [`OciError::Io`] naming the action and the file.
+pub(crate) fn io_err(
+    action: &str,
+    path: &std::path::Path,
+) -> impl FnOnce(std::io::Error) -> OciError {
+    let action = action.to_string();
+    let path = path.to_path_buf();
+    move |source| OciError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
 /// Check bytes against a digest, as an [`OciError`].
 pub(crate) fn verify(what: &str, bytes: &[u8], expected: &Digest) -> Result<(), OciError> {
     let actual = Digest::sha256_of(bytes);
