@@ -1,0 +1,1 @@
+//! The upper part of a hybrid mount.
