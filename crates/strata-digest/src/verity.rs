@@ -61,11 +61,9 @@ impl FsVerityHasher {
     pub fn finish(mut self) -> Digest {
         let root: [u8; HASH] = if self.size == 0 {
             [0u8; HASH]
-        } else if self.size <= BLOCK as u64 {
-            // a single data block: the root is its (padded) hash
-            self.buf.resize(BLOCK, 0);
-            Sha256::digest(&self.buf).into()
         } else {
+            // The last data block, zero padded. A file of one block has
+            // that block's hash as its root (the loop below stops at once).
             if !self.buf.is_empty() {
                 self.buf.resize(BLOCK, 0);
                 let h = Sha256::digest(&self.buf);
