@@ -1,4 +1,4 @@
-//! `strata`: pull, store, inspect and export container root filesystems.
+//! `strata`: pull, store, inspect, mount and export container root filesystems.
 //!
 //! This binary is glue: argument parsing (clap), terminal output and exit
 //! codes. Every capability lives in a library crate; commands are one file
@@ -48,8 +48,14 @@ enum Command {
     Gc(cmd::gc::Args),
     /// Check the whole store; exits 1 when anything is wrong.
     Fsck,
-    /// Write an image's flattened tree to a directory or a tar file.
+    /// Write an image's flattened tree to a directory, a tar or an EROFS file.
     Export(cmd::export::Args),
+    /// Mount an image read-only (or --rw) the composefs way: one overlay mount.
+    Mount(cmd::mount::Args),
+    /// Unmount what `strata mount` mounted.
+    Umount(cmd::mount::UmountArgs),
+    /// Rebuild an image's tree and EROFS image and re-hash every object it uses.
+    Verify(cmd::verify::Args),
 }
 
 /// What every command gets.
@@ -99,6 +105,9 @@ fn main() -> ExitCode {
         Command::Gc(a) => cmd::gc::run(&ctx, a),
         Command::Fsck => cmd::fsck::run(&ctx),
         Command::Export(a) => cmd::export::run(&ctx, a),
+        Command::Mount(a) => cmd::mount::run(&ctx, a),
+        Command::Umount(a) => cmd::mount::umount(&ctx, a),
+        Command::Verify(a) => cmd::verify::run(&ctx, a),
     };
     match result {
         Ok(code) => code,

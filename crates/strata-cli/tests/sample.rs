@@ -231,9 +231,13 @@ fn progress_bars_on_a_terminal_and_none_when_piped() {
         "{tty}"
     );
     assert!(tty.contains("pulled "), "summary line missing: {tty}");
-    // piped (not a terminal): the summary line only
+    // piped (not a terminal): the summary and tree-digest lines only
     let piped = env.ok(&["pull", &src]);
-    assert_eq!(piped.lines().count(), 1, "{piped}");
+    assert_eq!(piped.lines().count(), 2, "{piped}");
+    assert!(
+        piped.lines().nth(1).unwrap().starts_with("tree sha256:"),
+        "{piped}"
+    );
     assert!(
         piped.starts_with("pulled ") && !piped.contains("eta"),
         "{piped}"

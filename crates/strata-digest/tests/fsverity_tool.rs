@@ -12,8 +12,14 @@ fn tool_digest(path: &std::path::Path) -> String {
         .arg("--compact")
         .arg(path)
         .output()
-        .expect("the `fsverity` tool is missing: apt-get install fsverity (scripts/install-deps.sh)");
-    assert!(out.status.success(), "fsverity digest failed: {}", String::from_utf8_lossy(&out.stderr));
+        .expect(
+            "the `fsverity` tool is missing: apt-get install fsverity (scripts/install-deps.sh)",
+        );
+    assert!(
+        out.status.success(),
+        "fsverity digest failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 

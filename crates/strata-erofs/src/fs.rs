@@ -204,7 +204,9 @@ impl FsTree {
                 let child_path = format!("{path}/{}", String::from_utf8_lossy(name));
                 check_name(name, &child_path)?;
                 let Some(slot) = refs.get_mut(child) else {
-                    return Err(TreeError::Malformed(format!("{child_path:?}: no node {child}")));
+                    return Err(TreeError::Malformed(format!(
+                        "{child_path:?}: no node {child}"
+                    )));
                 };
                 *slot += 1;
                 if matches!(self.nodes[child].kind, Kind::Dir { .. }) {

@@ -25,8 +25,8 @@ pub mod split;
 mod writer;
 
 pub use format::encode_dev;
-pub use fs::{FileData, FsTree, Kind, Node, Stat, TreeError, FILE_MAX, NAME_MAX, XATTR_VALUE_MAX};
-pub use writer::{build, DataSource, Flavor, Image};
+pub use fs::{FILE_MAX, FileData, FsTree, Kind, NAME_MAX, Node, Stat, TreeError, XATTR_VALUE_MAX};
+pub use writer::{DataSource, Flavor, Image, build};
 
 /// Files up to this size are stored inside composefs images.
 pub const INLINE_MAX: u64 = 64;

@@ -32,7 +32,7 @@ use std::io::{self, Write};
 
 use xxhash_rust::xxh32::xxh32;
 
-use crate::format::{self as f, FileType, Layout, BLOCK, SLOT};
+use crate::format::{self as f, BLOCK, FileType, Layout, SLOT};
 use crate::fs::{FileData, FsTree, Kind, Stat, TreeError};
 
 /// Which kind of image to write.
@@ -200,7 +200,9 @@ impl XAttr {
 
     /// Full name, then value length, then value (C mkcomposefs's order).
     fn canonical_cmp(&self, o: &Self) -> std::cmp::Ordering {
-        let a = f::XATTR_PREFIXES[self.prefix as usize].iter().chain(&self.suffix);
+        let a = f::XATTR_PREFIXES[self.prefix as usize]
+            .iter()
+            .chain(&self.suffix);
         let b = f::XATTR_PREFIXES[o.prefix as usize].iter().chain(&o.suffix);
         a.cmp(b)
             .then(self.value.len().cmp(&o.value.len()))
@@ -329,7 +331,11 @@ struct Meta {
 }
 
 fn chunk_bits(size: u64) -> u32 {
-    let bits = if size > 1 { 64 - (size - 1).leading_zeros() } else { 1 };
+    let bits = if size > 1 {
+        64 - (size - 1).leading_zeros()
+    } else {
+        1
+    };
     bits.clamp(f::BLOCK_BITS as u32, f::BLOCK_BITS as u32 + 31)
 }
 
@@ -759,9 +765,14 @@ impl<'a> Prepared<'a> {
             }
             kind => {
                 let (data_blocks, tail) = match kind {
-                    Kind::File(FileData::External { size, .. }) => {
-                        (0, if *size > 0 { 4 * size.div_ceil(1 << chunk_bits(*size)) } else { 0 })
-                    }
+                    Kind::File(FileData::External { size, .. }) => (
+                        0,
+                        if *size > 0 {
+                            4 * size.div_ceil(1 << chunk_bits(*size))
+                        } else {
+                            0
+                        },
+                    ),
                     Kind::File(d) if d.size() > 0 => {
                         let (mut b, mut t) = (d.size() / BLOCK, d.size() % BLOCK);
                         if t > BLOCK / 2 {
@@ -829,8 +840,12 @@ impl<'a> Prepared<'a> {
             .map(|(a, _)| a.clone())
             .collect();
         shared.sort_by(|a, b| b.canonical_cmp(a));
-        let index: HashMap<XAttr, usize> =
-            shared.iter().cloned().enumerate().map(|(i, a)| (a, i)).collect();
+        let index: HashMap<XAttr, usize> = shared
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(i, a)| (a, i))
+            .collect();
         for i in &mut self.inodes {
             let x = &mut i.xattrs;
             let mut local = Vec::with_capacity(x.local.len());
@@ -869,14 +884,13 @@ impl<'a> Prepared<'a> {
             } else {
                 f::EXTENDED_INODE
             };
-            if h + ino.xattrs.size() + tail >= BLOCK {
-                if let Body::Leaf {
+            if h + ino.xattrs.size() + tail >= BLOCK
+                && let Body::Leaf {
                     data_blocks, tail, ..
                 } = &mut self.inodes[i].body
-                {
-                    *data_blocks += 1;
-                    *tail = 0;
-                }
+            {
+                *data_blocks += 1;
+                *tail = 0;
             }
         }
     }
@@ -984,7 +998,8 @@ impl Emitter {
 
     fn flush(&mut self) {
         if !self.buf.is_empty() {
-            self.segments.push(Segment::Bytes(std::mem::take(&mut self.buf)));
+            self.segments
+                .push(Segment::Bytes(std::mem::take(&mut self.buf)));
         }
     }
 

@@ -4,8 +4,8 @@
 mod common;
 
 use composefs::erofs::format::FormatVersion;
-use composefs::erofs::writer::{mkfs_erofs_versioned, ValidatedFileSystem};
-use strata_erofs::{build, Flavor};
+use composefs::erofs::writer::{ValidatedFileSystem, mkfs_erofs_versioned};
+use strata_erofs::{Flavor, build};
 
 fn ours_and_theirs(g: &common::Gen) -> (Vec<u8>, Vec<u8>) {
     let ours = build(&g.tree, Flavor::Composefs).expect("build");
@@ -16,8 +16,16 @@ fn ours_and_theirs(g: &common::Gen) -> (Vec<u8>, Vec<u8>) {
 }
 
 fn first_diff(a: &[u8], b: &[u8]) -> String {
-    let i = a.iter().zip(b).position(|(x, y)| x != y).unwrap_or(a.len().min(b.len()));
-    format!("lengths {} vs {}, first difference at byte {i}", a.len(), b.len())
+    let i = a
+        .iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .unwrap_or(a.len().min(b.len()));
+    format!(
+        "lengths {} vs {}, first difference at byte {i}",
+        a.len(),
+        b.len()
+    )
 }
 
 #[test]
@@ -78,7 +86,11 @@ fn random_trees_match_composefs() {
         }
         tally(&g.tree, &mut seen);
         let (ours, theirs) = ours_and_theirs(&g);
-        assert!(ours == theirs, "seed {seed}: {}", first_diff(&ours, &theirs));
+        assert!(
+            ours == theirs,
+            "seed {seed}: {}",
+            first_diff(&ours, &theirs)
+        );
     }
     assert!(
         seen.hardlinks > 20

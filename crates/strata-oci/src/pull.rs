@@ -41,6 +41,8 @@ pub struct PullOptions {
     pub registry: RegistryOptions,
     /// Layers fetched at once.
     pub jobs: usize,
+    /// Whether the image's EROFS is split into a shared base part.
+    pub split: strata_store::SplitPolicy,
 }
 
 /// Receives progress events; the CLI renders them, the server exposes them.
@@ -78,6 +80,12 @@ pub struct PullSummary {
     pub objects_written: u64,
     /// File contents that were already in the store.
     pub files_deduplicated: u64,
+    /// The image's tree digest (SHA-256 of its composefs EROFS image).
+    pub tree_digest: Option<Digest>,
+    /// Set when the tree could not become an EROFS image (the image is
+    /// still stored and exportable, but cannot be mounted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub erofs_error: Option<String>,
 }
 
 /// Why a pull failed.
@@ -160,6 +168,8 @@ pub fn pull_from(
         bytes_written: 0,
         objects_written: 0,
         files_deduplicated: 0,
+        tree_digest: None,
+        erofs_error: None,
     });
     let downloaded = AtomicU64::new(0);
     // Records of layers imported by this pull, kept to validate the image
@@ -267,6 +277,11 @@ pub fn pull_from(
     };
     store.commit_image(&meta, &resolved.manifest_bytes, &resolved.config_bytes)?;
     store.set_ref(name, &resolved.manifest_digest)?;
+    match store.build_image_erofs(&resolved.manifest_digest, Some(&tree), opts.split) {
+        Ok(info) => summary.tree_digest = Some(info.tree_digest),
+        Err(strata_store::StoreError::Unsupported(e)) => summary.erofs_error = Some(e),
+        Err(e) => return Err(e.into()),
+    }
     Ok(summary)
 }
 

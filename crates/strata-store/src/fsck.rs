@@ -6,8 +6,9 @@
 //! and its layers exist; every ref must parse and point to an image. Staging
 //! leftovers under tmp/ are not problems: they are invisible by design.
 
-use std::fs::{self, File};
-use std::io::{self, Read};
+use std::collections::HashMap;
+use std::fs;
+use std::io;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -41,7 +42,7 @@ impl FsckReport {
 pub(crate) fn run(store: &Store) -> Result<FsckReport> {
     let mut report = FsckReport::default();
     let root = store.root();
-    check_objects(store, &mut report)?;
+    let verity = check_objects(store, &mut report)?;
 
     for layer in list_hex_names(&root.join("layers"))? {
         report.layers += 1;
@@ -73,6 +74,22 @@ pub(crate) fn run(store: &Store) -> Result<FsckReport> {
                 missing[0]
             ));
             continue;
+        }
+        match store.layer_verity(&layer) {
+            Ok(v) => {
+                let bad = v
+                    .iter()
+                    .filter(|(d, h)| verity.get(d).is_some_and(|w| w != h))
+                    .count();
+                let listed: std::collections::HashSet<Digest> = v.iter().map(|(d, _)| *d).collect();
+                let unlisted = record.objects().filter(|d| !listed.contains(d)).count();
+                if bad > 0 || unlisted > 0 {
+                    report.problems.push(format!(
+                        "layer {layer}: verity file has {bad} wrong and {unlisted} missing fs-verity digests"
+                    ));
+                }
+            }
+            Err(e) => report.problems.push(format!("layer {layer}: {e}")),
         }
         let mut hasher = Hasher::new();
         match store.rebuild_layer(&layer, &mut hasher) {
@@ -123,6 +140,29 @@ pub(crate) fn run(store: &Store) -> Result<FsckReport> {
                     .push(format!("image {img}: layer {} missing", l.diff_id));
             }
         }
+        // EROFS files are built at pull or first mount; when recorded they
+        // must be there and hash to what erofs.json says.
+        if let Some(info) = store.erofs_info(&img) {
+            let files = match &info.split {
+                None => vec![(dir.join("image.erofs"), info.tree_digest)],
+                Some(s) => vec![
+                    (dir.join("upper.erofs"), s.upper.digest),
+                    (
+                        root.join("bases")
+                            .join(s.base_chain.hex())
+                            .join("image.erofs"),
+                        s.base.digest,
+                    ),
+                ],
+            };
+            for (p, want) in files {
+                report.problems.extend(check(
+                    &p.strip_prefix(root).unwrap_or(&p).display().to_string(),
+                    fs::read(&p),
+                    &want,
+                ));
+            }
+        }
     }
 
     let refs_dir = root.join("refs");
@@ -152,7 +192,7 @@ pub(crate) fn run(store: &Store) -> Result<FsckReport> {
     Ok(report)
 }
 
-fn check_objects(store: &Store, report: &mut FsckReport) -> Result<()> {
+fn check_objects(store: &Store, report: &mut FsckReport) -> Result<HashMap<Digest, [u8; 32]>> {
     let objects = store.root().join("objects");
     let mut files: Vec<(String, PathBuf)> = Vec::new();
     for fan in fs::read_dir(&objects).map_err(io_err("listing", &objects))? {
@@ -174,19 +214,22 @@ fn check_objects(store: &Store, report: &mut FsckReport) -> Result<()> {
     }
     report.objects = files.len() as u64;
     let problems = Mutex::new(Vec::new());
+    let verity = Mutex::new(HashMap::new());
     let next = Mutex::new(files.into_iter());
     std::thread::scope(|s| {
         for _ in 0..2 {
             s.spawn(|| {
-                let mut buf = vec![0u8; 256 * 1024];
                 loop {
                     let item = next.lock().expect("no panics while held").next();
                     let Some((name, path)) = item else { break };
                     let problem = match name.parse::<Digest>() {
                         Err(_) => Some(format!("object {}: name is not a digest", path.display())),
-                        Ok(want) => match hash_file(&path, &mut buf) {
-                            Ok(got) if got == want => None,
-                            Ok(got) => Some(format!("object {want}: content hashes to {got}")),
+                        Ok(want) => match crate::erofs::hash_both(&path) {
+                            Ok((got, v)) if got == want => {
+                                verity.lock().expect("no panics while held").insert(want, v);
+                                None
+                            }
+                            Ok((got, _)) => Some(format!("object {want}: content hashes to {got}")),
                             Err(e) => Some(format!("object {want}: {e}")),
                         },
                     };
@@ -200,17 +243,5 @@ fn check_objects(store: &Store, report: &mut FsckReport) -> Result<()> {
     let mut problems = problems.into_inner().expect("threads joined");
     problems.sort();
     report.problems.extend(problems);
-    Ok(())
-}
-
-fn hash_file(path: &std::path::Path, buf: &mut [u8]) -> io::Result<Digest> {
-    let mut f = File::open(path)?;
-    let mut h = Hasher::new();
-    loop {
-        let n = f.read(buf)?;
-        if n == 0 {
-            return Ok(h.finish());
-        }
-        h.update(&buf[..n]);
-    }
+    Ok(verity.into_inner().expect("threads joined"))
 }

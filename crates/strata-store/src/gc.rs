@@ -37,7 +37,9 @@ pub(crate) fn run(store: &Store, dry_run: bool) -> Result<GcReport> {
         ..Default::default()
     };
     let root = store.root();
-    let live_images: HashSet<Digest> = store.refs()?.into_values().collect();
+    // Named images, and images mounted now (their objects are in use).
+    let mut live_images: HashSet<Digest> = store.refs()?.into_values().collect();
+    live_images.extend(mounted_images());
     let mut live_layers = HashSet::new();
     for img in store.image_digests()? {
         if live_images.contains(&img) {
@@ -49,6 +51,25 @@ pub(crate) fn run(store: &Store, dry_run: bool) -> Result<GcReport> {
             report.images.push(img);
             if !dry_run {
                 fs::remove_dir_all(&dir).map_err(io_err("removing image", &dir))?;
+            }
+        }
+    }
+    // Base parts of hybrid images: live while a live image stacks on one.
+    let mut live_bases = HashSet::new();
+    for img in &live_images {
+        if let Some(s) = store.erofs_info(img).and_then(|i| i.split) {
+            live_bases.insert(s.base_chain);
+        }
+    }
+    let bases = root.join("bases");
+    if bases.is_dir() {
+        for chain in list_hex_names(&bases)? {
+            if !live_bases.contains(&chain) {
+                let dir = bases.join(chain.hex());
+                report.bytes_freed += dir_size(&dir);
+                if !dry_run {
+                    fs::remove_dir_all(&dir).map_err(io_err("removing base part", &dir))?;
+                }
             }
         }
     }
@@ -109,4 +130,19 @@ fn dir_size(p: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// Images mounted by `strata mount` in this mount namespace: their mount
+/// source is `strata:<manifest digest>`.
+fn mounted_images() -> Vec<Digest> {
+    let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| {
+            let after = l.split(" - ").nth(1)?;
+            let source = after.split(' ').nth(1)?;
+            source.strip_prefix("strata:")?.parse().ok()
+        })
+        .collect()
 }

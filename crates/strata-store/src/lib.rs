@@ -32,6 +32,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod erofs;
 mod fsck;
 mod gc;
 mod objects;
@@ -46,6 +47,10 @@ use serde::{Deserialize, Serialize};
 use strata_digest::Digest;
 use strata_tar::LayerRecord;
 
+pub use erofs::{
+    DEFAULT_SPLIT_THRESHOLD, ErofsInfo, PartInfo, SplitInfo, SplitPolicy, VerifyReport, chain_id,
+    object_verity,
+};
 pub use fsck::FsckReport;
 pub use gc::GcReport;
 pub use objects::{BatchStats, ObjectBatch};
@@ -80,6 +85,9 @@ pub enum StoreError {
         /// What is wrong.
         reason: String,
     },
+    /// A tree or request strata cannot turn into what was asked.
+    #[error("{0}")]
+    Unsupported(String),
     /// Lock contention that cannot be waited out.
     #[error("store {0} is locked by another process")]
     Locked(PathBuf),
@@ -161,7 +169,9 @@ pub struct Store {
 
 static STAGING_SEQ: AtomicU64 = AtomicU64::new(0);
 
-const DIRS: [&str; 6] = ["objects", "layers", "blobs", "images", "refs", "tmp"];
+const DIRS: [&str; 7] = [
+    "objects", "layers", "blobs", "images", "refs", "bases", "tmp",
+];
 
 impl Store {
     /// Open (creating if needed) the store at `root`, holding the lock shared.
@@ -260,7 +270,7 @@ impl Store {
 
     // ---- layers ----------------------------------------------------------
 
-    fn layer_dir(&self, diff_id: &Digest) -> PathBuf {
+    pub(crate) fn layer_dir(&self, diff_id: &Digest) -> PathBuf {
         self.root.join("layers").join(diff_id.hex())
     }
 
@@ -345,6 +355,7 @@ impl Store {
             f.sync_all()
                 .map_err(io_err("syncing layer record", &rec_path))?;
             write_json_durable(&stage.join("meta.json"), meta)?;
+            self.write_layer_verity(&stage, record.objects())?;
             sync_dir(&stage)?;
             match fs::rename(&stage, &final_dir) {
                 Ok(()) => sync_dir(&self.root.join("layers"))?,
@@ -371,7 +382,7 @@ impl Store {
 
     // ---- images ----------------------------------------------------------
 
-    fn image_dir(&self, manifest_digest: &Digest) -> PathBuf {
+    pub(crate) fn image_dir(&self, manifest_digest: &Digest) -> PathBuf {
         self.root.join("images").join(manifest_digest.hex())
     }
 
@@ -674,13 +685,13 @@ pub(crate) fn sync_dir(p: &Path) -> Result<()> {
         .map_err(io_err("syncing dir", p))
 }
 
-fn write_durable(p: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_durable(p: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(p).map_err(io_err("creating", p))?;
     f.write_all(bytes).map_err(io_err("writing", p))?;
     f.sync_all().map_err(io_err("syncing", p))
 }
 
-fn write_json_durable<T: Serialize>(p: &Path, v: &T) -> Result<()> {
+pub(crate) fn write_json_durable<T: Serialize>(p: &Path, v: &T) -> Result<()> {
     let mut bytes = serde_json::to_vec_pretty(v).map_err(|e| StoreError::Corrupt {
         what: "json",
         path: p.to_path_buf(),
@@ -691,14 +702,14 @@ fn write_json_durable<T: Serialize>(p: &Path, v: &T) -> Result<()> {
 }
 
 /// Write `bytes` to `p` atomically: staging file, fsync, rename, fsync dir.
-fn write_atomic(store: &Store, p: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(store: &Store, p: &Path, bytes: &[u8]) -> Result<()> {
     let stage = store.staging_path("file");
     write_durable(&stage, bytes)?;
     fs::rename(&stage, p).map_err(io_err("renaming into place", p))?;
     sync_dir(p.parent().expect("store paths have parents"))
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(p: &Path, what: &'static str) -> Result<T> {
+pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(p: &Path, what: &'static str) -> Result<T> {
     let bytes = fs::read(p).map_err(io_err("reading", p))?;
     serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
         what,

@@ -22,24 +22,19 @@ pub struct Args {
     /// Write a tar of the flattened tree instead (`-` for stdout).
     #[arg(long, conflicts_with = "dir")]
     tar: Option<PathBuf>,
-}
-
-/// The flattened tree of an image, from its layer records.
-pub fn image_tree(store: &Store, digest: &Digest) -> Result<Tree> {
-    let meta = store.image_meta(digest)?;
-    let mut tree = Tree::new();
-    for (i, l) in meta.layers.iter().enumerate() {
-        let record = store.layer_record(&l.diff_id)?;
-        tree.apply_layer(&record.entries)
-            .with_context(|| format!("applying layer {i} ({})", l.diff_id))?;
-    }
-    Ok(tree)
+    /// Write a self-contained EROFS image (contents inside, uncompressed)
+    /// instead: a read-only root filesystem mountable without the store.
+    #[arg(long, conflicts_with_all = ["dir", "tar"])]
+    erofs: Option<PathBuf>,
 }
 
 pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
     let store = ctx.open_store()?;
     let digest = store.resolve_image(&a.image)?;
-    let tree = image_tree(&store, &digest)?;
+    if let Some(path) = &a.erofs {
+        return export_erofs(ctx, &store, &digest, path);
+    }
+    let tree: Tree = store.image_tree(&digest)?;
     match (&a.dir, &a.tar) {
         (Some(dir), None) => {
             let mut open =
@@ -72,7 +67,52 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
                 }
             }
         }
-        _ => bail!("give a directory or --tar FILE"),
+        _ => bail!("give a directory, --tar FILE or --erofs FILE"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Written to a temporary name next to `path` and renamed, so a failed
+/// export leaves no partial image under the asked name.
+fn export_erofs(
+    ctx: &Ctx,
+    store: &Store,
+    digest: &Digest,
+    path: &std::path::Path,
+) -> Result<ExitCode> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.strata-tmp",
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ));
+    let result = (|| -> Result<u64> {
+        let f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut w = BufWriter::with_capacity(1 << 20, f);
+        let n = store.export_erofs(digest, &mut w)?;
+        let f = w.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+        Ok(n)
+    })();
+    match result {
+        Ok(n) => {
+            if !ctx.quiet {
+                println!(
+                    "exported {digest} to {} (EROFS, {})",
+                    path.display(),
+                    super::human(n)
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e.context(format!("exporting {digest} as EROFS to {}", path.display())))
+        }
+    }
 }

@@ -54,6 +54,26 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
             "shared_with": shared,
         }));
     }
+    let tree = match store.erofs_info(&digest) {
+        None => serde_json::Value::Null,
+        Some(i) => {
+            let mut t = serde_json::json!({
+                "format": i.format,
+                "tree_digest": i.tree_digest,
+                "composefs_id": i.composefs_id,
+                "size": i.size,
+                "inodes": i.inodes,
+            });
+            if let Some(s) = &i.split {
+                t["parts"] = serde_json::json!({
+                    "base": {"layers": s.base_layers, "chain_id": s.base_chain,
+                             "digest": s.base.digest, "composefs_id": s.base.verity, "size": s.base.size},
+                    "upper": {"digest": s.upper.digest, "composefs_id": s.upper.verity, "size": s.upper.size},
+                });
+            }
+            t
+        }
+    };
     let out = serde_json::json!({
         "names": names,
         "manifest_digest": digest,
@@ -61,6 +81,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         "config_digest": meta.config_digest,
         "source": meta.source,
         "created": meta.created,
+        "tree": tree,
         "layers": layers,
         "manifest": manifest,
         "config": config,

@@ -5,9 +5,11 @@ pub mod fsck;
 pub mod gc;
 pub mod images;
 pub mod inspect;
+pub mod mount;
 pub mod pull;
 pub mod rm;
 pub mod tag;
+pub mod verify;
 
 /// Human-readable byte count.
 pub fn human(n: u64) -> String {

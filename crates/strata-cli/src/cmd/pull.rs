@@ -27,6 +27,38 @@ pub struct Args {
     /// Layers downloaded at once.
     #[arg(long, default_value_t = 3)]
     jobs: usize,
+    #[command(flatten)]
+    split: SplitArgs,
+}
+
+/// How an image's EROFS tree is stored.
+#[derive(clap::Args)]
+pub struct SplitArgs {
+    /// Keep a layer-chain prefix shared by other images as its own EROFS
+    /// base part (auto: when at least --split-threshold images share it).
+    #[arg(long, value_enum, default_value_t = SplitMode::Auto)]
+    split_base: SplitMode,
+    /// Images that must share a base chain before `auto` splits it out.
+    #[arg(long, default_value_t = strata_store::DEFAULT_SPLIT_THRESHOLD)]
+    split_threshold: usize,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SplitMode {
+    Auto,
+    Never,
+    Always,
+}
+
+impl SplitArgs {
+    /// The store's policy for these flags.
+    pub fn policy(&self) -> strata_store::SplitPolicy {
+        match self.split_base {
+            SplitMode::Auto => strata_store::SplitPolicy::Auto(self.split_threshold),
+            SplitMode::Never => strata_store::SplitPolicy::Never,
+            SplitMode::Always => strata_store::SplitPolicy::Always,
+        }
+    }
 }
 
 pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
@@ -52,6 +84,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         platform,
         registry,
         jobs: a.jobs,
+        split: a.split.policy(),
     };
     let name = reference.to_string();
     let progress = TermProgress::new(!ctx.quiet && !ctx.json);
@@ -74,6 +107,12 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
             human(summary.bytes_written),
             summary.files_deduplicated
         );
+        if let Some(t) = &summary.tree_digest {
+            println!("tree {t}");
+        }
+    }
+    if let Some(e) = &summary.erofs_error {
+        eprintln!("strata: warning: {} cannot be mounted: {e}", summary.name);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -10,7 +10,7 @@ use composefs::generic_tree::{self as gt, LeafId};
 use composefs::tree;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use strata_erofs::{encode_dev, FileData, FsTree, Kind, Node, Stat};
+use strata_erofs::{FileData, FsTree, Kind, Node, Stat, encode_dev};
 
 pub struct Gen {
     rng: StdRng,
@@ -129,7 +129,10 @@ impl Gen {
                 };
                 Kind::Symlink((0..len).map(|i| b'a' + (i % 26) as u8).collect())
             }
-            75..80 => Kind::CharDev(self.rng.random_range(0..300), self.rng.random_range(0..70000)),
+            75..80 => Kind::CharDev(
+                self.rng.random_range(0..300),
+                self.rng.random_range(0..70000),
+            ),
             80..84 => Kind::BlockDev(self.rng.random_range(1..300), self.rng.random_range(0..300)),
             84..88 => Kind::Fifo,
             88..90 => Kind::Socket,
@@ -152,17 +155,39 @@ pub fn random_stat(rng: &mut StdRng, dir: bool) -> Stat {
             0 => Vec::new(),
             1 => b"shared-value".to_vec(),
             2 => vec![0xee],
-            _ => (0..rng.random_range(1..300)).map(|_| rng.random()).collect(),
+            _ => (0..rng.random_range(1..300))
+                .map(|_| rng.random())
+                .collect(),
         };
         xattrs.insert(k.as_bytes().to_vec(), v);
     }
     let base = 1_700_000_000i64;
     Stat {
-        mode: if dir { 0o755 } else { rng.random_range(0..0o10000) },
-        uid: if rng.random_range(0..10) == 0 { 100_000 } else { rng.random_range(0..3) },
-        gid: if rng.random_range(0..10) == 0 { 70_000 } else { 0 },
-        mtime: if rng.random_range(0..3) == 0 { base } else { base + rng.random_range(0..5) },
-        mtime_nsec: if rng.random_range(0..4) == 0 { rng.random_range(0..1_000_000_000) } else { 0 },
+        mode: if dir {
+            0o755
+        } else {
+            rng.random_range(0..0o10000)
+        },
+        uid: if rng.random_range(0..10) == 0 {
+            100_000
+        } else {
+            rng.random_range(0..3)
+        },
+        gid: if rng.random_range(0..10) == 0 {
+            70_000
+        } else {
+            0
+        },
+        mtime: if rng.random_range(0..3) == 0 {
+            base
+        } else {
+            base + rng.random_range(0..5)
+        },
+        mtime_nsec: if rng.random_range(0..4) == 0 {
+            rng.random_range(0..1_000_000_000)
+        } else {
+            0
+        },
         xattrs,
     }
 }
@@ -177,7 +202,12 @@ fn cfs_stat(s: &Stat) -> gt::Stat {
         xattrs: s
             .xattrs
             .iter()
-            .map(|(k, v)| (Box::from(OsStr::from_bytes(k)), v.clone().into_boxed_slice()))
+            .map(|(k, v)| {
+                (
+                    Box::from(OsStr::from_bytes(k)),
+                    v.clone().into_boxed_slice(),
+                )
+            })
             .collect(),
     }
 }
@@ -207,19 +237,29 @@ fn cfs_dir(
                     Some(id) => *id,
                     None => {
                         let content = match k {
-                            Kind::File(FileData::Inline(d)) => {
-                                tree::LeafContent::Regular(tree::RegularFile::Inline(d.clone().into()))
-                            }
+                            Kind::File(FileData::Inline(d)) => tree::LeafContent::Regular(
+                                tree::RegularFile::Inline(d.clone().into()),
+                            ),
                             Kind::File(FileData::External { verity, size, .. }) => {
                                 let h = Sha256HashValue::from_hex(
-                                    verity.unwrap().iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                                    verity
+                                        .unwrap()
+                                        .iter()
+                                        .map(|b| format!("{b:02x}"))
+                                        .collect::<String>(),
                                 )
                                 .unwrap();
                                 tree::LeafContent::Regular(tree::RegularFile::External(h, *size))
                             }
-                            Kind::Symlink(s) => tree::LeafContent::Symlink(Box::from(OsStr::from_bytes(s))),
-                            Kind::CharDev(a, b) => tree::LeafContent::CharacterDevice(encode_dev(*a, *b) as u64),
-                            Kind::BlockDev(a, b) => tree::LeafContent::BlockDevice(encode_dev(*a, *b) as u64),
+                            Kind::Symlink(s) => {
+                                tree::LeafContent::Symlink(Box::from(OsStr::from_bytes(s)))
+                            }
+                            Kind::CharDev(a, b) => {
+                                tree::LeafContent::CharacterDevice(encode_dev(*a, *b) as u64)
+                            }
+                            Kind::BlockDev(a, b) => {
+                                tree::LeafContent::BlockDevice(encode_dev(*a, *b) as u64)
+                            }
                             Kind::Fifo => tree::LeafContent::Fifo,
                             Kind::Socket => tree::LeafContent::Socket,
                             other => panic!("no composefs twin for {other:?}"),
