@@ -7,6 +7,7 @@
 #   synth/   OCI layout: synthetic images from GNU tar, Python tarfile, bsdtar
 #   bad/     OCI layout: images that must be refused, one tag per case
 #   debian/  OCI layout: tags base (debootstrap minbase) and python (+python3)
+#   apps/    OCI layout: app-0..app-149, each debian's base layer + a small app layer
 # Details: scripts/fixtures/README.md. Needs root; debian/ needs network once.
 set -euo pipefail
 export PYTHONDONTWRITEBYTECODE=1
@@ -46,6 +47,11 @@ make_debian() {
 build synth "$(stamp $F/synth.py $F/ocilayout.py $F/verify.py)" make_synth
 build bad "$(stamp $F/bad.py $F/ocilayout.py $F/verify.py)" make_bad
 build debian "$(stamp $F/debian.sh $F/verify.py)" make_debian
+make_apps() {
+  python3 $F/apps.py "$FIX/debian" "$FIX/apps" 150
+  python3 $F/verify.py "$FIX/apps" "$FIX/apps.tags" --tags app-0,app-1
+}
+build apps "$(stamp $F/apps.py $F/ocilayout.py $F/verify.py "$FIX/debian.stamp")" make_apps
 # The committed sample must be what its script makes (deterministic bytes).
 tmp_sample=$(mktemp -d)
 python3 $F/make-sample.py "$tmp_sample/hello"
@@ -55,4 +61,4 @@ if ! diff -r "$tmp_sample/hello" samples/hello >/dev/null; then
   exit 1
 fi
 rm -rf "$tmp_sample"
-echo "fixtures: ready in $FIX (synth/, bad/, debian/; tag lists in *.tags)" >&2
+echo "fixtures: ready in $FIX (synth/, bad/, debian/, apps/; tag lists in *.tags)" >&2

@@ -421,3 +421,61 @@ fn hybrid_mounts_equal_flattened_mounts() {
     }
     hybrid.fsck_ok();
 }
+
+#[test]
+fn auto_split_moves_earlier_sharers_onto_the_shared_base() {
+    let env = Env::new();
+    let apps = apps_layout();
+    let python = oci_ref(&debian_layout(), "python");
+    let (a0, a1) = (oci_ref(&apps, "app-0"), oci_ref(&apps, "app-1"));
+    env.ok(&["pull", &python]);
+    env.ok(&["pull", &a0]);
+    // Two images share the base layer: under the default threshold (3)
+    // both stay flattened.
+    for i in [&python, &a0] {
+        assert!(tree_info(&env, i).get("parts").is_none(), "{i} split early");
+    }
+    let flat_digest = tree_info(&env, &python)["tree_digest"].clone();
+    env.ok(&["pull", &a1]);
+    let bases: Vec<_> = [&python, &a0, &a1]
+        .iter()
+        .map(|i| {
+            let t = tree_info(&env, i);
+            assert!(
+                t["parts"]["base"]["digest"].is_string(),
+                "{i} not split: {t}"
+            );
+            t["parts"]["base"]["digest"].clone()
+        })
+        .collect();
+    assert!(
+        bases.windows(2).all(|w| w[0] == w[1]),
+        "one base: {bases:?}"
+    );
+    assert_eq!(
+        tree_info(&env, &python)["tree_digest"],
+        flat_digest,
+        "re-splitting keeps the image's one digest"
+    );
+    // The re-split image still mounts and runs.
+    let m = mount(&env, &python, "mnt", &[]);
+    let out = Command::new("chroot")
+        .arg(&m.dir)
+        .args(["/usr/bin/python3", "-c", "print(6*7)"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "42\n", "{out:?}");
+    let m1 = mount(&env, &a1, "mnt1", &[]);
+    assert_eq!(
+        std::fs::read_to_string(m1.dir.join("etc/hostname")).unwrap(),
+        "app-1\n"
+    );
+    assert!(
+        !m1.dir.join("etc/motd").exists(),
+        "the app layer's whiteout hides motd"
+    );
+    assert!(m.dir.join("etc/motd").exists());
+    drop((m, m1));
+    env.ok(&["verify", &python]);
+    env.fsck_ok();
+}

@@ -329,7 +329,48 @@ impl Store {
     }
 
     /// Build and store an image's EROFS image(s).
+    ///
+    /// Under [`SplitPolicy::Auto`], the image that makes a layer-chain prefix
+    /// reach the threshold also moves the images pulled before it (still
+    /// flattened) onto the shared base, so every sharer pays for the base
+    /// once, whatever the pull order.
     pub fn build_image_erofs(
+        &self,
+        digest: &Digest,
+        tree: Option<&Tree>,
+        policy: SplitPolicy,
+    ) -> Result<ErofsInfo> {
+        let info = self.build_one_erofs(digest, tree, policy)?;
+        if let (SplitPolicy::Auto(_), Some(split)) = (policy, &info.split) {
+            let meta = self.image_meta(digest)?;
+            let prefix: Vec<Digest> = meta.layers[..split.base_layers]
+                .iter()
+                .map(|l| l.diff_id)
+                .collect();
+            for other in self.image_digests()? {
+                if other == *digest {
+                    continue;
+                }
+                let Some(other_info) = self.erofs_info(&other) else {
+                    continue;
+                };
+                if other_info.split.is_some() {
+                    continue;
+                }
+                let Ok(m) = self.image_meta(&other) else {
+                    continue;
+                };
+                let shares = m.layers.len() > prefix.len()
+                    && m.layers.iter().zip(&prefix).all(|(l, d)| l.diff_id == *d);
+                if shares {
+                    self.build_one_erofs(&other, None, policy)?;
+                }
+            }
+        }
+        Ok(info)
+    }
+
+    fn build_one_erofs(
         &self,
         digest: &Digest,
         tree: Option<&Tree>,

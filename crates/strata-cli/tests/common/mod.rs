@@ -117,6 +117,10 @@ pub fn bad_layout() -> PathBuf {
 pub fn debian_layout() -> PathBuf {
     fixtures_dir().join("debian")
 }
+/// app-0..app-149: debian's base layer plus a small app layer each.
+pub fn apps_layout() -> PathBuf {
+    fixtures_dir().join("apps")
+}
 
 /// `oci:LAYOUT:TAG`.
 pub fn oci_ref(layout: &Path, tag: &str) -> String {
