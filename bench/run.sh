@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
-# Benchmarks (not part of CI): bash bench/run.sh > bench/report.md
+# Benchmarks (not part of CI):
+#   bash bench/run.sh          # issue 2: store and pull   (bench/bench.py)
+#   bash bench/run.sh erofs    # issue 3: EROFS and mounts (bench/erofs.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh >&2
 bash scripts/fixtures.sh >&2
 cargo build --release -p strata-cli --bin strata --example limits >&2
-exec python3 bench/bench.py
+case "${1:-pull}" in
+  pull) exec python3 bench/bench.py ;;
+  erofs)
+    cargo build --release -p strata-store --example erofs_build >&2
+    exec python3 bench/erofs.py ;;
+  *) echo "usage: bench/run.sh [pull|erofs]" >&2; exit 2 ;;
+esac

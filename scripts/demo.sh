@@ -6,6 +6,10 @@ set -euo pipefail
 trap 'echo "demo.sh: FAILED (line $LINENO)" >&2' ERR
 cd "$(dirname "$0")/.."
 REPO=$PWD
+if ((EUID != 0)); then
+  echo "demo.sh: needs root (it installs packages and mounts the image)" >&2
+  exit 1
+fi
 bash scripts/install-deps.sh
 if [[ -n ${STRATA_BIN:-} ]]; then
   S=$STRATA_BIN # a strata binary built elsewhere: skip the build
@@ -18,7 +22,7 @@ OUT="$REPO/.cache/demo-export"
 IMAGE=oci:samples/hello:latest
 # The manifest digest of the sample's `latest` tag: IMAGE's other name.
 DIGEST=$(python3 -c 'import json,sys; print(next(m["digest"] for m in json.load(open(sys.argv[1]))["manifests"] if m["annotations"]["org.opencontainers.image.ref.name"] == "latest"))' samples/hello/index.json)
-rm -rf "$OUT" "$OUT.tar"
+rm -rf "$OUT" "$OUT.tar" "$OUT.erofs"
 set -x
 "$S" pull "$IMAGE"
 "$S" images
@@ -29,6 +33,16 @@ find "$OUT" | sort | sed -n 1,40p
 "$S" export "$IMAGE" --tar "$OUT.tar"
 tar tvf "$OUT.tar" | sed -n 1,40p
 "$S" pull "$IMAGE"   # second pull: nothing downloaded or written
+# composefs mount: one EROFS image (metadata) + overlayfs over the store's objects
+MNT="$REPO/.cache/demo-mnt"
+mkdir -p "$MNT"
+if mountpoint -q "$MNT"; then "$S" umount "$MNT"; fi
+"$S" mount "$IMAGE" "$MNT"
+grep " $MNT " /proc/self/mountinfo
+"$MNT/usr/bin/hello"
+"$S" umount "$MNT"
+"$S" verify "$IMAGE"
+"$S" export "$IMAGE" --erofs "$OUT.erofs"   # self-contained, for a microVM
 "$S" fsck
 { set +x; } 2>/dev/null
 echo "demo.sh: OK (store $STRATA_ROOT, export $OUT)"

@@ -272,6 +272,15 @@ impl Store {
         ))
     }
 
+    /// The composefs-flavour EROFS input tree of an image (file contents
+    /// as redirects into objects/ with their fs-verity digests). For
+    /// benchmarks and tools; [`Store::image_erofs`] is what mounts use.
+    pub fn image_fs_tree(&self, digest: &Digest, tree: &Tree) -> Result<FsTree> {
+        let meta = self.image_meta(digest)?;
+        let diff_ids: Vec<Digest> = meta.layers.iter().map(|l| l.diff_id).collect();
+        Ok(self.fs_tree(tree, &diff_ids, Contents::Redirect)?.0)
+    }
+
     /// Build the flattened composefs image of an image's layers (in memory).
     pub fn build_flat(&self, diff_ids: &[Digest], tree: Option<&Tree>) -> Result<Vec<u8>> {
         let owned;

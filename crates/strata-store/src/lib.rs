@@ -7,9 +7,15 @@
 //! ├── objects/ab/cdef…        file contents, named by SHA-256 of content, mode 0444
 //! ├── layers/<diff_id hex>/   one per uncompressed layer
 //! │   ├── record              tar rebuild data (headers inline, contents as object refs; zstd)
-//! │   └── meta.json           diff_id, size, compressed blobs seen, counts
+//! │   ├── meta.json           diff_id, size, compressed blobs seen, counts
+//! │   └── verity              (object SHA-256, fs-verity digest) pairs, 64 bytes each
 //! ├── blobs/<blob hex>        compressed blob digest -> diff_id (layer reuse by blob)
-//! ├── images/<manifest hex>/  manifest (exact bytes), config (exact bytes), meta.json
+//! ├── images/<manifest hex>/  manifest (exact bytes), config (exact bytes), meta.json,
+//! │   ├── image.erofs         the flattened composefs EROFS image (redirects into objects/)
+//! │   ├── upper.erofs         or, when split: the part above a shared base
+//! │   └── erofs.json          tree_digest, composefs_id, size, parts
+//! ├── bases/<chain id hex>/   a shared base part: image.erofs, erofs.json, layers
+//! ├── uppers/<image>-<dir>/   upper/ and work/ of `strata mount --rw`
 //! ├── refs/<escaped name>     image name -> manifest digest (one file per name)
 //! └── tmp/                    per-process staging; emptied when a store opens alone
 //! ```
