@@ -361,13 +361,6 @@ impl<R: Read> GoTarReader<R> {
             }
             let typeflag = blk[156];
             let size = numeric(&blk[124..136], at)?;
-            let data_len = |t: u8| {
-                if header_only(t) {
-                    0
-                } else {
-                    size.max(0) as u64
-                }
-            };
             match typeflag {
                 b'x' | b'L' | b'K' | b'g' => {
                     if !(0..=16 << 20).contains(&size) {
