@@ -56,6 +56,8 @@ enum Command {
     Umount(cmd::mount::UmountArgs),
     /// Rebuild an image's tree and EROFS image and re-hash every object it uses.
     Verify(cmd::verify::Args),
+    /// Write an image with its layers as zstd:chunked (same tars, same diff_ids) to oci:DIR[:TAG].
+    Convert(cmd::convert::Args),
 }
 
 /// What every command gets.
@@ -108,6 +110,7 @@ fn main() -> ExitCode {
         Command::Mount(a) => cmd::mount::run(&ctx, a),
         Command::Umount(a) => cmd::mount::umount(&ctx, a),
         Command::Verify(a) => cmd::verify::run(&ctx, a),
+        Command::Convert(a) => cmd::convert::run(&ctx, a),
     };
     match result {
         Ok(code) => code,

@@ -55,6 +55,13 @@ struct ManifestOut<'a> {
     annotations: &'a BTreeMap<String, String>,
 }
 
+/// Blobs are world-readable like skopeo's (temporary files start 0600).
+fn readable(f: &fs::File, path: &Path) -> Result<(), OciError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    f.set_permissions(fs::Permissions::from_mode(0o644))
+        .map_err(io_err("setting the mode of", path))
+}
+
 fn json_err(what: &str) -> impl FnOnce(serde_json::Error) -> OciError {
     let what = what.to_string();
     move |e| OciError::Format {
@@ -107,6 +114,52 @@ impl OciLayoutWriter {
         Ok(w)
     }
 
+    /// Open the layout at `dir`, keeping the manifests its `index.json`
+    /// lists (a later tag of the same name replaces the old entry), or
+    /// create it.
+    pub fn open_or_create(dir: &Path) -> Result<Self, OciError> {
+        let index = dir.join("index.json");
+        let existing: Vec<Descriptor> = match fs::read(&index) {
+            Ok(b) => {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&b).map_err(json_err("reading index.json"))?;
+                serde_json::from_value(v.get("manifests").cloned().unwrap_or_default())
+                    .map_err(json_err("reading index.json"))?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io_err("reading", &index)(e)),
+        };
+        let mut w = Self::create(dir)?;
+        w.manifests = existing;
+        w.write_index()?;
+        Ok(w)
+    }
+
+    /// Move a finished temporary file into the layout as blob `digest`.
+    pub fn add_blob_file(
+        &mut self,
+        media_type: &str,
+        file: tempfile::NamedTempFile,
+        digest: Digest,
+        size: u64,
+    ) -> Result<Descriptor, OciError> {
+        let path = self.blob_path(&digest);
+        readable(file.as_file(), file.path())?;
+        file.as_file()
+            .sync_all()
+            .map_err(io_err("syncing blob", file.path()))?;
+        file.persist(&path)
+            .map_err(|e| io_err("writing blob", &path)(e.error))?;
+        Ok(Descriptor {
+            media_type: media_type.to_string(),
+            digest,
+            size,
+            annotations: BTreeMap::new(),
+            platform: None,
+            urls: Vec::new(),
+        })
+    }
+
     /// The layout directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -130,6 +183,7 @@ impl OciLayoutWriter {
                 .map_err(io_err("creating a temporary blob in", parent))?;
             tmp.write_all(bytes)
                 .map_err(io_err("writing blob", tmp.path()))?;
+            readable(tmp.as_file(), tmp.path())?;
             tmp.persist(&path)
                 .map_err(|e| io_err("writing blob", &path)(e.error))?;
         }
@@ -172,6 +226,8 @@ impl OciLayoutWriter {
             .to_string();
         let mut desc = self.add_blob(&media_type, manifest_bytes)?;
         if let Some(t) = tag {
+            self.manifests
+                .retain(|m| m.annotations.get(REF_NAME).map(String::as_str) != Some(t));
             desc.annotations.insert(REF_NAME.to_string(), t.to_string());
         }
         desc.platform = platform;

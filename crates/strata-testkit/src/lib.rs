@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod containerd;
 pub mod proxy;
 
 use std::collections::BTreeMap;

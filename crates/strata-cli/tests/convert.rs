@@ -1,0 +1,150 @@
+//! `strata convert`: zstd:chunked images stay ordinary OCI images. The tar
+//! inside every layer is unchanged (same config, same diff_ids), skopeo +
+//! umoci see the same tree, containerd imports and runs the image, and
+//! strata pulls it back to the same tree digest.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use strata_testkit::containerd::Containerd;
+use strata_testkit::require_tool;
+
+fn tree_digest(env: &Env, image: &str) -> serde_json::Value {
+    env.json(&["inspect", image])["tree"]["tree_digest"].clone()
+}
+
+#[test]
+fn converted_images_keep_their_tars_and_trees() {
+    require_tool("skopeo", "skopeo");
+    require_tool("umoci", "umoci");
+    let env = Env::new();
+    let out = env.path("out");
+    let cases = [
+        (debian_layout(), "python"),
+        (synth_layout(), "python"),
+        (synth_layout(), "bsdtar"),
+    ];
+    for (layout, tag) in &cases {
+        let src = oci_ref(layout, tag);
+        env.ok(&["pull", &src]);
+        let run = env.run(&["convert", &src, &format!("oci:{}:{tag}", out.display())]);
+        let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+        assert!(run.status.success(), "{stderr}");
+        let before = layout_manifest(layout, tag);
+        let after = layout_manifest(&out, tag);
+        assert_eq!(
+            before["config"]["digest"], after["config"]["digest"],
+            "{tag}: the config (and its diff_ids) must not change"
+        );
+        let layers = after["layers"].as_array().unwrap();
+        let chunked = layers
+            .iter()
+            .filter(|l| {
+                l["annotations"]["io.github.containers.zstd-chunked.manifest-checksum"].is_string()
+            })
+            .count();
+        for l in layers {
+            assert_eq!(
+                l["mediaType"],
+                "application/vnd.oci.image.layer.v1.tar+zstd"
+            );
+        }
+        if layout == &debian_layout() {
+            assert_eq!(chunked, layers.len(), "every debian layer is zstd:chunked");
+            assert!(stderr.is_empty(), "{stderr}");
+        } else {
+            // The synthetic base layer has a non-UTF-8 name (and bsdtar a
+            // sparse file): written as plain zstd, and said so.
+            assert!(chunked >= 1 && chunked < layers.len(), "{tag}: {chunked}");
+            assert!(stderr.contains("written as plain zstd"), "{stderr}");
+        }
+        // skopeo (recompressing to gzip, which umoci reads) + umoci unpack
+        // give the tree strata exports for the original image.
+        let gz = env.path("gz");
+        let st = Command::new("skopeo")
+            .args(["copy", "--dest-compress", "--dest-compress-format", "gzip"])
+            .arg(format!("oci:{}:{tag}", out.display()))
+            .arg(format!("oci:{}:{tag}", gz.display()))
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "skopeo: {}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        env.assert_export_matches_umoci(&gz, tag, &src);
+        // strata pulls the converted image back to the same tree.
+        let other = Env::new();
+        other.ok(&["pull", &format!("oci:{}:{tag}", out.display())]);
+        assert_eq!(
+            tree_digest(&other, &format!("oci:{}:{tag}", out.display())),
+            tree_digest(&env, &src)
+        );
+        other.fsck_ok();
+    }
+    env.fsck_ok();
+}
+
+#[test]
+fn containerd_runs_a_converted_image() {
+    let env = Env::new();
+    let src = oci_ref(&debian_layout(), "python");
+    let out = env.path("out");
+    env.ok(&["convert", &src, &format!("oci:{}:python", out.display())]);
+    let c = Containerd::start();
+    c.import_layout(&out, "strata/converted");
+    let said = c.ctr(&[
+        "run",
+        "--rm",
+        "strata/converted:python",
+        "converted-1",
+        "/usr/bin/python3",
+        "-c",
+        "print(6*7)",
+    ]);
+    assert_eq!(said.trim(), "42");
+}
+
+#[test]
+fn convert_errors_are_clear() {
+    let env = Env::new();
+    let e = env.fails(&["convert", "no-such-image", "oci:/tmp/x:y"]);
+    assert!(e.contains("no-such-image"), "{e}");
+    let src = oci_ref(&synth_layout(), "gnu");
+    let e = env.fails(&["convert", &src, "docker://127.0.0.1:1/x:y"]);
+    assert!(e.contains("only oci:DIR"), "{e}");
+    let e = env.fails(&["convert", &src, "oci:/tmp/x:y", "--format", "lz4"]);
+    assert!(e.contains("unknown format"), "{e}");
+}
+
+#[test]
+fn layers_skopeo_wrote_as_zstd_chunked_pull_to_the_same_tree() {
+    require_tool("skopeo", "skopeo");
+    let env = Env::new();
+    let src = oci_ref(&debian_layout(), "base");
+    env.ok(&["pull", &src]);
+    let sk = env.path("skopeo");
+    let st = Command::new("skopeo")
+        .args(["copy", "--dest-compress-format", "zstd:chunked"])
+        .arg(&src)
+        .arg(format!("oci:{}:base", sk.display()))
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "skopeo: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let m = layout_manifest(&sk, "base");
+    assert!(
+        m["layers"][0]["annotations"]["io.containers.zstd-chunked.manifest-checksum"].is_string(),
+        "Debian's skopeo writes the old zstd:chunked layout: {m}"
+    );
+    let other = Env::new();
+    let r = format!("oci:{}:base", sk.display());
+    other.ok(&["pull", &r]);
+    other.assert_export_matches_umoci(&debian_layout(), "base", &r);
+    other.fsck_ok();
+}

@@ -1,0 +1,281 @@
+//! `strata convert`: rewrite an image's layers as zstd:chunked (or plain
+//! zstd) from the store, without downloading anything the store has.
+//!
+//! Each layer tar is rebuilt byte for byte from its record and written as
+//! zstd:chunked; the tar inside is unchanged, so the config (and its
+//! diff_ids) is copied as is and any runtime can still pull the image in
+//! full. A layer zstd:chunked cannot describe (sparse files, non-UTF-8
+//! names, duplicate paths) is written as plain zstd and reported.
+
+use std::collections::BTreeMap;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+use serde::Serialize;
+use sha2::{Digest as _, Sha256};
+use strata_chunked::{ChunkedError, WriteOptions, write_layer};
+use strata_digest::Digest;
+use strata_store::Store;
+
+use crate::layout_writer::{OCI_CONFIG, oci_manifest_bytes};
+use crate::{Descriptor, OciError, OciLayoutWriter, io_err};
+
+/// OCI media type of a zstd layer.
+pub const LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+
+/// The layer format to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Format {
+    /// zstd:chunked (falls back to zstd per layer when it cannot).
+    #[serde(rename = "zstd:chunked")]
+    ZstdChunked,
+    /// Plain zstd.
+    #[serde(rename = "zstd")]
+    Zstd,
+}
+
+/// Options of [`convert_to_layout`].
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// Layer format.
+    pub format: Format,
+    /// zstd level.
+    pub level: i32,
+    /// Layers converted at once.
+    pub jobs: usize,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            format: Format::ZstdChunked,
+            level: 3,
+            jobs: 2,
+        }
+    }
+}
+
+/// What happened to one layer.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerOutcome {
+    /// The layer's diff_id (unchanged).
+    pub diff_id: Digest,
+    /// The new blob.
+    pub digest: Digest,
+    /// Its size.
+    pub size: u64,
+    /// The format written.
+    pub format: Format,
+    /// Why it is not zstd:chunked, when it was asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+}
+
+/// The result of a conversion.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConvertSummary {
+    /// Digest of the new manifest.
+    pub manifest_digest: Digest,
+    /// Per layer, bottom first.
+    pub layers: Vec<LayerOutcome>,
+    /// Uncompressed bytes converted.
+    pub tar_bytes: u64,
+}
+
+fn chunked_err(layer: &Digest) -> impl Fn(ChunkedError) -> OciError + '_ {
+    move |e| OciError::Format {
+        what: format!("converting layer {layer}"),
+        reason: e.to_string(),
+    }
+}
+
+/// Counts and hashes what is written.
+struct Counting<W> {
+    w: W,
+    n: u64,
+    sha: Sha256,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let k = self.w.write(b)?;
+        self.sha.update(&b[..k]);
+        self.n += k as u64;
+        Ok(k)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.w.flush()
+    }
+}
+
+/// Rebuild `diff_id`'s tar from the store into a pipe read by `consume`.
+fn with_tar<T>(
+    store: &Store,
+    diff_id: &Digest,
+    consume: impl FnOnce(std::io::PipeReader) -> T,
+) -> Result<(T, u64), OciError> {
+    let (r, w) = std::io::pipe().map_err(io_err("creating a pipe for", store.root()))?;
+    std::thread::scope(|s| {
+        let producer = s.spawn(move || {
+            let mut w = std::io::BufWriter::with_capacity(256 * 1024, w);
+            let n = store.rebuild_layer(diff_id, &mut w);
+            let flushed = w.flush();
+            (n, flushed)
+        });
+        let out = consume(r);
+        let (n, flushed) = producer.join().expect("rebuild thread does not panic");
+        // A consumer that stops early (a layer zstd:chunked cannot hold)
+        // breaks the pipe: its own error says why. A consumer that read to
+        // the end cannot have broken it.
+        let broken = |e: &std::io::Error| e.kind() == std::io::ErrorKind::BrokenPipe;
+        let n = match n {
+            Ok(n) => n,
+            Err(strata_store::StoreError::Io { source, .. }) if broken(&source) => 0,
+            Err(e) => {
+                return Err(OciError::Format {
+                    what: format!("rebuilding layer {diff_id} from the store"),
+                    reason: e.to_string(),
+                });
+            }
+        };
+        if let Err(e) = flushed
+            && !broken(&e)
+        {
+            return Err(io_err("rebuilding layer into a pipe", store.root())(e));
+        }
+        Ok((out, n))
+    })
+}
+
+fn convert_layer(
+    store: &Store,
+    dir: &Path,
+    diff_id: &Digest,
+    opts: &ConvertOptions,
+) -> Result<
+    (
+        tempfile::NamedTempFile,
+        LayerOutcome,
+        BTreeMap<String, String>,
+        u64,
+    ),
+    OciError,
+> {
+    let blobs = dir.join("blobs").join("sha256");
+    let tmp = || {
+        tempfile::NamedTempFile::new_in(&blobs)
+            .map_err(io_err("creating a temporary blob in", &blobs))
+    };
+    let mut fallback = None;
+    if opts.format == Format::ZstdChunked {
+        let file = tmp()?;
+        let out = BufWriter::with_capacity(1 << 20, file.as_file());
+        let wopts = WriteOptions { level: opts.level };
+        let (res, n) = with_tar(store, diff_id, |r| write_layer(r, out, &wopts))?;
+        match res {
+            Ok(l) => {
+                if l.diff_id != *diff_id {
+                    return Err(OciError::DigestMismatch {
+                        what: format!("rebuilt layer {diff_id}"),
+                        expected: *diff_id,
+                        actual: l.diff_id,
+                    });
+                }
+                let outcome = LayerOutcome {
+                    diff_id: *diff_id,
+                    digest: l.blob_digest,
+                    size: l.blob_size,
+                    format: Format::ZstdChunked,
+                    fallback: None,
+                };
+                return Ok((file, outcome, l.annotations, n));
+            }
+            Err(ChunkedError::Unsupported(why)) => fallback = Some(why),
+            Err(e) => return Err(chunked_err(diff_id)(e)),
+        }
+    }
+    let file = tmp()?;
+    let level = opts.level;
+    let (res, n) = with_tar(store, diff_id, |mut r| -> std::io::Result<(u64, Sha256)> {
+        let c = Counting {
+            w: BufWriter::with_capacity(1 << 20, file.as_file()),
+            n: 0,
+            sha: Sha256::new(),
+        };
+        let mut enc = zstd::stream::write::Encoder::new(c, level)?;
+        std::io::copy(&mut r, &mut enc)?;
+        let mut c = enc.finish()?;
+        c.flush()?;
+        Ok((c.n, c.sha))
+    })?;
+    let (size, sha) = res.map_err(io_err("writing a zstd layer to", file.path()))?;
+    let outcome = LayerOutcome {
+        diff_id: *diff_id,
+        digest: Digest::sha256_from_bytes(sha.finalize().into()),
+        size,
+        format: Format::Zstd,
+        fallback,
+    };
+    Ok((file, outcome, BTreeMap::new(), n))
+}
+
+/// Write image `image` (in `store`) to the OCI layout `dir` as `tag`, its
+/// layers converted to `opts.format`.
+pub fn convert_to_layout(
+    store: &Store,
+    image: &Digest,
+    dir: &Path,
+    tag: Option<&str>,
+    opts: &ConvertOptions,
+) -> Result<ConvertSummary, OciError> {
+    let meta = store.image_meta(image).map_err(|e| OciError::Format {
+        what: format!("reading image {image} from the store"),
+        reason: e.to_string(),
+    })?;
+    let config = store.image_config(image).map_err(|e| OciError::Format {
+        what: format!("reading the config of {image}"),
+        reason: e.to_string(),
+    })?;
+    let mut writer = OciLayoutWriter::open_or_create(dir)?;
+    let diff_ids: Vec<Digest> = meta.layers.iter().map(|l| l.diff_id).collect();
+    let jobs = opts.jobs.max(1);
+    let mut results: Vec<Option<Result<_, OciError>>> = (0..diff_ids.len()).map(|_| None).collect();
+    let next = std::sync::Mutex::new(0usize);
+    let done = std::sync::Mutex::new(&mut results);
+    std::thread::scope(|s| {
+        for _ in 0..jobs.min(diff_ids.len().max(1)) {
+            s.spawn(|| {
+                loop {
+                    let i = {
+                        let mut n = next.lock().expect("no panics while held");
+                        let i = *n;
+                        *n += 1;
+                        i
+                    };
+                    let Some(d) = diff_ids.get(i) else { break };
+                    let r = convert_layer(store, dir, d, opts);
+                    done.lock().expect("no panics while held")[i] = Some(r);
+                }
+            });
+        }
+    });
+    let mut layers = Vec::new();
+    let mut descs: Vec<Descriptor> = Vec::new();
+    let mut tar_bytes = 0;
+    for r in results {
+        let (file, outcome, annotations, n) = r.expect("every layer was converted")?;
+        let mut d = writer.add_blob_file(LAYER_ZSTD, file, outcome.digest, outcome.size)?;
+        d.annotations = annotations;
+        descs.push(d);
+        layers.push(outcome);
+        tar_bytes += n;
+    }
+    let config_desc = writer.add_blob(OCI_CONFIG, &config)?;
+    let manifest = oci_manifest_bytes(&config_desc, &descs, &BTreeMap::new())?;
+    let mdesc = writer.add_manifest(&manifest, tag)?;
+    Ok(ConvertSummary {
+        manifest_digest: mdesc.digest,
+        layers,
+        tar_bytes,
+    })
+}

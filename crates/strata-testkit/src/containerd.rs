@@ -1,0 +1,113 @@
+//! A private containerd (own root, state and socket under a temp dir),
+//! driven with `ctr`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::require_tool;
+
+/// A running containerd; killed on drop.
+pub struct Containerd {
+    child: Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Containerd {
+    /// Start containerd and wait for its socket.
+    pub fn start() -> Containerd {
+        require_tool("containerd", "containerd");
+        require_tool("ctr", "containerd");
+        require_tool("runc", "runc");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("containerd.sock");
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n\
+                 [grpc]\n  address = \"{1}\"\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\"]\n  disable_tcp_service = true\n",
+                dir.path().display(),
+                socket.display()
+            ),
+        )
+        .expect("writing containerd config");
+        let log = std::fs::File::create(dir.path().join("containerd.log")).expect("log file");
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting containerd");
+        let t0 = Instant::now();
+        let c = Containerd {
+            child,
+            socket,
+            _dir: dir,
+        };
+        while t0.elapsed() < Duration::from_secs(30) {
+            let ok = Command::new("ctr")
+                .arg("--address")
+                .arg(&c.socket)
+                .arg("version")
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                return c;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "containerd did not answer on {} within 30 s",
+            c.socket.display()
+        );
+    }
+
+    /// Run `ctr --address SOCKET ARGS...`; panics with its output on failure.
+    pub fn ctr(&self, args: &[&str]) -> String {
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("running ctr");
+        assert!(
+            out.status.success(),
+            "ctr {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Import an OCI layout (tarred on the fly) under `base_name`.
+    pub fn import_layout(&self, layout: &Path, base_name: &str) {
+        let archive = self._dir.path().join("import.tar");
+        let st = Command::new("tar")
+            .arg("-C")
+            .arg(layout)
+            .arg("-cf")
+            .arg(&archive)
+            .arg(".")
+            .status()
+            .expect("running tar");
+        assert!(st.success(), "tar of {} failed", layout.display());
+        self.ctr(&[
+            "images",
+            "import",
+            "--base-name",
+            base_name,
+            archive.to_str().unwrap(),
+        ]);
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
