@@ -2,6 +2,7 @@
 # Benchmarks (not part of CI):
 #   bash bench/run.sh          # issue 2: store and pull   (bench/bench.py)
 #   bash bench/run.sh erofs    # issue 3: EROFS and mounts (bench/erofs.py)
+#   bash bench/run.sh chunked  # issue 4: zstd:chunked conversion (bench/chunked.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh >&2
@@ -12,5 +13,6 @@ case "${1:-pull}" in
   erofs)
     cargo build --release -p strata-store --example erofs_build >&2
     exec python3 bench/erofs.py ;;
-  *) echo "usage: bench/run.sh [pull|erofs]" >&2; exit 2 ;;
+  chunked) exec python3 bench/chunked.py ;;
+  *) echo "usage: bench/run.sh [pull|erofs|chunked]" >&2; exit 2 ;;
 esac
