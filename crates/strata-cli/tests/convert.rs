@@ -148,3 +148,107 @@ fn layers_skopeo_wrote_as_zstd_chunked_pull_to_the_same_tree() {
     other.assert_export_matches_umoci(&debian_layout(), "base", &r);
     other.fsck_ok();
 }
+
+/// The store holds debian:base; an updated base (three files changed, one
+/// added, all one new layer) is served as zstd:chunked by a registry.
+fn updated_base_in_registry() -> (strata_testkit::Registry, Env, String, serde_json::Value) {
+    let maker = Env::new();
+    let out = maker.path("out");
+    maker.ok(&[
+        "convert",
+        &oci_ref(&apps_layout(), "base-updated"),
+        &format!("oci:{}:upd", out.display()),
+    ]);
+    let reg = strata_testkit::Registry::start();
+    reg.push(
+        &format!("oci:{}:upd", out.display()),
+        "upd:1",
+        &["--preserve-digests"],
+    );
+    let want = tree_digest(&maker, &oci_ref(&apps_layout(), "base-updated"));
+    let env = Env::new();
+    env.ok(&["pull", &oci_ref(&debian_layout(), "base")]);
+    let r = format!("docker://{}/upd:1", reg.addr);
+    (reg, env, r, want)
+}
+
+#[test]
+fn partial_pull_fetches_only_the_missing_files() {
+    let (_reg, env, r, want) = updated_base_in_registry();
+    let run = env.run(&["--json", "pull", "--plain-http", &r]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let s: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(s["layers_partial"], 1, "{s}");
+    let manifest = env.json(&["inspect", &r]);
+    let layer_size = manifest["layers"][0]["size"].as_u64().unwrap();
+    let got = s["bytes_downloaded"].as_u64().unwrap();
+    // TOC + tar-split (~1 MB for 5000 files) + the four new files' frames.
+    assert!(
+        got * 20 < layer_size,
+        "downloaded {got} of a {layer_size}-byte layer"
+    );
+    assert_eq!(
+        s["objects_written"], 4,
+        "three changed files and one new: {s}"
+    );
+    assert_eq!(tree_digest(&env, &r), want, "the same tree as a full pull");
+    env.fsck_ok();
+}
+
+#[test]
+fn a_tampered_chunk_fails_the_partial_pull_and_stores_nothing() {
+    let (reg, env, r, _) = updated_base_in_registry();
+    // Corrupt the frames of the file only the updated layer has.
+    let out = env.path("peek");
+    let st = Command::new("skopeo")
+        .args(["copy", "--src-tls-verify=false", "--preserve-digests"])
+        .arg(format!("docker://{}/upd:1", reg.addr))
+        .arg(format!("oci:{}:upd", out.display()))
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let man = layout_manifest(&out, "upd");
+    let layer = &man["layers"][0];
+    let digest = layer["digest"].as_str().unwrap();
+    let blob_file = out.join("blobs/sha256").join(&digest[7..]);
+    let blob = std::fs::read(&blob_file).unwrap();
+    let pos: Vec<u64> = layer["annotations"]["io.github.containers.zstd-chunked.manifest-position"]
+        .as_str()
+        .unwrap()
+        .split(':')
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let toc: serde_json::Value = serde_json::from_slice(
+        &zstd::stream::decode_all(&blob[pos[0] as usize..(pos[0] + pos[1]) as usize]).unwrap(),
+    )
+    .unwrap();
+    let e = toc["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "etc/strata-updated")
+        .expect("the new file is in the TOC");
+    let off = e["offset"].as_u64().unwrap();
+    let end = e["endOffset"].as_u64().unwrap();
+    let in_registry = reg.blob_path(&digest[7..]);
+    let mut bytes = std::fs::read(&in_registry).unwrap();
+    let mid = ((off + end) / 2) as usize;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&in_registry, &bytes).unwrap();
+    let err = env.fails(&["pull", "--plain-http", &r]);
+    assert!(
+        err.contains("digest") || err.contains("decompress"),
+        "a clear error naming the bad content: {err}"
+    );
+    let e = env.fails(&["inspect", &r]);
+    assert!(e.contains("not found"), "nothing recorded: {e}");
+    env.fsck_ok();
+}

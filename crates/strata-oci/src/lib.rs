@@ -19,6 +19,7 @@ pub mod convert;
 pub mod layout;
 pub mod layout_writer;
 pub mod manifest;
+mod partial;
 pub mod pull;
 pub mod reference;
 pub mod registry;
@@ -104,6 +105,14 @@ pub enum OciError {
         #[source]
         source: std::io::Error,
     },
+    /// The registry does not serve byte ranges of blobs.
+    #[error("{action}: the registry does not serve byte ranges ({reason})")]
+    NoRanges {
+        /// What we asked for.
+        action: String,
+        /// What it answered.
+        reason: String,
+    },
     /// The image has nothing for the wanted platform.
     #[error("{image}: no manifest for platform {wanted}; available: {available}")]
     NoPlatform {
@@ -151,6 +160,26 @@ pub trait ImageSource: Send + Sync {
     /// run out the returned reader fails with an `io::Error` naming the
     /// blob and the repository.
     fn open_blob(&self, desc: &Descriptor, offset: u64) -> Result<Box<dyn Read + Send>, OciError>;
+    /// Exactly `len` bytes of a blob from `offset` (not verified here).
+    /// Registries are asked with `Range: bytes=A-B`; one that ignores
+    /// ranges (answers 200) or refuses them gives [`OciError::NoRanges`].
+    fn read_range(&self, desc: &Descriptor, offset: u64, len: u64) -> Result<Vec<u8>, OciError> {
+        let mut out = Vec::with_capacity(len.min(64 << 20) as usize);
+        let r = self.open_blob(desc, offset)?;
+        r.take(len)
+            .read_to_end(&mut out)
+            .map_err(|e| OciError::Network {
+                action: format!("reading bytes {offset}+{len} of blob {}", desc.digest),
+                reason: e.to_string(),
+            })?;
+        if out.len() as u64 != len {
+            return Err(OciError::Format {
+                what: format!("blob {}", desc.digest),
+                reason: format!("shorter than {}", offset + len),
+            });
+        }
+        Ok(out)
+    }
     /// A description for messages, e.g. `docker://127.0.0.1:5000/debian:12`.
     fn describe(&self) -> String;
 }

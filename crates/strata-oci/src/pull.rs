@@ -82,6 +82,11 @@ pub struct PullSummary {
     pub files_deduplicated: u64,
     /// The image's tree digest (SHA-256 of its composefs EROFS image).
     pub tree_digest: Option<Digest>,
+    /// Layers pulled partially (zstd:chunked: only missing files fetched).
+    pub layers_partial: usize,
+    /// Why chunked layers were pulled in full, and similar remarks.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
     /// Set when the tree could not become an EROFS image (the image is
     /// still stored and exportable, but cannot be mounted).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -169,8 +174,11 @@ pub fn pull_from(
         objects_written: 0,
         files_deduplicated: 0,
         tree_digest: None,
+        layers_partial: 0,
+        notes: Vec::new(),
         erofs_error: None,
     });
+    let notes: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let downloaded = AtomicU64::new(0);
     // Records of layers imported by this pull, kept to validate the image
     // without reading them back.
@@ -200,15 +208,17 @@ pub fn pull_from(
                         diff_id,
                         progress,
                         &downloaded,
+                        &notes,
                     );
                     match r {
                         Ok(outcome) => {
                             let mut sum = summary.lock().expect("lock");
                             match outcome {
                                 None => sum.layers_reused += 1,
-                                Some((stats, record)) => {
+                                Some((stats, record, partial)) => {
                                     fresh.lock().expect("lock").insert(diff_id, record);
                                     sum.layers_fetched += 1;
+                                    sum.layers_partial += partial as usize;
                                     sum.bytes_written += stats.bytes_written;
                                     sum.objects_written += stats.objects_written;
                                     sum.files_deduplicated += stats.files_deduplicated;
@@ -230,6 +240,7 @@ pub fn pull_from(
     }
     let mut summary = summary.into_inner().expect("threads joined");
     summary.bytes_downloaded = downloaded.load(Ordering::SeqCst);
+    summary.notes = notes.into_inner().expect("threads joined");
 
     // The layers are valid one by one; the image is valid only if they
     // flatten (hardlinks resolve, no path escapes through a symlink).
@@ -296,7 +307,8 @@ fn pull_layer(
     diff_id: Digest,
     progress: &dyn Progress,
     downloaded: &AtomicU64,
-) -> Result<Option<(strata_store::BatchStats, strata_tar::LayerRecord)>, PullError> {
+    notes: &Mutex<Vec<String>>,
+) -> Result<Option<(strata_store::BatchStats, strata_tar::LayerRecord, bool)>, PullError> {
     let layer_err = |reason: String| PullError::Layer {
         index,
         digest: desc.digest,
@@ -317,6 +329,42 @@ fn pull_layer(
         return Ok(None);
     }
     progress.layer_start(index, desc, false);
+    if strata_chunked::reader::locate(&desc.annotations).is_some() {
+        match crate::partial::fetch(store, source, desc, downloaded)? {
+            Ok(fetched) => {
+                notes.lock().expect("lock").push(format!(
+                    "layer {}: partial pull: {} files fetched ({} bytes with the TOC), {} from the store",
+                    desc.digest, fetched.files_fetched, fetched.downloaded, fetched.files_local
+                ));
+                let mut batch = store.object_batch()?;
+                let imported = std::thread::scope(|scope| {
+                    let (r, w) = io::pipe().map_err(|e| layer_err(e.to_string()))?;
+                    let producer = scope.spawn(move || {
+                        let mut w = io::BufWriter::with_capacity(256 * 1024, w);
+                        crate::partial::write_tar(store, &fetched, &mut w)?;
+                        io::Write::flush(&mut w)
+                    });
+                    let imported = strata_tar::import_tar(r, &mut batch);
+                    let produced = producer.join().expect("tar writer does not panic");
+                    let imported = imported.map_err(|e| layer_err(e.to_string()))?;
+                    produced.map_err(|e| layer_err(format!("rebuilding the tar: {e}")))?;
+                    Ok::<_, PullError>(imported)
+                })?;
+                if imported.diff_id != diff_id {
+                    return Err(layer_err(format!(
+                        "the tar rebuilt from the tar-split and files hashes to {} but the config says diff_id {diff_id}",
+                        imported.diff_id
+                    )));
+                }
+                let stats = commit_imported(store, desc, diff_id, &imported, batch)?;
+                return Ok(Some((stats, imported.record, true)));
+            }
+            Err(crate::partial::Fallback(why)) => notes
+                .lock()
+                .expect("lock")
+                .push(format!("layer {}: pulled in full: {why}", desc.digest)),
+        }
+    }
     let blob = source.open_blob(desc, 0)?;
     let counted = CountingReader {
         inner: blob,
@@ -365,6 +413,17 @@ fn pull_layer(
             imported.diff_id
         )));
     }
+    let stats = commit_imported(store, desc, diff_id, &imported, batch)?;
+    Ok(Some((stats, imported.record, false)))
+}
+
+fn commit_imported(
+    store: &Store,
+    desc: &Descriptor,
+    diff_id: Digest,
+    imported: &strata_tar::Imported,
+    batch: strata_store::ObjectBatch<'_>,
+) -> Result<strata_store::BatchStats, PullError> {
     let meta = LayerMeta {
         diff_id,
         size: imported.size,
@@ -380,8 +439,7 @@ fn pull_layer(
             .collect::<std::collections::HashSet<_>>()
             .len() as u64,
     };
-    let stats = store.commit_layer(batch, &meta, &imported.record)?;
-    Ok(Some((stats, imported.record)))
+    Ok(store.commit_layer(batch, &meta, &imported.record)?)
 }
 
 fn io_error_text(e: &io::Error) -> String {

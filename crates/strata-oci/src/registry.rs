@@ -589,6 +589,68 @@ impl ImageSource for RegistrySource {
         Ok(Box::new(r))
     }
 
+    fn read_range(&self, desc: &Descriptor, offset: u64, len: u64) -> Result<Vec<u8>, OciError> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let action = format!(
+            "{}: bytes {offset}-{}",
+            self.inner.blob_action(&desc.digest),
+            offset + len - 1
+        );
+        let mut h = HeaderMap::new();
+        h.insert(
+            RANGE,
+            format!("bytes={offset}-{}", offset + len - 1)
+                .parse()
+                .expect("ascii"),
+        );
+        let url = self.inner.blob_url(&desc.digest);
+        let resp = match self.inner.get(&url, &h, &action) {
+            Ok(r) => r,
+            Err(OciError::Registry { status, detail, .. }) if status == 400 || status == 416 => {
+                return Err(OciError::NoRanges {
+                    action,
+                    reason: format!("answered {status}{detail}"),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        if resp.status() != StatusCode::PARTIAL_CONTENT {
+            return Err(OciError::NoRanges {
+                action,
+                reason: format!("answered {} instead of 206", resp.status().as_u16()),
+            });
+        }
+        let start = resp
+            .headers()
+            .get(reqwest::header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("bytes "))
+            .and_then(|v| v.split('-').next())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if start != Some(offset) {
+            return Err(OciError::NoRanges {
+                action,
+                reason: "Content-Range does not start where asked".into(),
+            });
+        }
+        let mut out = Vec::with_capacity(len.min(64 << 20) as usize);
+        resp.take(len)
+            .read_to_end(&mut out)
+            .map_err(|e| OciError::Network {
+                action: action.clone(),
+                reason: e.to_string(),
+            })?;
+        if out.len() as u64 != len {
+            return Err(OciError::Network {
+                action,
+                reason: format!("got {} of {len} bytes", out.len()),
+            });
+        }
+        Ok(out)
+    }
+
     fn describe(&self) -> String {
         self.reference.to_string()
     }

@@ -111,6 +111,11 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
             println!("tree {t}");
         }
     }
+    if !ctx.quiet {
+        for n in &summary.notes {
+            eprintln!("strata: {n}");
+        }
+    }
     if let Some(e) = &summary.erofs_error {
         eprintln!("strata: warning: {} cannot be mounted: {e}", summary.name);
     }
