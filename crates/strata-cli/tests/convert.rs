@@ -252,3 +252,60 @@ fn a_tampered_chunk_fails_the_partial_pull_and_stores_nothing() {
     assert!(e.contains("not found"), "nothing recorded: {e}");
     env.fsck_ok();
 }
+
+fn partial_through(
+    faults: strata_testkit::proxy::Faults,
+) -> (serde_json::Value, String, Vec<String>) {
+    let (reg, env, _, want) = updated_base_in_registry();
+    let proxy = strata_testkit::proxy::Proxy::start(&reg.addr, faults);
+    let r = format!("docker://{}/upd:1", proxy.addr);
+    let run = env.run(&["--json", "pull", "--plain-http", &r]);
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+    assert!(run.status.success(), "{stderr}");
+    assert_eq!(tree_digest(&env, &r), want, "same tree whatever the path");
+    env.fsck_ok();
+    (
+        serde_json::from_slice(&run.stdout).unwrap(),
+        stderr,
+        proxy.requests(),
+    )
+}
+
+#[test]
+fn partial_pull_asks_for_several_ranges_at_once() {
+    let (s, _, log) = partial_through(Default::default());
+    assert_eq!(s["layers_partial"], 1, "{s}");
+    let ranged: Vec<_> = log.iter().filter(|l| l.contains("range=")).collect();
+    assert!(
+        ranged.iter().any(|l| l.contains(',')),
+        "no multi-range request: {ranged:?}"
+    );
+}
+
+#[test]
+fn a_registry_refusing_many_ranges_is_asked_one_at_a_time() {
+    let (s, _, log) = partial_through(strata_testkit::proxy::Faults {
+        refuse_multi_range: true,
+        ..Default::default()
+    });
+    assert_eq!(s["layers_partial"], 1, "{s}");
+    let single = log
+        .iter()
+        .filter(|l| l.contains("range=") && !l.contains(','))
+        .count();
+    assert!(single >= 3, "{log:?}");
+}
+
+#[test]
+fn a_registry_without_ranges_gets_a_full_pull_and_strata_says_so() {
+    let (s, stderr, _) = partial_through(strata_testkit::proxy::Faults {
+        ignore_ranges: true,
+        ..Default::default()
+    });
+    assert_eq!(s["layers_partial"], 0, "{s}");
+    assert_eq!(s["layers_fetched"], 1, "{s}");
+    assert!(
+        stderr.contains("pulled in full") && stderr.contains("does not serve byte ranges"),
+        "{stderr}"
+    );
+}

@@ -180,6 +180,20 @@ pub trait ImageSource: Send + Sync {
         }
         Ok(out)
     }
+    /// Several ranges `(offset, len)` of a blob, in the order asked.
+    /// Registries get them in multi-range requests (`Range: bytes=a-b,c-d`,
+    /// answered `multipart/byteranges`); a registry refusing many ranges
+    /// (400, 416) is asked one range at a time.
+    fn read_ranges(
+        &self,
+        desc: &Descriptor,
+        ranges: &[(u64, u64)],
+    ) -> Result<Vec<Vec<u8>>, OciError> {
+        ranges
+            .iter()
+            .map(|(o, l)| self.read_range(desc, *o, *l))
+            .collect()
+    }
     /// A description for messages, e.g. `docker://127.0.0.1:5000/debian:12`.
     fn describe(&self) -> String;
 }

@@ -194,7 +194,7 @@ pub(crate) fn fetch(
         .map(|(d, (o, e, s))| (*o, *e, *d, *s))
         .collect();
     spans.sort_by_key(|s| s.0);
-    let mut fetched = HashMap::new();
+    let mut merged: Vec<(u64, u64, usize, usize)> = Vec::new(); // start, end, spans[i..j]
     let mut i = 0;
     while i < spans.len() {
         let start = spans[i].0;
@@ -204,11 +204,25 @@ pub(crate) fn fetch(
             end = end.max(spans[j].1);
             j += 1;
         }
-        let bytes = match get(start, end - start)? {
-            Ok(b) => b,
-            Err(f) => return Ok(Err(f)),
-        };
-        for (o, e, d, size) in &spans[i..j] {
+        merged.push((start, end, i, j));
+        i = j;
+    }
+    let asks: Vec<(u64, u64)> = merged.iter().map(|(s, e, _, _)| (*s, e - s)).collect();
+    let answers = match source.read_ranges(desc, &asks) {
+        Ok(a) => a,
+        Err(OciError::NoRanges { action, reason }) => {
+            return Ok(Err(Fallback(format!(
+                "{action}: the registry does not serve byte ranges ({reason})"
+            ))));
+        }
+        Err(e) => return Err(e),
+    };
+    let got: u64 = answers.iter().map(|a| a.len() as u64).sum();
+    downloaded += got;
+    counter.fetch_add(got, Ordering::Relaxed);
+    let mut fetched = HashMap::new();
+    for ((start, _, i, j), bytes) in merged.iter().zip(&answers) {
+        for (o, e, d, size) in &spans[*i..*j] {
             let frames = &bytes[(o - start) as usize..(e - start) as usize];
             let mut content = Vec::with_capacity(*size as usize);
             zstd::stream::read::Decoder::new(frames)
@@ -224,7 +238,6 @@ pub(crate) fn fetch(
             }
             fetched.insert(*d, content);
         }
-        i = j;
     }
     Ok(Ok(Fetched {
         tar: pieces,

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, Read};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -145,6 +146,8 @@ struct Inner {
     creds: Option<Credentials>,
     authz: Mutex<Authz>,
     tokens: Mutex<TokenCache>,
+    /// Set once the registry refused a multi-range request.
+    single_ranges: std::sync::atomic::AtomicBool,
 }
 
 /// A source backed by a registry.
@@ -203,6 +206,7 @@ impl RegistrySource {
                 creds: find_credentials(registry, opts.auth_file.as_ref()),
                 authz: Mutex::new(Authz::None),
                 tokens: Mutex::new(TokenCache::default()),
+                single_ranges: std::sync::atomic::AtomicBool::new(false),
             }),
             tag: tag.clone(),
             digest: *digest,
@@ -651,8 +655,186 @@ impl ImageSource for RegistrySource {
         Ok(out)
     }
 
+    fn read_ranges(
+        &self,
+        desc: &Descriptor,
+        ranges: &[(u64, u64)],
+    ) -> Result<Vec<Vec<u8>>, OciError> {
+        const PER_REQUEST: usize = 32;
+        let mut out = Vec::with_capacity(ranges.len());
+        for batch in ranges.chunks(PER_REQUEST) {
+            if batch.len() == 1 || self.inner.single_ranges.load(Ordering::Relaxed) {
+                for (o, l) in batch {
+                    out.push(self.read_range(desc, *o, *l)?);
+                }
+                continue;
+            }
+            match self.multi_range(desc, batch) {
+                Ok(parts) => out.extend(parts),
+                Err(OciError::NoRanges { .. }) => {
+                    // Some registries refuse several ranges at once; ask
+                    // one at a time from now on.
+                    self.inner.single_ranges.store(true, Ordering::Relaxed);
+                    for (o, l) in batch {
+                        out.push(self.read_range(desc, *o, *l)?);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
     fn describe(&self) -> String {
         self.reference.to_string()
+    }
+}
+
+impl RegistrySource {
+    /// One multi-range GET; parts are matched to ranges by `Content-Range`.
+    fn multi_range(
+        &self,
+        desc: &Descriptor,
+        ranges: &[(u64, u64)],
+    ) -> Result<Vec<Vec<u8>>, OciError> {
+        let spec: Vec<String> = ranges
+            .iter()
+            .map(|(o, l)| format!("{o}-{}", o + l - 1))
+            .collect();
+        let action = format!(
+            "{}: {} ranges",
+            self.inner.blob_action(&desc.digest),
+            ranges.len()
+        );
+        let mut h = HeaderMap::new();
+        h.insert(
+            RANGE,
+            format!("bytes={}", spec.join(",")).parse().expect("ascii"),
+        );
+        let url = self.inner.blob_url(&desc.digest);
+        let resp = match self.inner.get(&url, &h, &action) {
+            Ok(r) => r,
+            Err(OciError::Registry { status, detail, .. }) if status == 400 || status == 416 => {
+                return Err(OciError::NoRanges {
+                    action,
+                    reason: format!("answered {status}{detail}"),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        if resp.status() != StatusCode::PARTIAL_CONTENT {
+            return Err(OciError::NoRanges {
+                action,
+                reason: format!("answered {} instead of 206", resp.status().as_u16()),
+            });
+        }
+        let ct = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let single_range = resp
+            .headers()
+            .get(reqwest::header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let want: u64 = ranges.iter().map(|(_, l)| l).sum();
+        let mut body = Vec::new();
+        resp.take(want + 64 * 1024 + 512 * ranges.len() as u64)
+            .read_to_end(&mut body)
+            .map_err(|e| OciError::Network {
+                action: action.clone(),
+                reason: e.to_string(),
+            })?;
+        // (start, bytes) parts the registry sent.
+        let mut parts: Vec<(u64, Vec<u8>)> = Vec::new();
+        if let Some(cr) = single_range {
+            // The registry merged everything into one range.
+            let start = parse_content_range(&cr).ok_or_else(|| OciError::NoRanges {
+                action: action.clone(),
+                reason: format!("bad Content-Range {cr:?}"),
+            })?;
+            parts.push((start, body));
+        } else {
+            let boundary = ct
+                .split(';')
+                .filter_map(|p| p.trim().strip_prefix("boundary="))
+                .next()
+                .map(|b| b.trim_matches('"').to_string())
+                .ok_or_else(|| OciError::NoRanges {
+                    action: action.clone(),
+                    reason: format!("a 206 of type {ct:?} without a boundary"),
+                })?;
+            parts = parse_multipart(&body, &boundary).ok_or_else(|| OciError::Network {
+                action: action.clone(),
+                reason: "malformed multipart/byteranges answer".into(),
+            })?;
+        }
+        ranges
+            .iter()
+            .map(|(o, l)| {
+                parts
+                    .iter()
+                    .find(|(s, b)| s <= o && o + l <= s + b.len() as u64)
+                    .map(|(s, b)| b[(o - s) as usize..(o - s + l) as usize].to_vec())
+                    .ok_or_else(|| OciError::Network {
+                        action: action.clone(),
+                        reason: format!("the answer lacks bytes {o}+{l}"),
+                    })
+            })
+            .collect()
+    }
+}
+
+/// `bytes START-END/TOTAL` -> START.
+fn parse_content_range(v: &str) -> Option<u64> {
+    v.trim()
+        .strip_prefix("bytes ")?
+        .split('-')
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Parts of a `multipart/byteranges` body: `(start, bytes)`.
+fn parse_multipart(body: &[u8], boundary: &str) -> Option<Vec<(u64, Vec<u8>)>> {
+    let delim = format!("--{boundary}");
+    let find = |hay: &[u8], needle: &[u8], from: usize| -> Option<usize> {
+        hay.get(from..)?
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .map(|p| p + from)
+    };
+    let mut parts = Vec::new();
+    let mut pos = find(body, delim.as_bytes(), 0)?;
+    loop {
+        pos += delim.len();
+        if body.get(pos..pos + 2) == Some(b"--") {
+            return Some(parts);
+        }
+        let head_end = find(body, b"\r\n\r\n", pos)?;
+        let head = std::str::from_utf8(&body[pos..head_end]).ok()?;
+        let mut start = None;
+        let mut len = None;
+        for line in head.split("\r\n") {
+            let Some((k, v)) = line.split_once(':') else {
+                continue;
+            };
+            if k.trim().eq_ignore_ascii_case("content-range") {
+                let v = v.trim().strip_prefix("bytes ")?;
+                let (se, _) = v.split_once('/')?;
+                let (a, b) = se.split_once('-')?;
+                let (a, b): (u64, u64) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+                start = Some(a);
+                len = Some(b.checked_sub(a)? + 1);
+            }
+        }
+        let (start, len) = (start?, len? as usize);
+        let data = head_end + 4;
+        parts.push((start, body.get(data..data + len)?.to_vec()));
+        pos = find(body, delim.as_bytes(), data + len)?;
     }
 }
 
@@ -765,6 +947,19 @@ impl Read for BlobReader {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn multipart_byteranges_parse() {
+        let body = b"\r\n--XYZ\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes 2-4/100\r\n\r\nabc\r\n--XYZ\r\ncontent-range: bytes 10-10/100\r\n\r\nZ\r\n--XYZ--\r\n";
+        let parts = parse_multipart(body, "XYZ").unwrap();
+        assert_eq!(parts, vec![(2, b"abc".to_vec()), (10, b"Z".to_vec())]);
+        // a part shorter than its Content-Range says
+        assert!(
+            parse_multipart(b"--XYZ\r\nContent-Range: bytes 0-9/10\r\n\r\nab", "XYZ").is_none()
+        );
+        assert_eq!(parse_content_range("bytes 7-9/10"), Some(7));
+    }
+
     use super::*;
 
     #[test]

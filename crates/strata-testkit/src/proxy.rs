@@ -43,6 +43,10 @@ pub struct Faults {
     /// Replace the `Docker-Content-Digest` of manifest answers with the
     /// digest of nothing.
     pub lie_about_manifest_digest: bool,
+    /// Drop `Range` from blob GETs: the registry answers 200, whole blob.
+    pub ignore_ranges: bool,
+    /// Answer 400 to blob GETs asking for more than one range.
+    pub refuse_multi_range: bool,
 }
 
 /// A running HTTP/1.1 proxy on 127.0.0.1 in front of a registry. One
@@ -230,6 +234,15 @@ impl ProxyState {
             return respond(client, "500 Internal Server Error", &[], b"");
         }
 
+        if is_blob_get && f.refuse_multi_range && range.as_deref().is_some_and(|r| r.contains(','))
+        {
+            return respond(
+                client,
+                "400 Bad Request",
+                &[],
+                br#"{"errors":[{"code":"RANGE_INVALID","message":"too many ranges"}]}"#,
+            );
+        }
         if is_blob_get && f.redirect_blobs {
             let location = format!("Location: http://{}{path}", self.upstream);
             return respond(client, "307 Temporary Redirect", &[location], b"");
@@ -242,6 +255,7 @@ impl ProxyState {
             if l.starts_with("connection:")
                 || l.starts_with("host:")
                 || l.starts_with("authorization:")
+                || (is_blob_get && f.ignore_ranges && l.starts_with("range:"))
             {
                 continue;
             }
