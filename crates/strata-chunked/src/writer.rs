@@ -18,7 +18,8 @@ use crate::{
 };
 
 /// CRC-64 as Go's `crc64.MakeTable(crc64.ISO)` (tar-split's file checksum).
-const CRC64_GO_ISO: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_GO_ISO);
+const CRC64_GO_ISO: crc::Crc<u64, crc::Table<16>> =
+    crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_GO_ISO);
 
 /// Writer options.
 #[derive(Debug, Clone)]
