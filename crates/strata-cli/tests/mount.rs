@@ -70,6 +70,7 @@ fn synthetic_images_mount_as_exported() {
         "bsdtar",
         "mixed",
         "gnu-old-nosparse",
+        "gnu-old",
         "gnu-zstd",
     ] {
         let out = env.ok(&["pull", &oci_ref(&layout, tag)]);
@@ -80,11 +81,17 @@ fn synthetic_images_mount_as_exported() {
         // umoci cannot read zstd: its gzip twin has the same tree.
         let umoci_tag = tag.trim_end_matches("-zstd");
         let image = oci_ref(&layout, tag);
-        let export = env.assert_export_matches_umoci(&layout, umoci_tag, &image);
+        let export = if tag == "gnu-old" {
+            // umoci rejects old GNU sparse entries; the export itself is
+            // checked against GNU tar in tests/layers.rs.
+            let p = env.path("export-gnu-old");
+            env.ok(&["export", &image, p.to_str().unwrap()]);
+            p
+        } else {
+            env.assert_export_matches_umoci(&layout, umoci_tag, &image)
+        };
         let t = tree_info(&env, &image);
         assert_eq!(t["format"], "composefs-v1");
-        let digest = env.ok(&["-q", "inspect", &image]);
-        let _ = digest;
         let before = mountinfo();
         let m = mount(&env, &image, &format!("mnt-{tag}"), &[]);
         let after = mountinfo();
