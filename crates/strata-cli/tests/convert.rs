@@ -309,3 +309,66 @@ fn a_registry_without_ranges_gets_a_full_pull_and_strata_says_so() {
         "{stderr}"
     );
 }
+
+#[test]
+fn estargz_layers_made_by_ctr_remote_pull_like_umoci_unpacks_them() {
+    require_tool("ctr-remote", "stargz-snapshotter");
+    require_tool("skopeo", "skopeo");
+    let env = Env::new();
+    // A layout with just one synthetic gzip image (containerd cannot import
+    // the old GNU sparse ones the full fixture has).
+    let src = env.path("src");
+    let st = Command::new("skopeo")
+        .args(["copy", "--quiet"])
+        .arg(oci_ref(&synth_layout(), "python"))
+        .arg(format!("oci:{}:python", src.display()))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let c = Containerd::start();
+    c.import_layout(&src, "strata/synth");
+    let out = Command::new("ctr-remote")
+        .arg("--address")
+        .arg(c.socket())
+        .args(["image", "convert", "--estargz", "--oci"])
+        .args(["strata/synth:python", "strata/synth:python-esgz"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ctr-remote: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let archive = env.path("esgz.tar");
+    c.ctr(&[
+        "images",
+        "export",
+        "--platform",
+        "linux/amd64",
+        archive.to_str().unwrap(),
+        "strata/synth:python-esgz",
+    ]);
+    let layout = env.path("esgz");
+    std::fs::create_dir_all(&layout).unwrap();
+    assert!(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&layout)
+            .arg("-xf")
+            .arg(&archive)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let m = layout_manifest(&layout, "python-esgz");
+    assert!(
+        m["layers"][0]["annotations"]["containerd.io/snapshot/stargz/toc.digest"].is_string(),
+        "ctr-remote wrote eStargz: {m}"
+    );
+    let r = oci_ref(&layout, "python-esgz");
+    env.ok(&["pull", &r]);
+    // The eStargz TOC and landmark are tar entries: every runtime that
+    // unpacks the layer sees them, and so does strata.
+    env.assert_export_matches_umoci(&layout, "python-esgz", &r);
+    env.fsck_ok();
+}

@@ -66,6 +66,11 @@ impl Containerd {
         );
     }
 
+    /// The socket path (`--address` for ctr and ctr-remote).
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
     /// Run `ctr --address SOCKET ARGS...`; panics with its output on failure.
     pub fn ctr(&self, args: &[&str]) -> String {
         let out = Command::new("ctr")
