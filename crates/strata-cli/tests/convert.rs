@@ -372,3 +372,62 @@ fn estargz_layers_made_by_ctr_remote_pull_like_umoci_unpacks_them() {
     env.assert_export_matches_umoci(&layout, "python-esgz", &r);
     env.fsck_ok();
 }
+
+#[test]
+fn podman_pulls_and_runs_a_converted_image() {
+    require_tool("podman", "podman");
+    let env = Env::new();
+    // podman names the image after the layout path, and image names must
+    // be lowercase: a lowercase directory of our own.
+    let out = std::path::PathBuf::from(format!("/tmp/strata-podman-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    env.ok(&[
+        "convert",
+        &oci_ref(&debian_layout(), "python"),
+        &format!("oci:{}:python", out.display()),
+    ]);
+    let root = env.path("podman-root");
+    let runroot = env.path("podman-run");
+    let podman = |args: &[&str]| {
+        let o = Command::new("podman")
+            .arg("--root")
+            .arg(&root)
+            .arg("--runroot")
+            .arg(&runroot)
+            .args(["--storage-driver", "overlay"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "podman {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let id = podman(&["pull", "-q", &format!("oci:{}:python", out.display())]);
+    let said = podman(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--ulimit",
+        "nofile=20000:20000",
+        "--ulimit",
+        "nproc=32768:32768",
+        id.trim(),
+        "/usr/bin/python3",
+        "-c",
+        "print(6*7)",
+    ]);
+    assert_eq!(said.trim(), "42");
+    // podman's storage holds mounts and containers under root: clean up.
+    let _ = Command::new("podman")
+        .arg("--root")
+        .arg(&root)
+        .arg("--runroot")
+        .arg(&runroot)
+        .args(["system", "reset", "-f"])
+        .output();
+    let _ = std::fs::remove_dir_all(&out);
+}
