@@ -197,6 +197,11 @@ impl Chunker {
 /// Chunk a whole buffer: `(offset, len, is_hole)` per chunk. For tests and
 /// small inputs.
 pub fn chunks_of(data: &[u8]) -> Vec<(u64, u64, bool)> {
+    chunks_of_pieces([data])
+}
+
+/// [`chunks_of`] for content given in pieces (fed one by one).
+fn chunks_of_pieces<'a>(pieces: impl IntoIterator<Item = &'a [u8]>) -> Vec<(u64, u64, bool)> {
     let mut out = Vec::new();
     let mut pos = 0u64;
     let mut cur = 0u64;
@@ -219,7 +224,9 @@ pub fn chunks_of(data: &[u8]) -> Vec<(u64, u64, bool)> {
             pos += n;
         }
     };
-    c.feed(data, &mut on);
+    for p in pieces {
+        c.feed(p, &mut on);
+    }
     c.finish(&mut on);
     out
 }
@@ -281,31 +288,7 @@ mod tests {
         v.splice(90000..90000, std::iter::repeat_n(0u8, 300_000)); // long hole
         let whole = chunks_of(&v);
         for piece in [1usize, 7, 511, 4096, 65536] {
-            let mut out = Vec::new();
-            let (mut pos, mut cur) = (0u64, 0u64);
-            let mut c = Chunker::default();
-            let mut on = |e: Event| match e {
-                Event::Data(Span::Input { len, .. }) => cur += len as u64,
-                Event::Data(Span::Zeros(n)) => cur += n,
-                Event::End => {
-                    out.push((pos, cur, false));
-                    pos += cur;
-                    cur = 0;
-                }
-                Event::Hole(n) => {
-                    if cur > 0 {
-                        out.push((pos, cur, false));
-                        pos += cur;
-                        cur = 0;
-                    }
-                    out.push((pos, n, true));
-                    pos += n;
-                }
-            };
-            for p in v.chunks(piece) {
-                c.feed(p, &mut on);
-            }
-            c.finish(&mut on);
+            let out = chunks_of_pieces(v.chunks(piece));
             assert_eq!(out, whole, "piece size {piece}");
         }
     }

@@ -102,11 +102,13 @@ impl<W: Write> Frames<W> {
         Ok(())
     }
 
-    fn zeros(&mut self, mut n: u64) -> Result<(), ChunkedError> {
+    /// Write `n` zero bytes, hashing them into `h` too.
+    fn zeros(&mut self, mut n: u64, h: &mut Sha256) -> Result<(), ChunkedError> {
         static Z: [u8; 65536] = [0; 65536];
         while n > 0 {
             let k = n.min(Z.len() as u64) as usize;
             self.write(&Z[..k])?;
+            h.update(&Z[..k]);
             n -= k as u64;
         }
         Ok(())
@@ -341,19 +343,12 @@ pub fn write_layer(
                                     *file_pos += len as u64;
                                 }
                                 Span::Zeros(n) => {
-                                    frames.zeros(n)?;
-                                    let z = [0u8; 4096];
-                                    let mut k = n;
-                                    while k > 0 {
-                                        let s = k.min(4096) as usize;
-                                        h.update(&z[..s]);
-                                        k -= s as u64;
-                                    }
+                                    frames.zeros(n, h)?;
                                     *file_pos += n;
                                 }
                             }
                         }
-                        Event::End => {
+                        Event::End | Event::Hole(_) => {
                             if let Some((off, fo, h)) = cur.take() {
                                 frames.end()?;
                                 chunks.push(Chunk {
@@ -364,37 +359,20 @@ pub fn write_layer(
                                     zeros: false,
                                 });
                             }
-                        }
-                        Event::Hole(n) => {
-                            if let Some((off, fo, h)) = cur.take() {
+                            if let Event::Hole(n) = ev {
+                                let off = frames.out.pos;
+                                let mut h = Sha256::new();
+                                frames.zeros(n, &mut h)?;
                                 frames.end()?;
                                 chunks.push(Chunk {
                                     offset: off,
-                                    file_offset: fo,
-                                    size: *file_pos - fo,
+                                    file_offset: *file_pos,
+                                    size: n,
                                     digest: sha_str(h),
-                                    zeros: false,
+                                    zeros: true,
                                 });
+                                *file_pos += n;
                             }
-                            let off = frames.out.pos;
-                            frames.zeros(n)?;
-                            frames.end()?;
-                            let mut h = Sha256::new();
-                            let z = [0u8; 4096];
-                            let mut k = n;
-                            while k > 0 {
-                                let s = k.min(4096) as usize;
-                                h.update(&z[..s]);
-                                k -= s as u64;
-                            }
-                            chunks.push(Chunk {
-                                offset: off,
-                                file_offset: *file_pos,
-                                size: n,
-                                digest: sha_str(h),
-                                zeros: true,
-                            });
-                            *file_pos += n;
                         }
                     }
                     Ok(())

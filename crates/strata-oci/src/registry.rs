@@ -597,62 +597,10 @@ impl ImageSource for RegistrySource {
         if len == 0 {
             return Ok(Vec::new());
         }
-        let action = format!(
-            "{}: bytes {offset}-{}",
-            self.inner.blob_action(&desc.digest),
-            offset + len - 1
-        );
-        let mut h = HeaderMap::new();
-        h.insert(
-            RANGE,
-            format!("bytes={offset}-{}", offset + len - 1)
-                .parse()
-                .expect("ascii"),
-        );
-        let url = self.inner.blob_url(&desc.digest);
-        let resp = match self.inner.get(&url, &h, &action) {
-            Ok(r) => r,
-            Err(OciError::Registry { status, detail, .. }) if status == 400 || status == 416 => {
-                return Err(OciError::NoRanges {
-                    action,
-                    reason: format!("answered {status}{detail}"),
-                });
-            }
-            Err(e) => return Err(e),
-        };
-        if resp.status() != StatusCode::PARTIAL_CONTENT {
-            return Err(OciError::NoRanges {
-                action,
-                reason: format!("answered {} instead of 206", resp.status().as_u16()),
-            });
-        }
-        let start = resp
-            .headers()
-            .get(reqwest::header::CONTENT_RANGE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("bytes "))
-            .and_then(|v| v.split('-').next())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        if start != Some(offset) {
-            return Err(OciError::NoRanges {
-                action,
-                reason: "Content-Range does not start where asked".into(),
-            });
-        }
-        let mut out = Vec::with_capacity(len.min(64 << 20) as usize);
-        resp.take(len)
-            .read_to_end(&mut out)
-            .map_err(|e| OciError::Network {
-                action: action.clone(),
-                reason: e.to_string(),
-            })?;
-        if out.len() as u64 != len {
-            return Err(OciError::Network {
-                action,
-                reason: format!("got {} of {len} bytes", out.len()),
-            });
-        }
-        Ok(out)
+        Ok(self
+            .get_ranges(desc, &[(offset, len)])?
+            .pop()
+            .expect("one part per range"))
     }
 
     fn read_ranges(
@@ -669,7 +617,7 @@ impl ImageSource for RegistrySource {
                 }
                 continue;
             }
-            match self.multi_range(desc, batch) {
+            match self.get_ranges(desc, batch) {
                 Ok(parts) => out.extend(parts),
                 Err(OciError::NoRanges { .. }) => {
                     // Some registries refuse several ranges at once; ask
@@ -691,8 +639,10 @@ impl ImageSource for RegistrySource {
 }
 
 impl RegistrySource {
-    /// One multi-range GET; parts are matched to ranges by `Content-Range`.
-    fn multi_range(
+    /// One GET for one or several ranges; the parts of the 206 (a single
+    /// range or `multipart/byteranges`) are matched to ranges by
+    /// `Content-Range`.
+    fn get_ranges(
         &self,
         desc: &Descriptor,
         ranges: &[(u64, u64)],
@@ -702,9 +652,9 @@ impl RegistrySource {
             .map(|(o, l)| format!("{o}-{}", o + l - 1))
             .collect();
         let action = format!(
-            "{}: {} ranges",
+            "{}: bytes {}",
             self.inner.blob_action(&desc.digest),
-            ranges.len()
+            spec.join(",")
         );
         let mut h = HeaderMap::new();
         h.insert(
@@ -868,9 +818,7 @@ impl BlobReader {
                 .headers()
                 .get(reqwest::header::CONTENT_RANGE)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("bytes "))
-                .and_then(|v| v.split('-').next())
-                .and_then(|v| v.trim().parse::<u64>().ok());
+                .and_then(parse_content_range);
             if start != Some(self.pos) {
                 return Err(OciError::Network {
                     action: self.action(),

@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use strata_oci::convert::{ConvertOptions, Format, convert_to_layout};
 use strata_oci::pull::{NoProgress, PullOptions, pull};
-use strata_oci::{ImageRef, Platform, RegistryOptions};
+use strata_oci::{ImageRef, Platform};
 
 use super::human;
 use crate::Ctx;
@@ -59,15 +59,9 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
                     a.source
                 )
             })?;
-            let mut registry = RegistryOptions {
-                plain_http: a.plain_http,
-                user_agent: format!("strata/{}", env!("CARGO_PKG_VERSION")),
-                ..RegistryOptions::default()
-            };
-            registry.insecure_registries = super::pull::insecure_registries(&store);
             let opts = PullOptions {
                 platform: Platform::host_default(),
-                registry,
+                registry: super::pull::registry_options(&store, a.plain_http, None),
                 jobs: 3,
                 split: strata_store::SplitPolicy::Auto(strata_store::DEFAULT_SPLIT_THRESHOLD),
             };

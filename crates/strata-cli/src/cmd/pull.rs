@@ -73,16 +73,9 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         None => Platform::host_default(),
     };
     let store = ctx.open_store()?;
-    let mut registry = RegistryOptions {
-        plain_http: a.plain_http,
-        auth_file: a.authfile.clone(),
-        user_agent: format!("strata/{}", env!("CARGO_PKG_VERSION")),
-        ..RegistryOptions::default()
-    };
-    registry.insecure_registries = insecure_registries(&store);
     let opts = PullOptions {
         platform,
-        registry,
+        registry: registry_options(&store, a.plain_http, a.authfile.clone()),
         jobs: a.jobs,
         split: a.split.policy(),
     };
@@ -122,9 +115,23 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Registry options for a command: flags plus the store's insecure list.
+pub fn registry_options(
+    store: &strata_store::Store,
+    plain_http: bool,
+    auth_file: Option<std::path::PathBuf>,
+) -> RegistryOptions {
+    RegistryOptions {
+        plain_http,
+        auth_file,
+        user_agent: format!("strata/{}", env!("CARGO_PKG_VERSION")),
+        insecure_registries: insecure_registries(store),
+    }
+}
+
 /// Registries named in `$STRATA_ROOT/registries.json` (`{"insecure":
 /// ["host:port", ...]}`) are reached over plain HTTP without `--plain-http`.
-pub fn insecure_registries(store: &strata_store::Store) -> Vec<String> {
+fn insecure_registries(store: &strata_store::Store) -> Vec<String> {
     #[derive(serde::Deserialize)]
     struct Conf {
         #[serde(default)]
