@@ -117,6 +117,7 @@ fn convert_errors_are_clear() {
     assert!(e.contains("only oci:DIR"), "{e}");
     let e = env.fails(&["convert", &src, "oci:/tmp/x:y", "--format", "lz4"]);
     assert!(e.contains("unknown format"), "{e}");
+    env.fsck_ok();
 }
 
 #[test]

@@ -234,6 +234,7 @@ fn mount_errors_are_clear() {
         "nothing mounted after a refusal"
     );
     drop(m);
+    env.fsck_ok();
 }
 
 #[test]
