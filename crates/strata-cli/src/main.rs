@@ -54,6 +54,8 @@ enum Command {
     Mount(cmd::mount::Args),
     /// Unmount what `strata mount` mounted.
     Umount(cmd::mount::UmountArgs),
+    /// List lazy mounts and their progress.
+    Mounts,
     /// Rebuild an image's tree and EROFS image and re-hash every object it uses.
     Verify(cmd::verify::Args),
     /// Write an image with its layers as zstd:chunked (same tars, same diff_ids) to oci:DIR[:TAG].
@@ -109,6 +111,7 @@ fn main() -> ExitCode {
         Command::Export(a) => cmd::export::run(&ctx, a),
         Command::Mount(a) => cmd::mount::run(&ctx, a),
         Command::Umount(a) => cmd::mount::umount(&ctx, a),
+        Command::Mounts => cmd::lazy::list(&ctx),
         Command::Verify(a) => cmd::verify::run(&ctx, a),
         Command::Convert(a) => cmd::convert::run(&ctx, a),
     };

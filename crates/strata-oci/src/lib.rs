@@ -19,7 +19,7 @@ pub mod convert;
 pub mod layout;
 pub mod layout_writer;
 pub mod manifest;
-mod partial;
+pub mod partial;
 pub mod pull;
 pub mod reference;
 pub mod registry;
@@ -211,6 +211,9 @@ pub struct RegistryOptions {
     pub auth_file: Option<PathBuf>,
     /// User-Agent header (`strata` when empty).
     pub user_agent: String,
+    /// How long one request may stall before it is retried (60 s when
+    /// unset); lazy mounts use a short one so a read fails in bounded time.
+    pub stall_timeout: Option<std::time::Duration>,
 }
 
 /// Open the source a reference names.

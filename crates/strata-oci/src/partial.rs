@@ -67,24 +67,73 @@ fn chunked(desc: &Descriptor) -> impl Fn(strata_chunked::ChunkedError) -> OciErr
     move |e| bad(desc, e.to_string())
 }
 
-/// Plan and fetch. `Ok(Err(fallback))`: pull in full instead.
-pub(crate) fn fetch(
-    store: &Store,
+/// Where one chunk of a file lies in a zstd:chunked blob.
+#[derive(Debug, Clone)]
+pub struct RemoteChunk {
+    /// Offset of the chunk in the file.
+    pub file_offset: u64,
+    /// Uncompressed length.
+    pub size: u64,
+    /// Blob range of the chunk's zstd frames.
+    pub blob_offset: u64,
+    /// End of that range.
+    pub blob_end: u64,
+    /// SHA-256 of the uncompressed chunk (for a file of one chunk: the
+    /// file's digest).
+    pub digest: Digest,
+    /// A run of zeros: nothing needs fetching.
+    pub zeros: bool,
+}
+
+/// A regular file of a zstd:chunked layer.
+#[derive(Debug, Clone)]
+pub struct RemoteFile {
+    /// Path as the tar names it.
+    pub name: String,
+    /// SHA-256 of the content.
+    pub digest: Digest,
+    /// Length.
+    pub size: u64,
+    /// Blob range of all its frames.
+    pub offset: u64,
+    /// End of that range.
+    pub end: u64,
+    /// Chunks in file order, covering the file.
+    pub chunks: Vec<RemoteChunk>,
+}
+
+/// A zstd:chunked layer described by its verified TOC and tar-split: what
+/// it holds and where each file's bytes are, without its contents.
+pub struct ChunkedIndex {
+    /// The layer's descriptor.
+    pub desc: Descriptor,
+    /// Regular files with content, in TOC order.
+    pub files: Vec<RemoteFile>,
+    /// The tar as rebuilt from the tar-split.
+    pieces: Vec<TarPiece>,
+    /// Bytes downloaded for TOC and tar-split.
+    pub downloaded: u64,
+}
+
+/// Fetch and verify a zstd:chunked layer's TOC and tar-split.
+/// `Ok(Err(reason))`: the layer cannot be read piecewise (not chunked, old
+/// layout, no range support); pull it in full instead.
+pub fn open_chunked(
     source: &dyn ImageSource,
     desc: &Descriptor,
     counter: &AtomicU64,
-) -> Result<Result<Fetched, Fallback>, OciError> {
+) -> Result<Result<ChunkedIndex, String>, OciError> {
     let Some(loc) = reader::locate(&desc.annotations) else {
-        return Ok(Err(Fallback("not zstd:chunked".into())));
+        return Ok(Err("not zstd:chunked".into()));
     };
     let loc = loc.map_err(chunked(desc))?;
     let Some(ts_range) = loc.tar_split.filter(|_| loc.layout == Layout::Current) else {
-        return Ok(Err(Fallback(
+        return Ok(Err(
             "old zstd:chunked layout: no tar-split to rebuild the tar from".into(),
-        )));
+        ));
     };
     let mut downloaded = 0u64;
-    let mut get = |offset: u64, len: u64| -> Result<Result<Vec<u8>, Fallback>, OciError> {
+    let mut get = |offset: u64, len: u64| -> Result<Result<Vec<u8>, String>, OciError> {
         if offset.checked_add(len).is_none_or(|e| e > desc.size) {
             return Err(bad(
                 desc,
@@ -97,9 +146,9 @@ pub(crate) fn fetch(
                 counter.fetch_add(b.len() as u64, Ordering::Relaxed);
                 Ok(Ok(b))
             }
-            Err(OciError::NoRanges { action, reason }) => Ok(Err(Fallback(format!(
+            Err(OciError::NoRanges { action, reason }) => Ok(Err(format!(
                 "{action}: the registry does not serve byte ranges ({reason})"
-            )))),
+            ))),
             Err(e) => Err(e),
         }
     };
@@ -114,45 +163,94 @@ pub(crate) fn fetch(
     };
     let ts = reader::read_tar_split(&ts_z, &toc, &ts_range).map_err(chunked(desc))?;
 
-    // TOC files by name: (digest, size, frames).
-    struct TocFile {
-        digest: Digest,
-        size: u64,
-        offset: u64,
-        end: u64,
-    }
-    let mut files: HashMap<&str, TocFile> = HashMap::new();
+    let parse = |name: &str, d: &str| -> Result<Digest, OciError> {
+        d.parse()
+            .map_err(|_| bad(desc, format!("{name}: bad digest {d:?}")))
+    };
+    let mut files: Vec<RemoteFile> = Vec::new();
+    let mut by_name: HashMap<String, usize> = HashMap::new();
     for e in &toc.entries {
+        if e.kind == "chunk" {
+            let f = files
+                .last_mut()
+                .filter(|f| f.name == e.name)
+                .ok_or_else(|| bad(desc, format!("{}: a chunk without its file", e.name)))?;
+            let prev = f.chunks.last_mut().expect("files start with a chunk");
+            let (off, at) = (e.offset as u64, e.chunk_offset as u64);
+            if e.offset <= 0
+                || off <= prev.blob_offset
+                || off >= f.end
+                || at != prev.file_offset + prev.size
+            {
+                return Err(bad(desc, format!("{}: chunks out of order", e.name)));
+            }
+            prev.blob_end = off;
+            f.chunks.push(RemoteChunk {
+                file_offset: at,
+                size: e.chunk_size as u64,
+                blob_offset: off,
+                blob_end: f.end,
+                digest: parse(&e.name, &e.chunk_digest)?,
+                zeros: e.chunk_type == "zeros",
+            });
+            continue;
+        }
         if e.kind != "reg" || e.size <= 0 {
             continue;
         }
-        let digest: Digest = e
-            .digest
-            .parse()
-            .map_err(|_| bad(desc, format!("{}: bad digest {:?}", e.name, e.digest)))?;
+        let digest = parse(&e.name, &e.digest)?;
         if e.offset <= 0 || e.end_offset <= e.offset || e.end_offset as u64 > desc.size {
             return Err(bad(desc, format!("{}: bad offsets", e.name)));
         }
-        let f = TocFile {
-            digest,
-            size: e.size as u64,
-            offset: e.offset as u64,
-            end: e.end_offset as u64,
+        let (size, offset, end) = (e.size as u64, e.offset as u64, e.end_offset as u64);
+        let first = if e.chunk_size > 0 && (e.chunk_size as u64) < size {
+            RemoteChunk {
+                file_offset: 0,
+                size: e.chunk_size as u64,
+                blob_offset: offset,
+                blob_end: end,
+                digest: parse(&e.name, &e.chunk_digest)?,
+                zeros: e.chunk_type == "zeros",
+            }
+        } else {
+            RemoteChunk {
+                file_offset: 0,
+                size,
+                blob_offset: offset,
+                blob_end: end,
+                digest,
+                zeros: false,
+            }
         };
-        if files.insert(e.name.as_str(), f).is_some() {
+        if by_name.insert(e.name.clone(), files.len()).is_some() {
             return Err(bad(desc, format!("{} appears twice in the TOC", e.name)));
+        }
+        files.push(RemoteFile {
+            name: e.name.clone(),
+            digest,
+            size,
+            offset,
+            end,
+            chunks: vec![first],
+        });
+    }
+    for f in &files {
+        let last = f.chunks.last().expect("files start with a chunk");
+        if last.file_offset + last.size != f.size {
+            return Err(bad(
+                desc,
+                format!("{}: chunks do not cover the file", f.name),
+            ));
         }
     }
     // The tar-split decides the tar; the TOC only says where contents are.
     let mut pieces = Vec::new();
-    let mut wanted: HashMap<Digest, (u64, u64, u64)> = HashMap::new();
-    let (mut files_local, mut files_fetched) = (0, 0);
     for t in &ts {
         match t.kind {
             2 => pieces.push(TarPiece::Raw(t.payload_bytes().map_err(chunked(desc))?)),
             1 if t.size > 0 => {
                 let name = t.name.as_deref().unwrap_or("");
-                let f = files.get(name).ok_or_else(|| {
+                let f = by_name.get(name).map(|&i| &files[i]).ok_or_else(|| {
                     bad(
                         desc,
                         format!("the tar-split names {name:?}, which the TOC lacks"),
@@ -167,11 +265,6 @@ pub(crate) fn fetch(
                         ),
                     ));
                 }
-                if store.has_object(&f.digest) {
-                    files_local += 1;
-                } else if wanted.insert(f.digest, (f.offset, f.end, f.size)).is_none() {
-                    files_fetched += 1;
-                }
                 pieces.push(TarPiece::File {
                     digest: f.digest,
                     size: f.size,
@@ -181,6 +274,154 @@ pub(crate) fn fetch(
             k => return Err(bad(desc, format!("tar-split entry of unknown type {k}"))),
         }
     }
+    Ok(Ok(ChunkedIndex {
+        desc: desc.clone(),
+        files,
+        pieces,
+        downloaded,
+    }))
+}
+
+impl ChunkedIndex {
+    /// The layer's entries (paths, metadata, content digests) as importing
+    /// its tar would give them, computed from the tar-split alone.
+    pub fn entries(&self) -> Result<Vec<strata_tar::Entry>, OciError> {
+        struct Skeleton<'a> {
+            pieces: &'a [TarPiece],
+            at: usize,
+            left: u64,
+        }
+        impl Read for Skeleton<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                loop {
+                    let Some(p) = self.pieces.get(self.at) else {
+                        return Ok(0);
+                    };
+                    let (len, raw) = match p {
+                        TarPiece::Raw(b) => (b.len() as u64, Some(b)),
+                        TarPiece::File { size, .. } => (*size, None),
+                    };
+                    if self.left == 0 && len > 0 {
+                        self.left = len;
+                    }
+                    if len == 0 {
+                        self.at += 1;
+                        continue;
+                    }
+                    let from = (len - self.left) as usize;
+                    let n = (self.left.min(buf.len() as u64)) as usize;
+                    match raw {
+                        Some(b) => buf[..n].copy_from_slice(&b[from..from + n]),
+                        None => buf[..n].fill(0),
+                    }
+                    self.left -= n as u64;
+                    if self.left == 0 {
+                        self.at += 1;
+                    }
+                    return Ok(n);
+                }
+            }
+        }
+        /// Hands out the TOC's digests in tar order instead of hashing.
+        struct TocDigests<'a> {
+            files: std::slice::Iter<'a, TarPiece>,
+        }
+        impl strata_tar::ObjectSink for TocDigests<'_> {
+            fn put(&mut self, content: &mut dyn Read, size: u64) -> io::Result<Digest> {
+                io::copy(content, &mut io::sink())?;
+                if size == 0 {
+                    return Ok(Digest::sha256_of(b""));
+                }
+                for p in self.files.by_ref() {
+                    if let TarPiece::File { digest, size: s } = p {
+                        if *s != size {
+                            return Err(io::Error::other("tar-split and tar disagree"));
+                        }
+                        return Ok(*digest);
+                    }
+                }
+                Err(io::Error::other(
+                    "more files in the tar than in the tar-split",
+                ))
+            }
+        }
+        let skeleton = Skeleton {
+            pieces: &self.pieces,
+            at: 0,
+            left: 0,
+        };
+        let mut sink = TocDigests {
+            files: self.pieces.iter(),
+        };
+        let imported = strata_tar::import_tar(skeleton, &mut sink)
+            .map_err(|e| bad(&self.desc, format!("its tar-split does not parse: {e}")))?;
+        Ok(imported.record.entries)
+    }
+}
+
+/// Fetch one chunk, decompress it and check its digest.
+pub fn fetch_chunk(
+    source: &dyn ImageSource,
+    desc: &Descriptor,
+    chunk: &RemoteChunk,
+) -> Result<Vec<u8>, OciError> {
+    if chunk.zeros {
+        return Ok(vec![0; chunk.size as usize]);
+    }
+    let z = source.read_range(desc, chunk.blob_offset, chunk.blob_end - chunk.blob_offset)?;
+    decode_frames(desc, &z, chunk.size, &chunk.digest)
+}
+
+/// Decompress `frames` into exactly `size` bytes hashing to `digest`.
+fn decode_frames(
+    desc: &Descriptor,
+    frames: &[u8],
+    size: u64,
+    digest: &Digest,
+) -> Result<Vec<u8>, OciError> {
+    let mut content = Vec::with_capacity(size as usize);
+    zstd::stream::read::Decoder::new(frames)
+        .and_then(|dec| dec.take(size + 1).read_to_end(&mut content))
+        .map_err(|e| bad(desc, format!("frames of {digest} do not decompress: {e}")))?;
+    let got = Digest::sha256_from_bytes(Sha256::digest(&content).into());
+    if content.len() as u64 != size || got != *digest {
+        return Err(OciError::DigestMismatch {
+            what: format!("bytes fetched from zstd:chunked layer {}", desc.digest),
+            expected: *digest,
+            actual: got,
+        });
+    }
+    Ok(content)
+}
+
+/// Plan and fetch. `Ok(Err(fallback))`: pull in full instead.
+pub(crate) fn fetch(
+    store: &Store,
+    source: &dyn ImageSource,
+    desc: &Descriptor,
+    counter: &AtomicU64,
+) -> Result<Result<Fetched, Fallback>, OciError> {
+    let index = match open_chunked(source, desc, counter)? {
+        Ok(i) => i,
+        Err(why) => return Ok(Err(Fallback(why))),
+    };
+    let mut downloaded = index.downloaded;
+    let by_digest: HashMap<Digest, &RemoteFile> =
+        index.files.iter().map(|f| (f.digest, f)).collect();
+    let mut wanted: HashMap<Digest, (u64, u64, u64)> = HashMap::new();
+    let (mut files_local, mut files_fetched) = (0, 0);
+    for p in &index.pieces {
+        if let TarPiece::File { digest, .. } = p {
+            if store.has_object(digest) {
+                files_local += 1;
+            } else if !wanted.contains_key(digest) {
+                let f = by_digest[digest];
+                wanted.insert(*digest, (f.offset, f.end, f.size));
+                files_fetched += 1;
+            }
+        }
+    }
+    let pieces = index.pieces;
     let need: u64 = wanted.values().map(|(o, e, _)| e - o).sum();
     if need > desc.size / 2 {
         return Ok(Err(Fallback(format!(
@@ -224,18 +465,7 @@ pub(crate) fn fetch(
     for ((start, _, i, j), bytes) in merged.iter().zip(&answers) {
         for (o, e, d, size) in &spans[*i..*j] {
             let frames = &bytes[(o - start) as usize..(e - start) as usize];
-            let mut content = Vec::with_capacity(*size as usize);
-            zstd::stream::read::Decoder::new(frames)
-                .and_then(|dec| dec.take(size + 1).read_to_end(&mut content))
-                .map_err(|e| bad(desc, format!("frames of {d} do not decompress: {e}")))?;
-            let got = Digest::sha256_from_bytes(Sha256::digest(&content).into());
-            if content.len() as u64 != *size || got != *d {
-                return Err(OciError::DigestMismatch {
-                    what: format!("a file fetched from zstd:chunked layer {}", desc.digest),
-                    expected: *d,
-                    actual: got,
-                });
-            }
+            let content = decode_frames(desc, frames, *size, d)?;
             fetched.insert(*d, content);
         }
     }

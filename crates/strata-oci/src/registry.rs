@@ -191,7 +191,7 @@ impl RegistrySource {
             // blocking reqwest applies this to each send and each body read,
             // so it bounds a stall, not a download; a stalled blob read is
             // then resumed with Range like a dropped connection
-            .timeout(STALL_TIMEOUT)
+            .timeout(opts.stall_timeout.unwrap_or(STALL_TIMEOUT))
             .build()
             .map_err(|e| OciError::Network {
                 action: format!("setting up HTTP client for {registry}"),

@@ -493,6 +493,23 @@ impl Tree {
         out
     }
 
+    /// The node numbered `ino` (0 is the root), if any.
+    pub fn node(&self, ino: u64) -> Option<&Node> {
+        self.nodes.get(usize::try_from(ino).ok()?)
+    }
+
+    /// A directory's entries, name -> node number, in bytewise order.
+    pub fn children(&self, ino: u64) -> Option<impl ExactSizeIterator<Item = (&[u8], u64)>> {
+        let kids = self.children.get(&usize::try_from(ino).ok()?)?;
+        Some(kids.iter().map(|(n, i)| (n.as_slice(), *i as u64)))
+    }
+
+    /// One entry of a directory.
+    pub fn child(&self, dir: u64, name: &[u8]) -> Option<u64> {
+        let kids = self.children.get(&usize::try_from(dir).ok()?)?;
+        kids.get(name).map(|i| *i as u64)
+    }
+
     /// Look a path up (no symlink following).
     pub fn lookup(&self, path: &[u8]) -> Option<&Node> {
         let mut ino = ROOT;

@@ -6,6 +6,7 @@ pub mod fsck;
 pub mod gc;
 pub mod images;
 pub mod inspect;
+pub mod lazy;
 pub mod mount;
 pub mod pull;
 pub mod rm;

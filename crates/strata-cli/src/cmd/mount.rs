@@ -29,6 +29,13 @@ pub struct Args {
     verity: bool,
     #[command(flatten)]
     split: SplitArgs,
+    /// Serve IMAGE (a reference to pull from) before it has arrived, by
+    /// FUSE, fetching zstd:chunked layers' files on demand. `--lazy=require`
+    /// fails instead of pulling in full when the image cannot be lazy.
+    #[arg(long, value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "auto")]
+    lazy: Option<super::lazy::LazyMode>,
+    #[command(flatten)]
+    lazy_args: super::lazy::LazyArgs,
 }
 
 /// Arguments of `strata umount`.
@@ -44,6 +51,14 @@ pub fn source_of(digest: &Digest) -> String {
 }
 
 pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
+    if let Some(mode) = a.lazy {
+        if a.rw || a.upper.is_some() || a.verity {
+            bail!(
+                "--lazy mounts are read-only and cannot require fs-verity: drop --rw/--upper/--verity"
+            );
+        }
+        return super::lazy::run(ctx, &a.image, &a.dir, mode, &a.lazy_args, a.split.policy());
+    }
     let store = ctx.open_store()?;
     let digest = store.resolve_image(&a.image)?;
     if !a.dir.is_dir() {
@@ -126,15 +141,24 @@ fn prepare_upper(base: &Path) -> Result<(PathBuf, PathBuf)> {
 }
 
 pub fn umount(ctx: &Ctx, a: UmountArgs) -> Result<ExitCode> {
-    let target = a
-        .dir
-        .canonicalize()
-        .with_context(|| format!("resolving {}", a.dir.display()))?;
+    // a FUSE mount whose daemon died cannot be stat'ed: resolve the parent
+    let target = match a.dir.canonicalize() {
+        Ok(t) => t,
+        Err(e) => {
+            let parent = a.dir.parent().filter(|p| !p.as_os_str().is_empty());
+            match (parent.map(Path::canonicalize), a.dir.file_name()) {
+                (Some(Ok(p)), Some(n)) => p.join(n),
+                (None, Some(n)) => std::env::current_dir()?.join(n),
+                _ => return Err(e).with_context(|| format!("resolving {}", a.dir.display())),
+            }
+        }
+    };
     let mounts = strata_sys::mounts().context("reading /proc/self/mountinfo")?;
     let Some(m) = mounts.iter().rev().find(|m| m.mount_point == target) else {
         bail!("{} is not a mount point", target.display());
     };
-    if !m.source.starts_with("strata:") {
+    let lazy = m.source.starts_with("strata-lazy:");
+    if !m.source.starts_with("strata:") && !lazy {
         bail!(
             "{} is a {} mount of {:?}, not one strata made; use umount(8)",
             target.display(),
@@ -150,6 +174,9 @@ pub fn umount(ctx: &Ctx, a: UmountArgs) -> Result<ExitCode> {
         ),
         e => anyhow::Error::new(e),
     })?;
+    if lazy {
+        super::lazy::after_umount(ctx, &target);
+    }
     if !ctx.quiet {
         println!("unmounted {}", target.display());
     }

@@ -126,6 +126,7 @@ pub fn registry_options(
         auth_file,
         user_agent: format!("strata/{}", env!("CARGO_PKG_VERSION")),
         insecure_registries: insecure_registries(store),
+        stall_timeout: None,
     }
 }
 

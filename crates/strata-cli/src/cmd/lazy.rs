@@ -1,0 +1,506 @@
+//! `strata mount --lazy REF DIR`: serve an image before it has arrived, and
+//! `strata mounts`.
+//!
+//! Without `--foreground` the command starts itself again as a daemon
+//! (own process group, stderr to `<store>/lazy/<id>/log`) and returns when
+//! the daemon reports the mount ready, or with the daemon's error.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use strata_lazy::fs::{LazyFs, MountConfig, Recorder};
+use strata_lazy::state::{MountState, mount_dir};
+use strata_lazy::{Fetcher, LazyError};
+use strata_oci::pull::{NoProgress, PullOptions, pull_from};
+use strata_oci::{ImageRef, Platform};
+
+use super::human;
+use crate::Ctx;
+
+/// `--lazy` or `--lazy=require`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LazyMode {
+    /// Lazy when the image allows it, else a full pull (said loudly).
+    Auto,
+    /// Lazy or fail.
+    Require,
+}
+
+/// What is fetched in the background.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Prefetch {
+    /// Only what is read.
+    None,
+    /// The files in --prefetch-list.
+    List,
+    /// The list first, then everything; the image is then recorded as pulled.
+    All,
+}
+
+/// Options of lazy mounts.
+#[derive(clap::Args)]
+pub struct LazyArgs {
+    /// With --lazy: use plain HTTP for the registry.
+    #[arg(long)]
+    plain_http: bool,
+    /// With --lazy: platform to pick from an index, os/arch[/variant].
+    #[arg(long)]
+    platform: Option<String>,
+    /// With --lazy: registry credentials file (auth.json format).
+    #[arg(long, env = "REGISTRY_AUTH_FILE")]
+    authfile: Option<PathBuf>,
+    /// With --lazy: background fetching.
+    #[arg(long, value_enum, default_value_t = Prefetch::All)]
+    prefetch: Prefetch,
+    /// With --lazy: paths (one per line) fetched first.
+    #[arg(long)]
+    prefetch_list: Option<PathBuf>,
+    /// With --lazy: write the paths read, in first-read order, to FILE
+    /// (a prefetch list for next time) when unmounted.
+    #[arg(long)]
+    record: Option<PathBuf>,
+    /// With --lazy: stay in the foreground, logging to stderr.
+    #[arg(long)]
+    foreground: bool,
+    /// With --lazy: never use FUSE passthrough (serve every read through
+    /// the daemon).
+    #[arg(long)]
+    no_passthrough: bool,
+    /// With --lazy: fetches running at once.
+    #[arg(long, default_value_t = 8)]
+    fetch_jobs: usize,
+}
+
+/// Environment variable telling a daemon to report readiness on stdout.
+const NOTIFY: &str = "STRATA_LAZY_NOTIFY";
+
+pub fn run(
+    ctx: &Ctx,
+    image: &str,
+    dir: &Path,
+    mode: LazyMode,
+    a: &LazyArgs,
+    split: strata_store::SplitPolicy,
+) -> Result<ExitCode> {
+    if !dir.is_dir() {
+        bail!("mount point {} is not an existing directory", dir.display());
+    }
+    let target = dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", dir.display()))?;
+    if strata_sys::mounts()?
+        .iter()
+        .any(|m| m.mount_point == target)
+    {
+        bail!(
+            "{} is already a mount point; `strata umount {}` first or pick another directory",
+            target.display(),
+            target.display()
+        );
+    }
+    if !a.foreground {
+        return spawn_daemon(ctx, &target);
+    }
+    let notify = std::env::var_os(NOTIFY).is_some();
+    match serve(ctx, image, &target, mode, a, split, notify) {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            if notify {
+                report(&serde_json::json!({ "error": format!("{e:#}") }));
+            }
+            Err(e)
+        }
+    }
+}
+
+/// One line to the parent waiting for readiness.
+fn report(v: &serde_json::Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{v}");
+    let _ = out.flush();
+}
+
+fn spawn_daemon(ctx: &Ctx, target: &Path) -> Result<ExitCode> {
+    let mdir = mount_dir(&ctx.root, target);
+    std::fs::create_dir_all(&mdir).with_context(|| format!("creating {}", mdir.display()))?;
+    let log = mdir.join("log");
+    let logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let exe = std::env::current_exe().context("finding the strata binary")?;
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    args.push("--foreground".into());
+    let mut child = Command::new(exe)
+        .args(&args)
+        .env(NOTIFY, "1")
+        .env("STRATA_ROOT", &ctx.root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(logf)
+        .process_group(0)
+        .spawn()
+        .context("starting the lazy mount daemon")?;
+    let out = child.stdout.take().expect("piped");
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line)?;
+    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap_or_else(|_| {
+        let status = child.wait().ok();
+        serde_json::json!({
+            "error": format!("the daemon exited ({status:?}) before the mount was ready; see {}", log.display())
+        })
+    });
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        let _ = child.wait();
+        bail!("{e}");
+    }
+    for n in v
+        .get("notes")
+        .and_then(|n| n.as_array())
+        .into_iter()
+        .flatten()
+    {
+        if let Some(n) = n.as_str() {
+            eprintln!("strata: {n}");
+        }
+    }
+    if ctx.json {
+        println!("{v}");
+    } else if !ctx.quiet {
+        println!(
+            "{} (daemon pid {}, log {})",
+            v["message"].as_str().unwrap_or("mounted"),
+            child.id(),
+            log.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn serve(
+    ctx: &Ctx,
+    image: &str,
+    target: &Path,
+    mode: LazyMode,
+    a: &LazyArgs,
+    split: strata_store::SplitPolicy,
+    notify: bool,
+) -> Result<ExitCode> {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init();
+    let started = Instant::now();
+    let reference: ImageRef = image
+        .parse()
+        .with_context(|| format!("parsing image reference {image:?}"))?;
+    let platform = match &a.platform {
+        Some(p) => p
+            .parse()
+            .with_context(|| format!("parsing platform {p:?}"))?,
+        None => Platform::host_default(),
+    };
+    let store = Arc::new(ctx.open_store()?);
+    let mut registry = super::pull::registry_options(&store, a.plain_http, a.authfile.clone());
+    registry.stall_timeout = Some(Duration::from_secs(10));
+    let source: Arc<dyn strata_oci::ImageSource> = Arc::from(
+        strata_oci::open_source(&reference, &registry)
+            .with_context(|| format!("opening {reference}"))?,
+    );
+    let name = reference.to_string();
+    let opts = PullOptions {
+        platform: platform.clone(),
+        registry,
+        jobs: 3,
+        split,
+    };
+    let lazy = match strata_lazy::prepare(&store, source.as_ref(), &platform) {
+        Ok(l) => l,
+        Err(LazyError::NotLazy {
+            index,
+            digest,
+            reason,
+        }) => {
+            let why = format!("layer {index} ({digest}) cannot be read lazily: {reason}");
+            if mode == LazyMode::Require {
+                bail!("--lazy=require: {why}");
+            }
+            tracing::warn!("{why}: pulling in full");
+            let summary = pull_from(&store, source.as_ref(), &name, &opts, &NoProgress)
+                .with_context(|| format!("pulling {name}"))?;
+            let (_, layers) = store.image_erofs(&summary.manifest_digest, split)?;
+            let m = strata_sys::OverlayMount {
+                layers,
+                data_dirs: vec![store.root().join("objects")],
+                upper: None,
+                verity_require: false,
+                source: super::mount::source_of(&summary.manifest_digest),
+            };
+            strata_sys::mount_overlay(&m, target)
+                .with_context(|| format!("mounting {} at {}", name, target.display()))?;
+            let msg = format!(
+                "pulled {name} in full and mounted it at {} (not lazily: {why})",
+                target.display()
+            );
+            if notify {
+                report(
+                    &serde_json::json!({"mode": "full", "message": msg, "notes": [format!("not lazy: {why}")]}),
+                );
+            } else {
+                println!("{msg}");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("preparing {name}"))),
+    };
+    let digest = lazy.resolved.manifest_digest;
+    let mdir = mount_dir(store.root(), target);
+    std::fs::create_dir_all(&mdir)?;
+    let lazy = Arc::new(lazy);
+    let fetcher = Arc::new(Fetcher::new(
+        store.clone(),
+        source.clone(),
+        lazy.clone(),
+        mdir.join("partial"),
+        a.fetch_jobs,
+    )?);
+    let recorder = a.record.as_ref().map(|_| Arc::new(Recorder::default()));
+    let cfg = MountConfig {
+        passthrough: !a.no_passthrough,
+        threads: 8,
+        recorder: recorder.clone(),
+        fsname: format!("strata-lazy:{digest}"),
+    };
+    let fs = LazyFs::new(fetcher.clone(), &cfg);
+    let session = fs
+        .mount(target, &cfg)
+        .with_context(|| format!("mounting FUSE at {}", target.display()))?;
+    let total = lazy.missing(&store).len() as u64;
+    let mut state = MountState {
+        pid: std::process::id(),
+        dir: target.to_path_buf(),
+        reference: name.clone(),
+        manifest_digest: digest.to_string(),
+        log: mdir.join("log"),
+        started: now(),
+        files_total: 0,
+        files_local: 0,
+        bytes_fetched: lazy.downloaded,
+        errors: 0,
+        prefetch: "none".into(),
+        complete: false,
+    };
+    state.files_total = lazy.tree.objects().len() as u64;
+    state.files_local = state.files_total.saturating_sub(total);
+    state.save(&mdir)?;
+    let msg = format!(
+        "mounted {name} lazily at {} in {:.0} ms ({} of {} contents to fetch, {} of TOCs read)",
+        target.display(),
+        started.elapsed().as_secs_f64() * 1000.0,
+        total,
+        state.files_total,
+        human(lazy.downloaded)
+    );
+    tracing::info!("{msg}");
+    if notify {
+        report(&serde_json::json!({"mode": "lazy", "message": msg, "manifest_digest": digest}));
+    } else if !ctx.quiet {
+        println!("{msg}");
+    }
+
+    // background prefetch
+    let prefetch_state = Arc::new(std::sync::Mutex::new(String::from("none")));
+    let complete = Arc::new(AtomicBool::new(false));
+    let list = match &a.prefetch_list {
+        Some(p) if a.prefetch != Prefetch::None => std::fs::read_to_string(p)
+            .with_context(|| format!("reading prefetch list {}", p.display()))?,
+        _ => String::new(),
+    };
+    {
+        let fetcher = fetcher.clone();
+        let prefetch = a.prefetch;
+        let pstate = prefetch_state.clone();
+        let complete = complete.clone();
+        let store = store.clone();
+        let source = source.clone();
+        std::thread::spawn(move || {
+            let set = |s: &str| *pstate.lock().expect("no panics while held") = s.to_string();
+            if prefetch == Prefetch::None {
+                return;
+            }
+            set("list");
+            for line in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                let path = line.trim_start_matches('/');
+                if let Some(strata_tree::NodeKind::Regular { digest, .. }) = fetcher
+                    .image()
+                    .tree
+                    .lookup(path.as_bytes())
+                    .map(|n| &n.kind)
+                    && let Err(e) = fetcher.fetch_whole(digest)
+                {
+                    tracing::error!("prefetch of {path} failed: {e}");
+                }
+            }
+            if prefetch != Prefetch::All {
+                set("done");
+                return;
+            }
+            set("all");
+            match pull_from(&store, source.as_ref(), &name, &opts, &NoProgress) {
+                Ok(s) => {
+                    tracing::info!(
+                        "prefetch done: {name} is pulled ({} downloaded by the pull); later mounts use the composefs path",
+                        human(s.bytes_downloaded)
+                    );
+                    complete.store(true, Ordering::SeqCst);
+                    set("done");
+                }
+                Err(e) => {
+                    tracing::error!("prefetch (pull of {name}) failed: {e:#}");
+                    set(&format!("failed: {e}"));
+                }
+            }
+        });
+    }
+    // keep the state file current until unmounted
+    let done = Arc::new(AtomicBool::new(false));
+    let updater = {
+        let done = done.clone();
+        let fetcher = fetcher.clone();
+        let store = store.clone();
+        let lazy = lazy.clone();
+        let mdir = mdir.clone();
+        let record = a.record.clone();
+        let recorder = recorder.clone();
+        std::thread::spawn(move || {
+            while !done.load(Ordering::SeqCst) {
+                state.files_local = state
+                    .files_total
+                    .saturating_sub(lazy.missing(&store).len() as u64);
+                state.bytes_fetched =
+                    lazy.downloaded + fetcher.stats.bytes_fetched.load(Ordering::Relaxed);
+                state.errors = fetcher.stats.errors.load(Ordering::Relaxed);
+                state.prefetch = prefetch_state.lock().expect("no panics while held").clone();
+                state.complete = complete.load(Ordering::SeqCst);
+                let _ = state.save(&mdir);
+                if let (Some(path), Some(rec)) = (&record, &recorder) {
+                    let _ = write_record(path, &rec.paths());
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
+    let r = session.join();
+    done.store(true, Ordering::SeqCst);
+    let _ = updater.join();
+    if let (Some(path), Some(rec)) = (&a.record, &recorder) {
+        write_record(path, &rec.paths()).with_context(|| format!("writing {}", path.display()))?;
+    }
+    tracing::info!("unmounted {}", target.display());
+    let _ = std::fs::remove_dir_all(mdir.join("partial"));
+    let _ = std::fs::remove_file(mdir.join("state.json"));
+    r.context("serving the FUSE mount")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_record(path: &Path, paths: &[Vec<u8>]) -> std::io::Result<()> {
+    let mut s = Vec::new();
+    for p in paths {
+        s.push(b'/');
+        s.extend_from_slice(p);
+        s.push(b'\n');
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, s)?;
+    std::fs::rename(tmp, path)
+}
+
+/// `strata mounts`
+pub fn list(ctx: &Ctx) -> Result<ExitCode> {
+    let mounted = strata_sys::mounts().unwrap_or_default();
+    let mut rows = Vec::new();
+    for (_, s) in MountState::all(&ctx.root) {
+        let alive = Path::new(&format!("/proc/{}", s.pid)).exists();
+        let is_mounted = mounted
+            .iter()
+            .any(|m| m.mount_point == s.dir && m.source.starts_with("strata-lazy:"));
+        let status = match (alive, is_mounted) {
+            (true, true) => "serving",
+            (false, true) => "stale (daemon gone: `strata umount` cleans it)",
+            (_, false) => "not mounted",
+        };
+        rows.push((s, status));
+    }
+    if ctx.json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(s, st)| {
+                let mut v = serde_json::to_value(s).expect("serializable");
+                v["status"] = serde_json::json!(st);
+                v
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if rows.is_empty() {
+        if !ctx.quiet {
+            println!("no lazy mounts");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    for (s, st) in rows {
+        println!(
+            "{}  {}  files {}/{} local  {} fetched  prefetch {}{}  {}  pid {}",
+            s.dir.display(),
+            s.reference,
+            s.files_local,
+            s.files_total,
+            human(s.bytes_fetched),
+            s.prefetch,
+            if s.complete { " (pulled)" } else { "" },
+            st,
+            s.pid
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// After a lazy mount is unmounted: let its daemon finish (or kill it when
+/// it hangs) and drop its record and staging.
+pub fn after_umount(ctx: &Ctx, target: &Path) {
+    let mdir = mount_dir(&ctx.root, target);
+    if let Ok(s) = MountState::load(&mdir) {
+        let proc = PathBuf::from(format!("/proc/{}", s.pid));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while proc.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if proc.exists()
+            && let Some(pid) = rustix::process::Pid::from_raw(s.pid as i32)
+        {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
+    let _ = std::fs::remove_dir_all(mdir.join("partial"));
+    let _ = std::fs::remove_file(mdir.join("state.json"));
+}

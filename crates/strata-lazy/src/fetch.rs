@@ -1,0 +1,364 @@
+//! Contents on demand: chunks fetched once, verified, staged, and whole
+//! files moved into the store's objects.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use sha2::{Digest as _, Sha256};
+use strata_digest::Digest;
+use strata_oci::ImageSource;
+use strata_oci::partial::fetch_chunk;
+use strata_store::Store;
+
+use crate::LazyImage;
+
+/// Why a read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The content is neither in the store nor in any layer.
+    #[error("content {0} is in no layer")]
+    Unknown(Digest),
+    /// Fetching or verifying failed.
+    #[error("layer {layer}: {reason}")]
+    Fetch {
+        /// The blob.
+        layer: Digest,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Local I/O.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// Counters, for `strata mounts` and the benchmarks.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Compressed bytes fetched by reads.
+    pub bytes_fetched: AtomicU64,
+    /// Chunks fetched.
+    pub chunks_fetched: AtomicU64,
+    /// Files fetched whole and moved into the store.
+    pub files_completed: AtomicU64,
+    /// Failed fetches.
+    pub errors: AtomicU64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Have {
+    Missing,
+    Fetching,
+    Present,
+}
+
+/// A file being fetched: a sparse staging file and which chunks it holds.
+struct Partial {
+    file: File,
+    path: PathBuf,
+    have: Mutex<Vec<Have>>,
+    changed: Condvar,
+    finished: AtomicBool,
+}
+
+/// A counting semaphore bounding concurrent fetches.
+struct Slots {
+    free: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl Slots {
+    fn take(&self) -> SlotGuard<'_> {
+        let mut n = self.free.lock().expect("no panics while held");
+        while *n == 0 {
+            n = self.freed.wait(n).expect("no panics while held");
+        }
+        *n -= 1;
+        SlotGuard(self)
+    }
+}
+
+struct SlotGuard<'a>(&'a Slots);
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().expect("no panics while held") += 1;
+        self.0.freed.notify_one();
+    }
+}
+
+/// Serves file contents of a [`LazyImage`], fetching what the store lacks.
+pub struct Fetcher {
+    store: Arc<Store>,
+    source: Arc<dyn ImageSource>,
+    image: Arc<LazyImage>,
+    dir: PathBuf,
+    partial: Mutex<HashMap<Digest, Arc<Partial>>>,
+    slots: Slots,
+    /// Counters.
+    pub stats: Stats,
+}
+
+impl Fetcher {
+    /// Stage partial files in `dir` (created); at most `parallel` fetches
+    /// run at once.
+    pub fn new(
+        store: Arc<Store>,
+        source: Arc<dyn ImageSource>,
+        image: Arc<LazyImage>,
+        dir: PathBuf,
+        parallel: usize,
+    ) -> io::Result<Fetcher> {
+        fs::create_dir_all(&dir)?;
+        Ok(Fetcher {
+            store,
+            source,
+            image,
+            dir,
+            partial: Mutex::new(HashMap::new()),
+            slots: Slots {
+                free: Mutex::new(parallel.max(1)),
+                freed: Condvar::new(),
+            },
+            stats: Stats::default(),
+        })
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The image.
+    pub fn image(&self) -> &LazyImage {
+        &self.image
+    }
+
+    /// Read `len` bytes at `offset` of the content `digest` (`size` bytes).
+    pub fn read(
+        &self,
+        digest: &Digest,
+        size: u64,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<u8>, ReadError> {
+        let end = size.min(offset.saturating_add(len as u64));
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        if let Ok(f) = self.store.open_object(digest) {
+            return Ok(pread(&f, offset, end - offset)?);
+        }
+        let (desc, rf) = self
+            .image
+            .remote(digest)
+            .ok_or(ReadError::Unknown(*digest))?;
+        let p = self.partial_of(digest, size)?;
+        // chunks overlapping [offset, end)
+        let first = rf
+            .chunks
+            .partition_point(|c| c.file_offset + c.size <= offset);
+        let mut i = first;
+        while i < rf.chunks.len() && rf.chunks[i].file_offset < end {
+            self.ensure(&p, desc, rf, i)?;
+            i += 1;
+        }
+        let data = pread(&p.file, offset, end - offset)?;
+        self.maybe_finish(digest, &p)?;
+        Ok(data)
+    }
+
+    /// Fetch all of a content (prefetch); returns once it is in the store.
+    pub fn fetch_whole(&self, digest: &Digest) -> Result<(), ReadError> {
+        if self.store.has_object(digest) {
+            return Ok(());
+        }
+        let (desc, rf) = self
+            .image
+            .remote(digest)
+            .ok_or(ReadError::Unknown(*digest))?;
+        let p = self.partial_of(digest, rf.size)?;
+        for i in 0..rf.chunks.len() {
+            self.ensure(&p, desc, rf, i)?;
+        }
+        self.maybe_finish(digest, &p)
+    }
+
+    fn partial_of(&self, digest: &Digest, size: u64) -> Result<Arc<Partial>, ReadError> {
+        let mut map = self.partial.lock().expect("no panics while held");
+        if let Some(p) = map.get(digest) {
+            return Ok(p.clone());
+        }
+        let chunks = self
+            .image
+            .remote(digest)
+            .map(|(_, f)| f.chunks.len())
+            .ok_or(ReadError::Unknown(*digest))?;
+        let path = self.dir.join(digest.hex());
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        file.set_len(size)?;
+        let p = Arc::new(Partial {
+            file,
+            path,
+            have: Mutex::new(vec![Have::Missing; chunks]),
+            changed: Condvar::new(),
+            finished: AtomicBool::new(false),
+        });
+        map.insert(*digest, p.clone());
+        Ok(p)
+    }
+
+    /// Make chunk `i` present: fetch it, or wait for the reader fetching it.
+    fn ensure(
+        &self,
+        p: &Partial,
+        desc: &strata_oci::Descriptor,
+        rf: &strata_oci::partial::RemoteFile,
+        i: usize,
+    ) -> Result<(), ReadError> {
+        {
+            let mut have = p.have.lock().expect("no panics while held");
+            loop {
+                match have[i] {
+                    Have::Present => return Ok(()),
+                    Have::Fetching => {
+                        have = p
+                            .changed
+                            .wait_timeout(have, Duration::from_secs(1))
+                            .expect("no panics while held")
+                            .0;
+                    }
+                    Have::Missing => {
+                        have[i] = Have::Fetching;
+                        break;
+                    }
+                }
+            }
+        }
+        let chunk = &rf.chunks[i];
+        let fetched = {
+            let _slot = self.slots.take();
+            fetch_chunk(self.source.as_ref(), desc, chunk)
+        };
+        let result = match fetched {
+            Ok(data) => {
+                if !chunk.zeros {
+                    self.stats
+                        .bytes_fetched
+                        .fetch_add(chunk.blob_end - chunk.blob_offset, Ordering::Relaxed);
+                    self.stats.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+                }
+                p.file
+                    .write_all_at(&data, chunk.file_offset)
+                    .map_err(ReadError::Io)
+            }
+            Err(e) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                Err(ReadError::Fetch {
+                    layer: desc.digest,
+                    reason: e.to_string(),
+                })
+            }
+        };
+        let mut have = p.have.lock().expect("no panics while held");
+        have[i] = if result.is_ok() {
+            Have::Present
+        } else {
+            Have::Missing
+        };
+        p.changed.notify_all();
+        result
+    }
+
+    /// When every chunk is present: check the whole file and move it into
+    /// the store (once).
+    fn maybe_finish(&self, digest: &Digest, p: &Partial) -> Result<(), ReadError> {
+        let complete = p
+            .have
+            .lock()
+            .expect("no panics while held")
+            .iter()
+            .all(|h| *h == Have::Present);
+        if !complete || p.finished.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let size = p.file.metadata()?.len();
+        let mut hasher = Sha256::new();
+        let mut off = 0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        while off < size {
+            let n = p.file.read_at(&mut buf, off)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            off += n as u64;
+        }
+        let got = Digest::sha256_from_bytes(hasher.finalize().into());
+        let layer = self.image.remote(digest).map(|(d, _)| d.digest);
+        if got != *digest {
+            // every chunk matched its digest, the whole does not: a TOC
+            // that lies; drop the staging so nothing wrong is kept
+            self.forget(digest, p);
+            return Err(ReadError::Fetch {
+                layer: layer.unwrap_or(*digest),
+                reason: format!("file content hashes to {got}, the TOC says {digest}"),
+            });
+        }
+        let mut batch = self.store.object_batch().map_err(io::Error::other)?;
+        let mut r = AtReader {
+            file: &p.file,
+            off: 0,
+        };
+        let put = batch.put(&mut r, size)?;
+        debug_assert_eq!(put, *digest);
+        batch.commit().map_err(io::Error::other)?;
+        self.stats.files_completed.fetch_add(1, Ordering::Relaxed);
+        self.forget(digest, p);
+        Ok(())
+    }
+
+    fn forget(&self, digest: &Digest, p: &Partial) {
+        self.partial
+            .lock()
+            .expect("no panics while held")
+            .remove(digest);
+        let _ = fs::remove_file(&p.path);
+    }
+}
+
+struct AtReader<'a> {
+    file: &'a File,
+    off: u64,
+}
+
+impl Read for AtReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read_at(buf, self.off)?;
+        self.off += n as u64;
+        Ok(n)
+    }
+}
+
+fn pread(f: &File, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+    let mut out = vec![0u8; len as usize];
+    let mut got = 0;
+    while got < out.len() {
+        let n = f.read_at(&mut out[got..], offset + got as u64)?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    out.truncate(got);
+    Ok(out)
+}

@@ -1,0 +1,176 @@
+//! Lazy images: start a container before its image has arrived.
+//!
+//! ```text
+//! manifest + config (verified)
+//!   -> per layer: in the store? its record : TOC + tar-split by range
+//!      (verified) -> entries without contents
+//!   -> flatten -> FUSE serves the tree at once
+//! read(file, range) -> object in the store? serve it (passthrough)
+//!   : fetch the missing chunks (bounded pool, one fetch per chunk however
+//!     many readers wait) -> verify each chunk -> staging file
+//!   -> file complete: verify the whole file -> objects/
+//! ```
+//!
+//! A byte is served only after the digest covering it was checked, so a
+//! tampered blob gives EIO, never wrong data.
+
+mod fetch;
+pub mod fs;
+pub mod state;
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+
+use strata_digest::Digest;
+use strata_oci::partial::{ChunkedIndex, RemoteFile};
+use strata_oci::{Descriptor, ImageSource, OciError, Platform, ResolvedImage};
+use strata_store::{Store, StoreError};
+use strata_tree::Tree;
+
+pub use fetch::{Fetcher, ReadError, Stats};
+
+/// Why an image cannot be served lazily, or failed to be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum LazyError {
+    /// A layer cannot be read piecewise; pull the image in full instead.
+    #[error("layer {index} ({digest}) cannot be read lazily: {reason}")]
+    NotLazy {
+        /// Position in the manifest, bottom = 0.
+        index: usize,
+        /// The blob's digest.
+        digest: Digest,
+        /// Why.
+        reason: String,
+    },
+    /// Registry or format problem.
+    #[error(transparent)]
+    Oci(#[from] OciError),
+    /// Store problem.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The layers do not make a tree.
+    #[error("layer {index} ({digest}): {reason}")]
+    Layer {
+        /// Position in the manifest.
+        index: usize,
+        /// The blob's digest.
+        digest: Digest,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// One layer of a lazy image.
+pub struct LazyLayer {
+    /// Its descriptor in the manifest.
+    pub desc: Descriptor,
+    /// Its diff_id in the config.
+    pub diff_id: Digest,
+    /// `None` when the store has the layer already.
+    pub index: Option<ChunkedIndex>,
+}
+
+/// An image whose tree is known and whose contents may be missing.
+pub struct LazyImage {
+    /// Manifest and config.
+    pub resolved: ResolvedImage,
+    /// The flattened tree (regular files name their content digest).
+    pub tree: Tree,
+    /// Layers, bottom first.
+    pub layers: Vec<LazyLayer>,
+    /// Bytes downloaded to prepare it (TOCs and tar-splits).
+    pub downloaded: u64,
+    remote: HashMap<Digest, (usize, usize)>,
+}
+
+impl LazyImage {
+    /// Where a content can be fetched from: the layer and the file.
+    pub fn remote(&self, digest: &Digest) -> Option<(&Descriptor, &RemoteFile)> {
+        let (l, f) = *self.remote.get(digest)?;
+        let index = self.layers[l].index.as_ref()?;
+        Some((&index.desc, &index.files[f]))
+    }
+
+    /// Contents of the tree not in the store yet.
+    pub fn missing(&self, store: &Store) -> Vec<Digest> {
+        self.tree
+            .objects()
+            .into_iter()
+            .filter(|d| !store.has_object(d))
+            .collect()
+    }
+
+    /// Total bytes of the files named by `remote`.
+    pub fn remote_bytes(&self) -> u64 {
+        self.remote
+            .keys()
+            .filter_map(|d| self.remote(d))
+            .map(|(_, f)| f.size)
+            .sum()
+    }
+}
+
+/// Resolve `source` and build the image's tree from layer records the store
+/// has and TOCs of the zstd:chunked layers it lacks.
+pub fn prepare(
+    store: &Store,
+    source: &dyn ImageSource,
+    platform: &Platform,
+) -> Result<LazyImage, LazyError> {
+    let resolved = source.resolve(platform)?;
+    let config = strata_oci::parse_config(&resolved.config_bytes)?;
+    let layers_desc = &resolved.manifest.layers;
+    if config.diff_ids.len() != layers_desc.len() {
+        return Err(LazyError::Oci(OciError::Format {
+            what: format!("config {}", resolved.manifest.config.digest),
+            reason: format!(
+                "lists {} diff_ids but the manifest has {} layers",
+                config.diff_ids.len(),
+                layers_desc.len()
+            ),
+        }));
+    }
+    let counter = AtomicU64::new(0);
+    let mut tree = Tree::new();
+    let mut layers = Vec::new();
+    let mut remote = HashMap::new();
+    for (index, (desc, diff_id)) in layers_desc.iter().zip(&config.diff_ids).enumerate() {
+        strata_oci::layer_compression(&desc.media_type)?;
+        let (entries, chunked) = if store.has_layer(diff_id) {
+            (store.layer_record(diff_id)?.entries, None)
+        } else {
+            match strata_oci::partial::open_chunked(source, desc, &counter)? {
+                Ok(ix) => (ix.entries()?, Some(ix)),
+                Err(reason) => {
+                    return Err(LazyError::NotLazy {
+                        index,
+                        digest: desc.digest,
+                        reason,
+                    });
+                }
+            }
+        };
+        tree.apply_layer(&entries).map_err(|e| LazyError::Layer {
+            index,
+            digest: desc.digest,
+            reason: e.to_string(),
+        })?;
+        if let Some(ix) = &chunked {
+            for (i, f) in ix.files.iter().enumerate() {
+                remote.entry(f.digest).or_insert((layers.len(), i));
+            }
+        }
+        layers.push(LazyLayer {
+            desc: desc.clone(),
+            diff_id: *diff_id,
+            index: chunked,
+        });
+    }
+    Ok(LazyImage {
+        resolved,
+        tree,
+        layers,
+        downloaded: counter.into_inner(),
+        remote,
+    })
+}

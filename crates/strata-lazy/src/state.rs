@@ -1,0 +1,74 @@
+//! Lazy mounts on record: `<store>/lazy/<id>/state.json`, rewritten by the
+//! daemon as it works, read by `strata mounts` and `strata umount`.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// One lazy mount.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MountState {
+    /// The daemon's pid.
+    pub pid: u32,
+    /// Mount point.
+    pub dir: PathBuf,
+    /// What was mounted (as given).
+    pub reference: String,
+    /// Manifest digest.
+    pub manifest_digest: String,
+    /// The daemon's log file.
+    pub log: PathBuf,
+    /// Seconds since the epoch at mount.
+    pub started: u64,
+    /// Files with content in the image.
+    pub files_total: u64,
+    /// Of those, in the store.
+    pub files_local: u64,
+    /// Bytes fetched by reads and prefetch.
+    pub bytes_fetched: u64,
+    /// Failed fetches.
+    pub errors: u64,
+    /// Prefetch state: "none", "list", "all", "done", or "failed: ...".
+    pub prefetch: String,
+    /// Whether the image is now recorded as pulled.
+    pub complete: bool,
+}
+
+/// The directory holding the lazy mount at `dir` (a canonical path).
+pub fn mount_dir(store_root: &Path, dir: &Path) -> PathBuf {
+    let key = strata_digest::Digest::sha256_of(dir.as_os_str().as_encoded_bytes());
+    store_root.join("lazy").join(&key.hex()[..16])
+}
+
+impl MountState {
+    /// Write atomically to `<mount dir>/state.json`.
+    pub fn save(&self, mdir: &Path) -> io::Result<()> {
+        fs::create_dir_all(mdir)?;
+        let tmp = mdir.join("state.json.tmp");
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(self).map_err(io::Error::other)?)?;
+        fs::rename(tmp, mdir.join("state.json"))
+    }
+
+    /// Read `<mount dir>/state.json`.
+    pub fn load(mdir: &Path) -> io::Result<MountState> {
+        let b = fs::read(mdir.join("state.json"))?;
+        serde_json::from_slice(&b).map_err(io::Error::other)
+    }
+
+    /// Every lazy mount on record in the store.
+    pub fn all(store_root: &Path) -> Vec<(PathBuf, MountState)> {
+        let mut v = Vec::new();
+        if let Ok(rd) = fs::read_dir(store_root.join("lazy")) {
+            for e in rd.flatten() {
+                if let Ok(s) = MountState::load(&e.path()) {
+                    v.push((e.path(), s));
+                }
+            }
+        }
+        v.sort_by(|a, b| a.1.dir.cmp(&b.1.dir));
+        v
+    }
+}
