@@ -89,10 +89,8 @@ impl LazyFs {
     pub fn new(fetcher: Arc<Fetcher>, cfg: &MountConfig) -> LazyFs {
         let tree = &fetcher.image().tree;
         let mut parents = vec![0u64; tree.len().max(1) + 1];
-        let mut paths = cfg
-            .recorder
-            .as_ref()
-            .map(|_| vec![Vec::new(); parents.len()]);
+        // paths by inode: for log lines and --record
+        let mut paths = Some(vec![Vec::new(); parents.len()]);
         let mut stack = vec![(0u64, Vec::new())];
         while let Some((dir, path)) = stack.pop() {
             let Some(kids) = tree.children(dir) else {

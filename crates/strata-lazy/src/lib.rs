@@ -23,7 +23,7 @@ use std::sync::atomic::AtomicU64;
 
 use strata_digest::Digest;
 use strata_oci::partial::{ChunkedIndex, RemoteFile};
-use strata_oci::{Descriptor, ImageSource, OciError, Platform, ResolvedImage};
+use strata_oci::{Descriptor, ImageSource, OciError, ResolvedImage};
 use strata_store::{Store, StoreError};
 use strata_tree::Tree;
 
@@ -91,10 +91,20 @@ impl LazyImage {
         Some((&index.desc, &index.files[f]))
     }
 
+    /// Contents (of non-empty files) of the tree.
+    pub fn contents(&self) -> std::collections::BTreeSet<Digest> {
+        self.tree
+            .walk()
+            .filter_map(|(_, n)| match n.kind {
+                strata_tree::NodeKind::Regular { digest, size } if size > 0 => Some(digest),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Contents of the tree not in the store yet.
     pub fn missing(&self, store: &Store) -> Vec<Digest> {
-        self.tree
-            .objects()
+        self.contents()
             .into_iter()
             .filter(|d| !store.has_object(d))
             .collect()
@@ -110,14 +120,13 @@ impl LazyImage {
     }
 }
 
-/// Resolve `source` and build the image's tree from layer records the store
-/// has and TOCs of the zstd:chunked layers it lacks.
+/// Build the tree of the image `source` resolved to from layer records
+/// the store has and TOCs of the zstd:chunked layers it lacks.
 pub fn prepare(
     store: &Store,
     source: &dyn ImageSource,
-    platform: &Platform,
+    resolved: ResolvedImage,
 ) -> Result<LazyImage, LazyError> {
-    let resolved = source.resolve(platform)?;
     let config = strata_oci::parse_config(&resolved.config_bytes)?;
     let layers_desc = &resolved.manifest.layers;
     if config.diff_ids.len() != layers_desc.len() {

@@ -104,37 +104,25 @@ impl Registry {
             ),
         )
         .expect("write registry config");
-        let log = fs::File::create(dir.path().join("registry.log")).expect("log file");
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawning docker-registry");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(mut s) = TcpStream::connect(&addr) {
-                use std::io::Write;
-                let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n");
-                let mut buf = String::new();
-                let _ = s.read_to_string(&mut buf);
-                if buf.starts_with("HTTP/1.") && buf.contains(" 200 ") {
-                    break;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "docker-registry did not answer on {addr} within 20 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let child = spawn_registry(dir.path(), &addr);
         Registry {
             addr,
             storage,
             child,
             _dir: dir,
         }
+    }
+
+    /// Kill the registry (its storage stays): connections are refused.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Start it again on the same address and storage.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = spawn_registry(self._dir.path(), &self.addr);
     }
 
     /// Copy an image into this registry with skopeo.
@@ -184,6 +172,40 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Run docker-registry with `dir/config.yml`; wait until `/v2/` answers.
+fn spawn_registry(dir: &Path, addr: &str) -> Child {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("registry.log"))
+        .expect("log file");
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(dir.join("config.yml"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawning docker-registry");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut s) = TcpStream::connect(addr) {
+            use std::io::Write;
+            let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n");
+            let mut buf = String::new();
+            let _ = s.read_to_string(&mut buf);
+            if buf.starts_with("HTTP/1.") && buf.contains(" 200 ") {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "docker-registry did not answer on {addr} within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
 }
 
 /// `umoci unpack --image LAYOUT:TAG OUT`; returns OUT/rootfs.

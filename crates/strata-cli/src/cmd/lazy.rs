@@ -184,6 +184,38 @@ fn spawn_daemon(ctx: &Ctx, target: &Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn mount_composefs(
+    store: &strata_store::Store,
+    digest: &strata_digest::Digest,
+    target: &Path,
+    split: strata_store::SplitPolicy,
+) -> Result<()> {
+    let (_, layers) = store.image_erofs(digest, split)?;
+    let m = strata_sys::OverlayMount {
+        layers,
+        data_dirs: vec![store.root().join("objects")],
+        upper: None,
+        verity_require: false,
+        source: super::mount::source_of(digest),
+    };
+    strata_sys::mount_overlay(&m, target)
+        .with_context(|| format!("mounting {digest} at {}", target.display()))
+}
+
+/// Tell the waiting parent (or the terminal) how the image was mounted.
+fn finish_report(notify: bool, ctx: &Ctx, mode: &str, msg: &str, notes: &[String]) {
+    if notify {
+        report(&serde_json::json!({"mode": mode, "message": msg, "notes": notes}));
+    } else {
+        for n in notes {
+            eprintln!("strata: {n}");
+        }
+        if !ctx.quiet {
+            println!("{msg}");
+        }
+    }
+}
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -233,7 +265,22 @@ fn serve(
         jobs: 3,
         split,
     };
-    let lazy = match strata_lazy::prepare(&store, source.as_ref(), &platform) {
+    let resolved = source
+        .resolve(&platform)
+        .with_context(|| format!("resolving {name}"))?;
+    // Already pulled: the composefs mount serves it.
+    if store.has_image(&resolved.manifest_digest) {
+        let digest = resolved.manifest_digest;
+        store.set_ref(&name, &digest)?;
+        mount_composefs(&store, &digest, target, split)?;
+        let msg = format!(
+            "{name} ({digest}) is in the store: mounted it at {} the composefs way",
+            target.display()
+        );
+        finish_report(notify, ctx, "composefs", &msg, &[]);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let lazy = match strata_lazy::prepare(&store, source.as_ref(), resolved) {
         Ok(l) => l,
         Err(LazyError::NotLazy {
             index,
@@ -247,27 +294,12 @@ fn serve(
             tracing::warn!("{why}: pulling in full");
             let summary = pull_from(&store, source.as_ref(), &name, &opts, &NoProgress)
                 .with_context(|| format!("pulling {name}"))?;
-            let (_, layers) = store.image_erofs(&summary.manifest_digest, split)?;
-            let m = strata_sys::OverlayMount {
-                layers,
-                data_dirs: vec![store.root().join("objects")],
-                upper: None,
-                verity_require: false,
-                source: super::mount::source_of(&summary.manifest_digest),
-            };
-            strata_sys::mount_overlay(&m, target)
-                .with_context(|| format!("mounting {} at {}", name, target.display()))?;
+            mount_composefs(&store, &summary.manifest_digest, target, split)?;
             let msg = format!(
-                "pulled {name} in full and mounted it at {} (not lazily: {why})",
+                "pulled {name} in full and mounted it at {} (not lazily)",
                 target.display()
             );
-            if notify {
-                report(
-                    &serde_json::json!({"mode": "full", "message": msg, "notes": [format!("not lazy: {why}")]}),
-                );
-            } else {
-                println!("{msg}");
-            }
+            finish_report(notify, ctx, "full", &msg, &[format!("not lazy: {why}")]);
             return Ok(ExitCode::SUCCESS);
         }
         Err(e) => return Err(anyhow::Error::new(e).context(format!("preparing {name}"))),
@@ -309,7 +341,7 @@ fn serve(
         prefetch: "none".into(),
         complete: false,
     };
-    state.files_total = lazy.tree.objects().len() as u64;
+    state.files_total = lazy.contents().len() as u64;
     state.files_local = state.files_total.saturating_sub(total);
     state.save(&mdir)?;
     let msg = format!(
@@ -439,7 +471,7 @@ pub fn list(ctx: &Ctx) -> Result<ExitCode> {
     let mounted = strata_sys::mounts().unwrap_or_default();
     let mut rows = Vec::new();
     for (_, s) in MountState::all(&ctx.root) {
-        let alive = Path::new(&format!("/proc/{}", s.pid)).exists();
+        let alive = alive(s.pid);
         let is_mounted = mounted
             .iter()
             .any(|m| m.mount_point == s.dir && m.source.starts_with("strata-lazy:"));
@@ -490,12 +522,11 @@ pub fn list(ctx: &Ctx) -> Result<ExitCode> {
 pub fn after_umount(ctx: &Ctx, target: &Path) {
     let mdir = mount_dir(&ctx.root, target);
     if let Ok(s) = MountState::load(&mdir) {
-        let proc = PathBuf::from(format!("/proc/{}", s.pid));
         let deadline = Instant::now() + Duration::from_secs(5);
-        while proc.exists() && Instant::now() < deadline {
+        while alive(s.pid) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        if proc.exists()
+        if alive(s.pid)
             && let Some(pid) = rustix::process::Pid::from_raw(s.pid as i32)
         {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
@@ -503,4 +534,16 @@ pub fn after_umount(ctx: &Ctx, target: &Path) {
     }
     let _ = std::fs::remove_dir_all(mdir.join("partial"));
     let _ = std::fs::remove_file(mdir.join("state.json"));
+}
+
+/// Whether `pid` runs (a zombie does not).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "pid (comm) S ...": the state follows the last ')'
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|c| c != 'Z' && c != 'X'),
+        Err(_) => false,
+    }
 }

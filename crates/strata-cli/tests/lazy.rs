@@ -1,0 +1,481 @@
+//! `strata mount --lazy`: the Debian+python image converted to zstd:chunked
+//! and served from a real registry starts before it has arrived, reads
+//! the right bytes under concurrency, fails reads with EIO in bounded time
+//! when the registry is gone or lies, and leaves a store fsck accepts.
+
+mod common;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The converted image in a fresh registry; returns the reference.
+fn converted_in_registry() -> (Registry, String) {
+    let reg = Registry::start();
+    let conv = Env::new();
+    let src = oci_ref(&debian_layout(), "python");
+    conv.ok(&["pull", &src]);
+    let out = conv.path("out");
+    conv.ok(&["convert", &src, &format!("oci:{}:python", out.display())]);
+    reg.push(
+        &format!("oci:{}:python", out.display()),
+        "py:1",
+        &["--preserve-digests"],
+    );
+    let r = format!("docker://{}/py:1", reg.addr);
+    (reg, r)
+}
+
+/// The tree the image should show, as umoci unpacks the original.
+fn reference_tree(env: &Env) -> PathBuf {
+    umoci_unpack(&debian_layout(), "python", &env.path("umoci"))
+}
+
+/// A lazy mount that is unmounted when dropped, whatever the test did.
+struct Mounted<'a> {
+    env: &'a Env,
+    dir: PathBuf,
+}
+
+impl<'a> Mounted<'a> {
+    fn new(env: &'a Env, r: &str, extra: &[&str]) -> (Mounted<'a>, serde_json::Value) {
+        let dir = env.path("mnt");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut args = vec!["mount", "--lazy", "--plain-http"];
+        args.extend_from_slice(extra);
+        args.push(r);
+        args.push(dir.to_str().unwrap());
+        let v = env.json(&args);
+        (Mounted { env, dir }, v)
+    }
+
+    fn state(&self) -> serde_json::Value {
+        let all = self.env.json(&["mounts"]);
+        all.as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["dir"].as_str() == self.dir.to_str())
+            .cloned()
+            .unwrap_or_else(|| panic!("{} not in strata mounts: {all}", self.dir.display()))
+    }
+
+    fn log(&self) -> String {
+        let s = self.state();
+        std::fs::read_to_string(s["log"].as_str().unwrap()).unwrap_or_default()
+    }
+}
+
+impl Drop for Mounted<'_> {
+    fn drop(&mut self) {
+        let _ = self.env.run(&["umount", self.dir.to_str().unwrap()]);
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+fn chroot_python(dir: &Path, code: &str) -> std::process::Output {
+    Command::new("chroot")
+        .arg(dir)
+        .args(["/usr/bin/python3", "-c", code])
+        .output()
+        .unwrap()
+}
+
+fn image_bytes(env: &Env, r: &str) -> u64 {
+    let m = env.json(&["inspect", r]);
+    m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["size"].as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn python_runs_before_the_image_has_arrived_and_the_tree_is_whole() {
+    require_tool("umoci", "umoci");
+    let (_reg, r) = converted_in_registry();
+    let env = Env::new();
+    let (m, v) = Mounted::new(&env, &r, &["--prefetch", "none"]);
+    assert_eq!(v["mode"], "lazy", "{v}");
+    let out = chroot_python(&m.dir, "import json; print(1)");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "1",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = m.state();
+    assert_eq!(s["status"], "serving", "{s}");
+    let (local, total) = (
+        s["files_local"].as_u64().unwrap(),
+        s["files_total"].as_u64().unwrap(),
+    );
+    assert!(
+        local * 10 < total,
+        "most of the image must still be missing: {local}/{total}"
+    );
+    // nothing recorded as pulled yet
+    let e = env.fails(&["inspect", &r]);
+    assert!(e.contains("not found"), "{e}");
+
+    // paths, modes, owners, xattrs and bytes equal umoci's unpack (a few
+    // directories read lazily here; the whole tree in the prefetch test)
+    let want = reference_tree(&env);
+    for sub in ["etc", "usr/lib/python3.11/json", "usr/bin"] {
+        let diffs = compare_trees(&m.dir.join(sub), &want.join(sub), Compare::ALL);
+        assert!(
+            diffs.is_empty(),
+            "lazy mount differs in {sub}:\n{}",
+            diffs.join("\n")
+        );
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    let s = m.state();
+    assert_eq!(s["errors"], 0, "{s}");
+    assert!(
+        s["files_local"].as_u64().unwrap() > local,
+        "files read are stored: {s}"
+    );
+    drop(m);
+    let all = env.json(&["mounts"]);
+    assert_eq!(all.as_array().unwrap().len(), 0, "umount forgets it: {all}");
+    env.fsck_ok();
+}
+
+#[test]
+fn prefetch_records_the_image_and_later_mounts_use_composefs() {
+    require_tool("umoci", "umoci");
+    let (_reg, r) = converted_in_registry();
+    let env = Env::new();
+    let (m, _) = Mounted::new(&env, &r, &[]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = m.state();
+        if s["complete"] == true {
+            assert_eq!(s["prefetch"], "done", "{s}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "prefetch did not finish: {s}\n{}",
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = chroot_python(&m.dir, "import json, sqlite3; print(1)");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+    // the whole tree, served by the same FUSE mount, equals umoci's unpack
+    let want = reference_tree(&env);
+    let diffs = compare_trees(&m.dir, &want, Compare::ALL);
+    assert!(
+        diffs.is_empty(),
+        "lazy mount differs:\n{}",
+        diffs.join("\n")
+    );
+    drop(m);
+    // the image is pulled: same tree digest as a normal pull of it
+    let lazy_tree = env.json(&["inspect", &r])["tree"]["tree_digest"].clone();
+    let other = Env::new();
+    other.ok(&["pull", "--plain-http", &r]);
+    assert_eq!(
+        other.json(&["inspect", &r])["tree"]["tree_digest"],
+        lazy_tree
+    );
+    // and a second lazy mount is a composefs mount
+    let (m2, v) = Mounted::new(&env, &r, &[]);
+    assert_eq!(v["mode"], "composefs", "{v}");
+    let out = chroot_python(&m2.dir, "print(2)");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2");
+    drop(m2);
+    env.fsck_ok();
+}
+
+#[test]
+fn thirty_two_concurrent_readers_get_the_right_bytes() {
+    require_tool("umoci", "umoci");
+    let (_reg, r) = converted_in_registry();
+    let env = Env::new();
+    let want = reference_tree(&env);
+    let (m, _) = Mounted::new(&env, &r, &["--prefetch", "none"]);
+    // the biggest files (several chunks each) and many small ones
+    let mut files: Vec<(u64, PathBuf)> = Vec::new();
+    for dir in ["usr/lib/x86_64-linux-gnu", "usr/lib/python3.11", "usr/bin"] {
+        for e in std::fs::read_dir(want.join(dir)).unwrap().flatten() {
+            let md = std::fs::symlink_metadata(e.path()).unwrap();
+            if md.is_file() {
+                files.push((
+                    md.len(),
+                    e.path().strip_prefix(&want).unwrap().to_path_buf(),
+                ));
+            }
+        }
+    }
+    files.sort();
+    files.reverse();
+    let big: Vec<PathBuf> = files.iter().take(4).map(|f| f.1.clone()).collect();
+    let small: Vec<PathBuf> = files
+        .iter()
+        .skip(4)
+        .take(200)
+        .map(|f| f.1.clone())
+        .collect();
+    std::thread::scope(|s| {
+        for t in 0..32 {
+            let (m, want, big, small) = (&m, &want, &big, &small);
+            s.spawn(move || {
+                // everyone reads the big files at different offsets first
+                for (i, p) in big.iter().enumerate() {
+                    let mut f = std::fs::File::open(m.dir.join(p)).unwrap();
+                    let mut got = Vec::new();
+                    let len = f.metadata().unwrap().len();
+                    let start = (len / 32) * ((t + i as u64) % 32);
+                    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(start)).unwrap();
+                    f.read_to_end(&mut got).unwrap();
+                    let all = std::fs::read(want.join(p)).unwrap();
+                    assert!(got == all[start as usize..], "{} from {start}", p.display());
+                }
+                for p in small.iter().skip(t as usize % 7).step_by(3) {
+                    let got = std::fs::read(m.dir.join(p)).unwrap();
+                    assert!(
+                        got == std::fs::read(want.join(p)).unwrap(),
+                        "{}",
+                        p.display()
+                    );
+                }
+            });
+        }
+    });
+    let s = m.state();
+    assert_eq!(s["errors"], 0, "{s}");
+    drop(m);
+    env.fsck_ok();
+}
+
+#[test]
+fn a_stopped_registry_gives_eio_in_bounded_time_and_reads_recover() {
+    let (mut reg, r) = converted_in_registry();
+    let env = Env::new();
+    let (m, _) = Mounted::new(&env, &r, &["--prefetch", "none"]);
+    let cached = m.dir.join("usr/bin/python3.11");
+    let uncached = m.dir.join("usr/lib/python3.11/json/decoder.py");
+    let first = std::fs::read(&cached).unwrap();
+    reg.stop();
+    assert_eq!(
+        std::fs::read(&cached).unwrap(),
+        first,
+        "cached files keep working"
+    );
+    let t = Instant::now();
+    let e = std::fs::read(&uncached).expect_err("nothing to fetch from");
+    let took = t.elapsed();
+    assert_eq!(e.raw_os_error(), Some(5), "EIO: {e}");
+    assert!(took < Duration::from_secs(30), "EIO after {took:?}");
+    let log = m.log();
+    assert!(
+        log.contains("usr/lib/python3.11/json/decoder.py") && log.contains("layer sha256:"),
+        "the log names file and layer:\n{log}"
+    );
+    reg.restart();
+    let back = std::fs::read(&uncached).expect("reads succeed once the registry is back");
+    assert!(String::from_utf8_lossy(&back).contains("JSONDecoder"));
+    drop(m);
+    env.fsck_ok();
+}
+
+#[test]
+fn a_tampered_blob_reads_eio_and_nothing_is_stored() {
+    let (reg, r) = converted_in_registry();
+    let env = Env::new();
+    // flip one byte inside the frames of one file in the registry's storage
+    let (m, _) = Mounted::new(&env, &r, &["--prefetch", "none"]);
+    let victim = "usr/lib/python3.11/json/encoder.py";
+    let insp = {
+        // find the file's frames through the TOC the registry serves
+        let manifest = Command::new("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(&r)
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&manifest.stdout).unwrap()
+    };
+    let top = &insp["layers"].as_array().unwrap()[1];
+    let digest = top["digest"].as_str().unwrap();
+    let blob_path = reg.blob_path(&digest[7..]);
+    let mut blob = std::fs::read(&blob_path).unwrap();
+    let pos: Vec<u64> = top["annotations"]["io.github.containers.zstd-chunked.manifest-position"]
+        .as_str()
+        .unwrap()
+        .split(':')
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let toc: serde_json::Value = serde_json::from_slice(
+        &zstd::stream::decode_all(&blob[pos[0] as usize..(pos[0] + pos[1]) as usize]).unwrap(),
+    )
+    .unwrap();
+    let e = toc["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == victim)
+        .expect("in the TOC");
+    let (off, end) = (
+        e["offset"].as_u64().unwrap(),
+        e["endOffset"].as_u64().unwrap(),
+    );
+    blob[((off + end) / 2) as usize] ^= 0x40;
+    std::fs::write(&blob_path, &blob).unwrap();
+
+    let err = std::fs::read(m.dir.join(victim)).expect_err("tampered bytes are never served");
+    assert_eq!(err.raw_os_error(), Some(5), "{err}");
+    assert!(m.log().contains(victim), "{}", m.log());
+    // other files of the same layer still read
+    let ok = std::fs::read(m.dir.join("usr/lib/python3.11/json/decoder.py")).unwrap();
+    assert!(String::from_utf8_lossy(&ok).contains("JSONDecoder"));
+    drop(m);
+    let e = env.fails(&["pull", "--plain-http", &r]);
+    assert!(e.contains("digest") || e.contains("decompress"), "{e}");
+    let e = env.fails(&["inspect", &r]);
+    assert!(e.contains("not found"), "{e}");
+    env.fsck_ok();
+}
+
+#[test]
+fn images_that_cannot_be_lazy_are_pulled_in_full_and_said_so() {
+    let reg = Registry::start();
+    reg.push(&oci_ref(&debian_layout(), "python"), "gz:1", &[]);
+    let r = format!("docker://{}/gz:1", reg.addr);
+    let env = Env::new();
+    let dir = env.path("mnt");
+    std::fs::create_dir_all(&dir).unwrap();
+    let e = env.fails(&[
+        "mount",
+        "--lazy=require",
+        "--plain-http",
+        &r,
+        dir.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("--lazy=require") && e.contains("not zstd:chunked"),
+        "{e}"
+    );
+    let e = env.fails(&["inspect", &r]);
+    assert!(e.contains("not found"), "require pulls nothing: {e}");
+    let out = env.run(&["mount", "--lazy", "--plain-http", &r, dir.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("not lazy") && stderr.contains("not zstd:chunked"),
+        "{stderr}"
+    );
+    let said = chroot_python(&dir, "print(3)");
+    assert_eq!(String::from_utf8_lossy(&said.stdout).trim(), "3");
+    env.ok(&["umount", dir.to_str().unwrap()]);
+    env.fsck_ok();
+}
+
+#[test]
+fn a_killed_daemon_leaves_a_stale_mount_that_umount_cleans() {
+    let (_reg, r) = converted_in_registry();
+    let env = Env::new();
+    let (m, _) = Mounted::new(&env, &r, &["--prefetch", "none"]);
+    let pid = m.state()["pid"].as_u64().unwrap();
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let s = m.state();
+    assert!(s["status"].as_str().unwrap().starts_with("stale"), "{s}");
+    let e = std::fs::read(m.dir.join("etc/os-release")).expect_err("nobody serves it");
+    assert_eq!(e.raw_os_error(), Some(107), "ENOTCONN: {e}");
+    env.ok(&["umount", m.dir.to_str().unwrap()]);
+    assert_eq!(env.json(&["mounts"]).as_array().unwrap().len(), 0);
+    assert!(
+        std::fs::read_dir(&m.dir).unwrap().next().is_none(),
+        "the mount is gone"
+    );
+    env.fsck_ok();
+}
+
+#[test]
+fn a_recorded_read_list_is_prefetched_next_time() {
+    let (_reg, r) = converted_in_registry();
+    let env = Env::new();
+    let list = env.path("list");
+    let (m, _) = Mounted::new(
+        &env,
+        &r,
+        &["--prefetch", "none", "--record", list.to_str().unwrap()],
+    );
+    let out = chroot_python(&m.dir, "import json; print(1)");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+    drop(m);
+    let recorded = std::fs::read_to_string(&list).unwrap();
+    assert!(
+        recorded.lines().next() == Some("/usr/bin/python3.11"),
+        "{recorded}"
+    );
+    assert!(recorded.contains("/usr/lib/python3.11/json/"), "{recorded}");
+    // a fresh store, the list as prefetch: those files arrive without reads
+    let env2 = Env::new();
+    let (m2, _) = Mounted::new(
+        &env2,
+        &r,
+        &[
+            "--prefetch",
+            "list",
+            "--prefetch-list",
+            list.to_str().unwrap(),
+        ],
+    );
+    let want = recorded.lines().count() as u64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = m2.state();
+        if s["prefetch"] == "done" {
+            assert!(s["files_local"].as_u64().unwrap() >= want * 9 / 10, "{s}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(m2);
+    env2.fsck_ok();
+}
+
+#[test]
+fn lazy_mount_errors_are_clear() {
+    let env = Env::new();
+    let e = env.fails(&[
+        "mount",
+        "--lazy",
+        "docker://127.0.0.1:1/x:y",
+        "/nonexistent-dir",
+    ]);
+    assert!(e.contains("not an existing directory"), "{e}");
+    let dir = env.path("d");
+    std::fs::create_dir_all(&dir).unwrap();
+    let e = env.fails(&[
+        "mount",
+        "--lazy",
+        "--rw",
+        "docker://127.0.0.1:1/x:y",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(e.contains("read-only"), "{e}");
+    let t = Instant::now();
+    let e = env.fails(&[
+        "mount",
+        "--lazy",
+        "--plain-http",
+        "docker://127.0.0.1:1/x:y",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(e.contains("127.0.0.1:1"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(30));
+    assert_eq!(env.json(&["mounts"]).as_array().unwrap().len(), 0);
+    env.fsck_ok();
+}
