@@ -83,16 +83,6 @@ fn chroot_python(dir: &Path, code: &str) -> std::process::Output {
         .unwrap()
 }
 
-fn image_bytes(env: &Env, r: &str) -> u64 {
-    let m = env.json(&["inspect", r]);
-    m["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["size"].as_u64().unwrap())
-        .sum()
-}
-
 #[test]
 fn python_runs_before_the_image_has_arrived_and_the_tree_is_whole() {
     require_tool("umoci", "umoci");
@@ -116,6 +106,14 @@ fn python_runs_before_the_image_has_arrived_and_the_tree_is_whole() {
     assert!(
         local * 10 < total,
         "most of the image must still be missing: {local}/{total}"
+    );
+    let (fetched, image) = (
+        s["bytes_fetched"].as_u64().unwrap(),
+        s["image_bytes"].as_u64().unwrap(),
+    );
+    assert!(
+        fetched * 100 < image * 15,
+        "python started with {fetched} of {image} bytes fetched"
     );
     // nothing recorded as pulled yet
     let e = env.fails(&["inspect", &r]);

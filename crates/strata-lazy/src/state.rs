@@ -26,8 +26,10 @@ pub struct MountState {
     pub files_total: u64,
     /// Of those, in the store.
     pub files_local: u64,
-    /// Bytes fetched by reads and prefetch.
+    /// Bytes fetched by reads (and TOCs).
     pub bytes_fetched: u64,
+    /// Compressed bytes of the layers the store lacked at mount.
+    pub image_bytes: u64,
     /// Failed fetches.
     pub errors: u64,
     /// Prefetch state: "none", "list", "all", "done", or "failed: ...".

@@ -337,6 +337,12 @@ fn serve(
         files_total: 0,
         files_local: 0,
         bytes_fetched: lazy.downloaded,
+        image_bytes: lazy
+            .layers
+            .iter()
+            .filter(|l| l.index.is_some())
+            .map(|l| l.desc.size)
+            .sum(),
         errors: 0,
         prefetch: "none".into(),
         complete: false,
@@ -502,12 +508,13 @@ pub fn list(ctx: &Ctx) -> Result<ExitCode> {
     }
     for (s, st) in rows {
         println!(
-            "{}  {}  files {}/{} local  {} fetched  prefetch {}{}  {}  pid {}",
+            "{}  {}  files {}/{} local  {} of {} fetched by reads  prefetch {}{}  {}  pid {}",
             s.dir.display(),
             s.reference,
             s.files_local,
             s.files_total,
             human(s.bytes_fetched),
+            human(s.image_bytes),
             s.prefetch,
             if s.complete { " (pulled)" } else { "" },
             st,
