@@ -3,6 +3,7 @@
 #   bash bench/run.sh          # issue 2: store and pull   (bench/bench.py)
 #   bash bench/run.sh erofs    # issue 3: EROFS and mounts (bench/erofs.py)
 #   bash bench/run.sh chunked  # issue 4: zstd:chunked conversion (bench/chunked.py)
+#   bash bench/run.sh lazy     # issue 4: lazy mounts, cold starts on a shaped link (bench/lazy.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh >&2
@@ -14,5 +15,6 @@ case "${1:-pull}" in
     cargo build --release -p strata-store --example erofs_build >&2
     exec python3 bench/erofs.py ;;
   chunked) exec python3 bench/chunked.py ;;
-  *) echo "usage: bench/run.sh [pull|erofs|chunked]" >&2; exit 2 ;;
+  lazy) exec python3 bench/lazy.py ;;
+  *) echo "usage: bench/run.sh [pull|erofs|chunked|lazy]" >&2; exit 2 ;;
 esac

@@ -16,6 +16,18 @@ pub struct Args {
 }
 
 pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
+    // A lazy mount's daemon holds the store (its fetched files belong to
+    // no image yet): gc would wait for it forever, so say so instead.
+    let serving: Vec<String> = super::lazy::serving(&ctx.root)
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect();
+    if !serving.is_empty() {
+        anyhow::bail!(
+            "lazy mounts serve from this store ({}): gc needs the store to itself; `strata umount` them first",
+            serving.join(", ")
+        );
+    }
     let store = strata_store::Store::open_exclusive(&ctx.root)
         .with_context(|| format!("opening store {} for gc", ctx.root.display()))?;
     let report = store.gc(a.dry_run)?;

@@ -472,6 +472,15 @@ fn write_record(path: &Path, paths: &[Vec<u8>]) -> std::io::Result<()> {
     std::fs::rename(tmp, path)
 }
 
+/// Mount points of lazy mounts whose daemon runs.
+pub fn serving(root: &Path) -> Vec<PathBuf> {
+    MountState::all(root)
+        .into_iter()
+        .filter(|(_, s)| alive(s.pid))
+        .map(|(_, s)| s.dir)
+        .collect()
+}
+
 /// `strata mounts`
 pub fn list(ctx: &Ctx) -> Result<ExitCode> {
     let mounted = strata_sys::mounts().unwrap_or_default();

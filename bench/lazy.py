@@ -1,0 +1,475 @@
+#!/usr/bin/env python3
+"""strata benchmarks for issue 4, part 2: lazy mounts and cold starts.
+
+  bash bench/run.sh lazy
+
+The Debian+python fixture is converted to zstd:chunked by `strata convert`
+and pushed (skopeo --preserve-digests) to a docker-registry that runs in
+its own network namespace behind a veth pair shaped with `tc ... tbf` to
+100 Mbit/s both ways; a small delaying TCP proxy in this script (127.0.0.1)
+adds 10 ms each way (20 ms RTT). Every client talks to the proxy. The same
+is repeated unshaped on loopback (registry on 127.0.0.1, no proxy).
+
+Cold start: time from the command to the output of
+`python3 -c 'import json, sqlite3; print(1)'`, fresh store each run:
+  strata lazy        strata mount --lazy (prefetch none, then default) + chroot
+  strata full        strata pull + strata mount + chroot
+  containerd         ctr image pull + ctr run
+  podman             podman pull + podman run
+Bytes: what the proxy carried from the registry before the first output.
+
+Partial pull (shaped): debian:base converted, then apps:base-updated
+converted; full pull vs partial pull (store holding base).
+
+Warm reads: a fully fetched lazy mount (FUSE passthrough) vs the composefs
+mount of the same image: read every file (cold page cache, then warm).
+"""
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIX = os.environ.get("STRATA_FIXTURES", os.path.join(REPO, ".cache/fixtures"))
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target"))
+STRATA = os.environ.get("STRATA_BIN", os.path.join(TARGET, "release/strata"))
+RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+NS = "strata-bench"
+HOST_IP, NS_IP = "10.213.7.1", "10.213.7.2"
+PY = "import json, sqlite3; print(1)"
+
+
+def run(*args, env=None, check=True, cwd=None):
+    r = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd)
+    if check and r.returncode != 0:
+        sys.exit(f"bench: {' '.join(map(str, args))} failed: {r.stderr.decode()}{r.stdout.decode()}")
+    return r.stdout.decode()
+
+
+def free_port():
+    so = socket.socket()
+    so.bind(("127.0.0.1", 0))
+    p = so.getsockname()[1]
+    so.close()
+    return p
+
+
+def drop_caches():
+    subprocess.run(["sync"], check=True)
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+# ---- network -----------------------------------------------------------
+
+def netns_up():
+    netns_down()
+    run("ip", "netns", "add", NS)
+    run("ip", "link", "add", "sb-host", "type", "veth", "peer", "name", "sb-reg")
+    run("ip", "link", "set", "sb-reg", "netns", NS)
+    run("ip", "addr", "add", f"{HOST_IP}/30", "dev", "sb-host")
+    run("ip", "link", "set", "sb-host", "up")
+    run("ip", "netns", "exec", NS, "ip", "addr", "add", f"{NS_IP}/30", "dev", "sb-reg")
+    run("ip", "netns", "exec", NS, "ip", "link", "set", "sb-reg", "up")
+    run("ip", "netns", "exec", NS, "ip", "link", "set", "lo", "up")
+    for pre in ([], ["ip", "netns", "exec", NS]):
+        dev = "sb-reg" if pre else "sb-host"
+        run(*pre, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+            "rate", "100mbit", "burst", "64kb", "latency", "100ms")
+
+
+def netns_down():
+    subprocess.run(["ip", "link", "del", "sb-host"], stderr=subprocess.DEVNULL)
+    subprocess.run(["ip", "netns", "del", NS], stderr=subprocess.DEVNULL)
+
+
+class DelayProxy:
+    """127.0.0.1:port -> upstream, each chunk held `delay` s per direction;
+    counts bytes from upstream."""
+
+    def __init__(self, upstream, delay):
+        self.upstream = upstream
+        self.delay = delay
+        self.port = free_port()
+        self.down = 0
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        threading.Thread(target=self._main, daemon=True).start()
+        self.ready.wait()
+
+    def _main(self):
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._serve())
+
+    async def _serve(self):
+        server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
+        self.ready.set()
+        async with server:
+            await server.serve_forever()
+
+    async def _pipe(self, r, w, count):
+        q = asyncio.Queue()
+
+        async def sender():
+            while True:
+                t, data = await q.get()
+                if data is None:
+                    break
+                wait = t + self.delay - self.loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                w.write(data)
+                await w.drain()
+            w.close()
+
+        s = asyncio.ensure_future(sender())
+        try:
+            while True:
+                data = await r.read(65536)
+                if not data:
+                    break
+                if count:
+                    self.down += len(data)
+                await q.put((self.loop.time(), data))
+        except Exception:
+            pass
+        await q.put((0, None))
+        try:
+            await s
+        except Exception:
+            pass
+
+    async def _client(self, cr, cw):
+        host, port = self.upstream
+        try:
+            ur, uw = await asyncio.open_connection(host, port)
+        except Exception:
+            cw.close()
+            return
+        await asyncio.gather(self._pipe(cr, uw, False), self._pipe(ur, cw, True))
+
+
+class Registry:
+    def __init__(self, tmp, netns):
+        self.netns = netns
+        host = NS_IP if netns else "127.0.0.1"
+        self.port = 5000 if netns else free_port()
+        self.storage = os.path.join(tmp, "registry")
+        cfg = os.path.join(tmp, "reg.yml")
+        with open(cfg, "w") as f:
+            f.write(f"version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n"
+                    f"storage:\n  filesystem:\n    rootdirectory: {self.storage}\n"
+                    f"http:\n  addr: {host}:{self.port}\n")
+        pre = ["ip", "netns", "exec", NS] if netns else []
+        self.p = subprocess.Popen(pre + ["docker-registry", "serve", cfg],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.upstream = (host, self.port)
+        for _ in range(200):
+            try:
+                socket.create_connection(self.upstream, timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+
+    def stop(self):
+        self.p.kill()
+        self.p.wait()
+
+
+class Link:
+    """What clients talk to: the proxy (shaped) or the registry (loopback)."""
+
+    def __init__(self, reg, shaped):
+        self.proxy = DelayProxy(reg.upstream, 0.010) if shaped else DelayProxy(reg.upstream, 0.0)
+        self.addr = f"127.0.0.1:{self.proxy.port}"
+
+    def bytes(self):
+        return self.proxy.down
+
+
+# ---- contenders --------------------------------------------------------
+
+def strata(root, *args, **kw):
+    return run(STRATA, "--root", root, *args, **kw)
+
+
+def wait_output(cmd, timeout=600):
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+    out = p.stdout.decode().strip()
+    if out != "1":
+        sys.exit(f"bench: {cmd} printed {out!r}: {p.stderr.decode()}")
+
+
+def strata_lazy(tmp, ref, link, prefetch):
+    root = os.path.join(tmp, "s-lazy")
+    mnt = os.path.join(tmp, "mnt-lazy")
+    os.makedirs(mnt, exist_ok=True)
+    b0 = link.bytes()
+    t = time.monotonic()
+    strata(root, "mount", "--lazy", "--plain-http", "--prefetch", prefetch, ref, mnt)
+    wait_output(["chroot", mnt, "/usr/bin/python3", "-c", PY])
+    dt = time.monotonic() - t
+    b = link.bytes() - b0
+    state = json.loads(strata(root, "--json", "mounts"))[0]
+    strata(root, "umount", mnt)
+    shutil.rmtree(root)
+    return dt, b, state
+
+
+def strata_full(tmp, ref, link):
+    root = os.path.join(tmp, "s-full")
+    mnt = os.path.join(tmp, "mnt-full")
+    os.makedirs(mnt, exist_ok=True)
+    b0 = link.bytes()
+    t = time.monotonic()
+    strata(root, "pull", "-q", "--plain-http", ref)
+    strata(root, "mount", ref, mnt)
+    wait_output(["chroot", mnt, "/usr/bin/python3", "-c", PY])
+    dt = time.monotonic() - t
+    b = link.bytes() - b0
+    strata(root, "umount", mnt)
+    shutil.rmtree(root)
+    return dt, b
+
+
+class Containerd:
+    def __init__(self, tmp):
+        self.dir = os.path.join(tmp, "containerd")
+        os.makedirs(self.dir, exist_ok=True)
+        self.sock = os.path.join(self.dir, "c.sock")
+        cfg = os.path.join(self.dir, "config.toml")
+        with open(cfg, "w") as f:
+            f.write(f'version = 2\nroot = "{self.dir}/root"\nstate = "{self.dir}/state"\n'
+                    f'[grpc]\n  address = "{self.sock}"\n'
+                    f'[plugins."io.containerd.grpc.v1.cri"]\n  disable_tcp_service = true\n')
+        self.p = subprocess.Popen(["containerd", "--config", cfg],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(300):
+            if subprocess.run(["ctr", "--address", self.sock, "version"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0:
+                break
+            time.sleep(0.1)
+
+    def ctr(self, *args, **kw):
+        return run("ctr", "--address", self.sock, *args, **kw)
+
+    def stop(self):
+        self.p.kill()
+        self.p.wait()
+        subprocess.run(["umount", "-R", self.dir], stderr=subprocess.DEVNULL)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def containerd_run(tmp, ref, link, n):
+    c = Containerd(tmp)
+    try:
+        image = ref.removeprefix("docker://")
+        b0 = link.bytes()
+        t = time.monotonic()
+        c.ctr("image", "pull", "--plain-http", image)
+        out = c.ctr("run", "--rm", image, f"bench-{n}", "/usr/bin/python3", "-c", PY).strip()
+        dt = time.monotonic() - t
+        if out != "1":
+            sys.exit(f"bench: ctr run printed {out!r}")
+        return dt, link.bytes() - b0
+    finally:
+        c.stop()
+
+
+def podman_run(tmp, ref, link):
+    root = os.path.join(tmp, "podman-root")
+    runroot = os.path.join(tmp, "podman-run")
+    base = ["podman", "--root", root, "--runroot", runroot, "--storage-driver", "overlay"]
+    try:
+        image = ref.removeprefix("docker://")
+        b0 = link.bytes()
+        t = time.monotonic()
+        run(*base, "pull", "-q", "--tls-verify=false", image)
+        out = run(*base, "run", "--rm", "--network", "none",
+                  "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768",
+                  image, "/usr/bin/python3", "-c", PY).strip()
+        dt = time.monotonic() - t
+        if out != "1":
+            sys.exit(f"bench: podman run printed {out!r}")
+        return dt, link.bytes() - b0
+    finally:
+        subprocess.run(base + ["system", "reset", "-f"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(runroot, ignore_errors=True)
+
+
+def med(xs):
+    return statistics.median(xs)
+
+
+def cold_start(tmp, ref, link, image_bytes):
+    res = {}
+    cases = [
+        ("strata lazy (prefetch none)", lambda n: strata_lazy(tmp, ref, link, "none")[:2]),
+        ("strata lazy (default prefetch)", lambda n: strata_lazy(tmp, ref, link, "all")[:2]),
+        ("strata full pull + mount", lambda n: strata_full(tmp, ref, link)),
+        ("containerd pull + run", lambda n: containerd_run(tmp, ref, link, n)),
+        ("podman pull + run", lambda n: podman_run(tmp, ref, link)),
+    ]
+    for name, fn in cases:
+        ts, bs = [], []
+        for n in range(RUNS):
+            drop_caches()
+            dt, b = fn(n)
+            ts.append(dt)
+            bs.append(b)
+        res[name] = {"seconds": med(ts), "runs": ts, "bytes": med(bs),
+                     "bytes_fraction": med(bs) / image_bytes}
+        print(f"  {name:34s} {med(ts):7.2f} s  {med(bs)/1e6:7.1f} MB "
+              f"({100*med(bs)/image_bytes:5.1f}% of the image)  runs {['%.2f' % x for x in ts]}",
+              flush=True)
+    return res
+
+
+def read_all(root):
+    n = 0
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            if os.path.islink(p) or not os.path.isfile(p):
+                continue
+            try:
+                with open(p, "rb") as fh:
+                    while True:
+                        b = fh.read(1 << 20)
+                        if not b:
+                            break
+                        n += len(b)
+            except OSError:
+                pass
+    return n
+
+
+def warm_reads(tmp, ref):
+    """Fully fetched lazy mount vs composefs mount of the same image."""
+    root = os.path.join(tmp, "s-warm")
+    lazy, cfs = os.path.join(tmp, "mnt-wl"), os.path.join(tmp, "mnt-wc")
+    os.makedirs(lazy, exist_ok=True)
+    os.makedirs(cfs, exist_ok=True)
+    strata(root, "mount", "--lazy", "--plain-http", "--prefetch", "none", ref, lazy)
+    read_all(lazy)  # fetch everything through the lazy mount
+    res = {}
+    # the image is complete in objects/ now; pull records it (no download)
+    strata(root, "pull", "-q", "--plain-http", ref)
+    strata(root, "mount", ref, cfs)
+    for name, d in (("lazy (FUSE, passthrough)", lazy), ("composefs", cfs)):
+        for temp in ("cold", "warm"):
+            ts = []
+            for _ in range(RUNS):
+                if temp == "cold":
+                    drop_caches()
+                else:
+                    read_all(d)
+                t = time.monotonic()
+                n = read_all(d)
+                ts.append(time.monotonic() - t)
+            res[f"{name} {temp}"] = {"seconds": med(ts), "bytes": n, "MBps": n / med(ts) / 1e6}
+            print(f"  {name + ' ' + temp:34s} {med(ts):7.3f} s  {n/med(ts)/1e6:8.0f} MB/s", flush=True)
+    for d in (lazy, cfs):
+        strata(root, "umount", d)
+    for temp in ("cold", "warm"):
+        r = res[f"lazy (FUSE, passthrough) {temp}"]["MBps"] / res[f"composefs {temp}"]["MBps"]
+        res[f"ratio {temp}"] = r
+        print(f"  lazy/composefs throughput {temp}: {r:.2f}", flush=True)
+    shutil.rmtree(root)
+    return res
+
+
+def partial_shaped(tmp, link_addr, link):
+    """debian:base then apps:base-updated, both converted; full vs partial pull."""
+    res = {}
+    conv = os.path.join(tmp, "s-conv2")
+    apps = os.path.join(FIX, "apps")
+    out = os.path.join(tmp, "conv-apps")
+    for tag in ("base", "base-updated"):
+        src = f"oci:{apps}:{tag}" if tag == "base-updated" else f"oci:{FIX}/debian:base"
+        strata(conv, "pull", "-q", src)
+        strata(conv, "convert", src, f"oci:{out}:{tag}")
+        run("skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--preserve-digests",
+            f"oci:{out}:{tag}", f"docker://{link_addr}/part:{tag}")
+    shutil.rmtree(conv)
+    base_ref = f"docker://{link_addr}/part:base"
+    upd_ref = f"docker://{link_addr}/part:base-updated"
+    for kind in ("full", "partial"):
+        ts, bs = [], []
+        for _ in range(RUNS):
+            root = os.path.join(tmp, "s-part")
+            if kind == "partial":
+                strata(root, "pull", "-q", "--plain-http", base_ref)
+            b0 = link.bytes()
+            t = time.monotonic()
+            strata(root, "pull", "-q", "--plain-http", upd_ref)
+            ts.append(time.monotonic() - t)
+            bs.append(link.bytes() - b0)
+            shutil.rmtree(root)
+        res[kind] = {"seconds": med(ts), "bytes": med(bs), "runs": ts}
+        print(f"  {kind + ' pull of base-updated':34s} {med(ts):7.2f} s  {med(bs)/1e6:7.2f} MB", flush=True)
+    return res
+
+
+def main():
+    for tool in ("docker-registry", "skopeo", "containerd", "ctr", "runc", "podman", "tc", "ip"):
+        if shutil.which(tool) is None:
+            sys.exit(f"bench: {tool} is missing (bash scripts/install-deps.sh)")
+    results = {"runs": RUNS}
+    with tempfile.TemporaryDirectory(prefix="strata-bench-lazy-") as tmp:
+        # the converted image, as a layout
+        conv = os.path.join(tmp, "s-conv")
+        src = f"oci:{FIX}/debian:python"
+        strata(conv, "pull", "-q", src)
+        out = os.path.join(tmp, "conv")
+        strata(conv, "convert", src, f"oci:{out}:python")
+        shutil.rmtree(conv)
+        idx = json.load(open(os.path.join(out, "index.json")))
+        man = json.load(open(os.path.join(out, "blobs/sha256", idx["manifests"][0]["digest"][7:])))
+        image_bytes = sum(l["size"] for l in man["layers"])
+        results["image_bytes"] = image_bytes
+        print(f"image: debian:python as zstd:chunked, {image_bytes/1e6:.1f} MB compressed", flush=True)
+
+        for shaped in (True, False):
+            label = "shaped (100 Mbit/s, 20 ms RTT)" if shaped else "loopback"
+            print(f"== {label}", flush=True)
+            if shaped:
+                netns_up()
+            rtmp = tempfile.mkdtemp(dir=tmp)
+            reg = Registry(rtmp, shaped)
+            try:
+                link = Link(reg, shaped)
+                run("skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--preserve-digests",
+                    f"oci:{out}:python", f"docker://{link.addr}/py:1")
+                ref = f"docker://{link.addr}/py:1"
+                key = "shaped" if shaped else "loopback"
+                results[key] = {"cold_start": cold_start(tmp, ref, link, image_bytes)}
+                results[key]["partial_pull"] = partial_shaped(tmp, link.addr, link)
+                if not shaped:
+                    print("== warm reads (loopback registry, fully fetched)", flush=True)
+                    results["warm_reads"] = warm_reads(tmp, ref)
+                cs = results[key]["cold_start"]
+                r = cs["containerd pull + run"]["seconds"] / cs["strata lazy (prefetch none)"]["seconds"]
+                results[key]["lazy_vs_containerd"] = r
+                print(f"  containerd / strata lazy: {r:.1f}x", flush=True)
+            finally:
+                reg.stop()
+                if shaped:
+                    netns_down()
+    path = os.path.join(REPO, "bench/results-lazy.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
