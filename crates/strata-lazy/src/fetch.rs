@@ -13,7 +13,7 @@ use std::time::Duration;
 use sha2::{Digest as _, Sha256};
 use strata_digest::Digest;
 use strata_oci::ImageSource;
-use strata_oci::partial::fetch_chunk;
+use strata_oci::partial::{RemoteFile, decode_chunk};
 use strata_store::Store;
 
 use crate::LazyImage;
@@ -56,6 +56,11 @@ enum Have {
     Fetching,
     Present,
 }
+
+/// Files up to this size are fetched whole on their first read (their
+/// chunks are contiguous in the blob: one range request); larger files
+/// this much past each read.
+const READ_AHEAD: u64 = 2 << 20;
 
 /// A file being fetched: a sparse staging file and which chunks it holds.
 struct Partial {
@@ -158,15 +163,16 @@ impl Fetcher {
             .remote(digest)
             .ok_or(ReadError::Unknown(*digest))?;
         let p = self.partial_of(digest, size)?;
-        // chunks overlapping [offset, end)
-        let first = rf
-            .chunks
-            .partition_point(|c| c.file_offset + c.size <= offset);
-        let mut i = first;
-        while i < rf.chunks.len() && rf.chunks[i].file_offset < end {
-            self.ensure(&p, desc, rf, i)?;
-            i += 1;
-        }
+        // chunks overlapping [offset, end), and those read ahead
+        let first = rf.chunks.partition_point(|c| c.file_offset + c.size <= offset);
+        let last = rf.chunks.partition_point(|c| c.file_offset < end);
+        let ahead = if size <= READ_AHEAD {
+            rf.chunks.len()
+        } else {
+            rf.chunks
+                .partition_point(|c| c.file_offset < end.saturating_add(READ_AHEAD))
+        };
+        self.ensure(&p, desc, rf, first, last, ahead)?;
         let data = pread(&p.file, offset, end - offset)?;
         self.maybe_finish(digest, &p)?;
         Ok(data)
@@ -182,9 +188,8 @@ impl Fetcher {
             .remote(digest)
             .ok_or(ReadError::Unknown(*digest))?;
         let p = self.partial_of(digest, rf.size)?;
-        for i in 0..rf.chunks.len() {
-            self.ensure(&p, desc, rf, i)?;
-        }
+        let n = rf.chunks.len();
+        self.ensure(&p, desc, rf, 0, n, n)?;
         self.maybe_finish(digest, &p)
     }
 
@@ -217,66 +222,136 @@ impl Fetcher {
         Ok(p)
     }
 
-    /// Make chunk `i` present: fetch it, or wait for the reader fetching it.
+    /// Make chunks `need` (`first..last`) present, fetching those up to
+    /// `ahead` that nobody fetches yet (contiguous ones in one request), and
+    /// waiting for the ones other readers fetch.
     fn ensure(
         &self,
         p: &Partial,
         desc: &strata_oci::Descriptor,
-        rf: &strata_oci::partial::RemoteFile,
-        i: usize,
+        rf: &RemoteFile,
+        first: usize,
+        last: usize,
+        ahead: usize,
     ) -> Result<(), ReadError> {
-        {
-            let mut have = p.have.lock().expect("no panics while held");
-            loop {
-                match have[i] {
-                    Have::Present => return Ok(()),
-                    Have::Fetching => {
-                        have = p
-                            .changed
-                            .wait_timeout(have, Duration::from_secs(1))
-                            .expect("no panics while held")
-                            .0;
-                    }
-                    Have::Missing => {
-                        have[i] = Have::Fetching;
-                        break;
+        loop {
+            let mine: Vec<usize> = {
+                let mut have = p.have.lock().expect("no panics while held");
+                if have[first..last].iter().all(|h| *h == Have::Present) {
+                    return Ok(());
+                }
+                (first..ahead.max(last))
+                    .filter(|&i| {
+                        let claim = have[i] == Have::Missing;
+                        if claim {
+                            have[i] = Have::Fetching;
+                        }
+                        claim
+                    })
+                    .collect()
+            };
+            let needed_mine = mine.iter().any(|&i| i >= first && i < last);
+            // contiguous runs of claimed chunks
+            let mut runs: Vec<(usize, usize)> = Vec::new();
+            for &i in &mine {
+                match runs.last_mut() {
+                    Some((_, e)) if *e == i => *e = i + 1,
+                    _ => runs.push((i, i + 1)),
+                }
+            }
+            let mut failure = None;
+            for (a, b) in runs {
+                let r = if failure.is_none() {
+                    self.fetch_run(p, desc, rf, a, b)
+                } else {
+                    Err(ReadError::Fetch {
+                        layer: desc.digest,
+                        reason: "skipped after an earlier failure".into(),
+                    })
+                };
+                let mut have = p.have.lock().expect("no panics while held");
+                for h in &mut have[a..b] {
+                    if *h == Have::Fetching {
+                        *h = if r.is_ok() {
+                            Have::Present
+                        } else {
+                            Have::Missing
+                        };
                     }
                 }
+                p.changed.notify_all();
+                if let Err(e) = r
+                    && failure.is_none()
+                {
+                    failure = Some(e);
+                }
+            }
+            if let Some(e) = failure
+                && needed_mine
+            {
+                return Err(e);
+            }
+            // wait for chunks other readers fetch; retry what they failed
+            let mut have = p.have.lock().expect("no panics while held");
+            while have[first..last].contains(&Have::Fetching) {
+                have = p
+                    .changed
+                    .wait_timeout(have, Duration::from_secs(1))
+                    .expect("no panics while held")
+                    .0;
+            }
+            if have[first..last].iter().all(|h| *h == Have::Present) {
+                return Ok(());
             }
         }
-        let chunk = &rf.chunks[i];
-        let fetched = {
-            let _slot = self.slots.take();
-            fetch_chunk(self.source.as_ref(), desc, chunk)
-        };
-        let result = match fetched {
-            Ok(data) => {
-                if !chunk.zeros {
-                    self.stats
-                        .bytes_fetched
-                        .fetch_add(chunk.blob_end - chunk.blob_offset, Ordering::Relaxed);
-                    self.stats.chunks_fetched.fetch_add(1, Ordering::Relaxed);
-                }
-                p.file
-                    .write_all_at(&data, chunk.file_offset)
-                    .map_err(ReadError::Io)
-            }
-            Err(e) => {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                Err(ReadError::Fetch {
-                    layer: desc.digest,
-                    reason: e.to_string(),
-                })
+    }
+
+    /// Fetch chunks `a..b` (contiguous in the blob) in one request, verify
+    /// each and write it to the staging file; marks them present.
+    fn fetch_run(
+        &self,
+        p: &Partial,
+        desc: &strata_oci::Descriptor,
+        rf: &RemoteFile,
+        a: usize,
+        b: usize,
+    ) -> Result<(), ReadError> {
+        let chunks = &rf.chunks[a..b];
+        let fail = |e: strata_oci::OciError| {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            ReadError::Fetch {
+                layer: desc.digest,
+                reason: e.to_string(),
             }
         };
-        let mut have = p.have.lock().expect("no panics while held");
-        have[i] = if result.is_ok() {
-            Have::Present
+        let (start, end) = (chunks[0].blob_offset, chunks[chunks.len() - 1].blob_end);
+        let all_zeros = chunks.iter().all(|c| c.zeros);
+        let bytes = if all_zeros {
+            Vec::new()
         } else {
-            Have::Missing
+            let _slot = self.slots.take();
+            let b = self
+                .source
+                .read_range(desc, start, end - start)
+                .map_err(fail)?;
+            self.stats
+                .bytes_fetched
+                .fetch_add(b.len() as u64, Ordering::Relaxed);
+            self.stats
+                .chunks_fetched
+                .fetch_add(chunks.len() as u64, Ordering::Relaxed);
+            b
         };
-        p.changed.notify_all();
-        result
+        for c in chunks {
+            let data = if c.zeros {
+                vec![0; c.size as usize]
+            } else {
+                let frames = &bytes[(c.blob_offset - start) as usize..(c.blob_end - start) as usize];
+                decode_chunk(desc, frames, c).map_err(fail)?
+            };
+            p.file.write_all_at(&data, c.file_offset)?;
+        }
+        Ok(())
     }
 
     /// When every chunk is present: check the whole file and move it into

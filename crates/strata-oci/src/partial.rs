@@ -359,17 +359,13 @@ impl ChunkedIndex {
     }
 }
 
-/// Fetch one chunk, decompress it and check its digest.
-pub fn fetch_chunk(
-    source: &dyn ImageSource,
+/// Decompress one chunk's frames and check its digest.
+pub fn decode_chunk(
     desc: &Descriptor,
+    frames: &[u8],
     chunk: &RemoteChunk,
 ) -> Result<Vec<u8>, OciError> {
-    if chunk.zeros {
-        return Ok(vec![0; chunk.size as usize]);
-    }
-    let z = source.read_range(desc, chunk.blob_offset, chunk.blob_end - chunk.blob_offset)?;
-    decode_frames(desc, &z, chunk.size, &chunk.digest)
+    decode_frames(desc, frames, chunk.size, &chunk.digest)
 }
 
 /// Decompress `frames` into exactly `size` bytes hashing to `digest`.
