@@ -32,7 +32,7 @@ enum Open {
     Object(File),
     /// Passthrough to the object: the kernel reads it without us (the
     /// file is kept for reads the kernel still sends).
-    Backing(Arc<BackingId>, File),
+    Backing(Arc<BackingId>),
     /// Not in the store when opened: fetched on demand.
     Lazy { digest: Digest, size: u64 },
 }
@@ -70,14 +70,49 @@ pub struct LazyFs {
     passthrough: AtomicBool,
     want_passthrough: bool,
     recorder: Option<Arc<Recorder>>,
+    /// Backing files kept registered after their last close, so reopening
+    /// a file costs no syscall (most recent [`KEEP_BACKING`]).
+    keep: Mutex<std::collections::VecDeque<Arc<BackingId>>>,
+    /// Reads that may wait for the network run here, so the few FUSE
+    /// threads keep answering metadata and cached reads.
+    pool: Mutex<std::sync::mpsc::Sender<Job>>,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// How many closed files stay registered for passthrough.
+const KEEP_BACKING: usize = 16384;
+
+/// `n` threads running jobs from one queue.
+fn worker_pool(n: usize) -> std::sync::mpsc::Sender<Job> {
+    let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    let rx = Arc::new(Mutex::new(rx));
+    for i in 0..n.max(1) {
+        let rx = rx.clone();
+        std::thread::Builder::new()
+            .name(format!("lazy-read-{i}"))
+            .spawn(move || {
+                loop {
+                    let job = rx.lock().expect("no panics while held").recv();
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                }
+            })
+            .expect("spawning a read worker");
+    }
+    tx
 }
 
 /// Mount options for [`LazyFs::mount`].
 pub struct MountConfig {
     /// Serve fully cached files by FUSE passthrough when the kernel can.
     pub passthrough: bool,
-    /// Worker threads.
+    /// FUSE threads (metadata and cached reads; few is fastest).
     pub threads: usize,
+    /// Threads for reads that fetch.
+    pub read_workers: usize,
     /// Record the paths read.
     pub recorder: Option<Arc<Recorder>>,
     /// Shown as the mount's source in mountinfo.
@@ -129,6 +164,8 @@ impl LazyFs {
             passthrough: AtomicBool::new(false),
             want_passthrough: cfg.passthrough,
             recorder: cfg.recorder.clone(),
+            keep: Mutex::new(std::collections::VecDeque::new()),
+            pool: Mutex::new(worker_pool(cfg.read_workers)),
         }
     }
 
@@ -298,28 +335,34 @@ impl Filesystem for LazyFs {
         let store = self.fetcher.store();
         let mut modes = self.modes.lock().expect("no panics while held");
         let io = modes.entry(ino.0).or_default();
-        let how = match store.open_object(digest) {
-            Ok(f) if self.passthrough.load(Ordering::Relaxed) && io.served == 0 => {
-                match io.backing.upgrade() {
-                    Some(id) => Open::Backing(id, f),
-                    None => match reply.open_backing(&f) {
-                        Ok(id) => {
-                            let id = Arc::new(id);
-                            io.backing = Arc::downgrade(&id);
-                            Open::Backing(id, f)
+        let passthrough = self.passthrough.load(Ordering::Relaxed) && io.served == 0;
+        let cached = io.backing.upgrade().filter(|_| passthrough);
+        let how = match cached {
+            // the kernel holds the object open already: no syscall here
+            Some(id) => Open::Backing(id),
+            None => match store.open_object(digest) {
+                Ok(f) if passthrough => match reply.open_backing(&f) {
+                    Ok(id) => {
+                        let id = Arc::new(id);
+                        io.backing = Arc::downgrade(&id);
+                        let mut keep = self.keep.lock().expect("no panics while held");
+                        keep.push_back(id.clone());
+                        if keep.len() > KEEP_BACKING {
+                            keep.pop_front();
                         }
-                        Err(e) => {
-                            tracing::warn!("passthrough refused ({e}): serving through the daemon");
-                            self.passthrough.store(false, Ordering::Relaxed);
-                            Open::Object(f)
-                        }
-                    },
-                }
-            }
-            Ok(f) => Open::Object(f),
-            Err(_) => Open::Lazy {
-                digest: *digest,
-                size: *size,
+                        Open::Backing(id)
+                    }
+                    Err(e) => {
+                        tracing::warn!("passthrough refused ({e}): serving through the daemon");
+                        self.passthrough.store(false, Ordering::Relaxed);
+                        Open::Object(f)
+                    }
+                },
+                Ok(f) => Open::Object(f),
+                Err(_) => Open::Lazy {
+                    digest: *digest,
+                    size: *size,
+                },
             },
         };
         if !matches!(how, Open::Backing(..)) {
@@ -332,10 +375,13 @@ impl Filesystem for LazyFs {
             .expect("no panics while held")
             .insert(fh, how.clone());
         match &*how {
-            Open::Backing(id, _) => {
-                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id)
+            Open::Backing(id) => {
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, id)
             }
-            _ => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            _ => reply.opened(
+                FileHandle(fh),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
+            ),
         }
     }
 
@@ -360,7 +406,18 @@ impl Filesystem for LazyFs {
             return reply.error(Errno::EBADF);
         };
         match &*how {
-            Open::Object(f) | Open::Backing(_, f) => {
+            Open::Backing(_) => {
+                // the kernel reads passthrough files itself; serve stray reads
+                let Some(NodeKind::Regular { digest, size: len }) = self.node(ino).map(|n| &n.kind)
+                else {
+                    return reply.error(Errno::EIO);
+                };
+                match self.fetcher.read(digest, *len, offset, size) {
+                    Ok(data) => reply.data(&data),
+                    Err(_) => reply.error(Errno::EIO),
+                }
+            }
+            Open::Object(f) => {
                 let mut buf = vec![0u8; size as usize];
                 let mut got = 0;
                 while got < buf.len() {
@@ -373,15 +430,18 @@ impl Filesystem for LazyFs {
                 reply.data(&buf[..got]);
             }
             Open::Lazy { digest, size: len } => {
-                match self.fetcher.read(digest, *len, offset, size) {
+                let (fetcher, digest, len) = (self.fetcher.clone(), *digest, *len);
+                let path = self.path_of(ino.0 - 1);
+                let job: Job = Box::new(move || match fetcher.read(&digest, len, offset, size) {
                     Ok(data) => reply.data(&data),
                     Err(e) => {
-                        tracing::error!(
-                            "read of {} (bytes {offset}+{size}) failed: {e}",
-                            self.path_of(ino.0 - 1)
-                        );
+                        tracing::error!("read of {path} (bytes {offset}+{size}) failed: {e}");
                         reply.error(Errno::EIO)
                     }
+                });
+                let sent = self.pool.lock().expect("no panics while held").send(job);
+                if let Err(std::sync::mpsc::SendError(job)) = sent {
+                    job();
                 }
             }
         }

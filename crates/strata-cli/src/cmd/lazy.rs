@@ -318,7 +318,8 @@ fn serve(
     let recorder = a.record.as_ref().map(|_| Arc::new(Recorder::default()));
     let cfg = MountConfig {
         passthrough: !a.no_passthrough,
-        threads: 8,
+        threads: 2,
+        read_workers: 2 * a.fetch_jobs.max(1),
         recorder: recorder.clone(),
         fsname: format!("strata-lazy:{digest}"),
     };
