@@ -104,6 +104,13 @@ pub struct Fetcher {
     dir: PathBuf,
     partial: Mutex<HashMap<Digest, Arc<Partial>>>,
     slots: Slots,
+    /// Contents a bulk prefetch is fetching: reads wait for them rather
+    /// than fetch them twice.
+    bulk: Mutex<std::collections::HashSet<Digest>>,
+    bulk_done: Condvar,
+    epoch: std::time::Instant,
+    /// Milliseconds after `epoch` of the last fetch a read caused.
+    last_read_fetch: AtomicU64,
     /// Counters.
     pub stats: Stats,
 }
@@ -129,6 +136,10 @@ impl Fetcher {
                 free: Mutex::new(parallel.max(1)),
                 freed: Condvar::new(),
             },
+            bulk: Mutex::new(std::collections::HashSet::new()),
+            bulk_done: Condvar::new(),
+            epoch: std::time::Instant::now(),
+            last_read_fetch: AtomicU64::new(0),
             stats: Stats::default(),
         })
     }
@@ -158,13 +169,20 @@ impl Fetcher {
         if let Ok(f) = self.store.open_object(digest) {
             return Ok(pread(&f, offset, end - offset)?);
         }
+        if self.wait_bulk(digest)
+            && let Ok(f) = self.store.open_object(digest)
+        {
+            return Ok(pread(&f, offset, end - offset)?);
+        }
         let (desc, rf) = self
             .image
             .remote(digest)
             .ok_or(ReadError::Unknown(*digest))?;
         let p = self.partial_of(digest, size)?;
         // chunks overlapping [offset, end), and those read ahead
-        let first = rf.chunks.partition_point(|c| c.file_offset + c.size <= offset);
+        let first = rf
+            .chunks
+            .partition_point(|c| c.file_offset + c.size <= offset);
         let last = rf.chunks.partition_point(|c| c.file_offset < end);
         let ahead = if size <= READ_AHEAD {
             rf.chunks.len()
@@ -176,6 +194,145 @@ impl Fetcher {
         let data = pread(&p.file, offset, end - offset)?;
         self.maybe_finish(digest, &p)?;
         Ok(data)
+    }
+
+    /// Fetch many contents (a prefetch list) with few requests: per layer,
+    /// the missing files' ranges (near ones merged) in multi-range GETs;
+    /// each file is verified and stored. Returns how many were fetched.
+    pub fn fetch_many(&self, digests: &[Digest]) -> Result<usize, ReadError> {
+        self.reserve_bulk(digests);
+        let r = self.fetch_many_reserved(digests);
+        {
+            let mut bulk = self.bulk.lock().expect("no panics while held");
+            for d in digests {
+                bulk.remove(d);
+            }
+        }
+        self.bulk_done.notify_all();
+        r
+    }
+
+    /// Make reads of `digests` wait for [`fetch_many`](Self::fetch_many)
+    /// (call before the reads can start; `fetch_many` releases them).
+    pub fn reserve_bulk(&self, digests: &[Digest]) {
+        self.bulk
+            .lock()
+            .expect("no panics while held")
+            .extend(digests.iter().copied());
+    }
+
+    fn fetch_many_reserved(&self, digests: &[Digest]) -> Result<usize, ReadError> {
+        let mut by_layer: HashMap<Digest, (strata_oci::Descriptor, Vec<&RemoteFile>)> =
+            HashMap::new();
+        let mut seen = std::collections::HashSet::new();
+        for d in digests {
+            if !seen.insert(*d) || self.store.has_object(d) {
+                continue;
+            }
+            if let Some((desc, rf)) = self.image.remote(d) {
+                by_layer
+                    .entry(desc.digest)
+                    .or_insert_with(|| (desc.clone(), Vec::new()))
+                    .1
+                    .push(rf);
+            }
+        }
+        let mut done = 0;
+        for (desc, mut files) in by_layer.into_values() {
+            let r = self.fetch_layer_files(&desc, &mut files);
+            {
+                let mut bulk = self.bulk.lock().expect("no panics while held");
+                for f in &files {
+                    bulk.remove(&f.digest);
+                }
+            }
+            self.bulk_done.notify_all();
+            done += r?;
+        }
+        Ok(done)
+    }
+
+    fn fetch_layer_files(
+        &self,
+        desc: &strata_oci::Descriptor,
+        files: &mut [&RemoteFile],
+    ) -> Result<usize, ReadError> {
+        const MERGE_GAP: u64 = 32 * 1024;
+        let mut done = 0;
+        {
+            files.sort_by_key(|f| f.offset);
+            // merged spans: (start, end, files[i..j])
+            let mut spans: Vec<(u64, u64, usize, usize)> = Vec::new();
+            for (i, f) in files.iter().enumerate() {
+                match spans.last_mut() {
+                    Some((_, e, _, j)) if f.offset <= *e + MERGE_GAP => {
+                        *e = (*e).max(f.end);
+                        *j = i + 1;
+                    }
+                    _ => spans.push((f.offset, f.end, i, i + 1)),
+                }
+            }
+            let asks: Vec<(u64, u64)> = spans.iter().map(|(s, e, _, _)| (*s, e - s)).collect();
+            let fail = |e: strata_oci::OciError| {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                ReadError::Fetch {
+                    layer: desc.digest,
+                    reason: e.to_string(),
+                }
+            };
+            let answers = {
+                let _slot = self.slots.take();
+                self.source.read_ranges(desc, &asks).map_err(fail)?
+            };
+            let mut batch = self.store.object_batch().map_err(io::Error::other)?;
+            for ((start, _, i, j), bytes) in spans.iter().zip(&answers) {
+                self.stats
+                    .bytes_fetched
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                for f in &files[*i..*j] {
+                    let frames = &bytes[(f.offset - start) as usize..(f.end - start) as usize];
+                    let whole = strata_oci::partial::RemoteChunk {
+                        file_offset: 0,
+                        size: f.size,
+                        blob_offset: f.offset,
+                        blob_end: f.end,
+                        digest: f.digest,
+                        zeros: false,
+                    };
+                    let content = decode_chunk(desc, frames, &whole).map_err(fail)?;
+                    batch.put(&mut content.as_slice(), f.size)?;
+                    done += 1;
+                }
+            }
+            batch.commit().map_err(io::Error::other)?;
+            self.stats
+                .files_completed
+                .fetch_add(done as u64, Ordering::Relaxed);
+        }
+        Ok(done)
+    }
+
+    /// Wait while a bulk prefetch fetches `digest`; true if it did.
+    fn wait_bulk(&self, digest: &Digest) -> bool {
+        let mut bulk = self.bulk.lock().expect("no panics while held");
+        let mut waited = false;
+        while bulk.contains(digest) {
+            waited = true;
+            bulk = self
+                .bulk_done
+                .wait_timeout(bulk, Duration::from_secs(1))
+                .expect("no panics while held")
+                .0;
+        }
+        waited
+    }
+
+    /// Seconds since the last fetch a read asked for (for prefetch to
+    /// give way to reads).
+    pub fn idle_for(&self) -> Duration {
+        let last = self.last_read_fetch.load(Ordering::Relaxed);
+        let now = self.epoch.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(last))
     }
 
     /// Fetch all of a content (prefetch); returns once it is in the store.
@@ -325,6 +482,8 @@ impl Fetcher {
             }
         };
         let (start, end) = (chunks[0].blob_offset, chunks[chunks.len() - 1].blob_end);
+        self.last_read_fetch
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
         let all_zeros = chunks.iter().all(|c| c.zeros);
         let bytes = if all_zeros {
             Vec::new()
@@ -346,7 +505,8 @@ impl Fetcher {
             let data = if c.zeros {
                 vec![0; c.size as usize]
             } else {
-                let frames = &bytes[(c.blob_offset - start) as usize..(c.blob_end - start) as usize];
+                let frames =
+                    &bytes[(c.blob_offset - start) as usize..(c.blob_end - start) as usize];
                 decode_chunk(desc, frames, c).map_err(fail)?
             };
             p.file.write_all_at(&data, c.file_offset)?;

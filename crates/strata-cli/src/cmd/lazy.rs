@@ -315,6 +315,25 @@ fn serve(
         mdir.join("partial"),
         a.fetch_jobs,
     )?);
+    let list = match &a.prefetch_list {
+        Some(p) if a.prefetch != Prefetch::None => std::fs::read_to_string(p)
+            .with_context(|| format!("reading prefetch list {}", p.display()))?,
+        _ => String::new(),
+    };
+    // reads of listed files wait for the bulk fetch instead of racing it
+    let wanted: Vec<strata_digest::Digest> = list
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .filter_map(|line| {
+            let path = line.trim_start_matches('/');
+            match lazy.tree.lookup(path.as_bytes()).map(|n| &n.kind) {
+                Some(strata_tree::NodeKind::Regular { digest, size }) if *size > 0 => Some(*digest),
+                _ => None,
+            }
+        })
+        .collect();
+    fetcher.reserve_bulk(&wanted);
     let recorder = a.record.as_ref().map(|_| Arc::new(Recorder::default()));
     let cfg = MountConfig {
         passthrough: !a.no_passthrough,
@@ -369,11 +388,6 @@ fn serve(
     // background prefetch
     let prefetch_state = Arc::new(std::sync::Mutex::new(String::from("none")));
     let complete = Arc::new(AtomicBool::new(false));
-    let list = match &a.prefetch_list {
-        Some(p) if a.prefetch != Prefetch::None => std::fs::read_to_string(p)
-            .with_context(|| format!("reading prefetch list {}", p.display()))?,
-        _ => String::new(),
-    };
     {
         let fetcher = fetcher.clone();
         let prefetch = a.prefetch;
@@ -387,21 +401,21 @@ fn serve(
                 return;
             }
             set("list");
-            for line in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
-                let path = line.trim_start_matches('/');
-                if let Some(strata_tree::NodeKind::Regular { digest, .. }) = fetcher
-                    .image()
-                    .tree
-                    .lookup(path.as_bytes())
-                    .map(|n| &n.kind)
-                    && let Err(e) = fetcher.fetch_whole(digest)
-                {
-                    tracing::error!("prefetch of {path} failed: {e}");
-                }
+            match fetcher.fetch_many(&wanted) {
+                Ok(n) => tracing::info!("prefetched {n} files of the list"),
+                Err(e) => tracing::error!("prefetch of the list failed: {e}"),
             }
             if prefetch != Prefetch::All {
                 set("done");
                 return;
+            }
+            // give way to reads: start once they have fetched nothing for a
+            // second (at most 30 s after the list)
+            let t = Instant::now();
+            while fetcher.idle_for() < Duration::from_secs(1)
+                && t.elapsed() < Duration::from_secs(30)
+            {
+                std::thread::sleep(Duration::from_millis(100));
             }
             set("all");
             match pull_from(&store, source.as_ref(), &name, &opts, &NoProgress) {
