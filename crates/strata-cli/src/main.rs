@@ -58,7 +58,8 @@ enum Command {
     Mounts,
     /// Rebuild an image's tree and EROFS image and re-hash every object it uses.
     Verify(cmd::verify::Args),
-    /// Write an image with its layers as zstd:chunked (same tars, same diff_ids) to oci:DIR[:TAG].
+    /// Write an image with its layers as zstd:chunked (same tars, same diff_ids) to oci:DIR[:TAG]
+    /// or push it to a registry, docker://HOST[:PORT]/REPO[:TAG].
     Convert(cmd::convert::Args),
 }
 

@@ -1,7 +1,8 @@
 //! `strata convert`: zstd:chunked images stay ordinary OCI images. The tar
 //! inside every layer is unchanged (same config, same diff_ids), skopeo +
 //! umoci see the same tree, containerd imports and runs the image, and
-//! strata pulls it back to the same tree digest.
+//! strata pulls it back to the same tree digest. Converted images can be
+//! pushed straight to a registry.
 
 mod common;
 
@@ -9,6 +10,7 @@ use std::process::Command;
 
 use common::*;
 use strata_testkit::containerd::Containerd;
+use strata_testkit::proxy::{Faults, Proxy};
 use strata_testkit::require_tool;
 
 fn tree_digest(env: &Env, image: &str) -> serde_json::Value {
@@ -113,10 +115,240 @@ fn convert_errors_are_clear() {
     let e = env.fails(&["convert", "no-such-image", "oci:/tmp/x:y"]);
     assert!(e.contains("no-such-image"), "{e}");
     let src = oci_ref(&synth_layout(), "gnu");
+    // a registry destination that nothing answers: a connection error
+    // naming it
     let e = env.fails(&["convert", &src, "docker://127.0.0.1:1/x:y"]);
-    assert!(e.contains("only oci:DIR"), "{e}");
+    assert!(
+        e.contains("127.0.0.1:1") && e.contains("reaching registry"),
+        "{e}"
+    );
+    let e = env.fails(&["convert", &src, "oci-archive:/tmp/x.tar"]);
+    assert!(e.contains("docker://HOST"), "{e}");
     let e = env.fails(&["convert", &src, "oci:/tmp/x:y", "--format", "lz4"]);
     assert!(e.contains("unknown format"), "{e}");
+    env.fsck_ok();
+}
+
+fn skopeo(args: &[&str]) -> Vec<u8> {
+    require_tool("skopeo", "skopeo");
+    let out = Command::new("skopeo").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "skopeo {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// No `push-*` staging directory is left in the store's tmp/.
+fn no_push_staging_left(env: &Env) {
+    let tmp = env.root().join("tmp");
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("push-"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "staging left in {}: {left:?}",
+        tmp.display()
+    );
+}
+
+#[test]
+fn convert_pushes_to_a_registry() {
+    require_tool("skopeo", "skopeo");
+    let reg = strata_testkit::Registry::start();
+    let env = Env::new();
+    let src = oci_ref(&debian_layout(), "python");
+    env.ok(&["pull", &src]);
+    let dst = format!("docker://{}/conv:1", reg.addr);
+    let s = env.json(&["convert", &src, &dst, "--plain-http"]);
+    let n_layers = s["layers"].as_array().unwrap().len() as u64;
+    assert_eq!(n_layers, 2, "{s}");
+    // every layer and the config were uploaded
+    assert_eq!(s["push"]["blobs_uploaded"], n_layers + 1, "{s}");
+    assert_eq!(s["push"]["blobs_present"], 0, "{s}");
+    no_push_staging_left(&env);
+
+    // What the registry serves: our exact manifest, zstd:chunked layers,
+    // the source's config.
+    let raw = skopeo(&["inspect", "--raw", "--tls-verify=false", &dst]);
+    assert_eq!(
+        strata_digest::Digest::sha256_of(&raw).to_string(),
+        s["manifest_digest"],
+        "the registry holds the manifest strata made"
+    );
+    let m: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(
+        m["config"]["digest"],
+        layout_manifest(&debian_layout(), "python")["config"]["digest"],
+        "the config (and its diff_ids) must not change"
+    );
+    let layers = m["layers"].as_array().unwrap();
+    assert_eq!(layers.len() as u64, n_layers);
+    for l in layers {
+        assert_eq!(
+            l["mediaType"],
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+        );
+        assert!(
+            l["annotations"]["io.github.containers.zstd-chunked.manifest-checksum"].is_string(),
+            "not zstd:chunked: {l}"
+        );
+    }
+
+    // strata pulls it back to the same tree.
+    let other = Env::new();
+    other.ok(&["pull", "--plain-http", &dst]);
+    assert_eq!(tree_digest(&other, &dst), tree_digest(&env, &src));
+    other.fsck_ok();
+
+    // Again, to another tag of the same repository: nothing to upload.
+    let dst2 = format!("docker://{}/conv:2", reg.addr);
+    let out = env.ok(&["convert", &src, &dst2, "--plain-http"]);
+    assert!(
+        out.contains(&format!(
+            "pushed to {dst2}: 0 blobs uploaded (0 B), {} already present",
+            n_layers + 1
+        )),
+        "{out}"
+    );
+    let raw2 = skopeo(&["inspect", "--raw", "--tls-verify=false", &dst2]);
+    assert_eq!(raw2, raw, "the same conversion gives the same manifest");
+
+    // skopeo copies the pushed image out, every blob verified.
+    let copied = env.path("copied");
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        &dst,
+        &format!("oci:{}:x", copied.display()),
+    ]);
+    assert_eq!(
+        layout_manifest(&copied, "x")["config"]["digest"],
+        m["config"]["digest"]
+    );
+    env.fsck_ok();
+    no_push_staging_left(&env);
+}
+
+#[test]
+fn a_refused_push_is_a_clear_error_and_leaves_the_store_clean() {
+    let env = Env::new();
+    let src = oci_ref(&synth_layout(), "gnu");
+    env.ok(&["pull", &src]);
+    // nothing listens
+    let port = strata_testkit::free_port();
+    let dst = format!("docker://127.0.0.1:{port}/refused:1");
+    let e = env.fails(&["convert", &src, &dst, "--plain-http"]);
+    assert!(
+        e.contains(&format!("127.0.0.1:{port}")) && e.contains("reaching registry"),
+        "{e}"
+    );
+    env.fsck_ok();
+    no_push_staging_left(&env);
+
+    let reg = strata_testkit::Registry::start();
+    // a registry that answers 500 to everything: the status and its error
+    let broken = Proxy::start(
+        &reg.addr,
+        Faults {
+            always_500: true,
+            ..Faults::default()
+        },
+    );
+    let dst = format!("docker://{}/broken:1", broken.addr);
+    let e = env.fails(&["convert", &src, &dst, "--plain-http"]);
+    assert!(
+        e.contains(&broken.addr) && e.contains("500") && e.contains("injected failure"),
+        "{e}"
+    );
+    // retried like a GET
+    let tries = broken.requests().len();
+    assert_eq!(tries, 5, "{:?}", broken.requests());
+
+    // a registry that stores the manifest under another digest than the
+    // bytes sent: refused after the blobs went up
+    let liar = Proxy::start(
+        &reg.addr,
+        Faults {
+            lie_about_manifest_digest: true,
+            ..Faults::default()
+        },
+    );
+    let dst = format!("docker://{}/liar:1", liar.addr);
+    let e = env.fails(&["convert", &src, &dst, "--plain-http"]);
+    assert!(
+        e.contains("Docker-Content-Digest") && e.contains(&liar.addr) && e.contains("liar:1"),
+        "{e}"
+    );
+    env.fsck_ok();
+    no_push_staging_left(&env);
+}
+
+#[test]
+fn a_push_asks_for_a_pull_and_push_token_and_shows_no_secret() {
+    let reg = strata_testkit::Registry::start();
+    let proxy = Proxy::start(
+        &reg.addr,
+        Faults {
+            bearer: Some("alice:s3cret".into()),
+            ..Faults::default()
+        },
+    );
+    let env = Env::new();
+    let src = oci_ref(&synth_layout(), "gnu");
+    env.ok(&["pull", &src]);
+    let dst = format!("docker://{}/team/app:1", proxy.addr);
+    // no credentials: an auth error naming the registry
+    let e = env.fails(&["convert", &src, &dst, "--plain-http"]);
+    assert!(
+        e.contains("authentication") && e.contains(&proxy.addr),
+        "{e}"
+    );
+    let auth = env.path("auth.json");
+    let b64 = "YWxpY2U6czNjcmV0"; // alice:s3cret
+    std::fs::write(
+        &auth,
+        format!(r#"{{"auths":{{"{}":{{"auth":"{b64}"}}}}}}"#, proxy.addr),
+    )
+    .unwrap();
+    let out = env.run(&[
+        "convert",
+        &src,
+        &dst,
+        "--plain-http",
+        "--authfile",
+        auth.to_str().unwrap(),
+    ]);
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{all}");
+    assert!(all.contains("blobs uploaded"), "{all}");
+    for secret in ["s3cret", b64, strata_testkit::proxy::TOKEN] {
+        assert!(!all.contains(secret), "secret leaked: {all}");
+    }
+    let log = proxy.requests();
+    assert!(
+        log.iter().any(|l| l.starts_with("GET /token")
+            && l.contains("scope=repository%3Ateam%2Fapp%3Apull%2Cpush")),
+        "no pull,push token asked for: {log:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.starts_with("PUT /v2/team/app/manifests/1") && l.ends_with("auth=Bearer")),
+        "{log:?}"
+    );
+    // the pushed image pulls back (straight from the registry)
+    let other = Env::new();
+    let back = format!("docker://{}/team/app:1", reg.addr);
+    other.ok(&["pull", "--plain-http", &back]);
+    assert_eq!(tree_digest(&other, &back), tree_digest(&env, &src));
     env.fsck_ok();
 }
 

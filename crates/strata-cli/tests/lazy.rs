@@ -249,7 +249,10 @@ fn thirty_two_concurrent_readers_get_the_right_bytes() {
     let s = m.state();
     assert_eq!(s["errors"], 0, "{s}");
     let e = env.fails(&["gc"]);
-    assert!(e.contains("lazy mounts serve from this store"), "gc refuses, not hangs: {e}");
+    assert!(
+        e.contains("lazy mounts serve from this store"),
+        "gc refuses, not hangs: {e}"
+    );
     drop(m);
     env.ok(&["gc"]);
     env.fsck_ok();

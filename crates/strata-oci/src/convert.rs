@@ -6,6 +6,10 @@
 //! diff_ids) is copied as is and any runtime can still pull the image in
 //! full. A layer zstd:chunked cannot describe (sparse files, non-UTF-8
 //! names, duplicate paths) is written as plain zstd and reported.
+//!
+//! The image goes to an [`ImageDestination`]: an OCI layout
+//! ([`convert_to_layout`]) or a registry ([`RegistryDestination`](crate::push::RegistryDestination)),
+//! see [`convert`].
 
 use std::collections::BTreeMap;
 use std::io::{BufWriter, Write};
@@ -18,7 +22,9 @@ use strata_digest::Digest;
 use strata_store::Store;
 
 use crate::layout_writer::{OCI_CONFIG, oci_manifest_bytes};
-use crate::{Descriptor, OciError, OciLayoutWriter, io_err};
+use crate::manifest::OCI_MANIFEST;
+use crate::push::{ImageDestination, LayoutDestination, PushStats};
+use crate::{Descriptor, OciError, io_err};
 
 /// OCI media type of a zstd layer.
 pub const LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
@@ -80,6 +86,9 @@ pub struct ConvertSummary {
     pub layers: Vec<LayerOutcome>,
     /// Uncompressed bytes converted.
     pub tar_bytes: u64,
+    /// Blobs uploaded and found present, for a registry destination.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub push: Option<PushStats>,
 }
 
 fn chunked_err(layer: &Digest) -> impl Fn(ChunkedError) -> OciError + '_ {
@@ -147,9 +156,21 @@ fn with_tar<T>(
     })
 }
 
+/// A converted layer: its blob (a staged file, or already handed to the
+/// destination), what happened, its annotations and its tar size.
+type Converted = (Staged, LayerOutcome, BTreeMap<String, String>, u64);
+
+/// Where a converted layer's blob is.
+enum Staged {
+    /// Still a file in the staging directory.
+    File(tempfile::NamedTempFile),
+    /// Taken by the destination.
+    Put(Descriptor),
+}
+
 fn convert_layer(
     store: &Store,
-    dir: &Path,
+    blobs: &Path,
     diff_id: &Digest,
     opts: &ConvertOptions,
 ) -> Result<
@@ -161,10 +182,9 @@ fn convert_layer(
     ),
     OciError,
 > {
-    let blobs = dir.join("blobs").join("sha256");
     let tmp = || {
-        tempfile::NamedTempFile::new_in(&blobs)
-            .map_err(io_err("creating a temporary blob in", &blobs))
+        tempfile::NamedTempFile::new_in(blobs)
+            .map_err(io_err("creating a temporary blob in", blobs))
     };
     let mut fallback = None;
     if opts.format == Format::ZstdChunked {
@@ -228,6 +248,28 @@ pub fn convert_to_layout(
     tag: Option<&str>,
     opts: &ConvertOptions,
 ) -> Result<ConvertSummary, OciError> {
+    // the image must exist before the layout is created
+    let loaded = load(store, image)?;
+    let dest = LayoutDestination::open(dir, tag)?;
+    convert_loaded(store, loaded, &dest, opts)
+}
+
+/// Write image `image` (in `store`) to `dest`, its layers converted to
+/// `opts.format`: the layers (handed over as each is converted when the
+/// destination is [eager](ImageDestination::eager)), then the config
+/// (unchanged), then the manifest.
+pub fn convert(
+    store: &Store,
+    image: &Digest,
+    dest: &dyn ImageDestination,
+    opts: &ConvertOptions,
+) -> Result<ConvertSummary, OciError> {
+    let loaded = load(store, image)?;
+    convert_loaded(store, loaded, dest, opts)
+}
+
+/// The layers' diff_ids and the config of `image`.
+fn load(store: &Store, image: &Digest) -> Result<(Vec<Digest>, Vec<u8>), OciError> {
     let meta = store.image_meta(image).map_err(|e| OciError::Format {
         what: format!("reading image {image} from the store"),
         reason: e.to_string(),
@@ -236,16 +278,31 @@ pub fn convert_to_layout(
         what: format!("reading the config of {image}"),
         reason: e.to_string(),
     })?;
-    let mut writer = OciLayoutWriter::open_or_create(dir)?;
-    let diff_ids: Vec<Digest> = meta.layers.iter().map(|l| l.diff_id).collect();
+    Ok((meta.layers.iter().map(|l| l.diff_id).collect(), config))
+}
+
+fn convert_loaded(
+    store: &Store,
+    (diff_ids, config): (Vec<Digest>, Vec<u8>),
+    dest: &dyn ImageDestination,
+    opts: &ConvertOptions,
+) -> Result<ConvertSummary, OciError> {
     let jobs = opts.jobs.max(1);
-    let mut results: Vec<Option<Result<_, OciError>>> = (0..diff_ids.len()).map(|_| None).collect();
+    let mut results: Vec<Option<Result<Converted, OciError>>> =
+        (0..diff_ids.len()).map(|_| None).collect();
     let next = std::sync::Mutex::new(0usize);
+    let failed = std::sync::atomic::AtomicBool::new(false);
     let done = std::sync::Mutex::new(&mut results);
+    let staging = dest.staging_dir();
     std::thread::scope(|s| {
         for _ in 0..jobs.min(diff_ids.len().max(1)) {
             s.spawn(|| {
                 loop {
+                    // after a failure, start no more layers: the result is
+                    // an error anyway
+                    if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
                     let i = {
                         let mut n = next.lock().expect("no panics while held");
                         let i = *n;
@@ -253,29 +310,58 @@ pub fn convert_to_layout(
                         i
                     };
                     let Some(d) = diff_ids.get(i) else { break };
-                    let r = convert_layer(store, dir, d, opts);
+                    let r = convert_layer(store, staging, d, opts).and_then(
+                        |(file, outcome, annotations, n)| {
+                            let staged = if dest.eager() {
+                                Staged::Put(dest.put_blob_file(
+                                    LAYER_ZSTD,
+                                    file,
+                                    outcome.digest,
+                                    outcome.size,
+                                )?)
+                            } else {
+                                Staged::File(file)
+                            };
+                            Ok((staged, outcome, annotations, n))
+                        },
+                    );
+                    if r.is_err() {
+                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
                     done.lock().expect("no panics while held")[i] = Some(r);
                 }
             });
         }
     });
+    // the first error in layer order (layers never started have no
+    // result, and there is an error when one was not started)
+    let mut converted = Vec::with_capacity(results.len());
+    for r in results.into_iter().flatten() {
+        converted.push(r?);
+    }
+    assert_eq!(converted.len(), diff_ids.len(), "every layer was converted");
     let mut layers = Vec::new();
     let mut descs: Vec<Descriptor> = Vec::new();
     let mut tar_bytes = 0;
-    for r in results {
-        let (file, outcome, annotations, n) = r.expect("every layer was converted")?;
-        let mut d = writer.add_blob_file(LAYER_ZSTD, file, outcome.digest, outcome.size)?;
+    for (staged, outcome, annotations, n) in converted {
+        let mut d = match staged {
+            Staged::File(file) => {
+                dest.put_blob_file(LAYER_ZSTD, file, outcome.digest, outcome.size)?
+            }
+            Staged::Put(d) => d,
+        };
         d.annotations = annotations;
         descs.push(d);
         layers.push(outcome);
         tar_bytes += n;
     }
-    let config_desc = writer.add_blob(OCI_CONFIG, &config)?;
+    let config_desc = dest.put_blob(OCI_CONFIG, &config)?;
     let manifest = oci_manifest_bytes(&config_desc, &descs, &BTreeMap::new())?;
-    let mdesc = writer.add_manifest(&manifest, tag)?;
+    let manifest_digest = dest.put_manifest(OCI_MANIFEST, &manifest)?;
     Ok(ConvertSummary {
-        manifest_digest: mdesc.digest,
+        manifest_digest,
         layers,
         tar_bytes,
+        push: dest.push_stats(),
     })
 }

@@ -9,6 +9,8 @@
 //!   auth, retries, Range resume) or a layout/archive ([`layout`]).
 //! - [`layout_writer`]: writes OCI layouts (fixtures, exports).
 //! - [`pull`]: the pipeline that verifies every byte and commits to the store.
+//! - [`convert`], [`push`]: rewriting an image's layers as zstd:chunked into
+//!   an OCI layout or a registry.
 //!
 //! Everything is blocking; parallelism is threads.
 
@@ -21,6 +23,7 @@ pub mod layout_writer;
 pub mod manifest;
 pub mod partial;
 pub mod pull;
+pub mod push;
 pub mod reference;
 pub mod registry;
 

@@ -10,19 +10,25 @@
 //!   backoff (200 ms, x2, 5 attempts). A blob stream that breaks mid-way is
 //!   resumed with `Range: bytes=N-` from the byte it reached; a registry
 //!   that ignores Range (200) is skipped forward instead.
+//! - Pushing ([`RegistryPusher`]): `HEAD` a blob first and skip it when the
+//!   registry has it; otherwise `POST /blobs/uploads/` and one monolithic
+//!   `PUT <Location>?digest=…` (a failed PUT restarts the upload session);
+//!   manifests are `PUT` with their exact bytes and the returned
+//!   `Docker-Content-Digest` is checked. Tokens are asked for
+//!   `repository:REPO:pull,push`.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
-use reqwest::StatusCode;
-use reqwest::blocking::{Client, Response};
-use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, RANGE, WWW_AUTHENTICATE};
+use reqwest::blocking::{Body, Client, Response};
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, LOCATION, RANGE, WWW_AUTHENTICATE};
+use reqwest::{Method, StatusCode};
 use strata_digest::Digest;
 
 use crate::manifest::{ACCEPT_MANIFESTS, Document, parse_document, pick_platform};
@@ -148,6 +154,26 @@ struct Inner {
     tokens: Mutex<TokenCache>,
     /// Set once the registry refused a multi-range request.
     single_ranges: std::sync::atomic::AtomicBool,
+    /// A push client: bearer tokens are asked for `pull,push`.
+    push: bool,
+    /// The client's stall timeout.
+    stall: Duration,
+}
+
+/// One request for [`Inner::execute`].
+struct Call<'a> {
+    method: Method,
+    url: &'a str,
+    headers: HeaderMap,
+    /// Makes the body afresh for every attempt (a file is reopened).
+    body: Option<&'a (dyn Fn() -> Result<Body, OciError> + 'a)>,
+    /// Overrides the client's stall timeout (an upload's send lasts as
+    /// long as its body).
+    timeout: Option<Duration>,
+    /// Attempts for connection failures and 5xx answers.
+    attempts: u32,
+    /// Statuses handed back as answers besides 2xx (e.g. 404 for HEAD).
+    also_ok: &'a [StatusCode],
 }
 
 /// A source backed by a registry.
@@ -173,41 +199,8 @@ impl RegistrySource {
                 reason: "not a docker:// reference".into(),
             });
         };
-        let plain = opts.plain_http || opts.insecure_registries.iter().any(|h| h == registry);
-        let host = if registry == "docker.io" {
-            "registry-1.docker.io".to_string()
-        } else {
-            registry.clone()
-        };
-        let base = format!("{}://{host}", if plain { "http" } else { "https" });
-        let ua = if opts.user_agent.is_empty() {
-            "strata".to_string()
-        } else {
-            opts.user_agent.clone()
-        };
-        let client = Client::builder()
-            .user_agent(ua)
-            .connect_timeout(Duration::from_secs(10))
-            // blocking reqwest applies this to each send and each body read,
-            // so it bounds a stall, not a download; a stalled blob read is
-            // then resumed with Range like a dropped connection
-            .timeout(opts.stall_timeout.unwrap_or(STALL_TIMEOUT))
-            .build()
-            .map_err(|e| OciError::Network {
-                action: format!("setting up HTTP client for {registry}"),
-                reason: e.to_string(),
-            })?;
         Ok(RegistrySource {
-            inner: Arc::new(Inner {
-                client,
-                base,
-                host: registry.clone(),
-                repository: repository.clone(),
-                creds: find_credentials(registry, opts.auth_file.as_ref()),
-                authz: Mutex::new(Authz::None),
-                tokens: Mutex::new(TokenCache::default()),
-                single_ranges: std::sync::atomic::AtomicBool::new(false),
-            }),
+            inner: Arc::new(Inner::new(registry, repository, opts, false)?),
             tag: tag.clone(),
             digest: *digest,
             reference,
@@ -216,6 +209,52 @@ impl RegistrySource {
 }
 
 impl Inner {
+    /// A client for `repository` on `registry` (`host[:port]`).
+    fn new(
+        registry: &str,
+        repository: &str,
+        opts: &RegistryOptions,
+        push: bool,
+    ) -> Result<Inner, OciError> {
+        let plain = opts.plain_http || opts.insecure_registries.iter().any(|h| h == registry);
+        let host = if registry == "docker.io" {
+            "registry-1.docker.io"
+        } else {
+            registry
+        };
+        let base = format!("{}://{host}", if plain { "http" } else { "https" });
+        let ua = if opts.user_agent.is_empty() {
+            "strata".to_string()
+        } else {
+            opts.user_agent.clone()
+        };
+        let stall = opts.stall_timeout.unwrap_or(STALL_TIMEOUT);
+        let client = Client::builder()
+            .user_agent(ua)
+            .connect_timeout(Duration::from_secs(10))
+            // blocking reqwest applies this to each send and each body read,
+            // so it bounds a stall, not a download; a stalled blob read is
+            // then resumed with Range like a dropped connection
+            .timeout(stall)
+            .build()
+            .map_err(|e| OciError::Network {
+                action: format!("setting up HTTP client for {registry}"),
+                reason: e.to_string(),
+            })?;
+        Ok(Inner {
+            client,
+            base,
+            host: registry.to_string(),
+            repository: repository.to_string(),
+            creds: find_credentials(registry, opts.auth_file.as_ref()),
+            authz: Mutex::new(Authz::None),
+            tokens: Mutex::new(TokenCache::default()),
+            single_ranges: std::sync::atomic::AtomicBool::new(false),
+            push,
+            stall,
+        })
+    }
+
     fn creds_source(&self) -> String {
         self.creds.as_ref().map_or_else(
             || "no credentials found".to_string(),
@@ -226,28 +265,70 @@ impl Inner {
     /// Send a GET with retries and auth. Returns the response with a
     /// success (2xx) status, or an error naming `action`.
     fn get(&self, url: &str, headers: &HeaderMap, action: &str) -> Result<Response, OciError> {
+        let call = Call {
+            method: Method::GET,
+            url,
+            headers: headers.clone(),
+            body: None,
+            timeout: None,
+            attempts: ATTEMPTS,
+            also_ok: &[],
+        };
+        self.execute(&call, action)
+    }
+
+    /// Whether `url` is on this registry (credentials go nowhere else).
+    fn same_origin(&self, url: &str) -> bool {
+        url.strip_prefix(self.base.as_str())
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    }
+
+    /// Send a request with retries and auth: connection failures and 5xx
+    /// answers are retried (`call.attempts` in all, backoff from 200 ms,
+    /// doubling), a 401 is answered once with credentials. Returns the
+    /// response when its status is 2xx or in `call.also_ok`, else an error
+    /// naming `action`, the status and the registry's error.
+    fn execute(&self, call: &Call<'_>, action: &str) -> Result<Response, OciError> {
         let mut delay = Duration::from_millis(200);
         let mut authed_once = false;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut req = self.client.get(url).headers(headers.clone());
-            req = match self.authz.lock().expect("no panics while held").clone() {
-                Authz::None => req,
-                Authz::Basic => match &self.creds {
-                    Some(c) => req.basic_auth(&c.user, Some(&c.password)),
-                    None => req,
-                },
-                Authz::Bearer(t) => req.bearer_auth(t),
-            };
+            let mut req = self
+                .client
+                .request(call.method.clone(), call.url)
+                .headers(call.headers.clone());
+            if let Some(t) = call.timeout {
+                req = req.timeout(t);
+            }
+            if let Some(make) = call.body {
+                req = req.body(make()?);
+            }
+            if self.same_origin(call.url) {
+                req = match self.authz.lock().expect("no panics while held").clone() {
+                    Authz::None => req,
+                    Authz::Basic => match &self.creds {
+                        Some(c) => req.basic_auth(&c.user, Some(&c.password)),
+                        None => req,
+                    },
+                    Authz::Bearer(t) => req.bearer_auth(t),
+                };
+            }
             let resp = match req.send() {
                 Ok(r) => r,
                 Err(e) => {
-                    if attempt < ATTEMPTS {
+                    if attempt < call.attempts {
                         std::thread::sleep(delay);
                         delay *= 2;
                         continue;
                     }
+                    // an upload URL's query is the registry's session
+                    // state: not for messages
+                    let e = if call.url.contains('?') {
+                        e.without_url()
+                    } else {
+                        e
+                    };
                     return Err(OciError::Network {
                         action: action.to_string(),
                         reason: error_chain(&e),
@@ -255,7 +336,7 @@ impl Inner {
                 }
             };
             let status = resp.status();
-            if status.is_success() {
+            if status.is_success() || call.also_ok.contains(&status) {
                 return Ok(resp);
             }
             if status == StatusCode::UNAUTHORIZED {
@@ -278,7 +359,7 @@ impl Inner {
                 attempt -= 1;
                 continue;
             }
-            if status.is_server_error() && attempt < ATTEMPTS {
+            if status.is_server_error() && attempt < call.attempts {
                 std::thread::sleep(delay);
                 delay *= 2;
                 continue;
@@ -319,11 +400,18 @@ impl Inner {
         if let Some((_, s)) = params.iter().find(|(k, _)| k == "service") {
             query.push(("service".into(), s.clone()));
         }
-        let scope = params
-            .iter()
-            .find(|(k, _)| k == "scope")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_else(|| format!("repository:{}:pull", self.repository));
+        // A push client asks for pull and push whatever the challenge
+        // names (a HEAD is challenged for pull only), so one token serves
+        // the whole push.
+        let scope = if self.push {
+            format!("repository:{}:pull,push", self.repository)
+        } else {
+            params
+                .iter()
+                .find(|(k, _)| k == "scope")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| format!("repository:{}:pull", self.repository))
+        };
         query.push(("scope".into(), scope.clone()));
         let stale = match &*self.authz.lock().expect("no panics while held") {
             Authz::Bearer(t) => Some(t.clone()),
@@ -453,6 +541,260 @@ impl Inner {
     }
 }
 
+/// What a blob upload sends.
+#[derive(Debug, Clone, Copy)]
+pub enum BlobContent<'a> {
+    /// Bytes in memory (a config).
+    Bytes(&'a [u8]),
+    /// A file, streamed (reopened for every attempt).
+    File(&'a Path),
+}
+
+/// A client that pushes blobs and manifests to one repository of a
+/// registry (OCI distribution spec). Same auth, retries and TLS choice as
+/// [`RegistrySource`]; bearer tokens are asked for
+/// `repository:REPO:pull,push`.
+pub struct RegistryPusher {
+    inner: Inner,
+}
+
+/// Send rate below which an upload is taken for stalled: a blob PUT may
+/// take its stall timeout plus its size at this rate.
+const MIN_UPLOAD_RATE: u64 = 256 * 1024;
+
+impl RegistryPusher {
+    /// A pusher for the repository of `reference` (a `docker://`
+    /// reference; its tag or digest is not used here).
+    pub fn new(reference: &ImageRef, opts: &RegistryOptions) -> Result<Self, OciError> {
+        let ImageRef::Docker {
+            registry,
+            repository,
+            ..
+        } = reference
+        else {
+            return Err(OciError::Reference {
+                input: reference.to_string(),
+                reason: "not a docker:// reference".into(),
+            });
+        };
+        Ok(RegistryPusher {
+            inner: Inner::new(registry, repository, opts, true)?,
+        })
+    }
+
+    /// `host[:port]/repository`, for messages.
+    pub fn target(&self) -> String {
+        format!("{}/{}", self.inner.host, self.inner.repository)
+    }
+
+    /// `GET /v2/`: the registry answers (and accepts our credentials for a
+    /// push, when it asks for them).
+    pub fn ping(&self) -> Result<(), OciError> {
+        let url = format!("{}/v2/", self.inner.base);
+        let action = format!("reaching registry {} (GET /v2/)", self.inner.host);
+        self.inner.get(&url, &HeaderMap::new(), &action)?;
+        Ok(())
+    }
+
+    /// `HEAD /v2/REPO/blobs/DIGEST`: whether the repository has the blob.
+    pub fn has_blob(&self, digest: &Digest) -> Result<bool, OciError> {
+        let url = self.inner.blob_url(digest);
+        let action = format!("checking for blob {digest} in {}", self.target());
+        let call = Call {
+            method: Method::HEAD,
+            url: &url,
+            headers: HeaderMap::new(),
+            body: None,
+            timeout: None,
+            attempts: ATTEMPTS,
+            also_ok: &[StatusCode::NOT_FOUND],
+        };
+        let resp = self.inner.execute(&call, &action)?;
+        Ok(resp.status() == StatusCode::OK)
+    }
+
+    /// Upload blob `digest` of `size` bytes: `POST /v2/REPO/blobs/uploads/`
+    /// then one `PUT <Location>?digest=DIGEST` with all the bytes, which
+    /// must be answered 201. A PUT that fails with a connection error or a
+    /// 5xx starts again from a new upload session (5 attempts in all).
+    pub fn upload_blob(
+        &self,
+        digest: &Digest,
+        size: u64,
+        content: BlobContent<'_>,
+    ) -> Result<(), OciError> {
+        let action = format!("uploading blob {digest} to {}", self.target());
+        let post_url = format!(
+            "{}/v2/{}/blobs/uploads/",
+            self.inner.base, self.inner.repository
+        );
+        let make_body = || -> Result<Body, OciError> {
+            Ok(match content {
+                BlobContent::Bytes(b) => Body::from(b.to_vec()),
+                BlobContent::File(p) => {
+                    let f =
+                        std::fs::File::open(p).map_err(crate::io_err("opening staged blob", p))?;
+                    Body::sized(f, size)
+                }
+            })
+        };
+        let mut put_headers = HeaderMap::new();
+        put_headers.insert(
+            CONTENT_TYPE,
+            "application/octet-stream".parse().expect("static header"),
+        );
+        // the send of a PUT lasts as long as its body: the stall timeout
+        // alone would cut large blobs off
+        let put_timeout = self.inner.stall + Duration::from_secs(size / MIN_UPLOAD_RATE);
+        let mut delay = Duration::from_millis(200);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let start = Call {
+                method: Method::POST,
+                url: &post_url,
+                headers: HeaderMap::new(),
+                body: None,
+                timeout: None,
+                attempts: ATTEMPTS,
+                also_ok: &[],
+            };
+            let resp = self
+                .inner
+                .execute(&start, &format!("{action}: starting an upload (POST)"))?;
+            let location = resp
+                .headers()
+                .get(LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+                .ok_or_else(|| OciError::Format {
+                    what: format!("{action}: starting an upload (POST)"),
+                    reason: format!(
+                        "the registry answered {} without a Location header",
+                        resp.status().as_u16()
+                    ),
+                })?;
+            let put_url =
+                upload_url(&post_url, &location, digest).map_err(|reason| OciError::Format {
+                    what: format!("{action}: starting an upload (POST)"),
+                    reason,
+                })?;
+            let put = Call {
+                method: Method::PUT,
+                url: &put_url,
+                headers: put_headers.clone(),
+                body: Some(&make_body),
+                timeout: Some(put_timeout),
+                // retried below from a new session: the old one may be gone
+                attempts: 1,
+                also_ok: &[],
+            };
+            let put_action = format!("{action}: sending {size} bytes (PUT)");
+            match self.inner.execute(&put, &put_action) {
+                Ok(resp) if resp.status() == StatusCode::CREATED => return Ok(()),
+                Ok(resp) => {
+                    return Err(OciError::Registry {
+                        action: put_action,
+                        status: resp.status().as_u16(),
+                        detail: " instead of 201 Created".into(),
+                    });
+                }
+                Err(e) if attempt < ATTEMPTS && retryable(&e) => {
+                    std::thread::sleep(delay);
+                    delay *= 2;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// `PUT /v2/REPO/manifests/REFERENCE` with the exact `bytes` as
+    /// `media_type`. Returns the manifest's digest; a `Docker-Content-Digest`
+    /// answer that is not the sha256 of `bytes` is an error.
+    pub fn put_manifest(
+        &self,
+        reference: &str,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Result<Digest, OciError> {
+        let digest = Digest::sha256_of(bytes);
+        let action = format!("pushing manifest {digest} to {}:{reference}", self.target());
+        let url = format!(
+            "{}/v2/{}/manifests/{reference}",
+            self.inner.base, self.inner.repository
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            CONTENT_TYPE,
+            media_type.parse().map_err(|_| OciError::Format {
+                what: action.clone(),
+                reason: format!("media type {media_type:?} is not a valid header value"),
+            })?,
+        );
+        let make_body = || -> Result<Body, OciError> { Ok(Body::from(bytes.to_vec())) };
+        let call = Call {
+            method: Method::PUT,
+            url: &url,
+            headers,
+            body: Some(&make_body),
+            timeout: None,
+            attempts: ATTEMPTS,
+            also_ok: &[],
+        };
+        let resp = self.inner.execute(&call, &action)?;
+        if resp.status() != StatusCode::CREATED {
+            return Err(OciError::Registry {
+                action,
+                status: resp.status().as_u16(),
+                detail: " instead of 201 Created".into(),
+            });
+        }
+        if let Some(claimed) = resp
+            .headers()
+            .get("docker-content-digest")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_string())
+            && claimed != digest.to_string()
+        {
+            return Err(OciError::Format {
+                what: action,
+                reason: format!(
+                    "the registry answered Docker-Content-Digest {}, but the manifest sent is {digest}",
+                    one_line(&claimed, 100)
+                ),
+            });
+        }
+        Ok(digest)
+    }
+}
+
+/// Errors worth a new upload session: the connection failed or the
+/// registry had a server error.
+fn retryable(e: &OciError) -> bool {
+    match e {
+        OciError::Network { .. } => true,
+        OciError::Registry { status, .. } => *status >= 500,
+        _ => false,
+    }
+}
+
+/// The PUT URL of an upload: `location` (absolute, or relative to the
+/// POST's URL) with `digest=DIGEST` added to its query.
+fn upload_url(post_url: &str, location: &str, digest: &Digest) -> Result<String, String> {
+    let base = reqwest::Url::parse(post_url).map_err(|e| format!("bad URL {post_url}: {e}"))?;
+    let mut url = base
+        .join(location.trim())
+        .map_err(|e| format!("the registry answered an unusable Location ({e})"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "the registry answered a Location with scheme {:?}",
+            url.scheme()
+        ));
+    }
+    url.query_pairs_mut()
+        .append_pair("digest", &digest.to_string());
+    Ok(url.into())
+}
+
 fn url_encode(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
@@ -510,9 +852,38 @@ fn error_detail(resp: Response) -> String {
     {
         let code = first.get("code").and_then(|c| c.as_str()).unwrap_or("");
         let msg = first.get("message").and_then(|c| c.as_str()).unwrap_or("");
-        return format!(" {code}: {msg}");
+        let mut out = format!(" {code}: {msg}");
+        if let Some(d) = first.get("detail").and_then(|d| d.as_str())
+            && !d.is_empty()
+        {
+            out.push_str(&format!(" ({})", one_line(d, 200)));
+        }
+        return out;
     }
-    String::new()
+    // Not the spec's error document: show the start of what it said.
+    let text = one_line(&body, 200);
+    if text.is_empty() {
+        String::new()
+    } else {
+        format!(": {text}")
+    }
+}
+
+/// `s` on one line, at most `max` characters.
+fn one_line(s: &str, max: usize) -> String {
+    let flat: String = s
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .filter(|c| !c.is_control())
+        .collect();
+    if flat.chars().count() > max {
+        let cut: String = flat.chars().take(max).collect();
+        format!("{cut}…")
+    } else {
+        flat
+    }
 }
 
 impl ImageSource for RegistrySource {
@@ -942,6 +1313,50 @@ mod tests {
                 ("scope".to_string(), "repository:a/b:pull,push".to_string()),
             ]
         );
+    }
+
+    #[test]
+    fn upload_locations_resolve() {
+        let post = "http://h:1/v2/a/b/blobs/uploads/";
+        let d: Digest = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+            .parse()
+            .unwrap();
+        let q = "digest=sha256%3Ae3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        // relative to the host, with the registry's own query kept
+        assert_eq!(
+            upload_url(post, "/v2/a/b/blobs/uploads/u1?_state=x%2By", &d).unwrap(),
+            format!("http://h:1/v2/a/b/blobs/uploads/u1?_state=x%2By&{q}")
+        );
+        // absolute, elsewhere
+        assert_eq!(
+            upload_url(post, "https://store.example/up/u2", &d).unwrap(),
+            format!("https://store.example/up/u2?{q}")
+        );
+        // relative to the POST's path
+        assert_eq!(
+            upload_url(post, "u3", &d).unwrap(),
+            format!("http://h:1/v2/a/b/blobs/uploads/u3?{q}")
+        );
+        assert!(upload_url(post, "ftp://x/y", &d).is_err());
+    }
+
+    #[test]
+    fn credentials_go_to_the_registry_only() {
+        let opts = RegistryOptions {
+            plain_http: true,
+            ..RegistryOptions::default()
+        };
+        let inner = Inner::new("h:5000", "a", &opts, true).unwrap();
+        assert!(inner.same_origin("http://h:5000/v2/a/blobs/uploads/x?y=1"));
+        assert!(!inner.same_origin("http://h:50001/v2/"));
+        assert!(!inner.same_origin("https://h:5000/v2/"));
+        assert!(!inner.same_origin("http://other/v2/"));
+    }
+
+    #[test]
+    fn error_text_is_one_short_line() {
+        assert_eq!(one_line("a\n  b\tc", 10), "a b c");
+        assert_eq!(one_line("abcdef", 3), "abc…");
     }
 
     #[test]

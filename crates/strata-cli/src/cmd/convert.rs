@@ -4,8 +4,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use strata_oci::convert::{ConvertOptions, Format, convert_to_layout};
+use strata_oci::convert::{ConvertOptions, Format, convert, convert_to_layout};
 use strata_oci::pull::{NoProgress, PullOptions, pull};
+use strata_oci::push::RegistryDestination;
 use strata_oci::{ImageRef, Platform};
 
 use super::human;
@@ -17,7 +18,9 @@ pub struct Args {
     /// Source: an image in the store (name or digest) or any pull reference
     /// (pulled first; layers the store has are not downloaded).
     source: String,
-    /// Destination: oci:DIR[:TAG].
+    /// Destination: oci:DIR[:TAG] (an OCI layout, created if missing) or
+    /// docker://HOST[:PORT]/REPO[:TAG] (pushed to a registry; blobs the
+    /// repository already has are not uploaded; tag `latest` by default).
     dest: String,
     /// Layer format.
     #[arg(long, default_value = "zstd:chunked")]
@@ -28,9 +31,22 @@ pub struct Args {
     /// Layers converted at once.
     #[arg(long, default_value_t = 2)]
     jobs: usize,
-    /// Use plain HTTP for a registry source.
+    /// Use plain HTTP (no TLS) for a registry source or destination.
     #[arg(long)]
     plain_http: bool,
+    /// Registry credentials file (auth.json format), for a registry source
+    /// or destination.
+    #[arg(long, env = "REGISTRY_AUTH_FILE")]
+    authfile: Option<std::path::PathBuf>,
+}
+
+/// Where the converted image goes.
+enum Dest<'a> {
+    Layout {
+        dir: &'a std::path::Path,
+        tag: Option<&'a str>,
+    },
+    Registry(Box<RegistryDestination>),
 }
 
 pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
@@ -43,12 +59,21 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         .dest
         .parse()
         .with_context(|| format!("parsing destination {:?}", a.dest))?;
-    let ImageRef::OciLayout { dir, tag } = &dest else {
-        bail!(
-            "destination {dest}: only oci:DIR[:TAG] is written so far; push the layout with `skopeo copy oci:DIR:TAG docker://...`"
-        );
-    };
     let store = ctx.open_store()?;
+    let registry = super::pull::registry_options(&store, a.plain_http, a.authfile.clone());
+    let target = match &dest {
+        ImageRef::OciLayout { dir, tag } => Dest::Layout {
+            dir,
+            tag: tag.as_deref(),
+        },
+        // reached (and logged in to) before any conversion work
+        ImageRef::Docker { .. } => Dest::Registry(
+            RegistryDestination::new(&dest, &registry, &store.root().join("tmp"))
+                .map(Box::new)
+                .with_context(|| format!("pushing to {dest}"))?,
+        ),
+        _ => bail!("destination {dest}: write to oci:DIR[:TAG] or docker://HOST[:PORT]/REPO[:TAG]"),
+    };
     let t0 = Instant::now();
     let image = match store.resolve_image(&a.source) {
         Ok(d) => d,
@@ -61,7 +86,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
             })?;
             let opts = PullOptions {
                 platform: Platform::host_default(),
-                registry: super::pull::registry_options(&store, a.plain_http, None),
+                registry: registry.clone(),
                 jobs: 3,
                 split: strata_store::SplitPolicy::Auto(strata_store::DEFAULT_SPLIT_THRESHOLD),
             };
@@ -76,8 +101,11 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         level: a.level,
         jobs: a.jobs,
     };
-    let summary = convert_to_layout(&store, &image, dir, tag.as_deref(), &opts)
-        .with_context(|| format!("converting {image} to {dest}"))?;
+    let summary = match &target {
+        Dest::Layout { dir, tag } => convert_to_layout(&store, &image, dir, *tag, &opts),
+        Dest::Registry(r) => convert(&store, &image, r.as_ref(), &opts),
+    }
+    .with_context(|| format!("converting {image} to {dest}"))?;
     let secs = t0.elapsed().as_secs_f64();
     if ctx.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -91,6 +119,14 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
             summary.layers.len(),
             human(summary.tar_bytes)
         );
+        if let Some(p) = &summary.push {
+            println!(
+                "pushed to {dest}: {} blobs uploaded ({}), {} already present",
+                p.blobs_uploaded,
+                human(p.bytes_uploaded),
+                p.blobs_present
+            );
+        }
     }
     for l in &summary.layers {
         if let Some(why) = &l.fallback {
