@@ -140,25 +140,48 @@ pub fn prepare(
         }));
     }
     let counter = AtomicU64::new(0);
+    for desc in layers_desc {
+        strata_oci::layer_compression(&desc.media_type)?;
+    }
+    // every layer's TOC, tar-split and entries at once (network + CPU)
+    type Prepared = Result<(Vec<strata_tar::Entry>, Option<ChunkedIndex>), LazyError>;
+    let prepared: Vec<Prepared> = std::thread::scope(|s| {
+        let handles: Vec<_> = layers_desc
+            .iter()
+            .zip(&config.diff_ids)
+            .enumerate()
+            .map(|(index, (desc, diff_id))| {
+                let counter = &counter;
+                s.spawn(move || -> Prepared {
+                    if store.has_layer(diff_id) {
+                        return Ok((store.layer_record(diff_id)?.entries, None));
+                    }
+                    match strata_oci::partial::open_chunked(source, desc, counter)? {
+                        Ok(ix) => Ok((ix.entries()?, Some(ix))),
+                        Err(reason) => Err(LazyError::NotLazy {
+                            index,
+                            digest: desc.digest,
+                            reason,
+                        }),
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("layer preparation does not panic"))
+            .collect()
+    });
     let mut tree = Tree::new();
     let mut layers = Vec::new();
     let mut remote = HashMap::new();
-    for (index, (desc, diff_id)) in layers_desc.iter().zip(&config.diff_ids).enumerate() {
-        strata_oci::layer_compression(&desc.media_type)?;
-        let (entries, chunked) = if store.has_layer(diff_id) {
-            (store.layer_record(diff_id)?.entries, None)
-        } else {
-            match strata_oci::partial::open_chunked(source, desc, &counter)? {
-                Ok(ix) => (ix.entries()?, Some(ix)),
-                Err(reason) => {
-                    return Err(LazyError::NotLazy {
-                        index,
-                        digest: desc.digest,
-                        reason,
-                    });
-                }
-            }
-        };
+    for (index, ((desc, diff_id), p)) in layers_desc
+        .iter()
+        .zip(&config.diff_ids)
+        .zip(prepared)
+        .enumerate()
+    {
+        let (entries, chunked) = p?;
         tree.apply_layer(&entries).map_err(|e| LazyError::Layer {
             index,
             digest: desc.digest,

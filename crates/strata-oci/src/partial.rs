@@ -353,9 +353,8 @@ impl ChunkedIndex {
         let mut sink = TocDigests {
             files: self.pieces.iter(),
         };
-        let imported = strata_tar::import_tar(skeleton, &mut sink)
-            .map_err(|e| bad(&self.desc, format!("its tar-split does not parse: {e}")))?;
-        Ok(imported.record.entries)
+        strata_tar::read_entries(skeleton, &mut sink)
+            .map_err(|e| bad(&self.desc, format!("its tar-split does not parse: {e}")))
     }
 }
 

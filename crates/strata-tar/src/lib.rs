@@ -175,6 +175,20 @@ pub struct Imported {
     pub size: u64,
 }
 
+/// Parse a whole tar stream for its entries only: contents go to `sink`,
+/// the stream is not hashed (no diff_id). For trees built from metadata
+/// whose contents arrive later.
+pub fn read_entries(r: impl Read, sink: &mut dyn ObjectSink) -> Result<Vec<Entry>, TarError> {
+    let mut p = Parser {
+        r: StreamReader::unhashed(r),
+        raw: Vec::new(),
+        segments: Vec::new(),
+        entries: Vec::new(),
+    };
+    p.run(sink)?;
+    Ok(p.entries)
+}
+
 /// Parse a whole tar stream, storing file contents through `sink`.
 pub fn import_tar(r: impl Read, sink: &mut dyn ObjectSink) -> Result<Imported, TarError> {
     let mut p = Parser {

@@ -52,6 +52,19 @@ impl<R: Read> StreamReader<R> {
     }
 
     /// Bytes handed out so far.
+    /// A reader that does not hash (entries only, no diff_id).
+    pub(crate) fn unhashed(inner: R) -> Self {
+        StreamReader {
+            inner,
+            chunk: Arc::new(Vec::new()),
+            pos: 0,
+            consumed: 0,
+            eof: false,
+            tx: None,
+            hasher: None,
+        }
+    }
+
     pub(crate) fn len(&self) -> u64 {
         self.consumed
     }
