@@ -448,6 +448,51 @@ fn a_recorded_read_list_is_prefetched_next_time() {
     }
     drop(m2);
     env2.fsck_ok();
+
+    // the list travels in the image: convert --prefetch-list puts it in a
+    // manifest annotation, the layers (and config) stay the same
+    let conv = Env::new();
+    let src = oci_ref(&debian_layout(), "python");
+    conv.ok(&["pull", &src]);
+    let out = conv.path("out");
+    conv.ok(&[
+        "convert",
+        &src,
+        &format!("oci:{}:python", out.display()),
+        "--prefetch-list",
+        list.to_str().unwrap(),
+    ]);
+    let m = layout_manifest(&out, "python");
+    let ann = m["annotations"]["dev.strata.lazy.prefetch"]
+        .as_str()
+        .unwrap();
+    assert!(ann.lines().any(|l| l == "/usr/bin/python3.11"), "{ann}");
+    let addr = r.trim_start_matches("docker://").split('/').next().unwrap();
+    let mut push = Command::new("skopeo");
+    push.args([
+        "copy",
+        "--quiet",
+        "--dest-tls-verify=false",
+        "--preserve-digests",
+    ])
+    .arg(format!("oci:{}:python", out.display()))
+    .arg(format!("docker://{addr}/py:2"));
+    strata_testkit::run(&mut push);
+    let r2 = format!("docker://{addr}/py:2");
+    let env3 = Env::new();
+    let (m3, _) = Mounted::new(&env3, &r2, &["--prefetch", "list"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = m3.state();
+        if s["prefetch"] == "done" {
+            assert!(s["files_local"].as_u64().unwrap() >= want * 9 / 10, "{s}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(m3);
+    env3.fsck_ok();
 }
 
 #[test]

@@ -49,7 +49,15 @@ pub struct ConvertOptions {
     pub level: i32,
     /// Layers converted at once.
     pub jobs: usize,
+    /// Paths to fetch first when the image is mounted lazily, recorded in
+    /// the manifest annotation [`PREFETCH_ANNOTATION`] (other runtimes
+    /// ignore it; the tars, and so the diff_ids, stay as they are).
+    pub prefetch: Vec<String>,
 }
+
+/// Manifest annotation listing, one per line, the paths a lazy mount
+/// fetches first.
+pub const PREFETCH_ANNOTATION: &str = "dev.strata.lazy.prefetch";
 
 impl Default for ConvertOptions {
     fn default() -> Self {
@@ -57,6 +65,7 @@ impl Default for ConvertOptions {
             format: Format::ZstdChunked,
             level: 3,
             jobs: 2,
+            prefetch: Vec::new(),
         }
     }
 }
@@ -356,7 +365,11 @@ fn convert_loaded(
         tar_bytes += n;
     }
     let config_desc = dest.put_blob(OCI_CONFIG, &config)?;
-    let manifest = oci_manifest_bytes(&config_desc, &descs, &BTreeMap::new())?;
+    let mut annotations = BTreeMap::new();
+    if !opts.prefetch.is_empty() {
+        annotations.insert(PREFETCH_ANNOTATION.to_string(), opts.prefetch.join("\n"));
+    }
+    let manifest = oci_manifest_bytes(&config_desc, &descs, &annotations)?;
     let manifest_digest = dest.put_manifest(OCI_MANIFEST, &manifest)?;
     Ok(ConvertSummary {
         manifest_digest,

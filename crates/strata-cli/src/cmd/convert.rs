@@ -31,6 +31,11 @@ pub struct Args {
     /// Layers converted at once.
     #[arg(long, default_value_t = 2)]
     jobs: usize,
+    /// Paths (one per line, e.g. from `strata mount --lazy --record`) that
+    /// lazy mounts of the result fetch first: kept in the manifest
+    /// annotation dev.strata.lazy.prefetch; the layers are unchanged.
+    #[arg(long)]
+    prefetch_list: Option<std::path::PathBuf>,
     /// Use plain HTTP (no TLS) for a registry source or destination.
     #[arg(long)]
     plain_http: bool,
@@ -96,10 +101,21 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
                 .manifest_digest
         }
     };
+    let prefetch = match &a.prefetch_list {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("reading prefetch list {}", p.display()))?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(|l| format!("/{}", l.trim_start_matches('/')))
+            .collect(),
+        None => Vec::new(),
+    };
     let opts = ConvertOptions {
         format,
         level: a.level,
         jobs: a.jobs,
+        prefetch,
     };
     let summary = match &target {
         Dest::Layout { dir, tag } => convert_to_layout(&store, &image, dir, *tag, &opts),

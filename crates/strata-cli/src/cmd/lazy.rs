@@ -315,10 +315,19 @@ fn serve(
         mdir.join("partial"),
         a.fetch_jobs,
     )?);
+    // the list given, else the one `strata convert --prefetch-list` put
+    // in the manifest
     let list = match &a.prefetch_list {
-        Some(p) if a.prefetch != Prefetch::None => std::fs::read_to_string(p)
+        _ if a.prefetch == Prefetch::None => String::new(),
+        Some(p) => std::fs::read_to_string(p)
             .with_context(|| format!("reading prefetch list {}", p.display()))?,
-        _ => String::new(),
+        None => lazy
+            .resolved
+            .manifest
+            .annotations
+            .get(strata_oci::convert::PREFETCH_ANNOTATION)
+            .cloned()
+            .unwrap_or_default(),
     };
     // reads of listed files wait for the bulk fetch instead of racing it
     let wanted: Vec<strata_digest::Digest> = list
