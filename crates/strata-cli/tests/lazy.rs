@@ -528,3 +528,41 @@ fn lazy_mount_errors_are_clear() {
     assert_eq!(env.json(&["mounts"]).as_array().unwrap().len(), 0);
     env.fsck_ok();
 }
+
+#[test]
+fn a_registry_without_ranges_means_a_full_pull_and_strata_says_so() {
+    let (reg, _) = converted_in_registry();
+    let proxy = strata_testkit::proxy::Proxy::start(
+        &reg.addr,
+        strata_testkit::proxy::Faults {
+            ignore_ranges: true,
+            ..Default::default()
+        },
+    );
+    let r = format!("docker://{}/py:1", proxy.addr);
+    let env = Env::new();
+    let dir = env.path("mnt");
+    std::fs::create_dir_all(&dir).unwrap();
+    let e = env.fails(&[
+        "mount",
+        "--lazy=require",
+        "--plain-http",
+        &r,
+        dir.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("--lazy=require") && e.contains("does not serve byte ranges"),
+        "{e}"
+    );
+    let out = env.run(&["mount", "--lazy", "--plain-http", &r, dir.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("not lazy") && stderr.contains("does not serve byte ranges"),
+        "{stderr}"
+    );
+    let said = chroot_python(&dir, "print(4)");
+    assert_eq!(String::from_utf8_lossy(&said.stdout).trim(), "4");
+    env.ok(&["umount", dir.to_str().unwrap()]);
+    env.fsck_ok();
+}
