@@ -446,7 +446,53 @@ def partial_shaped(tmp, link_addr, link):
     return res
 
 
+def convert_vs_ctr_remote():
+    """strata convert vs ctr-remote (stargz-snapshotter) converting the same
+    image inside containerd: eStargz and zstd:chunked."""
+    res = {}
+    with tempfile.TemporaryDirectory(prefix="strata-bench-conv-") as tmp:
+        layout = os.path.join(FIX, "debian")
+        root = os.path.join(tmp, "s")
+        src = f"oci:{layout}:python"
+        strata(root, "pull", "-q", src)
+        ts = []
+        for i in range(RUNS):
+            out = os.path.join(tmp, f"out{i}")
+            subprocess.run(["sync"], check=True)
+            t = time.monotonic()
+            strata(root, "convert", src, f"oci:{out}:python")
+            ts.append(time.monotonic() - t)
+            shutil.rmtree(out)
+        res["strata convert zstd:chunked"] = med(ts)
+        c = Containerd(tmp)
+        try:
+            archive = os.path.join(tmp, "layout.tar")
+            run("tar", "-C", layout, "-cf", archive, ".")
+            c.ctr("images", "import", "--base-name", "bench/debian", archive)
+            names = c.ctr("images", "ls", "-q").split()
+            srcname = next(n for n in names if n.endswith(":python"))
+            for fmt, flag in (("eStargz", "--estargz"), ("zstd:chunked", "--zstdchunked")):
+                ts = []
+                for i in range(RUNS):
+                    dst = f"bench/conv-{fmt.replace(':', '-')}:{i}"
+                    t = time.monotonic()
+                    run("ctr-remote", "--address", c.sock, "image", "convert", flag, "--oci",
+                        srcname, dst)
+                    ts.append(time.monotonic() - t)
+                    c.ctr("images", "rm", dst)
+                res[f"ctr-remote convert {fmt}"] = med(ts)
+        finally:
+            c.stop()
+    for k, v in res.items():
+        print(f"  {k:40s} {v:7.2f} s   ({v / res['strata convert zstd:chunked']:.1f}x strata)",
+              flush=True)
+    with open(os.path.join(REPO, "bench/results-convert.json"), "w") as f:
+        json.dump(res, f, indent=2)
+
+
 def main():
+    if sys.argv[1:] == ["convert"]:
+        return convert_vs_ctr_remote()
     if sys.argv[1:] == ["warm"]:
         with tempfile.TemporaryDirectory(prefix="strata-bench-warm-") as tmp:
             conv = os.path.join(tmp, "s-conv")

@@ -454,10 +454,31 @@ fn serve(
         let record = a.record.clone();
         let recorder = recorder.clone();
         std::thread::spawn(move || {
+            // re-check only what is still missing, and only when something
+            // may have arrived (reads completed files, prefetch running) or
+            // every 5 s: stat'ing every object each tick cost reads CPU
+            let mut missing = lazy.missing(&store);
+            let mut seen_done = u64::MAX;
+            let mut last_full = Instant::now();
             while !done.load(Ordering::SeqCst) {
-                state.files_local = state
-                    .files_total
-                    .saturating_sub(lazy.missing(&store).len() as u64);
+                let completed = fetcher.stats.files_completed.load(Ordering::Relaxed);
+                let busy = matches!(
+                    prefetch_state
+                        .lock()
+                        .expect("no panics while held")
+                        .as_str(),
+                    "list" | "all"
+                );
+                if !missing.is_empty()
+                    && (completed != seen_done
+                        || busy
+                        || last_full.elapsed() > Duration::from_secs(5))
+                {
+                    missing.retain(|d| !store.has_object(d));
+                    seen_done = completed;
+                    last_full = Instant::now();
+                }
+                state.files_local = state.files_total.saturating_sub(missing.len() as u64);
                 state.bytes_fetched =
                     lazy.downloaded + fetcher.stats.bytes_fetched.load(Ordering::Relaxed);
                 state.errors = fetcher.stats.errors.load(Ordering::Relaxed);
