@@ -453,24 +453,7 @@ fn a_tampered_chunk_fails_the_partial_pull_and_stores_nothing() {
     let digest = layer["digest"].as_str().unwrap();
     let blob_file = out.join("blobs/sha256").join(&digest[7..]);
     let blob = std::fs::read(&blob_file).unwrap();
-    let pos: Vec<u64> = layer["annotations"]["io.github.containers.zstd-chunked.manifest-position"]
-        .as_str()
-        .unwrap()
-        .split(':')
-        .map(|n| n.parse().unwrap())
-        .collect();
-    let toc: serde_json::Value = serde_json::from_slice(
-        &zstd::stream::decode_all(&blob[pos[0] as usize..(pos[0] + pos[1]) as usize]).unwrap(),
-    )
-    .unwrap();
-    let e = toc["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["name"] == "etc/strata-updated")
-        .expect("the new file is in the TOC");
-    let off = e["offset"].as_u64().unwrap();
-    let end = e["endOffset"].as_u64().unwrap();
+    let (off, end) = toc_file_range(&blob, layer, "etc/strata-updated");
     let in_registry = reg.blob_path(&digest[7..]);
     let mut bytes = std::fs::read(&in_registry).unwrap();
     let mid = ((off + end) / 2) as usize;

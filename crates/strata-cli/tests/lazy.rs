@@ -309,26 +309,7 @@ fn a_tampered_blob_reads_eio_and_nothing_is_stored() {
     let digest = top["digest"].as_str().unwrap();
     let blob_path = reg.blob_path(&digest[7..]);
     let mut blob = std::fs::read(&blob_path).unwrap();
-    let pos: Vec<u64> = top["annotations"]["io.github.containers.zstd-chunked.manifest-position"]
-        .as_str()
-        .unwrap()
-        .split(':')
-        .map(|n| n.parse().unwrap())
-        .collect();
-    let toc: serde_json::Value = serde_json::from_slice(
-        &zstd::stream::decode_all(&blob[pos[0] as usize..(pos[0] + pos[1]) as usize]).unwrap(),
-    )
-    .unwrap();
-    let e = toc["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["name"] == victim)
-        .expect("in the TOC");
-    let (off, end) = (
-        e["offset"].as_u64().unwrap(),
-        e["endOffset"].as_u64().unwrap(),
-    );
+    let (off, end) = toc_file_range(&blob, top, victim);
     blob[((off + end) / 2) as usize] ^= 0x40;
     std::fs::write(&blob_path, &blob).unwrap();
 
@@ -351,32 +332,30 @@ fn images_that_cannot_be_lazy_are_pulled_in_full_and_said_so() {
     let reg = Registry::start();
     reg.push(&oci_ref(&debian_layout(), "python"), "gz:1", &[]);
     let r = format!("docker://{}/gz:1", reg.addr);
+    lazy_refused_then_full(&r, "not zstd:chunked");
+}
+
+/// `--lazy=require` refuses naming `reason` and pulls nothing; `--lazy`
+/// pulls in full, says why, and the mount runs python.
+fn lazy_refused_then_full(r: &str, reason: &str) {
     let env = Env::new();
     let dir = env.path("mnt");
     std::fs::create_dir_all(&dir).unwrap();
-    let e = env.fails(&[
-        "mount",
-        "--lazy=require",
-        "--plain-http",
-        &r,
-        dir.to_str().unwrap(),
-    ]);
-    assert!(
-        e.contains("--lazy=require") && e.contains("not zstd:chunked"),
-        "{e}"
-    );
-    let e = env.fails(&["inspect", &r]);
+    let d = dir.to_str().unwrap();
+    let e = env.fails(&["mount", "--lazy=require", "--plain-http", r, d]);
+    assert!(e.contains("--lazy=require") && e.contains(reason), "{e}");
+    let e = env.fails(&["inspect", r]);
     assert!(e.contains("not found"), "require pulls nothing: {e}");
-    let out = env.run(&["mount", "--lazy", "--plain-http", &r, dir.to_str().unwrap()]);
+    let out = env.run(&["mount", "--lazy", "--plain-http", r, d]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("not lazy") && stderr.contains("not zstd:chunked"),
+        stderr.contains("not lazy") && stderr.contains(reason),
         "{stderr}"
     );
     let said = chroot_python(&dir, "print(3)");
     assert_eq!(String::from_utf8_lossy(&said.stdout).trim(), "3");
-    env.ok(&["umount", dir.to_str().unwrap()]);
+    env.ok(&["umount", d]);
     env.fsck_ok();
 }
 
@@ -540,29 +519,5 @@ fn a_registry_without_ranges_means_a_full_pull_and_strata_says_so() {
         },
     );
     let r = format!("docker://{}/py:1", proxy.addr);
-    let env = Env::new();
-    let dir = env.path("mnt");
-    std::fs::create_dir_all(&dir).unwrap();
-    let e = env.fails(&[
-        "mount",
-        "--lazy=require",
-        "--plain-http",
-        &r,
-        dir.to_str().unwrap(),
-    ]);
-    assert!(
-        e.contains("--lazy=require") && e.contains("does not serve byte ranges"),
-        "{e}"
-    );
-    let out = env.run(&["mount", "--lazy", "--plain-http", &r, dir.to_str().unwrap()]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("not lazy") && stderr.contains("does not serve byte ranges"),
-        "{stderr}"
-    );
-    let said = chroot_python(&dir, "print(4)");
-    assert_eq!(String::from_utf8_lossy(&said.stdout).trim(), "4");
-    env.ok(&["umount", dir.to_str().unwrap()]);
-    env.fsck_ok();
+    lazy_refused_then_full(&r, "does not serve byte ranges");
 }

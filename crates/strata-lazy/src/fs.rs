@@ -60,7 +60,8 @@ impl Recorder {
 pub struct LazyFs {
     fetcher: Arc<Fetcher>,
     parents: Vec<u64>,
-    paths: Option<Vec<Vec<u8>>>,
+    /// A path of every inode (log lines, `--record`).
+    paths: Vec<Vec<u8>>,
     open: Mutex<HashMap<u64, Arc<Open>>>,
     /// The kernel allows one backing file per inode at a time, and no
     /// passthrough open while the inode has opens served by us: per inode,
@@ -124,8 +125,7 @@ impl LazyFs {
     pub fn new(fetcher: Arc<Fetcher>, cfg: &MountConfig) -> LazyFs {
         let tree = &fetcher.image().tree;
         let mut parents = vec![0u64; tree.len().max(1) + 1];
-        // paths by inode: for log lines and --record
-        let mut paths = Some(vec![Vec::new(); parents.len()]);
+        let mut paths = vec![Vec::new(); parents.len()];
         let mut stack = vec![(0u64, Vec::new())];
         while let Some((dir, path)) = stack.pop() {
             let Some(kids) = tree.children(dir) else {
@@ -139,14 +139,10 @@ impl LazyFs {
                 p.extend_from_slice(name);
                 if ino as usize >= parents.len() {
                     parents.resize(ino as usize + 1, 0);
-                    if let Some(v) = paths.as_mut() {
-                        v.resize(ino as usize + 1, Vec::new());
-                    }
+                    paths.resize(ino as usize + 1, Vec::new());
                 }
-                if let Some(v) = paths.as_mut()
-                    && v[ino as usize].is_empty()
-                {
-                    v[ino as usize] = p.clone();
+                if paths[ino as usize].is_empty() {
+                    paths[ino as usize] = p.clone();
                 }
                 if tree.node(ino).is_some_and(|n| n.kind == NodeKind::Dir) {
                     parents[ino as usize] = dir;
@@ -234,20 +230,20 @@ impl LazyFs {
     }
 
     fn record(&self, ino: u64) {
-        let (Some(rec), Some(paths)) = (&self.recorder, &self.paths) else {
+        let Some(rec) = &self.recorder else {
             return;
         };
         let mut seen = rec.seen.lock().expect("no panics while held");
         if seen.0.insert(ino)
-            && let Some(p) = paths.get(ino as usize)
+            && let Some(p) = self.paths.get(ino as usize)
         {
             seen.1.push(p.clone());
         }
     }
 
     fn path_of(&self, ino: u64) -> String {
-        match &self.paths {
-            Some(p) => String::from_utf8_lossy(p.get(ino as usize).map_or(&[][..], |v| v)).into(),
+        match self.paths.get(ino as usize) {
+            Some(p) => String::from_utf8_lossy(p).into(),
             None => format!("inode {ino}"),
         }
     }

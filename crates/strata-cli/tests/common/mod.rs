@@ -178,3 +178,28 @@ pub fn gnu_untar(tarfile: &Path, dir: &Path) -> PathBuf {
         .arg(dir));
     dir.to_path_buf()
 }
+
+/// The blob range `[offset, endOffset)` of file `name` in a zstd:chunked
+/// layer, read from the TOC its manifest annotation points at.
+pub fn toc_file_range(blob: &[u8], layer: &serde_json::Value, name: &str) -> (u64, u64) {
+    let pos: Vec<u64> = layer["annotations"]["io.github.containers.zstd-chunked.manifest-position"]
+        .as_str()
+        .expect("a zstd:chunked layer")
+        .split(':')
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let toc: serde_json::Value = serde_json::from_slice(
+        &zstd::stream::decode_all(&blob[pos[0] as usize..(pos[0] + pos[1]) as usize]).unwrap(),
+    )
+    .unwrap();
+    let e = toc["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("{name} is not in the TOC"));
+    (
+        e["offset"].as_u64().unwrap(),
+        e["endOffset"].as_u64().unwrap(),
+    )
+}
