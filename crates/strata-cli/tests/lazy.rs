@@ -152,7 +152,7 @@ fn prefetch_records_the_image_and_later_mounts_use_composefs() {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let s = m.state();
-        if s["complete"] == true {
+        if s["complete"] == true && s["files_local"] == s["files_total"] {
             assert_eq!(s["prefetch"], "done", "{s}");
             break;
         }
@@ -163,8 +163,20 @@ fn prefetch_records_the_image_and_later_mounts_use_composefs() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // every file is local: the kernel opens files itself now ("no open"),
+    // reads come by inode and the page cache is kept
+    let wait_switch = Instant::now() + Duration::from_secs(10);
+    while !m.log().contains("every file is local") {
+        assert!(
+            Instant::now() < wait_switch,
+            "no switch to no-open:\n{}",
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let out = chroot_python(&m.dir, "import json, sqlite3; print(1)");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+    let opens_before = m.state()["opens"].as_u64().expect("opens counted");
     // the whole tree, served by the same FUSE mount, equals umoci's unpack
     let want = reference_tree(&env);
     let diffs = compare_trees(&m.dir, &want, Compare::ALL);
@@ -172,6 +184,12 @@ fn prefetch_records_the_image_and_later_mounts_use_composefs() {
         diffs.is_empty(),
         "lazy mount differs:\n{}",
         diffs.join("\n")
+    );
+    std::thread::sleep(Duration::from_millis(700)); // state is saved every 0.5 s
+    let opens_after = m.state()["opens"].as_u64().expect("opens counted");
+    assert!(
+        opens_after <= opens_before + 1,
+        "reading every file still sent opens to the daemon: {opens_before} -> {opens_after}"
     );
     drop(m);
     // the image is pulled: same tree digest as a normal pull of it

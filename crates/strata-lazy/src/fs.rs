@@ -15,8 +15,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use fuser::{
     BackingId, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
-    SessionACL,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyXattr, Request, SessionACL,
 };
 use strata_digest::Digest;
 use strata_tree::{Node, NodeKind, Tree};
@@ -71,6 +71,10 @@ pub struct LazyFs {
     passthrough: AtomicBool,
     want_passthrough: bool,
     recorder: Option<Arc<Recorder>>,
+    all_local: Arc<AtomicBool>,
+    opens: Arc<AtomicU64>,
+    /// Objects read by inode once the kernel stopped sending opens.
+    by_inode: Mutex<HashMap<u64, Arc<File>>>,
     /// Backing files kept registered after their last close, so reopening
     /// a file costs no syscall (most recent [`KEEP_BACKING`]).
     keep: Mutex<std::collections::VecDeque<Arc<BackingId>>>,
@@ -83,6 +87,9 @@ type Job = Box<dyn FnOnce() + Send>;
 
 /// How many closed files stay registered for passthrough.
 const KEEP_BACKING: usize = 16384;
+
+/// How many objects stay open for reads by inode.
+const BY_INODE: usize = 512;
 
 /// `n` threads running jobs from one queue.
 fn worker_pool(n: usize) -> std::sync::mpsc::Sender<Job> {
@@ -118,6 +125,13 @@ pub struct MountConfig {
     pub recorder: Option<Arc<Recorder>>,
     /// Shown as the mount's source in mountinfo.
     pub fsname: String,
+    /// Set once every content of the image is in the store. Opens then
+    /// answer ENOSYS, so the kernel stops sending them (and their
+    /// releases) and keeps file pages cached: a fully fetched mount reads
+    /// like a local filesystem. Ignored while recording (it needs opens).
+    pub all_local: Arc<AtomicBool>,
+    /// Counts the opens answered (not refused for "no open").
+    pub opens: Arc<AtomicU64>,
 }
 
 impl LazyFs {
@@ -160,6 +174,9 @@ impl LazyFs {
             passthrough: AtomicBool::new(false),
             want_passthrough: cfg.passthrough,
             recorder: cfg.recorder.clone(),
+            all_local: cfg.all_local.clone(),
+            opens: cfg.opens.clone(),
+            by_inode: Mutex::new(HashMap::new()),
             keep: Mutex::new(std::collections::VecDeque::new()),
             pool: Mutex::new(worker_pool(cfg.read_workers)),
         }
@@ -241,12 +258,99 @@ impl LazyFs {
         }
     }
 
+    /// A read that may need the network: on the worker pool.
+    fn read_lazy(
+        &self,
+        ino: INodeNo,
+        digest: Digest,
+        len: u64,
+        offset: u64,
+        size: u32,
+        reply: ReplyData,
+    ) {
+        let fetcher = self.fetcher.clone();
+        let path = self.path_of(ino.0 - 1);
+        let job: Job = Box::new(move || match fetcher.read(&digest, len, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => {
+                tracing::error!("read of {path} (bytes {offset}+{size}) failed: {e}");
+                reply.error(Errno::EIO)
+            }
+        });
+        let sent = self.pool.lock().expect("no panics while held").send(job);
+        if let Err(std::sync::mpsc::SendError(job)) = sent {
+            job();
+        }
+    }
+
+    /// A read without an open (the kernel stopped sending them): from the
+    /// object, kept open for the next read of the inode.
+    fn read_by_inode(&self, ino: INodeNo, offset: u64, size: u32, reply: ReplyData) {
+        let Some(NodeKind::Regular { digest, size: len }) = self.node(ino).map(|n| &n.kind) else {
+            return reply.error(Errno::EIO);
+        };
+        let cached = self
+            .by_inode
+            .lock()
+            .expect("no panics while held")
+            .get(&ino.0)
+            .cloned();
+        let file = match cached {
+            Some(f) => f,
+            None => match self.fetcher.store().open_object(digest) {
+                Ok(f) => {
+                    let f = Arc::new(f);
+                    let mut open = self.by_inode.lock().expect("no panics while held");
+                    if open.len() >= BY_INODE {
+                        open.clear();
+                    }
+                    open.insert(ino.0, f.clone());
+                    f
+                }
+                Err(_) if !self.fetcher.store().has_object(digest) => {
+                    return self.read_lazy(ino, *digest, *len, offset, size, reply);
+                }
+                Err(e) => {
+                    let path = self.path_of(ino.0 - 1);
+                    tracing::error!("opening the object of {path} failed: {e}");
+                    return reply.error(Errno::EIO);
+                }
+            },
+        };
+        reply_file_at(&file, offset, size, reply);
+    }
+
     fn path_of(&self, ino: u64) -> String {
         match self.paths.get(ino as usize) {
             Some(p) => String::from_utf8_lossy(p).into(),
             None => format!("inode {ino}"),
         }
     }
+}
+
+/// Read up to `size` bytes at `offset` and reply with them, through a
+/// buffer each thread keeps (a fresh zeroed megabyte per read costs page
+/// faults).
+fn reply_file_at(f: &File, offset: u64, size: u32, reply: ReplyData) {
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    BUF.with_borrow_mut(|buf| {
+        if buf.len() < size as usize {
+            buf.resize(size as usize, 0);
+        }
+        let buf = &mut buf[..size as usize];
+        let mut got = 0;
+        while got < buf.len() {
+            match f.read_at(&mut buf[got..], offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return reply.error(e.into()),
+            }
+        }
+        reply.data(&buf[..got]);
+    })
 }
 
 fn makedev(major: u32, minor: u32) -> u32 {
@@ -287,6 +391,15 @@ impl Filesystem for LazyFs {
                 ),
             }
         }
+        // symlink targets and directory listings never change: the kernel
+        // caches them, and a listing brings its entries' attributes along
+        for flag in [
+            InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+        ] {
+            let _ = config.add_capabilities(flag);
+        }
         let _ = config.set_max_readahead(1 << 20);
         Ok(())
     }
@@ -326,7 +439,13 @@ impl Filesystem for LazyFs {
         let Some(NodeKind::Regular { digest, size }) = self.node(ino).map(|n| &n.kind) else {
             return reply.error(Errno::EINVAL);
         };
+        if self.recorder.is_none() && self.all_local.load(Ordering::Relaxed) {
+            // "no open": from now on the kernel opens files itself and
+            // reads by inode (fh 0), through its page cache
+            return reply.error(Errno::ENOSYS);
+        }
         self.record(ino.0 - 1);
+        self.opens.fetch_add(1, Ordering::Relaxed);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let store = self.fetcher.store();
         let mut modes = self.modes.lock().expect("no panics while held");
@@ -392,6 +511,9 @@ impl Filesystem for LazyFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        if fh.0 == 0 {
+            return self.read_by_inode(ino, offset, size, reply);
+        }
         let how = self
             .open
             .lock()
@@ -413,32 +535,9 @@ impl Filesystem for LazyFs {
                     Err(_) => reply.error(Errno::EIO),
                 }
             }
-            Open::Object(f) => {
-                let mut buf = vec![0u8; size as usize];
-                let mut got = 0;
-                while got < buf.len() {
-                    match f.read_at(&mut buf[got..], offset + got as u64) {
-                        Ok(0) => break,
-                        Ok(n) => got += n,
-                        Err(e) => return reply.error(e.into()),
-                    }
-                }
-                reply.data(&buf[..got]);
-            }
+            Open::Object(f) => reply_file_at(f, offset, size, reply),
             Open::Lazy { digest, size: len } => {
-                let (fetcher, digest, len) = (self.fetcher.clone(), *digest, *len);
-                let path = self.path_of(ino.0 - 1);
-                let job: Job = Box::new(move || match fetcher.read(&digest, len, offset, size) {
-                    Ok(data) => reply.data(&data),
-                    Err(e) => {
-                        tracing::error!("read of {path} (bytes {offset}+{size}) failed: {e}");
-                        reply.error(Errno::EIO)
-                    }
-                });
-                let sent = self.pool.lock().expect("no panics while held").send(job);
-                if let Err(std::sync::mpsc::SendError(job)) = sent {
-                    job();
-                }
+                self.read_lazy(ino, *digest, *len, offset, size, reply)
             }
         }
     }
@@ -481,18 +580,14 @@ impl Filesystem for LazyFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // nothing to flush on a read-only mount: the kernel stops asking
+        reply.error(Errno::ENOSYS);
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.node(ino).map(|n| &n.kind) {
-            Some(NodeKind::Dir) => reply.opened(
-                FileHandle(0),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-            ),
-            Some(_) => reply.error(Errno::ENOTDIR),
-            None => reply.error(Errno::ENOENT),
-        }
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // "no opendir": directories never change, the kernel keeps their
+        // listings cached and sends no OPENDIR/RELEASEDIR round trips
+        reply.error(Errno::ENOSYS);
     }
 
     fn readdir(
@@ -523,6 +618,46 @@ impl Filesystem for LazyFs {
             .skip(offset as usize)
         {
             if reply.add(i, k as u64 + 1, t, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    /// Listing and lookups in one: the kernel creates the entries' dentries
+    /// and inodes from it, so walking a tree costs no LOOKUP per file.
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let dir = ino.0 - 1;
+        let Some(kids) = self.tree().children(dir) else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        let parent = self.parents.get(dir as usize).copied().unwrap_or(0);
+        let dots = [(dir, OsStr::new(".")), (parent, OsStr::new(".."))];
+        let rest = kids.map(|(name, i)| (i, OsStr::from_bytes(name)));
+        for (k, (i, name)) in dots
+            .into_iter()
+            .chain(rest)
+            .enumerate()
+            .skip(offset as usize)
+        {
+            let Some(n) = self.tree().node(i) else {
+                continue;
+            };
+            if reply.add(
+                INodeNo(i + 1),
+                k as u64 + 1,
+                name,
+                &TTL,
+                &self.attr(n),
+                Generation(0),
+            ) {
                 break;
             }
         }

@@ -36,6 +36,10 @@ pub struct MountState {
     pub prefetch: String,
     /// Whether the image is now recorded as pulled.
     pub complete: bool,
+    /// Opens the daemon answered. Once every file is local the kernel
+    /// opens files itself and this stops growing.
+    #[serde(default)]
+    pub opens: u64,
 }
 
 /// The directory holding the lazy mount at `dir` (a canonical path).

@@ -10,7 +10,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
@@ -350,6 +350,8 @@ fn serve(
         read_workers: 2 * a.fetch_jobs.max(1),
         recorder: recorder.clone(),
         fsname: format!("strata-lazy:{digest}"),
+        all_local: Arc::new(AtomicBool::new(false)),
+        opens: Arc::new(AtomicU64::new(0)),
     };
     let fs = LazyFs::new(fetcher.clone(), &cfg);
     let session = fs
@@ -375,6 +377,7 @@ fn serve(
         errors: 0,
         prefetch: "none".into(),
         complete: false,
+        opens: 0,
     };
     state.files_total = lazy.contents().len() as u64;
     state.files_local = state.files_total.saturating_sub(total);
@@ -453,6 +456,8 @@ fn serve(
         let mdir = mdir.clone();
         let record = a.record.clone();
         let recorder = recorder.clone();
+        let all_local = cfg.all_local.clone();
+        let opens = cfg.opens.clone();
         std::thread::spawn(move || {
             // re-check only what is still missing, and only when something
             // may have arrived (reads completed files, prefetch running) or
@@ -479,11 +484,17 @@ fn serve(
                     last_full = Instant::now();
                 }
                 state.files_local = state.files_total.saturating_sub(missing.len() as u64);
+                if missing.is_empty() && !all_local.swap(true, Ordering::Relaxed) {
+                    tracing::info!(
+                        "every file is local: opens no longer reach the daemon, the kernel caches pages"
+                    );
+                }
                 state.bytes_fetched =
                     lazy.downloaded + fetcher.stats.bytes_fetched.load(Ordering::Relaxed);
                 state.errors = fetcher.stats.errors.load(Ordering::Relaxed);
                 state.prefetch = prefetch_state.lock().expect("no panics while held").clone();
                 state.complete = complete.load(Ordering::SeqCst);
+                state.opens = opens.load(Ordering::Relaxed);
                 let _ = state.save(&mdir);
                 if let (Some(path), Some(rec)) = (&record, &recorder) {
                     let _ = write_record(path, &rec.paths());
