@@ -21,7 +21,7 @@ Bytes: what the proxy carried from the registry before the first output.
 Partial pull (shaped): debian:base converted, then apps:base-updated
 converted; full pull vs partial pull (store holding base).
 
-Warm reads: a fully fetched lazy mount (FUSE passthrough) vs the composefs
+Warm reads: a fully fetched lazy mount (FUSE, "no open") vs the composefs
 mount of the same image: read every file (cold page cache, then warm).
 """
 import asyncio

@@ -61,6 +61,8 @@ enum Command {
     /// Write an image with its layers as zstd:chunked (same tars, same diff_ids) to oci:DIR[:TAG]
     /// or push it to a registry, docker://HOST[:PORT]/REPO[:TAG].
     Convert(cmd::convert::Args),
+    /// VM templates: ext4 images of any size from images or other templates.
+    Rootfs(cmd::rootfs::Args),
 }
 
 /// What every command gets.
@@ -115,6 +117,7 @@ fn main() -> ExitCode {
         Command::Mounts => cmd::lazy::list(&ctx),
         Command::Verify(a) => cmd::verify::run(&ctx, a),
         Command::Convert(a) => cmd::convert::run(&ctx, a),
+        Command::Rootfs(a) => cmd::rootfs::run(&ctx, a),
     };
     match result {
         Ok(code) => code,

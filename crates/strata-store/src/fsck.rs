@@ -28,6 +28,8 @@ pub struct FsckReport {
     pub images: u64,
     /// Refs checked.
     pub refs: u64,
+    /// Templates checked.
+    pub templates: u64,
     /// Every problem found, one line each, naming the path or digest.
     pub problems: Vec<String>,
 }
@@ -189,7 +191,45 @@ pub(crate) fn run(store: &Store) -> Result<FsckReport> {
                 .push(format!("ref {name:?}: does not hold a digest")),
         }
     }
+    check_templates(store, &mut report)?;
     Ok(report)
+}
+
+/// Every map hashes to its name and parses; its chunks exist unless the
+/// template was pulled without them; every name points to a map.
+fn check_templates(store: &Store, report: &mut FsckReport) -> Result<()> {
+    for id in store.template_ids()? {
+        report.templates += 1;
+        let map = match store.template_map(&id) {
+            Ok(m) => m,
+            Err(e) => {
+                report.problems.push(format!("template {id}: {e}"));
+                continue;
+            }
+        };
+        if store.template_remote(&id).is_some() {
+            continue;
+        }
+        let missing: Vec<Digest> = map
+            .chunk_set()
+            .into_iter()
+            .filter(|d| !store.has_object(d))
+            .collect();
+        if let Some(d) = missing.first() {
+            report.problems.push(format!(
+                "template {id}: {} missing chunks, e.g. {d}",
+                missing.len()
+            ));
+        }
+    }
+    for (name, id) in store.template_names()? {
+        if !store.has_template(&id) {
+            report.problems.push(format!(
+                "template name {name:?}: points to missing template {id}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_objects(store: &Store, report: &mut FsckReport) -> Result<HashMap<Digest, [u8; 32]>> {

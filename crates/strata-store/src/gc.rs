@@ -23,6 +23,8 @@ pub struct GcReport {
     pub images: Vec<Digest>,
     /// Layers removed.
     pub layers: Vec<Digest>,
+    /// Templates removed (unnamed and not served).
+    pub templates: Vec<Digest>,
     /// Number of objects removed.
     pub objects: u64,
     /// Blob aliases removed.
@@ -84,6 +86,22 @@ pub(crate) fn run(store: &Store, dry_run: bool) -> Result<GcReport> {
             report.layers.push(layer);
             if !dry_run {
                 fs::remove_dir_all(&dir).map_err(io_err("removing layer", &dir))?;
+            }
+        }
+    }
+    // Templates: named ones and served ones live; their chunks are objects.
+    let mut live_templates: HashSet<Digest> = store.template_names()?.into_values().collect();
+    live_templates.extend(crate::templates::served_templates());
+    for id in store.template_ids()? {
+        if live_templates.contains(&id) {
+            match store.template_map(&id) {
+                Ok(m) => live_objects.extend(m.chunk_set()),
+                Err(e) => return Err(e),
+            }
+        } else {
+            report.templates.push(id);
+            if !dry_run {
+                store.drop_template(&id)?;
             }
         }
     }

@@ -17,6 +17,7 @@
 //! ├── bases/<chain id hex>/   a shared base part: image.erofs, erofs.json, layers
 //! ├── uppers/<image>-<dir>/   upper/ and work/ of `strata mount --rw`
 //! ├── refs/<escaped name>     image name -> manifest digest (one file per name)
+//! ├── blocks/                 VM templates: maps, names, build cache (chunks are objects)
 //! └── tmp/                    per-process staging; emptied when a store opens alone
 //! ```
 //!
@@ -42,6 +43,7 @@ mod erofs;
 mod fsck;
 mod gc;
 mod objects;
+mod templates;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -60,6 +62,7 @@ pub use erofs::{
 pub use fsck::FsckReport;
 pub use gc::GcReport;
 pub use objects::{BatchStats, ObjectBatch};
+pub use templates::{BLOCK_SIZE, CHUNK_SIZE, Extent, MAP_VERSION, TemplateMap, TemplateRemote};
 
 /// Errors of store operations. Each names the path or object and the action.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +81,9 @@ pub enum StoreError {
     /// An image name or digest that the store does not know.
     #[error("image {0:?} not found in the store")]
     ImageNotFound(String),
+    /// A template name or id that the store does not know.
+    #[error("template {0:?} not found in the store")]
+    TemplateNotFound(String),
     /// A layer the store does not have.
     #[error("layer {0} not found in the store")]
     LayerNotFound(Digest),
@@ -240,6 +246,13 @@ impl Store {
     /// The store's root directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// A fresh, unique path for scratch files of other crates, inside this
+    /// process's staging dir: never visible as store content, removed with
+    /// the staging dir (also after a crash, by the next store user alone).
+    pub fn scratch_path(&self, what: &str) -> PathBuf {
+        self.staging_path(what)
     }
 
     /// A fresh, unique path inside this process's staging dir.

@@ -82,6 +82,9 @@ pub enum MountError {
 /// One composefs-style overlay mount.
 #[derive(Debug, Clone)]
 pub struct OverlayMount {
+    /// Plain directories stacked above the EROFS layers, top first (the
+    /// `--add` trees of a template build).
+    pub dirs_above: Vec<PathBuf>,
     /// EROFS image files, top layer first.
     pub layers: Vec<PathBuf>,
     /// Data-only lower directories (the store's objects/) that redirects
@@ -202,14 +205,35 @@ pub fn is_mount_point(path: &Path) -> Result<bool, MountError> {
 /// Nothing is left behind on failure: the detached EROFS mounts vanish when
 /// their fds close.
 pub fn mount_overlay(m: &OverlayMount, target: &Path) -> Result<(), MountError> {
+    if is_mount_point(target)? {
+        return Err(MountError::AlreadyMounted(target.to_path_buf()));
+    }
+    let step = || format!("mounting overlayfs at {}", target.display());
+    let mnt = overlay_fd(m, &step)?;
+    move_mount(
+        mnt.as_fd(),
+        "",
+        CWD,
+        target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(|e| kernel_err(step(), e, None))?;
+    Ok(())
+}
+
+/// The overlay of `m`, mounted nowhere: reachable only through the returned
+/// fd (as `/proc/self/fd/N`, also in children that inherit it) and gone
+/// when the last fd closes, whatever happens to this process.
+pub fn mount_overlay_detached(m: &OverlayMount) -> Result<OwnedFd, MountError> {
+    overlay_fd(m, &|| "mounting a detached overlayfs".to_string())
+}
+
+fn overlay_fd(m: &OverlayMount, step: &dyn Fn() -> String) -> Result<OwnedFd, MountError> {
     if m.layers.is_empty() {
         return Err(MountError::Io {
             step: "building an overlay mount".into(),
             source: io::Error::new(io::ErrorKind::InvalidInput, "no EROFS layers given"),
         });
-    }
-    if is_mount_point(target)? {
-        return Err(MountError::AlreadyMounted(target.to_path_buf()));
     }
     if m.verity_require {
         for d in &m.data_dirs {
@@ -221,7 +245,6 @@ pub fn mount_overlay(m: &OverlayMount, target: &Path) -> Result<(), MountError> 
         .iter()
         .map(|l| mount_erofs_detached(l))
         .collect::<Result<Vec<_>, _>>()?;
-    let step = || format!("mounting overlayfs at {}", target.display());
     let ctx = open_fs("overlay")?;
     let set = |k: &str, v: &str| {
         fsconfig_set_string(&ctx, k, v)
@@ -230,6 +253,9 @@ pub fn mount_overlay(m: &OverlayMount, target: &Path) -> Result<(), MountError> 
     set("source", &m.source)?;
     set("metacopy", "on")?;
     set("redirect_dir", "on")?;
+    for d in &m.dirs_above {
+        set("lowerdir+", path_str(d)?)?;
+    }
     for fd in &lowers {
         set("lowerdir+", &format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
     }
@@ -249,17 +275,8 @@ pub fn mount_overlay(m: &OverlayMount, target: &Path) -> Result<(), MountError> 
     } else {
         MountAttrFlags::MOUNT_ATTR_RDONLY | MountAttrFlags::MOUNT_ATTR_NODEV
     };
-    let mnt = fsmount(&ctx, FsMountFlags::FSMOUNT_CLOEXEC, attrs)
-        .map_err(|e| kernel_err(step(), e, Some(&ctx)))?;
-    move_mount(
-        mnt.as_fd(),
-        "",
-        CWD,
-        target,
-        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
-    )
-    .map_err(|e| kernel_err(step(), e, None))?;
-    Ok(())
+    fsmount(&ctx, FsMountFlags::FSMOUNT_CLOEXEC, attrs)
+        .map_err(|e| kernel_err(step(), e, Some(&ctx)))
 }
 
 fn path_str(p: &Path) -> Result<&str, MountError> {

@@ -192,6 +192,7 @@ fn mount_composefs(
 ) -> Result<()> {
     let (_, layers) = store.image_erofs(digest, split)?;
     let m = strata_sys::OverlayMount {
+        dirs_above: Vec::new(),
         layers,
         data_dirs: vec![store.root().join("objects")],
         upper: None,

@@ -10,6 +10,9 @@ pub mod lazy;
 pub mod mount;
 pub mod pull;
 pub mod rm;
+pub mod rootfs;
+pub mod rootfs_remote;
+pub mod rootfs_serve;
 pub mod tag;
 pub mod verify;
 

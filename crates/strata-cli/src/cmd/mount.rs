@@ -91,6 +91,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         None
     };
     let m = OverlayMount {
+        dirs_above: Vec::new(),
         layers,
         data_dirs: vec![store.root().join("objects")],
         upper: upper.clone(),

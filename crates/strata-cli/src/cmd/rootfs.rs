@@ -1,0 +1,274 @@
+//! `strata rootfs build|ls|inspect|rm|export|serve|commit|push|pull`: VM
+//! templates (ext4 images of an exact size, stored as block chunks).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use strata_block::{BuildRequest, Source};
+
+use super::human;
+use crate::Ctx;
+
+/// Arguments of `strata rootfs`.
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Subcommand)]
+enum Cmd {
+    /// Build an ext4 template from an image (--from) or another template
+    /// (--from-template, to resize it or add files).
+    Build(BuildArgs),
+    /// List templates.
+    Ls,
+    /// Show a template's map summary and lineage as JSON.
+    Inspect(NameArg),
+    /// Remove a template name (its chunks go at the next gc).
+    Rm(NameArg),
+    /// Write a template as a sparse raw image file.
+    Export(ExportArgs),
+    /// Serve a template as a FUSE file (loop-mount it or give it to a VMM).
+    Serve(super::rootfs_serve::ServeArgs),
+    /// Turn the blocks written to a `serve --writable` file into a child template.
+    Commit(super::rootfs_serve::CommitArgs),
+    /// Push a template to a registry as an OCI artifact.
+    Push(super::rootfs_remote::PushArgs),
+    /// Pull a template's map from a registry (chunks come on demand).
+    Pull(super::rootfs_remote::PullArgs),
+}
+
+#[derive(clap::Args)]
+struct BuildArgs {
+    /// The image (name or digest in the store).
+    #[arg(
+        long,
+        conflicts_with = "from_template",
+        required_unless_present = "from_template"
+    )]
+    from: Option<String>,
+    /// The template to start from (name or id).
+    #[arg(long)]
+    from_template: Option<String>,
+    /// Size of the image: 2GiB, 512MiB, ... (whole 4 KiB blocks). Required
+    /// with --from; with --from-template the default is the template's size.
+    #[arg(long)]
+    size: Option<String>,
+    /// A directory laid over the result (repeatable; the last one wins).
+    #[arg(long = "add", value_name = "DIR")]
+    adds: Vec<PathBuf>,
+    /// Name the template.
+    #[arg(long)]
+    name: Option<String>,
+    /// Build even when the cache has this build.
+    #[arg(long)]
+    no_cache: bool,
+}
+
+#[derive(clap::Args)]
+pub struct NameArg {
+    /// Template name or id.
+    name: String,
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// Template name or id.
+    name: String,
+    /// The raw image file to write.
+    file: PathBuf,
+}
+
+pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
+    match a.cmd {
+        Cmd::Build(b) => build(ctx, b),
+        Cmd::Ls => ls(ctx),
+        Cmd::Inspect(n) => inspect(ctx, n),
+        Cmd::Rm(n) => rm(ctx, n),
+        Cmd::Export(e) => export(ctx, e),
+        Cmd::Serve(s) => super::rootfs_serve::serve(ctx, s),
+        Cmd::Commit(c) => super::rootfs_serve::commit(ctx, c),
+        Cmd::Push(p) => super::rootfs_remote::push(ctx, p),
+        Cmd::Pull(p) => super::rootfs_remote::pull(ctx, p),
+    }
+}
+
+fn build(ctx: &Ctx, b: BuildArgs) -> Result<ExitCode> {
+    let size = b
+        .size
+        .as_deref()
+        .map(strata_block::parse_size)
+        .transpose()?;
+    let source = match (&b.from, &b.from_template) {
+        (Some(i), None) => {
+            if size.is_none() {
+                bail!("--size is required with --from (e.g. --size 2GiB)");
+            }
+            Source::Image(i.clone())
+        }
+        (None, Some(t)) => Source::Template(t.clone()),
+        _ => bail!("give --from IMAGE or --from-template NAME"),
+    };
+    let store = ctx.open_store()?;
+    let req = BuildRequest {
+        source,
+        size,
+        adds: b.adds,
+        no_cache: b.no_cache,
+    };
+    let built = strata_block::build(&store, &req).context("building the template")?;
+    if let Some(n) = &b.name {
+        store.set_template_name(n, &built.id)?;
+    }
+    if ctx.json {
+        let mut v = serde_json::to_value(&built)?;
+        v["name"] = serde_json::json!(b.name);
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if !ctx.quiet {
+        let what = b
+            .name
+            .as_deref()
+            .map(|n| format!("{n} "))
+            .unwrap_or_default();
+        if built.cached {
+            println!(
+                "template {what}{} ({}) was cached: build key {}",
+                built.id,
+                human(built.size),
+                built.key.short()
+            );
+        } else {
+            println!(
+                "built template {what}{} ({}) in {:.2} s: {} chunks, {} new ({})",
+                built.id,
+                human(built.size),
+                built.seconds,
+                built.stats.chunks,
+                built.stats.new_chunks,
+                human(built.stats.new_bytes)
+            );
+        }
+    } else {
+        println!("{}", built.id);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ls(ctx: &Ctx) -> Result<ExitCode> {
+    let store = ctx.open_store()?;
+    let names = store.template_names()?;
+    let mut rows = Vec::new();
+    for id in store.template_ids()? {
+        let map = store.template_map(&id)?;
+        let these: Vec<&String> = names
+            .iter()
+            .filter(|(_, d)| **d == id)
+            .map(|(n, _)| n)
+            .collect();
+        let stored: u64 = map.chunk_set().len() as u64;
+        rows.push(serde_json::json!({
+            "id": id.to_string(),
+            "names": these,
+            "size": map.size,
+            "chunks": stored,
+            "parent": map.parent.map(|p| p.to_string()),
+            "generation": map.generation,
+            "remote": store.template_remote(&id).map(|r| r.reference),
+        }));
+    }
+    if ctx.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for r in rows {
+        let names: Vec<String> = serde_json::from_value(r["names"].clone())?;
+        println!(
+            "{:<24} {}  {:>9}  {:>6} chunks  gen {}{}",
+            if names.is_empty() {
+                "<none>".to_string()
+            } else {
+                names.join(",")
+            },
+            &r["id"].as_str().unwrap_or_default()[7..19],
+            human(r["size"].as_u64().unwrap_or(0)),
+            r["chunks"],
+            r["generation"],
+            r["remote"]
+                .as_str()
+                .map(|s| format!("  (pulled from {s})"))
+                .unwrap_or_default(),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn inspect(ctx: &Ctx, n: NameArg) -> Result<ExitCode> {
+    let store = ctx.open_store()?;
+    let id = store.resolve_template(&n.name)?;
+    let map = store.template_map(&id)?;
+    let chunks = map.chunk_set();
+    let parent_chunks = match map.parent {
+        Some(p) if store.has_template(&p) => Some(store.template_map(&p)?.chunk_set()),
+        _ => None,
+    };
+    let new_vs_parent = parent_chunks
+        .as_ref()
+        .map(|pc| chunks.iter().filter(|d| !pc.contains(d)).count());
+    let local = chunks.iter().filter(|d| store.has_object(d)).count();
+    let names: Vec<String> = store
+        .template_names()?
+        .into_iter()
+        .filter(|(_, d)| *d == id)
+        .map(|(n, _)| n)
+        .collect();
+    let v = serde_json::json!({
+        "id": id.to_string(),
+        "names": names,
+        "size": map.size,
+        "chunk_size": map.chunk_size,
+        "chunks_total": map.chunk_count(),
+        "chunks_nonzero": map.chunks().count(),
+        "chunks_distinct": chunks.len(),
+        "chunks_local": local,
+        "chunks_new_vs_parent": new_vs_parent,
+        "parent": map.parent.map(|p| p.to_string()),
+        "generation": map.generation,
+        "build": map.build,
+        "remote": store.template_remote(&id),
+    });
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rm(ctx: &Ctx, n: NameArg) -> Result<ExitCode> {
+    let store = ctx.open_store()?;
+    match store.remove_template_name(&n.name)? {
+        Some(id) => {
+            if !ctx.quiet {
+                println!(
+                    "removed template name {} ({id}); `strata gc` frees its chunks",
+                    n.name
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        None => bail!("no template named {:?} (see `strata rootfs ls`)", n.name),
+    }
+}
+
+fn export(ctx: &Ctx, e: ExportArgs) -> Result<ExitCode> {
+    let store = ctx.open_store()?;
+    let id = store.resolve_template(&e.name)?;
+    let map = strata_block::export_template(&store, &id, &e.file)
+        .with_context(|| format!("exporting template {id} to {}", e.file.display()))?;
+    if !ctx.quiet {
+        println!(
+            "wrote {} ({}, sparse) from template {id}",
+            e.file.display(),
+            human(map.size)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
