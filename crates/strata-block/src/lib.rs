@@ -18,6 +18,8 @@
 
 mod chunks;
 mod dirdigest;
+pub mod remote;
+pub mod serve;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -32,6 +34,14 @@ use strata_store::{BLOCK_SIZE, SplitPolicy, Store, StoreError, TemplateMap};
 
 pub use chunks::{ChunkStats, export, ingest};
 pub use dirdigest::dir_digest;
+
+/// Where chunks missing from the store come from (the registry a template
+/// was pulled from).
+pub trait ChunkSource: Send + Sync {
+    /// The bytes of chunk `digest` (`len` bytes expected). Untrusted: the
+    /// caller checks them against `digest` before using or storing them.
+    fn fetch(&self, digest: &Digest, len: u64) -> io::Result<Vec<u8>>;
+}
 
 /// Bumped whenever the same inputs would give different bytes.
 pub const BUILDER_VERSION: u32 = 1;

@@ -1,0 +1,1 @@
+//! `strata rootfs serve`: a template as one FUSE file, chunks read on demand.
