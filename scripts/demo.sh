@@ -22,7 +22,7 @@ OUT="$REPO/.cache/demo-export"
 IMAGE=oci:samples/hello:latest
 # The manifest digest of the sample's `latest` tag: IMAGE's other name.
 DIGEST=$(python3 -c 'import json,sys; print(next(m["digest"] for m in json.load(open(sys.argv[1]))["manifests"] if m["annotations"]["org.opencontainers.image.ref.name"] == "latest"))' samples/hello/index.json)
-rm -rf "$OUT" "$OUT.tar" "$OUT.erofs"
+rm -rf "$OUT" "$OUT.tar" "$OUT.erofs" "$OUT.ext4"
 set -x
 "$S" pull "$IMAGE"
 "$S" images
@@ -43,6 +43,13 @@ grep " $MNT " /proc/self/mountinfo
 "$S" umount "$MNT"
 "$S" verify "$IMAGE"
 "$S" export "$IMAGE" --erofs "$OUT.erofs"   # self-contained, for a microVM
+# a VM template: an ext4 image of exactly 64 MiB, then grown to 256 MiB
+"$S" rootfs build --from "$IMAGE" --size 64MiB --name hello-vm
+"$S" rootfs build --from-template hello-vm --size 256MiB --name hello-vm-big
+"$S" rootfs build --from "$IMAGE" --size 64MiB --name hello-vm   # cached
+"$S" rootfs ls
+"$S" rootfs export hello-vm-big "$OUT.ext4"
+e2fsck -fn "$OUT.ext4"
 "$S" fsck
 { set +x; } 2>/dev/null
 echo "demo.sh: OK (store $STRATA_ROOT, export $OUT)"

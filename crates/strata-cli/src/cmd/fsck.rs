@@ -17,11 +17,12 @@ pub fn run(ctx: &Ctx) -> Result<ExitCode> {
         }
         if !ctx.quiet || !report.is_ok() {
             println!(
-                "checked {} objects, {} layers, {} images, {} refs: {}",
+                "checked {} objects, {} layers, {} images, {} refs, {} templates: {}",
                 report.objects,
                 report.layers,
                 report.images,
                 report.refs,
+                report.templates,
                 if report.is_ok() {
                     "ok".to_string()
                 } else {
