@@ -552,10 +552,22 @@ fn add_through_loop(raw: &Path, adds: &[(PathBuf, Digest)]) -> Result<(), BlockE
     )?;
     let copied = (|| {
         for (a, _) in adds {
+            // each entry, not `DIR/.`: the root directory keeps its own
+            // owner and mode, as with mke2fs -d
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(a)
+                .and_then(|rd| rd.map(|e| e.map(|e| e.path())).collect())
+                .map_err(|e| BlockError::BadAdd {
+                    path: a.clone(),
+                    reason: e.to_string(),
+                })?;
+            if entries.is_empty() {
+                continue;
+            }
+            entries.sort();
             run_tool(
                 Command::new("cp")
                     .args(["-a", "--remove-destination"])
-                    .arg(format!("{}/.", a.display()))
+                    .args(&entries)
                     .arg(mnt.path()),
                 &[0],
             )?;

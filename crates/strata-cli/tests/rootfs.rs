@@ -236,6 +236,10 @@ fn templates_grow_and_shrink_keeping_every_file_and_adds_replace_stale_files() {
     std::fs::create_dir_all(a2.join("opt/agent")).unwrap();
     std::fs::write(a2.join("opt/agent/agent.conf"), "version=2\n").unwrap();
     std::fs::write(a2.join("etc-motd"), "hi\n").unwrap();
+    // an --add tree's own root (often a private temp dir) does not set the
+    // template's root directory
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&a2, std::fs::Permissions::from_mode(0o700)).unwrap();
     let (a1s, a2s) = (a1.to_str().unwrap(), a2.to_str().unwrap());
     env.ok(&[
         "rootfs", "build", "--from", &img, "--size", "1GiB", "--add", a1s, "--name", "v1",
@@ -272,6 +276,9 @@ fn templates_grow_and_shrink_keeping_every_file_and_adds_replace_stale_files() {
             m.dir.join("usr/bin/python3").exists(),
             "{name}: the image stays"
         );
+        use std::os::unix::fs::MetadataExt;
+        let root_mode = std::fs::metadata(&m.dir).unwrap().mode() & 0o7777;
+        assert_eq!(root_mode, 0o755, "{name}: root directory mode");
     }
     // changing an --add tree changes the build key: no stale cache hit
     std::fs::write(a2.join("opt/agent/agent.conf"), "version=3\n").unwrap();
