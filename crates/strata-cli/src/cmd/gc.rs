@@ -28,6 +28,16 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
             serving.join(", ")
         );
     }
+    let served: Vec<String> = super::rootfs_serve::serving(&ctx.root)
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect();
+    if !served.is_empty() {
+        anyhow::bail!(
+            "templates are served from this store ({}): gc needs the store to itself; `strata umount` them first",
+            served.join(", ")
+        );
+    }
     let store = strata_store::Store::open_exclusive(&ctx.root)
         .with_context(|| format!("opening store {} for gc", ctx.root.display()))?;
     let report = store.gc(a.dry_run)?;

@@ -78,7 +78,7 @@ pub struct LazyArgs {
 }
 
 /// Environment variable telling a daemon to report readiness on stdout.
-const NOTIFY: &str = "STRATA_LAZY_NOTIFY";
+pub(crate) const NOTIFY: &str = "STRATA_LAZY_NOTIFY";
 
 pub fn run(
     ctx: &Ctx,
@@ -105,7 +105,7 @@ pub fn run(
         );
     }
     if !a.foreground {
-        return spawn_daemon(ctx, &target);
+        return spawn_daemon(ctx, &mount_dir(&ctx.root, &target), "lazy mount");
     }
     let notify = std::env::var_os(NOTIFY).is_some();
     match serve(ctx, image, &target, mode, a, split, notify) {
@@ -120,15 +120,17 @@ pub fn run(
 }
 
 /// One line to the parent waiting for readiness.
-fn report(v: &serde_json::Value) {
+pub(crate) fn report(v: &serde_json::Value) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{v}");
     let _ = out.flush();
 }
 
-fn spawn_daemon(ctx: &Ctx, target: &Path) -> Result<ExitCode> {
-    let mdir = mount_dir(&ctx.root, target);
-    std::fs::create_dir_all(&mdir).with_context(|| format!("creating {}", mdir.display()))?;
+/// Start this command again with `--foreground` as a daemon logging to
+/// `<mdir>/log`, and return once it reports readiness (a JSON line with
+/// `message`, or `error`) on its stdout.
+pub(crate) fn spawn_daemon(ctx: &Ctx, mdir: &Path, what: &str) -> Result<ExitCode> {
+    std::fs::create_dir_all(mdir).with_context(|| format!("creating {}", mdir.display()))?;
     let log = mdir.join("log");
     let logf = std::fs::OpenOptions::new()
         .create(true)
@@ -147,14 +149,14 @@ fn spawn_daemon(ctx: &Ctx, target: &Path) -> Result<ExitCode> {
         .stderr(logf)
         .process_group(0)
         .spawn()
-        .context("starting the lazy mount daemon")?;
+        .with_context(|| format!("starting the {what} daemon"))?;
     let out = child.stdout.take().expect("piped");
     let mut line = String::new();
     BufReader::new(out).read_line(&mut line)?;
     let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap_or_else(|_| {
         let status = child.wait().ok();
         serde_json::json!({
-            "error": format!("the daemon exited ({status:?}) before the mount was ready; see {}", log.display())
+            "error": format!("the {what} daemon exited ({status:?}) before it was ready; see {}", log.display())
         })
     });
     if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
@@ -217,7 +219,7 @@ fn finish_report(notify: bool, ctx: &Ctx, mode: &str, msg: &str, notes: &[String
     }
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -554,21 +556,27 @@ pub fn list(ctx: &Ctx) -> Result<ExitCode> {
         };
         rows.push((s, status));
     }
+    let (served_json, served_text) = super::rootfs_serve::list(ctx);
     if ctx.json {
-        let v: Vec<_> = rows
+        let mut v: Vec<_> = rows
             .iter()
             .map(|(s, st)| {
                 let mut v = serde_json::to_value(s).expect("serializable");
+                v["kind"] = serde_json::json!("lazy");
                 v["status"] = serde_json::json!(st);
                 v
             })
             .collect();
+        v.extend(served_json);
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
+    for line in &served_text {
+        println!("{line}");
+    }
     if rows.is_empty() {
-        if !ctx.quiet {
-            println!("no lazy mounts");
+        if !ctx.quiet && served_text.is_empty() {
+            println!("no lazy mounts or served templates");
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -610,7 +618,7 @@ pub fn after_umount(ctx: &Ctx, target: &Path) {
 }
 
 /// Whether `pid` runs (a zombie does not).
-fn alive(pid: u32) -> bool {
+pub(crate) fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // "pid (comm) S ...": the state follows the last ')'
         Ok(stat) => stat

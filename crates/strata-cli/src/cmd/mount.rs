@@ -159,7 +159,8 @@ pub fn umount(ctx: &Ctx, a: UmountArgs) -> Result<ExitCode> {
         bail!("{} is not a mount point", target.display());
     };
     let lazy = m.source.starts_with("strata-lazy:");
-    if !m.source.starts_with("strata:") && !lazy {
+    let served = m.source.starts_with("strata-rootfs:");
+    if !m.source.starts_with("strata:") && !lazy && !served {
         bail!(
             "{} is a {} mount of {:?}, not one strata made; use umount(8)",
             target.display(),
@@ -177,6 +178,9 @@ pub fn umount(ctx: &Ctx, a: UmountArgs) -> Result<ExitCode> {
     })?;
     if lazy {
         super::lazy::after_umount(ctx, &target);
+    }
+    if served {
+        super::rootfs_serve::after_umount(ctx, &target);
     }
     if !ctx.quiet {
         println!("unmounted {}", target.display());

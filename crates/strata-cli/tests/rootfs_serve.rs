@@ -1,0 +1,356 @@
+//! `strata rootfs serve` and `commit` end to end with the real kernel: a
+//! template served as a FUSE file is loop-mounted and runs python; reads
+//! touch only the chunks they need; a writable serve turns a sandbox's
+//! writes into a child template; errors, stale daemons and gc. Run as root.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A served file, unmounted (through strata) even when an assertion fails.
+struct Served<'a> {
+    env: &'a Env,
+    file: PathBuf,
+}
+
+impl<'a> Served<'a> {
+    fn new(env: &'a Env, name: &str, file: &str, extra: &[&str]) -> Served<'a> {
+        let file = env.path(file);
+        let mut args = vec!["rootfs", "serve", name, file.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        env.ok(&args);
+        Served { env, file }
+    }
+
+    fn path(&self) -> &str {
+        self.file.to_str().unwrap()
+    }
+
+    /// This file's entry in `strata --json mounts`, once the daemon's
+    /// numbers have settled (they are written every 250 ms).
+    fn state(&self) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_millis(300));
+            let all = self.env.json(&["mounts"]);
+            let me = all
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["kind"] == "rootfs" && m["file"] == self.path())
+                .unwrap_or_else(|| panic!("{} not in `strata mounts`: {all}", self.path()))
+                .clone();
+            if me == last {
+                return me;
+            }
+            last = me;
+        }
+        last
+    }
+}
+
+impl Drop for Served<'_> {
+    fn drop(&mut self) {
+        let _ = self.env.run(&["umount", self.path()]);
+    }
+}
+
+/// A loop mount undone even when an assertion fails.
+struct LoopMount {
+    dir: PathBuf,
+}
+
+impl LoopMount {
+    fn new(file: &Path, dir: PathBuf, rw: bool) -> LoopMount {
+        std::fs::create_dir_all(&dir).unwrap();
+        let opts = if rw { "loop,rw" } else { "loop,ro" };
+        run(Command::new("mount")
+            .args(["-t", "ext4", "-o", opts])
+            .arg(file)
+            .arg(&dir));
+        LoopMount { dir }
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg(&self.dir)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// The python image built as a template of `size` named `name`.
+fn python_template(env: &Env, name: &str, size: &str) {
+    require_tool("mke2fs", "e2fsprogs");
+    let r = oci_ref(&debian_layout(), "python");
+    env.ok(&["pull", "-q", &r]);
+    env.ok(&[
+        "rootfs", "build", "--from", &r, "--size", size, "--name", name,
+    ]);
+}
+
+fn chroot(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("chroot")
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("running chroot")
+}
+
+/// Read every file under `dir`; returns their paths relative to `root`.
+fn read_tree(root: &Path, dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let t = e.file_type().unwrap();
+        if t.is_dir() {
+            out.extend(read_tree(root, &e.path()));
+        } else if t.is_file() {
+            std::fs::read(e.path()).unwrap();
+            let rel = e.path().strip_prefix(root).unwrap().to_owned();
+            out.push(format!("/{}", rel.display()));
+        }
+    }
+    out
+}
+
+/// Indexes of the 64 KiB chunks holding the data blocks of `files` in
+/// the raw ext4 image `raw`, by debugfs (independent of strata).
+fn data_chunks(raw: &Path, files: &[String]) -> BTreeSet<u64> {
+    require_tool("debugfs", "e2fsprogs");
+    let mut set = BTreeSet::new();
+    for f in files {
+        let out = run(Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("blocks {f}"))
+            .arg(raw)
+            .stderr(Stdio::null()));
+        for b in out.split_whitespace() {
+            let b: u64 = b
+                .parse()
+                .unwrap_or_else(|_| panic!("debugfs blocks {f}: {out}"));
+            set.insert(b * 4096 / 65536);
+        }
+    }
+    set
+}
+
+fn drop_caches() {
+    std::fs::write("/proc/sys/vm/drop_caches", "3").expect("dropping the page cache");
+}
+
+#[test]
+fn a_served_template_runs_python_and_reads_only_the_chunks_it_needs() {
+    let env = Env::new();
+    python_template(&env, "py", "1GiB");
+    let inspect = env.json(&["rootfs", "inspect", "py"]);
+    let raw = env.path("py.raw");
+    env.ok(&["rootfs", "export", "py", raw.to_str().unwrap()]);
+    drop_caches();
+
+    let served = Served::new(&env, "py", "py.img", &[]);
+    let meta = std::fs::metadata(&served.file).unwrap();
+    assert_eq!(meta.len(), 1 << 30, "the served file is the image's size");
+    let st = served.state();
+    assert_eq!(st["status"], "serving", "{st}");
+    assert_eq!(st["chunks_read"], 0, "nothing read before a mount: {st}");
+    assert_eq!(st["template"], inspect["id"], "{st}");
+    // a read-only serve refuses writers
+    let err = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&served.file)
+        .expect_err("opening a read-only served file for writing");
+    assert_eq!(err.raw_os_error(), Some(30), "EROFS expected, got {err}");
+
+    let mnt = env.path("mnt");
+    let lm = LoopMount::new(&served.file, mnt.clone(), false);
+    let out = chroot(&mnt, &["python3", "-c", "print(42)"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "42",
+        "python in the served template: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after_python = served.state()["chunks_read"].as_u64().unwrap();
+    let total = st["chunks_total"].as_u64().unwrap();
+    assert!(
+        after_python > 0 && after_python * 5 < total,
+        "python read {after_python} of {total} chunks: reads must stay local to what is used"
+    );
+
+    // one directory tree: every chunk holding its files' data is read, and
+    // not much beyond (metadata and the kernel's readahead)
+    let files = read_tree(&mnt, &mnt.join("usr/lib/python3.11/email"));
+    assert!(files.len() > 20, "{files:?}");
+    let need = data_chunks(&raw, &files);
+    let read = served.state()["chunks_read"].as_u64().unwrap() - after_python;
+    assert!(
+        read <= need.len() as u64 + 64,
+        "reading {} files ({} data chunks) read {read} new chunks",
+        files.len(),
+        need.len()
+    );
+    assert!(read > 0, "the tree's reads reached the daemon");
+    // the bytes are the image's
+    let img = std::fs::read(&served.file).unwrap();
+    let want = std::fs::read(&raw).unwrap();
+    assert!(
+        img == want,
+        "the served file differs from `strata rootfs export`"
+    );
+    drop(lm);
+    drop(served);
+    assert!(env.json(&["mounts"]).as_array().unwrap().is_empty());
+    env.fsck_ok();
+}
+
+#[test]
+fn a_writable_serve_commits_a_child_template_that_runs_what_was_written() {
+    let env = Env::new();
+    python_template(&env, "py", "1GiB");
+    let parent = env.json(&["rootfs", "inspect", "py"]);
+    let served = Served::new(&env, "py", "sandbox.img", &["--writable"]);
+    let mnt = env.path("mnt");
+    {
+        let _lm = LoopMount::new(&served.file, mnt.clone(), true);
+        std::fs::create_dir_all(mnt.join("opt/app")).unwrap();
+        std::fs::write(
+            mnt.join("opt/app/hello.py"),
+            "import json\nprint(json.dumps({'hello': 'from the child'}))\n",
+        )
+        .unwrap();
+        let mut x = 0x9e3779b97f4a7c15u64;
+        let blob: Vec<u8> = (0..3u32 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        std::fs::write(mnt.join("opt/app/data"), &blob).unwrap();
+        std::fs::remove_file(mnt.join("usr/bin/pydoc3.11")).unwrap();
+    }
+    let st = served.state();
+    let written = st["dirty_chunks"].as_u64().unwrap();
+    assert!(written >= 48, "3 MiB written: {st}");
+
+    let c = env.json(&["rootfs", "commit", served.path(), "--name", "child"]);
+    assert_eq!(c["parent"], parent["id"], "{c}");
+    assert_eq!(c["written_chunks"].as_u64(), Some(written), "{c}");
+    let new = c["new_chunks"].as_u64().unwrap();
+    assert!(new <= written && new >= 48, "{c}");
+    // no warning at umount: everything written was committed
+    let out = env.run(&["umount", served.path()]);
+    assert!(out.status.success());
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("dropped"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(served);
+
+    // the child holds the writes, the parent does not
+    let child = env.json(&["rootfs", "inspect", "child"]);
+    assert_eq!(child["parent"], parent["id"], "{child}");
+    assert_eq!(child["generation"], 1, "{child}");
+    let served = Served::new(&env, "child", "child.img", &[]);
+    {
+        let _lm = LoopMount::new(&served.file, mnt.clone(), false);
+        let out = chroot(&mnt, &["python3", "/opt/app/hello.py"]);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            r#"{"hello": "from the child"}"#,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!mnt.join("usr/bin/pydoc3.11").exists());
+        assert_eq!(
+            std::fs::metadata(mnt.join("opt/app/data")).unwrap().len(),
+            3 << 20
+        );
+    }
+    drop(served);
+    let praw = env.path("parent.raw");
+    env.ok(&["rootfs", "export", "py", praw.to_str().unwrap()]);
+    let _lm = LoopMount::new(&praw, env.path("pmnt"), false);
+    assert!(
+        !env.path("pmnt/opt/app").exists(),
+        "the parent is unchanged"
+    );
+    assert!(env.path("pmnt/usr/bin/pydoc3.11").exists());
+    drop(_lm);
+    let craw = env.path("child.raw");
+    env.ok(&["rootfs", "export", "child", craw.to_str().unwrap()]);
+    let out = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&craw)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "e2fsck of the child: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    env.fsck_ok();
+}
+
+#[test]
+fn serve_errors_stale_daemons_and_gc() {
+    let env = Env::new();
+    // a size of its own: gc keeps every template some mount serves, and
+    // the other tests serve the 1 GiB build (same inputs, same id)
+    python_template(&env, "py", "768MiB");
+    let id = env.json(&["rootfs", "inspect", "py"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let f = env.path("x.img");
+    let fs = f.to_str().unwrap();
+    let e = env.fails(&["rootfs", "serve", "nosuch", fs]);
+    assert!(e.contains("nosuch"), "{e}");
+    let d = env.path("adir");
+    std::fs::create_dir(&d).unwrap();
+    let e = env.fails(&["rootfs", "serve", "py", d.to_str().unwrap()]);
+    assert!(e.contains("not a regular file"), "{e}");
+    let e = env.fails(&["rootfs", "commit", fs, "--name", "c"]);
+    assert!(e.contains("not served"), "{e}");
+
+    // served by id with its name removed: gc waits for the umount
+    let served = Served::new(&env, &id, "x.img", &[]);
+    let e = env.fails(&["rootfs", "serve", "py", fs]);
+    assert!(e.contains("already a mount point"), "{e}");
+    let e = env.fails(&["rootfs", "commit", fs, "--name", "c"]);
+    assert!(e.contains("read-only"), "{e}");
+    env.ok(&["rootfs", "rm", "py"]);
+    let e = env.fails(&["gc"]);
+    assert!(e.contains("served") && e.contains(fs), "{e}");
+    assert!(env.ok(&["rootfs", "ls"]).contains(&id[7..19]));
+
+    // kill -9 the daemon: the file is a stale mount that umount cleans
+    let pid = served.state()["pid"].as_u64().unwrap();
+    run(Command::new("kill").args(["-9", &pid.to_string()]));
+    let t = Instant::now();
+    loop {
+        let all = env.json(&["mounts"]);
+        if all[0]["status"].as_str().unwrap_or("").starts_with("stale") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "never stale: {all}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    env.ok(&["umount", fs]);
+    std::mem::forget(served);
+    assert!(env.json(&["mounts"]).as_array().unwrap().is_empty());
+    // no longer served: gc drops it; fsck is clean
+    let gc = env.json(&["gc"]);
+    assert_eq!(gc["templates"][0], id.as_str(), "{gc}");
+    env.fsck_ok();
+}
