@@ -50,6 +50,11 @@ grep " $MNT " /proc/self/mountinfo
 "$S" rootfs ls
 "$S" rootfs export hello-vm-big "$OUT.ext4"
 e2fsck -fn "$OUT.ext4"
+# served as a file: chunks come from the store as they are read
+"$S" rootfs serve hello-vm-big "$OUT.served"
+e2fsck -fn "$OUT.served"
+"$S" mounts
+"$S" umount "$OUT.served"
 "$S" fsck
 { set +x; } 2>/dev/null
 echo "demo.sh: OK (store $STRATA_ROOT, export $OUT)"

@@ -412,7 +412,25 @@ pub fn serving(root: &Path) -> Vec<PathBuf> {
 pub fn list(ctx: &Ctx) -> (Vec<serde_json::Value>, Vec<String>) {
     let mounted = strata_sys::mounts().unwrap_or_default();
     let (mut json, mut text) = (Vec::new(), Vec::new());
-    for (_, s) in ServeState::all(&ctx.root) {
+    // a running daemon rewrites its state every 250 ms: wait for a state
+    // newer than this call, so the numbers include every read done before it
+    let asked = std::time::SystemTime::now();
+    let fresh = |dir: &Path| -> Option<ServeState> {
+        let deadline = Instant::now() + Duration::from_millis(600);
+        loop {
+            let m = std::fs::metadata(dir.join("state.json")).and_then(|m| m.modified());
+            if m.is_ok_and(|m| m > asked) || Instant::now() > deadline {
+                return ServeState::load(dir).ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    for (dir, s) in ServeState::all(&ctx.root) {
+        let s = if alive(s.pid) {
+            fresh(&dir).unwrap_or(s)
+        } else {
+            s
+        };
         let is_mounted = mounted
             .iter()
             .any(|m| m.mount_point == s.file && m.source.starts_with("strata-rootfs:"));
