@@ -16,9 +16,9 @@
 //! file lives in the process's staging dir: a failed or killed build leaves
 //! no template behind.
 
+pub mod artifact;
 mod chunks;
 mod dirdigest;
-pub mod remote;
 pub mod serve;
 
 use std::collections::BTreeMap;

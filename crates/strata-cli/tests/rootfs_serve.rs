@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use strata_testkit::proxy::{Faults, Proxy};
 
 /// A served file, unmounted (through strata) even when an assertion fails.
 struct Served<'a> {
@@ -353,4 +354,143 @@ fn serve_errors_stale_daemons_and_gc() {
     let gc = env.json(&["gc"]);
     assert_eq!(gc["templates"][0], id.as_str(), "{gc}");
     env.fsck_ok();
+}
+
+/// Chunk digests by index, from a template's map in `env`'s store.
+fn map_chunks(env: &Env, id: &str) -> std::collections::BTreeMap<u64, String> {
+    let hex = id.trim_start_matches("sha256:");
+    let bytes = std::fs::read(env.root().join("blocks/maps").join(hex)).unwrap();
+    let map: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    for e in map["extents"].as_array().unwrap() {
+        let first = e["chunk"].as_u64().unwrap();
+        for (k, d) in e["digests"].as_array().unwrap().iter().enumerate() {
+            out.insert(first + k as u64, d.as_str().unwrap().to_string());
+        }
+    }
+    out
+}
+
+/// Distinct blob digests the proxy was asked for with GET.
+fn blob_gets(proxy: &Proxy) -> BTreeSet<String> {
+    proxy
+        .requests()
+        .iter()
+        .filter_map(|r| {
+            let path = r.strip_prefix("GET ")?.split(' ').next()?;
+            let (_, d) = path.split_once("/blobs/")?;
+            Some(d.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn a_pulled_template_is_served_fetching_only_the_chunks_read_and_verifying_them() {
+    let reg = Registry::start();
+    let a = Env::new();
+    python_template(&a, "py", "1GiB");
+    let id = a.json(&["rootfs", "inspect", "py"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let raw = a.path("py.raw");
+    a.ok(&["rootfs", "export", "py", raw.to_str().unwrap()]);
+    let upstream = format!("docker://{}/tmpl:1", reg.addr);
+    a.ok(&["rootfs", "push", "py", &upstream, "--plain-http"]);
+    let chunks = map_chunks(&a, &id);
+
+    // through a counting proxy: a pull moves the map only
+    let proxy = Proxy::start(&reg.addr, Faults::default());
+    let b = Env::new();
+    let r = format!("docker://{}/tmpl:1", proxy.addr);
+    b.ok(&["rootfs", "pull", &r, "--plain-http", "--name", "t"]);
+    let before = blob_gets(&proxy);
+    assert!(
+        before.len() <= 1,
+        "pull fetched more than the map: {before:?}"
+    );
+
+    let served = Served::new(&b, "t", "t.img", &["--plain-http"]);
+    let st = served.state();
+    let distinct: BTreeSet<&String> = chunks.values().collect();
+    assert_eq!(
+        st["chunks_missing"].as_u64(),
+        Some(distinct.len() as u64),
+        "{st}"
+    );
+    let mnt = b.path("mnt");
+    let lm = LoopMount::new(&served.file, mnt.clone(), false);
+    let out = chroot(&mnt, &["python3", "-c", "import json; print(1)"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "1",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let files = read_tree(&mnt, &mnt.join("usr/lib/python3.11/email"));
+    let st = served.state();
+    let got: BTreeSet<String> = blob_gets(&proxy).difference(&before).cloned().collect();
+    // the daemon's count is what the registry saw, and every chunk holding
+    // the read files' data came from it
+    assert_eq!(
+        st["chunks_fetched"].as_u64(),
+        Some(got.len() as u64),
+        "{st}"
+    );
+    for c in data_chunks(&raw, &files) {
+        if let Some(d) = chunks.get(&c) {
+            assert!(
+                got.contains(d),
+                "chunk {c} ({d}) of the read tree was not fetched"
+            );
+        }
+    }
+    let (fetched, total) = (
+        st["bytes_fetched"].as_u64().unwrap(),
+        st["bytes_total"].as_u64().unwrap(),
+    );
+    assert!(
+        fetched * 100 < total * 15,
+        "python + one tree fetched {fetched} of {total} bytes"
+    );
+    assert_eq!(st["errors"], 0, "{st}");
+
+    // read again from cold caches: everything comes from the store now
+    drop(lm);
+    drop_caches();
+    let lm = LoopMount::new(&served.file, mnt.clone(), false);
+    read_tree(&mnt, &mnt.join("usr/lib/python3.11/email"));
+    let again: BTreeSet<String> = blob_gets(&proxy).difference(&before).cloned().collect();
+    assert_eq!(again, got, "re-reading fetched chunks again");
+
+    // a chunk altered in the registry: the read fails with EIO, nothing
+    // of it is stored
+    let victim = "/usr/lib/python3.11/pydoc_data/topics.py";
+    let c = *data_chunks(&raw, &[victim.to_string()])
+        .iter()
+        .next()
+        .unwrap();
+    let d = chunks[&c].clone();
+    assert!(!got.contains(&d), "{victim} was read already");
+    let blob = reg.blob_path(d.trim_start_matches("sha256:"));
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(&blob, &bytes).unwrap();
+    let err = std::fs::read(mnt.join(&victim[1..])).expect_err("reading a tampered chunk");
+    assert_eq!(err.raw_os_error(), Some(5), "EIO expected: {err}");
+    let st = served.state();
+    assert!(st["errors"].as_u64().unwrap() > 0, "{st}");
+    assert!(
+        !b.root()
+            .join("objects")
+            .join(&d[7..9])
+            .join(&d[9..])
+            .exists(),
+        "the tampered chunk was stored"
+    );
+    // files already read still read
+    read_tree(&mnt, &mnt.join("usr/lib/python3.11/email"));
+    drop(lm);
+    drop(served);
+    b.fsck_ok();
 }

@@ -11,7 +11,7 @@ pub mod mount;
 pub mod pull;
 pub mod rm;
 pub mod rootfs;
-pub mod rootfs_remote;
+pub mod rootfs_artifact;
 pub mod rootfs_serve;
 pub mod tag;
 pub mod verify;

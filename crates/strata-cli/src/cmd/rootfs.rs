@@ -35,9 +35,9 @@ enum Cmd {
     /// Turn the blocks written to a `serve --writable` file into a child template.
     Commit(super::rootfs_serve::CommitArgs),
     /// Push a template to a registry as an OCI artifact.
-    Push(super::rootfs_remote::PushArgs),
+    Push(super::rootfs_artifact::PushArgs),
     /// Pull a template's map from a registry (chunks come on demand).
-    Pull(super::rootfs_remote::PullArgs),
+    Pull(super::rootfs_artifact::PullArgs),
 }
 
 #[derive(clap::Args)]
@@ -90,8 +90,8 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         Cmd::Export(e) => export(ctx, e),
         Cmd::Serve(s) => super::rootfs_serve::serve(ctx, s),
         Cmd::Commit(c) => super::rootfs_serve::commit(ctx, c),
-        Cmd::Push(p) => super::rootfs_remote::push(ctx, p),
-        Cmd::Pull(p) => super::rootfs_remote::pull(ctx, p),
+        Cmd::Push(p) => super::rootfs_artifact::push(ctx, p),
+        Cmd::Pull(p) => super::rootfs_artifact::pull(ctx, p),
     }
 }
 

@@ -145,8 +145,9 @@ fn chunk_source(
     a: &ServeArgs,
 ) -> Result<Option<Arc<dyn strata_block::ChunkSource>>> {
     let opts = super::pull::registry_options(store, a.plain_http, a.authfile.clone());
-    let _ = (opts, id); // TEMPREMOTE
-    Ok(None) // TEMPREMOTE
+    let src = strata_block::artifact::source_for(store, id, &opts)
+        .with_context(|| format!("reaching the registry template {id} was pulled from"))?;
+    Ok(src.map(|s| Arc::new(s) as Arc<dyn strata_block::ChunkSource>))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -1,0 +1,435 @@
+//! Templates in OCI registries: an artifact whose config is the map and
+//! whose layers are the chunks.
+//!
+//! ```text
+//! manifest (application/vnd.oci.image.manifest.v1+json)
+//!   artifactType  application/vnd.strata.rootfs.v1
+//!   config        the map        application/vnd.strata.rootfs.map.v1+json
+//!   layers        each distinct chunk, in map order
+//!                                application/vnd.strata.rootfs.chunk.v1
+//! ```
+//!
+//! Any OCI registry stores it; `skopeo copy` and registry mirroring move
+//! it like an image. A push skips the chunks the repository has (HEAD);
+//! a pull takes the map only and records where the chunks are, so
+//! `rootfs serve` fetches what a reader touches (`--all` fetches every
+//! chunk). Every fetched byte is checked against its digest first.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{self, Read};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use strata_digest::Digest;
+use strata_oci::manifest::Descriptor;
+use strata_oci::registry::{BlobContent, RegistryPusher, RegistrySource};
+use strata_oci::{ImageRef, ImageSource, Platform, RegistryOptions};
+use strata_store::{Store, TemplateMap, TemplateRemote};
+
+use crate::{BlockError, ChunkSource};
+
+/// The artifact's type.
+pub const ARTIFACT_TYPE: &str = "application/vnd.strata.rootfs.v1";
+/// The config blob: the template's map.
+pub const MAP_MEDIA_TYPE: &str = "application/vnd.strata.rootfs.map.v1+json";
+/// A chunk blob.
+pub const CHUNK_MEDIA_TYPE: &str = "application/vnd.strata.rootfs.chunk.v1";
+/// Manifest media type.
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// Registries refuse bigger manifests (distribution: 4 MiB).
+const MAX_MANIFEST: usize = 4 << 20;
+
+fn oci(what: String) -> impl FnOnce(strata_oci::OciError) -> BlockError {
+    move |e| BlockError::Io {
+        what,
+        source: io::Error::other(e.to_string()),
+    }
+}
+
+/// What a push did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PushReport {
+    /// The artifact manifest's digest.
+    pub manifest_digest: String,
+    /// Distinct chunks of the template.
+    pub chunks: u64,
+    /// Chunks uploaded (the rest the registry had).
+    pub uploaded: u64,
+    /// Their bytes.
+    pub bytes_uploaded: u64,
+    /// Bytes of the chunks the registry had already.
+    pub bytes_skipped: u64,
+}
+
+/// Push template `id` to `reference` (`docker://HOST/REPO:TAG`).
+pub fn push(
+    store: &Store,
+    id: &Digest,
+    reference: &ImageRef,
+    opts: &RegistryOptions,
+    jobs: usize,
+) -> Result<PushReport, BlockError> {
+    let map = store.template_map(id)?;
+    let ImageRef::Docker { tag, digest, .. } = reference else {
+        return Err(BlockError::Io {
+            what: format!("pushing to {reference}"),
+            source: io::Error::other("a template goes to a registry: docker://HOST/REPO:TAG"),
+        });
+    };
+    if digest.is_some() {
+        return Err(BlockError::Io {
+            what: format!("pushing to {reference}"),
+            source: io::Error::other("push to a tag, not a digest"),
+        });
+    }
+    let tag = tag.clone().unwrap_or_else(|| "latest".into());
+    // distinct chunks in map order, with their sizes
+    let mut seen = BTreeSet::new();
+    let chunks: Vec<(Digest, u64)> = map
+        .chunks()
+        .filter(|(_, d)| seen.insert(*d))
+        .map(|(i, d)| (d, map.chunk_len(i)))
+        .collect();
+    let remote = if chunks.iter().any(|(d, _)| !store.has_object(d)) {
+        source_for(store, id, opts)?
+    } else {
+        None
+    };
+    let map_bytes = map.to_bytes();
+    let config = Descriptor {
+        media_type: MAP_MEDIA_TYPE.into(),
+        digest: Digest::sha256_of(&map_bytes),
+        size: map_bytes.len() as u64,
+        annotations: BTreeMap::new(),
+        platform: None,
+        urls: Vec::new(),
+    };
+    let layers: Vec<serde_json::Value> = chunks
+        .iter()
+        .map(|(d, len)| {
+            serde_json::json!({"mediaType": CHUNK_MEDIA_TYPE, "digest": d.to_string(), "size": len})
+        })
+        .collect();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": ARTIFACT_TYPE,
+        "config": {"mediaType": MAP_MEDIA_TYPE, "digest": config.digest.to_string(), "size": config.size},
+        "layers": layers,
+        "annotations": {
+            "io.strata.rootfs.id": id.to_string(),
+            "io.strata.rootfs.size": map.size.to_string(),
+        },
+    });
+    let manifest_bytes = serde_json::to_vec(&manifest).expect("serializable");
+    if manifest_bytes.len() > MAX_MANIFEST {
+        return Err(BlockError::Io {
+            what: format!("pushing template {id}"),
+            source: io::Error::other(format!(
+                "its {} distinct chunks make a {} byte manifest; registries take at most {MAX_MANIFEST}",
+                chunks.len(),
+                manifest_bytes.len()
+            )),
+        });
+    }
+    let pusher =
+        RegistryPusher::new(reference, opts).map_err(oci(format!("pushing to {reference}")))?;
+    pusher
+        .ping()
+        .map_err(oci(format!("pushing to {reference}")))?;
+    let report = Mutex::new(PushReport {
+        chunks: chunks.len() as u64,
+        ..Default::default()
+    });
+    let next = AtomicU64::new(0);
+    let failed: Mutex<Option<BlockError>> = Mutex::new(None);
+    let upload = |d: &Digest, len: u64| -> Result<bool, BlockError> {
+        let what = || format!("pushing chunk {d} to {}", pusher.target());
+        if pusher.has_blob(d).map_err(oci(what()))? {
+            return Ok(false);
+        }
+        let bytes = match store.open_object(d) {
+            Ok(mut f) => {
+                let mut b = Vec::with_capacity(len as usize);
+                f.read_to_end(&mut b).map_err(|e| BlockError::Io {
+                    what: what(),
+                    source: e,
+                })?;
+                b
+            }
+            Err(_) => {
+                let r = remote.as_ref().ok_or_else(|| BlockError::Io {
+                    what: what(),
+                    source: io::Error::other("the chunk is not in the store"),
+                })?;
+                let b = r.fetch(d, len).map_err(|e| BlockError::Io {
+                    what: what(),
+                    source: e,
+                })?;
+                if Digest::sha256_of(&b) != *d {
+                    return Err(BlockError::Io {
+                        what: what(),
+                        source: io::Error::other("its source sent bytes that do not match"),
+                    });
+                }
+                b
+            }
+        };
+        pusher
+            .upload_blob(d, len, BlobContent::Bytes(&bytes))
+            .map_err(oci(what()))?;
+        Ok(true)
+    };
+    std::thread::scope(|s| {
+        for _ in 0..jobs.clamp(1, 16) {
+            s.spawn(|| {
+                loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if k >= chunks.len() || failed.lock().expect("no panics").is_some() {
+                        return;
+                    }
+                    let (d, len) = chunks[k];
+                    match upload(&d, len) {
+                        Ok(up) => {
+                            let mut r = report.lock().expect("no panics");
+                            if up {
+                                r.uploaded += 1;
+                                r.bytes_uploaded += len;
+                            } else {
+                                r.bytes_skipped += len;
+                            }
+                        }
+                        Err(e) => {
+                            failed.lock().expect("no panics").get_or_insert(e);
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failed.into_inner().expect("no panics") {
+        return Err(e);
+    }
+    let what = format!("pushing the map of {id} to {}", pusher.target());
+    if !pusher.has_blob(&config.digest).map_err(oci(what.clone()))? {
+        pusher
+            .upload_blob(&config.digest, config.size, BlobContent::Bytes(&map_bytes))
+            .map_err(oci(what))?;
+    }
+    let digest = pusher
+        .put_manifest(&tag, OCI_MANIFEST, &manifest_bytes)
+        .map_err(oci(format!("pushing the manifest to {reference}")))?;
+    let mut r = report.into_inner().expect("no panics");
+    r.manifest_digest = digest.to_string();
+    Ok(r)
+}
+
+/// What a pull did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PullReport {
+    /// The template's id.
+    pub id: String,
+    /// The artifact manifest's digest.
+    pub manifest_digest: String,
+    /// Distinct chunks of the template.
+    pub chunks: u64,
+    /// Chunks the store has.
+    pub chunks_local: u64,
+    /// Chunks fetched now (`all`).
+    pub fetched: u64,
+    /// Their bytes.
+    pub bytes_fetched: u64,
+}
+
+/// The artifact at `reference`: its manifest digest, the map, and the
+/// chunk descriptors by digest.
+fn resolve(
+    reference: &ImageRef,
+    opts: &RegistryOptions,
+) -> Result<(RegistrySource, Digest, TemplateMap), BlockError> {
+    let what = format!("pulling {reference}");
+    let src = RegistrySource::new(reference.clone(), opts).map_err(oci(what.clone()))?;
+    let resolved = src
+        .resolve(&Platform::host_default())
+        .map_err(oci(what.clone()))?;
+    let bad = |reason: String| BlockError::Io {
+        what: what.clone(),
+        source: io::Error::new(io::ErrorKind::InvalidData, reason),
+    };
+    if resolved.manifest.config.media_type != MAP_MEDIA_TYPE {
+        return Err(bad(format!(
+            "not a strata template: its config is {:?}, not {MAP_MEDIA_TYPE}",
+            resolved.manifest.config.media_type
+        )));
+    }
+    // resolve() checked the config (map) bytes against their digest
+    let map = TemplateMap::parse(&resolved.config_bytes)
+        .map_err(|r| bad(format!("its map does not parse: {r}")))?;
+    let layers: BTreeMap<Digest, u64> = resolved
+        .manifest
+        .layers
+        .iter()
+        .map(|l| (l.digest, l.size))
+        .collect();
+    for (i, d) in map.chunks() {
+        if layers.get(&d) != Some(&map.chunk_len(i)) {
+            return Err(bad(format!(
+                "chunk {i} ({d}) of its map is not among its layers with {} bytes",
+                map.chunk_len(i)
+            )));
+        }
+    }
+    Ok((src, resolved.manifest_digest, map))
+}
+
+/// Pull the template at `reference`: its map, and with `all` every chunk
+/// the store lacks. Returns the report; the template is recorded with
+/// where its chunks come from.
+pub fn pull(
+    store: &Store,
+    reference: &ImageRef,
+    opts: &RegistryOptions,
+    all: bool,
+    jobs: usize,
+) -> Result<PullReport, BlockError> {
+    let (src, manifest_digest, map) = resolve(reference, opts)?;
+    let pinned = pin(reference, &manifest_digest);
+    let chunks: BTreeMap<Digest, u64> = map.chunks().map(|(i, d)| (d, map.chunk_len(i))).collect();
+    let missing: Vec<(Digest, u64)> = chunks
+        .iter()
+        .filter(|(d, _)| !store.has_object(d))
+        .map(|(d, l)| (*d, *l))
+        .collect();
+    let mut report = PullReport {
+        manifest_digest: manifest_digest.to_string(),
+        chunks: chunks.len() as u64,
+        chunks_local: (chunks.len() - missing.len()) as u64,
+        ..Default::default()
+    };
+    if all && !missing.is_empty() {
+        let source = RegistryChunks { src };
+        let next = AtomicU64::new(0);
+        let got: Mutex<Vec<(Digest, Vec<u8>)>> = Mutex::new(Vec::new());
+        let failed: Mutex<Option<BlockError>> = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..jobs.clamp(1, 16) {
+                s.spawn(|| {
+                    loop {
+                        let k = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        if k >= missing.len() || failed.lock().expect("no panics").is_some() {
+                            return;
+                        }
+                        let (d, len) = missing[k];
+                        let r = source.fetch(&d, len).and_then(|b| {
+                            if b.len() as u64 == len && Digest::sha256_of(&b) == d {
+                                Ok(b)
+                            } else {
+                                Err(io::Error::new(
+                                    io::ErrorKind::InvalidData,
+                                    "the registry sent bytes that do not match its digest",
+                                ))
+                            }
+                        });
+                        match r {
+                            Ok(b) => got.lock().expect("no panics").push((d, b)),
+                            Err(e) => {
+                                failed
+                                    .lock()
+                                    .expect("no panics")
+                                    .get_or_insert(BlockError::Io {
+                                        what: format!("fetching chunk {d} from {reference}"),
+                                        source: e,
+                                    });
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = failed.into_inner().expect("no panics") {
+            return Err(e);
+        }
+        // verified: store them (durable before the map names them)
+        let mut batch = store.object_batch()?;
+        for (d, b) in got.into_inner().expect("no panics") {
+            batch
+                .put(&mut b.as_slice(), b.len() as u64)
+                .map_err(|e| BlockError::Io {
+                    what: format!("storing chunk {d}"),
+                    source: e,
+                })?;
+            report.fetched += 1;
+            report.bytes_fetched += b.len() as u64;
+        }
+        batch.commit()?;
+    }
+    let remote = TemplateRemote {
+        reference: pinned,
+        manifest_digest,
+    };
+    let id = store.commit_template(&map, Some(&remote))?;
+    report.id = id.to_string();
+    Ok(report)
+}
+
+/// `reference` pinned to `digest` (`docker://HOST/REPO@sha256:..`).
+fn pin(reference: &ImageRef, digest: &Digest) -> String {
+    match reference {
+        ImageRef::Docker {
+            registry,
+            repository,
+            ..
+        } => format!("docker://{registry}/{repository}@{digest}"),
+        other => other.to_string(),
+    }
+}
+
+/// Chunks fetched from the repository a template was pulled from.
+pub struct RegistryChunks {
+    src: RegistrySource,
+}
+
+impl ChunkSource for RegistryChunks {
+    fn fetch(&self, digest: &Digest, len: u64) -> io::Result<Vec<u8>> {
+        let desc = Descriptor {
+            media_type: CHUNK_MEDIA_TYPE.into(),
+            digest: *digest,
+            size: len,
+            annotations: BTreeMap::new(),
+            platform: None,
+            urls: Vec::new(),
+        };
+        let mut r = self
+            .src
+            .open_blob(&desc, 0)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let mut b = Vec::with_capacity(len as usize);
+        // never more than the chunk's length (a lying registry)
+        (&mut r).take(len + 1).read_to_end(&mut b)?;
+        Ok(b)
+    }
+}
+
+/// Where the chunks of template `id` come from when the store lacks
+/// them: the registry it was pulled from, or `None` for a local one.
+pub fn source_for(
+    store: &Store,
+    id: &Digest,
+    opts: &RegistryOptions,
+) -> Result<Option<RegistryChunks>, BlockError> {
+    let Some(remote) = store.template_remote(id) else {
+        return Ok(None);
+    };
+    let reference: ImageRef = remote
+        .reference
+        .parse()
+        .map_err(|e: strata_oci::OciError| BlockError::Io {
+            what: format!("the remote of template {id}"),
+            source: io::Error::other(e.to_string()),
+        })?;
+    let src = RegistrySource::new(reference, opts)
+        .map_err(oci(format!("reaching {}", remote.reference)))?;
+    Ok(Some(RegistryChunks { src }))
+}

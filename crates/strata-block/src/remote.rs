@@ -1,1 +1,0 @@
-//! Templates in OCI registries: push as an artifact, pull the map, fetch chunks on demand.

@@ -1,0 +1,223 @@
+//! Templates through a real registry (Debian `docker-registry` on
+//! 127.0.0.1): push skips chunks the registry has, a derived template
+//! uploads only its new chunks, pull takes the map only (or every chunk
+//! with --all, verified), bad references and tampered blobs fail clearly.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use common::*;
+
+/// Distinct chunk digests of template `name` in `env`'s store.
+fn chunk_set(env: &Env, name: &str) -> BTreeSet<String> {
+    let id = env.json(&["rootfs", "inspect", name])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bytes = std::fs::read(env.root().join("blocks/maps").join(&id[7..])).unwrap();
+    let map: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    map["extents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|e| e["digests"].as_array().unwrap().clone())
+        .map(|d| d.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn object_exists(env: &Env, d: &str) -> bool {
+    env.root()
+        .join("objects")
+        .join(&d[7..9])
+        .join(&d[9..])
+        .exists()
+}
+
+/// A small template from the sample image, and a derived one with files added.
+fn templates(env: &Env) {
+    require_tool("mke2fs", "e2fsprogs");
+    let r = oci_ref(&sample_layout(), "latest");
+    env.ok(&["pull", "-q", &r]);
+    env.ok(&[
+        "rootfs", "build", "--from", &r, "--size", "64MiB", "--name", "t",
+    ]);
+    let add = env.path("add");
+    std::fs::create_dir_all(add.join("etc/app")).unwrap();
+    let mut x = 88172645463325252u64;
+    let data: Vec<u8> = (0..600_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(add.join("etc/app/data"), data).unwrap();
+    std::fs::write(add.join("etc/app/config"), "mode = sandbox\n").unwrap();
+    env.ok(&[
+        "rootfs",
+        "build",
+        "--from-template",
+        "t",
+        "--add",
+        add.to_str().unwrap(),
+        "--name",
+        "t2",
+    ]);
+}
+
+#[test]
+fn push_skips_what_the_registry_has_and_pull_fetches_on_request() {
+    let reg = Registry::start();
+    let a = Env::new();
+    templates(&a);
+    let r1 = format!("docker://{}/vm/t:1", reg.addr);
+    let p = a.json(&["rootfs", "push", "t", &r1, "--plain-http"]);
+    let t = chunk_set(&a, "t");
+    assert_eq!(p["chunks"].as_u64(), Some(t.len() as u64), "{p}");
+    assert_eq!(
+        p["uploaded"], p["chunks"],
+        "first push uploads every chunk: {p}"
+    );
+    for d in &t {
+        assert!(
+            reg.blob_path(&d[7..]).exists(),
+            "chunk {d} not in the registry"
+        );
+    }
+    let again = a.json(&["rootfs", "push", "t", &r1, "--plain-http"]);
+    assert_eq!(again["uploaded"], 0, "{again}");
+    assert_eq!(
+        again["manifest_digest"], p["manifest_digest"],
+        "same template, same artifact"
+    );
+
+    // the derived template uploads exactly the chunks t lacks
+    let r2 = format!("docker://{}/vm/t:2", reg.addr);
+    let p2 = a.json(&["rootfs", "push", "t2", &r2, "--plain-http"]);
+    let t2 = chunk_set(&a, "t2");
+    let new: BTreeSet<_> = t2.difference(&t).collect();
+    assert!(!new.is_empty());
+    assert_eq!(p2["uploaded"].as_u64(), Some(new.len() as u64), "{p2}");
+
+    // the registry serves it as an OCI artifact
+    let (body, _) = http_get(&reg.addr, "/v2/vm/t/manifests/2");
+    let m: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(m["artifactType"], "application/vnd.strata.rootfs.v1", "{m}");
+    assert_eq!(
+        m["config"]["mediaType"],
+        "application/vnd.strata.rootfs.map.v1+json"
+    );
+
+    // pull: the map only
+    let b = Env::new();
+    let pulled = b.json(&["rootfs", "pull", &r2, "--plain-http", "--name", "t2"]);
+    assert_eq!(pulled["fetched"], 0, "{pulled}");
+    assert_eq!(
+        pulled["id"],
+        a.json(&["rootfs", "inspect", "t2"])["id"],
+        "{pulled}"
+    );
+    let info = b.json(&["rootfs", "inspect", "t2"]);
+    assert_eq!(info["chunks_local"], 0, "{info}");
+    assert!(
+        info["remote"]["reference"]
+            .as_str()
+            .unwrap()
+            .contains("@sha256:"),
+        "{info}"
+    );
+    assert!(t2.iter().all(|d| !object_exists(&b, d)));
+    b.fsck_ok();
+
+    // --all: every chunk, verified; the export is the same bytes
+    let all = b.json(&[
+        "rootfs",
+        "pull",
+        &r2,
+        "--plain-http",
+        "--all",
+        "--name",
+        "t2",
+    ]);
+    assert_eq!(all["fetched"].as_u64(), Some(t2.len() as u64), "{all}");
+    assert!(t2.iter().all(|d| object_exists(&b, d)));
+    let (ra, rb) = (a.path("a.raw"), b.path("b.raw"));
+    a.ok(&["rootfs", "export", "t2", ra.to_str().unwrap()]);
+    b.ok(&["rootfs", "export", "t2", rb.to_str().unwrap()]);
+    run(Command::new("cmp").arg(&ra).arg(&rb));
+    b.fsck_ok();
+    // and the pulled template pushes elsewhere from the store alone
+    let r3 = format!("docker://{}/copy/t:2", reg.addr);
+    let p3 = b.json(&["rootfs", "push", "t2", &r3, "--plain-http"]);
+    assert_eq!(p3["chunks"].as_u64(), Some(t2.len() as u64), "{p3}");
+}
+
+#[test]
+fn tampered_chunks_and_bad_references_fail_clearly() {
+    let mut reg = Registry::start();
+    let a = Env::new();
+    templates(&a);
+    let r = format!("docker://{}/vm/t:1", reg.addr);
+    a.ok(&["rootfs", "push", "t", &r, "--plain-http"]);
+
+    // a chunk altered in the registry: pull --all names it, stores nothing
+    let victim = chunk_set(&a, "t").into_iter().next().unwrap();
+    let blob = reg.blob_path(&victim[7..]);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[0] ^= 0xff;
+    std::fs::write(&blob, &bytes).unwrap();
+    let b = Env::new();
+    let e = b.fails(&["rootfs", "pull", &r, "--plain-http", "--all"]);
+    assert!(e.contains(&victim) && e.contains("digest"), "{e}");
+    assert!(b.ok(&["rootfs", "ls"]).trim().is_empty() || !b.ok(&["rootfs", "ls"]).contains("vm/t"));
+    assert!(!object_exists(&b, &victim));
+    b.fsck_ok();
+
+    // an image is not a template
+    reg.push(&oci_ref(&sample_layout(), "latest"), "img/sample:1", &[]);
+    let e = b.fails(&[
+        "rootfs",
+        "pull",
+        &format!("docker://{}/img/sample:1", reg.addr),
+        "--plain-http",
+    ]);
+    assert!(e.contains("not a strata template"), "{e}");
+    let e = b.fails(&["rootfs", "pull", "oci:/nonexistent:x"]);
+    assert!(e.contains("docker://"), "{e}");
+    let e = a.fails(&["rootfs", "push", "nosuch", &r, "--plain-http"]);
+    assert!(e.contains("nosuch"), "{e}");
+    let e = b.fails(&[
+        "rootfs",
+        "pull",
+        &format!("docker://{}/vm/none:1", reg.addr),
+        "--plain-http",
+    ]);
+    assert!(e.contains("vm/none"), "{e}");
+
+    // the registry gone: a clear error, nothing recorded
+    reg.stop();
+    let c = Env::new();
+    let e = c.fails(&["rootfs", "pull", &r, "--plain-http"]);
+    assert!(e.contains(&reg.addr), "{e}");
+    c.fsck_ok();
+    a.fsck_ok();
+}
+
+/// GET `path` from `addr` with plain HTTP: body and status line.
+fn http_get(addr: &str, path: &str) -> (Vec<u8>, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/vnd.oci.image.manifest.v1+json\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    let at = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&buf[..at]).to_string();
+    (buf[at + 4..].to_vec(), head)
+}
