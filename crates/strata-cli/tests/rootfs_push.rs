@@ -221,3 +221,42 @@ fn http_get(addr: &str, path: &str) -> (Vec<u8>, String) {
     let head = String::from_utf8_lossy(&buf[..at]).to_string();
     (buf[at + 4..].to_vec(), head)
 }
+
+/// Without `--name` the template is named by the reference as given; a
+/// map-only pull cannot be exported (the chunks are in the registry) and
+/// says which chunk is missing rather than writing a partial file.
+#[test]
+fn a_map_only_pull_is_named_by_its_reference_and_export_names_the_missing_chunk() {
+    require_tool("mke2fs", "e2fsprogs");
+    let reg = Registry::start();
+    let a = Env::new();
+    let img = oci_ref(&sample_layout(), "latest");
+    a.ok(&["pull", "-q", &img]);
+    a.ok(&[
+        "rootfs", "build", "--from", &img, "--size", "64MiB", "--name", "t",
+    ]);
+    let r = format!("docker://{}/vm/t:1", reg.addr);
+    let pushed = a.json(&["rootfs", "push", "t", &r, "--plain-http", "--jobs", "2"]);
+
+    let b = Env::new();
+    let pulled = b.json(&["rootfs", "pull", &r, "--plain-http"]);
+    assert_eq!(pulled["name"], r.as_str(), "{pulled}");
+    assert_eq!(pulled["manifest_digest"], pushed["manifest_digest"]);
+    assert_eq!(pulled["fetched"], 0, "{pulled}");
+    assert!(b.ok(&["rootfs", "ls"]).contains(&r));
+    let info = b.json(&["rootfs", "inspect", &r]);
+    assert_eq!(info["id"], pulled["id"], "{info}");
+    assert_eq!(info["id"], a.json(&["rootfs", "inspect", "t"])["id"]);
+
+    let out = b.path("t.raw");
+    let e = b.fails(&["rootfs", "export", &r, out.to_str().unwrap()]);
+    assert!(e.contains("is not in the store"), "{e}");
+    b.fsck_ok();
+
+    // a second pull of the same artifact records the same template
+    let again = b.json(&["rootfs", "pull", &r, "--plain-http", "--all"]);
+    assert_eq!(again["id"], pulled["id"], "{again}");
+    assert_eq!(again["fetched"], again["chunks"], "{again}");
+    b.ok(&["rootfs", "export", &r, out.to_str().unwrap()]);
+    b.fsck_ok();
+}

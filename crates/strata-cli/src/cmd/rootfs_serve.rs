@@ -144,7 +144,9 @@ fn chunk_source(
     id: &strata_digest::Digest,
     a: &ServeArgs,
 ) -> Result<Option<Arc<dyn strata_block::ChunkSource>>> {
-    let opts = super::pull::registry_options(store, a.plain_http, a.authfile.clone());
+    let mut opts = super::pull::registry_options(store, a.plain_http, a.authfile.clone());
+    // a read waits for a stalled registry 10 s at most per attempt, then EIO
+    opts.stall_timeout = Some(Duration::from_secs(10));
     let src = strata_block::artifact::source_for(store, id, &opts)
         .with_context(|| format!("reaching the registry template {id} was pulled from"))?;
     Ok(src.map(|s| Arc::new(s) as Arc<dyn strata_block::ChunkSource>))
