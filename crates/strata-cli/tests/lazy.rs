@@ -539,3 +539,72 @@ fn a_registry_without_ranges_means_a_full_pull_and_strata_says_so() {
     let r = format!("docker://{}/py:1", proxy.addr);
     lazy_refused_then_full(&r, "does not serve byte ranges");
 }
+
+/// A lazy mount is a composefs mount (overlayfs over the tree's EROFS
+/// image) whose data layers are the store's objects, then the daemon's
+/// FUSE: files the store has never reach the daemon. Unmounting it with
+/// umount(8) instead of `strata umount` still stops the daemon.
+#[test]
+fn store_files_bypass_the_daemon_and_a_plain_umount_stops_it() {
+    require_tool("umoci", "umoci");
+    let (_reg, r) = converted_in_registry();
+    let env = Env::new();
+    // the base layer (same diff_id as the converted one) is in the store
+    env.ok(&["pull", "-q", &oci_ref(&debian_layout(), "base")]);
+    let (m, v) = Mounted::new(&env, &r, &["--prefetch", "none"]);
+    assert_eq!(v["mode"], "lazy", "{v}");
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.split(' ').nth(4) == m.dir.to_str())
+        .expect("the mount is in mountinfo");
+    assert!(
+        line.contains(" - overlay strata-lazy:sha256:"),
+        "not an overlay mount: {line}"
+    );
+    let want = reference_tree(&env);
+    let opens = |m: &Mounted| {
+        std::thread::sleep(Duration::from_millis(700)); // state saved every 0.5 s
+        m.state()["opens"].as_u64().expect("opens counted")
+    };
+    let before = opens(&m);
+    // base layer: read from the store by the kernel
+    for f in ["usr/bin/ls", "usr/lib/os-release", "usr/bin/bash"] {
+        assert_eq!(
+            std::fs::read(m.dir.join(f)).unwrap(),
+            std::fs::read(want.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    assert_eq!(opens(&m), before, "files in the store went to the daemon");
+    // python layer: fetched through the daemon
+    let py = "usr/lib/python3.11/json/decoder.py";
+    assert_eq!(
+        std::fs::read(m.dir.join(py)).unwrap(),
+        std::fs::read(want.join(py)).unwrap()
+    );
+    assert!(
+        opens(&m) > before,
+        "a missing file did not reach the daemon"
+    );
+
+    let pid = m.state()["pid"].as_u64().unwrap();
+    let st = Command::new("umount").arg(&m.dir).status().unwrap();
+    assert!(st.success(), "umount(8) failed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon still runs after umount(8)"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(env.json(&["mounts"]).as_array().unwrap().len(), 0);
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !info.contains(env.root().to_str().unwrap()),
+        "a mount under the store is left:\n{info}"
+    );
+    drop(m);
+    env.fsck_ok();
+}

@@ -22,6 +22,10 @@ pub enum Contents {
     /// composefs: files over [`crate::INLINE_MAX`] bytes redirect to
     /// `/<2 hex>/<62 hex>` of their SHA-256 (the store's objects/ layout).
     Redirect,
+    /// Lazy mounts: every non-empty file redirects (nothing is read from
+    /// objects, which may not have arrived), without an fs-verity digest;
+    /// the lazy mount checks each chunk's SHA-256 as it arrives instead.
+    RedirectUnfetched,
     /// Everything inside the image; [`FileData::Stream`] sources index the
     /// returned digest table.
     Embed,
@@ -54,6 +58,12 @@ pub fn file_data(
     table: &mut Vec<Digest>,
 ) -> io::Result<FileData> {
     Ok(match contents {
+        Contents::RedirectUnfetched if size == 0 => FileData::Inline(Vec::new()),
+        Contents::RedirectUnfetched => FileData::External {
+            redirect: redirect_path(digest),
+            verity: None,
+            size,
+        },
         Contents::Redirect if size <= crate::INLINE_MAX => {
             FileData::Inline(objects.read(digest, 0, size)?)
         }

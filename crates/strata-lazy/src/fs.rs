@@ -1,7 +1,16 @@
-//! The FUSE filesystem of a lazy image: read-only, metadata from the tree,
-//! contents from the store (passthrough) or the [`Fetcher`].
+//! The FUSE half of a lazy mount: the image's file contents named by
+//! digest in the store's objects/ layout (`/<2 hex>/<62 hex>`), read-only.
+//!
+//! A lazy mount is a composefs mount. The tree (from the TOCs) becomes an
+//! EROFS image whose files redirect to their objects; overlayfs stacks it
+//! over two data-only layers: the store's objects/ first, then this
+//! filesystem. Directories, symlinks, attributes and xattrs come from
+//! EROFS in the kernel, and a file whose object is in the store is read
+//! from the store without the daemon. Only contents missing when a file
+//! is first opened are looked up here: they are served from the
+//! [`Fetcher`] (verified chunk by chunk), or by passthrough once local.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
@@ -15,16 +24,23 @@ use std::time::{Duration, UNIX_EPOCH};
 use fuser::{
     BackingId, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyXattr, Request, SessionACL,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    SessionACL,
 };
 use strata_digest::Digest;
-use strata_tree::{Node, NodeKind, Tree};
+use strata_tree::{NodeKind, Tree};
 
 use crate::Fetcher;
 
-/// The image never changes: the kernel may cache everything for long.
+/// Contents never change: the kernel may cache everything for long.
 const TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Inode of the root directory.
+const ROOT: u64 = 1;
+/// Inode of the fan-out directory `00`; `ff` is `FAN0 + 255`.
+const FAN0: u64 = 2;
+/// Inode of the first content (in digest order).
+const FILE0: u64 = FAN0 + 256;
 
 /// What an open file reads from.
 enum Open {
@@ -34,7 +50,7 @@ enum Open {
     /// file is kept for reads the kernel still sends).
     Backing(Arc<BackingId>),
     /// Not in the store when opened: fetched on demand.
-    Lazy { digest: Digest, size: u64 },
+    Lazy,
 }
 
 #[derive(Default)]
@@ -43,25 +59,48 @@ struct InodeIo {
     served: usize,
 }
 
-/// Paths of files read, in first-read order (`--record`).
+/// Contents opened, in first-open order (`--record`). Every open of a
+/// file reaches this filesystem when it is the mount's only data layer.
 #[derive(Default)]
 pub struct Recorder {
-    seen: Mutex<(std::collections::HashSet<u64>, Vec<Vec<u8>>)>,
+    seen: Mutex<(HashSet<Digest>, Vec<Digest>)>,
 }
 
 impl Recorder {
-    /// The paths recorded so far.
-    pub fn paths(&self) -> Vec<Vec<u8>> {
-        self.seen.lock().expect("no panics while held").1.clone()
+    fn note(&self, d: Digest) {
+        let mut seen = self.seen.lock().expect("no panics while held");
+        if seen.0.insert(d) {
+            seen.1.push(d);
+        }
+    }
+
+    /// The paths (relative to the root) of the files whose contents were
+    /// opened, in first-open order; a content several files share gives
+    /// all their paths.
+    pub fn paths(&self, tree: &Tree) -> Vec<Vec<u8>> {
+        let order = self.seen.lock().expect("no panics while held").1.clone();
+        let wanted: HashSet<&Digest> = order.iter().collect();
+        let mut by_digest: HashMap<Digest, Vec<Vec<u8>>> = HashMap::new();
+        for (path, node) in tree.walk() {
+            if let NodeKind::Regular { digest, .. } = &node.kind
+                && wanted.contains(digest)
+            {
+                by_digest.entry(*digest).or_default().push(path);
+            }
+        }
+        order
+            .iter()
+            .flat_map(|d| by_digest.remove(d).unwrap_or_default())
+            .collect()
     }
 }
 
 /// The filesystem.
 pub struct LazyFs {
     fetcher: Arc<Fetcher>,
-    parents: Vec<u64>,
-    /// A path of every inode (log lines, `--record`).
-    paths: Vec<Vec<u8>>,
+    /// The image's non-empty contents, sorted: content `i` is inode
+    /// `FILE0 + i`.
+    files: Vec<(Digest, u64)>,
     open: Mutex<HashMap<u64, Arc<Open>>>,
     /// The kernel allows one backing file per inode at a time, and no
     /// passthrough open while the inode has opens served by us: per inode,
@@ -71,15 +110,12 @@ pub struct LazyFs {
     passthrough: AtomicBool,
     want_passthrough: bool,
     recorder: Option<Arc<Recorder>>,
-    all_local: Arc<AtomicBool>,
     opens: Arc<AtomicU64>,
-    /// Objects read by inode once the kernel stopped sending opens.
-    by_inode: Mutex<HashMap<u64, Arc<File>>>,
     /// Backing files kept registered after their last close, so reopening
     /// a file costs no syscall (most recent [`KEEP_BACKING`]).
     keep: Mutex<std::collections::VecDeque<Arc<BackingId>>>,
     /// Reads that may wait for the network run here, so the few FUSE
-    /// threads keep answering metadata and cached reads.
+    /// threads keep answering lookups and cached reads.
     pool: Mutex<std::sync::mpsc::Sender<Job>>,
 }
 
@@ -87,9 +123,6 @@ type Job = Box<dyn FnOnce() + Send>;
 
 /// How many closed files stay registered for passthrough.
 const KEEP_BACKING: usize = 16384;
-
-/// How many objects stay open for reads by inode.
-const BY_INODE: usize = 512;
 
 /// `n` threads running jobs from one queue.
 fn worker_pool(n: usize) -> std::sync::mpsc::Sender<Job> {
@@ -117,66 +150,42 @@ fn worker_pool(n: usize) -> std::sync::mpsc::Sender<Job> {
 pub struct MountConfig {
     /// Serve fully cached files by FUSE passthrough when the kernel can.
     pub passthrough: bool,
-    /// FUSE threads (metadata and cached reads; few is fastest).
+    /// FUSE threads (lookups and cached reads; few is fastest).
     pub threads: usize,
     /// Threads for reads that fetch.
     pub read_workers: usize,
-    /// Record the paths read.
+    /// Record the contents opened.
     pub recorder: Option<Arc<Recorder>>,
     /// Shown as the mount's source in mountinfo.
     pub fsname: String,
-    /// Set once every content of the image is in the store. Opens then
-    /// answer ENOSYS, so the kernel stops sending them (and their
-    /// releases) and keeps file pages cached: a fully fetched mount reads
-    /// like a local filesystem. Ignored while recording (it needs opens).
-    pub all_local: Arc<AtomicBool>,
-    /// Counts the opens answered (not refused for "no open").
+    /// Counts the opens this filesystem answered.
     pub opens: Arc<AtomicU64>,
 }
 
 impl LazyFs {
-    /// A filesystem over `fetcher`'s image.
+    /// A filesystem of `fetcher`'s image's contents.
     pub fn new(fetcher: Arc<Fetcher>, cfg: &MountConfig) -> LazyFs {
-        let tree = &fetcher.image().tree;
-        let mut parents = vec![0u64; tree.len().max(1) + 1];
-        let mut paths = vec![Vec::new(); parents.len()];
-        let mut stack = vec![(0u64, Vec::new())];
-        while let Some((dir, path)) = stack.pop() {
-            let Some(kids) = tree.children(dir) else {
-                continue;
-            };
-            for (name, ino) in kids {
-                let mut p = path.clone();
-                if !p.is_empty() {
-                    p.push(b'/');
-                }
-                p.extend_from_slice(name);
-                if ino as usize >= parents.len() {
-                    parents.resize(ino as usize + 1, 0);
-                    paths.resize(ino as usize + 1, Vec::new());
-                }
-                if paths[ino as usize].is_empty() {
-                    paths[ino as usize] = p.clone();
-                }
-                if tree.node(ino).is_some_and(|n| n.kind == NodeKind::Dir) {
-                    parents[ino as usize] = dir;
-                    stack.push((ino, p));
-                }
-            }
-        }
+        let mut files: Vec<(Digest, u64)> = fetcher
+            .image()
+            .tree
+            .walk()
+            .filter_map(|(_, n)| match n.kind {
+                NodeKind::Regular { digest, size } if size > 0 => Some((digest, size)),
+                _ => None,
+            })
+            .collect();
+        files.sort_unstable();
+        files.dedup_by_key(|f| f.0);
         LazyFs {
             fetcher,
-            parents,
-            paths,
+            files,
             open: Mutex::new(HashMap::new()),
             modes: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             passthrough: AtomicBool::new(false),
             want_passthrough: cfg.passthrough,
             recorder: cfg.recorder.clone(),
-            all_local: cfg.all_local.clone(),
             opens: cfg.opens.clone(),
-            by_inode: Mutex::new(HashMap::new()),
             keep: Mutex::new(std::collections::VecDeque::new()),
             pool: Mutex::new(worker_pool(cfg.read_workers)),
         }
@@ -190,9 +199,9 @@ impl LazyFs {
             MountOption::FSName(cfg.fsname.clone()),
             MountOption::Subtype("strata".into()),
             MountOption::DefaultPermissions,
-            MountOption::Dev,
-            MountOption::Suid,
-            MountOption::Exec,
+            MountOption::NoDev,
+            MountOption::NoSuid,
+            MountOption::NoExec,
         ];
         config.acl = SessionACL::All;
         config.n_threads = Some(cfg.threads.max(1));
@@ -200,79 +209,60 @@ impl LazyFs {
         fuser::spawn_mount(self, dir, &config)
     }
 
-    fn tree(&self) -> &Tree {
-        &self.fetcher.image().tree
+    /// The content of inode `ino`, and its size.
+    fn content(&self, ino: INodeNo) -> Option<(Digest, u64)> {
+        self.files.get(ino.0.checked_sub(FILE0)? as usize).copied()
     }
 
-    fn node(&self, ino: INodeNo) -> Option<&Node> {
-        self.tree().node(ino.0.checked_sub(1)?)
+    /// Contents under fan-out directory `fan` (first digest byte).
+    fn fan_range(&self, fan: u8) -> std::ops::Range<usize> {
+        let lo = self.files.partition_point(|f| f.0.as_bytes()[0] < fan);
+        let hi = self.files.partition_point(|f| f.0.as_bytes()[0] <= fan);
+        lo..hi
     }
 
-    fn attr(&self, node: &Node) -> FileAttr {
-        let (kind, size, rdev) = match &node.kind {
-            NodeKind::Regular { size, .. } => (FileType::RegularFile, *size, 0),
-            NodeKind::Dir => (FileType::Directory, 4096, 0),
-            NodeKind::Symlink { target } => (FileType::Symlink, target.len() as u64, 0),
-            NodeKind::CharDev { major, minor } => {
-                (FileType::CharDevice, 0, makedev(*major, *minor))
-            }
-            NodeKind::BlockDev { major, minor } => {
-                (FileType::BlockDevice, 0, makedev(*major, *minor))
-            }
-            NodeKind::Fifo => (FileType::NamedPipe, 0, 0),
-        };
-        let t = &node.meta.mtime;
-        let mtime = if t.secs >= 0 {
-            UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos)
-        } else {
-            UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs())
-        };
+    fn dir_attr(ino: u64) -> FileAttr {
         FileAttr {
-            ino: INodeNo(node.ino + 1),
-            size,
-            blocks: size.div_ceil(512),
-            atime: mtime,
-            mtime,
-            ctime: mtime,
-            crtime: mtime,
-            kind,
-            perm: (node.meta.mode & 0o7777) as u16,
-            nlink: node.nlink.max(1),
-            uid: node.meta.uid as u32,
-            gid: node.meta.gid as u32,
-            rdev,
+            ino: INodeNo(ino),
+            size: 4096,
+            blocks: 8,
+            atime: UNIX_EPOCH,
+            mtime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
+            crtime: UNIX_EPOCH,
+            kind: FileType::Directory,
+            perm: 0o555,
+            nlink: 2,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
             blksize: 4096,
             flags: 0,
         }
     }
 
-    fn record(&self, ino: u64) {
-        let Some(rec) = &self.recorder else {
-            return;
-        };
-        let mut seen = rec.seen.lock().expect("no panics while held");
-        if seen.0.insert(ino)
-            && let Some(p) = self.paths.get(ino as usize)
-        {
-            seen.1.push(p.clone());
+    fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
+        if ino.0 == ROOT || (FAN0..FILE0).contains(&ino.0) {
+            return Some(Self::dir_attr(ino.0));
         }
+        let (_, size) = self.content(ino)?;
+        Some(FileAttr {
+            size,
+            blocks: size.div_ceil(512),
+            kind: FileType::RegularFile,
+            perm: 0o444,
+            nlink: 1,
+            ..Self::dir_attr(ino.0)
+        })
     }
 
     /// A read that may need the network: on the worker pool.
-    fn read_lazy(
-        &self,
-        ino: INodeNo,
-        digest: Digest,
-        len: u64,
-        offset: u64,
-        size: u32,
-        reply: ReplyData,
-    ) {
+    fn read_lazy(&self, digest: Digest, len: u64, offset: u64, size: u32, reply: ReplyData) {
         let fetcher = self.fetcher.clone();
-        let path = self.path_of(ino.0 - 1);
         let job: Job = Box::new(move || match fetcher.read(&digest, len, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => {
+                let path = path_of(&fetcher.image().tree, &digest);
                 tracing::error!("read of {path} (bytes {offset}+{size}) failed: {e}");
                 reply.error(Errno::EIO)
             }
@@ -282,50 +272,14 @@ impl LazyFs {
             job();
         }
     }
+}
 
-    /// A read without an open (the kernel stopped sending them): from the
-    /// object, kept open for the next read of the inode.
-    fn read_by_inode(&self, ino: INodeNo, offset: u64, size: u32, reply: ReplyData) {
-        let Some(NodeKind::Regular { digest, size: len }) = self.node(ino).map(|n| &n.kind) else {
-            return reply.error(Errno::EIO);
-        };
-        let cached = self
-            .by_inode
-            .lock()
-            .expect("no panics while held")
-            .get(&ino.0)
-            .cloned();
-        let file = match cached {
-            Some(f) => f,
-            None => match self.fetcher.store().open_object(digest) {
-                Ok(f) => {
-                    let f = Arc::new(f);
-                    let mut open = self.by_inode.lock().expect("no panics while held");
-                    if open.len() >= BY_INODE {
-                        open.clear();
-                    }
-                    open.insert(ino.0, f.clone());
-                    f
-                }
-                Err(_) if !self.fetcher.store().has_object(digest) => {
-                    return self.read_lazy(ino, *digest, *len, offset, size, reply);
-                }
-                Err(e) => {
-                    let path = self.path_of(ino.0 - 1);
-                    tracing::error!("opening the object of {path} failed: {e}");
-                    return reply.error(Errno::EIO);
-                }
-            },
-        };
-        reply_file_at(&file, offset, size, reply);
-    }
-
-    fn path_of(&self, ino: u64) -> String {
-        match self.paths.get(ino as usize) {
-            Some(p) => String::from_utf8_lossy(p).into(),
-            None => format!("inode {ino}"),
-        }
-    }
+/// A path of a file with content `digest` (for log lines).
+fn path_of(tree: &Tree, digest: &Digest) -> String {
+    tree.walk()
+        .find(|(_, n)| matches!(&n.kind, NodeKind::Regular { digest: d, .. } if d == digest))
+        .map(|(p, _)| format!("/{}", String::from_utf8_lossy(&p)))
+        .unwrap_or_else(|| digest.to_string())
 }
 
 /// Read up to `size` bytes at `offset` and reply with them, through a
@@ -353,31 +307,6 @@ fn reply_file_at(f: &File, offset: u64, size: u32, reply: ReplyData) {
     })
 }
 
-fn makedev(major: u32, minor: u32) -> u32 {
-    ((major & 0xfff) << 8) | (minor & 0xff) | ((minor & !0xff) << 12)
-}
-
-fn file_type(n: &Node) -> FileType {
-    match n.kind {
-        NodeKind::Regular { .. } => FileType::RegularFile,
-        NodeKind::Dir => FileType::Directory,
-        NodeKind::Symlink { .. } => FileType::Symlink,
-        NodeKind::CharDev { .. } => FileType::CharDevice,
-        NodeKind::BlockDev { .. } => FileType::BlockDevice,
-        NodeKind::Fifo => FileType::NamedPipe,
-    }
-}
-
-fn xattr_reply(data: &[u8], size: u32, reply: ReplyXattr) {
-    if size == 0 {
-        reply.size(data.len() as u32);
-    } else if data.len() > size as usize {
-        reply.error(Errno::ERANGE);
-    } else {
-        reply.data(data);
-    }
-}
-
 impl Filesystem for LazyFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         if self.want_passthrough {
@@ -387,48 +316,41 @@ impl Filesystem for LazyFs {
                     self.passthrough.store(true, Ordering::Relaxed);
                 }
                 Err(_) => tracing::warn!(
-                    "the kernel offers no FUSE passthrough: cached files are served through the daemon"
+                    "the kernel offers no FUSE passthrough: fetched files are served through the daemon"
                 ),
             }
         }
-        // symlink targets and directory listings never change: the kernel
-        // caches them, and a listing brings its entries' attributes along
-        for flag in [
-            InitFlags::FUSE_CACHE_SYMLINKS,
-            InitFlags::FUSE_DO_READDIRPLUS,
-            InitFlags::FUSE_PARALLEL_DIROPS,
-        ] {
-            let _ = config.add_capabilities(flag);
-        }
+        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
         let _ = config.set_max_readahead(1 << 20);
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let Some(dir) = parent.0.checked_sub(1) else {
-            return reply.error(Errno::ENOENT);
+        let name = name.as_bytes();
+        let ino = match parent.0 {
+            ROOT => std::str::from_utf8(name)
+                .ok()
+                .filter(|n| n.len() == 2)
+                .and_then(|n| u8::from_str_radix(n, 16).ok())
+                .map(|fan| FAN0 + fan as u64),
+            p if (FAN0..FILE0).contains(&p) => std::str::from_utf8(name)
+                .ok()
+                .filter(|n| n.len() == 62)
+                .and_then(|n| format!("sha256:{:02x}{n}", p - FAN0).parse::<Digest>().ok())
+                .and_then(|d| self.files.binary_search_by_key(&d, |f| f.0).ok())
+                .map(|i| FILE0 + i as u64),
+            _ => None,
         };
-        match self
-            .tree()
-            .child(dir, name.as_bytes())
-            .and_then(|i| self.tree().node(i))
-        {
-            Some(n) => reply.entry(&TTL, &self.attr(n), Generation(0)),
+        match ino.and_then(|i| self.attr(INodeNo(i))) {
+            Some(a) => reply.entry(&TTL, &a, Generation(0)),
             None => reply.error(Errno::ENOENT),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.node(ino) {
-            Some(n) => reply.attr(&TTL, &self.attr(n)),
+        match self.attr(ino) {
+            Some(a) => reply.attr(&TTL, &a),
             None => reply.error(Errno::ENOENT),
-        }
-    }
-
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.node(ino).map(|n| &n.kind) {
-            Some(NodeKind::Symlink { target }) => reply.data(target),
-            _ => reply.error(Errno::EINVAL),
         }
     }
 
@@ -436,15 +358,12 @@ impl Filesystem for LazyFs {
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
-        let Some(NodeKind::Regular { digest, size }) = self.node(ino).map(|n| &n.kind) else {
-            return reply.error(Errno::EINVAL);
+        let Some((digest, _)) = self.content(ino) else {
+            return reply.error(Errno::EISDIR);
         };
-        if self.recorder.is_none() && self.all_local.load(Ordering::Relaxed) {
-            // "no open": from now on the kernel opens files itself and
-            // reads by inode (fh 0), through its page cache
-            return reply.error(Errno::ENOSYS);
+        if let Some(rec) = &self.recorder {
+            rec.note(digest);
         }
-        self.record(ino.0 - 1);
         self.opens.fetch_add(1, Ordering::Relaxed);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let store = self.fetcher.store();
@@ -455,7 +374,7 @@ impl Filesystem for LazyFs {
         let how = match cached {
             // the kernel holds the object open already: no syscall here
             Some(id) => Open::Backing(id),
-            None => match store.open_object(digest) {
+            None => match store.open_object(&digest) {
                 Ok(f) if passthrough => match reply.open_backing(&f) {
                     Ok(id) => {
                         let id = Arc::new(id);
@@ -474,10 +393,7 @@ impl Filesystem for LazyFs {
                     }
                 },
                 Ok(f) => Open::Object(f),
-                Err(_) => Open::Lazy {
-                    digest: *digest,
-                    size: *size,
-                },
+                Err(_) => Open::Lazy,
             },
         };
         if !matches!(how, Open::Backing(..)) {
@@ -511,34 +427,20 @@ impl Filesystem for LazyFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        if fh.0 == 0 {
-            return self.read_by_inode(ino, offset, size, reply);
-        }
+        let Some((digest, len)) = self.content(ino) else {
+            return reply.error(Errno::EISDIR);
+        };
         let how = self
             .open
             .lock()
             .expect("no panics while held")
             .get(&fh.0)
             .cloned();
-        let Some(how) = how else {
-            return reply.error(Errno::EBADF);
-        };
-        match &*how {
-            Open::Backing(_) => {
-                // the kernel reads passthrough files itself; serve stray reads
-                let Some(NodeKind::Regular { digest, size: len }) = self.node(ino).map(|n| &n.kind)
-                else {
-                    return reply.error(Errno::EIO);
-                };
-                match self.fetcher.read(digest, *len, offset, size) {
-                    Ok(data) => reply.data(&data),
-                    Err(_) => reply.error(Errno::EIO),
-                }
-            }
-            Open::Object(f) => reply_file_at(f, offset, size, reply),
-            Open::Lazy { digest, size: len } => {
-                self.read_lazy(ino, *digest, *len, offset, size, reply)
-            }
+        match how.as_deref() {
+            Some(Open::Object(f)) => reply_file_at(f, offset, size, reply),
+            // passthrough files are read by the kernel; stray reads, and
+            // reads without an open, go through the fetcher (local first)
+            _ => self.read_lazy(digest, len, offset, size, reply),
         }
     }
 
@@ -585,8 +487,7 @@ impl Filesystem for LazyFs {
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        // "no opendir": directories never change, the kernel keeps their
-        // listings cached and sends no OPENDIR/RELEASEDIR round trips
+        // "no opendir": listings never change, no OPENDIR round trips
         reply.error(Errno::ENOSYS);
     }
 
@@ -598,66 +499,31 @@ impl Filesystem for LazyFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let dir = ino.0 - 1;
-        let Some(kids) = self.tree().children(dir) else {
-            return reply.error(Errno::ENOTDIR);
-        };
-        let parent = self.parents.get(dir as usize).copied().unwrap_or(0) + 1;
-        let dots = [
-            (ino, FileType::Directory, OsStr::new(".")),
-            (INodeNo(parent), FileType::Directory, OsStr::new("..")),
+        let mut entries: Vec<(u64, FileType, String)> = vec![
+            (ino.0, FileType::Directory, ".".into()),
+            (ROOT, FileType::Directory, "..".into()),
         ];
-        let rest = kids.filter_map(|(name, i)| {
-            let n = self.tree().node(i)?;
-            Some((INodeNo(i + 1), file_type(n), OsStr::from_bytes(name)))
-        });
-        for (k, (i, t, name)) in dots
-            .into_iter()
-            .chain(rest)
-            .enumerate()
-            .skip(offset as usize)
-        {
-            if reply.add(i, k as u64 + 1, t, name) {
-                break;
-            }
-        }
-        reply.ok();
-    }
-
-    /// Listing and lookups in one: the kernel creates the entries' dentries
-    /// and inodes from it, so walking a tree costs no LOOKUP per file.
-    fn readdirplus(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectoryPlus,
-    ) {
-        let dir = ino.0 - 1;
-        let Some(kids) = self.tree().children(dir) else {
+        if ino.0 == ROOT {
+            entries.extend(
+                (0..=255u8)
+                    .filter(|fan| !self.fan_range(*fan).is_empty())
+                    .map(|fan| (FAN0 + fan as u64, FileType::Directory, format!("{fan:02x}"))),
+            );
+        } else if (FAN0..FILE0).contains(&ino.0) {
+            let range = self.fan_range((ino.0 - FAN0) as u8);
+            entries.extend(range.map(|i| {
+                let hex = self.files[i].0.hex();
+                (
+                    FILE0 + i as u64,
+                    FileType::RegularFile,
+                    hex[2..].to_string(),
+                )
+            }));
+        } else {
             return reply.error(Errno::ENOTDIR);
-        };
-        let parent = self.parents.get(dir as usize).copied().unwrap_or(0);
-        let dots = [(dir, OsStr::new(".")), (parent, OsStr::new(".."))];
-        let rest = kids.map(|(name, i)| (i, OsStr::from_bytes(name)));
-        for (k, (i, name)) in dots
-            .into_iter()
-            .chain(rest)
-            .enumerate()
-            .skip(offset as usize)
-        {
-            let Some(n) = self.tree().node(i) else {
-                continue;
-            };
-            if reply.add(
-                INodeNo(i + 1),
-                k as u64 + 1,
-                name,
-                &TTL,
-                &self.attr(n),
-                Generation(0),
-            ) {
+        }
+        for (k, (i, t, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(i), k as u64 + 1, t, OsStr::new(&name)) {
                 break;
             }
         }
@@ -665,46 +531,27 @@ impl Filesystem for LazyFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let files = self.tree().len() as u64;
-        let bytes = self.fetcher.image().remote_bytes();
+        let bytes: u64 = self.files.iter().map(|f| f.1).sum();
+        let files = self.files.len() as u64 + 257;
         reply.statfs(bytes.div_ceil(4096), 0, 0, files, 0, 4096, 255, 4096);
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let Some(n) = self.node(ino) else {
-            return reply.error(Errno::ENOENT);
-        };
-        match n.meta.xattrs.get(name.as_bytes()) {
-            Some(v) => xattr_reply(v, size, reply),
-            None => reply.error(Errno::ENODATA),
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn ioctl(
+    fn getxattr(
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
-        _flags: fuser::IoctlFlags,
-        _cmd: u32,
-        _in_data: &[u8],
-        _out_size: u32,
-        reply: fuser::ReplyIoctl,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
     ) {
-        // isatty() and friends: not a terminal
-        reply.error(Errno::ENOTTY);
+        reply.error(Errno::ENODATA);
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let Some(n) = self.node(ino) else {
-            return reply.error(Errno::ENOENT);
-        };
-        let mut list = Vec::new();
-        for k in n.meta.xattrs.keys() {
-            list.extend_from_slice(k);
-            list.push(0);
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if size == 0 {
+            reply.size(0);
+        } else {
+            reply.data(&[]);
         }
-        xattr_reply(&list, size, reply);
     }
 }

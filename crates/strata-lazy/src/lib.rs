@@ -4,10 +4,12 @@
 //! manifest + config (verified)
 //!   -> per layer: in the store? its record : TOC + tar-split by range
 //!      (verified) -> entries without contents
-//!   -> flatten -> FUSE serves the tree at once
-//! read(file, range) -> object in the store? serve it (passthrough)
-//!   : fetch the missing chunks (bounded pool, one fetch per chunk however
-//!     many readers wait) -> verify each chunk -> staging file
+//!   -> flatten -> EROFS image, every file a redirect to its object
+//!   -> overlayfs: EROFS over data-only layers [objects/, FUSE of contents]
+//! open(file) -> object in the store? the kernel reads it, no daemon
+//!   : FUSE (fs.rs): passthrough when local, else fetch the missing chunks
+//!     (bounded pool, one fetch per chunk however many readers wait)
+//!     -> verify each chunk -> staging file
 //!   -> file complete: verify the whole file -> objects/
 //! ```
 //!
@@ -48,6 +50,9 @@ pub enum LazyError {
     /// Store problem.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The tree cannot be written as EROFS.
+    #[error("building the EROFS image of the tree: {0}")]
+    Image(String),
     /// The layers do not make a tree.
     #[error("layer {index} ({digest}): {reason}")]
     Layer {
@@ -108,6 +113,33 @@ impl LazyImage {
             .into_iter()
             .filter(|d| !store.has_object(d))
             .collect()
+    }
+
+    /// The composefs EROFS image of the tree for a lazy mount: every
+    /// non-empty file redirects to its object (no fs-verity digests, none
+    /// of the contents read).
+    pub fn erofs(&self) -> Result<Vec<u8>, LazyError> {
+        struct Unfetched;
+        impl strata_erofs::convert::Objects for Unfetched {
+            fn verity(&mut self, d: &Digest, _: u64) -> std::io::Result<[u8; 32]> {
+                Err(std::io::Error::other(format!("{d} is not fetched")))
+            }
+            fn read(&mut self, d: &Digest, _: u64, _: u64) -> std::io::Result<Vec<u8>> {
+                Err(std::io::Error::other(format!("{d} is not fetched")))
+            }
+        }
+        let (fs, _) = strata_erofs::convert::from_tree(
+            &self.tree,
+            strata_erofs::convert::Contents::RedirectUnfetched,
+            &mut Unfetched,
+        )
+        .map_err(|e| LazyError::Image(e.to_string()))?;
+        let image = strata_erofs::build(&fs, strata_erofs::Flavor::Composefs)
+            .map_err(|e| LazyError::Image(e.to_string()))?;
+        Ok(image
+            .as_bytes()
+            .expect("composefs images stream no data")
+            .to_vec())
     }
 
     /// Total bytes of the files named by `remote`.

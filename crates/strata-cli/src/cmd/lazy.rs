@@ -352,14 +352,43 @@ fn serve(
         threads: 2,
         read_workers: 2 * a.fetch_jobs.max(1),
         recorder: recorder.clone(),
-        fsname: format!("strata-lazy:{digest}"),
-        all_local: Arc::new(AtomicBool::new(false)),
+        fsname: format!("strata-lazy-data:{digest}"),
         opens: Arc::new(AtomicU64::new(0)),
     };
-    let fs = LazyFs::new(fetcher.clone(), &cfg);
-    let session = fs
-        .mount(target, &cfg)
-        .with_context(|| format!("mounting FUSE at {}", target.display()))?;
+    // composefs: the tree as EROFS over [objects/, FUSE of missing contents]
+    let erofs = mdir.join("image.erofs");
+    std::fs::write(&erofs, lazy.erofs()?)
+        .with_context(|| format!("writing {}", erofs.display()))?;
+    let data = mdir.join("data");
+    if strata_sys::mounts()?.iter().any(|m| m.mount_point == data) {
+        // left by a daemon killed earlier
+        let _ = strata_sys::unmount(&data);
+    }
+    std::fs::create_dir_all(&data)?;
+    let session = LazyFs::new(fetcher.clone(), &cfg)
+        .mount(&data, &cfg)
+        .with_context(|| format!("mounting FUSE at {}", data.display()))?;
+    // recording needs every open: then the FUSE layer is the only data layer
+    // (it serves local contents by passthrough)
+    let mut data_dirs = vec![store.root().join("objects"), data.clone()];
+    if a.record.is_some() {
+        data_dirs.remove(0);
+    }
+    let m = strata_sys::OverlayMount {
+        dirs_above: Vec::new(),
+        layers: vec![erofs],
+        data_dirs,
+        upper: None,
+        verity_require: false,
+        source: format!("strata-lazy:{digest}"),
+    };
+    if let Err(e) = strata_sys::mount_overlay(&m, target) {
+        let _ = strata_sys::unmount(&data);
+        let _ = session.join();
+        return Err(
+            anyhow::Error::new(e).context(format!("mounting {name} at {}", target.display()))
+        );
+    }
     let total = lazy.missing(&store).len() as u64;
     let mut state = MountState {
         pid: std::process::id(),
@@ -459,8 +488,9 @@ fn serve(
         let mdir = mdir.clone();
         let record = a.record.clone();
         let recorder = recorder.clone();
-        let all_local = cfg.all_local.clone();
         let opens = cfg.opens.clone();
+        let target = target.to_path_buf();
+        let data = data.clone();
         std::thread::spawn(move || {
             // re-check only what is still missing, and only when something
             // may have arrived (reads completed files, prefetch running) or
@@ -468,7 +498,18 @@ fn serve(
             let mut missing = lazy.missing(&store);
             let mut seen_done = u64::MAX;
             let mut last_full = Instant::now();
+            let mut said_local = false;
             while !done.load(Ordering::SeqCst) {
+                // unmounted (by umount(8) too): stop serving the data layer
+                let mounted = strata_sys::mounts()
+                    .map(|ms| ms.iter().any(|m| m.mount_point == target))
+                    .unwrap_or(true);
+                if !mounted {
+                    tracing::info!("{} is unmounted: stopping", target.display());
+                    if let Err(e) = strata_sys::unmount(&data) {
+                        tracing::error!("unmounting the data layer: {e}");
+                    }
+                }
                 let completed = fetcher.stats.files_completed.load(Ordering::Relaxed);
                 let busy = matches!(
                     prefetch_state
@@ -487,9 +528,10 @@ fn serve(
                     last_full = Instant::now();
                 }
                 state.files_local = state.files_total.saturating_sub(missing.len() as u64);
-                if missing.is_empty() && !all_local.swap(true, Ordering::Relaxed) {
+                if missing.is_empty() && !said_local {
+                    said_local = true;
                     tracing::info!(
-                        "every file is local: opens no longer reach the daemon, the kernel caches pages"
+                        "every file is local: files opened from now on are read from the store by the kernel, without the daemon"
                     );
                 }
                 state.bytes_fetched =
@@ -500,7 +542,10 @@ fn serve(
                 state.opens = opens.load(Ordering::Relaxed);
                 let _ = state.save(&mdir);
                 if let (Some(path), Some(rec)) = (&record, &recorder) {
-                    let _ = write_record(path, &rec.paths());
+                    let _ = write_record(path, &rec.paths(&lazy.tree));
+                }
+                if !mounted {
+                    return;
                 }
                 std::thread::sleep(Duration::from_millis(500));
             }
@@ -510,11 +555,13 @@ fn serve(
     done.store(true, Ordering::SeqCst);
     let _ = updater.join();
     if let (Some(path), Some(rec)) = (&a.record, &recorder) {
-        write_record(path, &rec.paths()).with_context(|| format!("writing {}", path.display()))?;
+        write_record(path, &rec.paths(&lazy.tree))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     tracing::info!("unmounted {}", target.display());
     let _ = std::fs::remove_dir_all(mdir.join("partial"));
     let _ = std::fs::remove_file(mdir.join("state.json"));
+    let _ = std::fs::remove_file(mdir.join("image.erofs"));
     r.context("serving the FUSE mount")?;
     Ok(ExitCode::SUCCESS)
 }
@@ -602,6 +649,17 @@ pub fn list(ctx: &Ctx) -> Result<ExitCode> {
 /// it hangs) and drop its record and staging.
 pub fn after_umount(ctx: &Ctx, target: &Path) {
     let mdir = mount_dir(&ctx.root, target);
+    // the data layer: ends the daemon's FUSE session (a killed daemon's
+    // dead one too)
+    let data = mdir.join("data");
+    if strata_sys::mounts()
+        .unwrap_or_default()
+        .iter()
+        .any(|m| m.mount_point == data)
+        && let Err(e) = strata_sys::unmount(&data)
+    {
+        eprintln!("strata: unmounting {}: {e}", data.display());
+    }
     if let Ok(s) = MountState::load(&mdir) {
         let deadline = Instant::now() + Duration::from_secs(5);
         while alive(s.pid) && Instant::now() < deadline {
@@ -615,6 +673,7 @@ pub fn after_umount(ctx: &Ctx, target: &Path) {
     }
     let _ = std::fs::remove_dir_all(mdir.join("partial"));
     let _ = std::fs::remove_file(mdir.join("state.json"));
+    let _ = std::fs::remove_file(mdir.join("image.erofs"));
 }
 
 /// Whether `pid` runs (a zombie does not).
