@@ -149,6 +149,10 @@ fn prefetch_records_the_image_and_later_mounts_use_composefs() {
     let (_reg, r) = converted_in_registry();
     let env = Env::new();
     let (m, _) = Mounted::new(&env, &r, &[]);
+    // python's files are opened while they arrive: overlayfs binds them to
+    // the FUSE data layer (the rest will be read from objects/)
+    let out = chroot_python(&m.dir, "import json; print(0)");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let s = m.state();
@@ -163,8 +167,9 @@ fn prefetch_records_the_image_and_later_mounts_use_composefs() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    // every file is local: the kernel opens files itself now ("no open"),
-    // reads come by inode and the page cache is kept
+    // every file is local: files opened from now on are read from objects/
+    // by overlayfs; those bound to the FUSE layer before are opened by the
+    // kernel itself ("no open"), read by inode through the page cache
     let wait_switch = Instant::now() + Duration::from_secs(10);
     while !m.log().contains("every file is local") {
         assert!(

@@ -111,6 +111,9 @@ pub struct LazyFs {
     want_passthrough: bool,
     recorder: Option<Arc<Recorder>>,
     opens: Arc<AtomicU64>,
+    all_local: Arc<AtomicBool>,
+    /// Objects read by inode once the kernel stopped sending opens.
+    by_inode: Mutex<HashMap<u64, Arc<File>>>,
     /// Backing files kept registered after their last close, so reopening
     /// a file costs no syscall (most recent [`KEEP_BACKING`]).
     keep: Mutex<std::collections::VecDeque<Arc<BackingId>>>,
@@ -123,6 +126,9 @@ type Job = Box<dyn FnOnce() + Send>;
 
 /// How many closed files stay registered for passthrough.
 const KEEP_BACKING: usize = 16384;
+
+/// How many objects stay open for reads by inode.
+const BY_INODE: usize = 512;
 
 /// `n` threads running jobs from one queue.
 fn worker_pool(n: usize) -> std::sync::mpsc::Sender<Job> {
@@ -160,6 +166,12 @@ pub struct MountConfig {
     pub fsname: String,
     /// Counts the opens this filesystem answered.
     pub opens: Arc<AtomicU64>,
+    /// Set once every content of the image is in the store. Files opened
+    /// after that are read from objects/ by overlayfs; files it bound to
+    /// this filesystem earlier keep coming here, so opens then answer
+    /// ENOSYS: the kernel stops sending them (and their releases) and
+    /// reads by inode through its page cache. Ignored while recording.
+    pub all_local: Arc<AtomicBool>,
 }
 
 impl LazyFs {
@@ -186,6 +198,8 @@ impl LazyFs {
             want_passthrough: cfg.passthrough,
             recorder: cfg.recorder.clone(),
             opens: cfg.opens.clone(),
+            all_local: cfg.all_local.clone(),
+            by_inode: Mutex::new(HashMap::new()),
             keep: Mutex::new(std::collections::VecDeque::new()),
             pool: Mutex::new(worker_pool(cfg.read_workers)),
         }
@@ -271,6 +285,43 @@ impl LazyFs {
         if let Err(std::sync::mpsc::SendError(job)) = sent {
             job();
         }
+    }
+}
+
+impl LazyFs {
+    /// A read without an open (the kernel stopped sending them): from the
+    /// object, kept open for the next read of the inode.
+    fn read_by_inode(
+        &self,
+        ino: INodeNo,
+        digest: Digest,
+        len: u64,
+        offset: u64,
+        size: u32,
+        reply: ReplyData,
+    ) {
+        let cached = self
+            .by_inode
+            .lock()
+            .expect("no panics while held")
+            .get(&ino.0)
+            .cloned();
+        let file = match cached {
+            Some(f) => f,
+            None => match self.fetcher.store().open_object(&digest) {
+                Ok(f) => {
+                    let f = Arc::new(f);
+                    let mut open = self.by_inode.lock().expect("no panics while held");
+                    if open.len() >= BY_INODE {
+                        open.clear();
+                    }
+                    open.insert(ino.0, f.clone());
+                    f
+                }
+                Err(_) => return self.read_lazy(digest, len, offset, size, reply),
+            },
+        };
+        reply_file_at(&file, offset, size, reply);
     }
 }
 
@@ -363,6 +414,9 @@ impl Filesystem for LazyFs {
         };
         if let Some(rec) = &self.recorder {
             rec.note(digest);
+        } else if self.all_local.load(Ordering::Relaxed) {
+            // "no open": the kernel opens files itself from now on
+            return reply.error(Errno::ENOSYS);
         }
         self.opens.fetch_add(1, Ordering::Relaxed);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -438,6 +492,7 @@ impl Filesystem for LazyFs {
             .cloned();
         match how.as_deref() {
             Some(Open::Object(f)) => reply_file_at(f, offset, size, reply),
+            None if fh.0 == 0 => self.read_by_inode(ino, digest, len, offset, size, reply),
             // passthrough files are read by the kernel; stray reads, and
             // reads without an open, go through the fetcher (local first)
             _ => self.read_lazy(digest, len, offset, size, reply),

@@ -354,6 +354,7 @@ fn serve(
         recorder: recorder.clone(),
         fsname: format!("strata-lazy-data:{digest}"),
         opens: Arc::new(AtomicU64::new(0)),
+        all_local: Arc::new(AtomicBool::new(false)),
     };
     // composefs: the tree as EROFS over [objects/, FUSE of missing contents]
     let erofs = mdir.join("image.erofs");
@@ -489,6 +490,7 @@ fn serve(
         let record = a.record.clone();
         let recorder = recorder.clone();
         let opens = cfg.opens.clone();
+        let all_local = cfg.all_local.clone();
         let target = target.to_path_buf();
         let data = data.clone();
         std::thread::spawn(move || {
@@ -498,7 +500,6 @@ fn serve(
             let mut missing = lazy.missing(&store);
             let mut seen_done = u64::MAX;
             let mut last_full = Instant::now();
-            let mut said_local = false;
             while !done.load(Ordering::SeqCst) {
                 // unmounted (by umount(8) too): stop serving the data layer
                 let mounted = strata_sys::mounts()
@@ -528,10 +529,9 @@ fn serve(
                     last_full = Instant::now();
                 }
                 state.files_local = state.files_total.saturating_sub(missing.len() as u64);
-                if missing.is_empty() && !said_local {
-                    said_local = true;
+                if missing.is_empty() && !all_local.swap(true, Ordering::Relaxed) {
                     tracing::info!(
-                        "every file is local: files opened from now on are read from the store by the kernel, without the daemon"
+                        "every file is local: the kernel reads them from the store without the daemon (files opened before: by inode, no opens)"
                     );
                 }
                 state.bytes_fetched =
