@@ -346,6 +346,56 @@ fn serve(
         })
         .collect();
     fetcher.reserve_bulk(&wanted);
+    // background prefetch: the list starts now, while the mount is built
+    let prefetch_state = Arc::new(std::sync::Mutex::new(String::from("none")));
+    let complete = Arc::new(AtomicBool::new(false));
+    {
+        let fetcher = fetcher.clone();
+        let prefetch = a.prefetch;
+        let pstate = prefetch_state.clone();
+        let complete = complete.clone();
+        let store = store.clone();
+        let source = source.clone();
+        let name = name.clone();
+        std::thread::spawn(move || {
+            let set = |s: &str| *pstate.lock().expect("no panics while held") = s.to_string();
+            if prefetch == Prefetch::None {
+                return;
+            }
+            set("list");
+            match fetcher.fetch_many(&wanted) {
+                Ok(n) => tracing::info!("prefetched {n} files of the list"),
+                Err(e) => tracing::error!("prefetch of the list failed: {e}"),
+            }
+            if prefetch != Prefetch::All {
+                set("done");
+                return;
+            }
+            // give way to reads: start once they have fetched nothing for a
+            // second (at most 30 s after the list)
+            let t = Instant::now();
+            while fetcher.idle_for() < Duration::from_secs(1)
+                && t.elapsed() < Duration::from_secs(30)
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            set("all");
+            match pull_from(&store, source.as_ref(), &name, &opts, &NoProgress) {
+                Ok(s) => {
+                    tracing::info!(
+                        "prefetch done: {name} is pulled ({} downloaded by the pull); later mounts use the composefs path",
+                        human(s.bytes_downloaded)
+                    );
+                    complete.store(true, Ordering::SeqCst);
+                    set("done");
+                }
+                Err(e) => {
+                    tracing::error!("prefetch (pull of {name}) failed: {e:#}");
+                    set(&format!("failed: {e}"));
+                }
+            }
+        });
+    }
     let recorder = a.record.as_ref().map(|_| Arc::new(Recorder::default()));
     let cfg = MountConfig {
         passthrough: !a.no_passthrough,
@@ -357,9 +407,15 @@ fn serve(
         all_local: Arc::new(AtomicBool::new(false)),
     };
     // composefs: the tree as EROFS over [objects/, FUSE of missing contents]
+    let prepared = started.elapsed();
     let erofs = mdir.join("image.erofs");
     std::fs::write(&erofs, lazy.erofs()?)
         .with_context(|| format!("writing {}", erofs.display()))?;
+    tracing::info!(
+        "tree from the TOCs in {:.0} ms, its EROFS image in {:.0} ms",
+        prepared.as_secs_f64() * 1000.0,
+        (started.elapsed() - prepared).as_secs_f64() * 1000.0
+    );
     let data = mdir.join("data");
     if strata_sys::mounts()?.iter().any(|m| m.mount_point == data) {
         // left by a daemon killed earlier
@@ -430,55 +486,6 @@ fn serve(
         println!("{msg}");
     }
 
-    // background prefetch
-    let prefetch_state = Arc::new(std::sync::Mutex::new(String::from("none")));
-    let complete = Arc::new(AtomicBool::new(false));
-    {
-        let fetcher = fetcher.clone();
-        let prefetch = a.prefetch;
-        let pstate = prefetch_state.clone();
-        let complete = complete.clone();
-        let store = store.clone();
-        let source = source.clone();
-        std::thread::spawn(move || {
-            let set = |s: &str| *pstate.lock().expect("no panics while held") = s.to_string();
-            if prefetch == Prefetch::None {
-                return;
-            }
-            set("list");
-            match fetcher.fetch_many(&wanted) {
-                Ok(n) => tracing::info!("prefetched {n} files of the list"),
-                Err(e) => tracing::error!("prefetch of the list failed: {e}"),
-            }
-            if prefetch != Prefetch::All {
-                set("done");
-                return;
-            }
-            // give way to reads: start once they have fetched nothing for a
-            // second (at most 30 s after the list)
-            let t = Instant::now();
-            while fetcher.idle_for() < Duration::from_secs(1)
-                && t.elapsed() < Duration::from_secs(30)
-            {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            set("all");
-            match pull_from(&store, source.as_ref(), &name, &opts, &NoProgress) {
-                Ok(s) => {
-                    tracing::info!(
-                        "prefetch done: {name} is pulled ({} downloaded by the pull); later mounts use the composefs path",
-                        human(s.bytes_downloaded)
-                    );
-                    complete.store(true, Ordering::SeqCst);
-                    set("done");
-                }
-                Err(e) => {
-                    tracing::error!("prefetch (pull of {name}) failed: {e:#}");
-                    set(&format!("failed: {e}"));
-                }
-            }
-        });
-    }
     // keep the state file current until unmounted
     let done = Arc::new(AtomicBool::new(false));
     let updater = {
@@ -507,8 +514,10 @@ fn serve(
                     .unwrap_or(true);
                 if !mounted {
                     tracing::info!("{} is unmounted: stopping", target.display());
-                    if let Err(e) = strata_sys::unmount(&data) {
-                        tracing::error!("unmounting the data layer: {e}");
+                    match strata_sys::unmount(&data) {
+                        // `strata umount` got there first
+                        Ok(()) | Err(strata_sys::MountError::NotMounted(_)) => {}
+                        Err(e) => tracing::error!("unmounting the data layer: {e}"),
                     }
                 }
                 let completed = fetcher.stats.files_completed.load(Ordering::Relaxed);
