@@ -397,8 +397,17 @@ fn a_killed_daemon_leaves_a_stale_mount_that_umount_cleans() {
     assert!(s["status"].as_str().unwrap().starts_with("stale"), "{s}");
     let e = std::fs::read(m.dir.join("etc/os-release")).expect_err("nobody serves it");
     assert_eq!(e.raw_os_error(), Some(107), "ENOTCONN: {e}");
+    // still mounted: gc must not take objects its files may read
+    let e = env.fails(&["gc"]);
+    assert!(e.contains("lazy mounts"), "{e}");
     env.ok(&["umount", m.dir.to_str().unwrap()]);
     assert_eq!(env.json(&["mounts"]).as_array().unwrap().len(), 0);
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !info.contains(env.root().to_str().unwrap()),
+        "the dead FUSE data layer is left mounted:\n{info}"
+    );
+    env.ok(&["gc"]);
     assert!(
         std::fs::read_dir(&m.dir).unwrap().next().is_none(),
         "the mount is gone"
@@ -596,6 +605,9 @@ fn store_files_bypass_the_daemon_and_a_plain_umount_stops_it() {
     let pid = m.state()["pid"].as_u64().unwrap();
     let st = Command::new("umount").arg(&m.dir).status().unwrap();
     assert!(st.success(), "umount(8) failed");
+    // mounted again at once, while the old daemon may still be ending
+    let (m2, v) = Mounted::new(&env, &r, &["--prefetch", "none"]);
+    assert_eq!(v["mode"], "lazy", "{v}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while Path::new(&format!("/proc/{pid}")).exists() {
         assert!(
@@ -604,12 +616,85 @@ fn store_files_bypass_the_daemon_and_a_plain_umount_stops_it() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    std::thread::sleep(Duration::from_millis(300));
+    // the old daemon's exit left the new mount alone
+    let f = "usr/lib/python3.11/json/encoder.py";
+    assert_eq!(
+        std::fs::read(m2.dir.join(f)).unwrap(),
+        std::fs::read(want.join(f)).unwrap()
+    );
+    assert_eq!(m2.state()["status"], "serving");
+    drop(m2);
     assert_eq!(env.json(&["mounts"]).as_array().unwrap().len(), 0);
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(
         !info.contains(env.root().to_str().unwrap()),
         "a mount under the store is left:\n{info}"
     );
+    drop(m);
+    env.fsck_ok();
+}
+
+/// Once every file is local, files bound to the FUSE layer earlier are
+/// opened by the kernel without the daemon ("no open"). exec (an mmap of
+/// a file bound to the FUSE layer) keeps working across that switch, with
+/// a passthrough open of the same file held and after it is released (the
+/// daemon holds the switch while passthrough opens are held: fuse_file_mmap
+/// refuses a file opened without it while its inode has a backing file).
+#[test]
+fn exec_works_after_the_image_arrived_while_a_passthrough_open_is_held() {
+    let (_reg, r) = converted_in_registry();
+    let env = Env::new();
+    let (m, _) = Mounted::new(&env, &r, &["--prefetch", "none"]);
+    // python's binary is fetched and bound to the FUSE data layer
+    let out = chroot_python(&m.dir, "print(1)");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+    // now local (and python's open released): a second open of it is a
+    // passthrough open, held
+    std::thread::sleep(Duration::from_millis(500));
+    let bin = m.dir.join("usr/bin/python3.11");
+    let mut holder = Command::new("python3")
+        .arg("-c")
+        .arg("import sys, time; f = open(sys.argv[1], 'rb'); print('open', flush=True); time.sleep(300)")
+        .arg(&bin)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "open");
+    // every other file arrives (a pull into the same store)
+    env.ok(&["pull", "-q", "--plain-http", &r]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !m.log().contains("every file is local") {
+        assert!(Instant::now() < deadline, "never all local:\n{}", m.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // exec maps the held binary's inode
+    let out = chroot_python(&m.dir, "print(2)");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "2",
+        "exec with a passthrough open held: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = holder.kill();
+    let _ = holder.wait();
+    std::thread::sleep(Duration::from_millis(200));
+    // and after it is released (the kernel may stop sending opens now)
+    for code in ["print(3)", "print(4)"] {
+        let out = chroot_python(&m.dir, code);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            &code[6..7],
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     drop(m);
     env.fsck_ok();
 }

@@ -44,7 +44,8 @@ const FILE0: u64 = FAN0 + 256;
 
 /// What an open file reads from.
 enum Open {
-    /// The object in the store (when passthrough is off).
+    /// The object in the store, read by the daemon (passthrough off, or
+    /// other opens of the inode are served by the daemon).
     Object(File),
     /// Passthrough to the object: the kernel reads it without us (the
     /// file is kept for reads the kernel still sends).
@@ -112,6 +113,8 @@ pub struct LazyFs {
     recorder: Option<Arc<Recorder>>,
     opens: Arc<AtomicU64>,
     all_local: Arc<AtomicBool>,
+    /// Passthrough opens not released yet.
+    passthrough_open: AtomicU64,
     /// Objects read by inode once the kernel stopped sending opens.
     by_inode: Mutex<HashMap<u64, Arc<File>>>,
     /// Backing files kept registered after their last close, so reopening
@@ -169,8 +172,9 @@ pub struct MountConfig {
     /// Set once every content of the image is in the store. Files opened
     /// after that are read from objects/ by overlayfs; files it bound to
     /// this filesystem earlier keep coming here, so opens then answer
-    /// ENOSYS: the kernel stops sending them (and their releases) and
-    /// reads by inode through its page cache. Ignored while recording.
+    /// ENOSYS (once no passthrough open is left): the kernel stops sending
+    /// them (and their releases) and reads by inode through its page
+    /// cache. Ignored while recording.
     pub all_local: Arc<AtomicBool>,
 }
 
@@ -199,6 +203,7 @@ impl LazyFs {
             recorder: cfg.recorder.clone(),
             opens: cfg.opens.clone(),
             all_local: cfg.all_local.clone(),
+            passthrough_open: AtomicU64::new(0),
             by_inode: Mutex::new(HashMap::new()),
             keep: Mutex::new(std::collections::VecDeque::new()),
             pool: Mutex::new(worker_pool(cfg.read_workers)),
@@ -379,6 +384,8 @@ impl Filesystem for LazyFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name.as_bytes();
         let ino = match parent.0 {
+            // one spelling per name: lowercase hex only
+            _ if !name.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) => None,
             ROOT => std::str::from_utf8(name)
                 .ok()
                 .filter(|n| n.len() == 2)
@@ -414,8 +421,13 @@ impl Filesystem for LazyFs {
         };
         if let Some(rec) = &self.recorder {
             rec.note(digest);
-        } else if self.all_local.load(Ordering::Relaxed) {
-            // "no open": the kernel opens files itself from now on
+        } else if self.all_local.load(Ordering::Relaxed)
+            && self.passthrough_open.load(Ordering::SeqCst) == 0
+        {
+            // "no open": the kernel opens files itself from now on. Only
+            // once no passthrough open is left: fuse_file_mmap refuses
+            // (ENODEV) a file opened without us while its inode has a
+            // backing file, which would break exec and dlopen.
             return reply.error(Errno::ENOSYS);
         }
         self.opens.fetch_add(1, Ordering::Relaxed);
@@ -450,7 +462,9 @@ impl Filesystem for LazyFs {
                 Err(_) => Open::Lazy,
             },
         };
-        if !matches!(how, Open::Backing(..)) {
+        if matches!(how, Open::Backing(..)) {
+            self.passthrough_open.fetch_add(1, Ordering::SeqCst);
+        } else {
             io.served += 1;
         }
         drop(modes);
@@ -514,6 +528,9 @@ impl Filesystem for LazyFs {
             .lock()
             .expect("no panics while held")
             .remove(&fh.0);
+        if matches!(how.as_deref(), Some(Open::Backing(..))) {
+            self.passthrough_open.fetch_sub(1, Ordering::SeqCst);
+        }
         let mut modes = self.modes.lock().expect("no panics while held");
         if let Some(how) = how
             && let Some(io) = modes.get_mut(&ino.0)

@@ -13,8 +13,11 @@
 //!   -> file complete: verify the whole file -> objects/
 //! ```
 //!
-//! A byte is served only after the digest covering it was checked, so a
-//! tampered blob gives EIO, never wrong data.
+//! A byte fetched is served only after the digest covering it was
+//! checked, so a tampered blob gives EIO, never wrong data; objects/ is
+//! trusted as in every composefs mount without `--verity` (the lazy EROFS
+//! image carries no fs-verity digests: they are not known before the
+//! contents arrive).
 
 mod fetch;
 pub mod fs;

@@ -36,8 +36,9 @@ pub struct MountState {
     pub prefetch: String,
     /// Whether the image is now recorded as pulled.
     pub complete: bool,
-    /// Opens the daemon answered. Once every file is local the kernel
-    /// opens files itself and this stops growing.
+    /// Opens that reached the daemon's FUSE data layer (files missing
+    /// when first opened; files in objects/ never reach it). Once every
+    /// file is local the kernel opens files itself and this stops growing.
     #[serde(default)]
     pub opens: u64,
 }

@@ -309,6 +309,16 @@ pub fn unmount(target: &Path) -> Result<(), MountError> {
     })
 }
 
+/// Detach `target` now; the filesystem goes away once nothing uses it.
+pub fn unmount_detach(target: &Path) -> Result<(), MountError> {
+    rustix::mount::unmount(target, UnmountFlags::NOFOLLOW | UnmountFlags::DETACH).map_err(|e| {
+        match e {
+            Errno::INVAL => MountError::NotMounted(target.to_path_buf()),
+            e => kernel_err(format!("detaching {}", target.display()), e, None),
+        }
+    })
+}
+
 /// The mounts of this mount namespace.
 pub fn mounts() -> Result<Vec<MountInfo>, MountError> {
     let text = std::fs::read("/proc/self/mountinfo").map_err(|e| MountError::Io {

@@ -68,8 +68,9 @@ pub struct LazyArgs {
     /// With --lazy: stay in the foreground, logging to stderr.
     #[arg(long)]
     foreground: bool,
-    /// With --lazy: never use FUSE passthrough (serve every read through
-    /// the daemon).
+    /// With --lazy: never use FUSE passthrough (files fetched through the
+    /// FUSE data layer are then read through the daemon; files in the
+    /// store never reach it either way).
     #[arg(long)]
     no_passthrough: bool,
     /// With --lazy: fetches running at once.
@@ -310,6 +311,7 @@ fn serve(
     let digest = lazy.resolved.manifest_digest;
     let mdir = mount_dir(store.root(), target);
     std::fs::create_dir_all(&mdir)?;
+    wait_for_earlier_daemon(&mdir, target)?;
     let lazy = Arc::new(lazy);
     let fetcher = Arc::new(Fetcher::new(
         store.clone(),
@@ -409,22 +411,28 @@ fn serve(
     // composefs: the tree as EROFS over [objects/, FUSE of missing contents]
     let prepared = started.elapsed();
     let erofs = mdir.join("image.erofs");
-    std::fs::write(&erofs, lazy.erofs()?)
+    let tmp = mdir.join("image.erofs.tmp");
+    std::fs::write(&tmp, lazy.erofs()?)
+        .and_then(|()| std::fs::rename(&tmp, &erofs))
         .with_context(|| format!("writing {}", erofs.display()))?;
     tracing::info!(
         "tree from the TOCs in {:.0} ms, its EROFS image in {:.0} ms",
         prepared.as_secs_f64() * 1000.0,
         (started.elapsed() - prepared).as_secs_f64() * 1000.0
     );
+    // the FUSE data layer; a killed daemon's dead one may still be there
     let data = mdir.join("data");
-    if strata_sys::mounts()?.iter().any(|m| m.mount_point == data) {
-        // left by a daemon killed earlier
-        let _ = strata_sys::unmount(&data);
-    }
-    std::fs::create_dir_all(&data)?;
-    let session = LazyFs::new(fetcher.clone(), &cfg)
-        .mount(&data, &cfg)
-        .with_context(|| format!("mounting FUSE at {}", data.display()))?;
+    let _ = strata_sys::unmount_detach(&data);
+    let data = std::fs::create_dir_all(&data)
+        .and_then(|()| data.canonicalize())
+        .with_context(|| format!("creating {}", data.display()))?;
+    let session = match LazyFs::new(fetcher.clone(), &cfg).mount(&data, &cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            remove_leftovers(&mdir);
+            return Err(e).with_context(|| format!("mounting FUSE at {}", data.display()));
+        }
+    };
     // recording needs every open: then the FUSE layer is the only data layer
     // (it serves local contents by passthrough)
     let mut data_dirs = vec![store.root().join("objects"), data.clone()];
@@ -440,8 +448,9 @@ fn serve(
         source: format!("strata-lazy:{digest}"),
     };
     if let Err(e) = strata_sys::mount_overlay(&m, target) {
-        let _ = strata_sys::unmount(&data);
+        let _ = strata_sys::unmount_detach(&data);
         let _ = session.join();
+        remove_leftovers(&mdir);
         return Err(
             anyhow::Error::new(e).context(format!("mounting {name} at {}", target.display()))
         );
@@ -470,7 +479,14 @@ fn serve(
     };
     state.files_total = lazy.contents().len() as u64;
     state.files_local = state.files_total.saturating_sub(total);
-    state.save(&mdir)?;
+    if let Err(e) = state.save(&mdir) {
+        // nothing may stay mounted when the caller is told it failed
+        let _ = strata_sys::unmount_detach(target);
+        let _ = strata_sys::unmount_detach(&data);
+        let _ = session.join();
+        remove_leftovers(&mdir);
+        return Err(e).with_context(|| format!("saving the state of {}", target.display()));
+    }
     let msg = format!(
         "mounted {name} lazily at {} in {:.0} ms ({} of {} contents to fetch, {} of TOCs read)",
         target.display(),
@@ -514,7 +530,7 @@ fn serve(
                     .unwrap_or(true);
                 if !mounted {
                     tracing::info!("{} is unmounted: stopping", target.display());
-                    match strata_sys::unmount(&data) {
+                    match strata_sys::unmount_detach(&data) {
                         // `strata umount` got there first
                         Ok(()) | Err(strata_sys::MountError::NotMounted(_)) => {}
                         Err(e) => tracing::error!("unmounting the data layer: {e}"),
@@ -568,11 +584,39 @@ fn serve(
             .with_context(|| format!("writing {}", path.display()))?;
     }
     tracing::info!("unmounted {}", target.display());
+    remove_leftovers(&mdir);
+    r.context("serving the FUSE mount")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Staging, state and EROFS image of a lazy mount that is gone.
+fn remove_leftovers(mdir: &Path) {
     let _ = std::fs::remove_dir_all(mdir.join("partial"));
     let _ = std::fs::remove_file(mdir.join("state.json"));
     let _ = std::fs::remove_file(mdir.join("image.erofs"));
-    r.context("serving the FUSE mount")?;
-    Ok(ExitCode::SUCCESS)
+    let _ = std::fs::remove_file(mdir.join("image.erofs.tmp"));
+}
+
+/// A daemon of an earlier lazy mount at `target` that is still ending
+/// (it notices an umount(8) within half a second) would remove this
+/// mount's files as it exits: wait for it, a little.
+fn wait_for_earlier_daemon(mdir: &Path, target: &Path) -> Result<()> {
+    let Ok(prev) = MountState::load(mdir) else {
+        return Ok(());
+    };
+    let t = Instant::now();
+    while prev.pid != std::process::id() && alive(prev.pid) {
+        if t.elapsed() > Duration::from_secs(3) {
+            bail!(
+                "the daemon (pid {}) of an earlier lazy mount at {} still runs; `strata umount {}` it or wait",
+                prev.pid,
+                target.display(),
+                target.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
 }
 
 fn write_record(path: &Path, paths: &[Vec<u8>]) -> std::io::Result<()> {
@@ -587,11 +631,19 @@ fn write_record(path: &Path, paths: &[Vec<u8>]) -> std::io::Result<()> {
     std::fs::rename(tmp, path)
 }
 
-/// Mount points of lazy mounts whose daemon runs.
+/// Mount points of lazy mounts whose daemon runs, or which are still
+/// mounted without it (their files read objects/ that may belong to no
+/// image yet).
 pub fn serving(root: &Path) -> Vec<PathBuf> {
+    let mounted = strata_sys::mounts().unwrap_or_default();
     MountState::all(root)
         .into_iter()
-        .filter(|(_, s)| alive(s.pid))
+        .filter(|(_, s)| {
+            alive(s.pid)
+                || mounted
+                    .iter()
+                    .any(|m| m.mount_point == s.dir && m.source.starts_with("strata-lazy:"))
+        })
         .map(|(_, s)| s.dir)
         .collect()
 }
@@ -660,14 +712,10 @@ pub fn after_umount(ctx: &Ctx, target: &Path) {
     let mdir = mount_dir(&ctx.root, target);
     // the data layer: ends the daemon's FUSE session (a killed daemon's
     // dead one too)
-    let data = mdir.join("data");
-    if strata_sys::mounts()
-        .unwrap_or_default()
-        .iter()
-        .any(|m| m.mount_point == data)
-        && let Err(e) = strata_sys::unmount(&data)
-    {
-        eprintln!("strata: unmounting {}: {e}", data.display());
+    match strata_sys::unmount_detach(&mdir.join("data")) {
+        // the daemon got there first, or never mounted it
+        Ok(()) | Err(strata_sys::MountError::NotMounted(_)) => {}
+        Err(e) => eprintln!("strata: unmounting {}: {e}", mdir.join("data").display()),
     }
     if let Ok(s) = MountState::load(&mdir) {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -680,9 +728,7 @@ pub fn after_umount(ctx: &Ctx, target: &Path) {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
         }
     }
-    let _ = std::fs::remove_dir_all(mdir.join("partial"));
-    let _ = std::fs::remove_file(mdir.join("state.json"));
-    let _ = std::fs::remove_file(mdir.join("image.erofs"));
+    remove_leftovers(&mdir);
 }
 
 /// Whether `pid` runs (a zombie does not).

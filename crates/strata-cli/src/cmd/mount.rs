@@ -29,9 +29,10 @@ pub struct Args {
     verity: bool,
     #[command(flatten)]
     split: SplitArgs,
-    /// Serve IMAGE (a reference to pull from) before it has arrived, by
-    /// FUSE, fetching zstd:chunked layers' files on demand. `--lazy=require`
-    /// fails instead of pulling in full when the image cannot be lazy.
+    /// Serve IMAGE (a reference to pull from) before it has arrived: a
+    /// composefs mount whose missing files a FUSE data layer fetches on
+    /// demand from zstd:chunked layers. `--lazy=require` fails instead of
+    /// pulling in full when the image cannot be lazy.
     #[arg(long, value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "auto")]
     lazy: Option<super::lazy::LazyMode>,
     #[command(flatten)]
