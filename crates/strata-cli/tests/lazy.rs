@@ -602,6 +602,34 @@ fn store_files_bypass_the_daemon_and_a_plain_umount_stops_it() {
         "a missing file did not reach the daemon"
     );
 
+    // a container's writable layer: overlayfs over the lazy mount
+    let (up, work, top) = (env.path("up"), env.path("work"), env.path("top"));
+    for d in [&up, &work, &top] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        m.dir.display(),
+        up.display(),
+        work.display()
+    );
+    let out = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts])
+        .arg(&top)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "an overlay cannot sit on the lazy mount: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(top.join("etc/written"), "w").unwrap();
+    let f = "usr/lib/python3.11/json/scanner.py";
+    let got = std::fs::read(top.join(f));
+    let _ = Command::new("umount").arg(&top).status();
+    assert_eq!(got.unwrap(), std::fs::read(want.join(f)).unwrap());
+    assert_eq!(std::fs::read(up.join("etc/written")).unwrap(), b"w");
+
     let pid = m.state()["pid"].as_u64().unwrap();
     let st = Command::new("umount").arg(&m.dir).status().unwrap();
     assert!(st.success(), "umount(8) failed");
@@ -645,7 +673,7 @@ fn store_files_bypass_the_daemon_and_a_plain_umount_stops_it() {
 fn exec_works_after_the_image_arrived_while_a_passthrough_open_is_held() {
     let (_reg, r) = converted_in_registry();
     let env = Env::new();
-    let (m, _) = Mounted::new(&env, &r, &["--prefetch", "none"]);
+    let (m, _) = Mounted::new(&env, &r, &["--prefetch", "none", "--passthrough"]);
     // python's binary is fetched and bound to the FUSE data layer
     let out = chroot_python(&m.dir, "print(1)");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");

@@ -68,11 +68,13 @@ pub struct LazyArgs {
     /// With --lazy: stay in the foreground, logging to stderr.
     #[arg(long)]
     foreground: bool,
-    /// With --lazy: never use FUSE passthrough (files fetched through the
-    /// FUSE data layer are then read through the daemon; files in the
-    /// store never reach it either way).
+    /// With --lazy: serve files fetched through the FUSE data layer by FUSE
+    /// passthrough once local (files in the store never reach the daemon
+    /// either way). Passthrough raises the kernel's stacking depth: the
+    /// mount can then not be the lower layer of another overlay (a
+    /// container's writable layer), so it is off by default.
     #[arg(long)]
-    no_passthrough: bool,
+    passthrough: bool,
     /// With --lazy: fetches running at once.
     #[arg(long, default_value_t = 8)]
     fetch_jobs: usize,
@@ -400,7 +402,7 @@ fn serve(
     }
     let recorder = a.record.as_ref().map(|_| Arc::new(Recorder::default()));
     let cfg = MountConfig {
-        passthrough: !a.no_passthrough,
+        passthrough: a.passthrough,
         threads: 2,
         read_workers: 2 * a.fetch_jobs.max(1),
         recorder: recorder.clone(),
@@ -434,7 +436,7 @@ fn serve(
         }
     };
     // recording needs every open: then the FUSE layer is the only data layer
-    // (it serves local contents by passthrough)
+    // (it serves local contents too)
     let mut data_dirs = vec![store.root().join("objects"), data.clone()];
     if a.record.is_some() {
         data_dirs.remove(0);
