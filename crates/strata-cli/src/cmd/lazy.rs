@@ -539,16 +539,14 @@ fn serve(
                     }
                 }
                 let completed = fetcher.stats.files_completed.load(Ordering::Relaxed);
-                let busy = matches!(
-                    prefetch_state
-                        .lock()
-                        .expect("no panics while held")
-                        .as_str(),
-                    "list" | "all"
-                );
+                // read once, before the counts: a state saved as "done"
+                // then carries counts taken after the prefetch ended
+                let pstate = prefetch_state.lock().expect("no panics while held").clone();
+                let busy = matches!(pstate.as_str(), "list" | "all");
                 if !missing.is_empty()
                     && (completed != seen_done
                         || busy
+                        || pstate != state.prefetch
                         || last_full.elapsed() > Duration::from_secs(5))
                 {
                     missing.retain(|d| !store.has_object(d));
@@ -564,7 +562,7 @@ fn serve(
                 state.bytes_fetched =
                     lazy.downloaded + fetcher.stats.bytes_fetched.load(Ordering::Relaxed);
                 state.errors = fetcher.stats.errors.load(Ordering::Relaxed);
-                state.prefetch = prefetch_state.lock().expect("no panics while held").clone();
+                state.prefetch = pstate;
                 state.complete = complete.load(Ordering::SeqCst);
                 state.opens = opens.load(Ordering::Relaxed);
                 let _ = state.save(&mdir);
