@@ -19,8 +19,9 @@
 //! What this crate owns: the chunker ([`rollsum`]), a tar reader with Go's
 //! `archive/tar` semantics for names and times ([`gotar`]: the TOC must match
 //! what c/storage reads from the tar-split), the writer ([`write_layer`]),
-//! and TOC/footer readers for the current and the old (`io.containers.*`,
-//! 40-byte footer) layouts ([`reader`]). What it does not own: fetching,
+//! TOC/footer readers for the current and the old (`io.containers.*`,
+//! 40-byte footer) layouts ([`reader`]), and placing listed entries first
+//! in a tar ([`reorder`]). What it does not own: fetching,
 //! the store, mounting.
 
 #![forbid(unsafe_code)]
@@ -28,6 +29,7 @@
 
 pub mod gotar;
 pub mod reader;
+pub mod reorder;
 pub mod rollsum;
 pub mod toc;
 mod writer;

@@ -191,7 +191,8 @@ impl<R: Read> Read for HashRead<R> {
     }
 }
 
-fn clean(name: &str) -> String {
+/// A tar name without `.`/`..` parts and leading or trailing slashes.
+pub(crate) fn clean(name: &str) -> String {
     let mut parts: Vec<&str> = Vec::new();
     for c in name.split('/') {
         match c {

@@ -647,3 +647,208 @@ fn podman_pulls_and_runs_a_converted_image() {
         .output();
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// Regular files and hard links of a tar, in order.
+fn file_entries(tar: &[u8]) -> Vec<String> {
+    tar::Archive::new(tar)
+        .entries()
+        .unwrap()
+        .map(Result::unwrap)
+        .filter(|e| {
+            matches!(
+                e.header().entry_type(),
+                tar::EntryType::Regular | tar::EntryType::Link
+            )
+        })
+        .map(|e| {
+            String::from_utf8(e.path_bytes().to_vec())
+                .unwrap()
+                .trim_start_matches("./")
+                .to_string()
+        })
+        .collect()
+}
+
+/// `(name, offset, endOffset)` of every `reg` entry with contents of a
+/// zstd:chunked layer's TOC.
+fn toc_files(blob: &[u8], layer: &serde_json::Value) -> Vec<(String, u64, u64)> {
+    let pos: Vec<usize> =
+        layer["annotations"]["io.github.containers.zstd-chunked.manifest-position"]
+            .as_str()
+            .expect("a zstd:chunked layer")
+            .split(':')
+            .map(|n| n.parse().unwrap())
+            .collect();
+    let toc: serde_json::Value =
+        serde_json::from_slice(&zstd::stream::decode_all(&blob[pos[0]..pos[0] + pos[1]]).unwrap())
+            .unwrap();
+    toc["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "reg" && e["size"].as_u64().unwrap_or(0) > 0)
+        .map(|e| {
+            (
+                e["name"]
+                    .as_str()
+                    .unwrap()
+                    .trim_start_matches("./")
+                    .to_string(),
+                e["offset"].as_u64().unwrap(),
+                e["endOffset"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn files_placed_first_lead_their_layers_and_the_tree_is_the_same() {
+    require_tool("skopeo", "skopeo");
+    require_tool("umoci", "umoci");
+    let env = Env::new();
+    let src = oci_ref(&debian_layout(), "python");
+    env.ok(&["pull", &src]);
+    // files of both layers; perl5.36.0 is a hard link to perl (which must
+    // come along), and a path the image lacks is ignored
+    let listed = [
+        "usr/bin/ls",
+        "usr/bin/perl5.36.0",
+        "usr/bin/python3.11",
+        "usr/lib/python3.11/os.py",
+        "usr/lib/python3.11/json/__init__.py",
+        "usr/lib/python3.11/encodings/__init__.py",
+    ];
+    let list = env.path("list");
+    let mut text: String = listed.iter().map(|p| format!("/{p}\n")).collect();
+    text.push_str("/no/such/file\n");
+    std::fs::write(&list, text).unwrap();
+    let out = env.path("out");
+    let said = env.ok(&[
+        "convert",
+        &src,
+        &format!("oci:{}:python", out.display()),
+        "--prefetch-list",
+        list.to_str().unwrap(),
+    ]);
+    assert!(
+        said.contains("first in 2 layers") && said.contains("diff_ids changed"),
+        "{said}"
+    );
+    let before = layout_manifest(&debian_layout(), "python");
+    let after = layout_manifest(&out, "python");
+    assert_ne!(before["config"]["digest"], after["config"]["digest"]);
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(blob_path(&out, after["config"]["digest"].as_str().unwrap())).unwrap(),
+    )
+    .unwrap();
+    let layers = after["layers"].as_array().unwrap();
+    let mut seen = Vec::new();
+    for (i, l) in layers.iter().enumerate() {
+        let blob = std::fs::read(blob_path(&out, l["digest"].as_str().unwrap())).unwrap();
+        let tar = zstd::stream::decode_all(&blob[..]).unwrap();
+        // the config names the reordered tar
+        assert_eq!(
+            config["rootfs"]["diff_ids"][i].as_str().unwrap(),
+            format!("sha256:{}", sha256_hex(&tar)),
+            "layer {i}"
+        );
+        // the listed files of this layer (and perl) lead its files
+        let files = file_entries(&tar);
+        let lead: Vec<&String> = files
+            .iter()
+            .take_while(|f| listed.contains(&f.as_str()) || *f == "usr/bin/perl")
+            .collect();
+        let here: Vec<&String> = files
+            .iter()
+            .filter(|f| listed.contains(&f.as_str()))
+            .collect();
+        assert!(!here.is_empty(), "layer {i} holds listed files");
+        for f in &here {
+            assert!(lead.contains(f), "layer {i}: {f} is not first: {lead:?}");
+        }
+        seen.extend(here.into_iter().cloned());
+        if files.iter().any(|f| f == "usr/bin/perl5.36.0") {
+            let at = |n: &str| files.iter().position(|f| f == n).unwrap();
+            assert!(at("usr/bin/perl") < at("usr/bin/perl5.36.0"), "{lead:?}");
+        }
+        // the mark: every placed file's frames end by it, every other
+        // file's start after it
+        let mark: u64 = l["annotations"]["dev.strata.lazy.first-end"]
+            .as_str()
+            .unwrap_or_else(|| panic!("layer {i} has no first-end mark: {l}"))
+            .parse()
+            .unwrap();
+        for (name, offset, end) in toc_files(&blob, l) {
+            if lead.iter().any(|f| **f == name) {
+                assert!(end <= mark, "{name} ends at {end}, after {mark}");
+            } else {
+                assert!(offset >= mark, "{name} starts at {offset}, before {mark}");
+            }
+        }
+    }
+    seen.sort();
+    let mut want: Vec<String> = listed.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    assert_eq!(seen, want);
+
+    // the same tree: skopeo (to gzip) + umoci, and strata's own pull
+    let gz = env.path("gz");
+    let st = Command::new("skopeo")
+        .args(["copy", "--dest-compress", "--dest-compress-format", "gzip"])
+        .arg(format!("oci:{}:python", out.display()))
+        .arg(format!("oci:{}:python", gz.display()))
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    env.assert_export_matches_umoci(&gz, "python", &src);
+    let other = Env::new();
+    let conv = format!("oci:{}:python", out.display());
+    other.ok(&["pull", &conv]);
+    assert_eq!(tree_digest(&other, &conv), tree_digest(&env, &src));
+    other.fsck_ok();
+    // containerd runs it
+    let c = Containerd::start();
+    c.import_layout(&out, "strata/placed");
+    let said = c.ctr(&[
+        "run",
+        "--rm",
+        "strata/placed:python",
+        "placed-1",
+        "/usr/bin/python3",
+        "-c",
+        "print(6*7)",
+    ]);
+    assert_eq!(said.trim(), "42");
+
+    // --keep-order: the tars, the config and the diff_ids stay
+    let kept = env.path("kept");
+    let said = env.ok(&[
+        "convert",
+        &src,
+        &format!("oci:{}:python", kept.display()),
+        "--prefetch-list",
+        list.to_str().unwrap(),
+        "--keep-order",
+    ]);
+    assert!(!said.contains("placed"), "{said}");
+    let m = layout_manifest(&kept, "python");
+    assert_eq!(m["config"]["digest"], before["config"]["digest"]);
+    assert!(m["annotations"]["dev.strata.lazy.prefetch"].is_string());
+    for l in m["layers"].as_array().unwrap() {
+        assert!(
+            l["annotations"]["dev.strata.lazy.first-end"].is_null(),
+            "{l}"
+        );
+    }
+    env.fsck_ok();
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    let mut h = strata_digest::Hasher::new();
+    std::io::Write::write_all(&mut h, b).unwrap();
+    h.finish().hex()
+}

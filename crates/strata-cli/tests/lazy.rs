@@ -461,7 +461,8 @@ fn a_recorded_read_list_is_prefetched_next_time() {
     env2.fsck_ok();
 
     // the list travels in the image: convert --prefetch-list puts it in a
-    // manifest annotation, the layers (and config) stay the same
+    // manifest annotation; with --keep-order the layers (and config) stay
+    // the same
     let conv = Env::new();
     let src = oci_ref(&debian_layout(), "python");
     conv.ok(&["pull", &src]);
@@ -472,8 +473,13 @@ fn a_recorded_read_list_is_prefetched_next_time() {
         &format!("oci:{}:python", out.display()),
         "--prefetch-list",
         list.to_str().unwrap(),
+        "--keep-order",
     ]);
     let m = layout_manifest(&out, "python");
+    assert_eq!(
+        m["config"]["digest"],
+        layout_manifest(&debian_layout(), "python")["config"]["digest"]
+    );
     let ann = m["annotations"]["dev.strata.lazy.prefetch"]
         .as_str()
         .unwrap();
@@ -724,5 +730,126 @@ fn exec_works_after_the_image_arrived_while_a_passthrough_open_is_held() {
         );
     }
     drop(m);
+    env.fsck_ok();
+}
+
+/// Drop the manifest annotation that carries the prefetch list from the
+/// layout's `tag` (a new manifest blob, the index pointing at it).
+fn drop_prefetch_annotation(layout: &Path, tag: &str) {
+    let mut m = layout_manifest(layout, tag);
+    m.as_object_mut().unwrap().remove("annotations");
+    let bytes = serde_json::to_vec(&m).unwrap();
+    let mut h = strata_digest::Hasher::new();
+    std::io::Write::write_all(&mut h, &bytes).unwrap();
+    let digest = h.finish();
+    std::fs::write(blob_path(layout, &digest.to_string()), &bytes).unwrap();
+    let index_path = layout.join("index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    for d in index["manifests"].as_array_mut().unwrap() {
+        if d["annotations"]["org.opencontainers.image.ref.name"] == tag {
+            d["digest"] = digest.to_string().into();
+            d["size"] = bytes.len().into();
+        }
+    }
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+}
+
+#[test]
+fn files_placed_first_arrive_in_one_plain_range_per_layer() {
+    let reg = Registry::start();
+    let conv = Env::new();
+    let src = oci_ref(&debian_layout(), "python");
+    conv.ok(&["pull", &src]);
+    let listed = [
+        "usr/bin/python3.11",
+        "usr/lib/python3.11/os.py",
+        "usr/lib/python3.11/json/__init__.py",
+        "usr/lib/python3.11/json/decoder.py",
+        "usr/lib/python3.11/encodings/__init__.py",
+    ];
+    let list = conv.path("list");
+    std::fs::write(
+        &list,
+        listed.iter().map(|p| format!("/{p}\n")).collect::<String>(),
+    )
+    .unwrap();
+    let out = conv.path("out");
+    conv.ok(&[
+        "convert",
+        &src,
+        &format!("oci:{}:python", out.display()),
+        "--prefetch-list",
+        list.to_str().unwrap(),
+    ]);
+    // only the mark in the layer tells a lazy mount what leads
+    drop_prefetch_annotation(&out, "python");
+    let m = layout_manifest(&out, "python");
+    assert!(m["annotations"].is_null(), "{m}");
+    let layers = m["layers"].as_array().unwrap();
+    // the base layer holds no listed file: unchanged, unmarked
+    let original = layout_manifest(&debian_layout(), "python");
+    let config = |layout: &Path, m: &serde_json::Value| -> serde_json::Value {
+        let d = m["config"]["digest"].as_str().unwrap();
+        serde_json::from_slice(&std::fs::read(blob_path(layout, d)).unwrap()).unwrap()
+    };
+    let (c0, c1) = (config(&debian_layout(), &original), config(&out, &m));
+    assert_eq!(c0["rootfs"]["diff_ids"][0], c1["rootfs"]["diff_ids"][0]);
+    assert_ne!(c0["rootfs"]["diff_ids"][1], c1["rootfs"]["diff_ids"][1]);
+    assert!(layers[0]["annotations"]["dev.strata.lazy.first-end"].is_null());
+    let mark: u64 = layers[1]["annotations"]["dev.strata.lazy.first-end"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let blob = layers[1]["digest"].as_str().unwrap().to_string();
+
+    reg.push(
+        &format!("oci:{}:python", out.display()),
+        "placed:1",
+        &["--preserve-digests"],
+    );
+    let proxy = strata_testkit::proxy::Proxy::start(&reg.addr, Default::default());
+    let r = format!("docker://{}/placed:1", proxy.addr);
+    let env = Env::new();
+    let (mnt, _) = Mounted::new(&env, &r, &["--prefetch", "list"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = mnt.state();
+        if s["prefetch"] == "done" {
+            assert_eq!(
+                s["files_local"].as_u64().unwrap(),
+                listed.len() as u64,
+                "{s}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // what came from before the mark came in one single-range request
+    let early: Vec<String> = proxy
+        .requests()
+        .into_iter()
+        .filter(|l| l.contains(&blob))
+        .filter(|l| {
+            l.split("range=bytes=")
+                .nth(1)
+                .and_then(|r| r.split('-').next())
+                .and_then(|s| s.parse::<u64>().ok())
+                .is_some_and(|start| start < mark)
+        })
+        .collect();
+    assert_eq!(early.len(), 1, "{early:?}");
+    assert!(!early[0].contains(','), "{early:?}");
+    // and the files are right: python runs from them
+    let out = chroot_python(&mnt.dir, "print(6*7)");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "42",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(mnt);
     env.fsck_ok();
 }

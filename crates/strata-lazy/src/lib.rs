@@ -145,6 +145,33 @@ impl LazyImage {
             .to_vec())
     }
 
+    /// Contents of the files `strata convert --prefetch-list` placed
+    /// first in the layers the store lacks: those whose frames end at or
+    /// before the layer's [`FIRST_END_ANNOTATION`] mark.
+    ///
+    /// [`FIRST_END_ANNOTATION`]: strata_oci::convert::FIRST_END_ANNOTATION
+    pub fn placed_first(&self) -> Vec<Digest> {
+        self.layers
+            .iter()
+            .filter_map(|l| {
+                let ix = l.index.as_ref()?;
+                let end: u64 = ix
+                    .desc
+                    .annotations
+                    .get(strata_oci::convert::FIRST_END_ANNOTATION)?
+                    .parse()
+                    .ok()?;
+                Some(
+                    ix.files
+                        .iter()
+                        .filter(move |f| f.end <= end)
+                        .map(|f| f.digest),
+                )
+            })
+            .flatten()
+            .collect()
+    }
+
     /// Total bytes of the files named by `remote`.
     pub fn remote_bytes(&self) -> u64 {
         self.remote

@@ -7,17 +7,26 @@
 //! full. A layer zstd:chunked cannot describe (sparse files, non-UTF-8
 //! names, duplicate paths) is written as plain zstd and reported.
 //!
+//! With a prefetch list and [`ConvertOptions::place_first`], the listed
+//! files (with their parent directories and hard link targets) are moved
+//! to the front of their layers' tars ([`strata_chunked::reorder`]) and
+//! the end of their frames is marked in a layer annotation
+//! ([`FIRST_END_ANNOTATION`]): a lazy mount then fetches them in one plain
+//! range per layer. Those tars change, so their diff_ids and the config
+//! are rewritten; the tree they make is the same.
+//!
 //! The image goes to an [`ImageDestination`]: an OCI layout
 //! ([`convert_to_layout`]) or a registry ([`RegistryDestination`](crate::push::RegistryDestination)),
 //! see [`convert`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
-use strata_chunked::{ChunkedError, WriteOptions, write_layer};
+use strata_chunked::reorder::{Placed, Plan, clean_name, plan_first, write_first};
+use strata_chunked::{ChunkedError, ChunkedLayer, WriteOptions, write_layer};
 use strata_digest::Digest;
 use strata_store::Store;
 
@@ -51,13 +60,24 @@ pub struct ConvertOptions {
     pub jobs: usize,
     /// Paths to fetch first when the image is mounted lazily, recorded in
     /// the manifest annotation [`PREFETCH_ANNOTATION`] (other runtimes
-    /// ignore it; the tars, and so the diff_ids, stay as they are).
+    /// ignore it).
     pub prefetch: Vec<String>,
+    /// Also place the [`prefetch`](Self::prefetch) files (and what they
+    /// need: parent directories, hard link targets) first in their layers,
+    /// and mark where they end with [`FIRST_END_ANNOTATION`]. Those
+    /// layers' tars (so their diff_ids, and the config) change; the tree
+    /// does not. Without it every tar stays byte for byte the same.
+    pub place_first: bool,
 }
 
 /// Manifest annotation listing, one per line, the paths a lazy mount
 /// fetches first.
 pub const PREFETCH_ANNOTATION: &str = "dev.strata.lazy.prefetch";
+
+/// Layer annotation: the blob offset where the payloads of the files
+/// placed first end. A lazy mount fetches `0..offset` first in one plain
+/// range request; other runtimes ignore it.
+pub const FIRST_END_ANNOTATION: &str = "dev.strata.lazy.first-end";
 
 impl Default for ConvertOptions {
     fn default() -> Self {
@@ -66,6 +86,7 @@ impl Default for ConvertOptions {
             level: 3,
             jobs: 2,
             prefetch: Vec::new(),
+            place_first: false,
         }
     }
 }
@@ -73,8 +94,15 @@ impl Default for ConvertOptions {
 /// What happened to one layer.
 #[derive(Debug, Clone, Serialize)]
 pub struct LayerOutcome {
-    /// The layer's diff_id (unchanged).
+    /// The layer's diff_id in the new image.
     pub diff_id: Digest,
+    /// The diff_id before, when listed files were placed first (the tar
+    /// changed; the tree it makes did not).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reordered_from: Option<Digest>,
+    /// Entries placed first (listed files and what they need).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub placed_first: usize,
     /// The new blob.
     pub digest: Digest,
     /// Its size.
@@ -98,6 +126,10 @@ pub struct ConvertSummary {
     /// Blobs uploaded and found present, for a registry destination.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub push: Option<PushStats>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 fn chunked_err(layer: &Digest) -> impl Fn(ChunkedError) -> OciError + '_ {
@@ -177,11 +209,91 @@ enum Staged {
     Put(Descriptor),
 }
 
+/// A rebuilt layer tar read from a pipe; the rebuild's error, if any,
+/// is the reader's error at the end.
+struct Rebuilt<'scope> {
+    r: std::io::PipeReader,
+    producer: Option<std::thread::ScopedJoinHandle<'scope, Result<(), String>>>,
+}
+
+impl std::io::Read for Rebuilt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.r.read(buf)?;
+        if n == 0
+            && !buf.is_empty()
+            && let Some(p) = self.producer.take()
+        {
+            p.join()
+                .expect("rebuild thread does not panic")
+                .map_err(std::io::Error::other)?;
+        }
+        Ok(n)
+    }
+}
+
+/// Start rebuilding `diff_id`'s tar from the store on a thread of `s`.
+fn rebuilt<'scope>(
+    s: &'scope std::thread::Scope<'scope, '_>,
+    store: &'scope Store,
+    diff_id: &'scope Digest,
+) -> Result<Rebuilt<'scope>, ChunkedError> {
+    let (r, w) = std::io::pipe().map_err(|e| ChunkedError::Io {
+        action: "creating a pipe".into(),
+        source: e,
+    })?;
+    let producer = s.spawn(move || {
+        let mut w = BufWriter::with_capacity(256 * 1024, w);
+        store
+            .rebuild_layer(diff_id, &mut w)
+            .map_err(|e| e.to_string())?;
+        w.flush().map_err(|e| e.to_string())
+    });
+    Ok(Rebuilt {
+        r,
+        producer: Some(producer),
+    })
+}
+
+/// Write `diff_id`'s tar, its entries in `plan`'s order, as zstd:chunked
+/// to `file`; returns the layer and what moved.
+fn write_placed_first(
+    store: &Store,
+    diff_id: &Digest,
+    plan: &Plan,
+    file: &std::fs::File,
+    wopts: &WriteOptions,
+) -> Result<Result<(ChunkedLayer, Placed), ChunkedError>, OciError> {
+    let (r, w) = std::io::pipe().map_err(io_err("creating a pipe for", store.root()))?;
+    let (res, placed) = std::thread::scope(|s| {
+        let producer = s.spawn(move || {
+            let mut w = BufWriter::with_capacity(256 * 1024, w);
+            let placed = write_first(&mut || rebuilt(s, store, diff_id), plan, &mut w)?;
+            w.flush().map_err(|e| ChunkedError::Io {
+                action: "writing the reordered tar".into(),
+                source: e,
+            })?;
+            Ok::<_, ChunkedError>(placed)
+        });
+        let res = write_layer(r, BufWriter::with_capacity(1 << 20, file), wopts);
+        (res, producer.join().expect("reorder thread does not panic"))
+    });
+    // the writer's refusal first (it stopped reading, which broke the
+    // reorder's pipe), then the reorder's failure (the writer may have
+    // seen a clean but short tar)
+    Ok(match (res, placed) {
+        (Err(e @ ChunkedError::Unsupported(_)), _) => Err(e),
+        (_, Err(e)) => Err(e),
+        (Err(e), _) => Err(e),
+        (Ok(l), Ok(p)) => Ok((l, p)),
+    })
+}
+
 fn convert_layer(
     store: &Store,
     blobs: &Path,
     diff_id: &Digest,
     opts: &ConvertOptions,
+    wanted: &HashSet<String>,
 ) -> Result<
     (
         tempfile::NamedTempFile,
@@ -197,30 +309,81 @@ fn convert_layer(
     };
     let mut fallback = None;
     if opts.format == Format::ZstdChunked {
-        let file = tmp()?;
-        let out = BufWriter::with_capacity(1 << 20, file.as_file());
         let wopts = WriteOptions { level: opts.level };
-        let (res, n) = with_tar(store, diff_id, |r| write_layer(r, out, &wopts))?;
-        match res {
-            Ok(l) => {
-                if l.diff_id != *diff_id {
-                    return Err(OciError::DigestMismatch {
-                        what: format!("rebuilt layer {diff_id}"),
-                        expected: *diff_id,
-                        actual: l.diff_id,
-                    });
+        let plan = if opts.place_first && !wanted.is_empty() {
+            match with_tar(store, diff_id, |r| plan_first(r, wanted))?.0 {
+                Ok(p) => p,
+                Err(ChunkedError::Unsupported(why)) => {
+                    fallback = Some(why);
+                    None
                 }
+                Err(e) => return Err(chunked_err(diff_id)(e)),
+            }
+        } else {
+            None
+        };
+        let file = tmp()?;
+        let written = match (&plan, &fallback) {
+            (_, Some(_)) => None,
+            (Some(plan), None) => {
+                let r = write_placed_first(store, diff_id, plan, file.as_file(), &wopts)?;
+                Some(r.map(|(l, p)| {
+                    let n = p.bytes;
+                    (l, Some(p), n)
+                }))
+            }
+            (None, None) => {
+                let out = BufWriter::with_capacity(1 << 20, file.as_file());
+                let (res, n) = with_tar(store, diff_id, |r| write_layer(r, out, &wopts))?;
+                Some(res.map(|l| (l, None, n)))
+            }
+        };
+        match written {
+            None => {}
+            Some(Ok((l, placed, n))) => {
+                let mut annotations = l.annotations;
+                let (reordered_from, placed_first, n) = match placed {
+                    None => {
+                        if l.diff_id != *diff_id {
+                            return Err(OciError::DigestMismatch {
+                                what: format!("rebuilt layer {diff_id}"),
+                                expected: *diff_id,
+                                actual: l.diff_id,
+                            });
+                        }
+                        (None, 0, n)
+                    }
+                    Some(p) => {
+                        let names: HashSet<&str> = p.names.iter().map(String::as_str).collect();
+                        let end = l
+                            .toc
+                            .entries
+                            .iter()
+                            .filter(|e| {
+                                e.kind == "reg" && names.contains(clean_name(&e.name).as_str())
+                            })
+                            .map(|e| e.end_offset)
+                            .max()
+                            .unwrap_or(0);
+                        if end > 0 {
+                            annotations.insert(FIRST_END_ANNOTATION.to_string(), end.to_string());
+                        }
+                        (Some(*diff_id), p.moved, n)
+                    }
+                };
                 let outcome = LayerOutcome {
-                    diff_id: *diff_id,
+                    diff_id: l.diff_id,
+                    reordered_from,
+                    placed_first,
                     digest: l.blob_digest,
                     size: l.blob_size,
                     format: Format::ZstdChunked,
                     fallback: None,
                 };
-                return Ok((file, outcome, l.annotations, n));
+                return Ok((file, outcome, annotations, n));
             }
-            Err(ChunkedError::Unsupported(why)) => fallback = Some(why),
-            Err(e) => return Err(chunked_err(diff_id)(e)),
+            Some(Err(ChunkedError::Unsupported(why))) => fallback = Some(why),
+            Some(Err(e)) => return Err(chunked_err(diff_id)(e)),
         }
     }
     let file = tmp()?;
@@ -240,6 +403,8 @@ fn convert_layer(
     let (size, sha) = res.map_err(io_err("writing a zstd layer to", file.path()))?;
     let outcome = LayerOutcome {
         diff_id: *diff_id,
+        reordered_from: None,
+        placed_first: 0,
         digest: Digest::sha256_from_bytes(sha.finalize().into()),
         size,
         format: Format::Zstd,
@@ -303,6 +468,7 @@ fn convert_loaded(
     let failed = std::sync::atomic::AtomicBool::new(false);
     let done = std::sync::Mutex::new(&mut results);
     let staging = dest.staging_dir();
+    let wanted: HashSet<String> = opts.prefetch.iter().map(|p| clean_name(p)).collect();
     std::thread::scope(|s| {
         for _ in 0..jobs.min(diff_ids.len().max(1)) {
             s.spawn(|| {
@@ -319,7 +485,7 @@ fn convert_loaded(
                         i
                     };
                     let Some(d) = diff_ids.get(i) else { break };
-                    let r = convert_layer(store, staging, d, opts).and_then(
+                    let r = convert_layer(store, staging, d, opts, &wanted).and_then(
                         |(file, outcome, annotations, n)| {
                             let staged = if dest.eager() {
                                 Staged::Put(dest.put_blob_file(
@@ -364,6 +530,26 @@ fn convert_loaded(
         layers.push(outcome);
         tar_bytes += n;
     }
+    // layers with files placed first have new diff_ids
+    let config = if layers.iter().any(|l| l.reordered_from.is_some()) {
+        let bad = |reason: String| OciError::Format {
+            what: "the image config".into(),
+            reason,
+        };
+        let mut c: serde_json::Value =
+            serde_json::from_slice(&config).map_err(|e| bad(e.to_string()))?;
+        let ids = c
+            .pointer_mut("/rootfs/diff_ids")
+            .and_then(|v| v.as_array_mut())
+            .filter(|ids| ids.len() == layers.len())
+            .ok_or_else(|| bad("rootfs.diff_ids does not list every layer".into()))?;
+        for (id, l) in ids.iter_mut().zip(&layers) {
+            *id = l.diff_id.to_string().into();
+        }
+        serde_json::to_vec(&c).map_err(|e| bad(e.to_string()))?
+    } else {
+        config
+    };
     let config_desc = dest.put_blob(OCI_CONFIG, &config)?;
     let mut annotations = BTreeMap::new();
     if !opts.prefetch.is_empty() {

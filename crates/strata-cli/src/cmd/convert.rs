@@ -33,9 +33,17 @@ pub struct Args {
     jobs: usize,
     /// Paths (one per line, e.g. from `strata mount --lazy --record`) that
     /// lazy mounts of the result fetch first: kept in the manifest
-    /// annotation dev.strata.lazy.prefetch; the layers are unchanged.
+    /// annotation dev.strata.lazy.prefetch, and placed first in their
+    /// layers (with their parent directories and hard link targets; the
+    /// layer annotation dev.strata.lazy.first-end marks where they end).
+    /// Placing them first changes those layers' tars, so their diff_ids
+    /// and the config; the tree stays the same.
     #[arg(long)]
     prefetch_list: Option<std::path::PathBuf>,
+    /// With --prefetch-list: keep every tar byte for byte (and the config
+    /// as it is); the list only travels in the manifest annotation.
+    #[arg(long, requires = "prefetch_list")]
+    keep_order: bool,
     /// Use plain HTTP (no TLS) for a registry source or destination.
     #[arg(long)]
     plain_http: bool,
@@ -115,6 +123,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         format,
         level: a.level,
         jobs: a.jobs,
+        place_first: !prefetch.is_empty() && !a.keep_order,
         prefetch,
     };
     let summary = match &target {
@@ -143,6 +152,18 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
                 p.blobs_present
             );
         }
+    }
+    let reordered: Vec<_> = summary
+        .layers
+        .iter()
+        .filter(|l| l.reordered_from.is_some())
+        .collect();
+    if !reordered.is_empty() && !ctx.quiet && !ctx.json {
+        println!(
+            "placed {} entries of the prefetch list (with their directories and link targets) first in {} layers: their diff_ids changed, the tree did not (--keep-order keeps the tars)",
+            reordered.iter().map(|l| l.placed_first).sum::<usize>(),
+            reordered.len()
+        );
     }
     for l in &summary.layers {
         if let Some(why) = &l.fallback {

@@ -336,8 +336,10 @@ fn serve(
             .cloned()
             .unwrap_or_default(),
     };
-    // reads of listed files wait for the bulk fetch instead of racing it
-    let wanted: Vec<strata_digest::Digest> = list
+    // reads of listed files wait for the bulk fetch instead of racing it;
+    // without a list given, files placed first in their layers come too
+    // (one plain range per layer)
+    let mut wanted: Vec<strata_digest::Digest> = list
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
@@ -349,6 +351,10 @@ fn serve(
             }
         })
         .collect();
+    if a.prefetch != Prefetch::None && a.prefetch_list.is_none() {
+        let mut seen: std::collections::HashSet<_> = wanted.iter().copied().collect();
+        wanted.extend(lazy.placed_first().into_iter().filter(|d| seen.insert(*d)));
+    }
     fetcher.reserve_bulk(&wanted);
     // background prefetch: the list starts now, while the mount is built
     let prefetch_state = Arc::new(std::sync::Mutex::new(String::from("none")));
