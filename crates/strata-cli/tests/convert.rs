@@ -1,8 +1,9 @@
 //! `strata convert`: zstd:chunked images stay ordinary OCI images. The tar
 //! inside every layer is unchanged (same config, same diff_ids), skopeo +
-//! umoci see the same tree, containerd imports and runs the image, and
-//! strata pulls it back to the same tree digest. Converted images can be
-//! pushed straight to a registry.
+//! umoci see the same tree, containerd pulls it from a registry and runs
+//! it, and strata pulls it back to the same tree digest. Converted images
+//! can be pushed straight to a registry. With a prefetch list placed
+//! first, the changed layers still make the same tree for all of them.
 
 mod common;
 
@@ -95,12 +96,20 @@ fn containerd_runs_a_converted_image() {
     let src = oci_ref(&debian_layout(), "python");
     let out = env.path("out");
     env.ok(&["convert", &src, &format!("oci:{}:python", out.display())]);
+    // through a registry, as a platform would: ctr image pull + ctr run
+    let reg = Registry::start();
+    reg.push(
+        &format!("oci:{}:python", out.display()),
+        "converted:python",
+        &["--preserve-digests"],
+    );
+    let image = format!("{}/converted:python", reg.addr);
     let c = Containerd::start();
-    c.import_layout(&out, "strata/converted");
+    c.ctr(&["image", "pull", "--plain-http", &image]);
     let said = c.ctr(&[
         "run",
         "--rm",
-        "strata/converted:python",
+        &image,
         "converted-1",
         "/usr/bin/python3",
         "-c",
@@ -810,13 +819,20 @@ fn files_placed_first_lead_their_layers_and_the_tree_is_the_same() {
     other.ok(&["pull", &conv]);
     assert_eq!(tree_digest(&other, &conv), tree_digest(&env, &src));
     other.fsck_ok();
-    // containerd runs it
+    // containerd pulls it from a registry and runs it
+    let reg = Registry::start();
+    reg.push(
+        &format!("oci:{}:python", out.display()),
+        "placed:python",
+        &["--preserve-digests"],
+    );
+    let image = format!("{}/placed:python", reg.addr);
     let c = Containerd::start();
-    c.import_layout(&out, "strata/placed");
+    c.ctr(&["image", "pull", "--plain-http", &image]);
     let said = c.ctr(&[
         "run",
         "--rm",
-        "strata/placed:python",
+        &image,
         "placed-1",
         "/usr/bin/python3",
         "-c",
