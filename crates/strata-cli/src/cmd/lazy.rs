@@ -396,8 +396,11 @@ fn serve(
                         "prefetch done: {name} is pulled ({} downloaded by the pull); later mounts use the composefs path",
                         human(s.bytes_downloaded)
                     );
+                    // under the state's lock: a saved state never says
+                    // complete with the prefetch still running
+                    let mut st = pstate.lock().expect("no panics while held");
                     complete.store(true, Ordering::SeqCst);
-                    set("done");
+                    *st = "done".into();
                 }
                 Err(e) => {
                     tracing::error!("prefetch (pull of {name}) failed: {e:#}");
@@ -546,8 +549,12 @@ fn serve(
                 }
                 let completed = fetcher.stats.files_completed.load(Ordering::Relaxed);
                 // read once, before the counts: a state saved as "done"
-                // then carries counts taken after the prefetch ended
-                let pstate = prefetch_state.lock().expect("no panics while held").clone();
+                // then carries counts taken after the prefetch ended; and
+                // together with `complete`, which changes under that lock
+                let (pstate, is_complete) = {
+                    let st = prefetch_state.lock().expect("no panics while held");
+                    (st.clone(), complete.load(Ordering::SeqCst))
+                };
                 let busy = matches!(pstate.as_str(), "list" | "all");
                 if !missing.is_empty()
                     && (completed != seen_done
@@ -569,7 +576,7 @@ fn serve(
                     lazy.downloaded + fetcher.stats.bytes_fetched.load(Ordering::Relaxed);
                 state.errors = fetcher.stats.errors.load(Ordering::Relaxed);
                 state.prefetch = pstate;
-                state.complete = complete.load(Ordering::SeqCst);
+                state.complete = is_complete;
                 state.opens = opens.load(Ordering::Relaxed);
                 let _ = state.save(&mdir);
                 if let (Some(path), Some(rec)) = (&record, &recorder) {
