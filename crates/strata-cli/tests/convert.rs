@@ -90,6 +90,30 @@ fn converted_images_keep_their_tars_and_trees() {
     env.fsck_ok();
 }
 
+/// Push the layout `out`'s `python` tag to a fresh registry as
+/// `repo:python`; containerd pulls it (`ctr image pull`) and runs python.
+fn containerd_pulls_and_runs_python(out: &std::path::Path, repo: &str) {
+    let reg = Registry::start();
+    reg.push(
+        &format!("oci:{}:python", out.display()),
+        &format!("{repo}:python"),
+        &["--preserve-digests"],
+    );
+    let image = format!("{}/{repo}:python", reg.addr);
+    let c = Containerd::start();
+    c.ctr(&["image", "pull", "--plain-http", &image]);
+    let said = c.ctr(&[
+        "run",
+        "--rm",
+        &image,
+        &format!("{repo}-1"),
+        "/usr/bin/python3",
+        "-c",
+        "print(6*7)",
+    ]);
+    assert_eq!(said.trim(), "42");
+}
+
 #[test]
 fn containerd_runs_a_converted_image() {
     let env = Env::new();
@@ -97,25 +121,7 @@ fn containerd_runs_a_converted_image() {
     let out = env.path("out");
     env.ok(&["convert", &src, &format!("oci:{}:python", out.display())]);
     // through a registry, as a platform would: ctr image pull + ctr run
-    let reg = Registry::start();
-    reg.push(
-        &format!("oci:{}:python", out.display()),
-        "converted:python",
-        &["--preserve-digests"],
-    );
-    let image = format!("{}/converted:python", reg.addr);
-    let c = Containerd::start();
-    c.ctr(&["image", "pull", "--plain-http", &image]);
-    let said = c.ctr(&[
-        "run",
-        "--rm",
-        &image,
-        "converted-1",
-        "/usr/bin/python3",
-        "-c",
-        "print(6*7)",
-    ]);
-    assert_eq!(said.trim(), "42");
+    containerd_pulls_and_runs_python(&out, "converted");
 }
 
 #[test]
@@ -820,25 +826,7 @@ fn files_placed_first_lead_their_layers_and_the_tree_is_the_same() {
     assert_eq!(tree_digest(&other, &conv), tree_digest(&env, &src));
     other.fsck_ok();
     // containerd pulls it from a registry and runs it
-    let reg = Registry::start();
-    reg.push(
-        &format!("oci:{}:python", out.display()),
-        "placed:python",
-        &["--preserve-digests"],
-    );
-    let image = format!("{}/placed:python", reg.addr);
-    let c = Containerd::start();
-    c.ctr(&["image", "pull", "--plain-http", &image]);
-    let said = c.ctr(&[
-        "run",
-        "--rm",
-        &image,
-        "placed-1",
-        "/usr/bin/python3",
-        "-c",
-        "print(6*7)",
-    ]);
-    assert_eq!(said.trim(), "42");
+    containerd_pulls_and_runs_python(&out, "placed");
 
     // --keep-order: the tars, the config and the diff_ids stay
     let kept = env.path("kept");
