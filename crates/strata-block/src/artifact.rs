@@ -40,10 +40,7 @@ const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const MAX_MANIFEST: usize = 4 << 20;
 
 fn oci(what: String) -> impl FnOnce(strata_oci::OciError) -> BlockError {
-    move |e| BlockError::Io {
-        what,
-        source: io::Error::other(e.to_string()),
-    }
+    move |source| BlockError::Oci { what, source }
 }
 
 /// What a push did.
@@ -425,10 +422,7 @@ pub fn source_for(
     let reference: ImageRef = remote
         .reference
         .parse()
-        .map_err(|e: strata_oci::OciError| BlockError::Io {
-            what: format!("the remote of template {id}"),
-            source: io::Error::other(e.to_string()),
-        })?;
+        .map_err(oci(format!("the remote of template {id}")))?;
     let src = RegistrySource::new(reference, opts)
         .map_err(oci(format!("reaching {}", remote.reference)))?;
     Ok(Some(RegistryChunks { src }))

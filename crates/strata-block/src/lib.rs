@@ -20,6 +20,7 @@ pub mod artifact;
 mod chunks;
 mod dirdigest;
 pub mod serve;
+pub mod served;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -79,8 +80,8 @@ pub enum BlockError {
         /// Why not.
         reason: String,
     },
-    /// An `--add` tree that is not a directory.
-    #[error("--add {}: {reason}", .path.display())]
+    /// A tree to add that is not a directory.
+    #[error("tree to add {}: {reason}", .path.display())]
     BadAdd {
         /// As given.
         path: PathBuf,
@@ -90,8 +91,8 @@ pub enum BlockError {
     /// The files do not fit in the size asked for.
     #[error(
         "the files do not fit in {}: the filesystem needs at least {} ({min} bytes)",
-        human(*.size),
-        human(*.min)
+        strata_ops::human_bytes(*.size),
+        strata_ops::human_bytes(*.min)
     )]
     TooSmall {
         /// Size asked for.
@@ -107,6 +108,32 @@ pub enum BlockError {
         /// Its content.
         digest: Digest,
     },
+    /// A registry failed (pushing, pulling, fetching chunks).
+    #[error("{what}: {source}")]
+    Oci {
+        /// What was being done.
+        what: String,
+        /// The registry's error.
+        #[source]
+        source: strata_oci::OciError,
+    },
+    /// A build from an image was asked for without a size.
+    #[error("a size is required when building from an image")]
+    NoSize,
+    /// Something is in use (a file served already).
+    #[error("{0}")]
+    Busy(String),
+    /// A file that is not served by this store (or not writable).
+    #[error("{}: {reason}", .file.display())]
+    NotServed {
+        /// The file.
+        file: PathBuf,
+        /// Why nothing can be done with it.
+        reason: String,
+    },
+    /// The operation was cancelled; nothing of it is visible.
+    #[error("cancelled")]
+    Cancelled,
     /// An e2fsprogs tool (or mount/cp) failed.
     #[error("{tool} failed ({status}): {stderr}")]
     Tool {
@@ -157,22 +184,6 @@ pub fn parse_size(s: &str) -> Result<u64, BlockError> {
         return Err(bad("ext4 templates start at 1 MiB"));
     }
     Ok(v)
-}
-
-/// `2.0 GiB`-style sizes.
-pub fn human(b: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < U.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
 }
 
 /// What a build starts from.
@@ -253,10 +264,7 @@ pub fn build(store: &Store, req: &BuildRequest) -> Result<Built, BlockError> {
     let (size, parent, generation, from) = match &req.source {
         Source::Image(name) => {
             let digest = store.resolve_image(name)?;
-            let size = req.size.ok_or_else(|| BlockError::BadSize {
-                given: String::new(),
-                reason: "--size is required when building from an image".into(),
-            })?;
+            let size = req.size.ok_or(BlockError::NoSize)?;
             let (einfo, _) = store.image_erofs(&digest, SplitPolicy::Never)?;
             key_doc.insert("tree", serde_json::json!(einfo.tree_digest.to_string()));
             info.insert("image".to_string(), digest.to_string());
@@ -585,6 +593,35 @@ pub fn export_template(store: &Store, id: &Digest, out: &Path) -> Result<Templat
     let map = store.template_map(id)?;
     export(store, &map, out)?;
     Ok(map)
+}
+
+impl From<strata_ops::Cancelled> for BlockError {
+    fn from(_: strata_ops::Cancelled) -> Self {
+        BlockError::Cancelled
+    }
+}
+
+impl strata_ops::HasKind for BlockError {
+    fn kind(&self) -> strata_ops::ErrorKind {
+        use strata_ops::ErrorKind as K;
+        match self {
+            BlockError::Store(e) => e.kind(),
+            BlockError::Mount(strata_sys::MountError::Busy(_))
+            | BlockError::Mount(strata_sys::MountError::AlreadyMounted(_)) => K::Busy,
+            BlockError::Mount(_) => K::Internal,
+            BlockError::Io { source, .. } => K::of_io(source),
+            BlockError::BadSize { .. } | BlockError::BadAdd { .. } | BlockError::NoSize => {
+                K::InvalidInput
+            }
+            BlockError::TooSmall { .. } => K::InvalidInput,
+            BlockError::MissingChunk { .. } => K::NotFound,
+            BlockError::Oci { source, .. } => source.kind(),
+            BlockError::Busy(_) => K::Busy,
+            BlockError::NotServed { .. } => K::NotFound,
+            BlockError::Cancelled => K::Cancelled,
+            BlockError::Tool { .. } => K::Internal,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -6,8 +6,10 @@
 
 #![forbid(unsafe_code)]
 
+mod args;
+mod background;
 mod cmd;
-mod progress;
+mod render;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -70,12 +72,23 @@ pub struct Ctx {
     root: PathBuf,
     quiet: bool,
     json: bool,
+    cancel: strata_ops::Cancel,
 }
 
 impl Ctx {
     fn open_store(&self) -> Result<strata_store::Store> {
         strata_store::Store::open(&self.root)
             .with_context(|| format!("opening store {}", self.root.display()))
+    }
+
+    /// Where this command's events are shown.
+    fn render(&self) -> render::Render {
+        render::Render::new(self.quiet, self.json)
+    }
+
+    /// Events to `sink`, cancelled by Ctrl-C.
+    fn ctl<'a>(&'a self, sink: &'a dyn strata_ops::EventSink) -> strata_ops::Ctl<'a> {
+        strata_ops::Ctl::new(sink, &self.cancel)
     }
 }
 
@@ -102,7 +115,19 @@ fn main() -> ExitCode {
         root: cli.root.clone().unwrap_or_else(default_root),
         quiet: cli.quiet,
         json: cli.json,
+        cancel: strata_ops::Cancel::new(),
     };
+    // Ctrl-C: long operations stop at their next unit and leave nothing
+    // half-visible; a second Ctrl-C ends the process at once
+    {
+        let cancel = ctx.cancel.clone();
+        let _ = ctrlc::set_handler(move || {
+            if cancel.is_cancelled() {
+                std::process::exit(130);
+            }
+            cancel.cancel();
+        });
+    }
     let result = match cli.command {
         Command::Pull(a) => cmd::pull::run(&ctx, a),
         Command::Images => cmd::images::run(&ctx),
@@ -114,13 +139,17 @@ fn main() -> ExitCode {
         Command::Export(a) => cmd::export::run(&ctx, a),
         Command::Mount(a) => cmd::mount::run(&ctx, a),
         Command::Umount(a) => cmd::mount::umount(&ctx, a),
-        Command::Mounts => cmd::lazy::list(&ctx),
+        Command::Mounts => cmd::mounts::run(&ctx),
         Command::Verify(a) => cmd::verify::run(&ctx, a),
         Command::Convert(a) => cmd::convert::run(&ctx, a),
         Command::Rootfs(a) => cmd::rootfs::run(&ctx, a),
     };
     match result {
         Ok(code) => code,
+        Err(e) if ctx.cancel.is_cancelled() => {
+            eprintln!("strata: cancelled: {e:#}");
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("strata: error: {e:#}");
             ExitCode::FAILURE

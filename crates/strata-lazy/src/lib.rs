@@ -21,6 +21,7 @@
 
 mod fetch;
 pub mod fs;
+pub mod mount;
 pub mod state;
 
 use std::collections::HashMap;
@@ -33,6 +34,11 @@ use strata_store::{Store, StoreError};
 use strata_tree::Tree;
 
 pub use fetch::{Fetcher, ReadError, Stats};
+pub use mount::{
+    Fallback, LazyMount, LazyOptions, MountRecord, MountStatus, Mounted, Prefetch, attach, cleanup,
+    list, mount,
+};
+pub use state::{MountState, PrefetchState};
 
 /// Why an image cannot be served lazily, or failed to be prepared.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +72,52 @@ pub enum LazyError {
         /// What is wrong.
         reason: String,
     },
+    /// The mount point cannot be used.
+    #[error("mount point {}: {reason}", path.display())]
+    Target {
+        /// The mount point.
+        path: std::path::PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Something is in use: a mount point, an earlier daemon.
+    #[error("{0}")]
+    Busy(String),
+    /// Mounting or unmounting failed.
+    #[error(transparent)]
+    Mount(#[from] strata_sys::MountError),
+    /// The full pull (fallback or prefetch) failed.
+    #[error(transparent)]
+    Pull(#[from] strata_oci::pull::PullError),
+    /// A local file or thread could not be made.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The failure.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl strata_ops::HasKind for LazyError {
+    fn kind(&self) -> strata_ops::ErrorKind {
+        use strata_ops::ErrorKind as K;
+        match self {
+            LazyError::NotLazy { .. } => K::Unsupported,
+            LazyError::Oci(e) => e.kind(),
+            LazyError::Store(e) => e.kind(),
+            LazyError::Image(_) | LazyError::Layer { .. } => K::InvalidInput,
+            LazyError::Target { .. } => K::InvalidInput,
+            LazyError::Busy(_) => K::Busy,
+            LazyError::Mount(strata_sys::MountError::AlreadyMounted(_))
+            | LazyError::Mount(strata_sys::MountError::Busy(_)) => K::Busy,
+            LazyError::Mount(strata_sys::MountError::NotMounted(_)) => K::NotFound,
+            LazyError::Mount(_) => K::Internal,
+            LazyError::Pull(e) => e.kind(),
+            LazyError::Io { source, .. } => K::of_io(source),
+        }
+    }
 }
 
 /// One layer of a lazy image.

@@ -6,6 +6,41 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use strata_digest::Digest;
+
+/// What a lazy mount's background fetching does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrefetchState {
+    /// Nothing: only what is read is fetched.
+    None,
+    /// Fetching the prefetch list.
+    List,
+    /// Pulling the whole image.
+    All,
+    /// Finished.
+    Done,
+    /// Failed (the reason is in [`MountState::prefetch_error`]).
+    Failed,
+}
+
+impl PrefetchState {
+    /// Whether it is fetching now.
+    pub fn is_busy(self) -> bool {
+        matches!(self, PrefetchState::List | PrefetchState::All)
+    }
+
+    /// Its name, as in the state file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrefetchState::None => "none",
+            PrefetchState::List => "list",
+            PrefetchState::All => "all",
+            PrefetchState::Done => "done",
+            PrefetchState::Failed => "failed",
+        }
+    }
+}
 
 /// One lazy mount.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -17,7 +52,7 @@ pub struct MountState {
     /// What was mounted (as given).
     pub reference: String,
     /// Manifest digest.
-    pub manifest_digest: String,
+    pub manifest_digest: Digest,
     /// The daemon's log file.
     pub log: PathBuf,
     /// Seconds since the epoch at mount.
@@ -32,8 +67,11 @@ pub struct MountState {
     pub image_bytes: u64,
     /// Failed fetches.
     pub errors: u64,
-    /// Prefetch state: "none", "list", "all", "done", or "failed: ...".
-    pub prefetch: String,
+    /// What the background fetching does.
+    pub prefetch: PrefetchState,
+    /// Why the prefetch failed (with [`PrefetchState::Failed`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch_error: Option<String>,
     /// Whether the image is now recorded as pulled.
     pub complete: bool,
     /// Opens that reached the daemon's FUSE data layer (files missing

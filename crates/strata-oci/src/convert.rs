@@ -22,6 +22,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufWriter, Write};
 use std::path::Path;
+use strata_ops::{Ctl, Event, Op, Unit, Warning};
 
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
@@ -421,11 +422,16 @@ pub fn convert_to_layout(
     dir: &Path,
     tag: Option<&str>,
     opts: &ConvertOptions,
+    ctl: Ctl<'_>,
 ) -> Result<ConvertSummary, OciError> {
     // the image must exist before the layout is created
     let loaded = load(store, image)?;
     let dest = LayoutDestination::open(dir, tag)?;
-    convert_loaded(store, loaded, &dest, opts)
+    ctl.emit(Event::Started {
+        op: Op::Convert,
+        subject: image.to_string(),
+    });
+    convert_loaded(store, loaded, &dest, opts, ctl)
 }
 
 /// Write image `image` (in `store`) to `dest`, its layers converted to
@@ -437,9 +443,14 @@ pub fn convert(
     image: &Digest,
     dest: &dyn ImageDestination,
     opts: &ConvertOptions,
+    ctl: Ctl<'_>,
 ) -> Result<ConvertSummary, OciError> {
     let loaded = load(store, image)?;
-    convert_loaded(store, loaded, dest, opts)
+    ctl.emit(Event::Started {
+        op: Op::Convert,
+        subject: image.to_string(),
+    });
+    convert_loaded(store, loaded, dest, opts, ctl)
 }
 
 /// The layers' diff_ids and the config of `image`.
@@ -460,61 +471,34 @@ fn convert_loaded(
     (diff_ids, config): (Vec<Digest>, Vec<u8>),
     dest: &dyn ImageDestination,
     opts: &ConvertOptions,
+    ctl: Ctl<'_>,
 ) -> Result<ConvertSummary, OciError> {
-    let jobs = opts.jobs.max(1);
-    let mut results: Vec<Option<Result<Converted, OciError>>> =
-        (0..diff_ids.len()).map(|_| None).collect();
-    let next = std::sync::Mutex::new(0usize);
-    let failed = std::sync::atomic::AtomicBool::new(false);
-    let done = std::sync::Mutex::new(&mut results);
     let staging = dest.staging_dir();
     let wanted: HashSet<String> = opts.prefetch.iter().map(|p| clean_name(p)).collect();
-    std::thread::scope(|s| {
-        for _ in 0..jobs.min(diff_ids.len().max(1)) {
-            s.spawn(|| {
-                loop {
-                    // after a failure, start no more layers: the result is
-                    // an error anyway
-                    if failed.load(std::sync::atomic::Ordering::Relaxed) {
-                        break;
-                    }
-                    let i = {
-                        let mut n = next.lock().expect("no panics while held");
-                        let i = *n;
-                        *n += 1;
-                        i
-                    };
-                    let Some(d) = diff_ids.get(i) else { break };
-                    let r = convert_layer(store, staging, d, opts, &wanted).and_then(
-                        |(file, outcome, annotations, n)| {
-                            let staged = if dest.eager() {
-                                Staged::Put(dest.put_blob_file(
-                                    LAYER_ZSTD,
-                                    file,
-                                    outcome.digest,
-                                    outcome.size,
-                                )?)
-                            } else {
-                                Staged::File(file)
-                            };
-                            Ok((staged, outcome, annotations, n))
-                        },
-                    );
-                    if r.is_err() {
-                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    done.lock().expect("no panics while held")[i] = Some(r);
-                }
-            });
-        }
-    });
-    // the first error in layer order (layers never started have no
-    // result, and there is an error when one was not started)
-    let mut converted = Vec::with_capacity(results.len());
-    for r in results.into_iter().flatten() {
-        converted.push(r?);
-    }
-    assert_eq!(converted.len(), diff_ids.len(), "every layer was converted");
+    // after a failure or a cancel no more layers start: the first error in
+    // layer order is returned, and staged files go with the destination
+    let converted = strata_ops::par_map(&diff_ids, opts.jobs, ctl.cancel, |index, d| {
+        let unit = Unit::Layer { index, digest: *d };
+        ctl.emit(Event::UnitStarted {
+            op: Op::Convert,
+            unit: unit.clone(),
+            total: None,
+            reused: false,
+        });
+        let (file, outcome, annotations, n) = convert_layer(store, staging, d, opts, &wanted)?;
+        ctl.cancel.check()?;
+        let staged = if dest.eager() {
+            Staged::Put(dest.put_blob_file(LAYER_ZSTD, file, outcome.digest, outcome.size)?)
+        } else {
+            Staged::File(file)
+        };
+        ctl.emit(Event::UnitDone {
+            op: Op::Convert,
+            unit,
+        });
+        Ok::<Converted, OciError>((staged, outcome, annotations, n))
+    })?;
+    ctl.cancel.check()?;
     let mut layers = Vec::new();
     let mut descs: Vec<Descriptor> = Vec::new();
     let mut tar_bytes = 0;
@@ -531,7 +515,11 @@ fn convert_loaded(
         tar_bytes += n;
     }
     // layers with files placed first have new diff_ids
-    let config = if layers.iter().any(|l| l.reordered_from.is_some()) {
+    let reordered = layers.iter().filter(|l| l.reordered_from.is_some()).count();
+    if reordered > 0 {
+        ctl.warn(Op::Convert, Warning::DiffIdsChanged { layers: reordered });
+    }
+    let config = if reordered > 0 {
         let bad = |reason: String| OciError::Format {
             what: "the image config".into(),
             reason,
@@ -556,7 +544,9 @@ fn convert_loaded(
         annotations.insert(PREFETCH_ANNOTATION.to_string(), opts.prefetch.join("\n"));
     }
     let manifest = oci_manifest_bytes(&config_desc, &descs, &annotations)?;
+    ctl.cancel.check()?;
     let manifest_digest = dest.put_manifest(OCI_MANIFEST, &manifest)?;
+    ctl.emit(Event::Finished { op: Op::Convert });
     Ok(ConvertSummary {
         manifest_digest,
         layers,

@@ -126,6 +126,15 @@ pub enum OciError {
         /// Platforms in the index.
         available: String,
     },
+    /// The operation was cancelled; nothing of it became visible.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl From<strata_ops::Cancelled> for OciError {
+    fn from(_: strata_ops::Cancelled) -> Self {
+        OciError::Cancelled
+    }
 }
 
 /// An image resolved to one manifest, with its config, all verified.
@@ -266,4 +275,30 @@ pub(crate) fn verify(what: &str, bytes: &[u8], expected: &Digest) -> Result<(), 
         });
     }
     Ok(())
+}
+
+impl strata_ops::HasKind for OciError {
+    fn kind(&self) -> strata_ops::ErrorKind {
+        use strata_ops::ErrorKind as K;
+        match self {
+            OciError::Reference { .. } => K::InvalidInput,
+            OciError::Format { .. } => K::InvalidInput,
+            OciError::DigestMismatch { .. } => K::DigestMismatch,
+            OciError::Registry { status, .. } => match status {
+                404 => K::NotFound,
+                401 => K::Unauthorized,
+                403 => K::Denied,
+                400 | 416 => K::InvalidInput,
+                415 => K::Unsupported,
+                500..=599 | 429 => K::Unavailable,
+                _ => K::Internal,
+            },
+            OciError::Auth { .. } => K::Unauthorized,
+            OciError::Network { .. } => K::Unavailable,
+            OciError::Io { source, .. } => K::of_io(source),
+            OciError::NoRanges { .. } => K::Unsupported,
+            OciError::NoPlatform { .. } => K::NotFound,
+            OciError::Cancelled => K::Cancelled,
+        }
+    }
 }

@@ -24,6 +24,7 @@ use std::sync::mpsc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use strata_digest::{Digest, VerifyingReader};
+use strata_ops::{Cancelled, Ctl, ErrorKind, Event, HasKind, Op, Unit, Warning};
 use strata_store::{BlobInfo, ImageLayer, ImageMeta, LayerMeta, Store, StoreError};
 use strata_tar::TarError;
 
@@ -44,22 +45,6 @@ pub struct PullOptions {
     /// Whether the image's EROFS is split into a shared base part.
     pub split: strata_store::SplitPolicy,
 }
-
-/// Receives progress events; the CLI renders them, the server exposes them.
-pub trait Progress: Send + Sync {
-    /// The image was resolved; `layers` is the number of layers.
-    fn resolved(&self, _manifest_digest: &Digest, _layers: usize) {}
-    /// Layer `index` starts downloading (`reused == false`) or is reused.
-    fn layer_start(&self, _index: usize, _desc: &Descriptor, _reused: bool) {}
-    /// `n` more compressed bytes of layer `index` arrived.
-    fn layer_bytes(&self, _index: usize, _n: u64) {}
-    /// Layer `index` is committed.
-    fn layer_done(&self, _index: usize) {}
-}
-
-/// Progress sink that ignores everything.
-pub struct NoProgress;
-impl Progress for NoProgress {}
 
 /// What a pull did.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -84,13 +69,29 @@ pub struct PullSummary {
     pub tree_digest: Option<Digest>,
     /// Layers pulled partially (zstd:chunked: only missing files fetched).
     pub layers_partial: usize,
-    /// Why chunked layers were pulled in full, and similar remarks.
+    /// Layers pulled partially: what each fetched.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub notes: Vec<String>,
+    pub partial: Vec<PartialLayer>,
+    /// What the pull warned about (also sent as events).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<Warning>,
     /// Set when the tree could not become an EROFS image (the image is
     /// still stored and exportable, but cannot be mounted).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub erofs_error: Option<String>,
+}
+
+/// A layer pulled partially (zstd:chunked: only missing files fetched).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PartialLayer {
+    /// The layer blob's digest.
+    pub digest: Digest,
+    /// Files fetched from the registry.
+    pub files_fetched: u64,
+    /// Bytes downloaded for it (TOC and tar-split included).
+    pub downloaded: u64,
+    /// Files the store had.
+    pub files_local: u64,
 }
 
 /// Why a pull failed.
@@ -115,6 +116,26 @@ pub enum PullError {
     /// The config does not fit the manifest.
     #[error("config {0}: {1}")]
     Config(Digest, String),
+    /// The pull was cancelled; nothing of it became visible.
+    #[error("pull cancelled")]
+    Cancelled,
+}
+
+impl From<Cancelled> for PullError {
+    fn from(_: Cancelled) -> Self {
+        PullError::Cancelled
+    }
+}
+
+impl HasKind for PullError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            PullError::Oci(e) => e.kind(),
+            PullError::Store(e) => e.kind(),
+            PullError::Layer { .. } | PullError::Config(..) => ErrorKind::InvalidInput,
+            PullError::Cancelled => ErrorKind::Cancelled,
+        }
+    }
 }
 
 /// Pull `reference` into `store` and name it `name`.
@@ -123,20 +144,46 @@ pub fn pull(
     reference: &ImageRef,
     name: &str,
     opts: &PullOptions,
-    progress: &dyn Progress,
+    ctl: Ctl<'_>,
 ) -> Result<PullSummary, PullError> {
     let source = open_source(reference, &opts.registry)?;
-    pull_from(store, source.as_ref(), name, opts, progress)
+    pull_from(store, source.as_ref(), name, opts, ctl)
 }
 
-/// Pull from an already opened source.
+/// Pull from an already opened source. Events go to `ctl.events`; once
+/// `ctl.cancel` fires, the pull stops at its next read and returns
+/// [`PullError::Cancelled`] with nothing of it committed but whole layers.
 pub fn pull_from(
     store: &Store,
     source: &dyn ImageSource,
     name: &str,
     opts: &PullOptions,
-    progress: &dyn Progress,
+    ctl: Ctl<'_>,
 ) -> Result<PullSummary, PullError> {
+    ctl.emit(Event::Started {
+        op: Op::Pull,
+        subject: name.to_string(),
+    });
+    let r = pull_inner(store, source, name, opts, ctl);
+    match r {
+        Ok(s) => {
+            ctl.emit(Event::Finished { op: Op::Pull });
+            Ok(s)
+        }
+        // a failure caused by the cancel (a read cut short) says so
+        Err(_) if ctl.cancel.is_cancelled() => Err(PullError::Cancelled),
+        Err(e) => Err(e),
+    }
+}
+
+fn pull_inner(
+    store: &Store,
+    source: &dyn ImageSource,
+    name: &str,
+    opts: &PullOptions,
+    ctl: Ctl<'_>,
+) -> Result<PullSummary, PullError> {
+    ctl.cancel.check()?;
     let resolved = source.resolve(&opts.platform)?;
     let manifest = &resolved.manifest;
     let config = parse_config(&resolved.config_bytes)?;
@@ -162,7 +209,11 @@ pub fn pull_from(
             })?,
         );
     }
-    progress.resolved(&resolved.manifest_digest, manifest.layers.len());
+    ctl.emit(Event::Resolved {
+        op: Op::Pull,
+        manifest_digest: resolved.manifest_digest,
+        layers: manifest.layers.len(),
+    });
 
     let summary = Mutex::new(PullSummary {
         name: name.to_string(),
@@ -175,10 +226,11 @@ pub fn pull_from(
         files_deduplicated: 0,
         tree_digest: None,
         layers_partial: 0,
-        notes: Vec::new(),
+        partial: Vec::new(),
+        warnings: Vec::new(),
         erofs_error: None,
     });
-    let notes: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let notes: Mutex<Notes> = Mutex::new(Notes::default());
     let downloaded = AtomicU64::new(0);
     // Records of layers imported by this pull, kept to validate the image
     // without reading them back.
@@ -191,6 +243,10 @@ pub fn pull_from(
             s.spawn(|| {
                 loop {
                     if first_error.lock().expect("lock").is_some() {
+                        return;
+                    }
+                    if let Err(c) = ctl.cancel.check() {
+                        first_error.lock().expect("lock").get_or_insert(c.into());
                         return;
                     }
                     let index = next.fetch_add(1, Ordering::SeqCst);
@@ -206,7 +262,7 @@ pub fn pull_from(
                         desc,
                         compressions[index],
                         diff_id,
-                        progress,
+                        ctl,
                         &downloaded,
                         &notes,
                     );
@@ -224,7 +280,13 @@ pub fn pull_from(
                                     sum.files_deduplicated += stats.files_deduplicated;
                                 }
                             }
-                            progress.layer_done(index);
+                            ctl.emit(Event::UnitDone {
+                                op: Op::Pull,
+                                unit: Unit::Layer {
+                                    index,
+                                    digest: manifest.layers[index].digest,
+                                },
+                            });
                         }
                         Err(e) => {
                             first_error.lock().expect("lock").get_or_insert(e);
@@ -240,7 +302,10 @@ pub fn pull_from(
     }
     let mut summary = summary.into_inner().expect("threads joined");
     summary.bytes_downloaded = downloaded.load(Ordering::SeqCst);
-    summary.notes = notes.into_inner().expect("threads joined");
+    let notes = notes.into_inner().expect("threads joined");
+    summary.partial = notes.partial;
+    summary.warnings = notes.warnings;
+    ctl.cancel.check()?;
 
     // The layers are valid one by one; the image is valid only if they
     // flatten (hardlinks resolve, no path escapes through a symlink).
@@ -290,7 +355,12 @@ pub fn pull_from(
     store.set_ref(name, &resolved.manifest_digest)?;
     match store.build_image_erofs(&resolved.manifest_digest, Some(&tree), opts.split) {
         Ok(info) => summary.tree_digest = Some(info.tree_digest),
-        Err(strata_store::StoreError::Unsupported(e)) => summary.erofs_error = Some(e),
+        Err(strata_store::StoreError::Unsupported(e)) => {
+            let w = Warning::NotMountable { reason: e.clone() };
+            ctl.warn(Op::Pull, w.clone());
+            summary.warnings.push(w);
+            summary.erofs_error = Some(e);
+        }
         Err(e) => return Err(e.into()),
     }
     Ok(summary)
@@ -305,9 +375,9 @@ fn pull_layer(
     desc: &Descriptor,
     compression: LayerCompression,
     diff_id: Digest,
-    progress: &dyn Progress,
+    ctl: Ctl<'_>,
     downloaded: &AtomicU64,
-    notes: &Mutex<Vec<String>>,
+    notes: &Mutex<Notes>,
 ) -> Result<Option<(strata_store::BatchStats, strata_tar::LayerRecord, bool)>, PullError> {
     let layer_err = |reason: String| PullError::Layer {
         index,
@@ -316,7 +386,7 @@ fn pull_layer(
     };
     if store.has_layer(&diff_id) {
         store.add_blob_alias(&desc.digest, &diff_id)?;
-        progress.layer_start(index, desc, true);
+        layer_started(ctl, index, desc, true);
         return Ok(None);
     }
     if let Some(known) = store.layer_by_blob(&desc.digest) {
@@ -325,17 +395,20 @@ fn pull_layer(
                 "config says diff_id {diff_id} but this blob is known to decompress to {known}"
             )));
         }
-        progress.layer_start(index, desc, true);
+        layer_started(ctl, index, desc, true);
         return Ok(None);
     }
-    progress.layer_start(index, desc, false);
+    layer_started(ctl, index, desc, false);
     if strata_chunked::reader::locate(&desc.annotations).is_some() {
         match crate::partial::fetch(store, source, desc, downloaded)? {
             Ok(fetched) => {
-                notes.lock().expect("lock").push(format!(
-                    "layer {}: partial pull: {} files fetched ({} bytes with the TOC), {} from the store",
-                    desc.digest, fetched.files_fetched, fetched.downloaded, fetched.files_local
-                ));
+                notes.lock().expect("lock").partial.push(PartialLayer {
+                    digest: desc.digest,
+                    files_fetched: fetched.files_fetched as u64,
+                    downloaded: fetched.downloaded,
+                    files_local: fetched.files_local as u64,
+                });
+                ctl.cancel.check()?;
                 let mut batch = store.object_batch()?;
                 let imported = std::thread::scope(|scope| {
                     let (r, w) = io::pipe().map_err(|e| layer_err(e.to_string()))?;
@@ -359,17 +432,25 @@ fn pull_layer(
                 let stats = commit_imported(store, desc, diff_id, &imported, batch)?;
                 return Ok(Some((stats, imported.record, true)));
             }
-            Err(crate::partial::Fallback(why)) => notes
-                .lock()
-                .expect("lock")
-                .push(format!("layer {}: pulled in full: {why}", desc.digest)),
+            Err(crate::partial::Fallback(why)) => {
+                let w = Warning::FullPull {
+                    index,
+                    digest: desc.digest,
+                    reason: why,
+                };
+                ctl.warn(Op::Pull, w.clone());
+                notes.lock().expect("lock").warnings.push(w);
+            }
         }
     }
     let blob = source.open_blob(desc, 0)?;
     let counted = CountingReader {
         inner: blob,
         index,
-        progress,
+        desc,
+        ctl,
+        done: 0,
+        last_event: 0,
         total: downloaded,
     };
     let verified = VerifyingReader::new(
@@ -449,18 +530,55 @@ fn io_error_text(e: &io::Error) -> String {
     }
 }
 
+/// What layers say besides their stats.
+#[derive(Default)]
+struct Notes {
+    partial: Vec<PartialLayer>,
+    warnings: Vec<Warning>,
+}
+
+fn layer_started(ctl: Ctl<'_>, index: usize, desc: &Descriptor, reused: bool) {
+    ctl.emit(Event::UnitStarted {
+        op: Op::Pull,
+        unit: Unit::Layer {
+            index,
+            digest: desc.digest,
+        },
+        total: Some(desc.size),
+        reused,
+    });
+}
+
+/// Counts a blob's bytes, reports them (at most every 256 KiB), and stops
+/// the stream once the pull is cancelled.
 struct CountingReader<'a, R> {
     inner: R,
     index: usize,
-    progress: &'a dyn Progress,
+    desc: &'a Descriptor,
+    ctl: Ctl<'a>,
+    done: u64,
+    last_event: u64,
     total: &'a AtomicU64,
 }
 
 impl<R: Read> Read for CountingReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.ctl.cancel.check()?;
         let n = self.inner.read(buf)?;
         self.total.fetch_add(n as u64, Ordering::Relaxed);
-        self.progress.layer_bytes(self.index, n as u64);
+        self.done += n as u64;
+        if self.done - self.last_event >= 256 * 1024 || (n == 0 && self.done > self.last_event) {
+            self.last_event = self.done;
+            self.ctl.emit(Event::Progress {
+                op: Op::Pull,
+                unit: Unit::Layer {
+                    index: self.index,
+                    digest: self.desc.digest,
+                },
+                done: self.done,
+                total: Some(self.desc.size),
+            });
+        }
         Ok(n)
     }
 }

@@ -10,10 +10,12 @@ use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 use strata_digest::{Digest, Hasher};
+
+use strata_ops::{Ctl, Event, Op, Unit};
 
 use crate::{Result, Store, io_err, list_hex_names, unescape_ref};
 
@@ -41,10 +43,14 @@ impl FsckReport {
     }
 }
 
-pub(crate) fn run(store: &Store) -> Result<FsckReport> {
+pub(crate) fn run(store: &Store, ctl: Ctl<'_>) -> Result<FsckReport> {
+    ctl.emit(Event::Started {
+        op: Op::Fsck,
+        subject: store.root().display().to_string(),
+    });
     let mut report = FsckReport::default();
     let root = store.root();
-    let verity = check_objects(store, &mut report)?;
+    let verity = check_objects(store, &mut report, ctl)?;
 
     for layer in list_hex_names(&root.join("layers"))? {
         report.layers += 1;
@@ -192,6 +198,7 @@ pub(crate) fn run(store: &Store) -> Result<FsckReport> {
         }
     }
     check_templates(store, &mut report)?;
+    ctl.emit(Event::Finished { op: Op::Fsck });
     Ok(report)
 }
 
@@ -232,7 +239,15 @@ fn check_templates(store: &Store, report: &mut FsckReport) -> Result<()> {
     Ok(())
 }
 
-fn check_objects(store: &Store, report: &mut FsckReport) -> Result<HashMap<Digest, [u8; 32]>> {
+/// An object that hashed right (its digest and fs-verity digest), or a
+/// problem.
+type Checked = (Option<(Digest, [u8; 32])>, Option<String>);
+
+fn check_objects(
+    store: &Store,
+    report: &mut FsckReport,
+    ctl: Ctl<'_>,
+) -> Result<HashMap<Digest, [u8; 32]>> {
     let objects = store.root().join("objects");
     let mut files: Vec<(String, PathBuf)> = Vec::new();
     for fan in fs::read_dir(&objects).map_err(io_err("listing", &objects))? {
@@ -253,35 +268,49 @@ fn check_objects(store: &Store, report: &mut FsckReport) -> Result<HashMap<Diges
         }
     }
     report.objects = files.len() as u64;
-    let problems = Mutex::new(Vec::new());
-    let verity = Mutex::new(HashMap::new());
-    let next = Mutex::new(files.into_iter());
-    std::thread::scope(|s| {
-        for _ in 0..2 {
-            s.spawn(|| {
-                loop {
-                    let item = next.lock().expect("no panics while held").next();
-                    let Some((name, path)) = item else { break };
-                    let problem = match name.parse::<Digest>() {
-                        Err(_) => Some(format!("object {}: name is not a digest", path.display())),
-                        Ok(want) => match crate::erofs::hash_both(&path) {
-                            Ok((got, v)) if got == want => {
-                                verity.lock().expect("no panics while held").insert(want, v);
-                                None
-                            }
-                            Ok((got, _)) => Some(format!("object {want}: content hashes to {got}")),
-                            Err(e) => Some(format!("object {want}: {e}")),
-                        },
-                    };
-                    if let Some(p) = problem {
-                        problems.lock().expect("no panics while held").push(p);
-                    }
-                }
-            });
+    let total = files.len() as u64;
+    let done = AtomicU64::new(0);
+    // hashing is CPU-bound: one thread per core
+    let checked = strata_ops::par_map(
+        &files,
+        strata_ops::default_jobs(8),
+        ctl.cancel,
+        |_, (name, path)| -> Result<Checked> {
+            let r = match name.parse::<Digest>() {
+                Err(_) => (
+                    None,
+                    Some(format!("object {}: name is not a digest", path.display())),
+                ),
+                Ok(want) => match crate::erofs::hash_both(path) {
+                    Ok((got, v)) if got == want => (Some((want, v)), None),
+                    Ok((got, _)) => (
+                        None,
+                        Some(format!("object {want}: content hashes to {got}")),
+                    ),
+                    Err(e) => (None, Some(format!("object {want}: {e}"))),
+                },
+            };
+            let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_multiple_of(1024) || n == total {
+                ctl.emit(Event::Progress {
+                    op: Op::Fsck,
+                    unit: Unit::Objects,
+                    done: n,
+                    total: Some(total),
+                });
+            }
+            Ok(r)
+        },
+    )?;
+    let mut verity = HashMap::new();
+    let mut problems = Vec::new();
+    for (v, p) in checked {
+        if let Some((d, v)) = v {
+            verity.insert(d, v);
         }
-    });
-    let mut problems = problems.into_inner().expect("threads joined");
+        problems.extend(p);
+    }
     problems.sort();
     report.problems.extend(problems);
-    Ok(verity.into_inner().expect("threads joined"))
+    Ok(verity)
 }

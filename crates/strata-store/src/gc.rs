@@ -12,6 +12,8 @@ use std::path::Path;
 use serde::Serialize;
 use strata_digest::Digest;
 
+use strata_ops::{Ctl, Event, Op};
+
 use crate::{Result, Store, io_err, list_hex_names};
 
 /// What a gc freed (or would free, on a dry run).
@@ -33,7 +35,14 @@ pub struct GcReport {
     pub bytes_freed: u64,
 }
 
-pub(crate) fn run(store: &Store, dry_run: bool) -> Result<GcReport> {
+pub(crate) fn run(store: &Store, dry_run: bool, ctl: Ctl<'_>) -> Result<GcReport> {
+    ctl.emit(Event::Started {
+        op: Op::Gc,
+        subject: store.root().display().to_string(),
+    });
+    // marking removes nothing; sweeping checks the cancel before each
+    // removal (each one leaves a valid store: only unreachable things go)
+    ctl.cancel.check()?;
     let mut report = GcReport {
         dry_run,
         ..Default::default()
@@ -41,7 +50,20 @@ pub(crate) fn run(store: &Store, dry_run: bool) -> Result<GcReport> {
     let root = store.root();
     // Named images, and images mounted now (their objects are in use).
     let mut live_images: HashSet<Digest> = store.refs()?.into_values().collect();
-    live_images.extend(mounted_images());
+    let (mounted_images, served_templates, mount_points) = mounted()?;
+    live_images.extend(mounted_images);
+    // What live leases keep; stale leases go.
+    let mut leased_objects: HashSet<Digest> = HashSet::new();
+    let mut leased_templates: HashSet<Digest> = HashSet::new();
+    for (path, lease) in crate::leases::all(root)? {
+        if lease.is_live(&mount_points) {
+            live_images.extend(lease.roots.images.iter().copied());
+            leased_objects.extend(lease.roots.objects.iter().copied());
+            leased_templates.extend(lease.roots.templates.iter().copied());
+        } else if !dry_run {
+            let _ = fs::remove_file(&path);
+        }
+    }
     let mut live_layers = HashSet::new();
     for img in store.image_digests()? {
         if live_images.contains(&img) {
@@ -52,6 +74,7 @@ pub(crate) fn run(store: &Store, dry_run: bool) -> Result<GcReport> {
             report.bytes_freed += dir_size(&dir);
             report.images.push(img);
             if !dry_run {
+                ctl.cancel.check()?;
                 fs::remove_dir_all(&dir).map_err(io_err("removing image", &dir))?;
             }
         }
@@ -85,13 +108,15 @@ pub(crate) fn run(store: &Store, dry_run: bool) -> Result<GcReport> {
             report.bytes_freed += dir_size(&dir);
             report.layers.push(layer);
             if !dry_run {
+                ctl.cancel.check()?;
                 fs::remove_dir_all(&dir).map_err(io_err("removing layer", &dir))?;
             }
         }
     }
     // Templates: named ones and served ones live; their chunks are objects.
     let mut live_templates: HashSet<Digest> = store.template_names()?.into_values().collect();
-    live_templates.extend(crate::templates::served_templates());
+    live_templates.extend(served_templates);
+    live_templates.extend(leased_templates);
     for id in store.template_ids()? {
         if live_templates.contains(&id) {
             match store.template_map(&id) {
@@ -127,16 +152,18 @@ pub(crate) fn run(store: &Store, dry_run: bool) -> Result<GcReport> {
             let name = format!("sha256:{prefix}{}", e.file_name().to_string_lossy());
             let live = name
                 .parse::<Digest>()
-                .is_ok_and(|d| live_objects.contains(&d));
+                .is_ok_and(|d| live_objects.contains(&d) || leased_objects.contains(&d));
             if !live {
                 report.objects += 1;
                 report.bytes_freed += e.metadata().map(|m| m.len()).unwrap_or(0);
                 if !dry_run {
+                    ctl.cancel.check()?;
                     fs::remove_file(e.path()).map_err(io_err("removing object", e.path()))?;
                 }
             }
         }
     }
+    ctl.emit(Event::Finished { op: Op::Gc });
     Ok(report)
 }
 
@@ -150,17 +177,22 @@ fn dir_size(p: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// Images mounted by `strata mount` in this mount namespace: their mount
-/// source is `strata:<manifest digest>`.
-fn mounted_images() -> Vec<Digest> {
-    let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
+/// Images mounted by `strata mount` (mount source `strata:<manifest
+/// digest>`) and templates served (`strata-rootfs:<id>`) in this mount
+/// namespace, and every mount point. Unreadable mountinfo is an error: gc
+/// does not guess what is in use.
+fn mounted() -> Result<(Vec<Digest>, Vec<Digest>, Vec<std::path::PathBuf>)> {
+    let mounts = strata_sys::mounts().map_err(|e| crate::StoreError::Io {
+        action: "reading mounts",
+        path: "/proc/self/mountinfo".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let of = |prefix: &str| -> Vec<Digest> {
+        mounts
+            .iter()
+            .filter_map(|m| m.source.strip_prefix(prefix)?.parse().ok())
+            .collect()
     };
-    text.lines()
-        .filter_map(|l| {
-            let after = l.split(" - ").nth(1)?;
-            let source = after.split(' ').nth(1)?;
-            source.strip_prefix("strata:")?.parse().ok()
-        })
-        .collect()
+    let points = mounts.iter().map(|m| m.mount_point.clone()).collect();
+    Ok((of("strata:"), of("strata-rootfs:"), points))
 }

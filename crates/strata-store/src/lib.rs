@@ -42,6 +42,7 @@
 mod erofs;
 mod fsck;
 mod gc;
+mod leases;
 mod objects;
 mod templates;
 
@@ -61,6 +62,7 @@ pub use erofs::{
 };
 pub use fsck::FsckReport;
 pub use gc::GcReport;
+pub use leases::{Lease, LeaseRecord, LeaseRoots, process_start_time};
 pub use objects::{BatchStats, ObjectBatch};
 pub use templates::{BLOCK_SIZE, CHUNK_SIZE, Extent, MAP_VERSION, TemplateMap, TemplateRemote};
 
@@ -103,6 +105,17 @@ pub enum StoreError {
     /// Lock contention that cannot be waited out.
     #[error("store {0} is locked by another process")]
     Locked(PathBuf),
+    /// The operation was cancelled; what it did so far is consistent.
+    #[error("cancelled")]
+    Cancelled,
+    /// The store is in use by others and the operation needs it alone.
+    #[error("store {} is in use{}", path.display(), if holders.is_empty() { String::from(" by other processes") } else { format!(" by: {}", holders.join(", ")) })]
+    Busy {
+        /// The store.
+        path: PathBuf,
+        /// Live leases: who holds what.
+        holders: Vec<String>,
+    },
 }
 
 /// Result alias.
@@ -172,6 +185,12 @@ pub struct ImageMeta {
     pub created: u64,
 }
 
+/// The mount source of a composefs mount of an image (`strata:<manifest
+/// digest>`): gc keeps images mounted this way.
+pub fn composefs_source(manifest_digest: &Digest) -> String {
+    format!("strata:{manifest_digest}")
+}
+
 /// The on-disk store. Holds the store lock (shared) for its lifetime.
 pub struct Store {
     root: PathBuf,
@@ -194,8 +213,8 @@ impl Store {
 
     /// Open the store holding the lock exclusive (gc). Waits for every other
     /// user of the store to finish.
-    pub fn open_exclusive(root: impl AsRef<Path>) -> Result<Store> {
-        Self::open_with(root.as_ref(), true)
+    pub fn open_exclusive(root: impl AsRef<Path>) -> Result<ExclusiveStore> {
+        Self::open_with(root.as_ref(), true).map(ExclusiveStore)
     }
 
     fn open_with(root: &Path, exclusive: bool) -> Result<Store> {
@@ -223,6 +242,10 @@ impl Store {
         let alone = flock(&lock, FlockOperation::NonBlockingLockExclusive).is_ok();
         if alone {
             clean_dir(&root.join("tmp"))?;
+        } else {
+            // others work here: remove only the staging of processes gone
+            // (a resident daemon never finds itself alone)
+            clean_dead_staging(&root.join("tmp"));
         }
         if !exclusive {
             flock(&lock, FlockOperation::LockShared).map_err(lock_err)?;
@@ -241,6 +264,64 @@ impl Store {
             staging,
             _lock: lock,
         })
+    }
+
+    /// Open the store alone for gc. Short operations (a pull, a build) are
+    /// waited for; when long-lived holders keep it (a lazy mount's or a
+    /// served template's daemon: their live leases), fail at once with
+    /// [`StoreError::Busy`] naming them instead of waiting forever.
+    pub fn open_for_gc(root: impl AsRef<Path>) -> Result<ExclusiveStore> {
+        let root = root.as_ref();
+        fs::create_dir_all(root).map_err(io_err("creating store", root))?;
+        let lock_path = root.join("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err("opening store lock", &lock_path))?;
+        use rustix::fs::{FlockOperation, flock};
+        if flock(&lock, FlockOperation::NonBlockingLockExclusive).is_err() {
+            let holders: Vec<String> = leases::all(root)?
+                .into_iter()
+                .filter(|(_, l)| l.holder_runs())
+                .map(|(_, l)| format!("{} (pid {})", l.holder, l.pid))
+                .collect();
+            if !holders.is_empty() {
+                return Err(StoreError::Busy {
+                    path: root.to_path_buf(),
+                    holders,
+                });
+            }
+        }
+        drop(lock);
+        Self::open_exclusive(root)
+    }
+
+    /// Record that `holder` uses `roots` until the returned lease is
+    /// dropped: gc keeps them, whichever process runs it.
+    pub fn lease(&self, holder: &str, roots: LeaseRoots) -> Result<Lease> {
+        leases::take(&self.root, holder, roots, None)
+    }
+
+    /// A lease that also stays live while `mount_point` is mounted (a
+    /// mount whose files read what `roots` names).
+    pub fn lease_for_mount(
+        &self,
+        holder: &str,
+        roots: LeaseRoots,
+        mount_point: &Path,
+    ) -> Result<Lease> {
+        leases::take(&self.root, holder, roots, Some(mount_point.to_path_buf()))
+    }
+
+    /// Every lease on record (live or stale).
+    pub fn leases(&self) -> Result<Vec<LeaseRecord>> {
+        Ok(leases::all(&self.root)?
+            .into_iter()
+            .map(|(_, l)| l)
+            .collect())
     }
 
     /// The store's root directory.
@@ -589,16 +670,31 @@ impl Store {
         Ok(out)
     }
 
-    /// Mark and sweep: keep what refs reach, remove the rest. Needs a store
-    /// opened with [`Store::open_exclusive`].
-    pub fn gc(&self, dry_run: bool) -> Result<GcReport> {
-        gc::run(self, dry_run)
-    }
-
     /// Check everything: re-hash every object, decode every record, rebuild
     /// every layer and compare with its diff_id, check images and refs.
-    pub fn fsck(&self) -> Result<FsckReport> {
-        fsck::run(self)
+    pub fn fsck(&self, ctl: strata_ops::Ctl<'_>) -> Result<FsckReport> {
+        fsck::run(self, ctl)
+    }
+}
+
+/// The store opened alone ([`Store::open_exclusive`]): the only handle
+/// that can run gc, so no pull is between "object written" and "record
+/// committed" while it sweeps.
+pub struct ExclusiveStore(Store);
+
+impl std::ops::Deref for ExclusiveStore {
+    type Target = Store;
+    fn deref(&self) -> &Store {
+        &self.0
+    }
+}
+
+impl ExclusiveStore {
+    /// Mark and sweep: keep what refs, live leases and mounts reach, remove
+    /// the rest. Fails (removing nothing) when it cannot tell what is in
+    /// use: mountinfo unreadable, a lease unreadable.
+    pub fn gc(&self, dry_run: bool, ctl: strata_ops::Ctl<'_>) -> Result<GcReport> {
+        gc::run(&self.0, dry_run, ctl)
     }
 }
 
@@ -664,6 +760,25 @@ fn list_hex_names(dir: &Path) -> Result<Vec<Digest>> {
     }
     out.sort();
     Ok(out)
+}
+
+/// Remove `tmp/<pid>-<n>` staging dirs whose process is gone.
+fn clean_dead_staging(dir: &Path) {
+    let Ok(rd) = fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.split_once('-'))
+            .and_then(|(p, n)| n.parse::<u64>().ok().and(p.parse::<u32>().ok()))
+        else {
+            continue;
+        };
+        if leases::process_start_time(pid).is_none() {
+            make_writable(&e.path());
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 pub(crate) fn clean_dir(dir: &Path) -> Result<()> {
@@ -735,6 +850,28 @@ pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(p: &Path, what: &'static s
         path: p.to_path_buf(),
         reason: e.to_string(),
     })
+}
+
+impl From<strata_ops::Cancelled> for StoreError {
+    fn from(_: strata_ops::Cancelled) -> Self {
+        StoreError::Cancelled
+    }
+}
+
+impl strata_ops::HasKind for StoreError {
+    fn kind(&self) -> strata_ops::ErrorKind {
+        use strata_ops::ErrorKind as K;
+        match self {
+            StoreError::Io { source, .. } => K::of_io(source),
+            StoreError::ImageNotFound(_)
+            | StoreError::TemplateNotFound(_)
+            | StoreError::LayerNotFound(_) => K::NotFound,
+            StoreError::Corrupt { .. } => K::DigestMismatch,
+            StoreError::Unsupported(_) => K::Unsupported,
+            StoreError::Locked(_) | StoreError::Busy { .. } => K::Busy,
+            StoreError::Cancelled => K::Cancelled,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -316,6 +316,6 @@ mod tests {
         let small = b"small object 3";
         batch.put(&mut &small[..], small.len() as u64).unwrap();
         assert_eq!(batch.commit().unwrap().objects_written, 0);
-        assert!(store.fsck().unwrap().is_ok());
+        assert!(store.fsck(strata_ops::Ctl::none()).unwrap().is_ok());
     }
 }

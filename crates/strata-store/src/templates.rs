@@ -381,20 +381,6 @@ impl Store {
     }
 }
 
-/// Template ids served now (FUSE mounts whose source is `strata-rootfs:<id>`).
-pub(crate) fn served_templates() -> Vec<Digest> {
-    let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    text.lines()
-        .filter_map(|l| {
-            let after = l.split(" - ").nth(1)?;
-            let source = after.split(' ').nth(1)?;
-            source.strip_prefix("strata-rootfs:")?.parse().ok()
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,10 +14,15 @@
 //! - [`measure_verity`] / [`enable_verity`]: the fs-verity ioctls, with
 //!   "this kernel or filesystem has no fs-verity" as a distinct answer.
 //!
+//! - [`daemon`]: re-executing a command as a background process, its
+//!   readiness report, and stopping it (wait, then kill).
+//!
 //! What it does not own: deciding what to mount. Callers (the CLI) resolve
 //! images in the store and hand over paths.
 
 #![deny(missing_docs)]
+
+pub mod daemon;
 
 use std::ffi::OsString;
 use std::fs::File;

@@ -5,12 +5,12 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use strata_oci::convert::{ConvertOptions, Format, convert, convert_to_layout};
-use strata_oci::pull::{NoProgress, PullOptions, pull};
+use strata_oci::pull::{PullOptions, pull};
 use strata_oci::push::RegistryDestination;
 use strata_oci::{ImageRef, Platform};
 
-use super::human;
 use crate::Ctx;
+use strata_ops::human_bytes as human;
 
 /// Arguments of `strata convert`.
 #[derive(clap::Args)]
@@ -44,13 +44,9 @@ pub struct Args {
     /// as it is); the list only travels in the manifest annotation.
     #[arg(long, requires = "prefetch_list")]
     keep_order: bool,
-    /// Use plain HTTP (no TLS) for a registry source or destination.
-    #[arg(long)]
-    plain_http: bool,
-    /// Registry credentials file (auth.json format), for a registry source
-    /// or destination.
-    #[arg(long, env = "REGISTRY_AUTH_FILE")]
-    authfile: Option<std::path::PathBuf>,
+    /// For a registry source or destination.
+    #[command(flatten)]
+    registry: crate::args::RegistryArgs,
 }
 
 /// Where the converted image goes.
@@ -73,7 +69,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         .parse()
         .with_context(|| format!("parsing destination {:?}", a.dest))?;
     let store = ctx.open_store()?;
-    let registry = super::pull::registry_options(&store, a.plain_http, a.authfile.clone());
+    let registry = a.registry.options(&store)?;
     let target = match &dest {
         ImageRef::OciLayout { dir, tag } => Dest::Layout {
             dir,
@@ -104,7 +100,10 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
                 split: strata_store::SplitPolicy::Auto(strata_store::DEFAULT_SPLIT_THRESHOLD),
             };
             let name = reference.to_string();
-            pull(&store, &reference, &name, &opts, &NoProgress)
+            let render = ctx.render();
+            let pulled = pull(&store, &reference, &name, &opts, ctx.ctl(&render));
+            render.finish();
+            pulled
                 .with_context(|| format!("pulling {name}"))?
                 .manifest_digest
         }
@@ -126,11 +125,15 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         place_first: !prefetch.is_empty() && !a.keep_order,
         prefetch,
     };
+    let render = ctx.render();
     let summary = match &target {
-        Dest::Layout { dir, tag } => convert_to_layout(&store, &image, dir, *tag, &opts),
-        Dest::Registry(r) => convert(&store, &image, r.as_ref(), &opts),
-    }
-    .with_context(|| format!("converting {image} to {dest}"))?;
+        Dest::Layout { dir, tag } => {
+            convert_to_layout(&store, &image, dir, *tag, &opts, ctx.ctl(&render))
+        }
+        Dest::Registry(r) => convert(&store, &image, r.as_ref(), &opts, ctx.ctl(&render)),
+    };
+    render.finish();
+    let summary = summary.with_context(|| format!("converting {image} to {dest}"))?;
     let secs = t0.elapsed().as_secs_f64();
     if ctx.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);

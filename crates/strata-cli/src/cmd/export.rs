@@ -105,7 +105,7 @@ fn export_erofs(
                 println!(
                     "exported {digest} to {} (EROFS, {})",
                     path.display(),
-                    super::human(n)
+                    strata_ops::human_bytes(n)
                 );
             }
             Ok(ExitCode::SUCCESS)

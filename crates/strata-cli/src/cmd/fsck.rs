@@ -8,7 +8,10 @@ use crate::Ctx;
 
 pub fn run(ctx: &Ctx) -> Result<ExitCode> {
     let store = ctx.open_store()?;
-    let report = store.fsck()?;
+    let render = ctx.render();
+    let report = store.fsck(ctx.ctl(&render));
+    render.finish();
+    let report = report?;
     if ctx.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

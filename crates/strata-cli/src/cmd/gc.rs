@@ -3,8 +3,8 @@
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+use strata_ops::human_bytes;
 
-use super::human;
 use crate::Ctx;
 
 /// Arguments of `strata gc`.
@@ -16,31 +16,14 @@ pub struct Args {
 }
 
 pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
-    // A lazy mount's daemon holds the store (its fetched files belong to
-    // no image yet): gc would wait for it forever, so say so instead.
-    let serving: Vec<String> = super::lazy::serving(&ctx.root)
-        .iter()
-        .map(|d| d.display().to_string())
-        .collect();
-    if !serving.is_empty() {
-        anyhow::bail!(
-            "lazy mounts serve from this store ({}): gc needs the store to itself; `strata umount` them first",
-            serving.join(", ")
-        );
-    }
-    let served: Vec<String> = super::rootfs_serve::serving(&ctx.root)
-        .iter()
-        .map(|d| d.display().to_string())
-        .collect();
-    if !served.is_empty() {
-        anyhow::bail!(
-            "templates are served from this store ({}): gc needs the store to itself; `strata umount` them first",
-            served.join(", ")
-        );
-    }
-    let store = strata_store::Store::open_exclusive(&ctx.root)
+    // waits for short operations; names long-lived holders (lazy mounts,
+    // served templates) instead of waiting for them forever
+    let store = strata_store::Store::open_for_gc(&ctx.root)
         .with_context(|| format!("opening store {} for gc", ctx.root.display()))?;
-    let report = store.gc(a.dry_run)?;
+    let render = ctx.render();
+    let report = store.gc(a.dry_run, ctx.ctl(&render));
+    render.finish();
+    let report = report?;
     if ctx.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
@@ -56,7 +39,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
     }
     println!(
         "{verb} {}: {} images, {} layers, {} objects, {} blob aliases",
-        human(report.bytes_freed),
+        human_bytes(report.bytes_freed),
         report.images.len(),
         report.layers.len(),
         report.objects,

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 
-use super::human;
 use crate::Ctx;
+use strata_ops::human_bytes as human;
 
 pub fn run(ctx: &Ctx) -> Result<ExitCode> {
     let store = ctx.open_store()?;

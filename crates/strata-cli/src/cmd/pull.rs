@@ -3,27 +3,23 @@
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+use strata_oci::ImageRef;
 use strata_oci::pull::{PullOptions, pull};
-use strata_oci::{ImageRef, Platform, RegistryOptions};
+use strata_ops::human_bytes;
 
-use super::human;
 use crate::Ctx;
-use crate::progress::TermProgress;
+use crate::args::{RegistryArgs, SplitArgs, platform};
 
 /// Arguments of `strata pull`.
 #[derive(clap::Args)]
 pub struct Args {
     /// Image reference (skopeo transport syntax).
     reference: String,
-    /// Use plain HTTP for the registry (no TLS).
-    #[arg(long)]
-    plain_http: bool,
+    #[command(flatten)]
+    registry: RegistryArgs,
     /// Platform to pick from an index, os/arch[/variant].
     #[arg(long)]
     platform: Option<String>,
-    /// Registry credentials file (auth.json format).
-    #[arg(long, env = "REGISTRY_AUTH_FILE")]
-    authfile: Option<std::path::PathBuf>,
     /// Layers downloaded at once.
     #[arg(long, default_value_t = 3)]
     jobs: usize,
@@ -31,59 +27,23 @@ pub struct Args {
     split: SplitArgs,
 }
 
-/// How an image's EROFS tree is stored.
-#[derive(clap::Args)]
-pub struct SplitArgs {
-    /// Keep a layer-chain prefix shared by other images as its own EROFS
-    /// base part (auto: when at least --split-threshold images share it).
-    #[arg(long, value_enum, default_value_t = SplitMode::Auto)]
-    split_base: SplitMode,
-    /// Images that must share a base chain before `auto` splits it out.
-    #[arg(long, default_value_t = strata_store::DEFAULT_SPLIT_THRESHOLD)]
-    split_threshold: usize,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum SplitMode {
-    Auto,
-    Never,
-    Always,
-}
-
-impl SplitArgs {
-    /// The store's policy for these flags.
-    pub fn policy(&self) -> strata_store::SplitPolicy {
-        match self.split_base {
-            SplitMode::Auto => strata_store::SplitPolicy::Auto(self.split_threshold),
-            SplitMode::Never => strata_store::SplitPolicy::Never,
-            SplitMode::Always => strata_store::SplitPolicy::Always,
-        }
-    }
-}
-
 pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
     let reference: ImageRef = a
         .reference
         .parse()
         .with_context(|| format!("parsing image reference {:?}", a.reference))?;
-    let platform = match &a.platform {
-        Some(p) => p
-            .parse()
-            .with_context(|| format!("parsing platform {p:?}"))?,
-        None => Platform::host_default(),
-    };
     let store = ctx.open_store()?;
     let opts = PullOptions {
-        platform,
-        registry: registry_options(&store, a.plain_http, a.authfile.clone()),
+        platform: platform(a.platform.as_deref())?,
+        registry: a.registry.options(&store)?,
         jobs: a.jobs,
         split: a.split.policy(),
     };
     let name = reference.to_string();
-    let progress = TermProgress::new(!ctx.quiet && !ctx.json);
-    let summary = pull(&store, &reference, &name, &opts, &progress)
+    let render = ctx.render();
+    let summary = pull(&store, &reference, &name, &opts, ctx.ctl(&render))
         .with_context(|| format!("pulling {name}"));
-    progress.finish();
+    render.finish();
     let summary = summary?;
     if ctx.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -96,51 +56,22 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
             summary.manifest_digest,
             summary.layers_reused,
             summary.layers_fetched,
-            human(summary.bytes_downloaded),
-            human(summary.bytes_written),
+            human_bytes(summary.bytes_downloaded),
+            human_bytes(summary.bytes_written),
             summary.files_deduplicated
         );
+        for p in &summary.partial {
+            println!(
+                "layer {}: partial pull: {} files fetched ({} with the TOC), {} from the store",
+                p.digest,
+                p.files_fetched,
+                human_bytes(p.downloaded),
+                p.files_local
+            );
+        }
         if let Some(t) = &summary.tree_digest {
             println!("tree {t}");
         }
     }
-    if !ctx.quiet {
-        for n in &summary.notes {
-            eprintln!("strata: {n}");
-        }
-    }
-    if let Some(e) = &summary.erofs_error {
-        eprintln!("strata: warning: {} cannot be mounted: {e}", summary.name);
-    }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Registry options for a command: flags plus the store's insecure list.
-pub fn registry_options(
-    store: &strata_store::Store,
-    plain_http: bool,
-    auth_file: Option<std::path::PathBuf>,
-) -> RegistryOptions {
-    RegistryOptions {
-        plain_http,
-        auth_file,
-        user_agent: format!("strata/{}", env!("CARGO_PKG_VERSION")),
-        insecure_registries: insecure_registries(store),
-        stall_timeout: None,
-    }
-}
-
-/// Registries named in `$STRATA_ROOT/registries.json` (`{"insecure":
-/// ["host:port", ...]}`) are reached over plain HTTP without `--plain-http`.
-fn insecure_registries(store: &strata_store::Store) -> Vec<String> {
-    #[derive(serde::Deserialize)]
-    struct Conf {
-        #[serde(default)]
-        insecure: Vec<String>,
-    }
-    std::fs::read(store.root().join("registries.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Conf>(&b).ok())
-        .map(|c| c.insecure)
-        .unwrap_or_default()
 }

@@ -1,15 +1,16 @@
 //! `strata rootfs push NAME REF` and `strata rootfs pull REF`: templates
 //! through an OCI registry (see `strata_block::artifact`).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use strata_oci::ImageRef;
 
-use super::human;
+use strata_ops::human_bytes as human;
+
 use crate::Ctx;
+use crate::args::RegistryArgs;
 
 /// Arguments of `strata rootfs push`.
 #[derive(clap::Args)]
@@ -18,12 +19,8 @@ pub struct PushArgs {
     pub name: String,
     /// docker://HOST[:PORT]/REPO[:TAG]
     pub reference: String,
-    /// Use plain HTTP for the registry.
-    #[arg(long)]
-    pub plain_http: bool,
-    /// Registry credentials file (auth.json format).
-    #[arg(long, env = "REGISTRY_AUTH_FILE")]
-    pub authfile: Option<PathBuf>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     /// Chunks uploaded at once.
     #[arg(long, default_value_t = 8)]
     pub jobs: usize,
@@ -41,12 +38,8 @@ pub struct PullArgs {
     /// fetches chunks as they are read).
     #[arg(long)]
     pub all: bool,
-    /// Use plain HTTP for the registry.
-    #[arg(long)]
-    pub plain_http: bool,
-    /// Registry credentials file (auth.json format).
-    #[arg(long, env = "REGISTRY_AUTH_FILE")]
-    pub authfile: Option<PathBuf>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     /// Chunks fetched at once (with --all).
     #[arg(long, default_value_t = 8)]
     pub jobs: usize,
@@ -66,7 +59,7 @@ pub fn push(ctx: &Ctx, a: PushArgs) -> Result<ExitCode> {
     let store = ctx.open_store()?;
     let id = store.resolve_template(&a.name)?;
     let reference = parse_ref(&a.reference)?;
-    let opts = super::pull::registry_options(&store, a.plain_http, a.authfile.clone());
+    let opts = a.registry.options(&store)?;
     let t = Instant::now();
     let r = strata_block::artifact::push(&store, &id, &reference, &opts, a.jobs)
         .with_context(|| format!("pushing template {} to {reference}", a.name))?;
@@ -93,7 +86,7 @@ pub fn push(ctx: &Ctx, a: PushArgs) -> Result<ExitCode> {
 pub fn pull(ctx: &Ctx, a: PullArgs) -> Result<ExitCode> {
     let store = ctx.open_store()?;
     let reference = parse_ref(&a.reference)?;
-    let opts = super::pull::registry_options(&store, a.plain_http, a.authfile.clone());
+    let opts = a.registry.options(&store)?;
     let t = Instant::now();
     let r = strata_block::artifact::pull(&store, &reference, &opts, a.all, a.jobs)
         .with_context(|| format!("pulling template {reference}"))?;

@@ -7,8 +7,12 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use strata_block::{BuildRequest, Source};
 
-use super::human;
+use strata_ops::human_bytes as human;
+
 use crate::Ctx;
+
+mod artifact;
+mod serve;
 
 /// Arguments of `strata rootfs`.
 #[derive(clap::Args)]
@@ -31,13 +35,13 @@ enum Cmd {
     /// Write a template as a sparse raw image file.
     Export(ExportArgs),
     /// Serve a template as a FUSE file (loop-mount it or give it to a VMM).
-    Serve(super::rootfs_serve::ServeArgs),
+    Serve(serve::ServeArgs),
     /// Turn the blocks written to a `serve --writable` file into a child template.
-    Commit(super::rootfs_serve::CommitArgs),
+    Commit(serve::CommitArgs),
     /// Push a template to a registry as an OCI artifact.
-    Push(super::rootfs_artifact::PushArgs),
+    Push(artifact::PushArgs),
     /// Pull a template's map from a registry (chunks come on demand).
-    Pull(super::rootfs_artifact::PullArgs),
+    Pull(artifact::PullArgs),
 }
 
 #[derive(clap::Args)]
@@ -88,10 +92,10 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         Cmd::Inspect(n) => inspect(ctx, n),
         Cmd::Rm(n) => rm(ctx, n),
         Cmd::Export(e) => export(ctx, e),
-        Cmd::Serve(s) => super::rootfs_serve::serve(ctx, s),
-        Cmd::Commit(c) => super::rootfs_serve::commit(ctx, c),
-        Cmd::Push(p) => super::rootfs_artifact::push(ctx, p),
-        Cmd::Pull(p) => super::rootfs_artifact::pull(ctx, p),
+        Cmd::Serve(s) => serve::serve(ctx, s),
+        Cmd::Commit(c) => serve::commit(ctx, c),
+        Cmd::Push(p) => artifact::push(ctx, p),
+        Cmd::Pull(p) => artifact::pull(ctx, p),
     }
 }
 

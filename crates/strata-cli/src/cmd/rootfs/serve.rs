@@ -1,0 +1,143 @@
+//! `strata rootfs serve NAME FILE [--writable]` and `strata rootfs commit
+//! FILE --name NEW` (see `strata_block::served`).
+//!
+//! Without `--foreground`, serve starts itself again as a daemon (log in
+//! `<store>/serve/<key>/log`) and returns once the file is served.
+//! `strata umount FILE` stops it; writes not committed are then dropped.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use strata_block::served::{self, ServeRequest};
+use strata_ops::human_bytes as human;
+use strata_sys::daemon;
+
+use crate::Ctx;
+use crate::args::RegistryArgs;
+
+/// Arguments of `strata rootfs serve`.
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Template name or id.
+    pub name: String,
+    /// The file to serve it at (created if missing).
+    pub file: PathBuf,
+    /// Keep writes in a local sparse overlay (see `strata rootfs commit`).
+    #[arg(long)]
+    pub writable: bool,
+    /// Stay in the foreground, logging to stderr.
+    #[arg(long)]
+    pub foreground: bool,
+    /// For a pulled template: how to reach its registry.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// Arguments of `strata rootfs commit`.
+#[derive(clap::Args)]
+pub struct CommitArgs {
+    /// The served file.
+    pub file: PathBuf,
+    /// Name of the new template.
+    #[arg(long)]
+    pub name: String,
+}
+
+pub fn serve(ctx: &Ctx, a: ServeArgs) -> Result<ExitCode> {
+    let store = ctx.open_store()?;
+    let id = store.resolve_template(&a.name)?;
+    if !daemon::is_daemon() {
+        let (file, dropped) = served::prepare_file(&ctx.root, &a.file)?;
+        if dropped > 0 {
+            eprintln!(
+                "strata: dropping {dropped} chunks written to {} earlier and never committed",
+                file.display()
+            );
+        }
+        if !a.foreground {
+            let log = strata_block::serve::serve_dir(&ctx.root, &file).join("log");
+            return crate::background::started(ctx, "rootfs serve", &log);
+        }
+    }
+    crate::background::init_log();
+    let started = Instant::now();
+    let req = ServeRequest {
+        template: id,
+        name: a.name.clone(),
+        file: a.file.clone(),
+        writable: a.writable,
+        registry: a.registry.options(&store)?,
+    };
+    let s = match served::serve(Arc::new(store), &req) {
+        Ok(s) => s,
+        Err(e) => {
+            let e = anyhow::Error::new(e).context(format!("serving template {}", a.name));
+            if daemon::is_daemon() {
+                daemon::notify(&serde_json::json!({ "error": format!("{e:#}") }).to_string());
+            }
+            return Err(e);
+        }
+    };
+    let st = s.status();
+    let msg = format!(
+        "serving {} ({id}, {}) at {} {} in {:.0} ms ({} of {} chunks to fetch{})",
+        a.name,
+        human(st.size),
+        s.file().display(),
+        if a.writable {
+            "read-write (writes kept in an overlay: `strata rootfs commit`)"
+        } else {
+            "read-only"
+        },
+        started.elapsed().as_secs_f64() * 1000.0,
+        st.chunks_missing,
+        st.chunks_total,
+        st.remote
+            .as_ref()
+            .map(|r| format!(" from {r}"))
+            .unwrap_or_default()
+    );
+    tracing::info!("{msg}");
+    crate::background::ready(
+        ctx,
+        &serde_json::json!({"message": msg, "template": id.to_string()}),
+    );
+    s.wait().context("serving the template")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn commit(ctx: &Ctx, a: CommitArgs) -> Result<ExitCode> {
+    let store = ctx.open_store()?;
+    let c = served::commit(&store, &a.file, &a.name).map_err(|e| match e {
+        e @ strata_block::BlockError::NotServed { .. } => anyhow::Error::new(e).context(format!(
+            "committing {} (serve it with `strata rootfs serve NAME {} --writable`)",
+            a.file.display(),
+            a.file.display()
+        )),
+        e => anyhow::Error::new(e).context(format!("committing {}", a.file.display())),
+    })?;
+    if ctx.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "name": a.name, "id": c.id.to_string(), "parent": c.parent.to_string(),
+                "written_chunks": c.written_chunks, "new_chunks": c.new_chunks, "new_bytes": c.new_bytes,
+            })
+        );
+    } else if !ctx.quiet {
+        println!(
+            "committed {} as {} ({}): {} chunks written, {} new ({}), parent {}",
+            a.file.display(),
+            a.name,
+            c.id,
+            c.written_chunks,
+            c.new_chunks,
+            human(c.new_bytes),
+            c.parent
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

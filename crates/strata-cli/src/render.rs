@@ -1,0 +1,146 @@
+//! Terminal rendering of library events: one bar per layer (bytes, rate,
+//! ETA) on a terminal, warnings as `strata: warning: ...` lines, and with
+//! `--json` every event as a JSON line on stderr (stdout keeps the result).
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use strata_ops::{Event, EventSink, Unit};
+
+/// How events are shown.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Bars (when stderr is a terminal) and warnings.
+    Term,
+    /// JSON lines on stderr.
+    Json,
+    /// Nothing but warnings.
+    Quiet,
+}
+
+/// Renders events for one command.
+pub struct Render {
+    mode: Mode,
+    multi: Option<MultiProgress>,
+    bars: Mutex<HashMap<usize, ProgressBar>>,
+    /// Last progress line printed per unit (JSON mode: at most 5 a second).
+    last: Mutex<HashMap<String, Instant>>,
+}
+
+impl Render {
+    /// A renderer for the global flags.
+    pub fn new(quiet: bool, json: bool) -> Self {
+        let mode = if json {
+            Mode::Json
+        } else if quiet {
+            Mode::Quiet
+        } else {
+            Mode::Term
+        };
+        let bars_on = mode == Mode::Term && std::io::stderr().is_terminal();
+        Render {
+            mode,
+            multi: bars_on.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr())),
+            bars: Mutex::new(HashMap::new()),
+            last: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Clear the bars.
+    pub fn finish(&self) {
+        if let Some(m) = &self.multi {
+            let _ = m.clear();
+        }
+    }
+
+    fn json(&self, e: &Event) {
+        if let Event::Progress {
+            unit, done, total, ..
+        } = e
+        {
+            let key = serde_json::to_string(unit).unwrap_or_default();
+            let mut last = self.last.lock().expect("no panics while held");
+            let now = Instant::now();
+            let due = last
+                .get(&key)
+                .is_none_or(|t| now.duration_since(*t) >= Duration::from_millis(200));
+            if !due && Some(*done) != *total {
+                return;
+            }
+            last.insert(key, now);
+        }
+        let mut v = serde_json::to_value(e).unwrap_or_default();
+        if let Event::Warning { warning, .. } = e {
+            v["message"] = serde_json::json!(warning.to_string());
+        }
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(err, "{v}");
+    }
+
+    fn bar(&self, index: usize, total: u64, prefix: String, reused: bool) {
+        let Some(m) = &self.multi else { return };
+        let bar = m.add(ProgressBar::new(total));
+        let style = ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        bar.set_style(style);
+        bar.set_prefix(prefix);
+        if reused {
+            bar.set_position(total);
+            bar.finish_with_message("already in store");
+        }
+        self.bars
+            .lock()
+            .expect("no panics while held")
+            .insert(index, bar);
+    }
+}
+
+impl EventSink for Render {
+    fn event(&self, e: &Event) {
+        match self.mode {
+            Mode::Json => return self.json(e),
+            Mode::Quiet | Mode::Term => {}
+        }
+        match e {
+            Event::Warning { warning, .. } => {
+                if let Some(m) = &self.multi {
+                    let _ = m.println(format!("strata: warning: {warning}"));
+                } else {
+                    eprintln!("strata: warning: {warning}");
+                }
+            }
+            Event::UnitStarted {
+                unit: Unit::Layer { index, digest },
+                total,
+                reused,
+                ..
+            } => self.bar(*index, total.unwrap_or(0), digest.short(), *reused),
+            Event::Progress {
+                unit: Unit::Layer { index, .. },
+                done,
+                ..
+            } => {
+                if let Some(bar) = self.bars.lock().expect("no panics while held").get(index) {
+                    bar.set_position(*done);
+                }
+            }
+            Event::UnitDone {
+                unit: Unit::Layer { index, .. },
+                ..
+            } => {
+                if let Some(bar) = self.bars.lock().expect("no panics while held").get(index)
+                    && !bar.is_finished()
+                {
+                    bar.finish_with_message("done");
+                }
+            }
+            _ => {}
+        }
+    }
+}

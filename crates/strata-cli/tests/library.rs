@@ -1,0 +1,311 @@
+//! strata as a library: what the snapshotter and the service will call,
+//! driven here without the binary. Pull -> lazy mount -> reads -> prefetch
+//! -> unmount -> gc through library calls with their events collected;
+//! cancelled pulls; gc running in a loop while other threads work.
+//! Root: the lazy mount needs FUSE and overlayfs.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use strata_lazy::{Fallback, LazyOptions, Mounted, Prefetch};
+use strata_oci::pull::{PullError, PullOptions, pull};
+use strata_oci::{ImageRef, Platform, RegistryOptions};
+use strata_ops::{Cancel, Collect, Ctl, ErrorKind, Event, EventSink, HasKind, Op, Unit};
+use strata_store::{SplitPolicy, Store};
+
+fn pull_opts() -> PullOptions {
+    PullOptions {
+        platform: Platform::host_default(),
+        registry: RegistryOptions {
+            plain_http: true,
+            ..Default::default()
+        },
+        jobs: 3,
+        split: SplitPolicy::Never,
+    }
+}
+
+/// The debian+python fixture converted to zstd:chunked and pushed to a
+/// fresh registry, all through library calls but the push (skopeo).
+fn converted_in_registry(dir: &Path) -> (Registry, ImageRef) {
+    let reg = Registry::start();
+    let store = Store::open(dir.join("conv-store")).unwrap();
+    let src: ImageRef = oci_ref(&debian_layout(), "python").parse().unwrap();
+    let s = pull(&store, &src, "src", &pull_opts(), Ctl::none()).unwrap();
+    let out = dir.join("out");
+    let opts = strata_oci::convert::ConvertOptions {
+        format: strata_oci::convert::Format::ZstdChunked,
+        level: 3,
+        jobs: 2,
+        prefetch: Vec::new(),
+        place_first: false,
+    };
+    let events = Collect::new();
+    let cancel = Cancel::new();
+    strata_oci::convert::convert_to_layout(
+        &store,
+        &s.manifest_digest,
+        &out,
+        Some("python"),
+        &opts,
+        Ctl::new(&events, &cancel),
+    )
+    .unwrap();
+    let ev = events.events();
+    let layers_done = ev
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::UnitDone {
+                    op: Op::Convert,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(layers_done, 2, "one UnitDone per layer: {ev:?}");
+    assert!(matches!(
+        ev.last(),
+        Some(Event::Finished { op: Op::Convert })
+    ));
+    reg.push(
+        &format!("oci:{}:python", out.display()),
+        "py:1",
+        &["--preserve-digests"],
+    );
+    let r = format!("docker://{}/py:1", reg.addr).parse().unwrap();
+    (reg, r)
+}
+
+#[test]
+fn pull_lazy_mount_read_prefetch_unmount_gc_through_the_library() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_reg, reference) = converted_in_registry(tmp.path());
+    let root = tmp.path().join("store");
+    let target = tmp.path().join("mnt");
+    std::fs::create_dir_all(&target).unwrap();
+    let want = umoci_unpack(&debian_layout(), "python", &tmp.path().join("umoci"));
+
+    let events = Arc::new(Collect::new());
+    let store = Arc::new(Store::open(&root).unwrap());
+    let opts = LazyOptions {
+        fallback: Fallback::Fail,
+        prefetch: Prefetch::All,
+        prefetch_list: Some("/usr/bin/python3.11\n".into()),
+        record: None,
+        passthrough: false,
+        fetch_jobs: 4,
+        pull: pull_opts(),
+    };
+    let source: Arc<dyn strata_oci::ImageSource> =
+        Arc::from(strata_oci::open_source(&reference, &opts.pull.registry).unwrap());
+    let mounted = strata_lazy::mount(
+        store.clone(),
+        source,
+        "py",
+        &target,
+        &opts,
+        events.clone() as Arc<dyn EventSink>,
+    )
+    .unwrap();
+    let Mounted::Lazy(m) = mounted else {
+        panic!("a zstd:chunked image in an empty store mounts lazily")
+    };
+    let (to_fetch, total) = m.files_to_fetch();
+    assert_eq!(to_fetch, total, "an empty store has none of the files");
+    assert!(total > 1000, "{total}");
+    // reads through the mount are the image's bytes
+    for p in [
+        "usr/bin/python3.11",
+        "etc/os-release",
+        "usr/lib/python3.11/json/decoder.py",
+    ] {
+        let got = std::fs::read(target.join(p)).unwrap();
+        assert!(got == std::fs::read(want.join(p)).unwrap(), "{p}");
+    }
+    // a restarted manager finds the mount by its state alone
+    let canonical = target.canonicalize().unwrap();
+    let rec = strata_lazy::attach(&root, &canonical).unwrap();
+    assert_eq!(rec.status, strata_lazy::MountStatus::Serving);
+    assert_eq!(rec.state.manifest_digest, m.manifest_digest());
+    // prefetch `all` ends in a pull that records the image
+    let t = Instant::now();
+    while !m.status().complete {
+        assert!(t.elapsed() < Duration::from_secs(180), "{:?}", m.status());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let st = m.status();
+    assert_eq!(st.prefetch, strata_lazy::PrefetchState::Done);
+    assert_eq!(st.errors, 0);
+    m.unmount().unwrap();
+    assert!(
+        !strata_sys::mounts()
+            .unwrap()
+            .iter()
+            .any(|mi| mi.mount_point == canonical),
+        "unmounted"
+    );
+    assert!(
+        strata_lazy::attach(&root, &canonical).is_err(),
+        "nothing left on record"
+    );
+
+    let ev = events.events();
+    let started: Vec<Op> = ev
+        .iter()
+        .filter_map(|e| match e {
+            Event::Started { op, .. } => Some(*op),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(started, [Op::LazyPrepare, Op::Prefetch, Op::Pull], "{ev:?}");
+    assert!(ev.contains(&Event::Finished { op: Op::Prefetch }), "{ev:?}");
+    assert!(
+        ev.iter().any(|e| matches!(
+            e,
+            Event::UnitDone {
+                op: Op::Pull,
+                unit: Unit::Layer { index: 1, .. }
+            }
+        )),
+        "the prefetch pull reports its layers: {ev:?}"
+    );
+    assert!(events.warnings().is_empty(), "{ev:?}");
+
+    // gc keeps the pulled image (named by the prefetch pull) and fsck passes
+    drop(store);
+    let gc = Store::open_for_gc(&root).unwrap();
+    let report = gc.gc(false, Ctl::none()).unwrap();
+    assert!(report.images.is_empty(), "{report:?}");
+    let fsck = gc.fsck(Ctl::none()).unwrap();
+    assert!(fsck.is_ok(), "{:?}", fsck.problems);
+    drop(gc);
+    let store = Store::open(&root).unwrap();
+    let digest = store.resolve_image("py").unwrap();
+    assert_eq!(digest, rec.state.manifest_digest);
+}
+
+/// Cancels once it has seen `after` events.
+struct CancelAfter {
+    seen: std::sync::atomic::AtomicUsize,
+    after: usize,
+    cancel: Cancel,
+}
+
+impl EventSink for CancelAfter {
+    fn event(&self, _: &Event) {
+        if self.seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 >= self.after {
+            self.cancel.cancel();
+        }
+    }
+}
+
+#[test]
+fn a_cancelled_pull_leaves_nothing_and_a_rerun_converges() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src: ImageRef = oci_ref(&debian_layout(), "python").parse().unwrap();
+    let reference = {
+        let store = Store::open(tmp.path().join("ref")).unwrap();
+        pull(&store, &src, "py", &pull_opts(), Ctl::none()).unwrap()
+    };
+    let root = tmp.path().join("store");
+    // at the start, after the first layer began, and deep into the blobs
+    for after in [1, 3, 12, 40] {
+        let cancel = Cancel::new();
+        let sink = CancelAfter {
+            seen: Default::default(),
+            after,
+            cancel: cancel.clone(),
+        };
+        let store = Store::open(&root).unwrap();
+        let r = pull(&store, &src, "py", &pull_opts(), Ctl::new(&sink, &cancel));
+        match r {
+            Err(e @ PullError::Cancelled) => assert_eq!(e.kind(), ErrorKind::Cancelled),
+            other => panic!("cancelled after {after} events: {other:?}"),
+        }
+        assert!(store.resolve_image("py").is_err(), "no image is visible");
+        let fsck = store.fsck(Ctl::none()).unwrap();
+        assert!(fsck.is_ok(), "after {after}: {:?}", fsck.problems);
+        let tmpdir = root.join("tmp");
+        drop(store);
+        assert_eq!(
+            std::fs::read_dir(&tmpdir).unwrap().count(),
+            0,
+            "no staging is left in tmp/"
+        );
+    }
+    let store = Store::open(&root).unwrap();
+    let s = pull(&store, &src, "py", &pull_opts(), Ctl::none()).unwrap();
+    assert_eq!(s.manifest_digest, reference.manifest_digest);
+    assert_eq!(s.tree_digest, reference.tree_digest, "the re-run converges");
+    assert!(store.fsck(Ctl::none()).unwrap().is_ok());
+}
+
+#[test]
+fn gc_in_a_loop_never_takes_what_other_threads_use() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("store");
+    let apps = apps_layout();
+    let expected: Vec<_> = (0..6)
+        .map(|i| {
+            let s = Store::open(tmp.path().join(format!("ref{i}"))).unwrap();
+            let r: ImageRef = oci_ref(&apps, &format!("app-{i}")).parse().unwrap();
+            pull(&s, &r, "x", &pull_opts(), Ctl::none())
+                .unwrap()
+                .tree_digest
+        })
+        .collect();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let sweeps = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        // gc sweeps whenever it can
+        s.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let gc = Store::open_for_gc(&root).unwrap();
+                gc.gc(false, Ctl::none()).unwrap();
+                sweeps.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(gc);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        // two threads pull, re-pull and remove images meanwhile
+        let workers: Vec<_> = (0..2)
+            .map(|w| {
+                let (root, apps) = (&root, &apps);
+                s.spawn(move || {
+                    for round in 0..3 {
+                        for i in (w * 3)..(w * 3 + 3) {
+                            let store = Store::open(root).unwrap();
+                            let r: ImageRef = oci_ref(apps, &format!("app-{i}")).parse().unwrap();
+                            let name = format!("app-{i}");
+                            pull(&store, &r, &name, &pull_opts(), Ctl::none()).unwrap();
+                            if round == 1 {
+                                store.remove_image(&name).unwrap();
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    assert!(sweeps.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    let store = Store::open(&root).unwrap();
+    let fsck = store.fsck(Ctl::none()).unwrap();
+    assert!(fsck.is_ok(), "{:?}", fsck.problems);
+    for (i, want) in expected.iter().enumerate() {
+        let d = store.resolve_image(&format!("app-{i}")).unwrap();
+        let v = store.verify_image(&d).unwrap();
+        assert!(v.problems.is_empty(), "app-{i}: {:?}", v.problems);
+        let (info, _) = store.image_erofs(&d, SplitPolicy::Never).unwrap();
+        assert_eq!(Some(info.tree_digest), *want, "app-{i}");
+    }
+}

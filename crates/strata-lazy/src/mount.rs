@@ -1,0 +1,846 @@
+//! A lazy mount as a value: started from a store, an image source and
+//! options; observed through [`LazyMount::status`]; served until unmounted
+//! ([`LazyMount::wait`]) or unmounted by its owner ([`LazyMount::unmount`]);
+//! found again from its saved state by a process that did not start it
+//! ([`attach`], [`list`]).
+//!
+//! ```text
+//! mount(store, source, name, target, options, events)
+//!   image in the store?          -> composefs mount          -> Mounted::Composefs
+//!   prepare (TOCs, tar-splits)   -> a layer is not chunked   -> full pull + composefs
+//!                                                               (Auto) or NotLazy (Require)
+//!   reserve the prefetch list, start the prefetch thread
+//!   <mdir>/image.erofs (the tree; files redirect to objects)
+//!   <mdir>/data: FUSE of missing contents (fs.rs)
+//!   overlay at target: image.erofs over [objects/, data]     -> Mounted::Lazy(LazyMount)
+//!   a state thread rewrites <mdir>/state.json every 500 ms and
+//!   detaches the data layer once the target is unmounted
+//! ```
+//!
+//! `<mdir>` is `<store>/lazy/<hash of the target>` ([`mount_dir`]). The
+//! FUSE server lives in the process that called [`mount`]: the CLI makes
+//! that a daemon of its own (one per mount, see `strata_sys::daemon`), so a
+//! manager that restarts does not take running containers' data with it;
+//! the restarted manager finds the mount with [`attach`].
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use strata_digest::Digest;
+use strata_oci::ImageSource;
+use strata_oci::pull::{PullOptions, pull_from};
+use strata_ops::{Cancel, Ctl, Event, EventSink, Op, Warning};
+use strata_store::Store;
+
+use crate::fs::{LazyFs, MountConfig, Recorder};
+use crate::state::{MountState, PrefetchState, mount_dir};
+use crate::{Fetcher, LazyError, LazyImage};
+
+/// What to do when an image cannot be read lazily.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// Pull it in full and mount it the composefs way (with a warning).
+    Pull,
+    /// Fail with [`LazyError::NotLazy`].
+    Fail,
+}
+
+/// What is fetched in the background.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefetch {
+    /// Only what is read.
+    None,
+    /// The prefetch list (and files placed first).
+    List,
+    /// The list first, then a pull of the whole image, which records it.
+    All,
+}
+
+/// How to mount lazily.
+#[derive(Debug, Clone)]
+pub struct LazyOptions {
+    /// When the image cannot be lazy.
+    pub fallback: Fallback,
+    /// Background fetching.
+    pub prefetch: Prefetch,
+    /// Paths (one per line) fetched first; `None`: the list in the
+    /// manifest's annotation, and the files placed first in the layers.
+    pub prefetch_list: Option<String>,
+    /// Write the paths read, in first-read order, to this file.
+    pub record: Option<PathBuf>,
+    /// Serve fetched files by FUSE passthrough (the mount then cannot be
+    /// the lower layer of another overlay).
+    pub passthrough: bool,
+    /// Fetches at once.
+    pub fetch_jobs: usize,
+    /// For the full pull (fallback and `Prefetch::All`).
+    pub pull: PullOptions,
+}
+
+/// How an image was mounted.
+pub enum Mounted {
+    /// It was in the store: a composefs mount, nothing to serve.
+    Composefs {
+        /// The image.
+        manifest_digest: Digest,
+    },
+    /// It could not be lazy: pulled in full, then a composefs mount.
+    Full {
+        /// The image.
+        manifest_digest: Digest,
+        /// Why it could not be lazy.
+        reason: String,
+    },
+    /// Lazily: served by this process until unmounted.
+    Lazy(Box<LazyMount>),
+}
+
+/// A lazy mount served by this process.
+pub struct LazyMount {
+    target: PathBuf,
+    mdir: PathBuf,
+    manifest_digest: Digest,
+    to_fetch: u64,
+    files_total: u64,
+    toc_bytes: u64,
+    session: Option<fuser::BackgroundSession>,
+    data: PathBuf,
+    state: Arc<Mutex<MountState>>,
+    done: Arc<AtomicBool>,
+    updater: Option<std::thread::JoinHandle<()>>,
+    record: Option<(PathBuf, Arc<Recorder>)>,
+    image: Arc<LazyImage>,
+    prefetch_cancel: Cancel,
+    /// Keeps the image's contents from gc while mounted (also after this
+    /// process is gone, while the mount stays).
+    _lease: strata_store::Lease,
+}
+
+/// Whether a mount on record is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MountStatus {
+    /// Its daemon runs and it is mounted.
+    Serving,
+    /// Still mounted but its daemon is gone: reads of missing files fail
+    /// (ENOTCONN); [`cleanup`] after unmounting.
+    Stale,
+    /// Not mounted (its daemon is ending or gone).
+    NotMounted,
+}
+
+/// A lazy mount on record in a store, served by some process.
+#[derive(Debug, Clone)]
+pub struct MountRecord {
+    /// Its state as last saved.
+    pub state: MountState,
+    /// Whether it is served.
+    pub status: MountStatus,
+}
+
+/// The mount source of a lazy mount's overlay.
+pub const SOURCE_PREFIX: &str = "strata-lazy:";
+
+/// Mount `name` (resolved by `source`) at `target`, lazily when its layers
+/// allow. `target` must be an existing directory and not a mount point.
+pub fn mount(
+    store: Arc<Store>,
+    source: Arc<dyn ImageSource>,
+    name: &str,
+    target: &Path,
+    opts: &LazyOptions,
+    events: Arc<dyn EventSink>,
+) -> Result<Mounted, LazyError> {
+    let started = Instant::now();
+    let cancel = Cancel::new();
+    let ctl = Ctl::new(events.as_ref(), &cancel);
+    ctl.emit(Event::Started {
+        op: Op::LazyPrepare,
+        subject: name.to_string(),
+    });
+    let target = check_target(target)?;
+    let resolved = source.resolve(&opts.pull.platform)?;
+    ctl.emit(Event::Resolved {
+        op: Op::LazyPrepare,
+        manifest_digest: resolved.manifest_digest,
+        layers: resolved.manifest.layers.len(),
+    });
+    // already pulled: the composefs mount serves it
+    if store.has_image(&resolved.manifest_digest) {
+        let digest = resolved.manifest_digest;
+        store.set_ref(name, &digest)?;
+        mount_composefs(&store, &digest, &target, opts.pull.split)?;
+        ctl.emit(Event::Finished {
+            op: Op::LazyPrepare,
+        });
+        return Ok(Mounted::Composefs {
+            manifest_digest: digest,
+        });
+    }
+    let lazy = match crate::prepare(&store, source.as_ref(), resolved) {
+        Ok(l) => l,
+        Err(LazyError::NotLazy {
+            index,
+            digest,
+            reason,
+        }) => {
+            if opts.fallback == Fallback::Fail {
+                return Err(LazyError::NotLazy {
+                    index,
+                    digest,
+                    reason,
+                });
+            }
+            let why = format!("layer {index} ({digest}) cannot be read lazily: {reason}");
+            ctl.warn(
+                Op::LazyPrepare,
+                Warning::FullPull {
+                    index,
+                    digest,
+                    reason,
+                },
+            );
+            tracing::warn!("{why}: pulling in full");
+            let summary = pull_from(&store, source.as_ref(), name, &opts.pull, ctl)?;
+            mount_composefs(&store, &summary.manifest_digest, &target, opts.pull.split)?;
+            return Ok(Mounted::Full {
+                manifest_digest: summary.manifest_digest,
+                reason: why,
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    let m = serve(
+        store,
+        source,
+        name,
+        &target,
+        opts,
+        lazy,
+        started,
+        events.clone(),
+    )?;
+    ctl.emit(Event::Finished {
+        op: Op::LazyPrepare,
+    });
+    Ok(Mounted::Lazy(Box::new(m)))
+}
+
+fn check_target(target: &Path) -> Result<PathBuf, LazyError> {
+    let bad = |reason: String| LazyError::Target {
+        path: target.to_path_buf(),
+        reason,
+    };
+    if !target.is_dir() {
+        return Err(bad("not an existing directory".into()));
+    }
+    let target = target
+        .canonicalize()
+        .map_err(|e| bad(format!("resolving it: {e}")))?;
+    if strata_sys::mounts()?
+        .iter()
+        .any(|m| m.mount_point == target)
+    {
+        return Err(LazyError::Busy(format!(
+            "{} is already a mount point",
+            target.display()
+        )));
+    }
+    Ok(target)
+}
+
+/// Mount a stored image the composefs way at `target`.
+pub fn mount_composefs(
+    store: &Store,
+    digest: &Digest,
+    target: &Path,
+    split: strata_store::SplitPolicy,
+) -> Result<(), LazyError> {
+    let (_, layers) = store.image_erofs(digest, split)?;
+    let m = strata_sys::OverlayMount {
+        dirs_above: Vec::new(),
+        layers,
+        data_dirs: vec![store.root().join("objects")],
+        upper: None,
+        verity_require: false,
+        source: strata_store::composefs_source(digest),
+    };
+    strata_sys::mount_overlay(&m, target)?;
+    Ok(())
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The digests of the prefetch list's files, and (with no list given)
+/// the files placed first in their layers.
+fn wanted(lazy: &LazyImage, opts: &LazyOptions) -> Vec<Digest> {
+    if opts.prefetch == Prefetch::None {
+        return Vec::new();
+    }
+    let list = match &opts.prefetch_list {
+        Some(l) => l.clone(),
+        None => lazy
+            .resolved
+            .manifest
+            .annotations
+            .get(strata_oci::convert::PREFETCH_ANNOTATION)
+            .cloned()
+            .unwrap_or_default(),
+    };
+    let mut wanted: Vec<Digest> = list
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .filter_map(|line| {
+            let path = line.trim_start_matches('/');
+            match lazy.tree.lookup(path.as_bytes()).map(|n| &n.kind) {
+                Some(strata_tree::NodeKind::Regular { digest, size }) if *size > 0 => Some(*digest),
+                _ => None,
+            }
+        })
+        .collect();
+    if opts.prefetch_list.is_none() {
+        let mut seen: std::collections::HashSet<_> = wanted.iter().copied().collect();
+        wanted.extend(lazy.placed_first().into_iter().filter(|d| seen.insert(*d)));
+    }
+    wanted
+}
+
+#[allow(clippy::too_many_arguments)]
+fn serve(
+    store: Arc<Store>,
+    source: Arc<dyn ImageSource>,
+    name: &str,
+    target: &Path,
+    opts: &LazyOptions,
+    lazy: LazyImage,
+    started: Instant,
+    events: Arc<dyn EventSink>,
+) -> Result<LazyMount, LazyError> {
+    let digest = lazy.resolved.manifest_digest;
+    let mdir = mount_dir(store.root(), target);
+    let io = |what: String| move |e: std::io::Error| LazyError::Io { what, source: e };
+    std::fs::create_dir_all(&mdir).map_err(io(format!("creating {}", mdir.display())))?;
+    wait_for_earlier_daemon(&mdir, target)?;
+    // before any content arrives: what it fetches belongs to no image yet
+    let lease = store.lease_for_mount(
+        &format!("lazy mount {}", target.display()),
+        strata_store::LeaseRoots {
+            objects: lazy.contents().into_iter().collect(),
+            ..Default::default()
+        },
+        target,
+    )?;
+    let lazy = Arc::new(lazy);
+    let fetcher = Arc::new(
+        Fetcher::new(
+            store.clone(),
+            source.clone(),
+            lazy.clone(),
+            mdir.join("partial"),
+            opts.fetch_jobs,
+        )
+        .map_err(io("creating the fetcher's staging".into()))?,
+    );
+    // reads of listed files wait for the bulk fetch instead of racing it
+    let wanted = wanted(&lazy, opts);
+    fetcher.reserve_bulk(&wanted);
+    let files_total = lazy.contents().len() as u64;
+    let to_fetch = lazy.missing(&store).len() as u64;
+    let state = Arc::new(Mutex::new(MountState {
+        pid: std::process::id(),
+        dir: target.to_path_buf(),
+        reference: name.to_string(),
+        manifest_digest: digest,
+        log: mdir.join("log"),
+        started: now(),
+        files_total,
+        files_local: files_total.saturating_sub(to_fetch),
+        bytes_fetched: lazy.downloaded,
+        image_bytes: lazy
+            .layers
+            .iter()
+            .filter(|l| l.index.is_some())
+            .map(|l| l.desc.size)
+            .sum(),
+        errors: 0,
+        prefetch: PrefetchState::None,
+        prefetch_error: None,
+        complete: false,
+        opens: 0,
+    }));
+    // background prefetch: the list starts now, while the mount is built
+    let prefetch_cancel = Cancel::new();
+    if opts.prefetch != Prefetch::None {
+        let fetcher = fetcher.clone();
+        let prefetch = opts.prefetch;
+        let state = state.clone();
+        let store = store.clone();
+        let source = source.clone();
+        let name = name.to_string();
+        let pull = opts.pull.clone();
+        let cancel = prefetch_cancel.clone();
+        let events = events.clone();
+        std::thread::Builder::new()
+            .name("prefetch".into())
+            .spawn(move || {
+                prefetch_thread(
+                    fetcher, prefetch, wanted, state, store, source, name, pull, cancel, events,
+                )
+            })
+            .map_err(io("starting the prefetch thread".into()))?;
+    }
+    let recorder = opts.record.as_ref().map(|_| Arc::new(Recorder::default()));
+    let cfg = MountConfig {
+        passthrough: opts.passthrough,
+        threads: 2,
+        read_workers: 2 * opts.fetch_jobs.max(1),
+        recorder: recorder.clone(),
+        fsname: format!("strata-lazy-data:{digest}"),
+        opens: Arc::new(AtomicU64::new(0)),
+        all_local: Arc::new(AtomicBool::new(false)),
+    };
+    // composefs: the tree as EROFS over [objects/, FUSE of missing contents]
+    let prepared = started.elapsed();
+    let erofs = mdir.join("image.erofs");
+    let tmp = mdir.join("image.erofs.tmp");
+    let staged = lazy.erofs().and_then(|bytes| {
+        std::fs::write(&tmp, bytes)
+            .and_then(|()| std::fs::rename(&tmp, &erofs))
+            .map_err(io(format!("writing {}", erofs.display())))
+    });
+    if let Err(e) = staged {
+        prefetch_cancel.cancel();
+        remove_leftovers(&mdir);
+        return Err(e);
+    }
+    tracing::info!(
+        "tree from the TOCs in {:.0} ms, its EROFS image in {:.0} ms",
+        prepared.as_secs_f64() * 1000.0,
+        (started.elapsed() - prepared).as_secs_f64() * 1000.0
+    );
+    // the FUSE data layer; a killed daemon's dead one may still be there
+    let data = mdir.join("data");
+    let _ = strata_sys::unmount_detach(&data);
+    let fail = |e: LazyError| {
+        prefetch_cancel.cancel();
+        remove_leftovers(&mdir);
+        e
+    };
+    let data = std::fs::create_dir_all(&data)
+        .and_then(|()| data.canonicalize())
+        .map_err(io(format!("creating {}", data.display())))
+        .map_err(fail)?;
+    let session = LazyFs::new(fetcher.clone(), &cfg)
+        .mount(&data, &cfg)
+        .map_err(io(format!("mounting FUSE at {}", data.display())))
+        .map_err(fail)?;
+    // recording needs every open: then the FUSE layer is the only data layer
+    // (it serves local contents too)
+    let mut data_dirs = vec![store.root().join("objects"), data.clone()];
+    if opts.record.is_some() {
+        data_dirs.remove(0);
+    }
+    let m = strata_sys::OverlayMount {
+        dirs_above: Vec::new(),
+        layers: vec![erofs],
+        data_dirs,
+        upper: None,
+        verity_require: false,
+        source: format!("{SOURCE_PREFIX}{digest}"),
+    };
+    let undo = |session: fuser::BackgroundSession| {
+        let _ = strata_sys::unmount_detach(&data);
+        let _ = session.join();
+    };
+    if let Err(e) = strata_sys::mount_overlay(&m, target) {
+        undo(session);
+        return Err(fail(e.into()));
+    }
+    let saved = state.lock().expect("no panics while held").save(&mdir);
+    if let Err(e) = saved {
+        // nothing may stay mounted when the caller is told it failed
+        let _ = strata_sys::unmount_detach(target);
+        undo(session);
+        return Err(fail(LazyError::Io {
+            what: format!("saving the state of {}", target.display()),
+            source: e,
+        }));
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    let updater = {
+        let u = Updater {
+            done: done.clone(),
+            fetcher,
+            store,
+            lazy: lazy.clone(),
+            mdir: mdir.clone(),
+            record: opts.record.clone().zip(recorder.clone()),
+            opens: cfg.opens.clone(),
+            all_local: cfg.all_local.clone(),
+            target: target.to_path_buf(),
+            data: data.clone(),
+            state: state.clone(),
+        };
+        std::thread::Builder::new()
+            .name("lazy-state".into())
+            .spawn(move || u.run())
+            .map_err(io("starting the state thread".into()))?
+    };
+    Ok(LazyMount {
+        target: target.to_path_buf(),
+        mdir,
+        manifest_digest: digest,
+        to_fetch,
+        files_total,
+        toc_bytes: lazy.downloaded,
+        session: Some(session),
+        data,
+        state,
+        done,
+        updater: Some(updater),
+        record: opts.record.clone().zip(recorder),
+        image: lazy,
+        prefetch_cancel,
+        _lease: lease,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn prefetch_thread(
+    fetcher: Arc<Fetcher>,
+    prefetch: Prefetch,
+    wanted: Vec<Digest>,
+    state: Arc<Mutex<MountState>>,
+    store: Arc<Store>,
+    source: Arc<dyn ImageSource>,
+    name: String,
+    pull: PullOptions,
+    cancel: Cancel,
+    events: Arc<dyn EventSink>,
+) {
+    let set = |s: PrefetchState, err: Option<String>, complete: bool| {
+        // under the state's lock: a saved state never says complete with
+        // the prefetch still running
+        let mut st = state.lock().expect("no panics while held");
+        st.prefetch = s;
+        st.prefetch_error = err;
+        st.complete |= complete;
+    };
+    let ctl = Ctl::new(events.as_ref(), &cancel);
+    ctl.emit(Event::Started {
+        op: Op::Prefetch,
+        subject: name.clone(),
+    });
+    set(PrefetchState::List, None, false);
+    match fetcher.fetch_many(&wanted) {
+        Ok(n) => tracing::info!("prefetched {n} files of the list"),
+        Err(e) => tracing::error!("prefetch of the list failed: {e}"),
+    }
+    if prefetch != Prefetch::All {
+        set(PrefetchState::Done, None, false);
+        ctl.emit(Event::Finished { op: Op::Prefetch });
+        return;
+    }
+    // give way to reads: start once they have fetched nothing for a
+    // second (at most 30 s after the list)
+    let t = Instant::now();
+    while fetcher.idle_for() < Duration::from_secs(1)
+        && t.elapsed() < Duration::from_secs(30)
+        && !cancel.is_cancelled()
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    set(PrefetchState::All, None, false);
+    match pull_from(&store, source.as_ref(), &name, &pull, ctl) {
+        Ok(s) => {
+            tracing::info!(
+                "prefetch done: {name} is pulled ({} downloaded by the pull); later mounts use the composefs path",
+                strata_ops::human_bytes(s.bytes_downloaded)
+            );
+            set(PrefetchState::Done, None, true);
+            ctl.emit(Event::Finished { op: Op::Prefetch });
+        }
+        Err(e) => {
+            tracing::error!("prefetch (pull of {name}) failed: {e}");
+            set(PrefetchState::Failed, Some(e.to_string()), false);
+        }
+    }
+}
+
+/// Keeps the state file current until the target is unmounted.
+struct Updater {
+    done: Arc<AtomicBool>,
+    fetcher: Arc<Fetcher>,
+    store: Arc<Store>,
+    lazy: Arc<LazyImage>,
+    mdir: PathBuf,
+    record: Option<(PathBuf, Arc<Recorder>)>,
+    opens: Arc<AtomicU64>,
+    all_local: Arc<AtomicBool>,
+    target: PathBuf,
+    data: PathBuf,
+    state: Arc<Mutex<MountState>>,
+}
+
+impl Updater {
+    fn run(self) {
+        // re-check only what is still missing, and only when something may
+        // have arrived (reads completed files, prefetch running) or every
+        // 5 s: stat'ing every object each tick cost reads CPU
+        let mut missing = self.lazy.missing(&self.store);
+        let mut seen_done = u64::MAX;
+        let mut last_full = Instant::now();
+        let mut last_prefetch = PrefetchState::None;
+        while !self.done.load(Ordering::SeqCst) {
+            // unmounted (by umount(8) too): stop serving the data layer
+            let mounted = strata_sys::mounts()
+                .map(|ms| ms.iter().any(|m| m.mount_point == self.target))
+                .unwrap_or(true);
+            if !mounted {
+                tracing::info!("{} is unmounted: stopping", self.target.display());
+                match strata_sys::unmount_detach(&self.data) {
+                    // `strata umount` got there first
+                    Ok(()) | Err(strata_sys::MountError::NotMounted(_)) => {}
+                    Err(e) => tracing::error!("unmounting the data layer: {e}"),
+                }
+            }
+            let completed = self.fetcher.stats.files_completed.load(Ordering::Relaxed);
+            // the prefetch state is read before the counts: a state saved
+            // as done then carries counts taken after the prefetch ended
+            let prefetch = self.state.lock().expect("no panics while held").prefetch;
+            if !missing.is_empty()
+                && (completed != seen_done
+                    || prefetch.is_busy()
+                    || prefetch != last_prefetch
+                    || last_full.elapsed() > Duration::from_secs(5))
+            {
+                missing.retain(|d| !self.store.has_object(d));
+                seen_done = completed;
+                last_full = Instant::now();
+            }
+            last_prefetch = prefetch;
+            if missing.is_empty() && !self.all_local.swap(true, Ordering::Relaxed) {
+                tracing::info!(
+                    "every file is local: the kernel reads them from the store without the daemon (files opened before: by inode, no opens)"
+                );
+            }
+            {
+                let mut st = self.state.lock().expect("no panics while held");
+                st.files_local = st.files_total.saturating_sub(missing.len() as u64);
+                st.bytes_fetched =
+                    self.lazy.downloaded + self.fetcher.stats.bytes_fetched.load(Ordering::Relaxed);
+                st.errors = self.fetcher.stats.errors.load(Ordering::Relaxed);
+                st.opens = self.opens.load(Ordering::Relaxed);
+                let _ = st.save(&self.mdir);
+            }
+            if let Some((path, rec)) = &self.record {
+                let _ = write_record(path, &rec.paths(&self.lazy.tree));
+            }
+            if !mounted {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+impl LazyMount {
+    /// Where it is mounted.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// The image's manifest digest.
+    pub fn manifest_digest(&self) -> Digest {
+        self.manifest_digest
+    }
+
+    /// Contents that were missing when mounted, and contents in all.
+    pub fn files_to_fetch(&self) -> (u64, u64) {
+        (self.to_fetch, self.files_total)
+    }
+
+    /// Bytes of TOCs and tar-splits read to mount it.
+    pub fn toc_bytes(&self) -> u64 {
+        self.toc_bytes
+    }
+
+    /// Where its state, log and staging live.
+    pub fn mount_dir(&self) -> &Path {
+        &self.mdir
+    }
+
+    /// Its state now.
+    pub fn status(&self) -> MountState {
+        self.state.lock().expect("no panics while held").clone()
+    }
+
+    /// Serve until the target is unmounted (by [`LazyMount::unmount`] from
+    /// another handle, `strata umount` or umount(8)); then write the record
+    /// and remove the staging.
+    pub fn wait(mut self) -> Result<(), LazyError> {
+        let session = self
+            .session
+            .take()
+            .expect("a mount has a session until it ends");
+        let r = session.join();
+        self.finish()?;
+        r.map_err(|e| LazyError::Io {
+            what: "serving the FUSE mount".into(),
+            source: e,
+        })
+    }
+
+    /// Unmount (the target, then the data layer) and stop serving.
+    pub fn unmount(mut self) -> Result<(), LazyError> {
+        match strata_sys::unmount(&self.target) {
+            Ok(()) | Err(strata_sys::MountError::NotMounted(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let _ = strata_sys::unmount_detach(&self.data);
+        if let Some(s) = self.session.take() {
+            let _ = s.join();
+        }
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Result<(), LazyError> {
+        self.prefetch_cancel.cancel();
+        self.done.store(true, Ordering::SeqCst);
+        if let Some(u) = self.updater.take() {
+            let _ = u.join();
+        }
+        let r = match &self.record {
+            Some((path, rec)) => {
+                write_record(path, &rec.paths(&self.image.tree)).map_err(|e| LazyError::Io {
+                    what: format!("writing {}", path.display()),
+                    source: e,
+                })
+            }
+            None => Ok(()),
+        };
+        tracing::info!("unmounted {}", self.target.display());
+        remove_leftovers(&self.mdir);
+        r
+    }
+}
+
+impl Drop for LazyMount {
+    fn drop(&mut self) {
+        if self.session.is_some() {
+            // dropped while serving: the owner is gone, so is the mount
+            let _ = strata_sys::unmount_detach(&self.target);
+            let _ = strata_sys::unmount_detach(&self.data);
+            if let Some(s) = self.session.take() {
+                let _ = s.join();
+            }
+            let _ = self.finish();
+        }
+    }
+}
+
+/// Staging, state and EROFS image of a lazy mount that is gone.
+fn remove_leftovers(mdir: &Path) {
+    let _ = std::fs::remove_dir_all(mdir.join("partial"));
+    let _ = std::fs::remove_file(mdir.join("state.json"));
+    let _ = std::fs::remove_file(mdir.join("image.erofs"));
+    let _ = std::fs::remove_file(mdir.join("image.erofs.tmp"));
+}
+
+/// A daemon of an earlier lazy mount at `target` that is still ending (it
+/// notices an umount(8) within half a second) would remove this mount's
+/// files as it exits: wait for it, a little.
+fn wait_for_earlier_daemon(mdir: &Path, target: &Path) -> Result<(), LazyError> {
+    let Ok(prev) = MountState::load(mdir) else {
+        return Ok(());
+    };
+    if prev.pid != std::process::id()
+        && !strata_sys::daemon::wait_gone(prev.pid, Duration::from_secs(3))
+    {
+        return Err(LazyError::Busy(format!(
+            "the daemon (pid {}) of an earlier lazy mount at {} still runs",
+            prev.pid,
+            target.display()
+        )));
+    }
+    Ok(())
+}
+
+fn write_record(path: &Path, paths: &[Vec<u8>]) -> std::io::Result<()> {
+    let mut s = Vec::new();
+    for p in paths {
+        s.push(b'/');
+        s.extend_from_slice(p);
+        s.push(b'\n');
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, s)?;
+    std::fs::rename(tmp, path)
+}
+
+fn status_of(s: &MountState, mounted: &[strata_sys::MountInfo]) -> MountStatus {
+    let alive = strata_sys::daemon::alive(s.pid);
+    let is_mounted = mounted
+        .iter()
+        .any(|m| m.mount_point == s.dir && m.source.starts_with(SOURCE_PREFIX));
+    match (alive, is_mounted) {
+        (true, true) => MountStatus::Serving,
+        (false, true) => MountStatus::Stale,
+        (_, false) => MountStatus::NotMounted,
+    }
+}
+
+/// Every lazy mount on record in the store at `root`.
+pub fn list(root: &Path) -> Vec<MountRecord> {
+    let mounted = strata_sys::mounts().unwrap_or_default();
+    MountState::all(root)
+        .into_iter()
+        .map(|(_, state)| MountRecord {
+            status: status_of(&state, &mounted),
+            state,
+        })
+        .collect()
+}
+
+/// The lazy mount on record at `target` (a canonical path), served by
+/// whichever process: how a restarted manager finds the mounts it started.
+pub fn attach(root: &Path, target: &Path) -> Result<MountRecord, LazyError> {
+    let state = MountState::load(&mount_dir(root, target)).map_err(|e| LazyError::Io {
+        what: format!(
+            "reading the state of the lazy mount at {}",
+            target.display()
+        ),
+        source: e,
+    })?;
+    let mounted = strata_sys::mounts()?;
+    Ok(MountRecord {
+        status: status_of(&state, &mounted),
+        state,
+    })
+}
+
+/// After the lazy mount at `target` was unmounted: detach its data layer
+/// (ending its daemon's FUSE session, a killed daemon's dead one too), let
+/// its daemon finish (or kill it when it hangs), drop its state and
+/// staging.
+pub fn cleanup(root: &Path, target: &Path) -> Result<(), LazyError> {
+    let mdir = mount_dir(root, target);
+    let r = match strata_sys::unmount_detach(&mdir.join("data")) {
+        // the daemon got there first, or never mounted it
+        Ok(()) | Err(strata_sys::MountError::NotMounted(_)) => Ok(()),
+        Err(e) => Err(e.into()),
+    };
+    if let Ok(s) = MountState::load(&mdir) {
+        strata_sys::daemon::stop(s.pid, Duration::from_secs(5));
+    }
+    remove_leftovers(&mdir);
+    r
+}

@@ -1,0 +1,202 @@
+//! Daemons: the one place that knows how a strata command becomes a
+//! background process and how it is stopped.
+//!
+//! ```text
+//! caller                                  daemon (same binary, same args + extra)
+//!   spawn_self(extra, log) ─ fork/exec ──▶ own process group, stdin /dev/null,
+//!                                          stderr appended to `log`
+//!   reads one line from the pipe ◀──────── notify(line) once serving (or failed)
+//!   returns Spawned { pid, line }          keeps running; stdout closed
+//! ```
+//!
+//! A daemon that exits before it reports is an error naming its exit
+//! status and its log. [`stop`] waits for a daemon to end by itself (its
+//! mount was taken away) and kills it when it does not.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Set in a daemon's environment: it reports readiness with [`notify`].
+pub const NOTIFY_ENV: &str = "STRATA_DAEMON_NOTIFY";
+
+/// A daemon that reported.
+#[derive(Debug)]
+pub struct Spawned {
+    /// Its pid.
+    pub pid: u32,
+    /// The line it reported (without the newline).
+    pub line: String,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+/// Why a daemon could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Setting up or starting it failed.
+    #[error("starting the {what} daemon: {step}: {source}")]
+    Start {
+        /// Which daemon.
+        what: String,
+        /// What was being done.
+        step: String,
+        /// The failure.
+        source: std::io::Error,
+    },
+    /// It ended before it said it was ready.
+    #[error("the {what} daemon exited ({status}) before it was ready; see {}", log.display())]
+    Exited {
+        /// Which daemon.
+        what: String,
+        /// How it ended.
+        status: String,
+        /// Its log.
+        log: PathBuf,
+    },
+}
+
+/// Whether this process is a daemon started by [`spawn_self`].
+pub fn is_daemon() -> bool {
+    std::env::var_os(NOTIFY_ENV).is_some()
+}
+
+/// Report to the waiting parent (one line; a daemon reports once).
+pub fn notify(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", line.trim_end());
+    let _ = out.flush();
+}
+
+/// Start this executable again with its own arguments plus `extra`, in its
+/// own process group, stderr appended to `log`, `env` added; return once
+/// it reported a line with [`notify`].
+pub fn spawn_self(
+    what: &str,
+    extra: &[&str],
+    env: &[(&str, &std::ffi::OsStr)],
+    log: &Path,
+) -> Result<Spawned, DaemonError> {
+    let err = |step: &str, source| DaemonError::Start {
+        what: what.to_string(),
+        step: step.to_string(),
+        source,
+    };
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| err(&format!("creating {}", dir.display()), e))?;
+    }
+    let logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| err(&format!("opening {}", log.display()), e))?;
+    let exe = std::env::current_exe().map_err(|e| err("finding the executable", e))?;
+    let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    args.extend(extra.iter().map(OsString::from));
+    let mut cmd = Command::new(exe);
+    cmd.args(&args)
+        .env(NOTIFY_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(logf)
+        .process_group(0);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().map_err(|e| err("spawning", e))?;
+    let out = child.stdout.take().expect("stdout is piped");
+    let mut line = String::new();
+    let read = BufReader::new(out).read_line(&mut line);
+    if read.is_err() || line.trim().is_empty() {
+        let status = child
+            .wait()
+            .map(|s| s.to_string())
+            .unwrap_or_else(|e| format!("unknown: {e}"));
+        return Err(DaemonError::Exited {
+            what: what.to_string(),
+            status,
+            log: log.to_path_buf(),
+        });
+    }
+    // the daemon goes on alone; a daemon that reported a failure exits:
+    // reap it so it does not linger as a zombie of the caller
+    let pid = child.id();
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+    Ok(Spawned {
+        pid,
+        line: line.trim_end().to_string(),
+        log: log.to_path_buf(),
+    })
+}
+
+/// Whether `pid` runs (a zombie does not).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "pid (comm) S ...": the state follows the last ')'
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|c| c != 'Z' && c != 'X'),
+        Err(_) => false,
+    }
+}
+
+/// Wait up to `grace` for `pid` to end, then kill it (SIGKILL). Returns
+/// whether it had to be killed.
+pub fn stop(pid: u32, grace: Duration) -> bool {
+    let deadline = Instant::now() + grace;
+    while alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if alive(pid)
+        && let Some(p) = rustix::process::Pid::from_raw(pid as i32)
+    {
+        let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+        return true;
+    }
+    false
+}
+
+/// Wait up to `limit` for `pid` to end; whether it did.
+pub fn wait_gone(pid: u32, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while alive(pid) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alive_knows_this_process_and_not_a_dead_one() {
+        assert!(alive(std::process::id()));
+        let mut c = Command::new("true").spawn().expect("true runs");
+        let pid = c.id();
+        c.wait().expect("reaped");
+        assert!(!alive(pid));
+    }
+
+    #[test]
+    fn stop_kills_what_does_not_end() {
+        let mut c = Command::new("sleep").arg("30").spawn().expect("sleep runs");
+        let pid = c.id();
+        let t = Instant::now();
+        // a zombie counts as gone: reap on another thread
+        let h = std::thread::spawn(move || c.wait());
+        assert!(stop(pid, Duration::from_millis(100)));
+        h.join().expect("no panic").expect("reaped");
+        assert!(!alive(pid));
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+}
