@@ -62,6 +62,9 @@ enum Have {
 /// this much past each read.
 const READ_AHEAD: u64 = 2 << 20;
 
+/// Bytes read at a time when a finished file is hashed.
+const HASH_BUF: usize = 64 * 1024;
+
 /// A file being fetched: a sparse staging file and which chunks it holds.
 struct Partial {
     file: File,
@@ -501,14 +504,12 @@ impl Fetcher {
                 .fetch_add(chunks.len() as u64, Ordering::Relaxed);
             b
         };
-        for c in chunks {
-            let data = if c.zeros {
-                vec![0; c.size as usize]
-            } else {
-                let frames =
-                    &bytes[(c.blob_offset - start) as usize..(c.blob_end - start) as usize];
-                decode_chunk(desc, frames, c).map_err(fail)?
-            };
+        // a run of zeros is already there: the staging file was created
+        // sparse at its full size and no one else writes its chunks (this
+        // used to allocate and write the zeros, megabytes for a sparse file)
+        for c in chunks.iter().filter(|c| !c.zeros) {
+            let frames = &bytes[(c.blob_offset - start) as usize..(c.blob_end - start) as usize];
+            let data = decode_chunk(desc, frames, c).map_err(fail)?;
             p.file.write_all_at(&data, c.file_offset)?;
         }
         Ok(())
@@ -529,7 +530,9 @@ impl Fetcher {
         let size = p.file.metadata()?.len();
         let mut hasher = Sha256::new();
         let mut off = 0u64;
-        let mut buf = vec![0u8; 1 << 20];
+        // small: this runs on short-lived read workers, and a megabyte
+        // zeroed per finished file stays in the worker's malloc arena
+        let mut buf = vec![0u8; HASH_BUF];
         while off < size {
             let n = p.file.read_at(&mut buf, off)?;
             if n == 0 {

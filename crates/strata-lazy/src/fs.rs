@@ -18,7 +18,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
@@ -122,7 +122,7 @@ pub struct LazyFs {
     keep: Mutex<std::collections::VecDeque<Arc<BackingId>>>,
     /// Reads that may wait for the network run here, so the few FUSE
     /// threads keep answering lookups and cached reads.
-    pool: Mutex<std::sync::mpsc::Sender<Job>>,
+    pool: PoolHandle,
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -133,26 +133,134 @@ const KEEP_BACKING: usize = 16384;
 /// How many objects stay open for reads by inode.
 const BY_INODE: usize = 512;
 
-/// `n` threads running jobs from one queue.
-fn worker_pool(n: usize) -> std::sync::mpsc::Sender<Job> {
-    let (tx, rx) = std::sync::mpsc::channel::<Job>();
-    let rx = Arc::new(Mutex::new(rx));
-    for i in 0..n.max(1) {
-        let rx = rx.clone();
-        std::thread::Builder::new()
-            .name(format!("lazy-read-{i}"))
-            .spawn(move || {
-                loop {
-                    let job = rx.lock().expect("no panics while held").recv();
-                    match job {
-                        Ok(job) => job(),
-                        Err(_) => return,
-                    }
-                }
-            })
-            .expect("spawning a read worker");
+/// A read worker with no job for this long ends.
+const WORKER_IDLE_EXIT: Duration = Duration::from_secs(5);
+
+/// Stack of a read worker. A worker runs one [`Fetcher::read`]: the HTTP
+/// request waits on reqwest's runtime thread and zstd keeps its state on
+/// the heap, so a few dozen KiB are used. Only touched pages are resident
+/// (and glibc gives them back when the thread ends): the limit bounds
+/// address space, with room to spare against an overflow.
+const WORKER_STACK: usize = 512 * 1024;
+
+/// Threads for reads that may wait for the network.
+///
+/// Design note (issue 14, "lazy mounts cost little"): a mount used to
+/// start `read_workers` threads (16 by default) up front and keep them
+/// for its whole life, though most of it is spent idle (a container
+/// reads its image in a burst, then runs from the page cache). Each
+/// thread costs its stack and, with glibc, soon its own malloc arena
+/// that keeps freed fetch buffers resident. Workers now start when a job
+/// finds none idle, at most `max`, and end after [`WORKER_IDLE_EXIT`]
+/// without work: an idle mount has none, a burst still gets `max`.
+struct ReadPool {
+    state: Mutex<PoolState>,
+    work: Condvar,
+    max: usize,
+    idle_exit: Duration,
+}
+
+#[derive(Default)]
+struct PoolState {
+    queue: std::collections::VecDeque<Job>,
+    /// Workers running.
+    live: usize,
+    /// Workers waiting for a job.
+    idle: usize,
+    /// Set when the filesystem is gone: workers end once the queue is empty.
+    closed: bool,
+}
+
+impl ReadPool {
+    fn new(max: usize, idle_exit: Duration) -> Arc<ReadPool> {
+        Arc::new(ReadPool {
+            state: Mutex::new(PoolState::default()),
+            work: Condvar::new(),
+            max: max.max(1),
+            idle_exit,
+        })
     }
-    tx
+
+    /// Run `job` on a worker; a new one when every worker is busy and
+    /// fewer than `max` run, else it waits in the queue.
+    fn submit(self: &Arc<Self>, job: Job) {
+        let mut st = self.state.lock().expect("no panics while held");
+        st.queue.push_back(job);
+        if st.queue.len() <= st.idle {
+            self.work.notify_one();
+            return;
+        }
+        if st.live >= self.max {
+            return;
+        }
+        st.live += 1;
+        let n = st.live;
+        drop(st);
+        let pool = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("lazy-read-{n}"))
+            .stack_size(WORKER_STACK)
+            .spawn(move || pool.work_loop());
+        if let Err(e) = spawned {
+            let mut st = self.state.lock().expect("no panics while held");
+            st.live -= 1;
+            tracing::warn!("starting a read worker: {e}");
+            // nobody would run it: run it here
+            if st.live == 0
+                && let Some(job) = st.queue.pop_front()
+            {
+                drop(st);
+                job();
+            }
+        }
+    }
+
+    fn work_loop(&self) {
+        // counted out however the thread ends (a job that panics too)
+        struct Leave<'a>(&'a ReadPool);
+        impl Drop for Leave<'_> {
+            fn drop(&mut self) {
+                let mut st = match self.0.state.lock() {
+                    Ok(st) => st,
+                    Err(poisoned) => poisoned.into_inner(),
+                };
+                st.live -= 1;
+            }
+        }
+        let _leave = Leave(self);
+        let mut st = self.state.lock().expect("no panics while held");
+        loop {
+            if let Some(job) = st.queue.pop_front() {
+                drop(st);
+                job();
+                st = self.state.lock().expect("no panics while held");
+                continue;
+            }
+            if st.closed {
+                break;
+            }
+            st.idle += 1;
+            let (guard, wait) = self
+                .work
+                .wait_timeout(st, self.idle_exit)
+                .expect("no panics while held");
+            st = guard;
+            st.idle -= 1;
+            if wait.timed_out() && st.queue.is_empty() {
+                break;
+            }
+        }
+    }
+}
+
+/// Ends the read workers when the filesystem is dropped.
+struct PoolHandle(Arc<ReadPool>);
+
+impl Drop for PoolHandle {
+    fn drop(&mut self) {
+        self.0.state.lock().expect("no panics while held").closed = true;
+        self.0.work.notify_all();
+    }
 }
 
 /// Mount options for [`LazyFs::mount`].
@@ -161,7 +269,8 @@ pub struct MountConfig {
     pub passthrough: bool,
     /// FUSE threads (lookups and cached reads; few is fastest).
     pub threads: usize,
-    /// Threads for reads that fetch.
+    /// Most threads for reads that fetch (started on demand, ending
+    /// when idle).
     pub read_workers: usize,
     /// Record the contents opened.
     pub recorder: Option<Arc<Recorder>>,
@@ -206,7 +315,7 @@ impl LazyFs {
             passthrough_open: AtomicU64::new(0),
             by_inode: Mutex::new(HashMap::new()),
             keep: Mutex::new(std::collections::VecDeque::new()),
-            pool: Mutex::new(worker_pool(cfg.read_workers)),
+            pool: PoolHandle(ReadPool::new(cfg.read_workers, WORKER_IDLE_EXIT)),
         }
     }
 
@@ -286,10 +395,7 @@ impl LazyFs {
                 reply.error(Errno::EIO)
             }
         });
-        let sent = self.pool.lock().expect("no panics while held").send(job);
-        if let Err(std::sync::mpsc::SendError(job)) = sent {
-            job();
-        }
+        self.pool.0.submit(job);
     }
 }
 
@@ -625,5 +731,74 @@ impl Filesystem for LazyFs {
         } else {
             reply.data(&[]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn live(pool: &ReadPool) -> usize {
+        pool.state.lock().expect("no panics while held").live
+    }
+
+    fn wait_until(what: &str, f: impl Fn() -> bool) {
+        let t = std::time::Instant::now();
+        while !f() {
+            assert!(t.elapsed() < Duration::from_secs(10), "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn read_workers_start_on_demand_stay_bounded_and_end_when_idle() {
+        for (max, jobs) in [(1, 5), (3, 20), (16, 4)] {
+            let pool = ReadPool::new(max, Duration::from_millis(100));
+            assert_eq!(live(&pool), 0, "no worker before a job");
+            let running = Arc::new(AtomicU64::new(0));
+            let go = Arc::new(AtomicBool::new(false));
+            let done = Arc::new(AtomicU64::new(0));
+            for _ in 0..jobs {
+                let (running, go, done) = (running.clone(), go.clone(), done.clone());
+                pool.submit(Box::new(move || {
+                    running.fetch_add(1, Ordering::SeqCst);
+                    while !go.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    done.fetch_add(1, Ordering::SeqCst);
+                }));
+            }
+            // blocked jobs: the pool grows to its bound, not past it
+            let bound = max.min(jobs) as u64;
+            wait_until("workers up to the bound", || {
+                running.load(Ordering::SeqCst) == bound
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(running.load(Ordering::SeqCst), bound);
+            assert_eq!(live(&pool), bound as usize);
+            go.store(true, Ordering::SeqCst);
+            wait_until("every job ran", || {
+                done.load(Ordering::SeqCst) == jobs as u64
+            });
+            wait_until("idle workers end", || live(&pool) == 0);
+        }
+    }
+
+    #[test]
+    fn read_workers_end_when_the_filesystem_is_dropped() {
+        let pool = ReadPool::new(4, Duration::from_secs(3600));
+        let done = Arc::new(AtomicU64::new(0));
+        for _ in 0..4 {
+            let done = done.clone();
+            pool.submit(Box::new(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                done.fetch_add(1, Ordering::SeqCst);
+            }));
+        }
+        drop(PoolHandle(pool.clone()));
+        wait_until("queued jobs still run and workers end", || {
+            done.load(Ordering::SeqCst) == 4 && live(&pool) == 0
+        });
     }
 }
