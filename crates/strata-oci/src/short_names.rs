@@ -248,7 +248,15 @@ pub fn resolve_short_name(
                     lookup,
                 });
             }
-            Err(e) => skipped.push(format!("{candidate}: {e}")),
+            Err(e) => {
+                // registry errors name the reference already
+                let (e, c) = (e.to_string(), candidate.to_string());
+                skipped.push(if e.contains(&c) {
+                    e
+                } else {
+                    format!("{c}: {e}")
+                });
+            }
         }
     }
     Err(OciError::ShortName {
