@@ -36,7 +36,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Pull an image: docker://HOST/REPO[:TAG|@DIGEST], oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:TAG].
+    /// Pull an image: docker://HOST/REPO[:TAG|@DIGEST], oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:TAG],
+    /// or as with podman HOST[:PORT]/REPO[:TAG] or a short name (debian:12) for registries.conf's search registries.
     Pull(cmd::pull::Args),
     /// List images in the store.
     Images,
@@ -65,6 +66,10 @@ enum Command {
     Convert(cmd::convert::Args),
     /// VM templates: ext4 images of any size from images or other templates.
     Rootfs(cmd::rootfs::Args),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(cmd::completions::Args),
+    /// Print the man page (roff) of strata or of one subcommand.
+    Man(cmd::completions::ManArgs),
 }
 
 /// What every command gets.
@@ -143,6 +148,8 @@ fn main() -> ExitCode {
         Command::Verify(a) => cmd::verify::run(&ctx, a),
         Command::Convert(a) => cmd::convert::run(&ctx, a),
         Command::Rootfs(a) => cmd::rootfs::run(&ctx, a),
+        Command::Completions(a) => cmd::completions::completions(a),
+        Command::Man(a) => cmd::completions::man(a),
     };
     match result {
         Ok(code) => code,

@@ -1,7 +1,10 @@
 //! OCI images: references, manifests, sources, and pulling into the store.
 //!
 //! - [`ImageRef`]: skopeo's transport syntax (`docker://`, `oci:`,
-//!   `oci-archive:`, `docker-archive:`).
+//!   `oci-archive:`, `docker-archive:`); [`ImageName`]: that or a bare
+//!   reference as podman takes it (`debian:12`, `localhost:5000/app:1`).
+//! - [`short_names`]: short names resolved through registries.conf's
+//!   aliases and search registries.
 //! - [`manifest`]: tolerant parsing of OCI and Docker schema2 manifests,
 //!   indexes and configs; the exact bytes are always kept, because digests
 //!   are over bytes, not over parsed structures.
@@ -26,6 +29,7 @@ pub mod pull;
 pub mod push;
 pub mod reference;
 pub mod registry;
+pub mod short_names;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -36,7 +40,7 @@ pub use layout_writer::OciLayoutWriter;
 pub use manifest::{
     Descriptor, ImageConfig, LayerCompression, Manifest, Platform, layer_compression, parse_config,
 };
-pub use reference::ImageRef;
+pub use reference::{ImageName, ImageRef, ShortName};
 
 /// Errors of image sources and formats. Messages name the image, blob or
 /// file and what was being done.
@@ -49,6 +53,25 @@ pub enum OciError {
         input: String,
         /// Why.
         reason: String,
+    },
+    /// A registries.conf file that does not parse or says something
+    /// invalid.
+    #[error("parsing registries configuration {path}: {reason}")]
+    RegistriesConf {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A short name that no candidate registry resolved.
+    #[error("resolving short name {name:?} ({lookup}): {attempts}")]
+    ShortName {
+        /// The short name.
+        name: String,
+        /// How the candidates were chosen.
+        lookup: String,
+        /// Each candidate and why it failed, `; `-separated.
+        attempts: String,
     },
     /// A manifest, index or config that does not parse or is inconsistent.
     #[error("{what}: {reason}")]
@@ -299,6 +322,8 @@ impl strata_ops::HasKind for OciError {
             OciError::NoRanges { .. } => K::Unsupported,
             OciError::NoPlatform { .. } => K::NotFound,
             OciError::Cancelled => K::Cancelled,
+            OciError::RegistriesConf { .. } => K::InvalidInput,
+            OciError::ShortName { .. } => K::NotFound,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod completions;
 pub mod convert;
 pub mod export;
 pub mod fsck;

@@ -3,8 +3,9 @@
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use strata_oci::ImageRef;
-use strata_oci::pull::{PullOptions, pull};
+use strata_oci::pull::{PullOptions, pull_from};
+use strata_oci::short_names::{RegistriesConf, resolve_short_name};
+use strata_oci::{ImageName, open_source};
 use strata_ops::human_bytes;
 
 use crate::Ctx;
@@ -13,7 +14,10 @@ use crate::args::{RegistryArgs, SplitArgs, platform};
 /// Arguments of `strata pull`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Image reference (skopeo transport syntax).
+    /// Image reference: skopeo transport syntax, or without a transport as
+    /// with podman (`HOST[:PORT]/REPO[:TAG]` means docker://; a short name
+    /// like `debian:12` is looked for on registries.conf's
+    /// unqualified-search-registries, else on docker.io).
     reference: String,
     #[command(flatten)]
     registry: RegistryArgs,
@@ -28,7 +32,7 @@ pub struct Args {
 }
 
 pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
-    let reference: ImageRef = a
+    let image: ImageName = a
         .reference
         .parse()
         .with_context(|| format!("parsing image reference {:?}", a.reference))?;
@@ -39,9 +43,33 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         jobs: a.jobs,
         split: a.split.policy(),
     };
+    let (reference, source) = match image {
+        ImageName::Qualified(r) => {
+            let source = open_source(&r, &opts.registry).with_context(|| format!("pulling {r}"))?;
+            (r, source)
+        }
+        ImageName::Short(short) => {
+            // the store records the fully qualified name, and the user is
+            // told which registry it came from
+            let conf = RegistriesConf::load()?;
+            let found = resolve_short_name(&short, &conf, &opts.registry, &opts.platform)?;
+            if !ctx.quiet {
+                for skipped in &found.skipped {
+                    eprintln!("strata: short name {:?}: {skipped}", short.to_string());
+                }
+                eprintln!(
+                    "strata: short name {:?} resolved to {} ({})",
+                    short.to_string(),
+                    found.reference,
+                    found.lookup
+                );
+            }
+            (found.reference, found.source)
+        }
+    };
     let name = reference.to_string();
     let render = ctx.render();
-    let summary = pull(&store, &reference, &name, &opts, ctx.ctl(&render))
+    let summary = pull_from(&store, source.as_ref(), &name, &opts, ctx.ctl(&render))
         .with_context(|| format!("pulling {name}"));
     render.finish();
     let summary = summary?;
