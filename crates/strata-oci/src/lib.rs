@@ -6,7 +6,8 @@
 //!   indexes and configs; the exact bytes are always kept, because digests
 //!   are over bytes, not over parsed structures.
 //! - [`ImageSource`]: where images come from: a registry ([`registry`]:
-//!   auth, retries, Range resume) or a layout/archive ([`layout`]).
+//!   credential providers, auth, one shared HTTP client, retries, Range
+//!   resume) or a layout/archive ([`layout`]).
 //! - [`layout_writer`]: writes OCI layouts (fixtures, exports).
 //! - [`pull`]: the pipeline that verifies every byte and commits to the store.
 //! - [`convert`], [`push`]: rewriting an image's layers as zstd:chunked into
@@ -37,6 +38,10 @@ pub use manifest::{
     Descriptor, ImageConfig, LayerCompression, Manifest, Platform, layer_compression, parse_config,
 };
 pub use reference::ImageRef;
+pub use registry::{
+    CredentialProvider, Credentials, FileCredentials, RegistryClient, RegistryConfig,
+    RegistryOptions, StaticCredentials,
+};
 
 /// Errors of image sources and formats. Messages name the image, blob or
 /// file and what was being done.
@@ -95,6 +100,17 @@ pub enum OciError {
         /// What we asked for.
         action: String,
         /// Why it failed.
+        reason: String,
+    },
+    /// A configuration or credentials file that does not parse or holds
+    /// something unusable. The reason never quotes a secret.
+    #[error("{action} {path}: {reason}")]
+    Config {
+        /// What we were doing, e.g. `reading credentials file`.
+        action: String,
+        /// Which file.
+        path: PathBuf,
+        /// What is wrong with it.
         reason: String,
     },
     /// A local file problem.
@@ -199,24 +215,6 @@ pub trait ImageSource: Send + Sync {
     }
     /// A description for messages, e.g. `docker://127.0.0.1:5000/debian:12`.
     fn describe(&self) -> String;
-}
-
-/// Registry access options.
-#[derive(Debug, Clone, Default)]
-pub struct RegistryOptions {
-    /// Use plain HTTP for every registry.
-    pub plain_http: bool,
-    /// Hosts (`host[:port]`) reached over plain HTTP.
-    pub insecure_registries: Vec<String>,
-    /// Credentials file (auth.json format) looked in first; then
-    /// `$REGISTRY_AUTH_FILE`, `$XDG_RUNTIME_DIR/containers/auth.json` and
-    /// `~/.docker/config.json`.
-    pub auth_file: Option<PathBuf>,
-    /// User-Agent header (`strata` when empty).
-    pub user_agent: String,
-    /// How long one request may stall before it is retried (60 s when
-    /// unset); lazy mounts use a short one so a read fails in bounded time.
-    pub stall_timeout: Option<std::time::Duration>,
 }
 
 /// Open the source a reference names.

@@ -73,7 +73,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         .parse()
         .with_context(|| format!("parsing destination {:?}", a.dest))?;
     let store = ctx.open_store()?;
-    let registry = super::pull::registry_options(&store, a.plain_http, a.authfile.clone());
+    let registry = super::pull::registry_options(&store, a.plain_http, a.authfile.clone())?;
     let target = match &dest {
         ImageRef::OciLayout { dir, tag } => Dest::Layout {
             dir,

@@ -258,7 +258,7 @@ fn serve(
         None => Platform::host_default(),
     };
     let store = Arc::new(ctx.open_store()?);
-    let mut registry = super::pull::registry_options(&store, a.plain_http, a.authfile.clone());
+    let mut registry = super::pull::registry_options(&store, a.plain_http, a.authfile.clone())?;
     registry.stall_timeout = Some(Duration::from_secs(10));
     let source: Arc<dyn strata_oci::ImageSource> = Arc::from(
         strata_oci::open_source(&reference, &registry)

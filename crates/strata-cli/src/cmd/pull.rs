@@ -1,10 +1,11 @@
 //! `strata pull REF`
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use strata_oci::pull::{PullOptions, pull};
-use strata_oci::{ImageRef, Platform, RegistryOptions};
+use strata_oci::{FileCredentials, ImageRef, Platform, RegistryConfig, RegistryOptions};
 
 use super::human;
 use crate::Ctx;
@@ -75,7 +76,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
     let store = ctx.open_store()?;
     let opts = PullOptions {
         platform,
-        registry: registry_options(&store, a.plain_http, a.authfile.clone()),
+        registry: registry_options(&store, a.plain_http, a.authfile.clone())?,
         jobs: a.jobs,
         split: a.split.policy(),
     };
@@ -115,32 +116,20 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Registry options for a command: flags plus the store's insecure list.
+/// Registry options for a command: flags, credentials from the auth files
+/// (`--authfile` first), and the store's `registries.json` (an error when
+/// it does not parse).
 pub fn registry_options(
     store: &strata_store::Store,
     plain_http: bool,
     auth_file: Option<std::path::PathBuf>,
-) -> RegistryOptions {
-    RegistryOptions {
+) -> Result<RegistryOptions> {
+    let config = RegistryConfig::load(store.root())?;
+    Ok(RegistryOptions {
         plain_http,
-        auth_file,
+        credentials: Arc::new(FileCredentials::new(auth_file)),
         user_agent: format!("strata/{}", env!("CARGO_PKG_VERSION")),
-        insecure_registries: insecure_registries(store),
-        stall_timeout: None,
+        ..RegistryOptions::default()
     }
-}
-
-/// Registries named in `$STRATA_ROOT/registries.json` (`{"insecure":
-/// ["host:port", ...]}`) are reached over plain HTTP without `--plain-http`.
-fn insecure_registries(store: &strata_store::Store) -> Vec<String> {
-    #[derive(serde::Deserialize)]
-    struct Conf {
-        #[serde(default)]
-        insecure: Vec<String>,
-    }
-    std::fs::read(store.root().join("registries.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Conf>(&b).ok())
-        .map(|c| c.insecure)
-        .unwrap_or_default()
+    .with_config(&config))
 }

@@ -66,7 +66,7 @@ pub fn push(ctx: &Ctx, a: PushArgs) -> Result<ExitCode> {
     let store = ctx.open_store()?;
     let id = store.resolve_template(&a.name)?;
     let reference = parse_ref(&a.reference)?;
-    let opts = super::pull::registry_options(&store, a.plain_http, a.authfile.clone());
+    let opts = super::pull::registry_options(&store, a.plain_http, a.authfile.clone())?;
     let t = Instant::now();
     let r = strata_block::artifact::push(&store, &id, &reference, &opts, a.jobs)
         .with_context(|| format!("pushing template {} to {reference}", a.name))?;
@@ -93,7 +93,7 @@ pub fn push(ctx: &Ctx, a: PushArgs) -> Result<ExitCode> {
 pub fn pull(ctx: &Ctx, a: PullArgs) -> Result<ExitCode> {
     let store = ctx.open_store()?;
     let reference = parse_ref(&a.reference)?;
-    let opts = super::pull::registry_options(&store, a.plain_http, a.authfile.clone());
+    let opts = super::pull::registry_options(&store, a.plain_http, a.authfile.clone())?;
     let t = Instant::now();
     let r = strata_block::artifact::pull(&store, &reference, &opts, a.all, a.jobs)
         .with_context(|| format!("pulling template {reference}"))?;

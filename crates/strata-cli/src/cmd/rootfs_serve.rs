@@ -144,7 +144,7 @@ fn chunk_source(
     id: &strata_digest::Digest,
     a: &ServeArgs,
 ) -> Result<Option<Arc<dyn strata_block::ChunkSource>>> {
-    let mut opts = super::pull::registry_options(store, a.plain_http, a.authfile.clone());
+    let mut opts = super::pull::registry_options(store, a.plain_http, a.authfile.clone())?;
     // a read waits for a stalled registry 10 s at most per attempt, then EIO
     opts.stall_timeout = Some(Duration::from_secs(10));
     let src = strata_block::artifact::source_for(store, id, &opts)
