@@ -3,8 +3,9 @@
 //!
 //! Puts a blob of a few MB into a local Debian `docker-registry` (started
 //! here, or the one at `--registry 127.0.0.1:PORT`), then times rounds of
-//! concurrent 64 KiB range reads of it, each from its own thread and its
-//! own `RegistrySource`, as a daemon serving many callers would:
+//! 64 KiB range reads of it (concurrent, a thread each; then one after
+//! another), each through its own `RegistrySource`, as a daemon serving
+//! many callers would:
 //!
 //! - (a) shared: every source is built from one `RegistryOptions`, so all
 //!   use one HTTP client and its pool of kept-alive connections;
@@ -85,9 +86,38 @@ fn noise(len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// One round: `reads` threads, each opening a source (from `shared`, or
-/// from fresh options) and reading its own 64 KiB range, checked against
-/// the blob. Returns the wall time.
+/// One read: open a source (from `shared`, or from fresh options) and
+/// read range number `i`, checked against the blob.
+fn read_one(
+    reference: &ImageRef,
+    addr: &str,
+    shared: Option<&RegistryOptions>,
+    desc: &Descriptor,
+    blob: &[u8],
+    i: usize,
+) -> Result<(), String> {
+    let ranges = blob.len() as u64 / RANGE;
+    let own;
+    let opts = match shared {
+        Some(o) => o,
+        None => {
+            own = fresh_options(addr);
+            &own
+        }
+    };
+    let src = RegistrySource::new(reference.clone(), opts).map_err(|e| e.to_string())?;
+    let offset = (i as u64 * 7 % ranges) * RANGE;
+    let got = src
+        .read_range(desc, offset, RANGE)
+        .map_err(|e| e.to_string())?;
+    if got != blob[offset as usize..(offset + RANGE) as usize] {
+        return Err(format!("range at {offset} differs"));
+    }
+    Ok(())
+}
+
+/// One round of `reads` reads: each from its own thread (`concurrent`),
+/// or one after another. Returns the wall time.
 fn round(
     reference: &ImageRef,
     addr: &str,
@@ -95,34 +125,18 @@ fn round(
     desc: &Descriptor,
     blob: &[u8],
     reads: usize,
+    concurrent: bool,
 ) -> Result<Duration, String> {
-    let ranges = blob.len() as u64 / RANGE;
     let start = Instant::now();
+    if !concurrent {
+        for i in 0..reads {
+            read_one(reference, addr, shared, desc, blob, i)?;
+        }
+        return Ok(start.elapsed());
+    }
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..reads)
-            .map(|i| {
-                s.spawn(move || -> Result<(), String> {
-                    let own;
-                    let opts = match shared {
-                        Some(o) => o,
-                        None => {
-                            own = fresh_options(addr);
-                            &own
-                        }
-                    };
-                    let src =
-                        RegistrySource::new(reference.clone(), opts).map_err(|e| e.to_string())?;
-                    let offset = (i as u64 * 7 % ranges) * RANGE;
-                    let got = src
-                        .read_range(desc, offset, RANGE)
-                        .map_err(|e| e.to_string())?;
-                    let want = &blob[offset as usize..(offset + RANGE) as usize];
-                    if got != want {
-                        return Err(format!("range at {offset} differs"));
-                    }
-                    Ok(())
-                })
-            })
+            .map(|i| s.spawn(move || read_one(reference, addr, shared, desc, blob, i)))
             .collect();
         for h in handles {
             h.join().map_err(|_| "a reader panicked".to_string())??;
@@ -170,42 +184,70 @@ fn main() -> Result<(), String> {
     };
 
     let shared = fresh_options(&addr);
-    // warm-up: the registry's page cache, and the shared pool's first
-    // connections (a long-lived daemon has them)
-    round(&reference, &addr, Some(&shared), &desc, &blob, args.reads)?;
-    round(&reference, &addr, None, &desc, &blob, args.reads)?;
-
-    let (mut a, mut b) = (Vec::new(), Vec::new());
-    for _ in 0..args.rounds {
-        a.push(round(
+    println!(
+        "{} 64 KiB range reads of a {} MiB blob, registry {addr} (plain HTTP), median of {} rounds",
+        args.reads, args.blob_mib, args.rounds
+    );
+    println!("| reads | client | median round | min | max | per-request / shared |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1000.0);
+    for concurrent in [true, false] {
+        // warm-up: the registry's page cache, and the shared pool's first
+        // connections (a long-lived daemon has them)
+        round(
             &reference,
             &addr,
             Some(&shared),
             &desc,
             &blob,
             args.reads,
-        )?);
-        b.push(round(&reference, &addr, None, &desc, &blob, args.reads)?);
+            concurrent,
+        )?;
+        round(
+            &reference, &addr, None, &desc, &blob, args.reads, concurrent,
+        )?;
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..args.rounds {
+            a.push(round(
+                &reference,
+                &addr,
+                Some(&shared),
+                &desc,
+                &blob,
+                args.reads,
+                concurrent,
+            )?);
+            b.push(round(
+                &reference, &addr, None, &desc, &blob, args.reads, concurrent,
+            )?);
+        }
+        let (ma, mb) = (median(a.clone()), median(b.clone()));
+        let how = if concurrent {
+            format!("{} concurrent (a thread each)", args.reads)
+        } else {
+            format!("{} one after another", args.reads)
+        };
+        for (name, v, m) in [
+            ("(a) one shared client", &a, ma),
+            ("(b) a new client per request", &b, mb),
+        ] {
+            let min = v.iter().min().copied().unwrap_or_default();
+            let max = v.iter().max().copied().unwrap_or_default();
+            let ratio = if m == ma {
+                "1.00x".to_string()
+            } else {
+                format!("{:.2}x", mb.as_secs_f64() / ma.as_secs_f64())
+            };
+            println!(
+                "| {how} | {name} | {} | {} | {} | {ratio} |",
+                ms(m),
+                ms(min),
+                ms(max)
+            );
+        }
     }
-    let (ma, mb) = (median(a.clone()), median(b.clone()));
-    let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1000.0);
     println!(
-        "{} concurrent 64 KiB range reads of a {} MiB blob, registry {addr} (plain HTTP), {} rounds",
-        args.reads, args.blob_mib, args.rounds
-    );
-    println!("| client | median round | min | max |");
-    println!("| --- | --- | --- | --- |");
-    for (name, v, m) in [
-        ("(a) one shared client", &a, ma),
-        ("(b) a new client per request", &b, mb),
-    ] {
-        let min = v.iter().min().copied().unwrap_or_default();
-        let max = v.iter().max().copied().unwrap_or_default();
-        println!("| {name} | {} | {} | {} |", ms(m), ms(min), ms(max));
-    }
-    println!(
-        "per-request / shared: {:.2}x; HTTP clients built by the shared options: {}",
-        mb.as_secs_f64() / ma.as_secs_f64(),
+        "HTTP clients built by the shared options: {}",
         shared.client.clients_built()
     );
     Ok(())

@@ -802,6 +802,88 @@ mod tests {
         assert_eq!(user_password(&c), ("alice", "pw2"));
     }
 
+    /// A one-request HTTP server on 127.0.0.1 answering `answer`; returns
+    /// its address and the request it got.
+    fn one_shot_server(answer: &'static str) -> (String, std::thread::JoinHandle<String>) {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let h = std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            let mut r = BufReader::new(c.try_clone().unwrap());
+            let mut head = String::new();
+            let mut len = 0;
+            loop {
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap();
+                }
+                head.push_str(&line);
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0; len];
+            r.read_exact(&mut body).unwrap();
+            write!(
+                c,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                answer.len()
+            )
+            .unwrap();
+            head + &String::from_utf8(body).unwrap()
+        });
+        (addr, h)
+    }
+
+    #[test]
+    fn identity_tokens_are_exchanged_at_the_realm_in_a_post_body() {
+        let (addr, server) = one_shot_server(r#"{"access_token":"access-77"}"#);
+        let auth = Authenticator::new(
+            "reg.io",
+            "team/app",
+            Some(Credentials::identity_token("refresh/s3cret")),
+            false,
+        );
+        let http = Client::new();
+        auth.answer(
+            &http,
+            &format!(r#"Bearer realm="http://{addr}/token",service="reg.io""#),
+            "fetching manifest x",
+        )
+        .unwrap();
+        let request = server.join().unwrap();
+        let first_line = request.lines().next().unwrap();
+        // the refresh token travels in the body, never in the URL
+        assert_eq!(first_line, "POST /token HTTP/1.1", "{request}");
+        assert!(
+            request.ends_with(
+                "service=reg.io&scope=repository%3Ateam%2Fapp%3Apull&grant_type=refresh_token&refresh_token=refresh%2Fs3cret&client_id=strata"
+            ),
+            "{request}"
+        );
+        assert!(
+            !request.to_ascii_lowercase().contains("authorization:"),
+            "{request}"
+        );
+        // requests now carry the access token
+        let req = auth
+            .authorize(http.get("http://reg.io/v2/"))
+            .build()
+            .unwrap();
+        assert_eq!(req.headers()["authorization"], "Bearer access-77");
+    }
+
+    #[test]
+    fn a_basic_challenge_is_not_answered_with_a_token() {
+        let auth = Authenticator::new("reg.io", "a", Some(Credentials::registry_token("t")), false);
+        let e = auth
+            .answer(&Client::new(), r#"Basic realm="x""#, "fetching manifest x")
+            .unwrap_err();
+        assert!(matches!(e, OciError::Auth { .. }), "{e}");
+    }
+
     #[test]
     fn debug_output_redacts_secrets() {
         let p = StaticCredentials::new()
