@@ -11,7 +11,7 @@
 //!  RegistryPusher ───────────────┴─ Session: base URL, auth state, retries ── reqwest Client
 //! ```
 //!
-//! - [`auth`]-related: anonymous first; a 401 challenge `Basic` or
+//! - Auth: anonymous first; a 401 challenge `Basic` or
 //!   `Bearer realm=…` is answered with the credentials the
 //!   [`CredentialProvider`] gave for the host (a token fetched from the
 //!   realm and cached per source). Credentials and tokens never appear in
