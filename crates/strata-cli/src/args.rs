@@ -2,8 +2,10 @@
 
 use std::path::PathBuf;
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
-use strata_oci::{Platform, RegistryOptions};
+use strata_oci::{FileCredentials, Platform, RegistryConfig, RegistryOptions};
 
 /// How to reach registries.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -17,35 +19,19 @@ pub struct RegistryArgs {
 }
 
 impl RegistryArgs {
-    /// Registry options for these flags and the store's registry config.
+    /// Registry options for these flags and the store's `registries.json`
+    /// (hosts listed as insecure are reached over plain HTTP); a broken
+    /// file is an error naming it.
     pub fn options(&self, store: &strata_store::Store) -> Result<RegistryOptions> {
+        let config = RegistryConfig::load(store.root())?;
         Ok(RegistryOptions {
             plain_http: self.plain_http,
-            auth_file: self.authfile.clone(),
+            credentials: Arc::new(FileCredentials::new(self.authfile.clone())),
             user_agent: format!("strata/{}", env!("CARGO_PKG_VERSION")),
-            insecure_registries: insecure_registries(store)?,
-            stall_timeout: None,
-        })
+            ..Default::default()
+        }
+        .with_config(&config))
     }
-}
-
-/// Registries named in `$STRATA_ROOT/registries.json` (`{"insecure":
-/// ["host:port", ...]}`) are reached over plain HTTP without `--plain-http`.
-fn insecure_registries(store: &strata_store::Store) -> Result<Vec<String>> {
-    #[derive(serde::Deserialize)]
-    struct Conf {
-        #[serde(default)]
-        insecure: Vec<String>,
-    }
-    let path = store.root().join("registries.json");
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    let c: Conf =
-        serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?;
-    Ok(c.insecure)
 }
 
 /// `--platform os/arch[/variant]`, default the host's.

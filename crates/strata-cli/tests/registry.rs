@@ -56,6 +56,18 @@ fn plain_http_is_refused_unless_asked() {
     )
     .unwrap();
     env.ok(&["pull", &r]);
+    // a registries.json that does not parse is refused, naming the file,
+    // instead of being ignored (which would quietly turn TLS back on)
+    let conf = env.root().join("registries.json");
+    std::fs::write(&conf, format!("{{\"insecure\": \"{}\"", reg.addr)).unwrap();
+    let err = env.fails(&["pull", &r]);
+    assert!(
+        err.contains(&format!(
+            "reading registry configuration {}",
+            conf.display()
+        )),
+        "{err}"
+    );
 }
 
 #[test]

@@ -9,7 +9,8 @@
 //!   indexes and configs; the exact bytes are always kept, because digests
 //!   are over bytes, not over parsed structures.
 //! - [`ImageSource`]: where images come from: a registry ([`registry`]:
-//!   auth, retries, Range resume) or a layout/archive ([`layout`]).
+//!   credential providers, auth, one shared HTTP client, retries, Range
+//!   resume) or a layout/archive ([`layout`]).
 //! - [`layout_writer`]: writes OCI layouts (fixtures, exports).
 //! - [`pull`]: the pipeline that verifies every byte and commits to the store.
 //! - [`convert`], [`push`]: rewriting an image's layers as zstd:chunked into
@@ -41,6 +42,10 @@ pub use manifest::{
     Descriptor, ImageConfig, LayerCompression, Manifest, Platform, layer_compression, parse_config,
 };
 pub use reference::{ImageName, ImageRef, ShortName};
+pub use registry::{
+    CredentialProvider, Credentials, FileCredentials, RegistryClient, RegistryConfig,
+    RegistryOptions, StaticCredentials,
+};
 
 /// Errors of image sources and formats. Messages name the image, blob or
 /// file and what was being done.
@@ -118,6 +123,17 @@ pub enum OciError {
         /// What we asked for.
         action: String,
         /// Why it failed.
+        reason: String,
+    },
+    /// A configuration or credentials file that does not parse or holds
+    /// something unusable. The reason never quotes a secret.
+    #[error("{action} {path}: {reason}")]
+    Config {
+        /// What we were doing, e.g. `reading credentials file`.
+        action: String,
+        /// Which file.
+        path: PathBuf,
+        /// What is wrong with it.
         reason: String,
     },
     /// A local file problem.
@@ -233,24 +249,6 @@ pub trait ImageSource: Send + Sync {
     fn describe(&self) -> String;
 }
 
-/// Registry access options.
-#[derive(Debug, Clone, Default)]
-pub struct RegistryOptions {
-    /// Use plain HTTP for every registry.
-    pub plain_http: bool,
-    /// Hosts (`host[:port]`) reached over plain HTTP.
-    pub insecure_registries: Vec<String>,
-    /// Credentials file (auth.json format) looked in first; then
-    /// `$REGISTRY_AUTH_FILE`, `$XDG_RUNTIME_DIR/containers/auth.json` and
-    /// `~/.docker/config.json`.
-    pub auth_file: Option<PathBuf>,
-    /// User-Agent header (`strata` when empty).
-    pub user_agent: String,
-    /// How long one request may stall before it is retried (60 s when
-    /// unset); lazy mounts use a short one so a read fails in bounded time.
-    pub stall_timeout: Option<std::time::Duration>,
-}
-
 /// Open the source a reference names.
 pub fn open_source(r: &ImageRef, opts: &RegistryOptions) -> Result<Box<dyn ImageSource>, OciError> {
     Ok(match r {
@@ -322,7 +320,7 @@ impl strata_ops::HasKind for OciError {
             OciError::NoRanges { .. } => K::Unsupported,
             OciError::NoPlatform { .. } => K::NotFound,
             OciError::Cancelled => K::Cancelled,
-            OciError::RegistriesConf { .. } => K::InvalidInput,
+            OciError::RegistriesConf { .. } | OciError::Config { .. } => K::InvalidInput,
             OciError::ShortName { .. } => K::NotFound,
         }
     }

@@ -7,14 +7,15 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use common::{Faults, Proxy, Registry, config_json, gzip, noise, tar_dir, tar_of};
 use strata_digest::{Digest, VerifyingReader};
 use strata_oci::layout_writer::{oci_index_bytes, oci_manifest_bytes};
 use strata_oci::manifest::{DOCKER_MANIFEST, OCI_MANIFEST};
 use strata_oci::{
-    Descriptor, ImageRef, ImageSource, OciError, OciLayoutWriter, Platform, RegistryOptions,
-    open_source,
+    Credentials, Descriptor, FileCredentials, ImageRef, ImageSource, OciError, OciLayoutWriter,
+    Platform, RegistryOptions, StaticCredentials, open_source,
 };
 
 const TAR_GZ: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
@@ -345,7 +346,7 @@ fn registry_bearer_token_auth() {
     // wrong password: refused, and the message holds no secret
     let wrong = write_auth_file(dir.path(), &proxy.addr, "alice:wrong-pw");
     let opts = RegistryOptions {
-        auth_file: Some(wrong.clone()),
+        credentials: Arc::new(FileCredentials::new(Some(wrong.clone()))),
         ..plain(&proxy.addr)
     };
     let e = open(&reference, &opts)
@@ -363,7 +364,7 @@ fn registry_bearer_token_auth() {
         "alice:s3cret-pw",
     );
     let opts = RegistryOptions {
-        auth_file: Some(good),
+        credentials: Arc::new(FileCredentials::new(Some(good))),
         ..plain(&proxy.addr)
     };
     let before = proxy.requests().len();
@@ -402,11 +403,134 @@ fn registry_basic_auth_from_auth_file() {
 
     let auth = write_auth_file(dir.path(), &proxy.addr, "bob:hunter2");
     let opts = RegistryOptions {
-        auth_file: Some(auth),
+        credentials: Arc::new(FileCredentials::new(Some(auth))),
         ..plain(&proxy.addr)
     };
     check_resolved_matches(open(&reference, &opts).as_ref(), &fx);
     assert!(proxy.requests().iter().any(|l| l.contains("auth=Basic")));
+}
+
+/// The credentials a daemon is handed per request (CRI's AuthConfig, an
+/// HTTP request's), built in memory: no file is read.
+fn in_memory(host: &str, creds: Credentials) -> Arc<StaticCredentials> {
+    Arc::new(StaticCredentials::new().with(host, creds))
+}
+
+#[test]
+fn registry_bearer_auth_with_credentials_built_in_memory() {
+    let (reg, fx) = registry_with_app();
+    let proxy = Proxy::start(
+        &reg.addr,
+        Faults {
+            bearer: Some("carol:in-memory-pw".into()),
+            ..Default::default()
+        },
+    );
+    let reference = format!("docker://{}/test/app:v1", proxy.addr);
+    // one set of options for the daemon's life; credentials per request
+    let base = RegistryOptions {
+        credentials: Arc::new(StaticCredentials::new()),
+        ..plain(&proxy.addr)
+    };
+
+    // a request without credentials is refused
+    let e = open(&reference, &base).resolve(&amd64()).unwrap_err();
+    assert!(matches!(e, OciError::Auth { .. }), "{e}");
+    assert!(e.to_string().contains("no credentials found"), "{e}");
+
+    // wrong password: refused, named as the caller's, not shown
+    let wrong = base.with_credentials(in_memory(
+        &proxy.addr,
+        Credentials::new("carol", "not-the-pw").with_source("the test request"),
+    ));
+    let e = open(&reference, &wrong).resolve(&amd64()).unwrap_err();
+    assert!(matches!(e, OciError::Auth { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("credentials from the test request") && !msg.contains("not-the-pw"),
+        "{msg}"
+    );
+
+    // the right ones: a token from the realm, then the whole image
+    let good = base.with_credentials(in_memory(
+        &proxy.addr,
+        Credentials::new("carol", "in-memory-pw"),
+    ));
+    let before = proxy.requests().len();
+    check_resolved_matches(open(&reference, &good).as_ref(), &fx);
+    let log = proxy.requests()[before..].to_vec();
+    assert_eq!(
+        log.iter().filter(|l| l.contains("/token")).count(),
+        1,
+        "{log:?}"
+    );
+
+    // a registry token the caller already holds goes to the registry as
+    // it is, without asking the realm
+    let token = base.with_credentials(in_memory(
+        &proxy.addr,
+        Credentials::registry_token(common::TOKEN),
+    ));
+    let before = proxy.requests().len();
+    check_resolved_matches(open(&reference, &token).as_ref(), &fx);
+    let log = proxy.requests()[before..].to_vec();
+    assert!(!log.iter().any(|l| l.contains("/token")), "{log:?}");
+    assert!(log.iter().any(|l| l.contains("auth=Bearer")), "{log:?}");
+    let stale = base.with_credentials(in_memory(
+        &proxy.addr,
+        Credentials::registry_token("expired-token"),
+    ));
+    let e = open(&reference, &stale).resolve(&amd64()).unwrap_err();
+    assert!(matches!(e, OciError::Auth { .. }), "{e}");
+
+    // every source above shared the one client of the base options
+    assert_eq!(base.client.clients_built(), 1);
+}
+
+#[test]
+fn registry_basic_auth_with_credentials_built_in_memory() {
+    let (reg, fx) = registry_with_app();
+    let proxy = Proxy::start(
+        &reg.addr,
+        Faults {
+            basic: Some("dave:basic-pw".into()),
+            ..Default::default()
+        },
+    );
+    let reference = format!("docker://{}/test/app:v1", proxy.addr);
+    let anonymous = RegistryOptions {
+        credentials: Arc::new(StaticCredentials::new()),
+        ..plain(&proxy.addr)
+    };
+    let e = open(&reference, &anonymous).resolve(&amd64()).unwrap_err();
+    assert!(matches!(e, OciError::Auth { .. }), "{e}");
+    // credentials for another host are not sent here
+    let elsewhere = anonymous.with_credentials(in_memory(
+        "other.example:5000",
+        Credentials::new("dave", "basic-pw"),
+    ));
+    let e = open(&reference, &elsewhere).resolve(&amd64()).unwrap_err();
+    assert!(matches!(e, OciError::Auth { .. }), "{e}");
+    let good =
+        anonymous.with_credentials(in_memory(&proxy.addr, Credentials::new("dave", "basic-pw")));
+    check_resolved_matches(open(&reference, &good).as_ref(), &fx);
+}
+
+#[test]
+fn an_explicit_auth_file_that_is_missing_fails_the_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing-auth.json");
+    let opts = RegistryOptions {
+        credentials: Arc::new(FileCredentials::new(Some(missing.clone()))),
+        ..plain("127.0.0.1:9")
+    };
+    let r: ImageRef = "docker://127.0.0.1:9/a/b:1".parse().unwrap();
+    let e = open_source(&r, &opts).err().expect("an error");
+    assert!(
+        e.to_string()
+            .starts_with(&format!("reading credentials file {}:", missing.display())),
+        "{e}"
+    );
 }
 
 #[test]
