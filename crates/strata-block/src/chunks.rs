@@ -32,6 +32,7 @@ pub fn ingest(
     parent: Option<Digest>,
     generation: u32,
     build: BTreeMap<String, String>,
+    ctl: strata_ops::Ctl<'_>,
 ) -> Result<(TemplateMap, ChunkStats), BlockError> {
     let io_err = |what: &'static str| {
         move |e: io::Error| BlockError::Io {
@@ -52,6 +53,16 @@ pub fn ingest(
         let mut i = start / CHUNK_SIZE;
         while i * CHUNK_SIZE < end {
             let off = i * CHUNK_SIZE;
+            // a cancel drops the batch: nothing of it becomes visible
+            if i.is_multiple_of(256) {
+                ctl.cancel.check()?;
+                ctl.emit(strata_ops::Event::Progress {
+                    op: strata_ops::Op::TemplateBuild,
+                    unit: strata_ops::Unit::Chunk { index: i },
+                    done: off,
+                    total: Some(size),
+                });
+            }
             let len = CHUNK_SIZE.min(size - off) as usize;
             f.read_exact_at(&mut buf[..len], off)
                 .map_err(io_err("reading"))?;
@@ -199,7 +210,15 @@ mod tests {
             .unwrap();
         f.write_all_at(b"end", size - 3).unwrap();
         drop(f);
-        let (map, stats) = ingest(&store, &raw, None, 0, BTreeMap::new()).unwrap();
+        let (map, stats) = ingest(
+            &store,
+            &raw,
+            None,
+            0,
+            BTreeMap::new(),
+            strata_ops::Ctl::none(),
+        )
+        .unwrap();
         assert_eq!(stats.chunks, 4);
         assert_eq!(stats.new_chunks, 3, "chunk 7 repeats chunk 3");
         assert_eq!(stats.zero_chunks, 36);
@@ -209,7 +228,15 @@ mod tests {
         export(&store, &map, &out).unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&raw).unwrap());
         // again: nothing new
-        let (_, again) = ingest(&store, &raw, None, 0, BTreeMap::new()).unwrap();
+        let (_, again) = ingest(
+            &store,
+            &raw,
+            None,
+            0,
+            BTreeMap::new(),
+            strata_ops::Ctl::none(),
+        )
+        .unwrap();
         assert_eq!(again.new_chunks, 0);
     }
 }

@@ -227,9 +227,25 @@ pub struct Built {
     pub seconds: f64,
 }
 
-/// Build (or find in the cache) the template `req` asks for.
-pub fn build(store: &Store, req: &BuildRequest) -> Result<Built, BlockError> {
+/// Build (or find in the cache) the template `req` asks for. A cancel
+/// (checked between steps and every 256 chunks) leaves no template and no
+/// cache entry.
+pub fn build(
+    store: &Store,
+    req: &BuildRequest,
+    ctl: strata_ops::Ctl<'_>,
+) -> Result<Built, BlockError> {
     let t0 = Instant::now();
+    let op = match req.source {
+        Source::Image(_) => strata_ops::Op::TemplateBuild,
+        Source::Template(_) => strata_ops::Op::TemplateResize,
+    };
+    ctl.emit(strata_ops::Event::Started {
+        op,
+        subject: match &req.source {
+            Source::Image(n) | Source::Template(n) => n.clone(),
+        },
+    });
     let mut adds = Vec::new();
     for a in &req.adds {
         let md = std::fs::metadata(a).map_err(|e| BlockError::BadAdd {
@@ -305,7 +321,10 @@ pub fn build(store: &Store, req: &BuildRequest) -> Result<Built, BlockError> {
     let raw = store.scratch_path("rootfs.raw");
     let result = (|| {
         match (&from, &parent) {
-            (Some(image), _) => mkfs_from_image(store, image, &adds, size, &key, &raw)?,
+            (Some(image), _) => {
+                ctl.cancel.check()?;
+                mkfs_from_image(store, image, &adds, size, &key, &raw)?
+            }
             (None, Some((id, pmap))) => {
                 export(store, pmap, &raw).map_err(|e| match e {
                     BlockError::MissingChunk { chunk, digest } => BlockError::Io {
@@ -316,18 +335,30 @@ pub fn build(store: &Store, req: &BuildRequest) -> Result<Built, BlockError> {
                     },
                     e => e,
                 })?;
+                ctl.cancel.check()?;
                 resize(&raw, pmap.size, size)?;
+                ctl.cancel.check()?;
                 add_through_loop(&raw, &adds)?;
             }
             (None, None) => unreachable!("a source is always set"),
         }
-        let (map, stats) = ingest(store, &raw, parent.as_ref().map(|p| p.0), generation, info)?;
+        ctl.cancel.check()?;
+        let (map, stats) = ingest(
+            store,
+            &raw,
+            parent.as_ref().map(|p| p.0),
+            generation,
+            info,
+            ctl,
+        )?;
+        ctl.cancel.check()?;
         let id = store.commit_template(&map, None)?;
         store.template_cache_set(&key, &id)?;
         Ok::<_, BlockError>((id, map, stats))
     })();
     let _ = std::fs::remove_file(&raw);
     let (id, map, stats) = result?;
+    ctl.emit(strata_ops::Event::Finished { op });
     Ok(Built {
         id,
         key,

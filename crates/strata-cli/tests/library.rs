@@ -309,3 +309,113 @@ fn gc_in_a_loop_never_takes_what_other_threads_use() {
         assert_eq!(Some(info.tree_digest), *want, "app-{i}");
     }
 }
+
+#[test]
+fn cancelled_conversions_and_template_builds_leave_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("store");
+    let src: ImageRef = oci_ref(&debian_layout(), "python").parse().unwrap();
+    let image = {
+        let store = Store::open(&root).unwrap();
+        pull(&store, &src, "py", &pull_opts(), Ctl::none())
+            .unwrap()
+            .manifest_digest
+    };
+    let store = Store::open(&root).unwrap();
+    let copts = strata_oci::convert::ConvertOptions {
+        format: strata_oci::convert::Format::ZstdChunked,
+        level: 3,
+        jobs: 2,
+        prefetch: Vec::new(),
+        place_first: false,
+    };
+    // convert: cancelled as the first layer starts, then as it ends
+    let out = tmp.path().join("out");
+    for after in [1, 3] {
+        let cancel = Cancel::new();
+        let sink = CancelAfter {
+            seen: Default::default(),
+            after,
+            cancel: cancel.clone(),
+        };
+        let r = strata_oci::convert::convert_to_layout(
+            &store,
+            &image,
+            &out,
+            Some("c"),
+            &copts,
+            Ctl::new(&sink, &cancel),
+        );
+        let e = r.expect_err("cancelled");
+        assert_eq!(e.kind(), ErrorKind::Cancelled, "{e}");
+        let index = std::fs::read_to_string(out.join("index.json")).unwrap_or_default();
+        assert!(
+            !index.contains("\"c\""),
+            "no tag for a cancelled conversion: {index}"
+        );
+    }
+    let done = strata_oci::convert::convert_to_layout(
+        &store,
+        &image,
+        &out,
+        Some("c"),
+        &copts,
+        Ctl::none(),
+    )
+    .unwrap();
+    let index = std::fs::read_to_string(out.join("index.json")).unwrap();
+    assert!(index.contains(&done.manifest_digest.to_string()), "{index}");
+
+    // template build: cancelled while chunks are stored
+    let req = strata_block::BuildRequest {
+        source: strata_block::Source::Image("py".into()),
+        size: Some(1 << 30),
+        adds: Vec::new(),
+        no_cache: false,
+    };
+    let cancel = Cancel::new();
+    let sink = CancelAfter {
+        seen: Default::default(),
+        after: 3,
+        cancel: cancel.clone(),
+    };
+    let e = strata_block::build(&store, &req, Ctl::new(&sink, &cancel)).expect_err("cancelled");
+    assert_eq!(e.kind(), ErrorKind::Cancelled, "{e}");
+    assert!(
+        store.template_ids().unwrap().is_empty(),
+        "no template is visible"
+    );
+    let fsck = store.fsck(Ctl::none()).unwrap();
+    assert!(fsck.is_ok(), "{:?}", fsck.problems);
+    let events = Collect::new();
+    let built = strata_block::build(&store, &req, Ctl::new(&events, &Cancel::new())).unwrap();
+    assert!(!built.cached, "the cancelled build left no cache entry");
+    assert_eq!(store.template_ids().unwrap(), vec![built.id]);
+    let ev = events.events();
+    assert!(
+        matches!(
+            ev.first(),
+            Some(Event::Started {
+                op: Op::TemplateBuild,
+                ..
+            })
+        ),
+        "{ev:?}"
+    );
+    assert!(
+        matches!(
+            ev.last(),
+            Some(Event::Finished {
+                op: Op::TemplateBuild
+            })
+        ),
+        "{ev:?}"
+    );
+    assert!(ev.iter().any(|e| matches!(
+        e,
+        Event::Progress {
+            unit: Unit::Chunk { .. },
+            ..
+        }
+    )));
+}

@@ -45,7 +45,7 @@
 //! | pull (full or partial) | `strata_oci::pull::pull_from(store, source, name, opts, ctl)` |
 //! | convert | `strata_oci::convert::convert(store, image, dest, opts, ctl)` / `convert_to_layout` |
 //! | lazy mount | `strata_lazy::mount(store, source, name, target, opts, events)` -> `LazyMount` (`status`, `wait`, `unmount`); after a restart `strata_lazy::attach` / `list`; cleanup `strata_lazy::cleanup` |
-//! | template build | `strata_block::build(store, request)` |
+//! | template build | `strata_block::build(store, request, ctl)` |
 //! | template serve / commit | `strata_block::served::serve(store, request)` -> `ServedTemplate`; `served::commit(store, file, name)`; `served::list` / `cleanup` |
 //! | template push / pull | `strata_block::artifact::push` / `pull` |
 //! | gc | `Store::open_for_gc(root)?.gc(dry_run, ctl)` (only an `ExclusiveStore` can) |

@@ -122,7 +122,10 @@ fn build(ctx: &Ctx, b: BuildArgs) -> Result<ExitCode> {
         adds: b.adds,
         no_cache: b.no_cache,
     };
-    let built = strata_block::build(&store, &req).context("building the template")?;
+    let render = ctx.render();
+    let built = strata_block::build(&store, &req, ctx.ctl(&render));
+    render.finish();
+    let built = built.context("building the template")?;
     if let Some(n) = &b.name {
         store.set_template_name(n, &built.id)?;
     }
