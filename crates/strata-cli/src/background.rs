@@ -33,16 +33,7 @@ pub fn started(ctx: &Ctx, what: &str, log: &Path) -> Result<ExitCode> {
     if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
         bail!("{e}");
     }
-    for n in v
-        .get("notes")
-        .and_then(|n| n.as_array())
-        .into_iter()
-        .flatten()
-    {
-        if let Some(n) = n.as_str() {
-            eprintln!("strata: {n}");
-        }
-    }
+    print_notes(&v);
     if ctx.json {
         println!("{v}");
     } else if !ctx.quiet {
@@ -63,20 +54,19 @@ pub fn ready(ctx: &Ctx, report: &serde_json::Value) {
         daemon::notify(&report.to_string());
         return;
     }
-    for n in report
-        .get("notes")
-        .and_then(|n| n.as_array())
-        .into_iter()
-        .flatten()
-    {
-        if let Some(n) = n.as_str() {
-            eprintln!("strata: {n}");
-        }
-    }
+    print_notes(report);
     if ctx.json {
         println!("{report}");
     } else if !ctx.quiet {
         println!("{}", report["message"].as_str().unwrap_or("started"));
+    }
+}
+
+/// A report's `notes` (warnings for people) on stderr.
+fn print_notes(report: &serde_json::Value) {
+    let notes = report.get("notes").and_then(|n| n.as_array());
+    for n in notes.into_iter().flatten().filter_map(|n| n.as_str()) {
+        eprintln!("strata: {n}");
     }
 }
 

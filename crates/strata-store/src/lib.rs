@@ -223,14 +223,7 @@ impl Store {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(io_err("creating store dir", &p))?;
         }
-        let lock_path = root.join("lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_err("opening store lock", &lock_path))?;
+        let (lock_path, lock) = open_lock(root)?;
         use rustix::fs::{FlockOperation, flock};
         let lock_err = |e: rustix::io::Errno| StoreError::Io {
             action: "locking store",
@@ -273,14 +266,7 @@ impl Store {
     pub fn open_for_gc(root: impl AsRef<Path>) -> Result<ExclusiveStore> {
         let root = root.as_ref();
         fs::create_dir_all(root).map_err(io_err("creating store", root))?;
-        let lock_path = root.join("lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_err("opening store lock", &lock_path))?;
+        let (_, lock) = open_lock(root)?;
         use rustix::fs::{FlockOperation, flock};
         if flock(&lock, FlockOperation::NonBlockingLockExclusive).is_err() {
             let holders: Vec<String> = leases::all(root)?
@@ -760,6 +746,19 @@ fn list_hex_names(dir: &Path) -> Result<Vec<Digest>> {
     }
     out.sort();
     Ok(out)
+}
+
+/// The store's lock file, opened (not locked).
+fn open_lock(root: &Path) -> Result<(PathBuf, File)> {
+    let lock_path = root.join("lock");
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io_err("opening store lock", &lock_path))?;
+    Ok((lock_path, lock))
 }
 
 /// Remove `tmp/<pid>-<n>` staging dirs whose process is gone.
