@@ -125,7 +125,15 @@ fn build(ctx: &Ctx, b: BuildArgs) -> Result<ExitCode> {
     let render = ctx.render();
     let built = strata_block::build(&store, &req, ctx.ctl(&render));
     render.finish();
-    let built = built.context("building the template")?;
+    let built = built
+        .map_err(|e| match e {
+            // the library names the tree; the user gave it as --add
+            strata_block::BlockError::BadAdd { path, reason } => {
+                anyhow::anyhow!("--add {}: {reason}", path.display())
+            }
+            e => anyhow::Error::new(e),
+        })
+        .context("building the template")?;
     if let Some(n) = &b.name {
         store.set_template_name(n, &built.id)?;
     }
