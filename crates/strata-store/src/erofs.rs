@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
-use strata_digest::{Digest, FsVerityHasher, fsverity_digest};
+use strata_digest::{Digest, FsVerityHasher, VerityDigest, fsverity_digest};
 use strata_erofs::convert::{Contents, Objects, from_tree};
 use strata_erofs::{Flavor, FsTree};
 use strata_tree::Tree;
@@ -35,7 +35,7 @@ pub struct PartInfo {
     /// SHA-256 of the image bytes.
     pub digest: Digest,
     /// fs-verity digest of the image bytes (the composefs image id).
-    pub verity: Digest,
+    pub verity: VerityDigest,
     /// Size in bytes.
     pub size: u64,
 }
@@ -48,7 +48,7 @@ pub struct ErofsInfo {
     /// SHA-256 of the flattened composefs image: the image's tree digest.
     pub tree_digest: Digest,
     /// fs-verity digest of the flattened image (the composefs image id).
-    pub composefs_id: Digest,
+    pub composefs_id: VerityDigest,
     /// Size of the flattened image.
     pub size: u64,
     /// Inodes in the flattened image.
@@ -101,17 +101,17 @@ pub fn chain_id(diff_ids: &[Digest]) -> Digest {
 /// What the store's objects look like to the converter.
 struct StoreObjects<'a> {
     store: &'a Store,
-    verity: HashMap<Digest, [u8; 32]>,
+    verity: HashMap<Digest, VerityDigest>,
 }
 
 impl Objects for StoreObjects<'_> {
     fn verity(&mut self, digest: &Digest, _size: u64) -> io::Result<[u8; 32]> {
         if let Some(v) = self.verity.get(digest) {
-            return Ok(*v);
+            return Ok(*v.as_bytes());
         }
         let v = object_verity(&self.store.object_path(digest))?;
         self.verity.insert(*digest, v);
-        Ok(v)
+        Ok(*v.as_bytes())
     }
 
     fn read(&mut self, digest: &Digest, offset: u64, len: u64) -> io::Result<Vec<u8>> {
@@ -130,7 +130,7 @@ fn with_path(e: io::Error, what: &str, p: &Path) -> io::Error {
 }
 
 /// fs-verity digest of a file.
-pub fn object_verity(p: &Path) -> io::Result<[u8; 32]> {
+pub fn object_verity(p: &Path) -> io::Result<VerityDigest> {
     let mut f = File::open(p).map_err(|e| with_path(e, "opening object", p))?;
     let mut h = FsVerityHasher::new();
     let mut buf = vec![0u8; 256 * 1024];
@@ -143,14 +143,14 @@ pub fn object_verity(p: &Path) -> io::Result<[u8; 32]> {
         }
         h.update(&buf[..n]);
     }
-    Ok(*h.finish().as_bytes())
+    Ok(h.finish())
 }
 
-fn encode_verity(map: &[(Digest, [u8; 32])]) -> Vec<u8> {
+fn encode_verity(map: &[(Digest, VerityDigest)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(map.len() * 64);
     for (d, v) in map {
         out.extend_from_slice(d.as_bytes());
-        out.extend_from_slice(v);
+        out.extend_from_slice(v.as_bytes());
     }
     out
 }
@@ -180,7 +180,7 @@ impl Store {
     pub(crate) fn compute_verity(
         &self,
         objects: impl Iterator<Item = Digest>,
-    ) -> io::Result<Vec<(Digest, [u8; 32])>> {
+    ) -> io::Result<Vec<(Digest, VerityDigest)>> {
         let mut todo: Vec<Digest> = objects.collect();
         todo.sort();
         todo.dedup();
@@ -217,7 +217,7 @@ impl Store {
         &self,
         dir: &Path,
         objects: impl Iterator<Item = Digest>,
-    ) -> Result<Vec<(Digest, [u8; 32])>> {
+    ) -> Result<Vec<(Digest, VerityDigest)>> {
         let map = self
             .compute_verity(objects)
             .map_err(io_err("computing fs-verity digests", dir))?;
@@ -227,14 +227,17 @@ impl Store {
 
     /// The fs-verity digests of a layer's objects (computed and stored if
     /// the layer predates them).
-    pub fn layer_verity(&self, diff_id: &Digest) -> Result<Vec<(Digest, [u8; 32])>> {
+    pub fn layer_verity(&self, diff_id: &Digest) -> Result<Vec<(Digest, VerityDigest)>> {
         let p = self.layer_dir(diff_id).join("verity");
         match fs::read(&p) {
             Ok(b) if b.len() % 64 == 0 => Ok(b
                 .chunks_exact(64)
                 .map(|c| {
                     let d = Digest::sha256_from_bytes(c[..32].try_into().expect("32 bytes"));
-                    (d, c[32..].try_into().expect("32 bytes"))
+                    (
+                        d,
+                        VerityDigest::from_bytes(c[32..].try_into().expect("32 bytes")),
+                    )
                 })
                 .collect()),
             Ok(_) => Err(StoreError::Corrupt {
@@ -597,7 +600,7 @@ impl Store {
         let meta = self.image_meta(digest)?;
         let diff_ids: Vec<Digest> = meta.layers.iter().map(|l| l.diff_id).collect();
         // Objects first: a tree built from a bad object would hide the cause.
-        let mut verity: HashMap<Digest, [u8; 32]> = HashMap::new();
+        let mut verity: HashMap<Digest, VerityDigest> = HashMap::new();
         for d in &diff_ids {
             match self.layer_verity(d) {
                 Ok(v) => verity.extend(v),
@@ -727,7 +730,7 @@ impl Store {
     }
 }
 
-pub(crate) fn hash_both(p: &Path) -> io::Result<(Digest, [u8; 32])> {
+pub(crate) fn hash_both(p: &Path) -> io::Result<(Digest, VerityDigest)> {
     let mut f = File::open(p)?;
     let mut sha = strata_digest::Hasher::new();
     let mut v = FsVerityHasher::new();
@@ -740,5 +743,5 @@ pub(crate) fn hash_both(p: &Path) -> io::Result<(Digest, [u8; 32])> {
         sha.update(&buf[..n]);
         v.update(&buf[..n]);
     }
-    Ok((sha.finish(), *v.finish().as_bytes()))
+    Ok((sha.finish(), v.finish()))
 }
