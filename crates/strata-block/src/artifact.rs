@@ -17,8 +17,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use strata_digest::Digest;
 use strata_oci::manifest::Descriptor;
@@ -134,12 +132,10 @@ pub fn push(
     pusher
         .ping()
         .map_err(oci(format!("pushing to {reference}")))?;
-    let report = Mutex::new(PushReport {
+    let mut report = PushReport {
         chunks: chunks.len() as u64,
         ..Default::default()
-    });
-    let next = AtomicU64::new(0);
-    let failed: Mutex<Option<BlockError>> = Mutex::new(None);
+    };
     let upload = |d: &Digest, len: u64| -> Result<bool, BlockError> {
         let what = || format!("pushing chunk {d} to {}", pusher.target());
         if pusher.has_blob(d).map_err(oci(what()))? {
@@ -177,36 +173,20 @@ pub fn push(
             .map_err(oci(what()))?;
         Ok(true)
     };
-    std::thread::scope(|s| {
-        for _ in 0..jobs.clamp(1, 16) {
-            s.spawn(|| {
-                loop {
-                    let k = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    if k >= chunks.len() || failed.lock().expect("no panics").is_some() {
-                        return;
-                    }
-                    let (d, len) = chunks[k];
-                    match upload(&d, len) {
-                        Ok(up) => {
-                            let mut r = report.lock().expect("no panics");
-                            if up {
-                                r.uploaded += 1;
-                                r.bytes_uploaded += len;
-                            } else {
-                                r.bytes_skipped += len;
-                            }
-                        }
-                        Err(e) => {
-                            failed.lock().expect("no panics").get_or_insert(e);
-                            return;
-                        }
-                    }
-                }
-            });
+    // nothing cancels a push yet: the pool is for its bound and first error
+    let uploaded = strata_ops::par_map(
+        &chunks,
+        jobs.clamp(1, 16),
+        &strata_ops::Cancel::new(),
+        |_, &(d, len)| upload(&d, len),
+    )?;
+    for (&(_, len), up) in chunks.iter().zip(uploaded) {
+        if up {
+            report.uploaded += 1;
+            report.bytes_uploaded += len;
+        } else {
+            report.bytes_skipped += len;
         }
-    });
-    if let Some(e) = failed.into_inner().expect("no panics") {
-        return Err(e);
     }
     let what = format!("pushing the map of {id} to {}", pusher.target());
     if !pusher.has_blob(&config.digest).map_err(oci(what.clone()))? {
@@ -217,9 +197,8 @@ pub fn push(
     let digest = pusher
         .put_manifest(&tag, OCI_MANIFEST, &manifest_bytes)
         .map_err(oci(format!("pushing the manifest to {reference}")))?;
-    let mut r = report.into_inner().expect("no panics");
-    r.manifest_digest = digest.to_string();
-    Ok(r)
+    report.manifest_digest = digest.to_string();
+    Ok(report)
 }
 
 /// What a pull did.
@@ -306,51 +285,31 @@ pub fn pull(
     };
     if all && !missing.is_empty() {
         let source = RegistryChunks { src };
-        let next = AtomicU64::new(0);
-        let got: Mutex<Vec<(Digest, Vec<u8>)>> = Mutex::new(Vec::new());
-        let failed: Mutex<Option<BlockError>> = Mutex::new(None);
-        std::thread::scope(|s| {
-            for _ in 0..jobs.clamp(1, 16) {
-                s.spawn(|| {
-                    loop {
-                        let k = next.fetch_add(1, Ordering::Relaxed) as usize;
-                        if k >= missing.len() || failed.lock().expect("no panics").is_some() {
-                            return;
-                        }
-                        let (d, len) = missing[k];
-                        let r = source.fetch(&d, len).and_then(|b| {
-                            if b.len() as u64 == len && Digest::sha256_of(&b) == d {
-                                Ok(b)
-                            } else {
-                                Err(io::Error::new(
-                                    io::ErrorKind::InvalidData,
-                                    "the registry sent bytes that do not match its digest",
-                                ))
-                            }
-                        });
-                        match r {
-                            Ok(b) => got.lock().expect("no panics").push((d, b)),
-                            Err(e) => {
-                                failed
-                                    .lock()
-                                    .expect("no panics")
-                                    .get_or_insert(BlockError::Io {
-                                        what: format!("fetching chunk {d} from {reference}"),
-                                        source: e,
-                                    });
-                                return;
-                            }
-                        }
+        // nothing cancels a pull yet: the pool is for its bound and first error
+        let got = strata_ops::par_map(
+            &missing,
+            jobs.clamp(1, 16),
+            &strata_ops::Cancel::new(),
+            |_, &(d, len)| {
+                let b = source.fetch(&d, len).and_then(|b| {
+                    if b.len() as u64 == len && Digest::sha256_of(&b) == d {
+                        Ok(b)
+                    } else {
+                        Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "the registry sent bytes that do not match its digest",
+                        ))
                     }
                 });
-            }
-        });
-        if let Some(e) = failed.into_inner().expect("no panics") {
-            return Err(e);
-        }
+                b.map(|b| (d, b)).map_err(|e| BlockError::Io {
+                    what: format!("fetching chunk {d} from {reference}"),
+                    source: e,
+                })
+            },
+        )?;
         // verified: store them (durable before the map names them)
         let mut batch = store.object_batch()?;
-        for (d, b) in got.into_inner().expect("no panics") {
+        for (d, b) in got {
             batch
                 .put(&mut b.as_slice(), b.len() as u64)
                 .map_err(|e| BlockError::Io {
