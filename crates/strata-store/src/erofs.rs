@@ -17,7 +17,6 @@ use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 use strata_digest::{Digest, FsVerityHasher, VerityDigest, fsverity_digest};
@@ -176,7 +175,7 @@ impl Store {
         Ok(tree)
     }
 
-    /// Compute (two threads) the fs-verity digests of objects, sorted by digest.
+    /// Compute the fs-verity digests of objects, sorted by digest.
     pub(crate) fn compute_verity(
         &self,
         objects: impl Iterator<Item = Digest>,
@@ -184,32 +183,13 @@ impl Store {
         let mut todo: Vec<Digest> = objects.collect();
         todo.sort();
         todo.dedup();
-        let out = Mutex::new(Vec::with_capacity(todo.len()));
-        let next = Mutex::new(todo.into_iter());
-        let err: Mutex<Option<io::Error>> = Mutex::new(None);
-        std::thread::scope(|s| {
-            for _ in 0..2 {
-                s.spawn(|| {
-                    loop {
-                        let item = next.lock().expect("no panics while held").next();
-                        let Some(d) = item else { break };
-                        match object_verity(&self.object_path(&d)) {
-                            Ok(v) => out.lock().expect("no panics while held").push((d, v)),
-                            Err(e) => {
-                                err.lock().expect("no panics while held").get_or_insert(e);
-                                break;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        if let Some(e) = err.into_inner().expect("threads joined") {
-            return Err(e);
-        }
-        let mut out = out.into_inner().expect("threads joined");
-        out.sort();
-        Ok(out)
+        // hashing is CPU-bound: one thread per core; already sorted
+        strata_ops::par_map(
+            &todo,
+            strata_ops::default_jobs(8),
+            &strata_ops::Cancel::new(),
+            |_, d| Ok::<_, io::Error>((*d, object_verity(&self.object_path(d))?)),
+        )
     }
 
     /// Write a layer's verity file into `dir` (staging or committed).
@@ -617,39 +597,30 @@ impl Store {
         objects.sort();
         objects.dedup();
         r.objects = objects.len() as u64;
-        let problems = Mutex::new(Vec::new());
-        let next = Mutex::new(objects.into_iter());
-        std::thread::scope(|s| {
-            for _ in 0..2 {
-                s.spawn(|| {
-                    loop {
-                        let item = next.lock().expect("no panics while held").next();
-                        let Some(d) = item else { break };
-                        let p = self.object_path(&d);
-                        let problem = match hash_both(&p) {
-                            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                                Some(format!("object {d}: missing ({})", p.display()))
-                            }
-                            Err(e) => Some(format!("object {d}: {e}")),
-                            Ok((sha, _)) if sha != d => Some(format!(
-                                "object {d}: content hashes to {sha} ({})",
-                                p.display()
-                            )),
-                            Ok((_, v)) if verity.get(&d).is_some_and(|want| *want != v) => {
-                                Some(format!(
-                                    "object {d}: fs-verity digest differs from the layer's record"
-                                ))
-                            }
-                            Ok(_) => None,
-                        };
-                        if let Some(p) = problem {
-                            problems.lock().expect("no panics while held").push(p);
-                        }
+        // hashing is CPU-bound: one thread per core
+        let problems = strata_ops::par_map(
+            &objects,
+            strata_ops::default_jobs(8),
+            &strata_ops::Cancel::new(),
+            |_, &d| {
+                let p = self.object_path(&d);
+                Ok::<_, StoreError>(match hash_both(&p) {
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        Some(format!("object {d}: missing ({})", p.display()))
                     }
-                });
-            }
-        });
-        let mut obj_problems = problems.into_inner().expect("threads joined");
+                    Err(e) => Some(format!("object {d}: {e}")),
+                    Ok((sha, _)) if sha != d => Some(format!(
+                        "object {d}: content hashes to {sha} ({})",
+                        p.display()
+                    )),
+                    Ok((_, v)) if verity.get(&d).is_some_and(|want| *want != v) => Some(format!(
+                        "object {d}: fs-verity digest differs from the layer's record"
+                    )),
+                    Ok(_) => None,
+                })
+            },
+        );
+        let mut obj_problems: Vec<String> = problems?.into_iter().flatten().collect();
         obj_problems.sort();
         r.problems.extend(obj_problems);
         if !r.problems.is_empty() {
