@@ -42,10 +42,10 @@ fn oci(what: String) -> impl FnOnce(strata_oci::OciError) -> BlockError {
 }
 
 /// What a push did.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct PushReport {
     /// The artifact manifest's digest.
-    pub manifest_digest: String,
+    pub manifest_digest: Digest,
     /// Distinct chunks of the template.
     pub chunks: u64,
     /// Chunks uploaded (the rest the registry had).
@@ -132,10 +132,6 @@ pub fn push(
     pusher
         .ping()
         .map_err(oci(format!("pushing to {reference}")))?;
-    let mut report = PushReport {
-        chunks: chunks.len() as u64,
-        ..Default::default()
-    };
     let upload = |d: &Digest, len: u64| -> Result<bool, BlockError> {
         let what = || format!("pushing chunk {d} to {}", pusher.target());
         if pusher.has_blob(d).map_err(oci(what()))? {
@@ -174,18 +170,19 @@ pub fn push(
         Ok(true)
     };
     // nothing cancels a push yet: the pool is for its bound and first error
-    let uploaded = strata_ops::par_map(
+    let was_uploaded = strata_ops::par_map(
         &chunks,
         jobs.clamp(1, 16),
         &strata_ops::Cancel::new(),
         |_, &(d, len)| upload(&d, len),
     )?;
-    for (&(_, len), up) in chunks.iter().zip(uploaded) {
+    let (mut uploaded, mut bytes_uploaded, mut bytes_skipped) = (0, 0, 0);
+    for (&(_, len), up) in chunks.iter().zip(was_uploaded) {
         if up {
-            report.uploaded += 1;
-            report.bytes_uploaded += len;
+            uploaded += 1;
+            bytes_uploaded += len;
         } else {
-            report.bytes_skipped += len;
+            bytes_skipped += len;
         }
     }
     let what = format!("pushing the map of {id} to {}", pusher.target());
@@ -197,17 +194,22 @@ pub fn push(
     let digest = pusher
         .put_manifest(&tag, OCI_MANIFEST, &manifest_bytes)
         .map_err(oci(format!("pushing the manifest to {reference}")))?;
-    report.manifest_digest = digest.to_string();
-    Ok(report)
+    Ok(PushReport {
+        manifest_digest: digest,
+        chunks: chunks.len() as u64,
+        uploaded,
+        bytes_uploaded,
+        bytes_skipped,
+    })
 }
 
 /// What a pull did.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct PullReport {
     /// The template's id.
-    pub id: String,
+    pub id: Digest,
     /// The artifact manifest's digest.
-    pub manifest_digest: String,
+    pub manifest_digest: Digest,
     /// Distinct chunks of the template.
     pub chunks: u64,
     /// Chunks the store has.
@@ -277,12 +279,7 @@ pub fn pull(
         .filter(|(d, _)| !store.has_object(d))
         .map(|(d, l)| (*d, *l))
         .collect();
-    let mut report = PullReport {
-        manifest_digest: manifest_digest.to_string(),
-        chunks: chunks.len() as u64,
-        chunks_local: (chunks.len() - missing.len()) as u64,
-        ..Default::default()
-    };
+    let (mut fetched, mut bytes_fetched) = (0, 0);
     if all && !missing.is_empty() {
         let source = RegistryChunks { src };
         // nothing cancels a pull yet: the pool is for its bound and first error
@@ -316,8 +313,8 @@ pub fn pull(
                     what: format!("storing chunk {d}"),
                     source: e,
                 })?;
-            report.fetched += 1;
-            report.bytes_fetched += b.len() as u64;
+            fetched += 1;
+            bytes_fetched += b.len() as u64;
         }
         batch.commit()?;
     }
@@ -326,8 +323,14 @@ pub fn pull(
         manifest_digest,
     };
     let id = store.commit_template(&map, Some(&remote))?;
-    report.id = id.to_string();
-    Ok(report)
+    Ok(PullReport {
+        id,
+        manifest_digest,
+        chunks: chunks.len() as u64,
+        chunks_local: (chunks.len() - missing.len()) as u64,
+        fetched,
+        bytes_fetched,
+    })
 }
 
 /// `reference` pinned to `digest` (`docker://HOST/REPO@sha256:..`).
