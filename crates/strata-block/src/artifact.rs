@@ -17,8 +17,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use strata_digest::Digest;
 use strata_oci::manifest::Descriptor;
@@ -44,10 +42,10 @@ fn oci(what: String) -> impl FnOnce(strata_oci::OciError) -> BlockError {
 }
 
 /// What a push did.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct PushReport {
     /// The artifact manifest's digest.
-    pub manifest_digest: String,
+    pub manifest_digest: Digest,
     /// Distinct chunks of the template.
     pub chunks: u64,
     /// Chunks uploaded (the rest the registry had).
@@ -134,12 +132,6 @@ pub fn push(
     pusher
         .ping()
         .map_err(oci(format!("pushing to {reference}")))?;
-    let report = Mutex::new(PushReport {
-        chunks: chunks.len() as u64,
-        ..Default::default()
-    });
-    let next = AtomicU64::new(0);
-    let failed: Mutex<Option<BlockError>> = Mutex::new(None);
     let upload = |d: &Digest, len: u64| -> Result<bool, BlockError> {
         let what = || format!("pushing chunk {d} to {}", pusher.target());
         if pusher.has_blob(d).map_err(oci(what()))? {
@@ -177,36 +169,21 @@ pub fn push(
             .map_err(oci(what()))?;
         Ok(true)
     };
-    std::thread::scope(|s| {
-        for _ in 0..jobs.clamp(1, 16) {
-            s.spawn(|| {
-                loop {
-                    let k = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    if k >= chunks.len() || failed.lock().expect("no panics").is_some() {
-                        return;
-                    }
-                    let (d, len) = chunks[k];
-                    match upload(&d, len) {
-                        Ok(up) => {
-                            let mut r = report.lock().expect("no panics");
-                            if up {
-                                r.uploaded += 1;
-                                r.bytes_uploaded += len;
-                            } else {
-                                r.bytes_skipped += len;
-                            }
-                        }
-                        Err(e) => {
-                            failed.lock().expect("no panics").get_or_insert(e);
-                            return;
-                        }
-                    }
-                }
-            });
+    // nothing cancels a push yet: the pool is for its bound and first error
+    let was_uploaded = strata_ops::par_map(
+        &chunks,
+        jobs.clamp(1, 16),
+        &strata_ops::Cancel::new(),
+        |_, &(d, len)| upload(&d, len),
+    )?;
+    let (mut uploaded, mut bytes_uploaded, mut bytes_skipped) = (0, 0, 0);
+    for (&(_, len), up) in chunks.iter().zip(was_uploaded) {
+        if up {
+            uploaded += 1;
+            bytes_uploaded += len;
+        } else {
+            bytes_skipped += len;
         }
-    });
-    if let Some(e) = failed.into_inner().expect("no panics") {
-        return Err(e);
     }
     let what = format!("pushing the map of {id} to {}", pusher.target());
     if !pusher.has_blob(&config.digest).map_err(oci(what.clone()))? {
@@ -217,18 +194,22 @@ pub fn push(
     let digest = pusher
         .put_manifest(&tag, OCI_MANIFEST, &manifest_bytes)
         .map_err(oci(format!("pushing the manifest to {reference}")))?;
-    let mut r = report.into_inner().expect("no panics");
-    r.manifest_digest = digest.to_string();
-    Ok(r)
+    Ok(PushReport {
+        manifest_digest: digest,
+        chunks: chunks.len() as u64,
+        uploaded,
+        bytes_uploaded,
+        bytes_skipped,
+    })
 }
 
 /// What a pull did.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct PullReport {
     /// The template's id.
-    pub id: String,
+    pub id: Digest,
     /// The artifact manifest's digest.
-    pub manifest_digest: String,
+    pub manifest_digest: Digest,
     /// Distinct chunks of the template.
     pub chunks: u64,
     /// Chunks the store has.
@@ -298,67 +279,42 @@ pub fn pull(
         .filter(|(d, _)| !store.has_object(d))
         .map(|(d, l)| (*d, *l))
         .collect();
-    let mut report = PullReport {
-        manifest_digest: manifest_digest.to_string(),
-        chunks: chunks.len() as u64,
-        chunks_local: (chunks.len() - missing.len()) as u64,
-        ..Default::default()
-    };
+    let (mut fetched, mut bytes_fetched) = (0, 0);
     if all && !missing.is_empty() {
         let source = RegistryChunks { src };
-        let next = AtomicU64::new(0);
-        let got: Mutex<Vec<(Digest, Vec<u8>)>> = Mutex::new(Vec::new());
-        let failed: Mutex<Option<BlockError>> = Mutex::new(None);
-        std::thread::scope(|s| {
-            for _ in 0..jobs.clamp(1, 16) {
-                s.spawn(|| {
-                    loop {
-                        let k = next.fetch_add(1, Ordering::Relaxed) as usize;
-                        if k >= missing.len() || failed.lock().expect("no panics").is_some() {
-                            return;
-                        }
-                        let (d, len) = missing[k];
-                        let r = source.fetch(&d, len).and_then(|b| {
-                            if b.len() as u64 == len && Digest::sha256_of(&b) == d {
-                                Ok(b)
-                            } else {
-                                Err(io::Error::new(
-                                    io::ErrorKind::InvalidData,
-                                    "the registry sent bytes that do not match its digest",
-                                ))
-                            }
-                        });
-                        match r {
-                            Ok(b) => got.lock().expect("no panics").push((d, b)),
-                            Err(e) => {
-                                failed
-                                    .lock()
-                                    .expect("no panics")
-                                    .get_or_insert(BlockError::Io {
-                                        what: format!("fetching chunk {d} from {reference}"),
-                                        source: e,
-                                    });
-                                return;
-                            }
-                        }
+        // nothing cancels a pull yet: the pool is for its bound and first error
+        let got = strata_ops::par_map(
+            &missing,
+            jobs.clamp(1, 16),
+            &strata_ops::Cancel::new(),
+            |_, &(d, len)| {
+                let b = source.fetch(&d, len).and_then(|b| {
+                    if b.len() as u64 == len && Digest::sha256_of(&b) == d {
+                        Ok(b)
+                    } else {
+                        Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "the registry sent bytes that do not match its digest",
+                        ))
                     }
                 });
-            }
-        });
-        if let Some(e) = failed.into_inner().expect("no panics") {
-            return Err(e);
-        }
+                b.map(|b| (d, b)).map_err(|e| BlockError::Io {
+                    what: format!("fetching chunk {d} from {reference}"),
+                    source: e,
+                })
+            },
+        )?;
         // verified: store them (durable before the map names them)
         let mut batch = store.object_batch()?;
-        for (d, b) in got.into_inner().expect("no panics") {
+        for (d, b) in got {
             batch
                 .put(&mut b.as_slice(), b.len() as u64)
                 .map_err(|e| BlockError::Io {
                     what: format!("storing chunk {d}"),
                     source: e,
                 })?;
-            report.fetched += 1;
-            report.bytes_fetched += b.len() as u64;
+            fetched += 1;
+            bytes_fetched += b.len() as u64;
         }
         batch.commit()?;
     }
@@ -367,8 +323,14 @@ pub fn pull(
         manifest_digest,
     };
     let id = store.commit_template(&map, Some(&remote))?;
-    report.id = id.to_string();
-    Ok(report)
+    Ok(PullReport {
+        id,
+        manifest_digest,
+        chunks: chunks.len() as u64,
+        chunks_local: (chunks.len() - missing.len()) as u64,
+        fetched,
+        bytes_fetched,
+    })
 }
 
 /// `reference` pinned to `digest` (`docker://HOST/REPO@sha256:..`).

@@ -49,14 +49,14 @@ const OPEN_CHUNKS: usize = 512;
 const FETCH_ATTEMPTS: u32 = 3;
 
 /// A served file on record: `<store>/serve/<key>/state.json`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServeState {
     /// The daemon's pid.
     pub pid: u32,
     /// The served file (canonical path).
     pub file: PathBuf,
     /// Template id.
-    pub template: String,
+    pub template: Digest,
     /// As given on the command line.
     pub name: String,
     /// Whether writes are taken (into the overlay).

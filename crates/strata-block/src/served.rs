@@ -193,7 +193,7 @@ pub fn serve(store: Arc<Store>, req: &ServeRequest) -> Result<ServedTemplate, Bl
     let state = ServeState {
         pid: std::process::id(),
         file: file.clone(),
-        template: id.to_string(),
+        template: id,
         name: req.name.clone(),
         writable: req.writable,
         log: sdir.join("log"),
@@ -203,7 +203,12 @@ pub fn serve(store: Arc<Store>, req: &ServeRequest) -> Result<ServedTemplate, Bl
         bytes_total: map.chunks().map(|(i, _)| map.chunk_len(i)).sum(),
         chunks_missing: served.missing(),
         remote: remote.clone(),
-        ..Default::default()
+        chunks_read: 0,
+        bytes_read: 0,
+        chunks_fetched: 0,
+        bytes_fetched: 0,
+        dirty_chunks: 0,
+        errors: 0,
     };
     if state.chunks_missing > 0 && remote.is_none() {
         return Err(BlockError::MissingChunk {
@@ -360,10 +365,7 @@ pub fn commit(store: &Store, file: &Path, name: &str) -> Result<Committed, Block
             reason: "served read-only: nothing to commit".into(),
         });
     }
-    let parent: Digest = state.template.parse().map_err(|e| BlockError::NotServed {
-        file: file.clone(),
-        reason: format!("its record names no template: {e}"),
-    })?;
+    let parent = state.template;
     let pmap = store.template_map(&parent)?;
     // writes the kernel still holds reach the daemon (and its overlay)
     if strata_sys::daemon::alive(state.pid)

@@ -62,6 +62,7 @@ fn tree_info(env: &Env, image: &str) -> serde_json::Value {
 #[test]
 fn synthetic_images_mount_as_exported() {
     require_tool("fsck.erofs", "erofs-utils");
+    require_tool("fsverity", "fsverity");
     let env = Env::new();
     let layout = synth_layout();
     for tag in [
@@ -125,6 +126,25 @@ fn synthetic_images_mount_as_exported() {
             store_img.display(),
             String::from_utf8_lossy(&fsck.stderr)
         );
+        // The composefs id is the image's fs-verity digest, printed as
+        // composefs prints it: bare lowercase hex, no `sha256:`.
+        let tool = Command::new("fsverity")
+            .arg("digest")
+            .arg(&store_img)
+            .output()
+            .unwrap();
+        assert!(
+            tool.status.success(),
+            "fsverity digest {}",
+            store_img.display()
+        );
+        let tool = String::from_utf8(tool.stdout).unwrap();
+        let want = tool
+            .split_whitespace()
+            .next()
+            .and_then(|d| d.strip_prefix("sha256:"))
+            .unwrap();
+        assert_eq!(t["composefs_id"], want, "composefs id of {tag}");
         env.ok(&["verify", &image]);
         drop(m);
     }

@@ -7,6 +7,11 @@
 //! stream when the bytes do not hash to the expected digest, so a consumer
 //! can never mistake a corrupt blob for a complete one.
 //!
+//! fs-verity measurements (composefs image ids, the digests overlayfs
+//! checks in `trusted.overlay.metacopy`) are a [`VerityDigest`], a distinct
+//! type printed as bare lowercase hex: they are SHA-256 of a Merkle tree
+//! descriptor, never of the content, and must not pass for a [`Digest`].
+//!
 //! This crate is pure: no files, no sockets.
 
 #![forbid(unsafe_code)]
@@ -19,7 +24,7 @@ use std::str::FromStr;
 use sha2::{Digest as _, Sha256};
 
 mod verity;
-pub use verity::{FsVerityHasher, fsverity_digest};
+pub use verity::{FsVerityHasher, ParseVerityDigestError, VerityDigest, fsverity_digest};
 
 /// The hash algorithm of a [`Digest`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -6,13 +6,103 @@
 //! packed into 4 KiB blocks (zero padded), until one block remains; the root
 //! hash is the hash of that block (all zeros for an empty file). The file
 //! digest is SHA-256 of the 256-byte `fsverity_descriptor`.
+//!
+//! A [`VerityDigest`] is a different thing from a content [`crate::Digest`]
+//! even though both are 32 bytes of SHA-256 output: the fs-verity digest
+//! hashes a Merkle tree descriptor, not the bytes, so the two never compare
+//! equal for the same file. They are distinct types so one cannot be passed
+//! where the other is meant.
+//!
+//! Text form: 64 lowercase hex digits and no algorithm prefix, as composefs
+//! names images (`mount -t composefs -o digest=<hex>`, `composefs-info`) and
+//! objects. A `sha256:` prefix would make it read as a content digest, which
+//! it is not. Only SHA-256 fs-verity (4 KiB blocks, no salt) is produced or
+//! accepted: the parameters composefs uses.
+
+use std::fmt;
+use std::str::FromStr;
 
 use sha2::{Digest as _, Sha256};
 
-use crate::Digest;
-
 const BLOCK: usize = 4096;
 const HASH: usize = 32;
+
+/// An fs-verity measurement: SHA-256 of the `fsverity_descriptor` (4 KiB
+/// blocks, no salt). Printed and parsed as 64 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VerityDigest([u8; HASH]);
+
+/// A string that is not a valid fs-verity digest.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid fs-verity digest {input:?}: expected 64 lowercase hex digits")]
+pub struct ParseVerityDigestError {
+    input: String,
+}
+
+impl VerityDigest {
+    /// A digest from its raw bytes (e.g. as the kernel measures it).
+    pub fn from_bytes(bytes: [u8; HASH]) -> Self {
+        VerityDigest(bytes)
+    }
+
+    /// The raw digest bytes (as `trusted.overlay.metacopy` carries them).
+    pub fn as_bytes(&self) -> &[u8; HASH] {
+        &self.0
+    }
+
+    /// Lowercase hex: the text form.
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl FromStr for VerityDigest {
+    type Err = ParseVerityDigestError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ParseVerityDigestError {
+            input: s.chars().take(100).collect(),
+        };
+        if s.len() != 2 * HASH
+            || !s
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(err());
+        }
+        let mut bytes = [0u8; HASH];
+        hex::decode_to_slice(s, &mut bytes).map_err(|_| err())?;
+        Ok(VerityDigest(bytes))
+    }
+}
+
+impl fmt::Display for VerityDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.hex())
+    }
+}
+
+impl fmt::Debug for VerityDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "VerityDigest({self})")
+    }
+}
+
+impl serde::Serialize for VerityDigest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for VerityDigest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        // Records written before fs-verity digests had their own type
+        // carried them as `sha256:<hex>`; read those, write bare hex.
+        let hex_part = s.strip_prefix("sha256:").unwrap_or(&s);
+        hex_part.parse().map_err(serde::de::Error::custom)
+    }
+}
 
 /// An incremental fs-verity (SHA-256, 4 KiB blocks, no salt) hasher.
 #[derive(Default)]
@@ -58,7 +148,7 @@ impl FsVerityHasher {
     }
 
     /// The fs-verity digest of everything fed.
-    pub fn finish(mut self) -> Digest {
+    pub fn finish(mut self) -> VerityDigest {
         let root: [u8; HASH] = if self.size == 0 {
             [0u8; HASH]
         } else {
@@ -101,12 +191,12 @@ impl FsVerityHasher {
         desc[3] = 0; // salt size
         desc[8..16].copy_from_slice(&self.size.to_le_bytes());
         desc[16..48].copy_from_slice(&root);
-        Digest::sha256_from_bytes(Sha256::digest(desc).into())
+        VerityDigest(Sha256::digest(desc).into())
     }
 }
 
 /// fs-verity digest of `data`.
-pub fn fsverity_digest(data: &[u8]) -> Digest {
+pub fn fsverity_digest(data: &[u8]) -> VerityDigest {
     let mut h = FsVerityHasher::new();
     h.update(data);
     h.finish()
@@ -135,5 +225,32 @@ mod tests {
             h.update(c);
         }
         assert_eq!(h.finish(), whole);
+    }
+
+    #[test]
+    fn text_form_round_trips() {
+        let d = fsverity_digest(b"");
+        let s = d.to_string();
+        assert_eq!(s, d.hex());
+        assert_eq!(s.parse::<VerityDigest>().unwrap(), d);
+        for bad in [
+            "",
+            "sha256:3d248ca542a24fc62d1c43b916eae5016878e2533c88238480b26128a1f1af95",
+            "3D248CA542A24FC62D1C43B916EAE5016878E2533C88238480B26128A1F1AF95",
+            "3d248ca542a24fc62d1c43b916eae5016878e2533c88238480b26128a1f1af9",
+            "3d248ca542a24fc62d1c43b916eae5016878e2533c88238480b26128a1f1af9g",
+        ] {
+            assert!(bad.parse::<VerityDigest>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn serde_is_a_string_and_reads_old_records() {
+        let d = fsverity_digest(b"");
+        let json = serde_json::to_string(&d).unwrap();
+        assert_eq!(json, format!("\"{}\"", d.hex()));
+        assert_eq!(serde_json::from_str::<VerityDigest>(&json).unwrap(), d);
+        let old = format!("\"sha256:{}\"", d.hex());
+        assert_eq!(serde_json::from_str::<VerityDigest>(&old).unwrap(), d);
     }
 }

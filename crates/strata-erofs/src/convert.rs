@@ -3,14 +3,16 @@
 use std::collections::HashMap;
 use std::io;
 
-use strata_digest::Digest;
+use strata_digest::{Digest, VerityDigest};
 use strata_tree::{Meta, NodeKind, Tree};
 
 use crate::fs::{FileData, FsTree, Kind, Node, Stat};
 
 /// What the converter needs to know about objects.
 pub trait Objects {
-    /// The fs-verity digest of an object.
+    /// The fs-verity digest of an object, as raw bytes.
+    // Raw bytes rather than a `VerityDigest` only until strata-lazy's
+    // implementor moves over: the converter wraps them at once.
     fn verity(&mut self, digest: &Digest, size: u64) -> io::Result<[u8; 32]>;
     /// `len` bytes of an object from `offset`.
     fn read(&mut self, digest: &Digest, offset: u64, len: u64) -> io::Result<Vec<u8>>;
@@ -69,7 +71,7 @@ pub fn file_data(
         }
         Contents::Redirect => FileData::External {
             redirect: redirect_path(digest),
-            verity: Some(objects.verity(digest, size)?),
+            verity: Some(VerityDigest::from_bytes(objects.verity(digest, size)?)),
             size,
         },
         Contents::Embed => {

@@ -7,6 +7,8 @@
 
 use std::collections::BTreeMap;
 
+use strata_digest::VerityDigest;
+
 /// Metadata of a node.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Stat {
@@ -49,7 +51,7 @@ pub enum FileData {
         redirect: Vec<u8>,
         /// fs-verity digest for `trusted.overlay.metacopy` (empty metacopy
         /// when `None`).
-        verity: Option<[u8; 32]>,
+        verity: Option<VerityDigest>,
         /// Size in bytes.
         size: u64,
     },

@@ -739,7 +739,7 @@ impl<'a> Prepared<'a> {
             match verity {
                 Some(d) => {
                     let mut v = vec![0u8, 36, 0, 1];
-                    v.extend_from_slice(d);
+                    v.extend_from_slice(d.as_bytes());
                     x.add(b"trusted.overlay.metacopy", &v);
                 }
                 None => x.add(b"trusted.overlay.metacopy", b""),

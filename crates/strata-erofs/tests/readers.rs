@@ -254,7 +254,7 @@ fn node_xattrs(n: &Node, flavor: Flavor) -> Xattrs {
     }) = &n.kind
     {
         let metacopy = match verity {
-            Some(d) => [&[0u8, 36, 0, 1][..], d].concat(),
+            Some(d) => [&[0u8, 36, 0, 1][..], d.as_bytes()].concat(),
             None => Vec::new(),
         };
         x.insert(b"trusted.overlay.metacopy".to_vec(), metacopy);
@@ -898,7 +898,7 @@ fn small_tree() -> FsTree {
     t.link(d, b"h", a);
     let r = FileData::External {
         redirect: b"/ab/cdef".to_vec(),
-        verity: Some([7; 32]),
+        verity: Some(strata_digest::VerityDigest::from_bytes([7; 32])),
         size: 1 << 20,
     };
     add(&mut t, 0, b"r", stat(0o644), Kind::File(r));

@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::io::{self, BufReader, Read};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -215,7 +215,7 @@ fn pull_inner(
         layers: manifest.layers.len(),
     });
 
-    let summary = Mutex::new(PullSummary {
+    let mut summary = PullSummary {
         name: name.to_string(),
         manifest_digest: resolved.manifest_digest,
         layers_reused: 0,
@@ -229,78 +229,48 @@ fn pull_inner(
         partial: Vec::new(),
         warnings: Vec::new(),
         erofs_error: None,
-    });
+    };
     let notes: Mutex<Notes> = Mutex::new(Notes::default());
     let downloaded = AtomicU64::new(0);
+    let jobs = opts.jobs.clamp(1, 8);
+    let outcomes = strata_ops::par_map(&manifest.layers, jobs, ctl.cancel, |index, desc| {
+        let diff_id = config.diff_ids[index];
+        let outcome = pull_layer(
+            store,
+            source,
+            index,
+            desc,
+            compressions[index],
+            diff_id,
+            ctl,
+            &downloaded,
+            &notes,
+        )?;
+        ctl.emit(Event::UnitDone {
+            op: Op::Pull,
+            unit: Unit::Layer {
+                index,
+                digest: desc.digest,
+            },
+        });
+        Ok::<_, PullError>(outcome.map(|o| (diff_id, o)))
+    })?;
     // Records of layers imported by this pull, kept to validate the image
     // without reading them back.
-    let fresh: Mutex<HashMap<Digest, strata_tar::LayerRecord>> = Mutex::new(HashMap::new());
-    let next = AtomicUsize::new(0);
-    let first_error: Mutex<Option<PullError>> = Mutex::new(None);
-    let jobs = opts.jobs.clamp(1, 8).min(manifest.layers.len().max(1));
-    std::thread::scope(|s| {
-        for _ in 0..jobs {
-            s.spawn(|| {
-                loop {
-                    if first_error.lock().expect("lock").is_some() {
-                        return;
-                    }
-                    if let Err(c) = ctl.cancel.check() {
-                        first_error.lock().expect("lock").get_or_insert(c.into());
-                        return;
-                    }
-                    let index = next.fetch_add(1, Ordering::SeqCst);
-                    if index >= manifest.layers.len() {
-                        return;
-                    }
-                    let desc = &manifest.layers[index];
-                    let diff_id = config.diff_ids[index];
-                    let r = pull_layer(
-                        store,
-                        source,
-                        index,
-                        desc,
-                        compressions[index],
-                        diff_id,
-                        ctl,
-                        &downloaded,
-                        &notes,
-                    );
-                    match r {
-                        Ok(outcome) => {
-                            let mut sum = summary.lock().expect("lock");
-                            match outcome {
-                                None => sum.layers_reused += 1,
-                                Some((stats, record, partial)) => {
-                                    fresh.lock().expect("lock").insert(diff_id, record);
-                                    sum.layers_fetched += 1;
-                                    sum.layers_partial += partial as usize;
-                                    sum.bytes_written += stats.bytes_written;
-                                    sum.objects_written += stats.objects_written;
-                                    sum.files_deduplicated += stats.files_deduplicated;
-                                }
-                            }
-                            ctl.emit(Event::UnitDone {
-                                op: Op::Pull,
-                                unit: Unit::Layer {
-                                    index,
-                                    digest: manifest.layers[index].digest,
-                                },
-                            });
-                        }
-                        Err(e) => {
-                            first_error.lock().expect("lock").get_or_insert(e);
-                            return;
-                        }
-                    }
-                }
-            });
+    let mut fresh: HashMap<Digest, strata_tar::LayerRecord> = HashMap::new();
+    for outcome in outcomes {
+        match outcome {
+            None => summary.layers_reused += 1,
+            Some((diff_id, (stats, record, partial))) => {
+                fresh.insert(diff_id, record);
+                summary.layers_fetched += 1;
+                summary.layers_partial += partial as usize;
+                summary.bytes_written += stats.bytes_written;
+                summary.objects_written += stats.objects_written;
+                summary.files_deduplicated += stats.files_deduplicated;
+            }
         }
-    });
-    if let Some(e) = first_error.into_inner().expect("threads joined") {
-        return Err(e);
     }
-    let mut summary = summary.into_inner().expect("threads joined");
     summary.bytes_downloaded = downloaded.load(Ordering::SeqCst);
     let notes = notes.into_inner().expect("threads joined");
     summary.partial = notes.partial;
@@ -310,7 +280,6 @@ fn pull_inner(
     // The layers are valid one by one; the image is valid only if they
     // flatten (hardlinks resolve, no path escapes through a symlink).
     let mut tree = strata_tree::Tree::new();
-    let fresh = fresh.into_inner().expect("threads joined");
     for (index, (l, d)) in manifest.layers.iter().zip(&config.diff_ids).enumerate() {
         let stored;
         let record = match fresh.get(d) {

@@ -67,7 +67,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 ..
             }) = &mut n.kind
             {
-                let hex: String = v.iter().map(|b| format!("{b:02x}")).collect();
+                let hex = v.hex();
                 *redirect = format!("/{}/{}", &hex[..2], &hex[2..]).into_bytes();
             }
         }

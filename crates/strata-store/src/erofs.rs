@@ -17,10 +17,9 @@ use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
-use strata_digest::{Digest, FsVerityHasher, fsverity_digest};
+use strata_digest::{Digest, FsVerityHasher, VerityDigest, fsverity_digest};
 use strata_erofs::convert::{Contents, Objects, from_tree};
 use strata_erofs::{Flavor, FsTree};
 use strata_tree::Tree;
@@ -35,7 +34,7 @@ pub struct PartInfo {
     /// SHA-256 of the image bytes.
     pub digest: Digest,
     /// fs-verity digest of the image bytes (the composefs image id).
-    pub verity: Digest,
+    pub verity: VerityDigest,
     /// Size in bytes.
     pub size: u64,
 }
@@ -48,7 +47,7 @@ pub struct ErofsInfo {
     /// SHA-256 of the flattened composefs image: the image's tree digest.
     pub tree_digest: Digest,
     /// fs-verity digest of the flattened image (the composefs image id).
-    pub composefs_id: Digest,
+    pub composefs_id: VerityDigest,
     /// Size of the flattened image.
     pub size: u64,
     /// Inodes in the flattened image.
@@ -101,17 +100,17 @@ pub fn chain_id(diff_ids: &[Digest]) -> Digest {
 /// What the store's objects look like to the converter.
 struct StoreObjects<'a> {
     store: &'a Store,
-    verity: HashMap<Digest, [u8; 32]>,
+    verity: HashMap<Digest, VerityDigest>,
 }
 
 impl Objects for StoreObjects<'_> {
     fn verity(&mut self, digest: &Digest, _size: u64) -> io::Result<[u8; 32]> {
         if let Some(v) = self.verity.get(digest) {
-            return Ok(*v);
+            return Ok(*v.as_bytes());
         }
         let v = object_verity(&self.store.object_path(digest))?;
         self.verity.insert(*digest, v);
-        Ok(v)
+        Ok(*v.as_bytes())
     }
 
     fn read(&mut self, digest: &Digest, offset: u64, len: u64) -> io::Result<Vec<u8>> {
@@ -130,7 +129,7 @@ fn with_path(e: io::Error, what: &str, p: &Path) -> io::Error {
 }
 
 /// fs-verity digest of a file.
-pub fn object_verity(p: &Path) -> io::Result<[u8; 32]> {
+pub fn object_verity(p: &Path) -> io::Result<VerityDigest> {
     let mut f = File::open(p).map_err(|e| with_path(e, "opening object", p))?;
     let mut h = FsVerityHasher::new();
     let mut buf = vec![0u8; 256 * 1024];
@@ -143,14 +142,14 @@ pub fn object_verity(p: &Path) -> io::Result<[u8; 32]> {
         }
         h.update(&buf[..n]);
     }
-    Ok(*h.finish().as_bytes())
+    Ok(h.finish())
 }
 
-fn encode_verity(map: &[(Digest, [u8; 32])]) -> Vec<u8> {
+fn encode_verity(map: &[(Digest, VerityDigest)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(map.len() * 64);
     for (d, v) in map {
         out.extend_from_slice(d.as_bytes());
-        out.extend_from_slice(v);
+        out.extend_from_slice(v.as_bytes());
     }
     out
 }
@@ -176,40 +175,21 @@ impl Store {
         Ok(tree)
     }
 
-    /// Compute (two threads) the fs-verity digests of objects, sorted by digest.
+    /// Compute the fs-verity digests of objects, sorted by digest.
     pub(crate) fn compute_verity(
         &self,
         objects: impl Iterator<Item = Digest>,
-    ) -> io::Result<Vec<(Digest, [u8; 32])>> {
+    ) -> io::Result<Vec<(Digest, VerityDigest)>> {
         let mut todo: Vec<Digest> = objects.collect();
         todo.sort();
         todo.dedup();
-        let out = Mutex::new(Vec::with_capacity(todo.len()));
-        let next = Mutex::new(todo.into_iter());
-        let err: Mutex<Option<io::Error>> = Mutex::new(None);
-        std::thread::scope(|s| {
-            for _ in 0..2 {
-                s.spawn(|| {
-                    loop {
-                        let item = next.lock().expect("no panics while held").next();
-                        let Some(d) = item else { break };
-                        match object_verity(&self.object_path(&d)) {
-                            Ok(v) => out.lock().expect("no panics while held").push((d, v)),
-                            Err(e) => {
-                                err.lock().expect("no panics while held").get_or_insert(e);
-                                break;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        if let Some(e) = err.into_inner().expect("threads joined") {
-            return Err(e);
-        }
-        let mut out = out.into_inner().expect("threads joined");
-        out.sort();
-        Ok(out)
+        // hashing is CPU-bound: one thread per core; already sorted
+        strata_ops::par_map(
+            &todo,
+            strata_ops::default_jobs(8),
+            &strata_ops::Cancel::new(),
+            |_, d| Ok::<_, io::Error>((*d, object_verity(&self.object_path(d))?)),
+        )
     }
 
     /// Write a layer's verity file into `dir` (staging or committed).
@@ -217,7 +197,7 @@ impl Store {
         &self,
         dir: &Path,
         objects: impl Iterator<Item = Digest>,
-    ) -> Result<Vec<(Digest, [u8; 32])>> {
+    ) -> Result<Vec<(Digest, VerityDigest)>> {
         let map = self
             .compute_verity(objects)
             .map_err(io_err("computing fs-verity digests", dir))?;
@@ -227,14 +207,17 @@ impl Store {
 
     /// The fs-verity digests of a layer's objects (computed and stored if
     /// the layer predates them).
-    pub fn layer_verity(&self, diff_id: &Digest) -> Result<Vec<(Digest, [u8; 32])>> {
+    pub fn layer_verity(&self, diff_id: &Digest) -> Result<Vec<(Digest, VerityDigest)>> {
         let p = self.layer_dir(diff_id).join("verity");
         match fs::read(&p) {
             Ok(b) if b.len() % 64 == 0 => Ok(b
                 .chunks_exact(64)
                 .map(|c| {
                     let d = Digest::sha256_from_bytes(c[..32].try_into().expect("32 bytes"));
-                    (d, c[32..].try_into().expect("32 bytes"))
+                    (
+                        d,
+                        VerityDigest::from_bytes(c[32..].try_into().expect("32 bytes")),
+                    )
                 })
                 .collect()),
             Ok(_) => Err(StoreError::Corrupt {
@@ -597,7 +580,7 @@ impl Store {
         let meta = self.image_meta(digest)?;
         let diff_ids: Vec<Digest> = meta.layers.iter().map(|l| l.diff_id).collect();
         // Objects first: a tree built from a bad object would hide the cause.
-        let mut verity: HashMap<Digest, [u8; 32]> = HashMap::new();
+        let mut verity: HashMap<Digest, VerityDigest> = HashMap::new();
         for d in &diff_ids {
             match self.layer_verity(d) {
                 Ok(v) => verity.extend(v),
@@ -614,39 +597,30 @@ impl Store {
         objects.sort();
         objects.dedup();
         r.objects = objects.len() as u64;
-        let problems = Mutex::new(Vec::new());
-        let next = Mutex::new(objects.into_iter());
-        std::thread::scope(|s| {
-            for _ in 0..2 {
-                s.spawn(|| {
-                    loop {
-                        let item = next.lock().expect("no panics while held").next();
-                        let Some(d) = item else { break };
-                        let p = self.object_path(&d);
-                        let problem = match hash_both(&p) {
-                            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                                Some(format!("object {d}: missing ({})", p.display()))
-                            }
-                            Err(e) => Some(format!("object {d}: {e}")),
-                            Ok((sha, _)) if sha != d => Some(format!(
-                                "object {d}: content hashes to {sha} ({})",
-                                p.display()
-                            )),
-                            Ok((_, v)) if verity.get(&d).is_some_and(|want| *want != v) => {
-                                Some(format!(
-                                    "object {d}: fs-verity digest differs from the layer's record"
-                                ))
-                            }
-                            Ok(_) => None,
-                        };
-                        if let Some(p) = problem {
-                            problems.lock().expect("no panics while held").push(p);
-                        }
+        // hashing is CPU-bound: one thread per core
+        let problems = strata_ops::par_map(
+            &objects,
+            strata_ops::default_jobs(8),
+            &strata_ops::Cancel::new(),
+            |_, &d| {
+                let p = self.object_path(&d);
+                Ok::<_, StoreError>(match hash_both(&p) {
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        Some(format!("object {d}: missing ({})", p.display()))
                     }
-                });
-            }
-        });
-        let mut obj_problems = problems.into_inner().expect("threads joined");
+                    Err(e) => Some(format!("object {d}: {e}")),
+                    Ok((sha, _)) if sha != d => Some(format!(
+                        "object {d}: content hashes to {sha} ({})",
+                        p.display()
+                    )),
+                    Ok((_, v)) if verity.get(&d).is_some_and(|want| *want != v) => Some(format!(
+                        "object {d}: fs-verity digest differs from the layer's record"
+                    )),
+                    Ok(_) => None,
+                })
+            },
+        );
+        let mut obj_problems: Vec<String> = problems?.into_iter().flatten().collect();
         obj_problems.sort();
         r.problems.extend(obj_problems);
         if !r.problems.is_empty() {
@@ -727,7 +701,7 @@ impl Store {
     }
 }
 
-pub(crate) fn hash_both(p: &Path) -> io::Result<(Digest, [u8; 32])> {
+pub(crate) fn hash_both(p: &Path) -> io::Result<(Digest, VerityDigest)> {
     let mut f = File::open(p)?;
     let mut sha = strata_digest::Hasher::new();
     let mut v = FsVerityHasher::new();
@@ -740,5 +714,5 @@ pub(crate) fn hash_both(p: &Path) -> io::Result<(Digest, [u8; 32])> {
         sha.update(&buf[..n]);
         v.update(&buf[..n]);
     }
-    Ok((sha.finish(), *v.finish().as_bytes()))
+    Ok((sha.finish(), v.finish()))
 }

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
-use strata_digest::{Digest, Hasher};
+use strata_digest::{Digest, Hasher, VerityDigest};
 
 use strata_ops::{Ctl, Event, Op, Unit};
 
@@ -241,13 +241,13 @@ fn check_templates(store: &Store, report: &mut FsckReport) -> Result<()> {
 
 /// An object that hashed right (its digest and fs-verity digest), or a
 /// problem.
-type Checked = (Option<(Digest, [u8; 32])>, Option<String>);
+type Checked = (Option<(Digest, VerityDigest)>, Option<String>);
 
 fn check_objects(
     store: &Store,
     report: &mut FsckReport,
     ctl: Ctl<'_>,
-) -> Result<HashMap<Digest, [u8; 32]>> {
+) -> Result<HashMap<Digest, VerityDigest>> {
     let objects = store.root().join("objects");
     let mut files: Vec<(String, PathBuf)> = Vec::new();
     for fan in fs::read_dir(&objects).map_err(io_err("listing", &objects))? {

@@ -106,7 +106,7 @@ impl Gen {
                 let hex: String = v.iter().map(|b| format!("{b:02x}")).collect();
                 Kind::File(FileData::External {
                     redirect: format!("/{}/{}", &hex[..2], &hex[2..]).into_bytes(),
-                    verity: Some(v),
+                    verity: Some(strata_digest::VerityDigest::from_bytes(v)),
                     size,
                 })
             }
@@ -241,14 +241,7 @@ fn cfs_dir(
                                 tree::RegularFile::Inline(d.clone().into()),
                             ),
                             Kind::File(FileData::External { verity, size, .. }) => {
-                                let h = Sha256HashValue::from_hex(
-                                    verity
-                                        .unwrap()
-                                        .iter()
-                                        .map(|b| format!("{b:02x}"))
-                                        .collect::<String>(),
-                                )
-                                .unwrap();
+                                let h = Sha256HashValue::from_hex(verity.unwrap().hex()).unwrap();
                                 tree::LeafContent::Regular(tree::RegularFile::External(h, *size))
                             }
                             Kind::Symlink(s) => {

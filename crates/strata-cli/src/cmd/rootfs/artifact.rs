@@ -91,8 +91,7 @@ pub fn pull(ctx: &Ctx, a: PullArgs) -> Result<ExitCode> {
     let r = strata_block::artifact::pull(&store, &reference, &opts, a.all, a.jobs)
         .with_context(|| format!("pulling template {reference}"))?;
     let name = a.name.clone().unwrap_or_else(|| a.reference.clone());
-    let id: strata_digest::Digest = r.id.parse().context("the pulled template's id")?;
-    store.set_template_name(&name, &id)?;
+    store.set_template_name(&name, &r.id)?;
     if ctx.json {
         let mut v = serde_json::to_value(&r)?;
         v["name"] = serde_json::json!(name);
