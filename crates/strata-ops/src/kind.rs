@@ -82,7 +82,7 @@ impl ErrorKind {
             io::ErrorKind::PermissionDenied => ErrorKind::Denied,
             io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => ErrorKind::NoSpace,
             io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput => ErrorKind::InvalidInput,
-            io::ErrorKind::Interrupted if is_cancelled(e) => ErrorKind::Cancelled,
+            _ if is_cancelled(e) => ErrorKind::Cancelled,
             io::ErrorKind::ResourceBusy => ErrorKind::Busy,
             io::ErrorKind::TimedOut
             | io::ErrorKind::ConnectionRefused
@@ -124,9 +124,12 @@ impl HasKind for crate::Cancelled {
     }
 }
 
+/// Not `ErrorKind::Interrupted`: std's readers retry those forever (a
+/// cancelled gzip header read would spin); the kind is found by
+/// downcasting instead.
 impl From<crate::Cancelled> for io::Error {
     fn from(c: crate::Cancelled) -> io::Error {
-        io::Error::new(io::ErrorKind::Interrupted, c)
+        io::Error::other(c)
     }
 }
 
@@ -145,6 +148,20 @@ mod tests {
         );
         let c: io::Error = crate::Cancelled.into();
         assert_eq!(HasKind::kind(&c), ErrorKind::Cancelled);
+        assert_ne!(
+            c.kind(),
+            io::ErrorKind::Interrupted,
+            "std retries Interrupted reads"
+        );
+        // a cancelled read makes read_exact fail instead of spinning
+        struct Cancelled;
+        impl io::Read for Cancelled {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(crate::Cancelled.into())
+            }
+        }
+        let e = io::Read::read_exact(&mut Cancelled, &mut [0u8; 4]).expect_err("fails");
+        assert_eq!(HasKind::kind(&e), ErrorKind::Cancelled);
         assert_eq!(HasKind::kind(&io::Error::other("x")), ErrorKind::Internal);
     }
 
