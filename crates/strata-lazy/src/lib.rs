@@ -127,7 +127,36 @@ pub struct LazyLayer {
     /// Its diff_id in the config.
     pub diff_id: Digest,
     /// `None` when the store has the layer already.
-    pub index: Option<ChunkedIndex>,
+    pub index: Option<LayerIndex>,
+}
+
+/// What a lazy image keeps of a zstd:chunked layer's [`ChunkedIndex`]
+/// once its tree is built: the blob's descriptor and where each file's
+/// bytes are in it, which is all fetching needs.
+///
+/// The index's tar-split (the tar headers and padding of every entry, 6 MB
+/// for the Debian+python image) is dropped: a lazy image reads it once,
+/// to list the layer's entries ([`ChunkedIndex::entries`]), and nothing
+/// after needs it (fetches go by [`RemoteFile`]; a full pull, on fallback
+/// or `Prefetch::All`, opens the layer's index again itself). Kept for the
+/// mount's whole life it was a third of a mount daemon's live data.
+pub struct LayerIndex {
+    /// The layer's descriptor.
+    pub desc: Descriptor,
+    /// Regular files with content, in TOC order.
+    pub files: Vec<RemoteFile>,
+}
+
+impl LayerIndex {
+    /// The parts of `ix` a lazy image keeps; its tar-split is dropped.
+    fn keep(ix: ChunkedIndex) -> Self {
+        let mut files = ix.files;
+        files.shrink_to_fit();
+        LayerIndex {
+            desc: ix.desc,
+            files,
+        }
+    }
 }
 
 /// An image whose tree is known and whose contents may be missing.
@@ -257,8 +286,9 @@ pub fn prepare(
     for desc in layers_desc {
         strata_oci::layer_compression(&desc.media_type)?;
     }
-    // every layer's TOC, tar-split and entries at once (network + CPU)
-    type Prepared = Result<(Vec<strata_tar::Entry>, Option<ChunkedIndex>), LazyError>;
+    // every layer's TOC, tar-split and entries at once (network + CPU);
+    // the tar-split is dropped once the entries are listed
+    type Prepared = Result<(Vec<strata_tar::Entry>, Option<LayerIndex>), LazyError>;
     let prepared: Vec<Prepared> = std::thread::scope(|s| {
         let handles: Vec<_> = layers_desc
             .iter()
@@ -271,7 +301,7 @@ pub fn prepare(
                         return Ok((store.layer_record(diff_id)?.entries, None));
                     }
                     match strata_oci::partial::open_chunked(source, desc, counter)? {
-                        Ok(ix) => Ok((ix.entries()?, Some(ix))),
+                        Ok(ix) => Ok((ix.entries()?, Some(LayerIndex::keep(ix)))),
                         Err(reason) => Err(LazyError::NotLazy {
                             index,
                             digest: desc.digest,

@@ -474,6 +474,14 @@ fn serve(
             source: e,
         }));
     }
+    // what building the tree and its EROFS image freed goes back to the
+    // kernel (the daemon's malloc keeps it otherwise: strata_sys::malloc)
+    let t = Instant::now();
+    let released = strata_sys::malloc::trim();
+    tracing::debug!(
+        "malloc trimmed after mounting in {:.1} ms (released: {released})",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
     let done = Arc::new(AtomicBool::new(false));
     let updater = {
         let u = Updater {
@@ -599,6 +607,7 @@ impl Updater {
         let mut seen_done = u64::MAX;
         let mut last_full = Instant::now();
         let mut last_prefetch = PrefetchState::None;
+        let mut quiet = Quiet::new(self.activity(), Instant::now());
         while !self.done.load(Ordering::SeqCst) {
             // unmounted (by umount(8) too): stop serving the data layer
             let mounted = strata_sys::mounts()
@@ -647,8 +656,71 @@ impl Updater {
             if !mounted {
                 return;
             }
+            let (activity, idle) = (self.activity(), self.fetcher.idle_for());
+            if quiet.tick(activity, idle, prefetch.is_busy(), Instant::now()) {
+                let released = strata_sys::malloc::trim();
+                tracing::debug!("reads went quiet: malloc trimmed (released: {released})");
+            }
             std::thread::sleep(Duration::from_millis(500));
         }
+    }
+
+    /// Grows with every chunk fetched by reads and every file completed
+    /// (by reads or the prefetch).
+    fn activity(&self) -> u64 {
+        let s = &self.fetcher.stats;
+        s.chunks_fetched.load(Ordering::Relaxed) + s.files_completed.load(Ordering::Relaxed)
+    }
+}
+
+/// When to give the memory a burst of fetches freed back to the kernel:
+/// once per quiet period, after fetching went quiet for [`Quiet::AFTER`].
+/// Fetch buffers are freed as soon as their chunks are written, but glibc
+/// keeps freed memory in its arenas; trimming on every tick would walk the
+/// arenas for nothing, trimming never keeps a burst's peak for the
+/// mount's life.
+struct Quiet {
+    /// Activity when last trimmed (or at the start: trimmed when mounted).
+    trimmed: u64,
+    /// Activity seen last, and since when.
+    seen: u64,
+    since: Instant,
+}
+
+impl Quiet {
+    const AFTER: Duration = Duration::from_secs(5);
+
+    fn new(activity: u64, now: Instant) -> Self {
+        Quiet {
+            trimmed: activity,
+            seen: activity,
+            since: now,
+        }
+    }
+
+    /// Whether to trim now: something was fetched since the last trim, and
+    /// nothing for [`Quiet::AFTER`] (by the counters, and by the fetcher's
+    /// own clock of read fetches), and no prefetch is running.
+    fn tick(
+        &mut self,
+        activity: u64,
+        fetcher_idle: Duration,
+        prefetch_busy: bool,
+        now: Instant,
+    ) -> bool {
+        if activity != self.seen {
+            self.seen = activity;
+            self.since = now;
+        }
+        if activity == self.trimmed
+            || prefetch_busy
+            || fetcher_idle < Self::AFTER
+            || now.saturating_duration_since(self.since) < Self::AFTER
+        {
+            return false;
+        }
+        self.trimmed = activity;
+        true
     }
 }
 
@@ -843,4 +915,32 @@ pub fn cleanup(root: &Path, target: &Path) -> Result<(), LazyError> {
     }
     remove_leftovers(&mdir);
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trims_once_per_quiet_period() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let idle = Duration::from_secs(60);
+        let mut q = Quiet::new(3, t0);
+        // nothing fetched since the mount's own trim: never
+        assert!(!q.tick(3, idle, false, at(10)));
+        // a burst: not while it goes on, nor within 5 s of its end
+        assert!(!q.tick(10, Duration::ZERO, false, at(11)));
+        assert!(!q.tick(20, Duration::ZERO, false, at(12)));
+        assert!(!q.tick(20, Duration::from_secs(3), false, at(15)));
+        // the fetcher says it fetched recently: wait
+        assert!(!q.tick(20, Duration::from_secs(4), false, at(18)));
+        assert!(q.tick(20, idle, false, at(18)));
+        // once
+        assert!(!q.tick(20, idle, false, at(30)));
+        // a prefetch running holds it off until it is over
+        assert!(!q.tick(25, idle, true, at(31)));
+        assert!(!q.tick(25, idle, true, at(40)));
+        assert!(q.tick(25, idle, false, at(41)));
+    }
 }

@@ -16,6 +16,8 @@
 //!
 //! - [`daemon`]: re-executing a command as a background process, its
 //!   readiness report, and stopping it (wait, then kill).
+//! - [`malloc`]: glibc malloc tuned for daemons (an arena limit, a fixed
+//!   mmap threshold) and trimmed when they go quiet.
 //!
 //! What it does not own: deciding what to mount. Callers (the CLI) resolve
 //! images in the store and hand over paths.
@@ -23,6 +25,7 @@
 #![deny(missing_docs)]
 
 pub mod daemon;
+pub mod malloc;
 
 use std::ffi::OsString;
 use std::fs::File;

@@ -223,6 +223,9 @@ fn lazy(ctx: &Ctx, a: &Args, mode: LazyMode) -> Result<ExitCode> {
         let log = strata_lazy::state::mount_dir(&ctx.root, &target).join("log");
         return crate::background::started(ctx, "lazy mount", &log);
     }
+    // the daemon (or a foreground mount) serves for long: before any
+    // thread starts (the registry client's, FUSE's, the read workers')
+    strata_sys::malloc::tune_for_daemon();
     crate::background::init_log();
     let result = (|| -> Result<(String, Vec<String>, Option<Box<strata_lazy::LazyMount>>)> {
         let reference: ImageRef = a

@@ -47,6 +47,10 @@ pub struct CommitArgs {
 }
 
 pub fn serve(ctx: &Ctx, a: ServeArgs) -> Result<ExitCode> {
+    if daemon::is_daemon() || a.foreground {
+        // it serves for long: before any thread starts
+        strata_sys::malloc::tune_for_daemon();
+    }
     let store = ctx.open_store()?;
     let id = store.resolve_template(&a.name)?;
     if !daemon::is_daemon() {
