@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use strata_oci::{FileCredentials, Platform, RegistryConfig, RegistryOptions};
+use strata_oci::short_names::{RegistriesConf, resolve_short_name};
+use strata_oci::{
+    FileCredentials, ImageName, ImageRef, ImageSource, Platform, RegistryConfig, RegistryOptions,
+    open_source,
+};
 
 /// How to reach registries.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -31,6 +35,44 @@ impl RegistryArgs {
             ..Default::default()
         }
         .with_config(&config))
+    }
+}
+
+/// Open what the user named: a transport reference (`docker://`, `oci:`,
+/// ...), a bare `HOST[:PORT]/REPO[:TAG]` (docker://), or a short name
+/// resolved as podman does (registries.conf's unqualified-search-registries,
+/// else docker.io; the user is told which registry answered). Returns the
+/// fully qualified reference (the name the store records) and its source.
+pub fn open_reference(
+    ctx: &crate::Ctx,
+    text: &str,
+    registry: &RegistryOptions,
+    platform: &Platform,
+) -> Result<(ImageRef, Box<dyn ImageSource>)> {
+    let image: ImageName = text
+        .parse()
+        .with_context(|| format!("parsing image reference {text:?}"))?;
+    match image {
+        ImageName::Qualified(r) => {
+            let source = open_source(&r, registry).with_context(|| format!("opening {r}"))?;
+            Ok((r, source))
+        }
+        ImageName::Short(short) => {
+            let conf = RegistriesConf::load()?;
+            let found = resolve_short_name(&short, &conf, registry, platform)?;
+            if !ctx.quiet {
+                for skipped in &found.skipped {
+                    eprintln!("strata: short name {:?}: {skipped}", short.to_string());
+                }
+                eprintln!(
+                    "strata: short name {:?} resolved to {} ({})",
+                    short.to_string(),
+                    found.reference,
+                    found.lookup
+                );
+            }
+            Ok((found.reference, found.source))
+        }
     }
 }
 

@@ -624,7 +624,13 @@ impl Updater {
             let completed = self.fetcher.stats.files_completed.load(Ordering::Relaxed);
             // the prefetch state is read before the counts: a state saved
             // as done then carries counts taken after the prefetch ended
-            let prefetch = self.state.lock().expect("no panics while held").prefetch;
+            // the prefetch's state, read before the counts: the state saved
+            // carries this reading, so it never says done (or complete)
+            // with counts taken before the prefetch ended
+            let (prefetch, prefetch_error, complete) = {
+                let st = self.state.lock().expect("no panics while held");
+                (st.prefetch, st.prefetch_error.clone(), st.complete)
+            };
             if !missing.is_empty()
                 && (completed != seen_done
                     || prefetch.is_busy()
@@ -648,7 +654,11 @@ impl Updater {
                     self.lazy.downloaded + self.fetcher.stats.bytes_fetched.load(Ordering::Relaxed);
                 st.errors = self.fetcher.stats.errors.load(Ordering::Relaxed);
                 st.opens = self.opens.load(Ordering::Relaxed);
-                let _ = st.save(&self.mdir);
+                let mut saved = st.clone();
+                saved.prefetch = prefetch;
+                saved.prefetch_error = prefetch_error;
+                saved.complete = complete;
+                let _ = saved.save(&self.mdir);
             }
             if let Some((path, rec)) = &self.record {
                 let _ = write_record(path, &rec.paths(&self.lazy.tree));

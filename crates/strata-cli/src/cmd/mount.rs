@@ -13,12 +13,11 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use strata_digest::Digest;
 use strata_lazy::{Fallback, LazyOptions, Mounted, Prefetch};
-use strata_oci::ImageRef;
 use strata_oci::pull::PullOptions;
 use strata_sys::{MountError, OverlayMount, daemon};
 
 use crate::Ctx;
-use crate::args::{RegistryArgs, SplitArgs, platform};
+use crate::args::{RegistryArgs, SplitArgs, open_reference, platform};
 
 /// Arguments of `strata mount`.
 #[derive(clap::Args)]
@@ -228,17 +227,12 @@ fn lazy(ctx: &Ctx, a: &Args, mode: LazyMode) -> Result<ExitCode> {
     strata_sys::malloc::tune_for_daemon();
     crate::background::init_log();
     let result = (|| -> Result<(String, Vec<String>, Option<Box<strata_lazy::LazyMount>>)> {
-        let reference: ImageRef = a
-            .image
-            .parse()
-            .with_context(|| format!("parsing image reference {:?}", a.image))?;
         let store = Arc::new(ctx.open_store()?);
         let mut registry = la.registry.options(&store)?;
         registry.stall_timeout = Some(std::time::Duration::from_secs(10));
-        let source: Arc<dyn strata_oci::ImageSource> = Arc::from(
-            strata_oci::open_source(&reference, &registry)
-                .with_context(|| format!("opening {reference}"))?,
-        );
+        let platform = platform(la.platform.as_deref())?;
+        let (reference, source) = open_reference(ctx, &a.image, &registry, &platform)?;
+        let source: Arc<dyn strata_oci::ImageSource> = Arc::from(source);
         let name = reference.to_string();
         let opts = LazyOptions {
             fallback: match mode {
@@ -261,7 +255,7 @@ fn lazy(ctx: &Ctx, a: &Args, mode: LazyMode) -> Result<ExitCode> {
             passthrough: la.passthrough,
             fetch_jobs: la.fetch_jobs,
             pull: PullOptions {
-                platform: platform(la.platform.as_deref())?,
+                platform,
                 registry,
                 jobs: 3,
                 split: a.split.policy(),

@@ -4,12 +4,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use strata_oci::pull::{PullOptions, pull_from};
-use strata_oci::short_names::{RegistriesConf, resolve_short_name};
-use strata_oci::{ImageName, open_source};
 use strata_ops::human_bytes;
 
 use crate::Ctx;
-use crate::args::{RegistryArgs, SplitArgs, platform};
+use crate::args::{RegistryArgs, SplitArgs, open_reference, platform};
 
 /// Arguments of `strata pull`.
 #[derive(clap::Args)]
@@ -32,10 +30,6 @@ pub struct Args {
 }
 
 pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
-    let image: ImageName = a
-        .reference
-        .parse()
-        .with_context(|| format!("parsing image reference {:?}", a.reference))?;
     let store = ctx.open_store()?;
     let opts = PullOptions {
         platform: platform(a.platform.as_deref())?,
@@ -43,30 +37,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         jobs: a.jobs,
         split: a.split.policy(),
     };
-    let (reference, source) = match image {
-        ImageName::Qualified(r) => {
-            let source = open_source(&r, &opts.registry).with_context(|| format!("pulling {r}"))?;
-            (r, source)
-        }
-        ImageName::Short(short) => {
-            // the store records the fully qualified name, and the user is
-            // told which registry it came from
-            let conf = RegistriesConf::load()?;
-            let found = resolve_short_name(&short, &conf, &opts.registry, &opts.platform)?;
-            if !ctx.quiet {
-                for skipped in &found.skipped {
-                    eprintln!("strata: short name {:?}: {skipped}", short.to_string());
-                }
-                eprintln!(
-                    "strata: short name {:?} resolved to {} ({})",
-                    short.to_string(),
-                    found.reference,
-                    found.lookup
-                );
-            }
-            (found.reference, found.source)
-        }
-    };
+    let (reference, source) = open_reference(ctx, &a.reference, &opts.registry, &opts.platform)?;
     let name = reference.to_string();
     let render = ctx.render();
     let summary = pull_from(&store, source.as_ref(), &name, &opts, ctx.ctl(&render))
