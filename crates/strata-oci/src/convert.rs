@@ -486,6 +486,15 @@ fn convert_loaded(
             reused: false,
         });
         let (file, outcome, annotations, n) = convert_layer(store, staging, d, opts, &wanted)?;
+        if let Some(why) = &outcome.fallback {
+            ctl.warn(
+                Op::Convert,
+                Warning::PlainZstd {
+                    index,
+                    reason: why.clone(),
+                },
+            );
+        }
         ctl.cancel.check()?;
         let staged = if dest.eager() {
             Staged::Put(dest.put_blob_file(LAYER_ZSTD, file, outcome.digest, outcome.size)?)

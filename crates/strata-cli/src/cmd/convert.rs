@@ -168,13 +168,5 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
             reordered.len()
         );
     }
-    for l in &summary.layers {
-        if let Some(why) = &l.fallback {
-            eprintln!(
-                "strata: warning: layer {} written as plain zstd: {why}",
-                l.diff_id
-            );
-        }
-    }
     Ok(ExitCode::SUCCESS)
 }
