@@ -271,6 +271,8 @@ pub fn pull(
     all: bool,
     jobs: usize,
 ) -> Result<PullReport, BlockError> {
+    // one operation for gc: chunks and map
+    let _work = store.work()?;
     let (src, manifest_digest, map) = resolve(reference, opts)?;
     let pinned = pin(reference, &manifest_digest);
     let chunks: BTreeMap<Digest, u64> = map.chunks().map(|(i, d)| (d, map.chunk_len(i))).collect();

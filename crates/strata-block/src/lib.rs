@@ -236,6 +236,8 @@ pub fn build(
     ctl: strata_ops::Ctl<'_>,
 ) -> Result<Built, BlockError> {
     let t0 = Instant::now();
+    // one operation for gc: chunks, map and cache entry
+    let _work = store.work()?;
     let op = match req.source {
         Source::Image(_) => strata_ops::Op::TemplateBuild,
         Source::Template(_) => strata_ops::Op::TemplateResize,

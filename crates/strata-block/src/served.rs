@@ -173,6 +173,9 @@ pub fn prepare_file(root: &Path, file: &Path) -> Result<(PathBuf, u64), BlockErr
 /// process until it is unmounted.
 pub fn serve(store: Arc<Store>, req: &ServeRequest) -> Result<ServedTemplate, BlockError> {
     let io = |what: String| move |source| BlockError::Io { what, source };
+    // the template stays until the lease is taken; serving after it is not
+    // an operation for gc (the lease keeps the template)
+    let work = store.work()?;
     let id = req.template;
     let file = canonical(&req.file).map_err(io(format!("resolving {}", req.file.display())))?;
     let meta = std::fs::metadata(&file).map_err(io(format!("reading {}", file.display())))?;
@@ -232,6 +235,7 @@ pub fn serve(store: Arc<Store>, req: &ServeRequest) -> Result<ServedTemplate, Bl
         },
         &file,
     )?;
+    drop(work);
     state
         .save(&sdir)
         .map_err(io(format!("saving the state of {}", file.display())))?;
@@ -353,6 +357,8 @@ impl Drop for ServedTemplate {
 /// template of the one served, named `name`.
 pub fn commit(store: &Store, file: &Path, name: &str) -> Result<Committed, BlockError> {
     let io = |what: String| move |source| BlockError::Io { what, source };
+    // one operation for gc: chunks, map and name
+    let _work = store.work()?;
     let file = canonical(file).map_err(io(format!("resolving {}", file.display())))?;
     let sdir = serve_dir(store.root(), &file);
     let state = ServeState::load(&sdir).map_err(|e| BlockError::NotServed {

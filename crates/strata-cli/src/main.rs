@@ -81,7 +81,16 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// The store for a command: one operation for gc (the lock is held
+    /// shared until the command ends).
     fn open_store(&self) -> Result<strata_store::Store> {
+        strata_store::Store::open_locked(&self.root)
+            .with_context(|| format!("opening store {}", self.root.display()))
+    }
+
+    /// The store for a daemon: each of its operations takes the lock,
+    /// leases keep what it uses in between (gc runs meanwhile).
+    fn open_store_for_daemon(&self) -> Result<strata_store::Store> {
         strata_store::Store::open(&self.root)
             .with_context(|| format!("opening store {}", self.root.display()))
     }

@@ -271,11 +271,14 @@ fn thirty_two_concurrent_readers_get_the_right_bytes() {
     });
     let s = m.state();
     assert_eq!(s["errors"], 0, "{s}");
-    let e = env.fails(&["gc"]);
-    assert!(
-        e.contains("in use by") && e.contains("lazy mount") && e.contains(m.dir.to_str().unwrap()),
-        "gc refuses naming the mount, not hangs: {e}"
-    );
+    // gc runs while the mount is served (its daemon holds no lock between
+    // commits) and keeps every content the mount fetched
+    let gc = env.json(&["gc"]);
+    assert_eq!(gc["objects"], 0, "{gc}");
+    for p in big.iter().chain(small.iter().take(20)) {
+        let got = std::fs::read(m.dir.join(p)).unwrap();
+        assert!(got == std::fs::read(want.join(p)).unwrap(), "{}", p.display());
+    }
     drop(m);
     env.ok(&["gc"]);
     env.fsck_ok();

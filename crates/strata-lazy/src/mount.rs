@@ -161,6 +161,11 @@ pub fn mount(
         subject: name.to_string(),
     });
     let target = check_target(target)?;
+    // preparing is one operation for gc (the layers it reads from the
+    // store stay until the lease is taken); serving after it is not: the
+    // lease keeps what the mount reads, and each commit of fetched
+    // contents is an operation of its own
+    let work = store.work()?;
     let resolved = source.resolve(&opts.pull.platform)?;
     ctl.emit(Event::Resolved {
         op: Op::LazyPrepare,
@@ -222,6 +227,7 @@ pub fn mount(
         started,
         events.clone(),
     )?;
+    drop(work);
     ctl.emit(Event::Finished {
         op: Op::LazyPrepare,
     });

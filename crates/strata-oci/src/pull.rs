@@ -164,7 +164,10 @@ pub fn pull_from(
         op: Op::Pull,
         subject: name.to_string(),
     });
+    // one operation for gc: layers, image and ref are not swept between
+    let work = store.work()?;
     let r = pull_inner(store, source, name, opts, ctl);
+    drop(work);
     match r {
         Ok(s) => {
             ctl.emit(Event::Finished { op: Op::Pull });

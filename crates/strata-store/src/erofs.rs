@@ -208,6 +208,7 @@ impl Store {
     /// The fs-verity digests of a layer's objects (computed and stored if
     /// the layer predates them).
     pub fn layer_verity(&self, diff_id: &Digest) -> Result<Vec<(Digest, VerityDigest)>> {
+        let _work = self.work()?;
         let p = self.layer_dir(diff_id).join("verity");
         match fs::read(&p) {
             Ok(b) if b.len() % 64 == 0 => Ok(b
@@ -290,6 +291,7 @@ impl Store {
         digest: &Digest,
         policy: SplitPolicy,
     ) -> Result<(ErofsInfo, Vec<PathBuf>)> {
+        let _work = self.work()?;
         let dir = self.image_dir(digest);
         if let Ok(info) = read_json::<ErofsInfo>(&dir.join("erofs.json"), "erofs info") {
             let files = self.erofs_files(digest, &info);
@@ -332,6 +334,7 @@ impl Store {
         tree: Option<&Tree>,
         policy: SplitPolicy,
     ) -> Result<ErofsInfo> {
+        let _work = self.work()?;
         let info = self.build_one_erofs(digest, tree, policy)?;
         if let (SplitPolicy::Auto(_), Some(split)) = (policy, &info.split) {
             let meta = self.image_meta(digest)?;
@@ -425,6 +428,7 @@ impl Store {
 
     /// The base part for a layer chain, built if missing.
     fn ensure_base(&self, diff_ids: &[Digest]) -> Result<PartInfo> {
+        let _work = self.work()?;
         let dir = self.root.join("bases").join(chain_id(diff_ids).hex());
         if let Ok(p) = read_json::<PartInfo>(&dir.join("erofs.json"), "base info")
             && dir.join("image.erofs").exists()
@@ -549,6 +553,7 @@ fn part_info(bytes: &[u8]) -> PartInfo {
 }
 
 fn write_json_durable_atomic<T: Serialize>(store: &Store, p: &Path, v: &T) -> Result<()> {
+    let _work = store.work()?;
     let stage = store.staging_path("json");
     write_json_durable(&stage, v)?;
     fs::rename(&stage, p).map_err(io_err("renaming into place", p))?;

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! $STRATA_ROOT
-//! ├── lock                    flock: shared for work, exclusive for gc
+//! ├── lock                    flock: shared while an operation writes, exclusive for gc
 //! ├── objects/ab/cdef…        file contents, named by SHA-256 of content, mode 0444
 //! ├── layers/<diff_id hex>/   one per uncompressed layer
 //! │   ├── record              tar rebuild data (headers inline, contents as object refs; zstd)
@@ -18,7 +18,9 @@
 //! ├── uppers/<image>-<dir>/   upper/ and work/ of `strata mount --rw`
 //! ├── refs/<escaped name>     image name -> manifest digest (one file per name)
 //! ├── blocks/                 VM templates: maps, names, build cache (chunks are objects)
-//! └── tmp/                    per-process staging; emptied when a store opens alone
+//! ├── leases/<pid>-<n>.json   what a running holder (or a mount) uses: gc keeps it
+//! ├── lazy/, serve/           state of lazy mounts and served templates (their crates')
+//! └── tmp/<pid>-<n>/          staging of one store handle while it works (see below)
 //! ```
 //!
 //! Rules this crate enforces:
@@ -29,9 +31,34 @@
 //! - Commit order is objects -> layer -> image -> ref, each durable before the
 //!   next, so a crash at any instant leaves a store that [`Store::fsck`]
 //!   accepts: at worst staging leftovers in `tmp/` and unreferenced objects,
-//!   layers or images for [`Store::gc`].
-//! - Every process holds `lock` shared while it works; gc holds it exclusive.
-//!   `tmp/` is emptied only by a process that briefly got the lock exclusive.
+//!   layers or images for gc.
+//!
+//! Locking and leases (what keeps gc from removing what is in use):
+//! - **Writes happen inside a [`Work`]**: the store `lock` held shared for
+//!   the length of one operation, not for a handle's life. Every writing
+//!   method here enters one by itself ([`ObjectBatch`] for its whole life);
+//!   an operation of several steps (a pull: objects, layers, image, ref; a
+//!   template build: chunks, map, name) holds one across them
+//!   ([`Store::work`]). A short-lived process whose life is one operation
+//!   (a CLI command) may hold one for the handle's life
+//!   ([`Store::open_locked`]); a daemon never does.
+//! - **gc holds `lock` exclusive** ([`Store::open_for_gc`]): it waits for
+//!   running operations (not for idle handles), so nothing is between
+//!   "object written" and "record committed" while it marks and sweeps.
+//! - **Lifetimes are leases**: a long-lived user (a lazy mount's daemon, a
+//!   served template) takes a lease ([`Store::lease_for_mount`]) naming the
+//!   images, templates and objects it needs, before it relies on them; gc
+//!   keeps what live leases name (holder running, or its mount still
+//!   mounted) and what is mounted (mountinfo). Leases are written under a
+//!   [`Work`] and read by gc under the exclusive lock, so a lease either
+//!   existed when gc marked or was taken after the sweep.
+//! - gc fails closed: a lease or mountinfo it cannot read, or operations
+//!   that keep the lock past [`GC_LOCK_WAIT`] ([`StoreError::Busy`], naming
+//!   them), and it removes nothing.
+//! - `tmp/`: a handle's staging dir exists while it has a [`Work`]; the last
+//!   one ending removes it (a failed operation leaves nothing). Staging of
+//!   dead processes is removed when a store is opened; under gc's exclusive
+//!   lock nothing works, so gc empties `tmp/` entirely.
 //!
 //! What this crate does not do: network, decompression, tar parsing (it
 //! stores [`strata_tar::LayerRecord`]s built elsewhere), printing.
@@ -45,12 +72,15 @@ mod gc;
 mod leases;
 mod objects;
 mod templates;
+mod work;
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use strata_digest::Digest;
@@ -64,6 +94,8 @@ pub use fsck::FsckReport;
 pub use gc::GcReport;
 pub use leases::{Lease, LeaseRecord, LeaseRoots, process_start_time};
 pub use objects::{BatchStats, ObjectBatch};
+pub use work::Work;
+use work::WorkState;
 pub use templates::{BLOCK_SIZE, CHUNK_SIZE, Extent, MAP_VERSION, TemplateMap, TemplateRemote};
 
 /// Errors of store operations. Each names the path or object and the action.
@@ -191,11 +223,18 @@ pub fn composefs_source(manifest_digest: &Digest) -> String {
     format!("strata:{manifest_digest}")
 }
 
-/// The on-disk store. Holds the store lock (shared) for its lifetime.
+/// The on-disk store.
+///
+/// A handle does not hold the store lock by itself: every write enters a
+/// [`Work`] (the lock shared) for as long as it runs, and gc takes the lock
+/// exclusive. Long-lived users (daemons) keep what they need between
+/// operations with leases ([`Store::lease`]).
 pub struct Store {
     root: PathBuf,
-    staging: PathBuf,
-    _lock: File,
+    work: Arc<WorkState>,
+    /// A guard held for the handle's life ([`Store::open_locked`], and
+    /// the exclusive lock of an [`ExclusiveStore`]).
+    life: Option<Work>,
 }
 
 static STAGING_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -204,90 +243,105 @@ const DIRS: [&str; 7] = [
     "objects", "layers", "blobs", "images", "refs", "bases", "tmp",
 ];
 
+/// How long [`Store::open_for_gc`] waits for running operations to end.
+pub const GC_LOCK_WAIT: Duration = Duration::from_secs(60);
+
 impl Store {
-    /// Open (creating if needed) the store at `root`, holding the lock shared.
-    /// Waits while a gc holds it exclusive.
+    /// Open (creating if needed) the store at `root`. Takes no lock for
+    /// the handle's life: operations take it ([`Store::work`]), so a
+    /// daemon holding this handle for weeks does not keep gc out.
     pub fn open(root: impl AsRef<Path>) -> Result<Store> {
-        Self::open_with(root.as_ref(), false)
-    }
-
-    /// Open the store holding the lock exclusive (gc). Waits for every other
-    /// user of the store to finish.
-    pub fn open_exclusive(root: impl AsRef<Path>) -> Result<ExclusiveStore> {
-        Self::open_with(root.as_ref(), true).map(ExclusiveStore)
-    }
-
-    fn open_with(root: &Path, exclusive: bool) -> Result<Store> {
-        fs::create_dir_all(root).map_err(io_err("creating store", root))?;
-        for d in DIRS {
-            let p = root.join(d);
-            fs::create_dir_all(&p).map_err(io_err("creating store dir", &p))?;
-        }
-        let (lock_path, lock) = open_lock(root)?;
-        use rustix::fs::{FlockOperation, flock};
-        let lock_err = |e: rustix::io::Errno| StoreError::Io {
-            action: "locking store",
-            path: lock_path.clone(),
-            source: e.into(),
-        };
-        // Empty tmp/ only when nobody else is working: try exclusive without
-        // waiting; on success clean, then settle on the mode we need.
-        let alone = flock(&lock, FlockOperation::NonBlockingLockExclusive).is_ok();
-        if alone {
-            clean_dir(&root.join("tmp"))?;
-        } else {
-            // others work here: remove only the staging of processes gone
-            // (a resident daemon never finds itself alone)
-            clean_dead_staging(&root.join("tmp"));
-        }
-        if !exclusive {
-            flock(&lock, FlockOperation::LockShared).map_err(lock_err)?;
-        } else if !alone {
-            flock(&lock, FlockOperation::LockExclusive).map_err(lock_err)?;
+        let root = root.as_ref();
+        create_dirs(root)?;
+        // staging of processes gone is never used again; when nobody works
+        // here at all, everything in tmp/ is a leftover
+        clean_dead_staging(&root.join("tmp"));
+        let lock = work::open_lock(&root.join("lock"))?;
+        if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
+        {
             clean_dir(&root.join("tmp"))?;
         }
+        drop(lock);
+        Ok(Self::handle(root, None))
+    }
+
+    /// Open the store and hold the lock shared until the handle is
+    /// dropped: for a process whose whole life is one short operation (a
+    /// CLI command), so every step it takes is one operation for gc.
+    /// Waits while a gc runs. Never for a daemon: use [`Store::open`].
+    pub fn open_locked(root: impl AsRef<Path>) -> Result<Store> {
+        let mut store = Self::open(root)?;
+        store.life = Some(store.work()?);
+        Ok(store)
+    }
+
+    fn handle(root: &Path, life: Option<Work>) -> Store {
         let staging = root.join("tmp").join(format!(
             "{}-{}",
             std::process::id(),
             STAGING_SEQ.fetch_add(1, Ordering::Relaxed)
         ));
-        fs::create_dir_all(&staging).map_err(io_err("creating staging dir", &staging))?;
-        Ok(Store {
+        Store {
             root: root.to_path_buf(),
-            staging,
-            _lock: lock,
-        })
+            work: WorkState::new(root, staging),
+            life,
+        }
     }
 
-    /// Open the store alone for gc. Short operations (a pull, a build) are
-    /// waited for; when long-lived holders keep it (a lazy mount's or a
-    /// served template's daemon: their live leases), fail at once with
-    /// [`StoreError::Busy`] naming them instead of waiting forever.
-    pub fn open_for_gc(root: impl AsRef<Path>) -> Result<ExclusiveStore> {
+    /// Enter an operation on the store: until the guard (and every other
+    /// guard of this handle) is dropped, the store lock is held shared, so
+    /// no gc runs. Cheap when this handle works already. Every write of
+    /// this crate enters one by itself; callers hold one across steps that
+    /// only make sense together (a pull's layers, image and ref).
+    pub fn work(&self) -> Result<Work> {
+        self.work.enter()
+    }
+
+    /// Open the store holding the lock exclusive (gc). Waits for every
+    /// running operation to end, however long.
+    pub fn open_exclusive(root: impl AsRef<Path>) -> Result<ExclusiveStore> {
         let root = root.as_ref();
-        fs::create_dir_all(root).map_err(io_err("creating store", root))?;
-        let (_, lock) = open_lock(root)?;
-        use rustix::fs::{FlockOperation, flock};
-        if flock(&lock, FlockOperation::NonBlockingLockExclusive).is_err() {
-            let holders: Vec<String> = leases::all(root)?
-                .into_iter()
-                .filter(|(_, l)| l.holder_runs())
-                .map(|(_, l)| format!("{} (pid {})", l.holder, l.pid))
-                .collect();
-            if !holders.is_empty() {
-                return Err(StoreError::Busy {
-                    path: root.to_path_buf(),
-                    holders,
-                });
-            }
+        create_dirs(root)?;
+        let lock_path = root.join("lock");
+        let lock = work::open_lock(&lock_path)?;
+        work::lock_blocking(&lock, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(io_err("locking store (exclusive)", &lock_path))?;
+        Self::exclusive(root, lock)
+    }
+
+    fn exclusive(root: &Path, lock: File) -> Result<ExclusiveStore> {
+        // nobody works: all of tmp/ is leftovers (of killed operations)
+        clean_dir(&root.join("tmp"))?;
+        let mut store = Self::handle(root, None);
+        store.life = Some(store.work.enter_locked(lock)?);
+        Ok(ExclusiveStore(store))
+    }
+
+    /// Open the store alone for gc. Running operations (a pull, a build,
+    /// a daemon committing what it fetched) are waited for, up to
+    /// [`GC_LOCK_WAIT`]; daemons between operations do not hold the lock
+    /// (their leases say what they use). When operations still hold it
+    /// after that, fail with [`StoreError::Busy`] naming them.
+    pub fn open_for_gc(root: impl AsRef<Path>) -> Result<ExclusiveStore> {
+        Self::open_for_gc_within(root, GC_LOCK_WAIT)
+    }
+
+    /// [`Store::open_for_gc`], waiting at most `wait`.
+    pub fn open_for_gc_within(root: impl AsRef<Path>, wait: Duration) -> Result<ExclusiveStore> {
+        let root = root.as_ref();
+        create_dirs(root)?;
+        let lock_path = root.join("lock");
+        match work::lock_exclusive_within(&lock_path, wait)? {
+            Some(lock) => Self::exclusive(root, lock),
+            None => Err(work::busy(root, &lock_path)?),
         }
-        drop(lock);
-        Self::open_exclusive(root)
     }
 
     /// Record that `holder` uses `roots` until the returned lease is
     /// dropped: gc keeps them, whichever process runs it.
     pub fn lease(&self, holder: &str, roots: LeaseRoots) -> Result<Lease> {
+        // under the lock: a gc sweeping now has read the leases already
+        let _work = self.work()?;
         leases::take(&self.root, holder, roots, None)
     }
 
@@ -299,6 +353,7 @@ impl Store {
         roots: LeaseRoots,
         mount_point: &Path,
     ) -> Result<Lease> {
+        let _work = self.work()?;
         leases::take(&self.root, holder, roots, Some(mount_point.to_path_buf()))
     }
 
@@ -316,15 +371,18 @@ impl Store {
     }
 
     /// A fresh, unique path for scratch files of other crates, inside this
-    /// process's staging dir: never visible as store content, removed with
-    /// the staging dir (also after a crash, by the next store user alone).
+    /// handle's staging dir: never visible as store content, removed with
+    /// the staging dir when the handle's last [`Work`] ends (also after a
+    /// crash, by the next gc or store user alone). Use it only while
+    /// holding a [`Work`]: the staging dir exists only then.
     pub fn scratch_path(&self, what: &str) -> PathBuf {
         self.staging_path(what)
     }
 
-    /// A fresh, unique path inside this process's staging dir.
+    /// A fresh, unique path inside this handle's staging dir (exists while
+    /// a [`Work`] of the handle lives).
     pub(crate) fn staging_path(&self, what: &str) -> PathBuf {
-        self.staging.join(format!(
+        self.work.staging().join(format!(
             "{what}-{}",
             STAGING_SEQ.fetch_add(1, Ordering::Relaxed)
         ))
@@ -423,6 +481,7 @@ impl Store {
         meta: &LayerMeta,
         record: &LayerRecord,
     ) -> Result<BatchStats> {
+        let _work = self.work()?;
         let stats = batch.commit()?;
         let final_dir = self.layer_dir(&meta.diff_id);
         if !final_dir.exists() {
@@ -459,6 +518,7 @@ impl Store {
 
     /// Record that the compressed blob `blob` decompresses to layer `diff_id`.
     pub fn add_blob_alias(&self, blob: &Digest, diff_id: &Digest) -> Result<()> {
+        let _work = self.work()?;
         let p = self.root.join("blobs").join(blob.hex());
         if fs::read_to_string(&p).is_ok_and(|s| s.trim() == diff_id.to_string()) {
             return Ok(());
@@ -479,6 +539,7 @@ impl Store {
 
     /// Commit an image whose layers are all committed. Idempotent.
     pub fn commit_image(&self, meta: &ImageMeta, manifest: &[u8], config: &[u8]) -> Result<()> {
+        let _work = self.work()?;
         for l in &meta.layers {
             if !self.has_layer(&l.diff_id) {
                 return Err(StoreError::LayerNotFound(l.diff_id));
@@ -534,6 +595,7 @@ impl Store {
 
     /// Point `name` at an image, replacing any previous target atomically.
     pub fn set_ref(&self, name: &str, manifest_digest: &Digest) -> Result<()> {
+        let _work = self.work()?;
         if !self.has_image(manifest_digest) {
             return Err(StoreError::ImageNotFound(manifest_digest.to_string()));
         }
@@ -543,6 +605,7 @@ impl Store {
 
     /// Remove a name. Returns the digest it pointed to.
     pub fn remove_ref(&self, name: &str) -> Result<Option<Digest>> {
+        let _work = self.work()?;
         let p = self.root.join("refs").join(escape_ref(name));
         let target = read_ref_file(&p).ok();
         match fs::remove_file(&p) {
@@ -621,6 +684,7 @@ impl Store {
     /// image. The image's files go when no name points to it any more (its
     /// layers and objects stay until gc). Returns the names removed.
     pub fn remove_image(&self, name_or_digest: &str) -> Result<(Digest, Vec<String>)> {
+        let _work = self.work()?;
         let digest = self.resolve_image(name_or_digest)?;
         let refs = self.refs()?;
         let is_name = refs.contains_key(name_or_digest);
@@ -659,6 +723,8 @@ impl Store {
     /// Check everything: re-hash every object, decode every record, rebuild
     /// every layer and compare with its diff_id, check images and refs.
     pub fn fsck(&self, ctl: strata_ops::Ctl<'_>) -> Result<FsckReport> {
+        // no gc half-way through removing what we look at
+        let _work = self.work()?;
         fsck::run(self, ctl)
     }
 }
@@ -681,12 +747,6 @@ impl ExclusiveStore {
     /// use: mountinfo unreadable, a lease unreadable.
     pub fn gc(&self, dry_run: bool, ctl: strata_ops::Ctl<'_>) -> Result<GcReport> {
         gc::run(&self.0, dry_run, ctl)
-    }
-}
-
-impl Drop for Store {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.staging);
     }
 }
 
@@ -748,17 +808,13 @@ fn list_hex_names(dir: &Path) -> Result<Vec<Digest>> {
     Ok(out)
 }
 
-/// The store's lock file, opened (not locked).
-fn open_lock(root: &Path) -> Result<(PathBuf, File)> {
-    let lock_path = root.join("lock");
-    let lock = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&lock_path)
-        .map_err(io_err("opening store lock", &lock_path))?;
-    Ok((lock_path, lock))
+fn create_dirs(root: &Path) -> Result<()> {
+    fs::create_dir_all(root).map_err(io_err("creating store", root))?;
+    for d in DIRS {
+        let p = root.join(d);
+        fs::create_dir_all(&p).map_err(io_err("creating store dir", &p))?;
+    }
+    Ok(())
 }
 
 /// Remove `tmp/<pid>-<n>` staging dirs whose process is gone.
@@ -800,7 +856,7 @@ pub(crate) fn clean_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn make_writable(p: &Path) {
+pub(crate) fn make_writable(p: &Path) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(rd) = fs::read_dir(p) {
         for e in rd.flatten() {
@@ -836,6 +892,7 @@ pub(crate) fn write_json_durable<T: Serialize>(p: &Path, v: &T) -> Result<()> {
 
 /// Write `bytes` to `p` atomically: staging file, fsync, rename, fsync dir.
 pub(crate) fn write_atomic(store: &Store, p: &Path, bytes: &[u8]) -> Result<()> {
+    let _work = store.work()?;
     let stage = store.staging_path("file");
     write_durable(&stage, bytes)?;
     fs::rename(&stage, p).map_err(io_err("renaming into place", p))?;

@@ -42,6 +42,9 @@ pub struct BatchStats {
 /// Dropping a batch without committing discards its staged files.
 pub struct ObjectBatch<'s> {
     store: &'s Store,
+    /// Staged objects and objects renamed into place but not yet named by
+    /// a record are in use: no gc while the batch lives.
+    _work: crate::Work,
     dir: PathBuf,
     pending: HashMap<Digest, PathBuf>,
     seq: u64,
@@ -123,10 +126,12 @@ impl Writers {
 
 impl<'s> ObjectBatch<'s> {
     pub(crate) fn new(store: &'s Store) -> Result<Self> {
+        let work = store.work()?;
         let dir = store.staging_path("objects");
         fs::create_dir(&dir).map_err(io_err("creating object staging", &dir))?;
         Ok(ObjectBatch {
             store,
+            _work: work,
             dir,
             pending: HashMap::new(),
             seq: 0,

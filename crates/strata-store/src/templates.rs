@@ -212,6 +212,7 @@ impl Store {
         map: &TemplateMap,
         remote: Option<&TemplateRemote>,
     ) -> Result<Digest> {
+        let _work = self.work()?;
         self.ensure_blocks()?;
         let bytes = map.to_bytes();
         TemplateMap::parse(&bytes).map_err(|reason| StoreError::Corrupt {
@@ -279,6 +280,7 @@ impl Store {
 
     /// Name template `id`.
     pub fn set_template_name(&self, name: &str, id: &Digest) -> Result<()> {
+        let _work = self.work()?;
         if !self.has_template(id) {
             return Err(StoreError::TemplateNotFound(id.to_string()));
         }
@@ -289,6 +291,7 @@ impl Store {
 
     /// Remove a template name; returns what it named.
     pub fn remove_template_name(&self, name: &str) -> Result<Option<Digest>> {
+        let _work = self.work()?;
         let p = self.blocks("names").join(escape_ref(name));
         let target = crate::read_ref_file(&p).ok();
         match fs::remove_file(&p) {
@@ -355,6 +358,7 @@ impl Store {
 
     /// Remember that the build `key` made template `id`.
     pub fn template_cache_set(&self, key: &Digest, id: &Digest) -> Result<()> {
+        let _work = self.work()?;
         self.ensure_blocks()?;
         let p = self.blocks("cache").join(key.hex());
         write_atomic(self, &p, format!("{id}\n").as_bytes())

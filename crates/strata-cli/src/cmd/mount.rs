@@ -227,7 +227,7 @@ fn lazy(ctx: &Ctx, a: &Args, mode: LazyMode) -> Result<ExitCode> {
     strata_sys::malloc::tune_for_daemon();
     crate::background::init_log();
     let result = (|| -> Result<(String, Vec<String>, Option<Box<strata_lazy::LazyMount>>)> {
-        let store = Arc::new(ctx.open_store()?);
+        let store = Arc::new(ctx.open_store_for_daemon()?);
         let mut registry = la.registry.options(&store)?;
         registry.stall_timeout = Some(std::time::Duration::from_secs(10));
         let platform = platform(la.platform.as_deref())?;

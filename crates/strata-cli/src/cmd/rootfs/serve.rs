@@ -51,7 +51,7 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> Result<ExitCode> {
         // it serves for long: before any thread starts
         strata_sys::malloc::tune_for_daemon();
     }
-    let store = ctx.open_store()?;
+    let store = ctx.open_store_for_daemon()?;
     let id = store.resolve_template(&a.name)?;
     if !daemon::is_daemon() {
         let (file, dropped) = served::prepare_file(&ctx.root, &a.file)?;
