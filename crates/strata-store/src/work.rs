@@ -227,3 +227,137 @@ pub(crate) fn busy(root: &Path, lock_path: &Path) -> Result<StoreError> {
         holders,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use strata_ops::Ctl;
+
+    use crate::{LeaseRoots, Store, StoreError};
+
+    use super::*;
+
+    fn tmp_entries(root: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(root.join("tmp"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn an_idle_handle_does_not_keep_gc_out_and_a_working_one_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let store = Store::open(&root).unwrap();
+        // idle: gc runs at once
+        let t = Instant::now();
+        drop(Store::open_for_gc_within(&root, Duration::from_secs(5)).unwrap());
+        assert!(t.elapsed() < Duration::from_secs(2));
+        // working: gc waits, then says who keeps it out
+        let work = store.work().unwrap();
+        let nested = store.work().unwrap();
+        match Store::open_for_gc_within(&root, Duration::from_millis(200)) {
+            Err(StoreError::Busy { holders, .. }) => {
+                let me = format!("pid {}", std::process::id());
+                assert!(holders.iter().any(|h| h.contains(&me)), "{holders:?}");
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("gc got the store while an operation runs"),
+        }
+        drop(work);
+        assert!(
+            Store::open_for_gc_within(&root, Duration::from_millis(200)).is_err(),
+            "a nested guard still holds the lock"
+        );
+        // gc waits for the operation that ends
+        let ended = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(nested);
+        });
+        let t = Instant::now();
+        let gc = Store::open_for_gc_within(&root, Duration::from_secs(10)).unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(250));
+        ended.join().unwrap();
+        // gc's own writes (dropping a template) do not wait for itself
+        gc.gc(false, Ctl::none()).unwrap();
+        // operations wait for gc
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let w = store.work().unwrap();
+            tx.send(Instant::now()).unwrap();
+            drop(w);
+            store
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let released = Instant::now();
+        drop(gc);
+        assert!(rx.recv().unwrap() >= released);
+        waiter.join().unwrap();
+    }
+
+    #[test]
+    fn staging_lives_as_long_as_the_operations_of_a_handle() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let store = Store::open(&root).unwrap();
+        assert!(tmp_entries(&root).is_empty(), "nothing staged while idle");
+        let mut batch = store.object_batch().unwrap();
+        batch.put(&mut &b"hello"[..], 5).unwrap();
+        assert_eq!(tmp_entries(&root).len(), 1, "the handle's staging dir");
+        let scratch = store.scratch_path("x");
+        fs::write(&scratch, b"scratch").unwrap();
+        drop(batch);
+        assert!(tmp_entries(&root).is_empty(), "removed with the last guard");
+        // a killed process's staging goes at the next open
+        fs::create_dir_all(root.join("tmp/999999999-0/objects")).unwrap();
+        let other = Store::open(&root).unwrap();
+        assert!(tmp_entries(&root).is_empty(), "{:?}", tmp_entries(&root));
+        // a live pid's leftovers (a handle dropped mid-way by a panic, say)
+        // go when gc has the store alone
+        fs::create_dir_all(root.join(format!("tmp/{}-77", std::process::id()))).unwrap();
+        let _w = other.work().unwrap();
+        drop(Store::open(&root).unwrap());
+        assert_eq!(tmp_entries(&root).len(), 2, "kept while others work");
+        drop(_w);
+        drop(Store::open_for_gc(&root).unwrap());
+        assert!(tmp_entries(&root).is_empty(), "{:?}", tmp_entries(&root));
+    }
+
+    #[test]
+    fn gc_keeps_what_a_lease_names_and_sweeps_the_rest_while_a_holder_idles() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let store = Store::open(&root).unwrap();
+        let put = |bytes: &[u8]| {
+            let mut b = store.object_batch().unwrap();
+            let d = b.put(&mut &bytes[..], bytes.len() as u64).unwrap();
+            b.commit().unwrap();
+            d
+        };
+        let kept = put(b"leased content");
+        let _lease = store
+            .lease(
+                "test holder",
+                LeaseRoots {
+                    objects: vec![kept],
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let swept = put(b"nobody's content");
+        // the holder stays open (a daemon), between its operations
+        let gc = Store::open_for_gc_within(&root, Duration::from_secs(5)).unwrap();
+        let r = gc.gc(false, Ctl::none()).unwrap();
+        assert_eq!(r.objects, 1, "{r:?}");
+        drop(gc);
+        assert!(store.has_object(&kept));
+        assert!(!store.has_object(&swept));
+        // and it writes again afterwards
+        let again = put(b"nobody's content");
+        assert_eq!(again, swept);
+        assert!(store.has_object(&swept));
+    }
+}
