@@ -277,7 +277,11 @@ fn thirty_two_concurrent_readers_get_the_right_bytes() {
     assert_eq!(gc["objects"], 0, "{gc}");
     for p in big.iter().chain(small.iter().take(20)) {
         let got = std::fs::read(m.dir.join(p)).unwrap();
-        assert!(got == std::fs::read(want.join(p)).unwrap(), "{}", p.display());
+        assert!(
+            got == std::fs::read(want.join(p)).unwrap(),
+            "{}",
+            p.display()
+        );
     }
     drop(m);
     env.ok(&["gc"]);

@@ -94,9 +94,9 @@ pub use fsck::FsckReport;
 pub use gc::GcReport;
 pub use leases::{Lease, LeaseRecord, LeaseRoots, process_start_time};
 pub use objects::{BatchStats, ObjectBatch};
+pub use templates::{BLOCK_SIZE, CHUNK_SIZE, Extent, MAP_VERSION, TemplateMap, TemplateRemote};
 pub use work::Work;
 use work::WorkState;
-pub use templates::{BLOCK_SIZE, CHUNK_SIZE, Extent, MAP_VERSION, TemplateMap, TemplateRemote};
 
 /// Errors of store operations. Each names the path or object and the action.
 #[derive(Debug, thiserror::Error)]
@@ -257,8 +257,7 @@ impl Store {
         // here at all, everything in tmp/ is a leftover
         clean_dead_staging(&root.join("tmp"));
         let lock = work::open_lock(&root.join("lock"))?;
-        if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
-        {
+        if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok() {
             clean_dir(&root.join("tmp"))?;
         }
         drop(lock);

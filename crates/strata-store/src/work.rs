@@ -100,8 +100,7 @@ impl WorkState {
     pub(crate) fn enter_locked(self: &Arc<Self>, lock: File) -> Result<Work> {
         let mut inner = self.inner();
         debug_assert_eq!(inner.active, 0, "a fresh handle");
-        fs::create_dir_all(&self.staging)
-            .map_err(io_err("creating staging dir", &self.staging))?;
+        fs::create_dir_all(&self.staging).map_err(io_err("creating staging dir", &self.staging))?;
         inner.lock = Some(lock);
         inner.active += 1;
         Ok(Work {
