@@ -48,7 +48,8 @@
 //! | template build | `strata_block::build(store, request, ctl)` |
 //! | template serve / commit | `strata_block::served::serve(store, request)` -> `ServedTemplate`; `served::commit(store, file, name)`; `served::list` / `cleanup` |
 //! | template push / pull | `strata_block::artifact::push` / `pull` |
-//! | gc | `Store::open_for_gc(root)?.gc(dry_run, ctl)` (only an `ExclusiveStore` can) |
+//! | gc | `Store::open_for_gc(root)?.gc(dry_run, ctl)` (only an `ExclusiveStore` can; waits for running operations, not for idle handles) |
+//! | several writes as one operation for gc | `let _work = store.work()?;` (the calls above take it themselves; a daemon opens its store with `Store::open` and never holds one between operations) |
 //! | fsck | `Store::fsck(ctl)` |
 //! | in use | `Store::lease(holder, roots)` / `lease_for_mount`: kept by gc while live |
 //! | credentials per request | `RegistryOptions::with_credentials(Arc<StaticCredentials>)` |

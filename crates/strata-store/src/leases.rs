@@ -3,7 +3,11 @@
 //! A long-lived user of the store (a lazy mount's daemon, a served
 //! template, soon a containerd snapshot or a service job) takes a [`Lease`]
 //! naming the images, templates and objects it needs. gc keeps everything
-//! a live lease names, whichever process runs gc. A lease is a file
+//! a live lease names, whichever process runs gc. Between its operations
+//! such a holder has no lock on the store (see `work.rs`): the lease is
+//! what keeps its contents. It is written under a [`crate::Work`] and gc
+//! reads leases under the exclusive lock, so a lease either existed when a
+//! gc marked or was taken after that gc swept. A lease is a file
 //! `leases/<pid>-<n>.json` written by rename before the holder relies on
 //! it and removed when the [`Lease`] is dropped; a lease whose process is
 //! gone (checked by pid and the process's start time, so a reused pid does

@@ -16,8 +16,9 @@ pub struct Args {
 }
 
 pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
-    // waits for short operations; names long-lived holders (lazy mounts,
-    // served templates) instead of waiting for them forever
+    // waits for running operations (daemons between operations hold only
+    // leases, which gc honours); names what still holds the lock after
+    // strata_store::GC_LOCK_WAIT instead of waiting forever
     let store = strata_store::Store::open_for_gc(&ctx.root)
         .with_context(|| format!("opening store {} for gc", ctx.root.display()))?;
     let render = ctx.render();
