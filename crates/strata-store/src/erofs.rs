@@ -104,13 +104,13 @@ struct StoreObjects<'a> {
 }
 
 impl Objects for StoreObjects<'_> {
-    fn verity(&mut self, digest: &Digest, _size: u64) -> io::Result<[u8; 32]> {
+    fn verity(&mut self, digest: &Digest, _size: u64) -> io::Result<VerityDigest> {
         if let Some(v) = self.verity.get(digest) {
-            return Ok(*v.as_bytes());
+            return Ok(*v);
         }
         let v = object_verity(&self.store.object_path(digest))?;
         self.verity.insert(*digest, v);
-        Ok(*v.as_bytes())
+        Ok(v)
     }
 
     fn read(&mut self, digest: &Digest, offset: u64, len: u64) -> io::Result<Vec<u8>> {

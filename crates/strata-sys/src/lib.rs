@@ -40,6 +40,7 @@ use rustix::mount::{
     FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, UnmountFlags, fsconfig_create,
     fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, move_mount,
 };
+use strata_digest::VerityDigest;
 
 /// Errors from mounting and unmounting.
 #[derive(Debug, thiserror::Error)]
@@ -456,7 +457,7 @@ fn verity_errno(path: &Path, step: &'static str, e: Errno) -> VerityError {
 
 /// The fs-verity (SHA-256) digest of `path`, or `None` when verity is not
 /// enabled on it.
-pub fn measure_verity(path: &Path) -> Result<Option<[u8; 32]>, VerityError> {
+pub fn measure_verity(path: &Path) -> Result<Option<VerityDigest>, VerityError> {
     let f = File::open(path).map_err(|e| VerityError::Io {
         path: path.to_path_buf(),
         step: "opening",
@@ -490,7 +491,7 @@ pub fn measure_verity(path: &Path) -> Result<Option<[u8; 32]>, VerityError> {
             }
             let mut d = [0u8; 32];
             d.copy_from_slice(&arg.digest[..32]);
-            Ok(Some(d))
+            Ok(Some(VerityDigest::from_bytes(d)))
         }
         Err(Errno::NODATA) => Ok(None),
         Err(e) => Err(verity_errno(path, "measuring", e)),
