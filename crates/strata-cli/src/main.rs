@@ -91,6 +91,28 @@ impl Ctx {
         render::Render::new(self.quiet, self.json)
     }
 
+    /// Print a command's result: as JSON with --json, else in words
+    /// unless --quiet.
+    fn print<T: serde::Serialize + std::fmt::Display>(&self, v: &T) -> Result<ExitCode> {
+        self.print_or(v, None::<&str>)
+    }
+
+    /// As [`Ctx::print`], with `quiet` the line --quiet prints.
+    fn print_or<T: serde::Serialize + std::fmt::Display>(
+        &self,
+        v: &T,
+        quiet: Option<impl std::fmt::Display>,
+    ) -> Result<ExitCode> {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(v)?);
+        } else if !self.quiet {
+            println!("{v}");
+        } else if let Some(q) = quiet {
+            println!("{q}");
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
     /// Events to `sink`, cancelled by Ctrl-C.
     fn ctl<'a>(&'a self, sink: &'a dyn strata_ops::EventSink) -> strata_ops::Ctl<'a> {
         strata_ops::Ctl::new(sink, &self.cancel)

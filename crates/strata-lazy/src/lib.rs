@@ -35,8 +35,8 @@ use strata_tree::Tree;
 
 pub use fetch::{Fetcher, ReadError, Stats};
 pub use mount::{
-    Fallback, LazyMount, LazyOptions, MountRecord, MountStatus, Mounted, Prefetch, attach, cleanup,
-    list, mount,
+    Fallback, LazyMount, LazyOptions, MountRecord, MountReport, MountStatus, Mounted, Prefetch,
+    attach, cleanup, list, mount,
 };
 pub use state::{MountState, PrefetchState};
 

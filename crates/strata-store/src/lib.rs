@@ -43,6 +43,7 @@ mod erofs;
 mod fsck;
 mod gc;
 mod leases;
+mod mount;
 mod objects;
 mod templates;
 
@@ -63,6 +64,7 @@ pub use erofs::{
 pub use fsck::FsckReport;
 pub use gc::GcReport;
 pub use leases::{Lease, LeaseRecord, LeaseRoots, process_start_time};
+pub use mount::{MountImageError, MountOptions, MountedImage};
 pub use objects::{BatchStats, ObjectBatch};
 pub use templates::{BLOCK_SIZE, CHUNK_SIZE, Extent, MAP_VERSION, TemplateMap, TemplateRemote};
 

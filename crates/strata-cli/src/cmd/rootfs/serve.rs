@@ -75,16 +75,9 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> Result<ExitCode> {
         writable: a.writable,
         registry: a.registry.options(&store)?,
     };
-    let s = match served::serve(Arc::new(store), &req) {
-        Ok(s) => s,
-        Err(e) => {
-            let e = anyhow::Error::new(e).context(format!("serving template {}", a.name));
-            if daemon::is_daemon() {
-                daemon::notify(&serde_json::json!({ "error": format!("{e:#}") }).to_string());
-            }
-            return Err(e);
-        }
-    };
+    let s = served::serve(Arc::new(store), &req)
+        .with_context(|| format!("serving template {}", a.name))
+        .map_err(crate::background::failed)?;
     let st = s.status();
     let msg = format!(
         "serving {} ({id}, {}) at {} {} in {:.0} ms ({} of {} chunks to fetch{})",
