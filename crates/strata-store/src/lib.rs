@@ -40,11 +40,13 @@
 #![deny(missing_docs)]
 
 mod erofs;
+mod export;
 mod fsck;
 mod gc;
 mod leases;
 mod mount;
 mod objects;
+mod summary;
 mod templates;
 
 use std::collections::BTreeMap;
@@ -61,11 +63,16 @@ pub use erofs::{
     DEFAULT_SPLIT_THRESHOLD, ErofsInfo, PartInfo, SplitInfo, SplitPolicy, VerifyReport, chain_id,
     object_verity,
 };
+pub use export::ImageExportError;
 pub use fsck::FsckReport;
 pub use gc::GcReport;
 pub use leases::{Lease, LeaseRecord, LeaseRoots, process_start_time};
 pub use mount::{MountImageError, MountOptions, MountedImage};
 pub use objects::{BatchStats, ObjectBatch};
+pub use summary::{
+    BasePart, ImageInspect, ImageSummary, LayerInspect, Part, Parts, Sharer, TemplateInspect,
+    TemplateSummary, TreeInspect,
+};
 pub use templates::{BLOCK_SIZE, CHUNK_SIZE, Extent, MAP_VERSION, TemplateMap, TemplateRemote};
 
 /// Errors of store operations. Each names the path or object and the action.

@@ -172,49 +172,13 @@ fn build(ctx: &Ctx, b: BuildArgs) -> Result<ExitCode> {
 }
 
 fn ls(ctx: &Ctx) -> Result<ExitCode> {
-    let store = ctx.open_store()?;
-    let names = store.template_names()?;
-    let mut rows = Vec::new();
-    for id in store.template_ids()? {
-        let map = store.template_map(&id)?;
-        let these: Vec<&String> = names
-            .iter()
-            .filter(|(_, d)| **d == id)
-            .map(|(n, _)| n)
-            .collect();
-        let stored: u64 = map.chunk_set().len() as u64;
-        rows.push(serde_json::json!({
-            "id": id.to_string(),
-            "names": these,
-            "size": map.size,
-            "chunks": stored,
-            "parent": map.parent.map(|p| p.to_string()),
-            "generation": map.generation,
-            "remote": store.template_remote(&id).map(|r| r.reference),
-        }));
-    }
+    let templates = ctx.open_store()?.templates()?;
     if ctx.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        println!("{}", serde_json::to_string_pretty(&templates)?);
         return Ok(ExitCode::SUCCESS);
     }
-    for r in rows {
-        let names: Vec<String> = serde_json::from_value(r["names"].clone())?;
-        println!(
-            "{:<24} {}  {:>9}  {:>6} chunks  gen {}{}",
-            if names.is_empty() {
-                "<none>".to_string()
-            } else {
-                names.join(",")
-            },
-            &r["id"].as_str().unwrap_or_default()[7..19],
-            human(r["size"].as_u64().unwrap_or(0)),
-            r["chunks"],
-            r["generation"],
-            r["remote"]
-                .as_str()
-                .map(|s| format!("  (pulled from {s})"))
-                .unwrap_or_default(),
-        );
+    for t in templates {
+        println!("{t}");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -222,37 +186,7 @@ fn ls(ctx: &Ctx) -> Result<ExitCode> {
 fn inspect(ctx: &Ctx, n: NameArg) -> Result<ExitCode> {
     let store = ctx.open_store()?;
     let id = store.resolve_template(&n.name)?;
-    let map = store.template_map(&id)?;
-    let chunks = map.chunk_set();
-    let parent_chunks = match map.parent {
-        Some(p) if store.has_template(&p) => Some(store.template_map(&p)?.chunk_set()),
-        _ => None,
-    };
-    let new_vs_parent = parent_chunks
-        .as_ref()
-        .map(|pc| chunks.iter().filter(|d| !pc.contains(d)).count());
-    let local = chunks.iter().filter(|d| store.has_object(d)).count();
-    let names: Vec<String> = store
-        .template_names()?
-        .into_iter()
-        .filter(|(_, d)| *d == id)
-        .map(|(n, _)| n)
-        .collect();
-    let v = serde_json::json!({
-        "id": id.to_string(),
-        "names": names,
-        "size": map.size,
-        "chunk_size": map.chunk_size,
-        "chunks_total": map.chunk_count(),
-        "chunks_nonzero": map.chunks().count(),
-        "chunks_distinct": chunks.len(),
-        "chunks_local": local,
-        "chunks_new_vs_parent": new_vs_parent,
-        "parent": map.parent.map(|p| p.to_string()),
-        "generation": map.generation,
-        "build": map.build,
-        "remote": store.template_remote(&id),
-    });
+    let v = store.inspect_template(&id)?;
     println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(ExitCode::SUCCESS)
 }
