@@ -359,3 +359,34 @@ impl Store {
         })
     }
 }
+
+/// The totals line: what was (or, dry, would be) freed.
+impl fmt::Display for crate::GcReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {}: {} images, {} layers, {} objects, {} blob aliases",
+            if self.dry_run { "would free" } else { "freed" },
+            strata_ops::human_bytes(self.bytes_freed),
+            self.images.len(),
+            self.layers.len(),
+            self.objects,
+            self.blob_aliases
+        )
+    }
+}
+
+/// The totals line: what was checked, `ok` or how many problems.
+impl fmt::Display for crate::FsckReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "checked {} objects, {} layers, {} images, {} refs, {} templates: ",
+            self.objects, self.layers, self.images, self.refs, self.templates
+        )?;
+        match self.problems.len() {
+            0 => write!(f, "ok"),
+            n => write!(f, "{n} problems"),
+        }
+    }
+}
