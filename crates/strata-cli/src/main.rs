@@ -11,6 +11,7 @@ mod background;
 mod cmd;
 mod render;
 
+use std::fmt::Display;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -93,20 +94,22 @@ impl Ctx {
 
     /// Print a command's result: as JSON with --json, else in words
     /// unless --quiet.
-    fn print<T: serde::Serialize + std::fmt::Display>(&self, v: &T) -> Result<ExitCode> {
-        self.print_or(v, None::<&str>)
+    fn print<T: serde::Serialize + Display>(&self, v: &T) -> Result<ExitCode> {
+        self.print_with(v, None::<&str>, v)
     }
 
-    /// As [`Ctx::print`], with `quiet` the line --quiet prints.
-    fn print_or<T: serde::Serialize + std::fmt::Display>(
+    /// Print `v` as JSON with --json, else `quiet` (if any) with --quiet,
+    /// else `human`.
+    fn print_with(
         &self,
-        v: &T,
-        quiet: Option<impl std::fmt::Display>,
+        v: &impl serde::Serialize,
+        quiet: Option<impl Display>,
+        human: impl Display,
     ) -> Result<ExitCode> {
         if self.json {
             println!("{}", serde_json::to_string_pretty(v)?);
         } else if !self.quiet {
-            println!("{v}");
+            println!("{human}");
         } else if let Some(q) = quiet {
             println!("{q}");
         }

@@ -75,7 +75,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
     render.finish();
     let s = summary.with_context(|| format!("converting {image} to {dest}"))?;
     if ctx.json || ctx.quiet {
-        return ctx.print_or(&serde_json::to_value(&s)?, Some(s.manifest_digest));
+        return ctx.print_with(&s, Some(s.manifest_digest), "");
     }
     let (n, tar, secs) = (
         s.layers.len(),

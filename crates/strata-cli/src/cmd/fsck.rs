@@ -18,7 +18,7 @@ pub fn run(ctx: &Ctx) -> Result<ExitCode> {
             .iter()
             .for_each(|p| println!("problem: {p}"));
     }
-    ctx.print_or(&report, (!report.is_ok()).then_some(&report))?;
+    ctx.print_with(&report, (!report.is_ok()).then_some(&report), &report)?;
     Ok(if report.is_ok() {
         ExitCode::SUCCESS
     } else {

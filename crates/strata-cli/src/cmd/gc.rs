@@ -27,5 +27,5 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         report.images.iter().for_each(|i| println!("image {i}"));
         report.layers.iter().for_each(|l| println!("layer {l}"));
     }
-    ctx.print_or(&report, Some(&report))
+    ctx.print_with(&report, Some(&report), &report)
 }

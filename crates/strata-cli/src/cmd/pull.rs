@@ -43,5 +43,5 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         .with_context(|| format!("pulling {name}"));
     render.finish();
     let summary = summary?;
-    ctx.print_or(&summary, Some(summary.manifest_digest))
+    ctx.print_with(&summary, Some(summary.manifest_digest), &summary)
 }

@@ -46,7 +46,8 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct BuildArgs {
-    /// The image (name or digest in the store).
+    /// The image: a name or digest in the store, else a reference to pull
+    /// (as `strata pull` takes it: bare references and short names too).
     #[arg(
         long,
         conflicts_with = "from_template",
@@ -69,6 +70,9 @@ struct BuildArgs {
     /// Build even when the cache has this build.
     #[arg(long)]
     no_cache: bool,
+    /// For an image pulled first.
+    #[command(flatten)]
+    registry: crate::args::RegistryArgs,
 }
 
 #[derive(clap::Args)]
@@ -105,17 +109,18 @@ fn build(ctx: &Ctx, b: BuildArgs) -> Result<ExitCode> {
         .as_deref()
         .map(strata_block::parse_size)
         .transpose()?;
+    let store = ctx.open_store()?;
     let source = match (&b.from, &b.from_template) {
+        (Some(_), None) if size.is_none() => {
+            bail!("--size is required with --from (e.g. --size 2GiB)")
+        }
         (Some(i), None) => {
-            if size.is_none() {
-                bail!("--size is required with --from (e.g. --size 2GiB)");
-            }
-            Source::Image(i.clone())
+            let registry = b.registry.options(&store)?;
+            Source::Image(crate::args::image_or_pull(ctx, &store, i, &registry)?.to_string())
         }
         (None, Some(t)) => Source::Template(t.clone()),
         _ => bail!("give --from IMAGE or --from-template NAME"),
     };
-    let store = ctx.open_store()?;
     let req = BuildRequest {
         source,
         size,
@@ -137,38 +142,10 @@ fn build(ctx: &Ctx, b: BuildArgs) -> Result<ExitCode> {
     if let Some(n) = &b.name {
         store.set_template_name(n, &built.id)?;
     }
-    if ctx.json {
-        let mut v = serde_json::to_value(&built)?;
-        v["name"] = serde_json::json!(b.name);
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else if !ctx.quiet {
-        let what = b
-            .name
-            .as_deref()
-            .map(|n| format!("{n} "))
-            .unwrap_or_default();
-        if built.cached {
-            println!(
-                "template {what}{} ({}) was cached: build key {}",
-                built.id,
-                human(built.size),
-                built.key.short()
-            );
-        } else {
-            println!(
-                "built template {what}{} ({}) in {:.2} s: {} chunks, {} new ({})",
-                built.id,
-                human(built.size),
-                built.seconds,
-                built.stats.chunks,
-                built.stats.new_chunks,
-                human(built.stats.new_bytes)
-            );
-        }
-    } else {
-        println!("{}", built.id);
-    }
-    Ok(ExitCode::SUCCESS)
+    let v = crate::render::json_with(&built, serde_json::json!({ "name": b.name }));
+    let what = b.name.map(|n| format!("{n} ")).unwrap_or_default();
+    let verb = if built.cached { "" } else { "built " };
+    ctx.print_with(&v, Some(built.id), format!("{verb}template {what}{built}"))
 }
 
 fn ls(ctx: &Ctx) -> Result<ExitCode> {

@@ -116,25 +116,7 @@ pub fn commit(ctx: &Ctx, a: CommitArgs) -> Result<ExitCode> {
         )),
         e => anyhow::Error::new(e).context(format!("committing {}", a.file.display())),
     })?;
-    if ctx.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "name": a.name, "id": c.id.to_string(), "parent": c.parent.to_string(),
-                "written_chunks": c.written_chunks, "new_chunks": c.new_chunks, "new_bytes": c.new_bytes,
-            })
-        );
-    } else if !ctx.quiet {
-        println!(
-            "committed {} as {} ({}): {} chunks written, {} new ({}), parent {}",
-            a.file.display(),
-            a.name,
-            c.id,
-            c.written_chunks,
-            c.new_chunks,
-            human(c.new_bytes),
-            c.parent
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+    let v = crate::render::json_with(&c, serde_json::json!({ "name": a.name }));
+    let said = format!("committed {} as {} {c}", a.file.display(), a.name);
+    ctx.print_with(&v, None::<&str>, said)
 }
