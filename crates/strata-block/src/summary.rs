@@ -76,3 +76,28 @@ impl fmt::Display for PullReport {
         Ok(())
     }
 }
+
+/// `serving NAME (ID, SIZE) at FILE MODE (M of N chunks to fetch from R)`.
+impl fmt::Display for crate::serve::ServeState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "serving {} ({}, {}) at {} {} ({} of {} chunks to fetch",
+            self.name,
+            self.template,
+            human(self.size),
+            self.file.display(),
+            if self.writable {
+                "read-write (writes kept in an overlay: `strata rootfs commit`)"
+            } else {
+                "read-only"
+            },
+            self.chunks_missing,
+            self.chunks_total,
+        )?;
+        if let Some(r) = &self.remote {
+            write!(f, " from {r}")?;
+        }
+        write!(f, ")")
+    }
+}

@@ -122,27 +122,10 @@ impl Ctx {
     }
 }
 
-fn default_root() -> PathBuf {
-    if rustix_is_root() {
-        return PathBuf::from("/var/lib/strata");
-    }
-    if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
-        return PathBuf::from(d).join("strata");
-    }
-    if let Some(h) = std::env::var_os("HOME") {
-        return PathBuf::from(h).join(".local/share/strata");
-    }
-    PathBuf::from("/var/lib/strata")
-}
-
-fn rustix_is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let ctx = Ctx {
-        root: cli.root.clone().unwrap_or_else(default_root),
+        root: cli.root.clone().unwrap_or_else(strata_store::default_root),
         quiet: cli.quiet,
         json: cli.json,
         cancel: strata_ops::Cancel::new(),

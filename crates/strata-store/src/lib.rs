@@ -46,6 +46,7 @@ mod gc;
 mod leases;
 mod mount;
 mod objects;
+mod root;
 mod summary;
 mod templates;
 
@@ -69,6 +70,7 @@ pub use gc::GcReport;
 pub use leases::{Lease, LeaseRecord, LeaseRoots, process_start_time};
 pub use mount::{MountImageError, MountOptions, MountedImage};
 pub use objects::{BatchStats, ObjectBatch};
+pub use root::default_root;
 pub use summary::{
     BasePart, ImageInspect, ImageSummary, LayerInspect, Part, Parts, Sharer, TemplateInspect,
     TemplateSummary, TreeInspect,

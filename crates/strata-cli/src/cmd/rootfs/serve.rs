@@ -12,7 +12,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use strata_block::served::{self, ServeRequest};
-use strata_ops::human_bytes as human;
 use strata_sys::daemon;
 
 use crate::Ctx;
@@ -78,25 +77,8 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> Result<ExitCode> {
     let s = served::serve(Arc::new(store), &req)
         .with_context(|| format!("serving template {}", a.name))
         .map_err(crate::background::failed)?;
-    let st = s.status();
-    let msg = format!(
-        "serving {} ({id}, {}) at {} {} in {:.0} ms ({} of {} chunks to fetch{})",
-        a.name,
-        human(st.size),
-        s.file().display(),
-        if a.writable {
-            "read-write (writes kept in an overlay: `strata rootfs commit`)"
-        } else {
-            "read-only"
-        },
-        started.elapsed().as_secs_f64() * 1000.0,
-        st.chunks_missing,
-        st.chunks_total,
-        st.remote
-            .as_ref()
-            .map(|r| format!(" from {r}"))
-            .unwrap_or_default()
-    );
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    let msg = format!("{}, ready in {ms:.0} ms", s.status());
     tracing::info!("{msg}");
     crate::background::ready(
         ctx,
