@@ -61,9 +61,10 @@ pub fn image_or_pull(
     text: &str,
     registry: &RegistryOptions,
 ) -> Result<strata_digest::Digest> {
-    if let Ok(d) = store.resolve_image(text) {
-        return Ok(d);
-    }
+    let not_here = match store.resolve_image(text) {
+        Ok(d) => return Ok(d),
+        Err(e) => e,
+    };
     let opts = strata_oci::pull::PullOptions {
         platform: Platform::host_default(),
         registry: registry.clone(),
@@ -71,7 +72,7 @@ pub fn image_or_pull(
         split: strata_store::SplitPolicy::Auto(strata_store::DEFAULT_SPLIT_THRESHOLD),
     };
     let (reference, source) = open_reference(ctx, text, registry, &opts.platform)
-        .with_context(|| format!("{text:?} is not an image in the store; pulling it"))?;
+        .with_context(|| format!("{not_here}; pulling it"))?;
     let name = reference.to_string();
     let render = ctx.render();
     let pulled =
