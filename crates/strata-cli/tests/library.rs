@@ -309,7 +309,7 @@ fn gc_in_a_loop_never_takes_what_other_threads_use() {
     assert!(fsck.is_ok(), "{:?}", fsck.problems);
     for (i, want) in expected.iter().enumerate() {
         let d = store.resolve_image(&format!("app-{i}")).unwrap();
-        let v = store.verify_image(&d).unwrap();
+        let v = store.verify_image(&d, Ctl::none()).unwrap();
         assert!(v.problems.is_empty(), "app-{i}: {:?}", v.problems);
         let (info, _) = store.image_erofs(&d, SplitPolicy::Never).unwrap();
         assert_eq!(Some(info.tree_digest), *want, "app-{i}");
