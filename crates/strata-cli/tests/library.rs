@@ -884,3 +884,149 @@ fn a_partial_pull_cancelled_inside_its_layer_stops_before_the_next_range() {
         "the same tree as a full pull of the original"
     );
 }
+
+#[test]
+fn a_served_template_reports_fetches_and_failures_and_stops_on_cancel() {
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start();
+    let built = {
+        let store = Store::open(tmp.path().join("src")).unwrap();
+        let id = small_template(&store);
+        let r: ImageRef = format!("docker://{}/vm/s:1", reg.addr).parse().unwrap();
+        strata_block::artifact::push(&store, &id, &r, &plain_http(), 2, Ctl::none()).unwrap();
+        id
+    };
+    // the map only: every chunk is fetched on demand
+    let root = tmp.path().join("store");
+    let store = Store::open(&root).unwrap();
+    let r: ImageRef = format!("docker://{}/vm/s:1", reg.addr).parse().unwrap();
+    let pulled =
+        strata_block::artifact::pull(&store, &r, &plain_http(), false, 2, Ctl::none()).unwrap();
+    assert_eq!(pulled.id, built);
+    let map = store.template_map(&built).unwrap();
+    let chunks: Vec<(u64, strata_digest::Digest)> = map.chunks().collect();
+    let mut sizes = std::collections::BTreeMap::new();
+    for &(i, d) in &chunks {
+        sizes.insert(d, map.chunk_len(i));
+    }
+    let missing: u64 = sizes.values().sum();
+    // one chunk is tampered with in the registry: its fetch fails
+    let (bad_index, bad) = chunks[chunks.len() / 2];
+    let blob = reg.blob_path(&bad.hex());
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[100] ^= 0x40;
+    std::fs::write(&blob, &bytes).unwrap();
+
+    let file = tmp.path().join("t.img");
+    strata_block::served::prepare_file(&root, &file).unwrap();
+    let events = Arc::new(Collect::new());
+    let cancel = Cancel::new();
+    let req = strata_block::served::ServeRequest {
+        template: built,
+        name: "t".into(),
+        file: file.clone(),
+        writable: false,
+        registry: plain_http(),
+    };
+    let served = strata_block::served::serve_with(
+        Arc::new(store),
+        &req,
+        events.clone() as Arc<dyn EventSink>,
+        cancel.clone(),
+    )
+    .unwrap();
+    let f = std::fs::File::open(&file).unwrap();
+    let cs = map.chunk_size;
+    let mut buf = vec![0u8; cs as usize];
+    let e = f
+        .read_exact_at(
+            &mut buf[..map.chunk_len(bad_index) as usize],
+            bad_index * cs,
+        )
+        .expect_err("a chunk that does not match its digest");
+    assert_eq!(e.raw_os_error(), Some(5), "EIO: {e}");
+    assert!(
+        events.warnings().iter().any(|w| matches!(
+            w,
+            strata_ops::Warning::ChunkFetchFailed { digest, .. } if *digest == bad
+        )),
+        "{:?}",
+        events.warnings()
+    );
+    // the others (away from the bad one and the kernel's readahead of it)
+    let mut read = std::collections::BTreeSet::new();
+    for &(i, d) in &chunks {
+        if d != bad && i.abs_diff(bad_index) > 8 {
+            f.read_exact_at(&mut buf[..map.chunk_len(i) as usize], i * cs)
+                .unwrap();
+            read.insert(d);
+        }
+    }
+    let want: u64 = read.iter().map(|d| sizes[d]).sum();
+    let progress: Vec<(u64, Option<u64>)> = events
+        .events()
+        .iter()
+        .filter_map(|e| match e {
+            Event::Progress {
+                op: Op::TemplateServe,
+                done,
+                total,
+                ..
+            } => Some((*done, *total)),
+            _ => None,
+        })
+        .collect();
+    let (done, total) = progress.iter().max().copied().expect("fetch progress");
+    assert_eq!(total, Some(missing), "of the bytes missing at the start");
+    assert!(
+        done >= want && done <= missing - sizes[&bad],
+        "{done} of {want}..{missing}"
+    );
+    assert!(matches!(
+        events.events().first(),
+        Some(Event::Started {
+            op: Op::TemplateServe,
+            ..
+        })
+    ));
+    drop(f);
+    // cancel: the file is unmounted and wait returns
+    let canonical = file.canonicalize().unwrap();
+    let waiter = std::thread::spawn(move || served.wait());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!waiter.is_finished(), "serving until cancelled");
+    let t = Instant::now();
+    cancel.cancel();
+    while !waiter.is_finished() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "cancel ends the serve"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let state = waiter.join().unwrap().unwrap();
+    assert!(state.chunks_fetched >= read.len() as u64, "{state:?}");
+    assert!(
+        !strata_sys::mounts()
+            .unwrap()
+            .iter()
+            .any(|m| m.mount_point == canonical),
+        "unmounted"
+    );
+    assert_eq!(
+        events.events().last(),
+        Some(&Event::Finished {
+            op: Op::TemplateServe
+        })
+    );
+    assert!(
+        strata_block::served::list(&root, false).is_empty(),
+        "no record left"
+    );
+    // the fetched chunks reached the store
+    let store = Store::open(&root).unwrap();
+    assert!(read.iter().all(|d| store.has_object(d)));
+    drop(store);
+    store_is_clean(&root);
+}
