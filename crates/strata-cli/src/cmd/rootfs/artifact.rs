@@ -61,8 +61,10 @@ pub fn push(ctx: &Ctx, a: PushArgs) -> Result<ExitCode> {
     let reference = parse_ref(&a.reference)?;
     let opts = a.registry.options(&store)?;
     let t = Instant::now();
-    let r = strata_block::artifact::push(&store, &id, &reference, &opts, a.jobs)
-        .with_context(|| format!("pushing template {} to {reference}", a.name))?;
+    let render = ctx.render();
+    let r = strata_block::artifact::push(&store, &id, &reference, &opts, a.jobs, ctx.ctl(&render));
+    render.finish();
+    let r = r.with_context(|| format!("pushing template {} to {reference}", a.name))?;
     if ctx.json {
         let mut v = serde_json::to_value(&r)?;
         v["id"] = serde_json::json!(id.to_string());
@@ -88,8 +90,11 @@ pub fn pull(ctx: &Ctx, a: PullArgs) -> Result<ExitCode> {
     let reference = parse_ref(&a.reference)?;
     let opts = a.registry.options(&store)?;
     let t = Instant::now();
-    let r = strata_block::artifact::pull(&store, &reference, &opts, a.all, a.jobs)
-        .with_context(|| format!("pulling template {reference}"))?;
+    let render = ctx.render();
+    let r =
+        strata_block::artifact::pull(&store, &reference, &opts, a.all, a.jobs, ctx.ctl(&render));
+    render.finish();
+    let r = r.with_context(|| format!("pulling template {reference}"))?;
     let name = a.name.clone().unwrap_or_else(|| a.reference.clone());
     store.set_template_name(&name, &r.id)?;
     if ctx.json {

@@ -75,7 +75,10 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> Result<ExitCode> {
         writable: a.writable,
         registry: a.registry.options(&store)?,
     };
-    let s = match served::serve(Arc::new(store), &req) {
+    // chunk fetch failures are warnings (the log of a daemon); Ctrl-C
+    // unmounts and ends the serve
+    let events = Arc::new(ctx.render());
+    let s = match served::serve_with(Arc::new(store), &req, events, ctx.cancel.clone()) {
         Ok(s) => s,
         Err(e) => {
             let e = anyhow::Error::new(e).context(format!("serving template {}", a.name));
