@@ -36,7 +36,7 @@ use strata_store::Store;
 
 use crate::fs::{LazyFs, MountConfig, Recorder};
 use crate::state::{MountState, PrefetchState, mount_dir};
-use crate::{Fetcher, LazyError, LazyImage};
+use crate::{Fetcher, LazyError, LazyImage, ReadError};
 
 /// What to do when an image cannot be read lazily.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -604,8 +604,13 @@ fn prefetch_thread(
         subject: name.clone(),
     });
     set(PrefetchState::List, None, false);
-    match fetcher.fetch_many(&wanted) {
+    match fetcher.fetch_many(&wanted, ctl) {
         Ok(n) => tracing::info!("prefetched {n} files of the list"),
+        Err(ReadError::Cancelled) => {
+            tracing::info!("prefetch cancelled during the list");
+            set(PrefetchState::Failed, Some("cancelled".into()), false);
+            return;
+        }
         Err(e) => tracing::error!("prefetch of the list failed: {e}"),
     }
     if prefetch != Prefetch::All {

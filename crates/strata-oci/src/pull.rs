@@ -401,7 +401,7 @@ fn pull_layer(
     }
     layer_started(ctl, index, desc, false);
     if strata_chunked::reader::locate(&desc.annotations).is_some() {
-        match crate::partial::fetch(store, source, desc, downloaded)? {
+        match crate::partial::fetch(store, source, desc, downloaded, index, ctl)? {
             Ok(fetched) => {
                 notes.lock().expect("lock").partial.push(PartialLayer {
                     digest: desc.digest,

@@ -74,7 +74,10 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> Result<ExitCode> {
         writable: a.writable,
         registry: a.registry.options(&store)?,
     };
-    let s = served::serve(Arc::new(store), &req)
+    // chunk fetch failures are warnings (the log of a daemon); Ctrl-C
+    // unmounts and ends the serve
+    let events = Arc::new(ctx.render());
+    let s = served::serve_with(Arc::new(store), &req, events, ctx.cancel.clone())
         .with_context(|| format!("serving template {}", a.name))
         .map_err(crate::background::failed)?;
     let ms = started.elapsed().as_secs_f64() * 1000.0;
