@@ -29,3 +29,8 @@ if command -v rustup >/dev/null 2>&1; then
 else
   echo "install-deps: WARNING: rustup not found; cargo fmt/clippy must come from elsewhere" >&2
 fi
+# cargo-fuzz for the fuzz targets (scripts/fuzz.sh, run by scripts/test.sh).
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+  echo "install-deps: cargo install cargo-fuzz" >&2
+  cargo install cargo-fuzz --locked --version 0.13.2 >&2
+fi

@@ -17,11 +17,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use strata_digest::Digest;
 use strata_oci::manifest::Descriptor;
 use strata_oci::registry::{BlobContent, RegistryPusher, RegistrySource};
 use strata_oci::{ImageRef, ImageSource, Platform, RegistryOptions};
+use strata_ops::{Cancel, Ctl, Event, Op, Unit};
 use strata_store::{Store, TemplateMap, TemplateRemote};
 
 use crate::{BlockError, ChunkSource};
@@ -57,13 +59,50 @@ pub struct PushReport {
 }
 
 /// Push template `id` to `reference` (`docker://HOST/REPO:TAG`).
+///
+/// Events (op [`Op::TemplatePush`]): `Started`, `Resolved` (the manifest's
+/// digest, known before any upload, and the distinct chunks), then per
+/// distinct chunk `UnitStarted` (`reused`: the registry has it), `Progress`
+/// (bytes of all chunks handled so far, of their total) and `UnitDone`, and
+/// `Finished`. `ctl.cancel` is checked before every request and inside
+/// chunk reads from the template's own registry; a cancelled push returns
+/// [`BlockError::Cancelled`] with the tag not pushed (chunks uploaded stay
+/// in the registry's repository: a re-run skips them).
 pub fn push(
     store: &Store,
     id: &Digest,
     reference: &ImageRef,
     opts: &RegistryOptions,
     jobs: usize,
+    ctl: Ctl<'_>,
 ) -> Result<PushReport, BlockError> {
+    ctl.emit(Event::Started {
+        op: Op::TemplatePush,
+        subject: reference.to_string(),
+    });
+    match push_inner(store, id, reference, opts, jobs, ctl) {
+        Ok(r) => {
+            ctl.emit(Event::Finished {
+                op: Op::TemplatePush,
+            });
+            Ok(r)
+        }
+        // a failure caused by the cancel (a read cut short) says so
+        Err(_) if ctl.cancel.is_cancelled() => Err(BlockError::Cancelled),
+        Err(e) => Err(e),
+    }
+}
+
+fn push_inner(
+    store: &Store,
+    id: &Digest,
+    reference: &ImageRef,
+    opts: &RegistryOptions,
+    jobs: usize,
+    ctl: Ctl<'_>,
+) -> Result<PushReport, BlockError> {
+    const OP: Op = Op::TemplatePush;
+    ctl.cancel.check()?;
     let map = store.template_map(id)?;
     let ImageRef::Docker { tag, digest, .. } = reference else {
         return Err(BlockError::Io {
@@ -78,15 +117,16 @@ pub fn push(
         });
     }
     let tag = tag.clone().unwrap_or_else(|| "latest".into());
-    // distinct chunks in map order, with their sizes
+    // distinct chunks in map order (the index of their first use), with
+    // their sizes
     let mut seen = BTreeSet::new();
-    let chunks: Vec<(Digest, u64)> = map
+    let chunks: Vec<(u64, Digest, u64)> = map
         .chunks()
         .filter(|(_, d)| seen.insert(*d))
-        .map(|(i, d)| (d, map.chunk_len(i)))
+        .map(|(i, d)| (i, d, map.chunk_len(i)))
         .collect();
-    let remote = if chunks.iter().any(|(d, _)| !store.has_object(d)) {
-        source_for(store, id, opts)?
+    let remote = if chunks.iter().any(|(_, d, _)| !store.has_object(d)) {
+        source_for(store, id, opts, ctl.cancel)?
     } else {
         None
     };
@@ -101,7 +141,7 @@ pub fn push(
     };
     let layers: Vec<serde_json::Value> = chunks
         .iter()
-        .map(|(d, len)| {
+        .map(|(_, d, len)| {
             serde_json::json!({"mediaType": CHUNK_MEDIA_TYPE, "digest": d.to_string(), "size": len})
         })
         .collect();
@@ -127,57 +167,51 @@ pub fn push(
             )),
         });
     }
+    ctl.emit(Event::Resolved {
+        op: OP,
+        manifest_digest: Digest::sha256_of(&manifest_bytes),
+        layers: chunks.len(),
+    });
+    ctl.cancel.check()?;
     let pusher =
         RegistryPusher::new(reference, opts).map_err(oci(format!("pushing to {reference}")))?;
     pusher
         .ping()
         .map_err(oci(format!("pushing to {reference}")))?;
-    let upload = |d: &Digest, len: u64| -> Result<bool, BlockError> {
+    let total: u64 = chunks.iter().map(|(_, _, len)| len).sum();
+    let done = AtomicU64::new(0);
+    let upload = |i: u64, d: &Digest, len: u64| -> Result<bool, BlockError> {
         let what = || format!("pushing chunk {d} to {}", pusher.target());
-        if pusher.has_blob(d).map_err(oci(what()))? {
-            return Ok(false);
+        ctl.cancel.check()?;
+        let has = pusher.has_blob(d).map_err(oci(what()))?;
+        ctl.emit(Event::UnitStarted {
+            op: OP,
+            unit: Unit::Chunk { index: i },
+            total: Some(len),
+            reused: has,
+        });
+        if !has {
+            send_chunk(store, &pusher, remote.as_ref(), d, len, ctl)?;
         }
-        let bytes = match store.open_object(d) {
-            Ok(mut f) => {
-                let mut b = Vec::with_capacity(len as usize);
-                f.read_to_end(&mut b).map_err(|e| BlockError::Io {
-                    what: what(),
-                    source: e,
-                })?;
-                b
-            }
-            Err(_) => {
-                let r = remote.as_ref().ok_or_else(|| BlockError::Io {
-                    what: what(),
-                    source: io::Error::other("the chunk is not in the store"),
-                })?;
-                let b = r.fetch(d, len).map_err(|e| BlockError::Io {
-                    what: what(),
-                    source: e,
-                })?;
-                if Digest::sha256_of(&b) != *d {
-                    return Err(BlockError::Io {
-                        what: what(),
-                        source: io::Error::other("its source sent bytes that do not match"),
-                    });
-                }
-                b
-            }
-        };
-        pusher
-            .upload_blob(d, len, BlobContent::Bytes(&bytes))
-            .map_err(oci(what()))?;
-        Ok(true)
+        let n = done.fetch_add(len, Ordering::Relaxed) + len;
+        ctl.emit(Event::Progress {
+            op: OP,
+            unit: Unit::Chunk { index: i },
+            done: n,
+            total: Some(total),
+        });
+        ctl.emit(Event::UnitDone {
+            op: OP,
+            unit: Unit::Chunk { index: i },
+        });
+        Ok(!has)
     };
-    // nothing cancels a push yet: the pool is for its bound and first error
-    let was_uploaded = strata_ops::par_map(
-        &chunks,
-        jobs.clamp(1, 16),
-        &strata_ops::Cancel::new(),
-        |_, &(d, len)| upload(&d, len),
-    )?;
+    let was_uploaded =
+        strata_ops::par_map(&chunks, jobs.clamp(1, 16), ctl.cancel, |_, &(i, d, len)| {
+            upload(i, &d, len)
+        })?;
     let (mut uploaded, mut bytes_uploaded, mut bytes_skipped) = (0, 0, 0);
-    for (&(_, len), up) in chunks.iter().zip(was_uploaded) {
+    for (&(_, _, len), up) in chunks.iter().zip(was_uploaded) {
         if up {
             uploaded += 1;
             bytes_uploaded += len;
@@ -185,12 +219,16 @@ pub fn push(
             bytes_skipped += len;
         }
     }
+    ctl.cancel.check()?;
     let what = format!("pushing the map of {id} to {}", pusher.target());
     if !pusher.has_blob(&config.digest).map_err(oci(what.clone()))? {
+        ctl.cancel.check()?;
         pusher
             .upload_blob(&config.digest, config.size, BlobContent::Bytes(&map_bytes))
             .map_err(oci(what))?;
     }
+    // the last point a cancel stops the push: the tag is not moved
+    ctl.cancel.check()?;
     let digest = pusher
         .put_manifest(&tag, OCI_MANIFEST, &manifest_bytes)
         .map_err(oci(format!("pushing the manifest to {reference}")))?;
@@ -201,6 +239,50 @@ pub fn push(
         bytes_uploaded,
         bytes_skipped,
     })
+}
+
+/// Upload chunk `d` (`len` bytes) from the store, or from the registry the
+/// template came from when the store lacks it (checked first).
+fn send_chunk(
+    store: &Store,
+    pusher: &RegistryPusher,
+    remote: Option<&RegistryChunks>,
+    d: &Digest,
+    len: u64,
+    ctl: Ctl<'_>,
+) -> Result<(), BlockError> {
+    let what = || format!("pushing chunk {d} to {}", pusher.target());
+    let bytes = match store.open_object(d) {
+        Ok(mut f) => {
+            let mut b = Vec::with_capacity(len as usize);
+            f.read_to_end(&mut b).map_err(|e| BlockError::Io {
+                what: what(),
+                source: e,
+            })?;
+            b
+        }
+        Err(_) => {
+            let r = remote.ok_or_else(|| BlockError::Io {
+                what: what(),
+                source: io::Error::other("the chunk is not in the store"),
+            })?;
+            let b = r.fetch(d, len).map_err(|e| BlockError::Io {
+                what: what(),
+                source: e,
+            })?;
+            if Digest::sha256_of(&b) != *d {
+                return Err(BlockError::Io {
+                    what: what(),
+                    source: io::Error::other("its source sent bytes that do not match"),
+                });
+            }
+            b
+        }
+    };
+    ctl.cancel.check()?;
+    pusher
+        .upload_blob(d, len, BlobContent::Bytes(&bytes))
+        .map_err(oci(what()))
 }
 
 /// What a pull did.
@@ -263,33 +345,88 @@ fn resolve(
 
 /// Pull the template at `reference`: its map, and with `all` every chunk
 /// the store lacks. Returns the report; the template is recorded with
-/// where its chunks come from.
+/// where its chunks come from (unnamed: the caller names it).
+///
+/// Events (op [`Op::TemplatePull`]): `Started`, `Resolved` (the artifact's
+/// manifest digest and distinct chunks), with `all` per chunk fetched
+/// `UnitStarted`, `Progress` (bytes fetched so far, of all missing) and
+/// `UnitDone`, and `Finished`. `ctl.cancel` is checked before every request
+/// and inside chunk reads; a cancelled pull returns
+/// [`BlockError::Cancelled`] and records no template (chunks already
+/// stored are only reachable once a pull records the template).
 pub fn pull(
     store: &Store,
     reference: &ImageRef,
     opts: &RegistryOptions,
     all: bool,
     jobs: usize,
+    ctl: Ctl<'_>,
 ) -> Result<PullReport, BlockError> {
+    ctl.emit(Event::Started {
+        op: Op::TemplatePull,
+        subject: reference.to_string(),
+    });
     // one operation for gc: chunks and map
     let _work = store.work()?;
+    match pull_inner(store, reference, opts, all, jobs, ctl) {
+        Ok(r) => {
+            ctl.emit(Event::Finished {
+                op: Op::TemplatePull,
+            });
+            Ok(r)
+        }
+        Err(_) if ctl.cancel.is_cancelled() => Err(BlockError::Cancelled),
+        Err(e) => Err(e),
+    }
+}
+
+fn pull_inner(
+    store: &Store,
+    reference: &ImageRef,
+    opts: &RegistryOptions,
+    all: bool,
+    jobs: usize,
+    ctl: Ctl<'_>,
+) -> Result<PullReport, BlockError> {
+    const OP: Op = Op::TemplatePull;
+    ctl.cancel.check()?;
     let (src, manifest_digest, map) = resolve(reference, opts)?;
+    ctl.cancel.check()?;
     let pinned = pin(reference, &manifest_digest);
-    let chunks: BTreeMap<Digest, u64> = map.chunks().map(|(i, d)| (d, map.chunk_len(i))).collect();
-    let missing: Vec<(Digest, u64)> = chunks
+    // distinct chunks: digest -> (index of first use, length)
+    let mut chunks: BTreeMap<Digest, (u64, u64)> = BTreeMap::new();
+    for (i, d) in map.chunks() {
+        chunks.entry(d).or_insert((i, map.chunk_len(i)));
+    }
+    ctl.emit(Event::Resolved {
+        op: OP,
+        manifest_digest,
+        layers: chunks.len(),
+    });
+    let missing: Vec<(Digest, u64, u64)> = chunks
         .iter()
         .filter(|(d, _)| !store.has_object(d))
-        .map(|(d, l)| (*d, *l))
+        .map(|(d, (i, l))| (*d, *i, *l))
         .collect();
     let (mut fetched, mut bytes_fetched) = (0, 0);
     if all && !missing.is_empty() {
-        let source = RegistryChunks { src };
-        // nothing cancels a pull yet: the pool is for its bound and first error
+        let source = RegistryChunks {
+            src,
+            cancel: ctl.cancel.clone(),
+        };
+        let total: u64 = missing.iter().map(|(_, _, l)| l).sum();
+        let done = AtomicU64::new(0);
         let got = strata_ops::par_map(
             &missing,
             jobs.clamp(1, 16),
-            &strata_ops::Cancel::new(),
-            |_, &(d, len)| {
+            ctl.cancel,
+            |_, &(d, i, len)| {
+                ctl.emit(Event::UnitStarted {
+                    op: OP,
+                    unit: Unit::Chunk { index: i },
+                    total: Some(len),
+                    reused: false,
+                });
                 let b = source.fetch(&d, len).and_then(|b| {
                     if b.len() as u64 == len && Digest::sha256_of(&b) == d {
                         Ok(b)
@@ -300,10 +437,22 @@ pub fn pull(
                         ))
                     }
                 });
-                b.map(|b| (d, b)).map_err(|e| BlockError::Io {
+                let b = b.map_err(|e| BlockError::Io {
                     what: format!("fetching chunk {d} from {reference}"),
                     source: e,
-                })
+                })?;
+                let n = done.fetch_add(len, Ordering::Relaxed) + len;
+                ctl.emit(Event::Progress {
+                    op: OP,
+                    unit: Unit::Chunk { index: i },
+                    done: n,
+                    total: Some(total),
+                });
+                ctl.emit(Event::UnitDone {
+                    op: OP,
+                    unit: Unit::Chunk { index: i },
+                });
+                Ok::<_, BlockError>((d, b))
             },
         )?;
         // verified: store them (durable before the map names them)
@@ -318,8 +467,11 @@ pub fn pull(
             fetched += 1;
             bytes_fetched += b.len() as u64;
         }
+        ctl.cancel.check()?;
         batch.commit()?;
     }
+    // the last point a cancel stops the pull: nothing names the chunks yet
+    ctl.cancel.check()?;
     let remote = TemplateRemote {
         reference: pinned,
         manifest_digest,
@@ -350,6 +502,21 @@ fn pin(reference: &ImageRef, digest: &Digest) -> String {
 /// Chunks fetched from the repository a template was pulled from.
 pub struct RegistryChunks {
     src: RegistrySource,
+    /// Stops a fetch between reads of its body.
+    cancel: Cancel,
+}
+
+/// A reader that fails with [`strata_ops::Cancelled`] once `cancel` fires.
+struct Cancellable<'a, R> {
+    inner: R,
+    cancel: &'a Cancel,
+}
+
+impl<R: Read> Read for Cancellable<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.cancel.check()?;
+        self.inner.read(buf)
+    }
 }
 
 impl ChunkSource for RegistryChunks {
@@ -362,10 +529,15 @@ impl ChunkSource for RegistryChunks {
             platform: None,
             urls: Vec::new(),
         };
-        let mut r = self
+        self.cancel.check()?;
+        let r = self
             .src
             .open_blob(&desc, 0)
             .map_err(|e| io::Error::other(e.to_string()))?;
+        let mut r = Cancellable {
+            inner: r,
+            cancel: &self.cancel,
+        };
         let mut b = Vec::with_capacity(len as usize);
         // never more than the chunk's length (a lying registry)
         (&mut r).take(len + 1).read_to_end(&mut b)?;
@@ -375,10 +547,13 @@ impl ChunkSource for RegistryChunks {
 
 /// Where the chunks of template `id` come from when the store lacks
 /// them: the registry it was pulled from, or `None` for a local one.
+/// Once `cancel` fires, its fetches fail with [`strata_ops::Cancelled`]
+/// (kind Cancelled) between reads.
 pub fn source_for(
     store: &Store,
     id: &Digest,
     opts: &RegistryOptions,
+    cancel: &Cancel,
 ) -> Result<Option<RegistryChunks>, BlockError> {
     let Some(remote) = store.template_remote(id) else {
         return Ok(None);
@@ -389,5 +564,8 @@ pub fn source_for(
         .map_err(oci(format!("the remote of template {id}")))?;
     let src = RegistrySource::new(reference, opts)
         .map_err(oci(format!("reaching {}", remote.reference)))?;
-    Ok(Some(RegistryChunks { src }))
+    Ok(Some(RegistryChunks {
+        src,
+        cancel: cancel.clone(),
+    }))
 }

@@ -21,6 +21,7 @@ mod chunks;
 mod dirdigest;
 pub mod serve;
 pub mod served;
+mod summary;
 
 use std::collections::BTreeMap;
 use std::fs::File;

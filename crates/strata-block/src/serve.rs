@@ -35,6 +35,7 @@ use fuser::{
 };
 use serde::{Deserialize, Serialize};
 use strata_digest::Digest;
+use strata_ops::{Event, EventSink, Op, Unit, Warning};
 use strata_store::{Store, TemplateMap};
 
 use crate::ChunkSource;
@@ -183,6 +184,9 @@ pub struct Served {
     started: SystemTime,
     uid: u32,
     gid: u32,
+    events: Arc<dyn EventSink>,
+    /// Bytes of the distinct chunks the store lacked at the start.
+    missing_bytes: u64,
 }
 
 /// How to serve.
@@ -193,6 +197,11 @@ pub struct ServeOptions {
     pub uid: u32,
     /// Group of the served file.
     pub gid: u32,
+    /// Chunk fetches are reported here (op [`Op::TemplateServe`]): a
+    /// `Progress` per chunk fetched (bytes fetched so far, of the bytes
+    /// missing at the start), a [`Warning::ChunkFetchFailed`] per fetch
+    /// that failed.
+    pub events: Arc<dyn EventSink>,
 }
 
 impl Served {
@@ -216,6 +225,13 @@ impl Served {
                     }
                 })?),
             };
+        let missing_bytes = map
+            .chunks()
+            .filter(|(_, d)| !store.has_object(d))
+            .map(|(i, d)| (d, map.chunk_len(i)))
+            .collect::<HashMap<_, _>>()
+            .values()
+            .sum();
         let counters = Counters::default();
         if let Some(o) = &overlay {
             let n = o.dirty.iter().filter(|d| d.load(Ordering::Relaxed)).count();
@@ -235,6 +251,8 @@ impl Served {
             started: SystemTime::now(),
             uid: opts.uid,
             gid: opts.gid,
+            events: opts.events.clone(),
+            missing_bytes,
         })
     }
 
@@ -328,19 +346,39 @@ impl Served {
                 .bytes_read
                 .fetch_add(self.map.chunk_len(i), Ordering::Relaxed);
         }
-        self.read_object(&d, self.map.chunk_len(i), within, buf)
+        self.read_object(i, &d, self.map.chunk_len(i), within, buf)
     }
 
-    /// Bytes of chunk `d` (`len` bytes long) at `within`, from memory, the
-    /// store or the source.
-    fn read_object(&self, d: &Digest, len: u64, within: u64, buf: &mut [u8]) -> io::Result<()> {
+    /// Bytes of chunk `i` (`d`, `len` bytes long) at `within`, from memory,
+    /// the store or the source.
+    fn read_object(
+        &self,
+        i: u64,
+        d: &Digest,
+        len: u64,
+        within: u64,
+        buf: &mut [u8],
+    ) -> io::Result<()> {
         if let Some(b) = self.pending_chunk(d) {
             return copy_from(&b, within, buf);
         }
         if let Some(f) = self.open_chunk(d)? {
             return f.read_exact_at(buf, within);
         }
-        let b = self.fetch(d, len)?;
+        let b = match self.fetch(d, len) {
+            Ok(b) => b,
+            Err(e) => {
+                self.events.event(&Event::Warning {
+                    op: Op::TemplateServe,
+                    warning: Warning::ChunkFetchFailed {
+                        index: i,
+                        digest: *d,
+                        reason: e.to_string(),
+                    },
+                });
+                return Err(e);
+            }
+        };
         copy_from(&b, within, buf)
     }
 
@@ -425,9 +463,17 @@ impl Served {
                         .expect("no panics while held")
                         .insert(*d, b.clone());
                     self.counters.chunks_fetched.fetch_add(1, Ordering::Relaxed);
-                    self.counters
+                    let done = self
+                        .counters
                         .bytes_fetched
-                        .fetch_add(len, Ordering::Relaxed);
+                        .fetch_add(len, Ordering::Relaxed)
+                        + len;
+                    self.events.event(&Event::Progress {
+                        op: Op::TemplateServe,
+                        unit: Unit::Objects,
+                        done,
+                        total: Some(self.missing_bytes),
+                    });
                     self.fetching
                         .lock()
                         .expect("no panics while held")
@@ -474,7 +520,7 @@ impl Served {
                     let whole = pos == start && n == len;
                     if !whole && let Some(d) = self.map.chunk(i) {
                         let mut base = vec![0u8; len as usize];
-                        self.read_object(&d, len, 0, &mut base)?;
+                        self.read_object(i, &d, len, 0, &mut base)?;
                         o.file.write_all_at(&base, start)?;
                     }
                     o.file.write_all_at(piece, pos)?;

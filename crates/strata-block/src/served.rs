@@ -22,6 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use strata_digest::Digest;
 use strata_oci::RegistryOptions;
+use strata_ops::{Cancel, Event, EventSink, NoEvents, Op};
 use strata_store::{Store, TemplateMap};
 
 use crate::serve::{ServeOptions, ServeState, Served, TemplateFs, dirty_chunks, serve_dir};
@@ -54,6 +55,7 @@ pub struct ServedTemplate {
     state: Arc<Mutex<ServeState>>,
     done: Arc<AtomicBool>,
     updater: Option<std::thread::JoinHandle<()>>,
+    events: Arc<dyn EventSink>,
     /// Keeps the template from gc while served.
     _lease: strata_store::Lease,
 }
@@ -170,8 +172,28 @@ pub fn prepare_file(root: &Path, file: &Path) -> Result<(PathBuf, u64), BlockErr
 }
 
 /// Serve a template at `req.file` (prepared by [`prepare_file`]) from this
-/// process until it is unmounted.
+/// process until it is unmounted. No events; see [`serve_with`].
 pub fn serve(store: Arc<Store>, req: &ServeRequest) -> Result<ServedTemplate, BlockError> {
+    serve_with(store, req, Arc::new(NoEvents), Cancel::new())
+}
+
+/// [`serve`] with events and a cancel token, both kept while it serves.
+///
+/// Events (op [`Op::TemplateServe`]): `Started` (the file), a `Progress`
+/// per chunk fetched on demand (bytes fetched so far, of the bytes missing
+/// at the start), a [`strata_ops::Warning::ChunkFetchFailed`] per chunk
+/// fetch that failed (the read gets EIO), and `Finished` once it is no
+/// longer served. Once `cancel` fires, the file is unmounted as
+/// [`ServedTemplate::unmount`] does (retried while it is busy) and
+/// [`ServedTemplate::wait`] returns: stopping is how a serve ends, so that
+/// is not an error.
+pub fn serve_with(
+    store: Arc<Store>,
+    req: &ServeRequest,
+    events: Arc<dyn EventSink>,
+    cancel: Cancel,
+) -> Result<ServedTemplate, BlockError> {
+    cancel.check()?;
     let io = |what: String| move |source| BlockError::Io { what, source };
     // the template stays until the lease is taken; serving after it is not
     // an operation for gc (the lease keeps the template)
@@ -183,13 +205,14 @@ pub fn serve(store: Arc<Store>, req: &ServeRequest) -> Result<ServedTemplate, Bl
     let mut registry = req.registry.clone();
     // a read waits for a stalled registry 10 s at most per attempt, then EIO
     registry.stall_timeout = Some(Duration::from_secs(10));
-    let source = crate::artifact::source_for(&store, &id, &registry)?
+    let source = crate::artifact::source_for(&store, &id, &registry, &cancel)?
         .map(|s| Arc::new(s) as Arc<dyn ChunkSource>);
     let remote = store.template_remote(&id).map(|r| r.reference);
     let opts = ServeOptions {
         writable: req.writable.then(|| sdir.clone()),
         uid: meta.uid(),
         gid: meta.gid(),
+        events: events.clone(),
     };
     let served = Arc::new(Served::new(store.clone(), id, source, &opts)?);
     let map = served.map();
@@ -242,17 +265,43 @@ pub fn serve(store: Arc<Store>, req: &ServeRequest) -> Result<ServedTemplate, Bl
     let session = TemplateFs(served.clone())
         .mount(&file, 4)
         .map_err(io(format!("mounting FUSE on {}", file.display())))?;
+    events.event(&Event::Started {
+        op: Op::TemplateServe,
+        subject: file.display().to_string(),
+    });
     let state = Arc::new(Mutex::new(state));
     let done = Arc::new(AtomicBool::new(false));
-    // keep the state current and write fetched chunks to the store
+    // keep the state current and write fetched chunks to the store; on
+    // cancel, unmount (the session then ends and `wait` returns)
     let updater = {
-        let (done, served, sdir, state) =
-            (done.clone(), served.clone(), sdir.clone(), state.clone());
+        let (done, served, sdir, state, file) = (
+            done.clone(),
+            served.clone(),
+            sdir.clone(),
+            state.clone(),
+            file.clone(),
+        );
         std::thread::Builder::new()
             .name("serve-state".into())
             .spawn(move || {
+                let mut unmounted = false;
+                let mut busy_said = false;
                 loop {
                     let last = done.load(Ordering::SeqCst);
+                    if !last && !unmounted && cancel.is_cancelled() {
+                        match strata_sys::unmount(&file) {
+                            Ok(()) | Err(strata_sys::MountError::NotMounted(_)) => {
+                                tracing::info!("cancelled: {} is unmounted", file.display());
+                                unmounted = true;
+                            }
+                            // in use (a loop device, a VM): tried again
+                            Err(e) if !busy_said => {
+                                tracing::warn!("cancelled but cannot unmount yet: {e}");
+                                busy_said = true;
+                            }
+                            Err(_) => {}
+                        }
+                    }
                     if let Err(e) = served.flush_fetched() {
                         tracing::error!("storing fetched chunks failed: {e}");
                     }
@@ -277,6 +326,7 @@ pub fn serve(store: Arc<Store>, req: &ServeRequest) -> Result<ServedTemplate, Bl
         state,
         done,
         updater: Some(updater),
+        events,
         _lease: lease,
     })
 }
@@ -339,6 +389,9 @@ impl ServedTemplate {
         if state.dirty_chunks == 0 {
             let _ = std::fs::remove_dir_all(&self.sdir);
         }
+        self.events.event(&Event::Finished {
+            op: Op::TemplateServe,
+        });
         state
     }
 }

@@ -5,10 +5,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use strata_oci::short_names::{RegistriesConf, resolve_short_name};
+use strata_oci::short_names::open_name;
 use strata_oci::{
-    FileCredentials, ImageName, ImageRef, ImageSource, Platform, RegistryConfig, RegistryOptions,
-    open_source,
+    FileCredentials, ImageRef, ImageSource, Platform, RegistryConfig, RegistryOptions,
 };
 
 /// How to reach registries.
@@ -38,42 +37,50 @@ impl RegistryArgs {
     }
 }
 
-/// Open what the user named: a transport reference (`docker://`, `oci:`,
-/// ...), a bare `HOST[:PORT]/REPO[:TAG]` (docker://), or a short name
-/// resolved as podman does (registries.conf's unqualified-search-registries,
-/// else docker.io; the user is told which registry answered). Returns the
-/// fully qualified reference (the name the store records) and its source.
+/// Open what the user named (see `strata_oci::short_names::open_name`):
+/// the fully qualified reference (the name the store records) and its
+/// source. How a short name resolved is said on stderr.
 pub fn open_reference(
     ctx: &crate::Ctx,
     text: &str,
     registry: &RegistryOptions,
     platform: &Platform,
 ) -> Result<(ImageRef, Box<dyn ImageSource>)> {
-    let image: ImageName = text
-        .parse()
-        .with_context(|| format!("parsing image reference {text:?}"))?;
-    match image {
-        ImageName::Qualified(r) => {
-            let source = open_source(&r, registry).with_context(|| format!("opening {r}"))?;
-            Ok((r, source))
-        }
-        ImageName::Short(short) => {
-            let conf = RegistriesConf::load()?;
-            let found = resolve_short_name(&short, &conf, registry, platform)?;
-            if !ctx.quiet {
-                for skipped in &found.skipped {
-                    eprintln!("strata: short name {:?}: {skipped}", short.to_string());
-                }
-                eprintln!(
-                    "strata: short name {:?} resolved to {} ({})",
-                    short.to_string(),
-                    found.reference,
-                    found.lookup
-                );
-            }
-            Ok((found.reference, found.source))
-        }
+    let opened = open_name(text, registry, platform).with_context(|| format!("opening {text}"))?;
+    if !ctx.quiet {
+        opened.notes.iter().for_each(|n| eprintln!("strata: {n}"));
     }
+    Ok((opened.reference, opened.source))
+}
+
+/// The image `text` names in the store, else pulled (for the host's
+/// platform) from what `text` references (see [`open_reference`]).
+pub fn image_or_pull(
+    ctx: &crate::Ctx,
+    store: &strata_store::Store,
+    text: &str,
+    registry: &RegistryOptions,
+) -> Result<strata_digest::Digest> {
+    let not_here = match store.resolve_image(text) {
+        Ok(d) => return Ok(d),
+        Err(e) => e,
+    };
+    let opts = strata_oci::pull::PullOptions {
+        platform: Platform::host_default(),
+        registry: registry.clone(),
+        jobs: 3,
+        split: strata_store::SplitPolicy::Auto(strata_store::DEFAULT_SPLIT_THRESHOLD),
+    };
+    let (reference, source) = open_reference(ctx, text, registry, &opts.platform)
+        .with_context(|| format!("{not_here}; pulling it"))?;
+    let name = reference.to_string();
+    let render = ctx.render();
+    let pulled =
+        strata_oci::pull::pull_from(store, source.as_ref(), &name, &opts, ctx.ctl(&render));
+    render.finish();
+    Ok(pulled
+        .with_context(|| format!("pulling {name}"))?
+        .manifest_digest)
 }
 
 /// `--platform os/arch[/variant]`, default the host's.

@@ -49,17 +49,26 @@ pub fn started(ctx: &Ctx, what: &str, log: &Path) -> Result<ExitCode> {
 
 /// Say a foreground command is ready: to the waiting parent when this is
 /// a daemon, else on the terminal.
-pub fn ready(ctx: &Ctx, report: &serde_json::Value) {
+pub fn ready(ctx: &Ctx, report: &impl serde::Serialize) {
+    let report = serde_json::to_value(report).unwrap_or_default();
     if daemon::is_daemon() {
         daemon::notify(&report.to_string());
         return;
     }
-    print_notes(report);
+    print_notes(&report);
     if ctx.json {
         println!("{report}");
     } else if !ctx.quiet {
         println!("{}", report["message"].as_str().unwrap_or("started"));
     }
+}
+
+/// A daemon could not start: tell the waiting parent, which fails with it.
+pub fn failed(e: anyhow::Error) -> anyhow::Error {
+    if daemon::is_daemon() {
+        daemon::notify(&serde_json::json!({ "error": format!("{e:#}") }).to_string());
+    }
+    e
 }
 
 /// A report's `notes` (warnings for people) on stderr.

@@ -11,6 +11,7 @@ mod background;
 mod cmd;
 mod render;
 
+use std::fmt::Display;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -100,33 +101,40 @@ impl Ctx {
         render::Render::new(self.quiet, self.json)
     }
 
+    /// Print a command's result: as JSON with --json, else in words
+    /// unless --quiet.
+    fn print<T: serde::Serialize + Display>(&self, v: &T) -> Result<ExitCode> {
+        self.print_with(v, None::<&str>, v)
+    }
+
+    /// Print `v` as JSON with --json, else `quiet` (if any) with --quiet,
+    /// else `human`.
+    fn print_with(
+        &self,
+        v: &impl serde::Serialize,
+        quiet: Option<impl Display>,
+        human: impl Display,
+    ) -> Result<ExitCode> {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(v)?);
+        } else if !self.quiet {
+            println!("{human}");
+        } else if let Some(q) = quiet {
+            println!("{q}");
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
     /// Events to `sink`, cancelled by Ctrl-C.
     fn ctl<'a>(&'a self, sink: &'a dyn strata_ops::EventSink) -> strata_ops::Ctl<'a> {
         strata_ops::Ctl::new(sink, &self.cancel)
     }
 }
 
-fn default_root() -> PathBuf {
-    if rustix_is_root() {
-        return PathBuf::from("/var/lib/strata");
-    }
-    if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
-        return PathBuf::from(d).join("strata");
-    }
-    if let Some(h) = std::env::var_os("HOME") {
-        return PathBuf::from(h).join(".local/share/strata");
-    }
-    PathBuf::from("/var/lib/strata")
-}
-
-fn rustix_is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let ctx = Ctx {
-        root: cli.root.clone().unwrap_or_else(default_root),
+        root: cli.root.clone().unwrap_or_else(strata_store::default_root),
         quiet: cli.quiet,
         json: cli.json,
         cancel: strata_ops::Cancel::new(),

@@ -144,3 +144,13 @@ impl EventSink for Render {
         }
     }
 }
+
+/// `v` (a JSON object) with the keys of `extra` (an object) added: a
+/// library result with what the command knows besides (a name, seconds).
+pub fn json_with(v: &impl serde::Serialize, extra: serde_json::Value) -> serde_json::Value {
+    let mut v = serde_json::to_value(v).unwrap_or_default();
+    if let (Some(o), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
+        o.extend(extra);
+    }
+    v
+}

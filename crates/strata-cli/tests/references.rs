@@ -158,3 +158,25 @@ fn broken_registries_conf_is_named() {
         "{err}"
     );
 }
+
+#[test]
+fn convert_takes_bare_references() {
+    let reg = registry_with_app();
+    let env = Env::new();
+    let src = format!("{}/app:1", reg.addr);
+    let dst = format!("{}/app:chunked", reg.addr);
+    // the source is not in the store: pulled first, by its bare name
+    let s = env.json(&["convert", "--plain-http", &src, &dst]);
+    let layers = s["layers"].as_array().unwrap();
+    assert!(!layers.is_empty(), "{s}");
+    assert!(layers.iter().all(|l| l["format"] == "zstd:chunked"), "{s}");
+    let pulled = env.json(&["inspect", &format!("docker://{src}")]);
+    // pushed under the bare destination: it pulls back to the same tree
+    let back = env.json(&["pull", "--plain-http", &dst]);
+    assert_eq!(back["manifest_digest"], s["manifest_digest"], "{back}");
+    assert_eq!(back["tree_digest"], pulled["tree"]["tree_digest"], "{back}");
+    // a short name says no registry to write to
+    let e = env.fails(&["convert", "--plain-http", &src, "app:2"]);
+    assert!(e.contains("short name"), "{e}");
+    env.fsck_ok();
+}

@@ -10,10 +10,8 @@ use crate::fs::{FileData, FsTree, Kind, Node, Stat};
 
 /// What the converter needs to know about objects.
 pub trait Objects {
-    /// The fs-verity digest of an object, as raw bytes.
-    // Raw bytes rather than a `VerityDigest` only until strata-lazy's
-    // implementor moves over: the converter wraps them at once.
-    fn verity(&mut self, digest: &Digest, size: u64) -> io::Result<[u8; 32]>;
+    /// The fs-verity digest of an object.
+    fn verity(&mut self, digest: &Digest, size: u64) -> io::Result<VerityDigest>;
     /// `len` bytes of an object from `offset`.
     fn read(&mut self, digest: &Digest, offset: u64, len: u64) -> io::Result<Vec<u8>>;
 }
@@ -71,7 +69,7 @@ pub fn file_data(
         }
         Contents::Redirect => FileData::External {
             redirect: redirect_path(digest),
-            verity: Some(VerityDigest::from_bytes(objects.verity(digest, size)?)),
+            verity: Some(objects.verity(digest, size)?),
             size,
         },
         Contents::Embed => {

@@ -14,6 +14,7 @@ use sha2::{Digest as _, Sha256};
 use strata_digest::Digest;
 use strata_oci::ImageSource;
 use strata_oci::partial::{RemoteFile, decode_chunk};
+use strata_ops::{Ctl, Event, Op, Unit};
 use strata_store::Store;
 
 use crate::LazyImage;
@@ -35,6 +36,9 @@ pub enum ReadError {
     /// Local I/O.
     #[error("{0}")]
     Io(#[from] io::Error),
+    /// The fetch was cancelled.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 /// Counters, for `strata mounts` and the benchmarks.
@@ -61,6 +65,10 @@ enum Have {
 /// chunks are contiguous in the blob: one range request); larger files
 /// this much past each read.
 const READ_AHEAD: u64 = 2 << 20;
+
+/// Bytes one request of [`Fetcher::fetch_many`] asks for at most (a bigger
+/// file is asked for alone): a cancel waits for one such request.
+pub const BULK_REQUEST_BYTES: u64 = 4 << 20;
 
 /// Bytes read at a time when a finished file is hashed.
 const HASH_BUF: usize = 64 * 1024;
@@ -200,11 +208,16 @@ impl Fetcher {
     }
 
     /// Fetch many contents (a prefetch list) with few requests: per layer,
-    /// the missing files' ranges (near ones merged) in multi-range GETs;
-    /// each file is verified and stored. Returns how many were fetched.
-    pub fn fetch_many(&self, digests: &[Digest]) -> Result<usize, ReadError> {
+    /// the missing files' ranges (near ones merged) in multi-range GETs of
+    /// at most [`BULK_REQUEST_BYTES`] (a bigger file alone); each file is
+    /// verified and stored, request by request. Returns how many were
+    /// fetched. `ctl` gets a `Progress` of [`Unit::Files`] (op
+    /// [`Op::Prefetch`]) per request and is checked before each: a cancel
+    /// stops the list within one request with [`ReadError::Cancelled`]
+    /// (what was stored stays).
+    pub fn fetch_many(&self, digests: &[Digest], ctl: Ctl<'_>) -> Result<usize, ReadError> {
         self.reserve_bulk(digests);
-        let r = self.fetch_many_reserved(digests);
+        let r = self.fetch_many_reserved(digests, ctl);
         {
             let mut bulk = self.bulk.lock().expect("no panics while held");
             for d in digests {
@@ -224,7 +237,7 @@ impl Fetcher {
             .extend(digests.iter().copied());
     }
 
-    fn fetch_many_reserved(&self, digests: &[Digest]) -> Result<usize, ReadError> {
+    fn fetch_many_reserved(&self, digests: &[Digest], ctl: Ctl<'_>) -> Result<usize, ReadError> {
         let mut by_layer: HashMap<Digest, (strata_oci::Descriptor, Vec<&RemoteFile>)> =
             HashMap::new();
         let mut seen = std::collections::HashSet::new();
@@ -240,9 +253,10 @@ impl Fetcher {
                     .push(rf);
             }
         }
+        let total = by_layer.values().map(|(_, f)| f.len() as u64).sum();
         let mut done = 0;
         for (desc, mut files) in by_layer.into_values() {
-            let r = self.fetch_layer_files(&desc, &mut files);
+            let r = self.fetch_layer_files(&desc, &mut files, ctl, &mut done, total);
             {
                 let mut bulk = self.bulk.lock().expect("no panics while held");
                 for f in &files {
@@ -250,50 +264,69 @@ impl Fetcher {
                 }
             }
             self.bulk_done.notify_all();
-            done += r?;
+            r?;
         }
-        Ok(done)
+        Ok(done as usize)
     }
 
     fn fetch_layer_files(
         &self,
         desc: &strata_oci::Descriptor,
         files: &mut [&RemoteFile],
-    ) -> Result<usize, ReadError> {
+        ctl: Ctl<'_>,
+        done: &mut u64,
+        total: u64,
+    ) -> Result<(), ReadError> {
         const MERGE_GAP: u64 = 32 * 1024;
-        let mut done = 0;
-        {
-            files.sort_by_key(|f| f.offset);
-            // merged spans: (start, end, files[i..j])
-            let mut spans: Vec<(u64, u64, usize, usize)> = Vec::new();
-            for (i, f) in files.iter().enumerate() {
-                match spans.last_mut() {
-                    Some((_, e, _, j)) if f.offset <= *e + MERGE_GAP => {
-                        *e = (*e).max(f.end);
-                        *j = i + 1;
-                    }
-                    _ => spans.push((f.offset, f.end, i, i + 1)),
+        files.sort_by_key(|f| f.offset);
+        // merged spans: (start, end, files[i..j])
+        let mut spans: Vec<(u64, u64, usize, usize)> = Vec::new();
+        for (i, f) in files.iter().enumerate() {
+            match spans.last_mut() {
+                Some((_, e, _, j)) if f.offset <= *e + MERGE_GAP => {
+                    *e = (*e).max(f.end);
+                    *j = i + 1;
                 }
+                _ => spans.push((f.offset, f.end, i, i + 1)),
             }
-            let asks: Vec<(u64, u64)> = spans.iter().map(|(s, e, _, _)| (*s, e - s)).collect();
-            let fail = |e: strata_oci::OciError| {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                ReadError::Fetch {
-                    layer: desc.digest,
-                    reason: e.to_string(),
-                }
-            };
+        }
+        let fail = |e: strata_oci::OciError| {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            ReadError::Fetch {
+                layer: desc.digest,
+                reason: e.to_string(),
+            }
+        };
+        // requests of at most BULK_REQUEST_BYTES (a bigger span alone)
+        let mut k = 0;
+        while k < spans.len() {
+            let (mut l, mut bytes) = (k, 0);
+            while l < spans.len()
+                && (l == k || bytes + (spans[l].1 - spans[l].0) <= BULK_REQUEST_BYTES)
+            {
+                bytes += spans[l].1 - spans[l].0;
+                l += 1;
+            }
+            ctl.cancel.check().map_err(|_| ReadError::Cancelled)?;
+            let group = &spans[k..l];
+            let asks: Vec<(u64, u64)> = group.iter().map(|(s, e, _, _)| (*s, e - s)).collect();
             let answers = {
                 let _slot = self.slots.take();
                 self.source.read_ranges(desc, &asks).map_err(fail)?
             };
             let mut batch = self.store.object_batch().map_err(io::Error::other)?;
-            for ((start, _, i, j), bytes) in spans.iter().zip(&answers) {
+            let mut n = 0;
+            for ((start, _, i, j), bytes) in group.iter().zip(&answers) {
                 self.stats
                     .bytes_fetched
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 for f in &files[*i..*j] {
-                    let frames = &bytes[(f.offset - start) as usize..(f.end - start) as usize];
+                    let frames = bytes
+                        .get((f.offset - start) as usize..(f.end - start) as usize)
+                        .ok_or_else(|| ReadError::Fetch {
+                            layer: desc.digest,
+                            reason: format!("a short answer for bytes {start}.."),
+                        })?;
                     let whole = strata_oci::partial::RemoteChunk {
                         file_offset: 0,
                         size: f.size,
@@ -304,15 +337,21 @@ impl Fetcher {
                     };
                     let content = decode_chunk(desc, frames, &whole).map_err(fail)?;
                     batch.put(&mut content.as_slice(), f.size)?;
-                    done += 1;
+                    n += 1;
                 }
             }
             batch.commit().map_err(io::Error::other)?;
-            self.stats
-                .files_completed
-                .fetch_add(done as u64, Ordering::Relaxed);
+            self.stats.files_completed.fetch_add(n, Ordering::Relaxed);
+            *done += n;
+            ctl.emit(Event::Progress {
+                op: Op::Prefetch,
+                unit: Unit::Files,
+                done: *done,
+                total: Some(total),
+            });
+            k = l;
         }
-        Ok(done)
+        Ok(())
     }
 
     /// Wait while a bulk prefetch fetches `digest`; true if it did.

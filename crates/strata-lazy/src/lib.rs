@@ -27,7 +27,7 @@ pub mod state;
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 
-use strata_digest::Digest;
+use strata_digest::{Digest, VerityDigest};
 use strata_oci::partial::{ChunkedIndex, RemoteFile};
 use strata_oci::{Descriptor, ImageSource, OciError, ResolvedImage};
 use strata_store::{Store, StoreError};
@@ -35,8 +35,8 @@ use strata_tree::Tree;
 
 pub use fetch::{Fetcher, ReadError, Stats};
 pub use mount::{
-    Fallback, LazyMount, LazyOptions, MountRecord, MountStatus, Mounted, Prefetch, attach, cleanup,
-    list, mount,
+    Fallback, LazyMount, LazyOptions, MountRecord, MountReport, MountStatus, Mounted, Prefetch,
+    attach, cleanup, list, mount,
 };
 pub use state::{MountState, PrefetchState};
 
@@ -205,7 +205,7 @@ impl LazyImage {
     pub fn erofs(&self) -> Result<Vec<u8>, LazyError> {
         struct Unfetched;
         impl strata_erofs::convert::Objects for Unfetched {
-            fn verity(&mut self, d: &Digest, _: u64) -> std::io::Result<[u8; 32]> {
+            fn verity(&mut self, d: &Digest, _: u64) -> std::io::Result<VerityDigest> {
                 Err(std::io::Error::other(format!("{d} is not fetched")))
             }
             fn read(&mut self, d: &Digest, _: u64, _: u64) -> std::io::Result<Vec<u8>> {

@@ -36,7 +36,7 @@ use strata_store::Store;
 
 use crate::fs::{LazyFs, MountConfig, Recorder};
 use crate::state::{MountState, PrefetchState, mount_dir};
-use crate::{Fetcher, LazyError, LazyImage};
+use crate::{Fetcher, LazyError, LazyImage, ReadError};
 
 /// What to do when an image cannot be read lazily.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +95,62 @@ pub enum Mounted {
     },
     /// Lazily: served by this process until unmounted.
     Lazy(Box<LazyMount>),
+}
+
+/// What a mount daemon reports once its mount is ready (one JSON line to
+/// the process that started it, see `strata_sys::daemon::notify`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MountReport {
+    /// `lazy`, `composefs` (the image was in the store) or `full` (pulled
+    /// in full: it could not be lazy).
+    pub mode: String,
+    /// One line for people.
+    pub message: String,
+    /// Warnings for people.
+    pub notes: Vec<String>,
+    /// The image, for a lazy mount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_digest: Option<Digest>,
+}
+
+impl Mounted {
+    /// The report of `name` mounted at `target`.
+    pub fn report(&self, name: &str, target: &Path) -> MountReport {
+        let target = target.display();
+        let (mode, message, notes, manifest_digest) = match self {
+            Mounted::Composefs { manifest_digest } => (
+                "composefs",
+                format!(
+                    "{name} ({manifest_digest}) is in the store: mounted it at {target} the composefs way"
+                ),
+                Vec::new(),
+                None,
+            ),
+            Mounted::Full { reason, .. } => (
+                "full",
+                format!("pulled {name} in full and mounted it at {target} (not lazily)"),
+                vec![format!("not lazy: {reason}")],
+                None,
+            ),
+            Mounted::Lazy(m) => (
+                "lazy",
+                format!(
+                    "mounted {name} lazily at {target} ({} of {} contents to fetch, {} of TOCs read)",
+                    m.to_fetch,
+                    m.files_total,
+                    strata_ops::human_bytes(m.toc_bytes)
+                ),
+                Vec::new(),
+                Some(m.manifest_digest),
+            ),
+        };
+        MountReport {
+            mode: mode.to_string(),
+            message,
+            notes,
+            manifest_digest,
+        }
+    }
 }
 
 /// A lazy mount served by this process.
@@ -554,8 +610,13 @@ fn prefetch_thread(
         subject: name.clone(),
     });
     set(PrefetchState::List, None, false);
-    match fetcher.fetch_many(&wanted) {
+    match fetcher.fetch_many(&wanted, ctl) {
         Ok(n) => tracing::info!("prefetched {n} files of the list"),
+        Err(ReadError::Cancelled) => {
+            tracing::info!("prefetch cancelled during the list");
+            set(PrefetchState::Failed, Some("cancelled".into()), false);
+            return;
+        }
         Err(e) => tracing::error!("prefetch of the list failed: {e}"),
     }
     if prefetch != Prefetch::All {

@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufWriter, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use strata_ops::{Ctl, Event, Op, Unit, Warning};
 
 use serde::Serialize;
@@ -33,8 +33,8 @@ use strata_store::Store;
 
 use crate::layout_writer::{OCI_CONFIG, oci_manifest_bytes};
 use crate::manifest::OCI_MANIFEST;
-use crate::push::{ImageDestination, LayoutDestination, PushStats};
-use crate::{Descriptor, OciError, io_err};
+use crate::push::{ImageDestination, LayoutDestination, PushStats, RegistryDestination};
+use crate::{Descriptor, ImageName, ImageRef, OciError, RegistryOptions, io_err};
 
 /// OCI media type of a zstd layer.
 pub const LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
@@ -48,6 +48,90 @@ pub enum Format {
     /// Plain zstd.
     #[serde(rename = "zstd")]
     Zstd,
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "zstd:chunked" => Ok(Format::ZstdChunked),
+            "zstd" => Ok(Format::Zstd),
+            f => Err(format!("unknown format {f:?}: zstd:chunked or zstd")),
+        }
+    }
+}
+
+/// The paths of a prefetch list (one per line, as `strata mount --lazy
+/// --record` writes it): absolute, blank lines skipped.
+pub fn prefetch_paths(list: &str) -> Vec<String> {
+    list.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(|l| format!("/{}", l.trim_start_matches('/')))
+        .collect()
+}
+
+/// Where a conversion writes.
+pub enum Target {
+    /// An OCI layout (created if missing).
+    Layout {
+        /// Its directory.
+        dir: PathBuf,
+        /// The tag to give the image.
+        tag: Option<String>,
+    },
+    /// A registry.
+    Registry(Box<RegistryDestination>),
+}
+
+impl Target {
+    /// `dest`: `oci:DIR[:TAG]`, or a registry as `docker://HOST[:PORT]/REPO[:TAG]`
+    /// or bare `HOST[:PORT]/REPO[:TAG]`. A registry is reached (and logged
+    /// in to) now, before any conversion work.
+    pub fn open(
+        dest: &str,
+        registry: &RegistryOptions,
+        staging_parent: &Path,
+    ) -> Result<(ImageRef, Target), OciError> {
+        let unsupported = |reason: &str| OciError::Reference {
+            input: dest.to_string(),
+            reason: format!("{reason}: write to oci:DIR[:TAG] or docker://HOST[:PORT]/REPO[:TAG]"),
+        };
+        let reference = match dest.parse()? {
+            ImageName::Qualified(r) => r,
+            ImageName::Short(_) => return Err(unsupported("a short name says no registry")),
+        };
+        let target = match &reference {
+            ImageRef::OciLayout { dir, tag } => Target::Layout {
+                dir: dir.clone(),
+                tag: tag.clone(),
+            },
+            ImageRef::Docker { .. } => Target::Registry(Box::new(RegistryDestination::new(
+                &reference,
+                registry,
+                staging_parent,
+            )?)),
+            _ => return Err(unsupported("not a destination")),
+        };
+        Ok((reference, target))
+    }
+}
+
+/// [`convert_to_layout`] or [`convert`] to a registry, as `target` says.
+pub fn convert_to(
+    store: &Store,
+    image: &Digest,
+    target: &Target,
+    opts: &ConvertOptions,
+    ctl: Ctl<'_>,
+) -> Result<ConvertSummary, OciError> {
+    match target {
+        Target::Layout { dir, tag } => {
+            convert_to_layout(store, image, dir, tag.as_deref(), opts, ctl)
+        }
+        Target::Registry(r) => convert(store, image, r.as_ref(), opts, ctl),
+    }
 }
 
 /// Options of [`convert_to_layout`].

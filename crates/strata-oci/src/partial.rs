@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use sha2::{Digest as _, Sha256};
 use strata_chunked::reader::{self, Layout};
 use strata_digest::Digest;
+use strata_ops::{Cancel, Ctl, Event, Op, Unit};
 use strata_store::Store;
 
 use crate::{Descriptor, ImageSource, OciError};
@@ -389,17 +390,98 @@ fn decode_frames(
     Ok(content)
 }
 
-/// Plan and fetch. `Ok(Err(fallback))`: pull in full instead.
+/// Bytes one range request of a partial pull asks for at most (longer
+/// ranges are split): a cancel waits for one such request at most.
+const REQUEST_BYTES: u64 = 4 << 20;
+
+/// Ranges one request of a partial pull asks for at most.
+const REQUEST_RANGES: usize = 32;
+
+/// Read `asks` (offset, length) of `desc` in requests of at most
+/// [`REQUEST_BYTES`] and [`REQUEST_RANGES`]: `cancel` is checked before
+/// each and `progress` told the bytes of each. Answers in `asks` order.
+fn read_ranges_bounded(
+    source: &dyn ImageSource,
+    desc: &Descriptor,
+    asks: &[(u64, u64)],
+    cancel: &Cancel,
+    mut progress: impl FnMut(u64),
+) -> Result<Vec<Vec<u8>>, OciError> {
+    // (which ask, offset, length)
+    let mut pieces: Vec<(usize, u64, u64)> = Vec::new();
+    for (k, &(o, l)) in asks.iter().enumerate() {
+        let mut at = 0;
+        while at < l {
+            let n = (l - at).min(REQUEST_BYTES);
+            pieces.push((k, o + at, n));
+            at += n;
+        }
+    }
+    let mut out: Vec<Vec<u8>> = asks
+        .iter()
+        .map(|(_, l)| Vec::with_capacity(*l as usize))
+        .collect();
+    let mut i = 0;
+    while i < pieces.len() {
+        let (mut j, mut bytes) = (i, 0);
+        while j < pieces.len()
+            && (j == i || (bytes + pieces[j].2 <= REQUEST_BYTES && j - i < REQUEST_RANGES))
+        {
+            bytes += pieces[j].2;
+            j += 1;
+        }
+        cancel.check()?;
+        let group: Vec<(u64, u64)> = pieces[i..j].iter().map(|p| (p.1, p.2)).collect();
+        let answers = source.read_ranges(desc, &group)?;
+        if answers.len() != group.len() {
+            return Err(bad(
+                desc,
+                format!("asked for {} ranges, got {}", group.len(), answers.len()),
+            ));
+        }
+        for (&(k, o, l), a) in pieces[i..j].iter().zip(answers) {
+            if a.len() as u64 != l {
+                return Err(bad(
+                    desc,
+                    format!("bytes {o}+{l}: the registry sent {} bytes", a.len()),
+                ));
+            }
+            out[k].extend_from_slice(&a);
+        }
+        progress(bytes);
+        i = j;
+    }
+    Ok(out)
+}
+
+/// Plan and fetch. `Ok(Err(fallback))`: pull in full instead. Layer
+/// `index`'s progress (bytes downloaded for it) goes to `ctl`, which is
+/// checked before every request.
 pub(crate) fn fetch(
     store: &Store,
     source: &dyn ImageSource,
     desc: &Descriptor,
     counter: &AtomicU64,
+    layer: usize,
+    ctl: Ctl<'_>,
 ) -> Result<Result<Fetched, Fallback>, OciError> {
+    let progress = |done: u64, total: u64| {
+        ctl.emit(Event::Progress {
+            op: Op::Pull,
+            unit: Unit::Layer {
+                index: layer,
+                digest: desc.digest,
+            },
+            done,
+            total: Some(total),
+        })
+    };
+    ctl.cancel.check()?;
     let index = match open_chunked(source, desc, counter)? {
         Ok(i) => i,
         Err(why) => return Ok(Err(Fallback(why))),
     };
+    ctl.cancel.check()?;
     let mut downloaded = index.downloaded;
     let by_digest: HashMap<Digest, &RemoteFile> =
         index.files.iter().map(|f| (f.digest, f)).collect();
@@ -444,7 +526,14 @@ pub(crate) fn fetch(
         i = j;
     }
     let asks: Vec<(u64, u64)> = merged.iter().map(|(s, e, _, _)| (*s, e - s)).collect();
-    let answers = match source.read_ranges(desc, &asks) {
+    let total = downloaded + asks.iter().map(|(_, l)| l).sum::<u64>();
+    progress(downloaded, total);
+    let read = read_ranges_bounded(source, desc, &asks, ctl.cancel, |n| {
+        downloaded += n;
+        counter.fetch_add(n, Ordering::Relaxed);
+        progress(downloaded, total);
+    });
+    let answers = match read {
         Ok(a) => a,
         Err(OciError::NoRanges { action, reason }) => {
             return Ok(Err(Fallback(format!(
@@ -453,9 +542,6 @@ pub(crate) fn fetch(
         }
         Err(e) => return Err(e),
     };
-    let got: u64 = answers.iter().map(|a| a.len() as u64).sum();
-    downloaded += got;
-    counter.fetch_add(got, Ordering::Relaxed);
     let mut fetched = HashMap::new();
     for ((start, _, i, j), bytes) in merged.iter().zip(&answers) {
         for (o, e, d, size) in &spans[*i..*j] {

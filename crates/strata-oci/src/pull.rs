@@ -94,6 +94,38 @@ pub struct PartialLayer {
     pub files_local: u64,
 }
 
+/// The summary line, a line per partially pulled layer, the tree digest.
+impl std::fmt::Display for PullSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use strata_ops::human_bytes as human;
+        write!(
+            f,
+            "pulled {} {}: layers {} reused, {} fetched; {} downloaded, {} written, {} files deduplicated",
+            self.name,
+            self.manifest_digest,
+            self.layers_reused,
+            self.layers_fetched,
+            human(self.bytes_downloaded),
+            human(self.bytes_written),
+            self.files_deduplicated
+        )?;
+        for p in &self.partial {
+            write!(
+                f,
+                "\nlayer {}: partial pull: {} files fetched ({} with the TOC), {} from the store",
+                p.digest,
+                p.files_fetched,
+                human(p.downloaded),
+                p.files_local
+            )?;
+        }
+        match &self.tree_digest {
+            Some(t) => write!(f, "\ntree {t}"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Why a pull failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
@@ -372,7 +404,7 @@ fn pull_layer(
     }
     layer_started(ctl, index, desc, false);
     if strata_chunked::reader::locate(&desc.annotations).is_some() {
-        match crate::partial::fetch(store, source, desc, downloaded)? {
+        match crate::partial::fetch(store, source, desc, downloaded, index, ctl)? {
             Ok(fetched) => {
                 notes.lock().expect("lock").partial.push(PartialLayer {
                     digest: desc.digest,

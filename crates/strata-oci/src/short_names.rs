@@ -266,6 +266,51 @@ pub fn resolve_short_name(
     })
 }
 
+/// An image a user named, opened.
+pub struct Opened {
+    /// The fully qualified reference (the name the store records).
+    pub reference: ImageRef,
+    /// Its source.
+    pub source: Box<dyn ImageSource>,
+    /// For a short name, for people: the candidates that failed and the
+    /// registry that answered.
+    pub notes: Vec<String>,
+}
+
+/// Open what a user named as podman takes it: a transport reference
+/// (`docker://`, `oci:`, ...), a bare `HOST[:PORT]/REPO[:TAG]` (docker://),
+/// or a short name resolved by the registries.conf files
+/// ([`RegistriesConf::load`]) for `platform`.
+pub fn open_name(
+    text: &str,
+    opts: &RegistryOptions,
+    platform: &Platform,
+) -> Result<Opened, OciError> {
+    match text.parse()? {
+        crate::ImageName::Qualified(reference) => Ok(Opened {
+            source: open_source(&reference, opts)?,
+            reference,
+            notes: Vec::new(),
+        }),
+        crate::ImageName::Short(short) => {
+            let found = resolve_short_name(&short, &RegistriesConf::load()?, opts, platform)?;
+            let name = format!("{:?}", short.to_string());
+            let mut notes: Vec<String> = (found.skipped.iter())
+                .map(|skipped| format!("short name {name}: {skipped}"))
+                .collect();
+            notes.push(format!(
+                "short name {name} resolved to {} ({})",
+                found.reference, found.lookup
+            ));
+            Ok(Opened {
+                reference: found.reference,
+                source: found.source,
+                notes,
+            })
+        }
+    }
+}
+
 /// A source whose image was already resolved while searching: resolving
 /// it again for the same platform would ask the registry twice.
 struct Resolved {

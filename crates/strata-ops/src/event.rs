@@ -109,6 +109,16 @@ pub enum Warning {
         /// How many layers.
         layers: usize,
     },
+    /// A chunk of a served template could not be fetched: the read that
+    /// wanted it failed (EIO); a later read tries again.
+    ChunkFetchFailed {
+        /// Chunk number.
+        index: u64,
+        /// The chunk's digest.
+        digest: Digest,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl fmt::Display for Warning {
@@ -134,6 +144,11 @@ impl fmt::Display for Warning {
                 f,
                 "{layers} layers were reordered: their diff_ids (and the config) changed"
             ),
+            Warning::ChunkFetchFailed {
+                index,
+                digest,
+                reason,
+            } => write!(f, "chunk {index} ({digest}) could not be fetched: {reason}"),
         }
     }
 }

@@ -46,11 +46,12 @@
 //! | convert | `strata_oci::convert::convert(store, image, dest, opts, ctl)` / `convert_to_layout` |
 //! | lazy mount | `strata_lazy::mount(store, source, name, target, opts, events)` -> `LazyMount` (`status`, `wait`, `unmount`); after a restart `strata_lazy::attach` / `list`; cleanup `strata_lazy::cleanup` |
 //! | template build | `strata_block::build(store, request, ctl)` |
-//! | template serve / commit | `strata_block::served::serve(store, request)` -> `ServedTemplate`; `served::commit(store, file, name)`; `served::list` / `cleanup` |
-//! | template push / pull | `strata_block::artifact::push` / `pull` |
+//! | template serve / commit | `strata_block::served::serve_with(store, request, events, cancel)` -> `ServedTemplate` (cancel unmounts); `served::commit(store, file, name)`; `served::list` / `cleanup` |
+//! | template push / pull | `strata_block::artifact::push(store, id, ref, opts, jobs, ctl)` / `pull(store, ref, opts, all, jobs, ctl)` |
 //! | gc | `Store::open_for_gc(root)?.gc(dry_run, ctl)` (only an `ExclusiveStore` can; waits for running operations, not for idle handles) |
 //! | several writes as one operation for gc | `let _work = store.work()?;` (the calls above take it themselves; a daemon opens its store with `Store::open` and never holds one between operations) |
 //! | fsck | `Store::fsck(ctl)` |
+//! | verify | `Store::verify_image(digest, ctl)` |
 //! | in use | `Store::lease(holder, roots)` / `lease_for_mount`: kept by gc while live |
 //! | credentials per request | `RegistryOptions::with_credentials(Arc<StaticCredentials>)` |
 //! | error -> status | `HasKind::kind(&err).http_status()` / `.grpc_code()` |

@@ -17,11 +17,13 @@ use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 use strata_digest::{Digest, FsVerityHasher, VerityDigest, fsverity_digest};
 use strata_erofs::convert::{Contents, Objects, from_tree};
 use strata_erofs::{Flavor, FsTree};
+use strata_ops::{Ctl, Event, Op, Unit};
 use strata_tree::Tree;
 
 use crate::{
@@ -104,13 +106,13 @@ struct StoreObjects<'a> {
 }
 
 impl Objects for StoreObjects<'_> {
-    fn verity(&mut self, digest: &Digest, _size: u64) -> io::Result<[u8; 32]> {
+    fn verity(&mut self, digest: &Digest, _size: u64) -> io::Result<VerityDigest> {
         if let Some(v) = self.verity.get(digest) {
-            return Ok(*v.as_bytes());
+            return Ok(*v);
         }
         let v = object_verity(&self.store.object_path(digest))?;
         self.verity.insert(*digest, v);
-        Ok(*v.as_bytes())
+        Ok(v)
     }
 
     fn read(&mut self, digest: &Digest, offset: u64, len: u64) -> io::Result<Vec<u8>> {
@@ -577,38 +579,85 @@ impl Store {
     /// Rebuild an image's tree from its layer records, re-write its EROFS
     /// image(s) in memory and compare them with the stored ones, and
     /// re-hash (SHA-256 and fs-verity) every object the image references.
-    pub fn verify_image(&self, digest: &Digest) -> Result<VerifyReport> {
+    ///
+    /// Events (op [`Op::Verify`]): `Started`, `Resolved`, `Progress` of
+    /// [`Unit::Layers`] (records read) then of [`Unit::Objects`] (objects
+    /// re-hashed, every 64 and the last), `Finished`. Once `ctl.cancel`
+    /// fires it stops at the next layer or object with
+    /// [`StoreError::Cancelled`]; it changes nothing in the store.
+    pub fn verify_image(&self, digest: &Digest, ctl: Ctl<'_>) -> Result<VerifyReport> {
+        ctl.emit(Event::Started {
+            op: Op::Verify,
+            subject: digest.to_string(),
+        });
+        let r = self.verify_image_inner(digest, ctl);
+        match r {
+            Ok(r) => {
+                ctl.emit(Event::Finished { op: Op::Verify });
+                Ok(r)
+            }
+            Err(_) if ctl.cancel.is_cancelled() => Err(StoreError::Cancelled),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn verify_image_inner(&self, digest: &Digest, ctl: Ctl<'_>) -> Result<VerifyReport> {
+        ctl.cancel.check()?;
         let mut r = VerifyReport {
             image: Some(*digest),
             ..Default::default()
         };
         let meta = self.image_meta(digest)?;
         let diff_ids: Vec<Digest> = meta.layers.iter().map(|l| l.diff_id).collect();
+        ctl.emit(Event::Resolved {
+            op: Op::Verify,
+            manifest_digest: *digest,
+            layers: diff_ids.len(),
+        });
         // Objects first: a tree built from a bad object would hide the cause.
         let mut verity: HashMap<Digest, VerityDigest> = HashMap::new();
-        for d in &diff_ids {
+        let mut objects = Vec::new();
+        let layers = diff_ids.len() as u64;
+        let mut record_problems = Vec::new();
+        for (i, d) in diff_ids.iter().enumerate() {
+            ctl.cancel.check()?;
             match self.layer_verity(d) {
                 Ok(v) => verity.extend(v),
                 Err(e) => r.problems.push(format!("layer {d}: {e}")),
             }
-        }
-        let mut objects = Vec::new();
-        for d in &diff_ids {
             match self.layer_record(d) {
                 Ok(rec) => objects.extend(rec.objects()),
-                Err(e) => r.problems.push(format!("layer {d}: {e}")),
+                Err(e) => record_problems.push(format!("layer {d}: {e}")),
             }
+            ctl.emit(Event::Progress {
+                op: Op::Verify,
+                unit: Unit::Layers,
+                done: i as u64 + 1,
+                total: Some(layers),
+            });
         }
+        r.problems.extend(record_problems);
         objects.sort();
         objects.dedup();
         r.objects = objects.len() as u64;
+        let total = r.objects;
+        let done = AtomicU64::new(0);
         // hashing is CPU-bound: one thread per core
         let problems = strata_ops::par_map(
             &objects,
             strata_ops::default_jobs(8),
-            &strata_ops::Cancel::new(),
+            ctl.cancel,
             |_, &d| {
                 let p = self.object_path(&d);
+                let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_multiple_of(64) || n == total {
+                    ctl.emit(Event::Progress {
+                        op: Op::Verify,
+                        unit: Unit::Objects,
+                        done: n,
+                        total: Some(total),
+                    });
+                }
                 Ok::<_, StoreError>(match hash_both(&p) {
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {
                         Some(format!("object {d}: missing ({})", p.display()))
@@ -631,6 +680,7 @@ impl Store {
         if !r.problems.is_empty() {
             return Ok(r);
         }
+        ctl.cancel.check()?;
         let stored = self.erofs_info(digest);
         let tree = self.layers_tree(&diff_ids)?;
         let (fs, _) = self.fs_tree(&tree, &diff_ids, Contents::Redirect)?;

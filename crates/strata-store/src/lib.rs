@@ -67,10 +67,14 @@
 #![deny(missing_docs)]
 
 mod erofs;
+mod export;
 mod fsck;
 mod gc;
 mod leases;
+mod mount;
 mod objects;
+mod root;
+mod summary;
 mod templates;
 mod work;
 
@@ -90,10 +94,17 @@ pub use erofs::{
     DEFAULT_SPLIT_THRESHOLD, ErofsInfo, PartInfo, SplitInfo, SplitPolicy, VerifyReport, chain_id,
     object_verity,
 };
+pub use export::ImageExportError;
 pub use fsck::FsckReport;
 pub use gc::GcReport;
 pub use leases::{Lease, LeaseRecord, LeaseRoots, process_start_time};
+pub use mount::{MountImageError, MountOptions, MountedImage};
 pub use objects::{BatchStats, ObjectBatch};
+pub use root::default_root;
+pub use summary::{
+    BasePart, ImageInspect, ImageSummary, LayerInspect, Part, Parts, Sharer, TemplateInspect,
+    TemplateSummary, TreeInspect,
+};
 pub use templates::{BLOCK_SIZE, CHUNK_SIZE, Extent, MAP_VERSION, TemplateMap, TemplateRemote};
 pub use work::Work;
 use work::WorkState;

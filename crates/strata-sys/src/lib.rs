@@ -40,16 +40,28 @@ use rustix::mount::{
     FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, UnmountFlags, fsconfig_create,
     fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, move_mount,
 };
+use strata_digest::VerityDigest;
 
 /// Errors from mounting and unmounting.
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
     /// The target directory already has a mount on it.
-    #[error("{} is already a mount point", .0.display())]
+    #[error(
+        "{} is already a mount point; `strata umount {}` first or pick another directory",
+        .0.display(),
+        .0.display()
+    )]
     AlreadyMounted(PathBuf),
     /// The mount is in use (open files, working directories).
-    #[error("{} is busy", .0.display())]
+    #[error(
+        "{} is busy: a process has a file open or its working directory there (see `fuser -vm {}`); close it and retry",
+        .0.display(),
+        .0.display()
+    )]
     Busy(PathBuf),
+    /// A mount point asked for is not an existing directory.
+    #[error("mount point {} is not an existing directory", .0.display())]
+    NotADirectory(PathBuf),
     /// The path is not a mount point.
     #[error("{} is not a mount point", .0.display())]
     NotMounted(PathBuf),
@@ -177,6 +189,24 @@ pub fn mount_erofs_detached(image: &Path) -> Result<OwnedFd, MountError> {
         MountAttrFlags::MOUNT_ATTR_RDONLY | MountAttrFlags::MOUNT_ATTR_NODEV,
     )
     .map_err(|e| kernel_err(step(), e, Some(&ctx)))
+}
+
+/// `dir` as a canonical path, checked to be an existing directory with
+/// nothing mounted on it: where a mount can go.
+pub fn free_mount_point(dir: &Path) -> Result<PathBuf, MountError> {
+    if !dir.is_dir() {
+        return Err(MountError::NotADirectory(dir.to_path_buf()));
+    }
+    let target = dir.canonicalize().map_err(|e| MountError::Io {
+        step: format!("resolving {}", dir.display()),
+        source: e,
+    })?;
+    // mountinfo rather than a stat: a FUSE mount whose daemon died is
+    // still a mount point
+    if mounts()?.iter().any(|m| m.mount_point == target) {
+        return Err(MountError::AlreadyMounted(target));
+    }
+    Ok(target)
 }
 
 /// Whether `path` is the root of a mount (its mount differs from its
@@ -456,7 +486,7 @@ fn verity_errno(path: &Path, step: &'static str, e: Errno) -> VerityError {
 
 /// The fs-verity (SHA-256) digest of `path`, or `None` when verity is not
 /// enabled on it.
-pub fn measure_verity(path: &Path) -> Result<Option<[u8; 32]>, VerityError> {
+pub fn measure_verity(path: &Path) -> Result<Option<VerityDigest>, VerityError> {
     let f = File::open(path).map_err(|e| VerityError::Io {
         path: path.to_path_buf(),
         step: "opening",
@@ -490,7 +520,7 @@ pub fn measure_verity(path: &Path) -> Result<Option<[u8; 32]>, VerityError> {
             }
             let mut d = [0u8; 32];
             d.copy_from_slice(&arg.digest[..32]);
-            Ok(Some(d))
+            Ok(Some(VerityDigest::from_bytes(d)))
         }
         Err(Errno::NODATA) => Ok(None),
         Err(e) => Err(verity_errno(path, "measuring", e)),

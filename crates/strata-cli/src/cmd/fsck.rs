@@ -12,28 +12,13 @@ pub fn run(ctx: &Ctx) -> Result<ExitCode> {
     let report = store.fsck(ctx.ctl(&render));
     render.finish();
     let report = report?;
-    if ctx.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        for p in &report.problems {
-            println!("problem: {p}");
-        }
-        if !ctx.quiet || !report.is_ok() {
-            println!(
-                "checked {} objects, {} layers, {} images, {} refs, {} templates: {}",
-                report.objects,
-                report.layers,
-                report.images,
-                report.refs,
-                report.templates,
-                if report.is_ok() {
-                    "ok".to_string()
-                } else {
-                    format!("{} problems", report.problems.len())
-                }
-            );
-        }
+    if !ctx.json {
+        report
+            .problems
+            .iter()
+            .for_each(|p| println!("problem: {p}"));
     }
+    ctx.print_with(&report, (!report.is_ok()).then_some(&report), &report)?;
     Ok(if report.is_ok() {
         ExitCode::SUCCESS
     } else {

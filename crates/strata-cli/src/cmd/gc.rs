@@ -3,7 +3,6 @@
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use strata_ops::human_bytes;
 
 use crate::Ctx;
 
@@ -25,26 +24,9 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
     let report = store.gc(a.dry_run, ctx.ctl(&render));
     render.finish();
     let report = report?;
-    if ctx.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(ExitCode::SUCCESS);
+    if !ctx.json && !ctx.quiet {
+        report.images.iter().for_each(|i| println!("image {i}"));
+        report.layers.iter().for_each(|l| println!("layer {l}"));
     }
-    let verb = if a.dry_run { "would free" } else { "freed" };
-    if !ctx.quiet {
-        for i in &report.images {
-            println!("image {i}");
-        }
-        for l in &report.layers {
-            println!("layer {l}");
-        }
-    }
-    println!(
-        "{verb} {}: {} images, {} layers, {} objects, {} blob aliases",
-        human_bytes(report.bytes_freed),
-        report.images.len(),
-        report.layers.len(),
-        report.objects,
-        report.blob_aliases
-    );
-    Ok(ExitCode::SUCCESS)
+    ctx.print_with(&report, Some(&report), &report)
 }

@@ -1,6 +1,5 @@
 //! `strata images`
 
-use std::collections::BTreeMap;
 use std::process::ExitCode;
 
 use anyhow::Result;
@@ -9,37 +8,14 @@ use crate::Ctx;
 use strata_ops::human_bytes as human;
 
 pub fn run(ctx: &Ctx) -> Result<ExitCode> {
-    let store = ctx.open_store()?;
-    let refs = store.refs()?;
-    let mut by_image: BTreeMap<_, Vec<String>> = BTreeMap::new();
-    for (name, d) in &refs {
-        by_image.entry(*d).or_default().push(name.clone());
-    }
-    let mut rows = Vec::new();
-    for d in store.image_digests()? {
-        let meta = store.image_meta(&d)?;
-        let size: u64 = meta.layers.iter().map(|l| l.blob.size).sum();
-        let names = by_image.remove(&d).unwrap_or_default();
-        rows.push((d, names, meta.layers.len(), size));
-    }
+    let images = ctx.open_store()?.images()?;
     if ctx.json {
-        let v: Vec<_> = rows
-            .iter()
-            .map(|(d, names, layers, size)| {
-                serde_json::json!({
-                    "manifest_digest": d,
-                    "names": names,
-                    "layers": layers,
-                    "compressed_size": size,
-                })
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println!("{}", serde_json::to_string_pretty(&images)?);
         return Ok(ExitCode::SUCCESS);
     }
     if ctx.quiet {
-        for (d, ..) in &rows {
-            println!("{d}");
+        for i in &images {
+            println!("{}", i.manifest_digest);
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -47,20 +23,15 @@ pub fn run(ctx: &Ctx) -> Result<ExitCode> {
         "{:<60} {:<19} {:>6} {:>10}",
         "NAME", "DIGEST", "LAYERS", "SIZE"
     );
-    for (d, names, layers, size) in &rows {
-        let shown = if names.is_empty() {
-            vec!["<none>".to_string()]
+    for i in &images {
+        let none = ["<none>".to_string()];
+        for n in if i.names.is_empty() {
+            &none
         } else {
-            names.clone()
-        };
-        for n in shown {
-            println!(
-                "{:<60} {:<19} {:>6} {:>10}",
-                n,
-                d.short(),
-                layers,
-                human(*size)
-            );
+            &i.names[..]
+        } {
+            let (d, size) = (i.manifest_digest.short(), human(i.compressed_size));
+            println!("{n:<60} {d:<19} {:>6} {size:>10}", i.layers);
         }
     }
     Ok(ExitCode::SUCCESS)

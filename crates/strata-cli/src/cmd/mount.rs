@@ -6,15 +6,14 @@
 //! `<store>/lazy/<id>/log`) and returns when the daemon reports the mount
 //! ready, or with its error.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use strata_digest::Digest;
 use strata_lazy::{Fallback, LazyOptions, Mounted, Prefetch};
 use strata_oci::pull::PullOptions;
-use strata_sys::{MountError, OverlayMount, daemon};
+use strata_store::MountOptions;
 
 use crate::Ctx;
 use crate::args::{RegistryArgs, SplitArgs, open_reference, platform};
@@ -119,104 +118,18 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
     }
     let store = ctx.open_store()?;
     let digest = store.resolve_image(&a.image)?;
-    let target = mount_point(&a.dir)?;
-    let (info, layers) = store
-        .image_erofs(&digest, a.split.policy())
-        .with_context(|| format!("preparing the EROFS image of {digest}"))?;
-    let upper = if a.rw || a.upper.is_some() {
-        let base = match &a.upper {
-            Some(u) => u.clone(),
-            None => {
-                let key = Digest::sha256_of(target.as_os_str().as_encoded_bytes());
-                store.root().join("uppers").join(format!(
-                    "{}-{}",
-                    &digest.hex()[..16],
-                    &key.hex()[..16]
-                ))
-            }
-        };
-        let (u, w) = (base.join("upper"), base.join("work"));
-        for d in [&u, &w] {
-            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-        }
-        Some((u, w))
-    } else {
-        None
+    let opts = MountOptions {
+        writable: a.rw,
+        upper: a.upper,
+        verity: a.verity,
+        split: a.split.policy(),
     };
-    let m = OverlayMount {
-        dirs_above: Vec::new(),
-        layers,
-        data_dirs: vec![store.root().join("objects")],
-        upper: upper.clone(),
-        verity_require: a.verity,
-        source: strata_store::composefs_source(&digest),
-    };
-    strata_sys::mount_overlay(&m, &target)
-        .map_err(|e| mount_error(e, &format!("mounting {digest} at {}", target.display())))?;
-    if ctx.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "manifest_digest": digest,
-                "tree_digest": info.tree_digest,
-                "mount_point": target,
-                "upper": upper.as_ref().map(|u| &u.0),
-                "split": info.split.is_some(),
-            })
-        );
-    } else if !ctx.quiet {
-        let mode = if upper.is_some() {
-            "read-write"
-        } else {
-            "read-only"
-        };
-        println!(
-            "mounted {} {mode} at {} (tree {})",
-            a.image,
-            target.display(),
-            info.tree_digest
-        );
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `dir` as a canonical path, checked to be a directory.
-fn mount_point(dir: &Path) -> Result<PathBuf> {
-    if !dir.is_dir() {
-        bail!("mount point {} is not an existing directory", dir.display());
-    }
-    dir.canonicalize()
-        .with_context(|| format!("resolving {}", dir.display()))
-}
-
-fn mount_error(e: MountError, what: &str) -> anyhow::Error {
-    match e {
-        MountError::AlreadyMounted(p) => anyhow::anyhow!(
-            "{} is already a mount point; `strata umount {}` first or pick another directory",
-            p.display(),
-            p.display()
-        ),
-        MountError::Busy(p) => anyhow::anyhow!(
-            "{} is busy: a process has a file open or its working directory there (see `fuser -vm {}`); close it and retry",
-            p.display(),
-            p.display()
-        ),
-        e => anyhow::Error::new(e).context(what.to_string()),
-    }
+    let mounted = store.mount_image(&digest, &a.dir, &opts)?;
+    ctx.print(&mounted)
 }
 
 fn lazy(ctx: &Ctx, a: &Args, mode: LazyMode) -> Result<ExitCode> {
-    let target = mount_point(&a.dir)?;
-    if strata_sys::mounts()?
-        .iter()
-        .any(|m| m.mount_point == target)
-    {
-        bail!(
-            "{} is already a mount point; `strata umount {}` first or pick another directory",
-            target.display(),
-            target.display()
-        );
-    }
+    let target = strata_sys::free_mount_point(&a.dir)?;
     let la = &a.lazy_args;
     if !la.foreground {
         let log = strata_lazy::state::mount_dir(&ctx.root, &target).join("log");
@@ -226,7 +139,7 @@ fn lazy(ctx: &Ctx, a: &Args, mode: LazyMode) -> Result<ExitCode> {
     // thread starts (the registry client's, FUSE's, the read workers')
     strata_sys::malloc::tune_for_daemon();
     crate::background::init_log();
-    let result = (|| -> Result<(String, Vec<String>, Option<Box<strata_lazy::LazyMount>>)> {
+    let result = (|| -> Result<(strata_lazy::MountReport, Mounted)> {
         let store = Arc::new(ctx.open_store_for_daemon()?);
         let mut registry = la.registry.options(&store)?;
         registry.stall_timeout = Some(std::time::Duration::from_secs(10));
@@ -275,104 +188,24 @@ fn lazy(ctx: &Ctx, a: &Args, mode: LazyMode) -> Result<ExitCode> {
             }
             e => anyhow::Error::new(e).context(format!("mounting {name} lazily")),
         })?;
-        Ok(match mounted {
-            Mounted::Composefs { manifest_digest } => (
-                format!(
-                    "{name} ({manifest_digest}) is in the store: mounted it at {} the composefs way",
-                    target.display()
-                ),
-                Vec::new(),
-                None,
-            ),
-            Mounted::Full { reason, .. } => (
-                format!(
-                    "pulled {name} in full and mounted it at {} (not lazily)",
-                    target.display()
-                ),
-                vec![format!("not lazy: {reason}")],
-                None,
-            ),
-            Mounted::Lazy(m) => {
-                let (to_fetch, total) = m.files_to_fetch();
-                (
-                    format!(
-                        "mounted {name} lazily at {} ({to_fetch} of {total} contents to fetch, {} of TOCs read)",
-                        target.display(),
-                        strata_ops::human_bytes(m.toc_bytes())
-                    ),
-                    Vec::new(),
-                    Some(m),
-                )
-            }
-        })
+        Ok((mounted.report(&name, &target), mounted))
     })();
-    let (msg, notes, mount) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            if daemon::is_daemon() {
-                daemon::notify(&serde_json::json!({ "error": format!("{e:#}") }).to_string());
-            }
-            return Err(e);
-        }
-    };
-    tracing::info!("{msg}");
-    let mode = match &mount {
-        Some(_) => "lazy",
-        None if notes.is_empty() => "composefs",
-        None => "full",
-    };
-    let mut report = serde_json::json!({"mode": mode, "message": msg, "notes": notes});
-    if let Some(m) = &mount {
-        report["manifest_digest"] = serde_json::json!(m.manifest_digest());
-    }
+    let (report, mounted) = result.map_err(crate::background::failed)?;
+    tracing::info!("{}", report.message);
     crate::background::ready(ctx, &report);
-    if let Some(m) = mount {
+    if let Mounted::Lazy(m) = mounted {
         m.wait().context("serving the lazy mount")?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn umount(ctx: &Ctx, a: UmountArgs) -> Result<ExitCode> {
-    // a FUSE mount whose daemon died cannot be stat'ed: resolve the parent
-    let target = strata_block::served::canonical(&a.dir)
-        .with_context(|| format!("resolving {}", a.dir.display()))?;
-    let mounts = strata_sys::mounts().context("reading /proc/self/mountinfo")?;
-    let Some(m) = mounts.iter().rev().find(|m| m.mount_point == target) else {
-        bail!("{} is not a mount point", target.display());
-    };
-    let lazy = m.source.starts_with(strata_lazy::mount::SOURCE_PREFIX);
-    let served = m.source.starts_with(strata_block::served::SOURCE_PREFIX);
-    if !m.source.starts_with("strata:") && !lazy && !served {
-        bail!(
-            "{} is a {} mount of {:?}, not one strata made; use umount(8)",
-            target.display(),
-            m.fs_type,
-            m.source
-        );
-    }
-    strata_sys::unmount(&target)
-        .map_err(|e| mount_error(e, &format!("unmounting {}", target.display())))?;
-    if lazy && let Err(e) = strata_lazy::cleanup(&ctx.root, &target) {
-        eprintln!("strata: {e}");
-    }
-    if served {
-        let d = strata_block::served::cleanup(&ctx.root, &target);
-        if d.written > d.committed && !ctx.quiet {
-            eprintln!(
-                "strata: dropped the writes to {} since {} (chunks written: {}, committed: {})",
-                target.display(),
-                if d.committed > 0 {
-                    "the last commit"
-                } else {
-                    "it was served"
-                },
-                d.written,
-                d.committed
-            );
-        }
+    let done = strata_mounts::unmount(&ctx.root, &a.dir)?;
+    for w in done.warnings() {
+        eprintln!("strata: {w}");
     }
     if !ctx.quiet {
-        println!("unmounted {}", target.display());
+        println!("{done}");
     }
     Ok(ExitCode::SUCCESS)
 }

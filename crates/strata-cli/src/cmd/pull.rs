@@ -4,7 +4,6 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use strata_oci::pull::{PullOptions, pull_from};
-use strata_ops::human_bytes;
 
 use crate::Ctx;
 use crate::args::{RegistryArgs, SplitArgs, open_reference, platform};
@@ -44,33 +43,5 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         .with_context(|| format!("pulling {name}"));
     render.finish();
     let summary = summary?;
-    if ctx.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-    } else if ctx.quiet {
-        println!("{}", summary.manifest_digest);
-    } else {
-        println!(
-            "pulled {} {}: layers {} reused, {} fetched; {} downloaded, {} written, {} files deduplicated",
-            summary.name,
-            summary.manifest_digest,
-            summary.layers_reused,
-            summary.layers_fetched,
-            human_bytes(summary.bytes_downloaded),
-            human_bytes(summary.bytes_written),
-            summary.files_deduplicated
-        );
-        for p in &summary.partial {
-            println!(
-                "layer {}: partial pull: {} files fetched ({} with the TOC), {} from the store",
-                p.digest,
-                p.files_fetched,
-                human_bytes(p.downloaded),
-                p.files_local
-            );
-        }
-        if let Some(t) = &summary.tree_digest {
-            println!("tree {t}");
-        }
-    }
-    Ok(ExitCode::SUCCESS)
+    ctx.print_with(&summary, Some(summary.manifest_digest), &summary)
 }

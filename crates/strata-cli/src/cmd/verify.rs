@@ -16,7 +16,10 @@ pub struct Args {
 pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
     let store = ctx.open_store()?;
     let digest = store.resolve_image(&a.image)?;
-    let report = store.verify_image(&digest)?;
+    let render = ctx.render();
+    let report = store.verify_image(&digest, ctx.ctl(&render));
+    render.finish();
+    let report = report?;
     if ctx.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

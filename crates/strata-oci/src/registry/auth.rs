@@ -559,7 +559,7 @@ fn url_encode(s: &str) -> String {
 }
 
 /// The `key=value` (or `key="value"`) parameters of a challenge.
-fn parse_challenge(s: &str) -> Vec<(String, String)> {
+pub fn parse_challenge(s: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut rest = s.trim();
     while !rest.is_empty() {

@@ -58,6 +58,14 @@ pub use auth::{CredentialProvider, Credentials, FileCredentials, StaticCredentia
 pub use config::RegistryConfig;
 pub use push::{BlobContent, RegistryPusher};
 pub use source::RegistrySource;
+
+/// Parsers of registry answers, public only for the fuzz targets in
+/// `fuzz/` (not an API: names and signatures may change).
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::auth::parse_challenge;
+    pub use super::transport::{parse_content_range, parse_multipart};
+}
 pub use transport::RegistryClient;
 
 /// Registry access options. Cloning is cheap and shares the HTTP client

@@ -448,7 +448,7 @@ impl Session {
 }
 
 /// `bytes START-END/TOTAL` -> START.
-fn parse_content_range(v: &str) -> Option<u64> {
+pub fn parse_content_range(v: &str) -> Option<u64> {
     v.trim()
         .strip_prefix("bytes ")?
         .split('-')
@@ -459,7 +459,7 @@ fn parse_content_range(v: &str) -> Option<u64> {
 }
 
 /// Parts of a `multipart/byteranges` body: `(start, bytes)`.
-fn parse_multipart(body: &[u8], boundary: &str) -> Option<Vec<(u64, Vec<u8>)>> {
+pub fn parse_multipart(body: &[u8], boundary: &str) -> Option<Vec<(u64, Vec<u8>)>> {
     let delim = format!("--{boundary}");
     let find = |hay: &[u8], needle: &[u8], from: usize| -> Option<usize> {
         hay.get(from..)?

@@ -5,9 +5,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use strata_oci::ImageRef;
-
-use strata_ops::human_bytes as human;
+use strata_oci::{ImageName, ImageRef};
 
 use crate::Ctx;
 use crate::args::RegistryArgs;
@@ -17,7 +15,7 @@ use crate::args::RegistryArgs;
 pub struct PushArgs {
     /// Template name or id.
     pub name: String,
-    /// docker://HOST[:PORT]/REPO[:TAG]
+    /// [docker://]HOST[:PORT]/REPO[:TAG]
     pub reference: String,
     #[command(flatten)]
     pub registry: RegistryArgs,
@@ -29,7 +27,7 @@ pub struct PushArgs {
 /// Arguments of `strata rootfs pull`.
 #[derive(clap::Args)]
 pub struct PullArgs {
-    /// docker://HOST[:PORT]/REPO[:TAG|@DIGEST]
+    /// [docker://]HOST[:PORT]/REPO[:TAG|@DIGEST]
     pub reference: String,
     /// Name for the template (default: the reference as given).
     #[arg(long)]
@@ -45,14 +43,18 @@ pub struct PullArgs {
     pub jobs: usize,
 }
 
+/// A registry reference: `docker://HOST[:PORT]/REPO[:TAG]` or bare
+/// `HOST[:PORT]/REPO[:TAG]`.
 fn parse_ref(r: &str) -> Result<ImageRef> {
-    let reference: ImageRef = r
+    let name: ImageName = r
         .parse()
         .with_context(|| format!("parsing reference {r:?}"))?;
-    if !matches!(reference, ImageRef::Docker { .. }) {
-        anyhow::bail!("{r}: templates travel through registries: docker://HOST[:PORT]/REPO[:TAG]");
+    match name {
+        ImageName::Qualified(reference @ ImageRef::Docker { .. }) => Ok(reference),
+        _ => anyhow::bail!(
+            "{r}: templates travel through registries: [docker://]HOST[:PORT]/REPO[:TAG]"
+        ),
     }
-    Ok(reference)
 }
 
 pub fn push(ctx: &Ctx, a: PushArgs) -> Result<ExitCode> {
@@ -61,26 +63,14 @@ pub fn push(ctx: &Ctx, a: PushArgs) -> Result<ExitCode> {
     let reference = parse_ref(&a.reference)?;
     let opts = a.registry.options(&store)?;
     let t = Instant::now();
-    let r = strata_block::artifact::push(&store, &id, &reference, &opts, a.jobs)
-        .with_context(|| format!("pushing template {} to {reference}", a.name))?;
-    if ctx.json {
-        let mut v = serde_json::to_value(&r)?;
-        v["id"] = serde_json::json!(id.to_string());
-        v["seconds"] = serde_json::json!(t.elapsed().as_secs_f64());
-        println!("{v}");
-    } else if !ctx.quiet {
-        println!(
-            "pushed {} to {reference} ({}) in {:.2} s: {} of {} chunks uploaded ({}), {} already there",
-            a.name,
-            r.manifest_digest,
-            t.elapsed().as_secs_f64(),
-            r.uploaded,
-            r.chunks,
-            human(r.bytes_uploaded),
-            human(r.bytes_skipped)
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+    let render = ctx.render();
+    let r = strata_block::artifact::push(&store, &id, &reference, &opts, a.jobs, ctx.ctl(&render));
+    render.finish();
+    let r = r.with_context(|| format!("pushing template {} to {reference}", a.name))?;
+    let secs = t.elapsed().as_secs_f64();
+    let v = crate::render::json_with(&r, serde_json::json!({"id": id, "seconds": secs}));
+    let said = format!("pushed {} to {reference} in {secs:.2} s: {r}", a.name);
+    ctx.print_with(&v, None::<&str>, said)
 }
 
 pub fn pull(ctx: &Ctx, a: PullArgs) -> Result<ExitCode> {
@@ -88,30 +78,15 @@ pub fn pull(ctx: &Ctx, a: PullArgs) -> Result<ExitCode> {
     let reference = parse_ref(&a.reference)?;
     let opts = a.registry.options(&store)?;
     let t = Instant::now();
-    let r = strata_block::artifact::pull(&store, &reference, &opts, a.all, a.jobs)
-        .with_context(|| format!("pulling template {reference}"))?;
+    let render = ctx.render();
+    let r =
+        strata_block::artifact::pull(&store, &reference, &opts, a.all, a.jobs, ctx.ctl(&render));
+    render.finish();
+    let r = r.with_context(|| format!("pulling template {reference}"))?;
     let name = a.name.clone().unwrap_or_else(|| a.reference.clone());
     store.set_template_name(&name, &r.id)?;
-    if ctx.json {
-        let mut v = serde_json::to_value(&r)?;
-        v["name"] = serde_json::json!(name);
-        v["seconds"] = serde_json::json!(t.elapsed().as_secs_f64());
-        println!("{v}");
-    } else if !ctx.quiet {
-        println!(
-            "pulled template {name} ({}) in {:.2} s: {} chunks, {} local, {} fetched ({}){}",
-            r.id,
-            t.elapsed().as_secs_f64(),
-            r.chunks,
-            r.chunks_local,
-            r.fetched,
-            human(r.bytes_fetched),
-            if r.chunks_local + r.fetched < r.chunks {
-                "; the rest come on demand (`strata rootfs serve`)"
-            } else {
-                ""
-            }
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+    let secs = t.elapsed().as_secs_f64();
+    let v = crate::render::json_with(&r, serde_json::json!({"name": name, "seconds": secs}));
+    let said = format!("pulled template {name} in {secs:.2} s: {r}");
+    ctx.print_with(&v, None::<&str>, said)
 }

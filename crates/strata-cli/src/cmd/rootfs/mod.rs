@@ -46,7 +46,8 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct BuildArgs {
-    /// The image (name or digest in the store).
+    /// The image: a name or digest in the store, else a reference to pull
+    /// (as `strata pull` takes it: bare references and short names too).
     #[arg(
         long,
         conflicts_with = "from_template",
@@ -69,6 +70,9 @@ struct BuildArgs {
     /// Build even when the cache has this build.
     #[arg(long)]
     no_cache: bool,
+    /// For an image pulled first.
+    #[command(flatten)]
+    registry: crate::args::RegistryArgs,
 }
 
 #[derive(clap::Args)]
@@ -105,17 +109,18 @@ fn build(ctx: &Ctx, b: BuildArgs) -> Result<ExitCode> {
         .as_deref()
         .map(strata_block::parse_size)
         .transpose()?;
+    let store = ctx.open_store()?;
     let source = match (&b.from, &b.from_template) {
+        (Some(_), None) if size.is_none() => {
+            bail!("--size is required with --from (e.g. --size 2GiB)")
+        }
         (Some(i), None) => {
-            if size.is_none() {
-                bail!("--size is required with --from (e.g. --size 2GiB)");
-            }
-            Source::Image(i.clone())
+            let registry = b.registry.options(&store)?;
+            Source::Image(crate::args::image_or_pull(ctx, &store, i, &registry)?.to_string())
         }
         (None, Some(t)) => Source::Template(t.clone()),
         _ => bail!("give --from IMAGE or --from-template NAME"),
     };
-    let store = ctx.open_store()?;
     let req = BuildRequest {
         source,
         size,
@@ -137,84 +142,20 @@ fn build(ctx: &Ctx, b: BuildArgs) -> Result<ExitCode> {
     if let Some(n) = &b.name {
         store.set_template_name(n, &built.id)?;
     }
-    if ctx.json {
-        let mut v = serde_json::to_value(&built)?;
-        v["name"] = serde_json::json!(b.name);
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else if !ctx.quiet {
-        let what = b
-            .name
-            .as_deref()
-            .map(|n| format!("{n} "))
-            .unwrap_or_default();
-        if built.cached {
-            println!(
-                "template {what}{} ({}) was cached: build key {}",
-                built.id,
-                human(built.size),
-                built.key.short()
-            );
-        } else {
-            println!(
-                "built template {what}{} ({}) in {:.2} s: {} chunks, {} new ({})",
-                built.id,
-                human(built.size),
-                built.seconds,
-                built.stats.chunks,
-                built.stats.new_chunks,
-                human(built.stats.new_bytes)
-            );
-        }
-    } else {
-        println!("{}", built.id);
-    }
-    Ok(ExitCode::SUCCESS)
+    let v = crate::render::json_with(&built, serde_json::json!({ "name": b.name }));
+    let what = b.name.map(|n| format!("{n} ")).unwrap_or_default();
+    let verb = if built.cached { "" } else { "built " };
+    ctx.print_with(&v, Some(built.id), format!("{verb}template {what}{built}"))
 }
 
 fn ls(ctx: &Ctx) -> Result<ExitCode> {
-    let store = ctx.open_store()?;
-    let names = store.template_names()?;
-    let mut rows = Vec::new();
-    for id in store.template_ids()? {
-        let map = store.template_map(&id)?;
-        let these: Vec<&String> = names
-            .iter()
-            .filter(|(_, d)| **d == id)
-            .map(|(n, _)| n)
-            .collect();
-        let stored: u64 = map.chunk_set().len() as u64;
-        rows.push(serde_json::json!({
-            "id": id.to_string(),
-            "names": these,
-            "size": map.size,
-            "chunks": stored,
-            "parent": map.parent.map(|p| p.to_string()),
-            "generation": map.generation,
-            "remote": store.template_remote(&id).map(|r| r.reference),
-        }));
-    }
+    let templates = ctx.open_store()?.templates()?;
     if ctx.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        println!("{}", serde_json::to_string_pretty(&templates)?);
         return Ok(ExitCode::SUCCESS);
     }
-    for r in rows {
-        let names: Vec<String> = serde_json::from_value(r["names"].clone())?;
-        println!(
-            "{:<24} {}  {:>9}  {:>6} chunks  gen {}{}",
-            if names.is_empty() {
-                "<none>".to_string()
-            } else {
-                names.join(",")
-            },
-            &r["id"].as_str().unwrap_or_default()[7..19],
-            human(r["size"].as_u64().unwrap_or(0)),
-            r["chunks"],
-            r["generation"],
-            r["remote"]
-                .as_str()
-                .map(|s| format!("  (pulled from {s})"))
-                .unwrap_or_default(),
-        );
+    for t in templates {
+        println!("{t}");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -222,37 +163,7 @@ fn ls(ctx: &Ctx) -> Result<ExitCode> {
 fn inspect(ctx: &Ctx, n: NameArg) -> Result<ExitCode> {
     let store = ctx.open_store()?;
     let id = store.resolve_template(&n.name)?;
-    let map = store.template_map(&id)?;
-    let chunks = map.chunk_set();
-    let parent_chunks = match map.parent {
-        Some(p) if store.has_template(&p) => Some(store.template_map(&p)?.chunk_set()),
-        _ => None,
-    };
-    let new_vs_parent = parent_chunks
-        .as_ref()
-        .map(|pc| chunks.iter().filter(|d| !pc.contains(d)).count());
-    let local = chunks.iter().filter(|d| store.has_object(d)).count();
-    let names: Vec<String> = store
-        .template_names()?
-        .into_iter()
-        .filter(|(_, d)| *d == id)
-        .map(|(n, _)| n)
-        .collect();
-    let v = serde_json::json!({
-        "id": id.to_string(),
-        "names": names,
-        "size": map.size,
-        "chunk_size": map.chunk_size,
-        "chunks_total": map.chunk_count(),
-        "chunks_nonzero": map.chunks().count(),
-        "chunks_distinct": chunks.len(),
-        "chunks_local": local,
-        "chunks_new_vs_parent": new_vs_parent,
-        "parent": map.parent.map(|p| p.to_string()),
-        "generation": map.generation,
-        "build": map.build,
-        "remote": store.template_remote(&id),
-    });
+    let v = store.inspect_template(&id)?;
     println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(ExitCode::SUCCESS)
 }

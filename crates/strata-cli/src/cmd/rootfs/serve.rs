@@ -12,7 +12,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use strata_block::served::{self, ServeRequest};
-use strata_ops::human_bytes as human;
 use strata_sys::daemon;
 
 use crate::Ctx;
@@ -75,35 +74,14 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> Result<ExitCode> {
         writable: a.writable,
         registry: a.registry.options(&store)?,
     };
-    let s = match served::serve(Arc::new(store), &req) {
-        Ok(s) => s,
-        Err(e) => {
-            let e = anyhow::Error::new(e).context(format!("serving template {}", a.name));
-            if daemon::is_daemon() {
-                daemon::notify(&serde_json::json!({ "error": format!("{e:#}") }).to_string());
-            }
-            return Err(e);
-        }
-    };
-    let st = s.status();
-    let msg = format!(
-        "serving {} ({id}, {}) at {} {} in {:.0} ms ({} of {} chunks to fetch{})",
-        a.name,
-        human(st.size),
-        s.file().display(),
-        if a.writable {
-            "read-write (writes kept in an overlay: `strata rootfs commit`)"
-        } else {
-            "read-only"
-        },
-        started.elapsed().as_secs_f64() * 1000.0,
-        st.chunks_missing,
-        st.chunks_total,
-        st.remote
-            .as_ref()
-            .map(|r| format!(" from {r}"))
-            .unwrap_or_default()
-    );
+    // chunk fetch failures are warnings (the log of a daemon); Ctrl-C
+    // unmounts and ends the serve
+    let events = Arc::new(ctx.render());
+    let s = served::serve_with(Arc::new(store), &req, events, ctx.cancel.clone())
+        .with_context(|| format!("serving template {}", a.name))
+        .map_err(crate::background::failed)?;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    let msg = format!("{}, ready in {ms:.0} ms", s.status());
     tracing::info!("{msg}");
     crate::background::ready(
         ctx,
@@ -123,25 +101,7 @@ pub fn commit(ctx: &Ctx, a: CommitArgs) -> Result<ExitCode> {
         )),
         e => anyhow::Error::new(e).context(format!("committing {}", a.file.display())),
     })?;
-    if ctx.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "name": a.name, "id": c.id.to_string(), "parent": c.parent.to_string(),
-                "written_chunks": c.written_chunks, "new_chunks": c.new_chunks, "new_bytes": c.new_bytes,
-            })
-        );
-    } else if !ctx.quiet {
-        println!(
-            "committed {} as {} ({}): {} chunks written, {} new ({}), parent {}",
-            a.file.display(),
-            a.name,
-            c.id,
-            c.written_chunks,
-            c.new_chunks,
-            human(c.new_bytes),
-            c.parent
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+    let v = crate::render::json_with(&c, serde_json::json!({ "name": a.name }));
+    let said = format!("committed {} as {} {c}", a.file.display(), a.name);
+    ctx.print_with(&v, None::<&str>, said)
 }
