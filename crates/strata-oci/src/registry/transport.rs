@@ -602,6 +602,15 @@ fn read_body(
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if Instant::now() + Duration::from_millis(200) >= deadline => {
+                // the request's own timeout is what is left of the deadline
+                return Err(format!(
+                    "the answer was not complete within {} s (the range timeout): {} bytes came ({})",
+                    timeout.as_secs_f64(),
+                    body.len(),
+                    error_chain(&e)
+                ));
+            }
             Err(e) => return Err(error_chain(&e)),
         }
     }
