@@ -4,8 +4,6 @@
 //! error naming the field (or the first disagreement), without panicking;
 //! the expensive ones are measured in a child process (peak RSS, time).
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::io::{Cursor, Read};
 use std::sync::atomic::AtomicU64;
@@ -51,6 +49,19 @@ struct Layer {
     ts: Vec<serde_json::Value>,
 }
 
+/// Deterministic incompressible bytes.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(6364136223846793005) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
 const BIG: usize = 512 * 1024; // a multiple of 512: no padding after it
 
 fn tar_bytes() -> Vec<u8> {
@@ -70,7 +81,7 @@ fn tar_bytes() -> Vec<u8> {
     };
     add("dir/", tar::EntryType::Directory, b"", None);
     add("dir/a.txt", tar::EntryType::Regular, b"hello\n", None);
-    add("dir/big.bin", tar::EntryType::Regular, &common::noise(BIG, 3), None);
+    add("dir/big.bin", tar::EntryType::Regular, &noise(BIG, 3), None);
     add("dir/link", tar::EntryType::Symlink, b"", Some("a.txt"));
     add("dir/hard", tar::EntryType::Link, b"", Some("dir/a.txt"));
     add("dir/empty", tar::EntryType::Regular, b"", None);
@@ -79,12 +90,8 @@ fn tar_bytes() -> Vec<u8> {
 
 fn layer() -> Layer {
     let mut blob = Vec::new();
-    let l = strata_chunked::write_layer(
-        Cursor::new(tar_bytes()),
-        &mut blob,
-        &Default::default(),
-    )
-    .unwrap();
+    let l = strata_chunked::write_layer(Cursor::new(tar_bytes()), &mut blob, &Default::default())
+        .unwrap();
     let loc = reader::locate(&l.annotations).unwrap().unwrap();
     let ts_r = loc.tar_split.unwrap();
     let ts_z = &blob[ts_r.offset as usize..(ts_r.offset + ts_r.len) as usize];
@@ -236,7 +243,10 @@ fn the_layer_as_written_opens_and_lists_its_entries() {
     assert_eq!(entries.len(), 6);
     // and again once the first listing was taken
     assert_eq!(ix.entries().unwrap(), entries);
-    assert!(ix.files.iter().any(|f| f.chunks.len() > 1), "big.bin is chunked");
+    assert!(
+        ix.files.iter().any(|f| f.chunks.len() > 1),
+        "big.bin is chunked"
+    );
 }
 
 #[test]
@@ -305,8 +315,7 @@ fn a_file_larger_than_its_frames_can_hold_is_refused_naming_it() {
     for size in [1u64 << 40, 1 << 62] {
         let mut l = layer();
         l.entry("dir/a.txt").size = size as i64;
-        *l.ts_file("dir/a.txt") =
-            serde_json::json!({"type": 1, "name": "dir/a.txt", "size": size});
+        *l.ts_file("dir/a.txt") = serde_json::json!({"type": 1, "name": "dir/a.txt", "size": size});
         l.patch_header("dir/a.txt", |h| set_size(h, size));
         let t = Instant::now();
         let e = refused(&l);
@@ -371,7 +380,10 @@ fn the_toc_must_match_the_tar_split() {
     let mut l = layer();
     l.entry("dir/a.txt").name = "dir/b.txt".into();
     let e = refused(&l);
-    assert_has(&e, "the tar-split names \"dir/a.txt\", the TOC \"dir/b.txt\"");
+    assert_has(
+        &e,
+        "the tar-split names \"dir/a.txt\", the TOC \"dir/b.txt\"",
+    );
     // a type
     let mut l = layer();
     l.entry("dir/link").kind = "fifo".into();
@@ -383,7 +395,10 @@ fn the_toc_must_match_the_tar_split() {
     // a symlink target
     let mut l = layer();
     l.entry("dir/link").link_name = "/etc/shadow".into();
-    assert_has(&refused(&l), "a symlink to \"a.txt\" in the tar, to \"/etc/shadow\" in the TOC");
+    assert_has(
+        &refused(&l),
+        "a symlink to \"a.txt\" in the tar, to \"/etc/shadow\" in the TOC",
+    );
     // a hard link target escaping the root, in the TOC
     let mut l = layer();
     l.entry("dir/hard").link_name = "../../etc/shadow".into();
@@ -400,7 +415,10 @@ fn the_toc_must_match_the_tar_split() {
     // an entry missing from the TOC
     let mut l = layer();
     l.toc.entries.retain(|e| e.name != "dir/empty");
-    assert_has(&refused(&l), "the tar-split names \"dir/empty\", which the TOC lacks");
+    assert_has(
+        &refused(&l),
+        "the tar-split names \"dir/empty\", which the TOC lacks",
+    );
     // an unknown TOC type
     let mut l = layer();
     l.entry("dir/").kind = "whatever".into();
@@ -415,7 +433,10 @@ fn a_hard_link_to_nothing_is_refused() {
         h[157..257].fill(0);
         h[157..168].copy_from_slice(b"dir/nothere");
     });
-    assert_has(&refused(&l), "a hard link to \"dir/nothere\", which no earlier file is");
+    assert_has(
+        &refused(&l),
+        "a hard link to \"dir/nothere\", which no earlier file is",
+    );
 }
 
 #[test]
@@ -426,7 +447,10 @@ fn a_toc_only_entry_reusing_a_files_digest_is_named() {
     let mut ghost = l.entry("dir/a.txt").clone();
     ghost.name = "dir/ghost".into();
     l.toc.entries.push(ghost.clone());
-    assert_has(&refused(&l), "the TOC lists \"dir/ghost\", which the tar-split lacks");
+    assert_has(
+        &refused(&l),
+        "the TOC lists \"dir/ghost\", which the tar-split lacks",
+    );
     // in the middle
     let mut l = layer();
     l.toc.entries.insert(2, ghost);
@@ -437,7 +461,10 @@ fn a_toc_only_entry_reusing_a_files_digest_is_named() {
 fn names_too_long_or_too_deep_are_refused() {
     let mut l = layer();
     l.entry("dir/a.txt").name = "x".repeat(5000);
-    assert_has(&refused(&l), "is 5000 bytes long, more than 4096 (the limit)");
+    assert_has(
+        &refused(&l),
+        "is 5000 bytes long, more than 4096 (the limit)",
+    );
     let mut l = layer();
     l.entry("dir/a.txt").name = "d/".repeat(600);
     assert_has(&refused(&l), "components deep, more than 512 (the limit)");
@@ -471,7 +498,10 @@ fn entry_limits_per_layer_and_per_image() {
         .err()
         .unwrap()
         .to_string();
-    assert_has(&e, &format!("the image's TOCs list more than {} entries", n + n / 2));
+    assert_has(
+        &e,
+        &format!("the image's TOCs list more than {} entries", n + n / 2),
+    );
     // metadata bytes across the image
     let bytes = MetadataBudget::new(MetadataLimits {
         image_bytes: 1000,
@@ -538,7 +568,12 @@ fn toc_half_million_chunks() -> (Mem, Descriptor) {
     let n = BIG as i64;
     let template = l.chunks("dir/big.bin")[0].clone();
     l.toc.entries.retain(|e| e.kind != "chunk");
-    let at = l.toc.entries.iter().position(|e| e.name == "dir/big.bin").unwrap();
+    let at = l
+        .toc
+        .entries
+        .iter()
+        .position(|e| e.name == "dir/big.bin")
+        .unwrap();
     let off = l.entry("dir/big.bin").offset;
     let e = l.entry("dir/big.bin");
     e.chunk_size = 1;
@@ -655,7 +690,10 @@ fn measured_cases_stay_within_bounds() {
             .lines()
             .find(|l| l.starts_with("MEASURE"))
             .unwrap_or_else(|| {
-                panic!("{case}: no report: {stdout} {}", String::from_utf8_lossy(&out.stderr))
+                panic!(
+                    "{case}: no report: {stdout} {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
             })
             .to_string();
         let field = |k: &str| -> u64 {
@@ -667,7 +705,10 @@ fn measured_cases_stay_within_bounds() {
         };
         let (ms, hwm) = (field("ms"), field("hwm_kb"));
         assert!(line.contains(says), "{case}: {line}");
-        assert!(hwm < mb * 1024, "{case}: peak RSS {hwm} kB over {mb} MB: {line}");
+        assert!(
+            hwm < mb * 1024,
+            "{case}: peak RSS {hwm} kB over {mb} MB: {line}"
+        );
         assert!(ms < secs * 1000, "{case}: {ms} ms over {secs} s: {line}");
         report.push(line);
     }
