@@ -5,9 +5,19 @@
 //!    annotations, which the manifest digest covers) and verified: the TOC
 //!    against the annotation's checksum, the tar-split against the TOC's
 //!    `tarSplitDigest`.
-//! 2. Every regular file the tar-split names must be in the TOC with the
-//!    same size (c/storage's lesson of 2024: a TOC that disagrees with the
-//!    tar could show TOC readers other files than tar readers see).
+//! 2. Nothing they say is trusted before it is checked (issue 15): both
+//!    are parsed as streams, entry by entry, within limits
+//!    ([`MetadataLimits`], shared by an image's layers through a
+//!    [`MetadataBudget`]); every number is checked (negative, zero, past
+//!    the blob, overflowing, chunks out of order or not covering their
+//!    file, more bytes than the frames can decompress to at
+//!    [`MAX_RATIO`]), names against [`MAX_PATH_LEN`]/[`MAX_PATH_DEPTH`];
+//!    and the TOC must list exactly the entries of the tar the tar-split
+//!    rebuilds, in order, with the same names, types, sizes and link
+//!    targets (c/storage's lesson of 2024: a TOC that disagrees with the
+//!    tar could show TOC readers other files than tar readers see). The
+//!    tar's entries are parsed from its headers alone, so listing them
+//!    costs what the headers do, not what the files claim to weigh.
 //! 3. Files whose SHA-256 the store has are read from objects/; the others'
 //!    frames are fetched by range (near ranges merged), decompressed and
 //!    checked against their digests.

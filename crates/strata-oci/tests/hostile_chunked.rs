@@ -357,6 +357,51 @@ fn a_huge_file_the_blob_could_hold_is_listed_without_streaming_it() {
 }
 
 #[test]
+fn a_2p40_file_in_chunks_opens_at_the_cost_of_its_metadata() {
+    // 2^40 bytes in 16384 chunks of 64 MiB, each with 2 KiB of "frames"
+    // (64 MiB / 2 KiB = the zstd maximum ratio) in a blob claimed large
+    // enough: consistent, so it opens (a lazy mount could serve it), and
+    // listing its entries does not stream 2^40 bytes through the tar
+    // parser
+    let size = 1u64 << 40;
+    let n = (size / partial::MAX_CHUNK_SIZE) as i64;
+    let step = (partial::MAX_CHUNK_SIZE / partial::MAX_RATIO) as i64;
+    let mut l = layer();
+    let template = l.chunks("dir/big.bin")[0].clone();
+    l.toc.entries.retain(|e| e.kind != "chunk");
+    let at = l
+        .toc
+        .entries
+        .iter()
+        .position(|e| e.name == "dir/big.bin")
+        .unwrap();
+    let off = l.entry("dir/big.bin").offset;
+    let e = l.entry("dir/big.bin");
+    e.size = size as i64;
+    e.chunk_size = partial::MAX_CHUNK_SIZE as i64;
+    e.end_offset = off + n * step;
+    let chunk = partial::MAX_CHUNK_SIZE as i64;
+    let chunks = (1..n).map(|i| TocEntry {
+        offset: off + i * step,
+        chunk_offset: i * chunk,
+        chunk_size: chunk,
+        ..template.clone()
+    });
+    l.toc.entries.splice(at + 1..at + 1, chunks);
+    *l.ts_file("dir/big.bin") = serde_json::json!({"type": 1, "name": "dir/big.bin", "size": size});
+    l.patch_header("dir/big.bin", |h| set_size(h, size));
+    let (mem, desc) = l.build(Some((off + n * step) as u64));
+    let t = Instant::now();
+    let ix = open(&mem, &desc).unwrap().unwrap();
+    let entries = ix.entries().unwrap();
+    let big = entries.iter().find(|e| e.path == b"dir/big.bin").unwrap();
+    assert!(matches!(big.kind, strata_tar::EntryKind::Regular { size: s, .. } if s == size));
+    // listed again from the headers (the first listing was taken)
+    assert_eq!(ix.entries().unwrap().len(), entries.len());
+    assert!(t.elapsed().as_secs() < 5, "took {:?}", t.elapsed());
+}
+
+#[test]
 fn decode_chunk_does_not_trust_the_size() {
     let desc = layer().build(None).1;
     let chunk = RemoteChunk {
