@@ -627,7 +627,7 @@ fn read_body(
     }
 }
 
-/// `bytes START-END/TOTAL` -> START (see [`parse_content_range_span`]).
+/// `bytes START-END/TOTAL` -> START (checked like `parse_content_range_span`).
 pub fn parse_content_range(v: &str) -> Option<u64> {
     parse_content_range_span(v).map(|(s, _)| s)
 }
