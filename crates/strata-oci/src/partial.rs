@@ -641,6 +641,20 @@ pub fn open_chunked_with(
     let entries = list_entries(desc, &pieces)?;
     compare(desc, &items, &entries)?;
     drop(items);
+    // files' frames follow each other in tar order, apart (checked once
+    // the entries agree: a TOC-only entry reusing a file's frames is named
+    // as what it is above)
+    for w in files.windows(2) {
+        if w[1].offset < w[0].end {
+            return Err(bad(
+                desc,
+                format!(
+                    "{}: offset {} overlaps the frames of {} (which end at {})",
+                    w[1].name, w[1].offset, w[0].name, w[0].end
+                ),
+            ));
+        }
+    }
     if let Some(why) = too_big {
         return Ok(Err(why));
     }
@@ -976,7 +990,10 @@ pub(crate) fn fetch(
         }
     }
     let pieces = index.pieces;
-    let need: u64 = wanted.values().map(|(o, e, _)| e - o).sum();
+    let need: u64 = wanted
+        .values()
+        .map(|(o, e, _)| e - o)
+        .fold(0, u64::saturating_add);
     let held: u64 = wanted
         .values()
         .map(|(_, _, s)| *s)
@@ -1005,7 +1022,7 @@ pub(crate) fn fetch(
         let start = spans[i].0;
         let mut end = spans[i].1;
         let mut j = i + 1;
-        while j < spans.len() && spans[j].0 <= end + MERGE_GAP {
+        while j < spans.len() && spans[j].0 <= end.saturating_add(MERGE_GAP) {
             end = end.max(spans[j].1);
             j += 1;
         }
@@ -1013,7 +1030,10 @@ pub(crate) fn fetch(
         i = j;
     }
     let asks: Vec<(u64, u64)> = merged.iter().map(|(s, e, _, _)| (*s, e - s)).collect();
-    let total = downloaded + asks.iter().map(|(_, l)| l).sum::<u64>();
+    let total = asks
+        .iter()
+        .map(|(_, l)| *l)
+        .fold(downloaded, u64::saturating_add);
     progress(downloaded, total);
     let read = read_ranges_bounded(source, desc, &asks, ctl.cancel, |n| {
         downloaded += n;

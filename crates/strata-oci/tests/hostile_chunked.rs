@@ -293,6 +293,14 @@ fn chunk_sizes_that_wrap_are_refused() {
     let off = l.entry("dir/big.bin").offset;
     l.chunks("dir/big.bin")[0].offset = off;
     assert_has(&refused(&l), "is not after the previous chunk's");
+    // files whose frames overlap
+    let mut l = layer();
+    let a = l.entry("dir/a.txt").offset;
+    l.entry("dir/big.bin").offset = a;
+    assert_has(
+        &refused(&l),
+        "dir/big.bin: offset 99 overlaps the frames of dir/a.txt",
+    );
     // chunks that do not cover the file
     let mut l = layer();
     let last = l.chunks("dir/big.bin").pop().unwrap();
