@@ -27,13 +27,17 @@ impl RegistryArgs {
     /// file is an error naming it.
     pub fn options(&self, store: &strata_store::Store) -> Result<RegistryOptions> {
         let config = RegistryConfig::load(store.root())?;
-        Ok(RegistryOptions {
+        Ok(self.flags().with_config(&config))
+    }
+
+    /// Registry options for these flags alone.
+    pub fn flags(&self) -> RegistryOptions {
+        RegistryOptions {
             plain_http: self.plain_http,
             credentials: Arc::new(FileCredentials::new(self.authfile.clone())),
             user_agent: format!("strata/{}", env!("CARGO_PKG_VERSION")),
             ..Default::default()
         }
-        .with_config(&config))
     }
 }
 
@@ -74,10 +78,8 @@ pub fn image_or_pull(
     let (reference, source) = open_reference(ctx, text, registry, &opts.platform)
         .with_context(|| format!("{not_here}; pulling it"))?;
     let name = reference.to_string();
-    let render = ctx.render();
     let pulled =
-        strata_oci::pull::pull_from(store, source.as_ref(), &name, &opts, ctx.ctl(&render));
-    render.finish();
+        ctx.with_events(|ctl| strata_oci::pull::pull_from(store, &*source, &name, &opts, ctl));
     Ok(pulled
         .with_context(|| format!("pulling {name}"))?
         .manifest_digest)

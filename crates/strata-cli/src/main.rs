@@ -125,9 +125,30 @@ impl Ctx {
         Ok(ExitCode::SUCCESS)
     }
 
-    /// Events to `sink`, cancelled by Ctrl-C.
-    fn ctl<'a>(&'a self, sink: &'a dyn strata_ops::EventSink) -> strata_ops::Ctl<'a> {
-        strata_ops::Ctl::new(sink, &self.cancel)
+    /// A line for people, unless --quiet.
+    fn say(&self, line: impl Display) {
+        if !self.quiet {
+            println!("{line}");
+        }
+    }
+
+    /// Items as a JSON array with --json, else one line each.
+    fn print_lines<T: serde::Serialize + Display>(&self, items: &[T]) -> Result<ExitCode> {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(items)?);
+        } else {
+            items.iter().for_each(|i| println!("{i}"));
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// Run `f` with its events shown (bars cleared when it returns),
+    /// cancelled by Ctrl-C.
+    fn with_events<T>(&self, f: impl FnOnce(strata_ops::Ctl) -> T) -> T {
+        let render = self.render();
+        let r = f(strata_ops::Ctl::new(&render, &self.cancel));
+        render.finish();
+        r
     }
 }
 

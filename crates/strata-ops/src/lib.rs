@@ -15,7 +15,8 @@
 //! [`par_map`] is the one bounded worker pool: it stops handing out work at
 //! the first error or on cancel.
 //!
-//! This crate does no I/O.
+//! This crate does no I/O, but for [`log`] (feature `log`): a daemon's
+//! log and the event sink that writes to it.
 //!
 //! # The async boundary (decided)
 //!
@@ -62,6 +63,8 @@
 mod cancel;
 mod event;
 mod kind;
+#[cfg(feature = "log")]
+pub mod log;
 mod par;
 
 pub use cancel::{Cancel, Cancelled};

@@ -70,10 +70,9 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         place_first: !prefetch.is_empty() && !a.keep_order,
         prefetch,
     };
-    let render = ctx.render();
-    let summary = convert_to(&store, &image, &target, &opts, ctx.ctl(&render));
-    render.finish();
-    let s = summary.with_context(|| format!("converting {image} to {dest}"))?;
+    let s = ctx
+        .with_events(|ctl| convert_to(&store, &image, &target, &opts, ctl))
+        .with_context(|| format!("converting {image} to {dest}"))?;
     if ctx.json || ctx.quiet {
         return ctx.print_with(&s, Some(s.manifest_digest), "");
     }

@@ -8,10 +8,7 @@ use crate::Ctx;
 
 pub fn run(ctx: &Ctx) -> Result<ExitCode> {
     let store = ctx.open_store()?;
-    let render = ctx.render();
-    let report = store.fsck(ctx.ctl(&render));
-    render.finish();
-    let report = report?;
+    let report = ctx.with_events(|ctl| store.fsck(ctl))?;
     if !ctx.json {
         report
             .problems

@@ -38,10 +38,8 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
     };
     let (reference, source) = open_reference(ctx, &a.reference, &opts.registry, &opts.platform)?;
     let name = reference.to_string();
-    let render = ctx.render();
-    let summary = pull_from(&store, source.as_ref(), &name, &opts, ctx.ctl(&render))
-        .with_context(|| format!("pulling {name}"));
-    render.finish();
-    let summary = summary?;
+    let summary = ctx
+        .with_events(|ctl| pull_from(&store, source.as_ref(), &name, &opts, ctl))
+        .with_context(|| format!("pulling {name}"))?;
     ctx.print_with(&summary, Some(summary.manifest_digest), &summary)
 }

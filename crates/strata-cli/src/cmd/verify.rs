@@ -16,10 +16,7 @@ pub struct Args {
 pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
     let store = ctx.open_store()?;
     let digest = store.resolve_image(&a.image)?;
-    let render = ctx.render();
-    let report = store.verify_image(&digest, ctx.ctl(&render));
-    render.finish();
-    let report = report?;
+    let report = ctx.with_events(|ctl| store.verify_image(&digest, ctl))?;
     if ctx.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

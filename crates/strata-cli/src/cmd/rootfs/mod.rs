@@ -127,10 +127,8 @@ fn build(ctx: &Ctx, b: BuildArgs) -> Result<ExitCode> {
         adds: b.adds,
         no_cache: b.no_cache,
     };
-    let render = ctx.render();
-    let built = strata_block::build(&store, &req, ctx.ctl(&render));
-    render.finish();
-    let built = built
+    let built = ctx
+        .with_events(|ctl| strata_block::build(&store, &req, ctl))
         .map_err(|e| match e {
             // the library names the tree; the user gave it as --add
             strata_block::BlockError::BadAdd { path, reason } => {
@@ -149,15 +147,7 @@ fn build(ctx: &Ctx, b: BuildArgs) -> Result<ExitCode> {
 }
 
 fn ls(ctx: &Ctx) -> Result<ExitCode> {
-    let templates = ctx.open_store()?.templates()?;
-    if ctx.json {
-        println!("{}", serde_json::to_string_pretty(&templates)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    for t in templates {
-        println!("{t}");
-    }
-    Ok(ExitCode::SUCCESS)
+    ctx.print_lines(&ctx.open_store()?.templates()?)
 }
 
 fn inspect(ctx: &Ctx, n: NameArg) -> Result<ExitCode> {
@@ -172,12 +162,10 @@ fn rm(ctx: &Ctx, n: NameArg) -> Result<ExitCode> {
     let store = ctx.open_store()?;
     match store.remove_template_name(&n.name)? {
         Some(id) => {
-            if !ctx.quiet {
-                println!(
-                    "removed template name {} ({id}); `strata gc` frees its chunks",
-                    n.name
-                );
-            }
+            let n = &n.name;
+            ctx.say(format_args!(
+                "removed template name {n} ({id}); `strata gc` frees its chunks"
+            ));
             Ok(ExitCode::SUCCESS)
         }
         None => bail!("no template named {:?} (see `strata rootfs ls`)", n.name),
@@ -189,12 +177,9 @@ fn export(ctx: &Ctx, e: ExportArgs) -> Result<ExitCode> {
     let id = store.resolve_template(&e.name)?;
     let map = strata_block::export_template(&store, &id, &e.file)
         .with_context(|| format!("exporting template {id} to {}", e.file.display()))?;
-    if !ctx.quiet {
-        println!(
-            "wrote {} ({}, sparse) from template {id}",
-            e.file.display(),
-            human(map.size)
-        );
-    }
+    let (file, size) = (e.file.display(), human(map.size));
+    ctx.say(format_args!(
+        "wrote {file} ({size}, sparse) from template {id}"
+    ));
     Ok(ExitCode::SUCCESS)
 }
