@@ -85,14 +85,6 @@ pub fn image_or_pull(
         .manifest_digest)
 }
 
-/// `--platform os/arch[/variant]`, default the host's.
-pub fn platform(p: Option<&str>) -> Result<Platform> {
-    match p {
-        Some(p) => p.parse().with_context(|| format!("parsing platform {p:?}")),
-        None => Ok(Platform::host_default()),
-    }
-}
-
 /// How an image's EROFS tree is stored.
 #[derive(clap::Args, Debug, Clone)]
 pub struct SplitArgs {

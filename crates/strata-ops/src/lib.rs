@@ -15,8 +15,9 @@
 //! [`par_map`] is the one bounded worker pool: it stops handing out work at
 //! the first error or on cancel.
 //!
-//! This crate does no I/O, but for [`log`] (feature `log`): a daemon's
-//! log and the event sink that writes to it.
+//! This crate does no I/O of its own: [`JsonLines`] writes events to the
+//! writer it is given; [`log`] (feature `log`) is a daemon's log and the
+//! event sink that writes to it.
 //!
 //! # The async boundary (decided)
 //!
@@ -62,6 +63,7 @@
 
 mod cancel;
 mod event;
+mod json_lines;
 mod kind;
 #[cfg(feature = "log")]
 pub mod log;
@@ -69,6 +71,7 @@ mod par;
 
 pub use cancel::{Cancel, Cancelled};
 pub use event::{Collect, Ctl, Event, EventSink, NoEvents, Op, Unit, Warning};
+pub use json_lines::JsonLines;
 pub use kind::{ErrorKind, HasKind};
 pub use par::{default_jobs, par_map};
 

@@ -25,6 +25,37 @@ pub struct ImageSummary {
     pub compressed_size: u64,
 }
 
+impl ImageSummary {
+    /// The column heads of its [`Display`](fmt::Display) rows.
+    pub fn header() -> String {
+        format!(
+            "{:<60} {:<19} {:>6} {:>10}",
+            "NAME", "DIGEST", "LAYERS", "SIZE"
+        )
+    }
+}
+
+/// A row per name (`<none>` without one): name, short digest, layers, size.
+impl fmt::Display for ImageSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let none = ["<none>".to_string()];
+        let names = if self.names.is_empty() {
+            &none[..]
+        } else {
+            &self.names[..]
+        };
+        let (d, size) = (
+            self.manifest_digest.short(),
+            strata_ops::human_bytes(self.compressed_size),
+        );
+        for (i, n) in names.iter().enumerate() {
+            let nl = if i > 0 { "\n" } else { "" };
+            write!(f, "{nl}{n:<60} {d:<19} {:>6} {size:>10}", self.layers)?;
+        }
+        Ok(())
+    }
+}
+
 /// An image in full: names, meta, tree, layers (with the images sharing
 /// them), manifest and config.
 #[derive(Debug, Clone, Serialize)]

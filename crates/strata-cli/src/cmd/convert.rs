@@ -87,11 +87,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         s.manifest_digest
     );
     if let Some(p) = &s.push {
-        let up = human(p.bytes_uploaded);
-        println!(
-            "pushed to {dest}: {} blobs uploaded ({up}), {} already present",
-            p.blobs_uploaded, p.blobs_present
-        );
+        println!("pushed to {dest}: {p}");
     }
     let reordered: Vec<_> = s
         .layers

@@ -12,11 +12,12 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use strata_lazy::daemon::{self, DaemonRequest};
 use strata_lazy::{Fallback, LazyOptions, Prefetch};
+use strata_oci::Platform;
 use strata_oci::pull::PullOptions;
 use strata_store::MountOptions;
 
 use crate::Ctx;
-use crate::args::{RegistryArgs, SplitArgs, platform};
+use crate::args::{RegistryArgs, SplitArgs};
 
 /// Arguments of `strata mount`.
 #[derive(clap::Args)]
@@ -74,7 +75,7 @@ pub struct LazyArgs {
     registry: RegistryArgs,
     /// With --lazy: platform to pick from an index, os/arch[/variant].
     #[arg(long)]
-    platform: Option<String>,
+    platform: Option<Platform>,
     /// With --lazy: background fetching.
     #[arg(long, value_enum, default_value_t = PrefetchArg::All)]
     prefetch: PrefetchArg,
@@ -131,7 +132,6 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
 fn lazy(ctx: &Ctx, a: &Args, mode: LazyMode) -> Result<ExitCode> {
     let target = strata_sys::free_mount_point(&a.dir)?;
     let la = &a.lazy_args;
-    let platform = platform(la.platform.as_deref())?;
     if !la.foreground {
         let log = strata_lazy::state::mount_dir(&ctx.root, &target).join("log");
         return crate::background::started(ctx, "lazy mount", &log);
@@ -155,7 +155,7 @@ fn lazy(ctx: &Ctx, a: &Args, mode: LazyMode) -> Result<ExitCode> {
             passthrough: la.passthrough,
             fetch_jobs: la.fetch_jobs,
             pull: PullOptions {
-                platform,
+                platform: la.platform.clone().unwrap_or_else(Platform::host_default),
                 registry: la.registry.flags(),
                 jobs: 3,
                 split: a.split.policy(),

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use strata_oci::pull::{PullOptions, pull_from};
 
 use crate::Ctx;
-use crate::args::{RegistryArgs, SplitArgs, open_reference, platform};
+use crate::args::{RegistryArgs, SplitArgs, open_reference};
 
 /// Arguments of `strata pull`.
 #[derive(clap::Args)]
@@ -20,7 +20,7 @@ pub struct Args {
     registry: RegistryArgs,
     /// Platform to pick from an index, os/arch[/variant].
     #[arg(long)]
-    platform: Option<String>,
+    platform: Option<strata_oci::Platform>,
     /// Layers downloaded at once.
     #[arg(long, default_value_t = 3)]
     jobs: usize,
@@ -31,7 +31,9 @@ pub struct Args {
 pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
     let store = ctx.open_store()?;
     let opts = PullOptions {
-        platform: platform(a.platform.as_deref())?,
+        platform: a
+            .platform
+            .unwrap_or_else(strata_oci::Platform::host_default),
         registry: a.registry.options(&store)?,
         jobs: a.jobs,
         split: a.split.policy(),

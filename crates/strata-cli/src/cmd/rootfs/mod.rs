@@ -59,8 +59,8 @@ struct BuildArgs {
     from_template: Option<String>,
     /// Size of the image: 2GiB, 512MiB, ... (whole 4 KiB blocks). Required
     /// with --from; with --from-template the default is the template's size.
-    #[arg(long)]
-    size: Option<String>,
+    #[arg(long, value_parser = strata_block::parse_size)]
+    size: Option<u64>,
     /// A directory laid over the result (repeatable; the last one wins).
     #[arg(long = "add", value_name = "DIR")]
     adds: Vec<PathBuf>,
@@ -104,11 +104,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
 }
 
 fn build(ctx: &Ctx, b: BuildArgs) -> Result<ExitCode> {
-    let size = b
-        .size
-        .as_deref()
-        .map(strata_block::parse_size)
-        .transpose()?;
+    let size = b.size;
     let store = ctx.open_store()?;
     let source = match (&b.from, &b.from_template) {
         (Some(_), None) if size.is_none() => {
