@@ -132,6 +132,14 @@ impl Ctx {
         }
     }
 
+    /// Notes for people (how a short name resolved) on stderr, unless
+    /// --quiet.
+    fn notes(&self, notes: &[String]) {
+        if !self.quiet {
+            notes.iter().for_each(|n| eprintln!("strata: {n}"));
+        }
+    }
+
     /// Items as a JSON array with --json, else one line each.
     fn print_lines<T: serde::Serialize + Display>(&self, items: &[T]) -> Result<ExitCode> {
         if self.json {

@@ -4,9 +4,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use strata_oci::pull::{PullOptions, pull_from};
+use strata_oci::short_names::open_name;
 
 use crate::Ctx;
-use crate::args::{RegistryArgs, SplitArgs, open_reference};
+use crate::args::{RegistryArgs, SplitArgs};
 
 /// Arguments of `strata pull`.
 #[derive(clap::Args)]
@@ -38,8 +39,10 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         jobs: a.jobs,
         split: a.split.policy(),
     };
-    let (reference, source) = open_reference(ctx, &a.reference, &opts.registry, &opts.platform)?;
-    let name = reference.to_string();
+    let opened = open_name(&a.reference, &opts.registry, &opts.platform)
+        .with_context(|| format!("opening {}", a.reference))?;
+    ctx.notes(&opened.notes);
+    let (name, source) = (opened.reference.to_string(), opened.source);
     let summary = ctx
         .with_events(|ctl| pull_from(&store, source.as_ref(), &name, &opts, ctl))
         .with_context(|| format!("pulling {name}"))?;
