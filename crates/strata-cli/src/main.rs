@@ -101,12 +101,6 @@ impl Ctx {
         render::Render::new(self.quiet, self.json)
     }
 
-    /// Print a command's result: as JSON with --json, else in words
-    /// unless --quiet.
-    fn print<T: serde::Serialize + Display>(&self, v: &T) -> Result<ExitCode> {
-        self.print_with(v, None::<&str>, v)
-    }
-
     /// Print `v` as JSON with --json, else `quiet` (if any) with --quiet,
     /// else `human`.
     fn print_with(

@@ -126,7 +126,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         split: a.split.policy(),
     };
     let mounted = store.mount_image(&digest, &a.dir, &opts)?;
-    ctx.print(&mounted)
+    ctx.print_with(&mounted, None::<&str>, &mounted)
 }
 
 fn lazy(ctx: &Ctx, a: &Args, mode: LazyMode) -> Result<ExitCode> {
