@@ -391,9 +391,18 @@ impl Store {
     }
 }
 
-/// The totals line: what was (or, dry, would be) freed.
+/// The totals line: what was (or, dry, would be) freed; `{:#}` first
+/// lists the images and layers (`image DIGEST`, `layer DIGEST`).
 impl fmt::Display for crate::GcReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if f.alternate() {
+            self.images
+                .iter()
+                .try_for_each(|i| writeln!(f, "image {i}"))?;
+            self.layers
+                .iter()
+                .try_for_each(|l| writeln!(f, "layer {l}"))?;
+        }
         write!(
             f,
             "{} {}: {} images, {} layers, {} objects, {} blob aliases",
@@ -407,9 +416,15 @@ impl fmt::Display for crate::GcReport {
     }
 }
 
-/// The totals line: what was checked, `ok` or how many problems.
+/// The totals line: what was checked, `ok` or how many problems; `{:#}`
+/// first lists the problems (`problem: ...`).
 impl fmt::Display for crate::FsckReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if f.alternate() {
+            self.problems
+                .iter()
+                .try_for_each(|p| writeln!(f, "problem: {p}"))?;
+        }
         write!(
             f,
             "checked {} objects, {} layers, {} images, {} refs, {} templates: ",

@@ -8,7 +8,6 @@ use anyhow::{Context, Result};
 use strata_oci::convert::{ConvertOptions, Format, Target, convert_to, prefetch_paths};
 
 use crate::Ctx;
-use strata_ops::human_bytes as human;
 
 /// Arguments of `strata convert`.
 #[derive(clap::Args)]
@@ -76,29 +75,14 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
     if ctx.json || ctx.quiet {
         return ctx.print_with(&s, Some(s.manifest_digest), "");
     }
-    let (n, tar, secs) = (
-        s.layers.len(),
-        human(s.tar_bytes),
-        t0.elapsed().as_secs_f64(),
-    );
-    let src = &a.source;
-    println!(
-        "converted {src} to {dest} {}: {n} layers, {tar} of tar in {secs:.2} s",
-        s.manifest_digest
-    );
+    let (src, secs) = (&a.source, t0.elapsed().as_secs_f64());
+    println!("converted {src} to {dest} {s} in {secs:.2} s");
     if let Some(p) = &s.push {
         println!("pushed to {dest}: {p}");
     }
-    let reordered: Vec<_> = s
-        .layers
-        .iter()
-        .filter(|l| l.reordered_from.is_some())
-        .collect();
-    if !reordered.is_empty() {
+    if let (placed, layers @ 1..) = s.placed_first() {
         println!(
-            "placed {} entries of the prefetch list (with their directories and link targets) first in {} layers: their diff_ids changed, the tree did not (--keep-order keeps the tars)",
-            reordered.iter().map(|l| l.placed_first).sum::<usize>(),
-            reordered.len()
+            "placed {placed} entries of the prefetch list (with their directories and link targets) first in {layers} layers: their diff_ids changed, the tree did not (--keep-order keeps the tars)"
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -21,9 +21,5 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
     let store = strata_store::Store::open_for_gc(&ctx.root)
         .with_context(|| format!("opening store {} for gc", ctx.root.display()))?;
     let report = ctx.with_events(|ctl| store.gc(a.dry_run, ctl))?;
-    if !ctx.json && !ctx.quiet {
-        report.images.iter().for_each(|i| println!("image {i}"));
-        report.layers.iter().for_each(|l| println!("layer {l}"));
-    }
-    ctx.print_with(&report, Some(&report), &report)
+    ctx.print_with(&report, Some(&report), format!("{report:#}"))
 }
