@@ -51,7 +51,8 @@ struct BuildArgs {
     #[arg(
         long,
         conflicts_with = "from_template",
-        required_unless_present = "from_template"
+        required_unless_present = "from_template",
+        requires = "size"
     )]
     from: Option<String>,
     /// The template to start from (name or id).
@@ -104,12 +105,8 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
 }
 
 fn build(ctx: &Ctx, b: BuildArgs) -> Result<ExitCode> {
-    let size = b.size;
     let store = ctx.open_store()?;
     let source = match (&b.from, &b.from_template) {
-        (Some(_), None) if size.is_none() => {
-            bail!("--size is required with --from (e.g. --size 2GiB)")
-        }
         (Some(i), None) => {
             let registry = b.registry.options(&store)?;
             Source::Image(crate::args::image_or_pull(ctx, &store, i, &registry)?.to_string())
@@ -119,7 +116,7 @@ fn build(ctx: &Ctx, b: BuildArgs) -> Result<ExitCode> {
     };
     let req = BuildRequest {
         source,
-        size,
+        size: b.size,
         adds: b.adds,
         no_cache: b.no_cache,
     };
@@ -156,16 +153,14 @@ fn inspect(ctx: &Ctx, n: NameArg) -> Result<ExitCode> {
 
 fn rm(ctx: &Ctx, n: NameArg) -> Result<ExitCode> {
     let store = ctx.open_store()?;
-    match store.remove_template_name(&n.name)? {
-        Some(id) => {
-            let n = &n.name;
-            ctx.say(format_args!(
-                "removed template name {n} ({id}); `strata gc` frees its chunks"
-            ));
-            Ok(ExitCode::SUCCESS)
-        }
-        None => bail!("no template named {:?} (see `strata rootfs ls`)", n.name),
-    }
+    let n = &n.name;
+    let Some(id) = store.remove_template_name(n)? else {
+        bail!("no template named {n:?} (see `strata rootfs ls`)");
+    };
+    ctx.say(format_args!(
+        "removed template name {n} ({id}); `strata gc` frees its chunks"
+    ));
+    Ok(ExitCode::SUCCESS)
 }
 
 fn export(ctx: &Ctx, e: ExportArgs) -> Result<ExitCode> {
