@@ -1,12 +1,11 @@
 //! Argument groups several commands share (flattened into theirs).
 
 use std::path::PathBuf;
-
 use std::sync::Arc;
 
 use anyhow::Result;
-use strata_oci::store_or_pull;
-use strata_oci::{FileCredentials, Platform, RegistryConfig, RegistryOptions};
+use strata_oci::pull::PullOptions;
+use strata_oci::{FileCredentials, RegistryConfig, RegistryOptions, store_or_pull};
 
 /// How to reach registries.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -48,12 +47,7 @@ pub fn image_or_pull(
     text: &str,
     registry: &RegistryOptions,
 ) -> Result<strata_digest::Digest> {
-    let opts = strata_oci::pull::PullOptions {
-        platform: Platform::host_default(),
-        registry: registry.clone(),
-        jobs: 3,
-        split: strata_store::SplitPolicy::Auto(strata_store::DEFAULT_SPLIT_THRESHOLD),
-    };
+    let opts = PullOptions::host(registry.clone());
     let found = ctx.with_events(|ctl| store_or_pull::image_or_pull(store, text, &opts, ctl))?;
     ctx.notes(&found.notes);
     Ok(found.manifest_digest)

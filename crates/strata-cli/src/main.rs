@@ -89,13 +89,6 @@ impl Ctx {
             .with_context(|| format!("opening store {}", self.root.display()))
     }
 
-    /// The store for a daemon: each of its operations takes the lock,
-    /// leases keep what it uses in between (gc runs meanwhile).
-    fn open_store_for_daemon(&self) -> Result<strata_store::Store> {
-        strata_store::Store::open(&self.root)
-            .with_context(|| format!("opening store {}", self.root.display()))
-    }
-
     /// Where this command's events are shown.
     fn render(&self) -> render::Render {
         render::Render::new(self.quiet, self.json)

@@ -156,9 +156,8 @@ fn lazy(ctx: &Ctx, a: &Args, mode: LazyMode) -> Result<ExitCode> {
             fetch_jobs: la.fetch_jobs,
             pull: PullOptions {
                 platform: la.platform.clone().unwrap_or_else(Platform::host_default),
-                registry: la.registry.flags(),
-                jobs: 3,
                 split: a.split.policy(),
+                ..PullOptions::host(la.registry.flags())
             },
         },
     };

@@ -50,7 +50,10 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> Result<ExitCode> {
         // it serves for long: before any thread starts
         served_daemon::prepare();
     }
-    let store = ctx.open_store_for_daemon()?;
+    // a daemon's store: each operation takes the lock, leases keep what it
+    // uses in between (gc runs meanwhile)
+    let store = strata_store::Store::open(&ctx.root)
+        .with_context(|| format!("opening store {}", ctx.root.display()))?;
     let id = store.resolve_template(&a.name)?;
     if !daemon::is_daemon() {
         let (file, dropped) = served::prepare_file(&ctx.root, &a.file)?;
