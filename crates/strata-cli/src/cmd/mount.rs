@@ -179,9 +179,9 @@ fn lazy(ctx: &Ctx, a: &Args, mode: LazyMode) -> Result<ExitCode> {
 
 pub fn umount(ctx: &Ctx, a: UmountArgs) -> Result<ExitCode> {
     let done = strata_mounts::unmount(&ctx.root, &a.dir)?;
-    for w in done.warnings() {
-        eprintln!("strata: {w}");
-    }
+    done.warnings()
+        .iter()
+        .for_each(|w| eprintln!("strata: {w}"));
     ctx.say(&done);
     Ok(ExitCode::SUCCESS)
 }

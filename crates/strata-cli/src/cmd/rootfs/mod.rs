@@ -51,8 +51,7 @@ struct BuildArgs {
     #[arg(
         long,
         conflicts_with = "from_template",
-        required_unless_present = "from_template",
-        requires = "size"
+        required_unless_present = "from_template"
     )]
     from: Option<String>,
     /// The template to start from (name or id).
@@ -107,6 +106,9 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
 fn build(ctx: &Ctx, b: BuildArgs) -> Result<ExitCode> {
     let store = ctx.open_store()?;
     let source = match (&b.from, &b.from_template) {
+        (Some(_), None) if b.size.is_none() => {
+            bail!("--size is required with --from (e.g. --size 2GiB)")
+        }
         (Some(i), None) => {
             let registry = b.registry.options(&store)?;
             Source::Image(crate::args::image_or_pull(ctx, &store, i, &registry)?.to_string())
