@@ -28,12 +28,12 @@ pub enum StoreOrPullError {
     #[error("{not_here}; pulling it: opening {text}")]
     Open {
         /// Why the store has no such image.
-        not_here: StoreError,
+        not_here: Box<StoreError>,
         /// What was given.
         text: String,
         /// Why it does not open.
         #[source]
-        source: OciError,
+        source: Box<OciError>,
     },
     /// The pull failed.
     #[error("pulling {name}")]
@@ -42,7 +42,7 @@ pub enum StoreOrPullError {
         name: String,
         /// Why.
         #[source]
-        source: PullError,
+        source: Box<PullError>,
     },
 }
 
@@ -69,9 +69,9 @@ pub fn image_or_pull(
         Err(source) => {
             let text = text.to_string();
             return Err(StoreOrPullError::Open {
-                not_here,
+                not_here: Box::new(not_here),
                 text,
-                source,
+                source: Box::new(source),
             });
         }
     };
@@ -81,6 +81,9 @@ pub fn image_or_pull(
             manifest_digest: s.manifest_digest,
             notes: opened.notes,
         }),
-        Err(source) => Err(StoreOrPullError::Pull { name, source }),
+        Err(e) => Err(StoreOrPullError::Pull {
+            name,
+            source: Box::new(e),
+        }),
     }
 }
