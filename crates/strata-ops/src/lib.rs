@@ -48,11 +48,11 @@
 //! | convert | `strata_oci::convert::convert(store, image, dest, opts, ctl)` / `convert_to_layout` |
 //! | lazy mount | `strata_lazy::mount(store, source, name, target, opts, events)` -> `LazyMount` (`status`, `wait`, `unmount`); after a restart `strata_lazy::attach` / `list`; cleanup `strata_lazy::cleanup` |
 //! | lazy mount served by this process | `strata_lazy::daemon::start(root, DaemonRequest)` -> `Serving` (`report`, `wait`) |
-| template served by this process | `strata_block::served_daemon::prepare()`, then `served_daemon::start(store, request, events, cancel)` -> (`ServedTemplate`, `ServeReport`) |
-| daemon lifecycle | `strata_sys::daemon::start_and_wait(what, extra, env, log)` -> `Started` (pid, log, `Report`) or `DaemonError::Failed`; in the daemon `report_ready(&Report)` / `report_failed(&err)`; stop `daemon::stop`; log `strata_ops::log::{init, LogEvents}` (feature `log`) |
-| an image in the store, else pulled | `strata_oci::store_or_pull::image_or_pull(store, text, opts, ctl)` |
-| events as JSON lines | `JsonLines::new(writer)` |
-| template build | `strata_block::build(store, request, ctl)` |
+//! | template served by this process | `strata_block::served_daemon::prepare()`, then `served_daemon::start(store, request, events, cancel)` -> (`ServedTemplate`, `ServeReport`) |
+//! | daemon lifecycle | `strata_sys::daemon::start_and_wait(what, extra, env, log)` -> `Started` (pid, log, `Report`) or `DaemonError::Failed`; in the daemon `report_ready(&Report)` / `report_failed(&err)`; stop `daemon::stop`; log `strata_ops::log::{init, LogEvents}` (feature `log`) |
+//! | an image in the store, else pulled | `strata_oci::store_or_pull::image_or_pull(store, text, opts, ctl)` |
+//! | events as JSON lines | `JsonLines::new(writer)` |
+//! | template build | `strata_block::build(store, request, ctl)` |
 //! | template serve / commit | `strata_block::served::serve_with(store, request, events, cancel)` -> `ServedTemplate` (cancel unmounts); `served::commit(store, file, name)`; `served::list` / `cleanup` |
 //! | template push / pull | `strata_block::artifact::push(store, id, ref, opts, jobs, ctl)` / `pull(store, ref, opts, all, jobs, ctl)` |
 //! | gc | `Store::open_for_gc(root)?.gc(dry_run, ctl)` (only an `ExclusiveStore` can; waits for running operations, not for idle handles) |
