@@ -21,6 +21,7 @@ mod chunks;
 mod dirdigest;
 pub mod serve;
 pub mod served;
+pub mod served_daemon;
 mod summary;
 
 use std::collections::BTreeMap;

@@ -1,14 +1,11 @@
 //! Argument groups several commands share (flattened into theirs).
 
 use std::path::PathBuf;
-
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
-use strata_oci::short_names::open_name;
-use strata_oci::{
-    FileCredentials, ImageRef, ImageSource, Platform, RegistryConfig, RegistryOptions,
-};
+use anyhow::Result;
+use strata_oci::pull::PullOptions;
+use strata_oci::{FileCredentials, RegistryConfig, RegistryOptions, store_or_pull};
 
 /// How to reach registries.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -27,68 +24,33 @@ impl RegistryArgs {
     /// file is an error naming it.
     pub fn options(&self, store: &strata_store::Store) -> Result<RegistryOptions> {
         let config = RegistryConfig::load(store.root())?;
-        Ok(RegistryOptions {
+        Ok(self.flags().with_config(&config))
+    }
+
+    /// Registry options for these flags alone.
+    pub fn flags(&self) -> RegistryOptions {
+        RegistryOptions {
             plain_http: self.plain_http,
             credentials: Arc::new(FileCredentials::new(self.authfile.clone())),
             user_agent: format!("strata/{}", env!("CARGO_PKG_VERSION")),
             ..Default::default()
         }
-        .with_config(&config))
     }
-}
-
-/// Open what the user named (see `strata_oci::short_names::open_name`):
-/// the fully qualified reference (the name the store records) and its
-/// source. How a short name resolved is said on stderr.
-pub fn open_reference(
-    ctx: &crate::Ctx,
-    text: &str,
-    registry: &RegistryOptions,
-    platform: &Platform,
-) -> Result<(ImageRef, Box<dyn ImageSource>)> {
-    let opened = open_name(text, registry, platform).with_context(|| format!("opening {text}"))?;
-    if !ctx.quiet {
-        opened.notes.iter().for_each(|n| eprintln!("strata: {n}"));
-    }
-    Ok((opened.reference, opened.source))
 }
 
 /// The image `text` names in the store, else pulled (for the host's
-/// platform) from what `text` references (see [`open_reference`]).
+/// platform; see `strata_oci::store_or_pull`). How a short name resolved
+/// is said on stderr.
 pub fn image_or_pull(
     ctx: &crate::Ctx,
     store: &strata_store::Store,
     text: &str,
     registry: &RegistryOptions,
 ) -> Result<strata_digest::Digest> {
-    let not_here = match store.resolve_image(text) {
-        Ok(d) => return Ok(d),
-        Err(e) => e,
-    };
-    let opts = strata_oci::pull::PullOptions {
-        platform: Platform::host_default(),
-        registry: registry.clone(),
-        jobs: 3,
-        split: strata_store::SplitPolicy::Auto(strata_store::DEFAULT_SPLIT_THRESHOLD),
-    };
-    let (reference, source) = open_reference(ctx, text, registry, &opts.platform)
-        .with_context(|| format!("{not_here}; pulling it"))?;
-    let name = reference.to_string();
-    let render = ctx.render();
-    let pulled =
-        strata_oci::pull::pull_from(store, source.as_ref(), &name, &opts, ctx.ctl(&render));
-    render.finish();
-    Ok(pulled
-        .with_context(|| format!("pulling {name}"))?
-        .manifest_digest)
-}
-
-/// `--platform os/arch[/variant]`, default the host's.
-pub fn platform(p: Option<&str>) -> Result<Platform> {
-    match p {
-        Some(p) => p.parse().with_context(|| format!("parsing platform {p:?}")),
-        None => Ok(Platform::host_default()),
-    }
+    let opts = PullOptions::host(registry.clone());
+    let found = ctx.with_events(|ctl| store_or_pull::image_or_pull(store, text, &opts, ctl))?;
+    ctx.notes(&found.notes);
+    Ok(found.manifest_digest)
 }
 
 /// How an image's EROFS tree is stored.

@@ -89,22 +89,9 @@ impl Ctx {
             .with_context(|| format!("opening store {}", self.root.display()))
     }
 
-    /// The store for a daemon: each of its operations takes the lock,
-    /// leases keep what it uses in between (gc runs meanwhile).
-    fn open_store_for_daemon(&self) -> Result<strata_store::Store> {
-        strata_store::Store::open(&self.root)
-            .with_context(|| format!("opening store {}", self.root.display()))
-    }
-
     /// Where this command's events are shown.
     fn render(&self) -> render::Render {
         render::Render::new(self.quiet, self.json)
-    }
-
-    /// Print a command's result: as JSON with --json, else in words
-    /// unless --quiet.
-    fn print<T: serde::Serialize + Display>(&self, v: &T) -> Result<ExitCode> {
-        self.print_with(v, None::<&str>, v)
     }
 
     /// Print `v` as JSON with --json, else `quiet` (if any) with --quiet,
@@ -125,9 +112,38 @@ impl Ctx {
         Ok(ExitCode::SUCCESS)
     }
 
-    /// Events to `sink`, cancelled by Ctrl-C.
-    fn ctl<'a>(&'a self, sink: &'a dyn strata_ops::EventSink) -> strata_ops::Ctl<'a> {
-        strata_ops::Ctl::new(sink, &self.cancel)
+    /// A line for people, unless --quiet.
+    fn say(&self, line: impl Display) {
+        if !self.quiet {
+            println!("{line}");
+        }
+    }
+
+    /// Notes for people (how a short name resolved) on stderr, unless
+    /// --quiet.
+    fn notes(&self, notes: &[String]) {
+        if !self.quiet {
+            notes.iter().for_each(|n| eprintln!("strata: {n}"));
+        }
+    }
+
+    /// Items as a JSON array with --json, else one line each.
+    fn print_lines<T: serde::Serialize + Display>(&self, items: &[T]) -> Result<ExitCode> {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(items)?);
+        } else {
+            items.iter().for_each(|i| println!("{i}"));
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// Run `f` with its events shown (bars cleared when it returns),
+    /// cancelled by Ctrl-C.
+    fn with_events<T>(&self, f: impl FnOnce(strata_ops::Ctl) -> T) -> T {
+        let render = self.render();
+        let r = f(strata_ops::Ctl::new(&render, &self.cancel));
+        render.finish();
+        r
     }
 }
 

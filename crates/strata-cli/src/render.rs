@@ -3,12 +3,11 @@
 //! `--json` every event as a JSON line on stderr (stdout keeps the result).
 
 use std::collections::HashMap;
-use std::io::{IsTerminal, Write};
+use std::io::{IsTerminal, Stderr};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use strata_ops::{Event, EventSink, Unit};
+use strata_ops::{Event, EventSink, JsonLines, Unit};
 
 /// How events are shown.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -26,8 +25,7 @@ pub struct Render {
     mode: Mode,
     multi: Option<MultiProgress>,
     bars: Mutex<HashMap<usize, ProgressBar>>,
-    /// Last progress line printed per unit (JSON mode: at most 5 a second).
-    last: Mutex<HashMap<String, Instant>>,
+    json: JsonLines<Stderr>,
 }
 
 impl Render {
@@ -45,7 +43,7 @@ impl Render {
             mode,
             multi: bars_on.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr())),
             bars: Mutex::new(HashMap::new()),
-            last: Mutex::new(HashMap::new()),
+            json: JsonLines::new(std::io::stderr()),
         }
     }
 
@@ -54,30 +52,6 @@ impl Render {
         if let Some(m) = &self.multi {
             let _ = m.clear();
         }
-    }
-
-    fn json(&self, e: &Event) {
-        if let Event::Progress {
-            unit, done, total, ..
-        } = e
-        {
-            let key = serde_json::to_string(unit).unwrap_or_default();
-            let mut last = self.last.lock().expect("no panics while held");
-            let now = Instant::now();
-            let due = last
-                .get(&key)
-                .is_none_or(|t| now.duration_since(*t) >= Duration::from_millis(200));
-            if !due && Some(*done) != *total {
-                return;
-            }
-            last.insert(key, now);
-        }
-        let mut v = serde_json::to_value(e).unwrap_or_default();
-        if let Event::Warning { warning, .. } = e {
-            v["message"] = serde_json::json!(warning.to_string());
-        }
-        let mut err = std::io::stderr().lock();
-        let _ = writeln!(err, "{v}");
     }
 
     fn bar(&self, index: usize, total: u64, prefix: String, reused: bool) {
@@ -104,7 +78,7 @@ impl Render {
 impl EventSink for Render {
     fn event(&self, e: &Event) {
         match self.mode {
-            Mode::Json => return self.json(e),
+            Mode::Json => return self.json.event(e),
             Mode::Quiet | Mode::Term => {}
         }
         match e {

@@ -19,6 +19,7 @@
 //! image carries no fs-verity digests: they are not known before the
 //! contents arrive).
 
+pub mod daemon;
 mod fetch;
 pub mod fs;
 pub mod mount;

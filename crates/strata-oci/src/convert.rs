@@ -213,6 +213,24 @@ pub struct ConvertSummary {
     pub push: Option<PushStats>,
 }
 
+impl ConvertSummary {
+    /// Prefetch-list entries placed first, and in how many layers (those
+    /// layers' tars, so their diff_ids, changed).
+    pub fn placed_first(&self) -> (usize, usize) {
+        let reordered = self.layers.iter().filter(|l| l.reordered_from.is_some());
+        reordered.fold((0, 0), |(n, k), l| (n + l.placed_first, k + 1))
+    }
+}
+
+/// `DIGEST: N layers, SIZE of tar`.
+impl std::fmt::Display for ConvertSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (d, n) = (self.manifest_digest, self.layers.len());
+        let tar = strata_ops::human_bytes(self.tar_bytes);
+        write!(f, "{d}: {n} layers, {tar} of tar")
+    }
+}
+
 fn is_zero(n: &usize) -> bool {
     *n == 0
 }

@@ -31,6 +31,7 @@ pub mod push;
 pub mod reference;
 pub mod registry;
 pub mod short_names;
+pub mod store_or_pull;
 
 use std::io::Read;
 use std::path::PathBuf;

@@ -46,6 +46,18 @@ pub struct PullOptions {
     pub split: strata_store::SplitPolicy,
 }
 
+impl PullOptions {
+    /// The host's platform, 3 layers at once, the default split policy.
+    pub fn host(registry: RegistryOptions) -> Self {
+        PullOptions {
+            platform: Platform::host_default(),
+            registry,
+            jobs: 3,
+            split: strata_store::SplitPolicy::Auto(strata_store::DEFAULT_SPLIT_THRESHOLD),
+        }
+    }
+}
+
 /// What a pull did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PullSummary {

@@ -31,6 +31,14 @@ pub struct PushStats {
     pub bytes_uploaded: u64,
 }
 
+impl std::fmt::Display for PushStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let up = strata_ops::human_bytes(self.bytes_uploaded);
+        let (n, present) = (self.blobs_uploaded, self.blobs_present);
+        write!(f, "{n} blobs uploaded ({up}), {present} already present")
+    }
+}
+
 /// Where a converted image is written.
 pub trait ImageDestination: Sync {
     /// A description for messages (`oci:DIR:TAG`, `docker://HOST/REPO:TAG`).

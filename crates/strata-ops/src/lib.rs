@@ -15,7 +15,9 @@
 //! [`par_map`] is the one bounded worker pool: it stops handing out work at
 //! the first error or on cancel.
 //!
-//! This crate does no I/O.
+//! This crate does no I/O of its own: [`JsonLines`] writes events to the
+//! writer it is given; [`log`] (feature `log`) is a daemon's log and the
+//! event sink that writes to it.
 //!
 //! # The async boundary (decided)
 //!
@@ -45,6 +47,11 @@
 //! | pull (full or partial) | `strata_oci::pull::pull_from(store, source, name, opts, ctl)` |
 //! | convert | `strata_oci::convert::convert(store, image, dest, opts, ctl)` / `convert_to_layout` |
 //! | lazy mount | `strata_lazy::mount(store, source, name, target, opts, events)` -> `LazyMount` (`status`, `wait`, `unmount`); after a restart `strata_lazy::attach` / `list`; cleanup `strata_lazy::cleanup` |
+//! | lazy mount served by this process | `strata_lazy::daemon::start(root, DaemonRequest)` -> `Serving` (`report`, `wait`) |
+//! | template served by this process | `strata_block::served_daemon::prepare()`, then `served_daemon::start(store, request, events, cancel)` -> (`ServedTemplate`, `ServeReport`) |
+//! | daemon lifecycle | `strata_sys::daemon::start_and_wait(what, extra, env, log)` -> `Started` (pid, log, `Report`) or `DaemonError::Failed`; in the daemon `report_ready(&Report)` / `report_failed(&err)`; stop `daemon::stop`; log `strata_ops::log::{init, LogEvents}` (feature `log`) |
+//! | an image in the store, else pulled | `strata_oci::store_or_pull::image_or_pull(store, text, opts, ctl)` |
+//! | events as JSON lines | `JsonLines::new(writer)` |
 //! | template build | `strata_block::build(store, request, ctl)` |
 //! | template serve / commit | `strata_block::served::serve_with(store, request, events, cancel)` -> `ServedTemplate` (cancel unmounts); `served::commit(store, file, name)`; `served::list` / `cleanup` |
 //! | template push / pull | `strata_block::artifact::push(store, id, ref, opts, jobs, ctl)` / `pull(store, ref, opts, all, jobs, ctl)` |
@@ -61,11 +68,15 @@
 
 mod cancel;
 mod event;
+mod json_lines;
 mod kind;
+#[cfg(feature = "log")]
+pub mod log;
 mod par;
 
 pub use cancel::{Cancel, Cancelled};
 pub use event::{Collect, Ctl, Event, EventSink, NoEvents, Op, Unit, Warning};
+pub use json_lines::JsonLines;
 pub use kind::{ErrorKind, HasKind};
 pub use par::{default_jobs, par_map};
 

@@ -575,6 +575,19 @@ pub struct VerifyReport {
     pub problems: Vec<String>,
 }
 
+/// Its problems, one a line, or that the image verified.
+impl std::fmt::Display for VerifyReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if !self.problems.is_empty() {
+            return f.write_str(&self.problems.join("\n"));
+        }
+        let image = self.image.map(|d| d.to_string()).unwrap_or_default();
+        let tree = self.tree_digest.map(|d| d.to_string()).unwrap_or_default();
+        let n = self.objects;
+        write!(f, "verified {image}: {n} objects, tree {tree}")
+    }
+}
+
 impl Store {
     /// Rebuild an image's tree from its layer records, re-write its EROFS
     /// image(s) in memory and compare them with the stored ones, and

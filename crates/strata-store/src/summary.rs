@@ -25,6 +25,37 @@ pub struct ImageSummary {
     pub compressed_size: u64,
 }
 
+impl ImageSummary {
+    /// The column heads of its [`Display`](fmt::Display) rows.
+    pub fn header() -> String {
+        format!(
+            "{:<60} {:<19} {:>6} {:>10}",
+            "NAME", "DIGEST", "LAYERS", "SIZE"
+        )
+    }
+}
+
+/// A row per name (`<none>` without one): name, short digest, layers, size.
+impl fmt::Display for ImageSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let none = ["<none>".to_string()];
+        let names = if self.names.is_empty() {
+            &none[..]
+        } else {
+            &self.names[..]
+        };
+        let (d, size) = (
+            self.manifest_digest.short(),
+            strata_ops::human_bytes(self.compressed_size),
+        );
+        for (i, n) in names.iter().enumerate() {
+            let nl = if i > 0 { "\n" } else { "" };
+            write!(f, "{nl}{n:<60} {d:<19} {:>6} {size:>10}", self.layers)?;
+        }
+        Ok(())
+    }
+}
+
 /// An image in full: names, meta, tree, layers (with the images sharing
 /// them), manifest and config.
 #[derive(Debug, Clone, Serialize)]
@@ -360,9 +391,18 @@ impl Store {
     }
 }
 
-/// The totals line: what was (or, dry, would be) freed.
+/// The totals line: what was (or, dry, would be) freed; `{:#}` first
+/// lists the images and layers (`image DIGEST`, `layer DIGEST`).
 impl fmt::Display for crate::GcReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if f.alternate() {
+            self.images
+                .iter()
+                .try_for_each(|i| writeln!(f, "image {i}"))?;
+            self.layers
+                .iter()
+                .try_for_each(|l| writeln!(f, "layer {l}"))?;
+        }
         write!(
             f,
             "{} {}: {} images, {} layers, {} objects, {} blob aliases",
@@ -376,9 +416,15 @@ impl fmt::Display for crate::GcReport {
     }
 }
 
-/// The totals line: what was checked, `ok` or how many problems.
+/// The totals line: what was checked, `ok` or how many problems; `{:#}`
+/// first lists the problems (`problem: ...`).
 impl fmt::Display for crate::FsckReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if f.alternate() {
+            self.problems
+                .iter()
+                .try_for_each(|p| writeln!(f, "problem: {p}"))?;
+        }
         write!(
             f,
             "checked {} objects, {} layers, {} images, {} refs, {} templates: ",

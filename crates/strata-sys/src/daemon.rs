@@ -9,6 +9,11 @@
 //!   returns Spawned { pid, line }          keeps running; stdout closed
 //! ```
 //!
+//! The line is a JSON object: a [`Report`] (`message`, `notes`, the
+//! daemon's own fields) from [`report_ready`], or `{"error": ...}` from
+//! [`report_failed`]; [`start_and_wait`] reads it into a [`Started`] or a
+//! [`DaemonError::Failed`].
+//!
 //! A daemon that exits before it reports is an error naming its exit
 //! status and its log. [`stop`] waits for a daemon to end by itself (its
 //! mount was taken away) and kills it when it does not.
@@ -57,6 +62,124 @@ pub enum DaemonError {
         /// Its log.
         log: PathBuf,
     },
+    /// It reported that it could not start.
+    #[error("{error}")]
+    Failed {
+        /// Which daemon.
+        what: String,
+        /// Its error, with its causes.
+        error: String,
+    },
+    /// It reported something that is no report.
+    #[error("the {what} daemon reported {line:?}; see {}", log.display())]
+    BadReport {
+        /// Which daemon.
+        what: String,
+        /// What it said.
+        line: String,
+        /// Its log.
+        log: PathBuf,
+    },
+}
+
+/// What a daemon reports once ready: a JSON object with `message` (one
+/// line for people), `notes` (warnings for people) and its own fields.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(transparent)]
+pub struct Report(serde_json::Value);
+
+impl Report {
+    /// The report of `v` (a struct or object with `message` and maybe
+    /// `notes`).
+    pub fn new(v: &impl serde::Serialize) -> Report {
+        Report(serde_json::to_value(v).unwrap_or_default())
+    }
+
+    /// Its line for people (`started` when it has none).
+    pub fn message(&self) -> &str {
+        self.0["message"].as_str().unwrap_or("started")
+    }
+
+    /// Its warnings for people.
+    pub fn notes(&self) -> impl Iterator<Item = &str> {
+        let notes = self.0.get("notes").and_then(|n| n.as_array());
+        notes.into_iter().flatten().filter_map(|n| n.as_str())
+    }
+
+    /// All of it, as JSON.
+    pub fn json(&self) -> &serde_json::Value {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+/// A daemon that reported it is ready.
+#[derive(Debug)]
+pub struct Started {
+    /// Its pid.
+    pub pid: u32,
+    /// Its log file.
+    pub log: PathBuf,
+    /// What it reported.
+    pub report: Report,
+}
+
+/// Start this command again as a daemon (see [`spawn_self`]) and wait for
+/// its report: ready, or the error it could not start with.
+pub fn start_and_wait(
+    what: &str,
+    extra: &[&str],
+    env: &[(&str, &std::ffi::OsStr)],
+    log: &Path,
+) -> Result<Started, DaemonError> {
+    let spawned = spawn_self(what, extra, env, log)?;
+    let v: serde_json::Value =
+        serde_json::from_str(&spawned.line).map_err(|_| DaemonError::BadReport {
+            what: what.to_string(),
+            line: spawned.line.clone(),
+            log: log.to_path_buf(),
+        })?;
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        return Err(DaemonError::Failed {
+            what: what.to_string(),
+            error: e.to_string(),
+        });
+    }
+    Ok(Started {
+        pid: spawned.pid,
+        log: spawned.log,
+        report: Report(v),
+    })
+}
+
+/// In a daemon, tell the waiting parent it is ready with `report` and
+/// return true; elsewhere (a foreground run) return false: the caller
+/// shows it.
+pub fn report_ready(report: &Report) -> bool {
+    if is_daemon() {
+        notify(&report.0.to_string());
+    }
+    is_daemon()
+}
+
+/// In a daemon, tell the waiting parent it could not start: `e` and its
+/// causes, `: `-separated (the parent fails with that).
+pub fn report_failed(e: &(dyn std::error::Error + 'static)) {
+    if !is_daemon() {
+        return;
+    }
+    let mut error = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        error = format!("{error}: {c}");
+        cause = c.source();
+    }
+    notify(&serde_json::json!({ "error": error }).to_string());
 }
 
 /// Whether this process is a daemon started by [`spawn_self`].
@@ -177,6 +300,15 @@ pub fn wait_gone(pid: u32, limit: Duration) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_report_has_a_message_and_notes() {
+        let r = Report::new(&serde_json::json!({"message": "up", "notes": ["slow"], "x": 1}));
+        assert_eq!(r.message(), "up");
+        assert_eq!(r.notes().collect::<Vec<_>>(), ["slow"]);
+        assert_eq!(r.to_string(), "up");
+        assert_eq!(Report::new(&serde_json::json!({})).message(), "started");
+    }
 
     #[test]
     fn alive_knows_this_process_and_not_a_dead_one() {

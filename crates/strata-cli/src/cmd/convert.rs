@@ -8,7 +8,6 @@ use anyhow::{Context, Result};
 use strata_oci::convert::{ConvertOptions, Format, Target, convert_to, prefetch_paths};
 
 use crate::Ctx;
-use strata_ops::human_bytes as human;
 
 /// Arguments of `strata convert`.
 #[derive(clap::Args)]
@@ -70,40 +69,20 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         place_first: !prefetch.is_empty() && !a.keep_order,
         prefetch,
     };
-    let render = ctx.render();
-    let summary = convert_to(&store, &image, &target, &opts, ctx.ctl(&render));
-    render.finish();
-    let s = summary.with_context(|| format!("converting {image} to {dest}"))?;
+    let s = ctx
+        .with_events(|ctl| convert_to(&store, &image, &target, &opts, ctl))
+        .with_context(|| format!("converting {image} to {dest}"))?;
     if ctx.json || ctx.quiet {
         return ctx.print_with(&s, Some(s.manifest_digest), "");
     }
-    let (n, tar, secs) = (
-        s.layers.len(),
-        human(s.tar_bytes),
-        t0.elapsed().as_secs_f64(),
-    );
-    let src = &a.source;
-    println!(
-        "converted {src} to {dest} {}: {n} layers, {tar} of tar in {secs:.2} s",
-        s.manifest_digest
-    );
+    let (src, secs) = (&a.source, t0.elapsed().as_secs_f64());
+    println!("converted {src} to {dest} {s} in {secs:.2} s");
     if let Some(p) = &s.push {
-        let up = human(p.bytes_uploaded);
-        println!(
-            "pushed to {dest}: {} blobs uploaded ({up}), {} already present",
-            p.blobs_uploaded, p.blobs_present
-        );
+        println!("pushed to {dest}: {p}");
     }
-    let reordered: Vec<_> = s
-        .layers
-        .iter()
-        .filter(|l| l.reordered_from.is_some())
-        .collect();
-    if !reordered.is_empty() {
+    if let (placed, layers @ 1..) = s.placed_first() {
         println!(
-            "placed {} entries of the prefetch list (with their directories and link targets) first in {} layers: their diff_ids changed, the tree did not (--keep-order keeps the tars)",
-            reordered.iter().map(|l| l.placed_first).sum::<usize>(),
-            reordered.len()
+            "placed {placed} entries of the prefetch list (with their directories and link targets) first in {layers} layers: their diff_ids changed, the tree did not (--keep-order keeps the tars)"
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -55,8 +55,6 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         }
         _ => bail!("give a directory, --tar FILE or --erofs FILE"),
     };
-    if !ctx.quiet {
-        println!("{done}");
-    }
+    ctx.say(done);
     Ok(ExitCode::SUCCESS)
 }

@@ -20,13 +20,6 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
     // strata_store::GC_LOCK_WAIT instead of waiting forever
     let store = strata_store::Store::open_for_gc(&ctx.root)
         .with_context(|| format!("opening store {} for gc", ctx.root.display()))?;
-    let render = ctx.render();
-    let report = store.gc(a.dry_run, ctx.ctl(&render));
-    render.finish();
-    let report = report?;
-    if !ctx.json && !ctx.quiet {
-        report.images.iter().for_each(|i| println!("image {i}"));
-        report.layers.iter().for_each(|l| println!("layer {l}"));
-    }
-    ctx.print_with(&report, Some(&report), &report)
+    let report = ctx.with_events(|ctl| store.gc(a.dry_run, ctl))?;
+    ctx.print_with(&report, Some(&report), format!("{report:#}"))
 }

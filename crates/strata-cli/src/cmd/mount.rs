@@ -8,15 +8,16 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use strata_lazy::{Fallback, LazyOptions, Mounted, Prefetch};
+use strata_lazy::daemon::{self, DaemonRequest};
+use strata_lazy::{Fallback, LazyOptions, Prefetch};
+use strata_oci::Platform;
 use strata_oci::pull::PullOptions;
 use strata_store::MountOptions;
 
 use crate::Ctx;
-use crate::args::{RegistryArgs, SplitArgs, open_reference, platform};
+use crate::args::{RegistryArgs, SplitArgs};
 
 /// Arguments of `strata mount`.
 #[derive(clap::Args)]
@@ -74,7 +75,7 @@ pub struct LazyArgs {
     registry: RegistryArgs,
     /// With --lazy: platform to pick from an index, os/arch[/variant].
     #[arg(long)]
-    platform: Option<String>,
+    platform: Option<Platform>,
     /// With --lazy: background fetching.
     #[arg(long, value_enum, default_value_t = PrefetchArg::All)]
     prefetch: PrefetchArg,
@@ -125,7 +126,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         split: a.split.policy(),
     };
     let mounted = store.mount_image(&digest, &a.dir, &opts)?;
-    ctx.print(&mounted)
+    ctx.print_with(&mounted, None::<&str>, &mounted)
 }
 
 fn lazy(ctx: &Ctx, a: &Args, mode: LazyMode) -> Result<ExitCode> {
@@ -135,19 +136,11 @@ fn lazy(ctx: &Ctx, a: &Args, mode: LazyMode) -> Result<ExitCode> {
         let log = strata_lazy::state::mount_dir(&ctx.root, &target).join("log");
         return crate::background::started(ctx, "lazy mount", &log);
     }
-    // the daemon (or a foreground mount) serves for long: before any
-    // thread starts (the registry client's, FUSE's, the read workers')
-    strata_sys::malloc::tune_for_daemon();
-    crate::background::init_log();
-    let result = (|| -> Result<(strata_lazy::MountReport, Mounted)> {
-        let store = Arc::new(ctx.open_store_for_daemon()?);
-        let mut registry = la.registry.options(&store)?;
-        registry.stall_timeout = Some(std::time::Duration::from_secs(10));
-        let platform = platform(la.platform.as_deref())?;
-        let (reference, source) = open_reference(ctx, &a.image, &registry, &platform)?;
-        let source: Arc<dyn strata_oci::ImageSource> = Arc::from(source);
-        let name = reference.to_string();
-        let opts = LazyOptions {
+    let req = DaemonRequest {
+        image: a.image.clone(),
+        target,
+        prefetch_list_file: la.prefetch_list.clone(),
+        opts: LazyOptions {
             fallback: match mode {
                 LazyMode::Auto => Fallback::Pull,
                 LazyMode::Require => Fallback::Fail,
@@ -157,55 +150,38 @@ fn lazy(ctx: &Ctx, a: &Args, mode: LazyMode) -> Result<ExitCode> {
                 PrefetchArg::List => Prefetch::List,
                 PrefetchArg::All => Prefetch::All,
             },
-            prefetch_list: match &la.prefetch_list {
-                Some(p) => Some(
-                    std::fs::read_to_string(p)
-                        .with_context(|| format!("reading prefetch list {}", p.display()))?,
-                ),
-                None => None,
-            },
+            prefetch_list: None,
             record: la.record.clone(),
             passthrough: la.passthrough,
             fetch_jobs: la.fetch_jobs,
             pull: PullOptions {
-                platform,
-                registry,
-                jobs: 3,
+                platform: la.platform.clone().unwrap_or_else(Platform::host_default),
                 split: a.split.policy(),
+                ..PullOptions::host(la.registry.flags())
             },
-        };
-        let mounted = strata_lazy::mount(
-            store,
-            source,
-            &name,
-            &target,
-            &opts,
-            Arc::new(crate::background::LogEvents),
-        )
-        .map_err(|e| match e {
-            e @ strata_lazy::LazyError::NotLazy { .. } => {
-                anyhow::Error::new(e).context("--lazy=require")
-            }
-            e => anyhow::Error::new(e).context(format!("mounting {name} lazily")),
-        })?;
-        Ok((mounted.report(&name, &target), mounted))
-    })();
-    let (report, mounted) = result.map_err(crate::background::failed)?;
-    tracing::info!("{}", report.message);
-    crate::background::ready(ctx, &report);
-    if let Mounted::Lazy(m) = mounted {
-        m.wait().context("serving the lazy mount")?;
-    }
+        },
+    };
+    // the daemon (or a foreground mount) serves for long: it tunes malloc
+    // and starts logging before any thread starts
+    let serving = daemon::start(&ctx.root, req).map_err(|e| {
+        crate::background::failed(match e {
+            daemon::DaemonError::Mount {
+                source: e @ strata_lazy::LazyError::NotLazy { .. },
+                ..
+            } => anyhow::Error::new(e).context("--lazy=require"),
+            e => e.into(),
+        })
+    })?;
+    crate::background::ready(ctx, serving.report());
+    serving.wait().context("serving the lazy mount")?;
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn umount(ctx: &Ctx, a: UmountArgs) -> Result<ExitCode> {
     let done = strata_mounts::unmount(&ctx.root, &a.dir)?;
-    for w in done.warnings() {
-        eprintln!("strata: {w}");
-    }
-    if !ctx.quiet {
-        println!("{done}");
-    }
+    done.warnings()
+        .iter()
+        .for_each(|w| eprintln!("strata: {w}"));
+    ctx.say(&done);
     Ok(ExitCode::SUCCESS)
 }

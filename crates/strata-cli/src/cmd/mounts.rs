@@ -8,15 +8,8 @@ use crate::Ctx;
 
 pub fn run(ctx: &Ctx) -> Result<ExitCode> {
     let entries = strata_mounts::list(&ctx.root);
-    if ctx.json {
-        println!("{}", serde_json::to_string_pretty(&entries)?);
-        return Ok(ExitCode::SUCCESS);
+    if entries.is_empty() && !ctx.json {
+        ctx.say("no lazy mounts or served templates");
     }
-    for e in &entries {
-        println!("{e}");
-    }
-    if entries.is_empty() && !ctx.quiet {
-        println!("no lazy mounts or served templates");
-    }
-    Ok(ExitCode::SUCCESS)
+    ctx.print_lines(&entries)
 }

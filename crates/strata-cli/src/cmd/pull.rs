@@ -4,9 +4,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use strata_oci::pull::{PullOptions, pull_from};
+use strata_oci::short_names::open_name;
 
 use crate::Ctx;
-use crate::args::{RegistryArgs, SplitArgs, open_reference, platform};
+use crate::args::{RegistryArgs, SplitArgs};
 
 /// Arguments of `strata pull`.
 #[derive(clap::Args)]
@@ -20,7 +21,7 @@ pub struct Args {
     registry: RegistryArgs,
     /// Platform to pick from an index, os/arch[/variant].
     #[arg(long)]
-    platform: Option<String>,
+    platform: Option<strata_oci::Platform>,
     /// Layers downloaded at once.
     #[arg(long, default_value_t = 3)]
     jobs: usize,
@@ -31,17 +32,19 @@ pub struct Args {
 pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
     let store = ctx.open_store()?;
     let opts = PullOptions {
-        platform: platform(a.platform.as_deref())?,
+        platform: a
+            .platform
+            .unwrap_or_else(strata_oci::Platform::host_default),
         registry: a.registry.options(&store)?,
         jobs: a.jobs,
         split: a.split.policy(),
     };
-    let (reference, source) = open_reference(ctx, &a.reference, &opts.registry, &opts.platform)?;
-    let name = reference.to_string();
-    let render = ctx.render();
-    let summary = pull_from(&store, source.as_ref(), &name, &opts, ctx.ctl(&render))
-        .with_context(|| format!("pulling {name}"));
-    render.finish();
-    let summary = summary?;
+    let opened = open_name(&a.reference, &opts.registry, &opts.platform)
+        .with_context(|| format!("opening {}", a.reference))?;
+    ctx.notes(&opened.notes);
+    let (name, source) = (opened.reference.to_string(), opened.source);
+    let summary = ctx
+        .with_events(|ctl| pull_from(&store, source.as_ref(), &name, &opts, ctl))
+        .with_context(|| format!("pulling {name}"))?;
     ctx.print_with(&summary, Some(summary.manifest_digest), &summary)
 }

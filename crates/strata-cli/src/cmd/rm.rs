@@ -18,13 +18,13 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
     let store = ctx.open_store()?;
     for image in &a.images {
         let (digest, names) = store.remove_image(image)?;
-        if !ctx.quiet {
-            for n in names {
-                println!("untagged {n}");
-            }
-            if !store.has_image(&digest) {
-                println!("removed {digest} (space is freed by strata gc)");
-            }
+        names
+            .iter()
+            .for_each(|n| ctx.say(format_args!("untagged {n}")));
+        if !store.has_image(&digest) {
+            ctx.say(format_args!(
+                "removed {digest} (space is freed by strata gc)"
+            ));
         }
     }
     Ok(ExitCode::SUCCESS)

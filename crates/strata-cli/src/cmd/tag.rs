@@ -25,8 +25,6 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         );
     }
     store.set_ref(&a.name, &digest)?;
-    if !ctx.quiet {
-        println!("tagged {digest} as {}", a.name);
-    }
+    ctx.say(format_args!("tagged {digest} as {}", a.name));
     Ok(ExitCode::SUCCESS)
 }

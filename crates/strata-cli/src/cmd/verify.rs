@@ -16,30 +16,15 @@ pub struct Args {
 pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
     let store = ctx.open_store()?;
     let digest = store.resolve_image(&a.image)?;
-    let render = ctx.render();
-    let report = store.verify_image(&digest, ctx.ctl(&render));
-    render.finish();
-    let report = report?;
-    if ctx.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        for p in &report.problems {
-            println!("{p}");
-        }
-        if report.problems.is_empty() && !ctx.quiet {
-            let tree = report
-                .tree_digest
-                .map(|d| d.to_string())
-                .unwrap_or_default();
-            println!("verified {digest}: {} objects, tree {tree}", report.objects);
-        }
+    let report = ctx.with_events(|ctl| store.verify_image(&digest, ctl))?;
+    let n = report.problems.len();
+    // the problems even with --quiet
+    ctx.print_with(&report, (n > 0).then_some(&report), &report)?;
+    if n == 0 {
+        return Ok(ExitCode::SUCCESS);
     }
-    Ok(if report.problems.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        if !ctx.json {
-            eprintln!("strata: {} problem(s) in {digest}", report.problems.len());
-        }
-        ExitCode::FAILURE
-    })
+    if !ctx.json {
+        eprintln!("strata: {n} problem(s) in {digest}");
+    }
+    Ok(ExitCode::FAILURE)
 }

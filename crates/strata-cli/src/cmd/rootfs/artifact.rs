@@ -63,10 +63,11 @@ pub fn push(ctx: &Ctx, a: PushArgs) -> Result<ExitCode> {
     let reference = parse_ref(&a.reference)?;
     let opts = a.registry.options(&store)?;
     let t = Instant::now();
-    let render = ctx.render();
-    let r = strata_block::artifact::push(&store, &id, &reference, &opts, a.jobs, ctx.ctl(&render));
-    render.finish();
-    let r = r.with_context(|| format!("pushing template {} to {reference}", a.name))?;
+    let r = ctx
+        .with_events(|ctl| {
+            strata_block::artifact::push(&store, &id, &reference, &opts, a.jobs, ctl)
+        })
+        .with_context(|| format!("pushing template {} to {reference}", a.name))?;
     let secs = t.elapsed().as_secs_f64();
     let v = crate::render::json_with(&r, serde_json::json!({"id": id, "seconds": secs}));
     let said = format!("pushed {} to {reference} in {secs:.2} s: {r}", a.name);
@@ -78,11 +79,11 @@ pub fn pull(ctx: &Ctx, a: PullArgs) -> Result<ExitCode> {
     let reference = parse_ref(&a.reference)?;
     let opts = a.registry.options(&store)?;
     let t = Instant::now();
-    let render = ctx.render();
-    let r =
-        strata_block::artifact::pull(&store, &reference, &opts, a.all, a.jobs, ctx.ctl(&render));
-    render.finish();
-    let r = r.with_context(|| format!("pulling template {reference}"))?;
+    let r = ctx
+        .with_events(|ctl| {
+            strata_block::artifact::pull(&store, &reference, &opts, a.all, a.jobs, ctl)
+        })
+        .with_context(|| format!("pulling template {reference}"))?;
     let name = a.name.clone().unwrap_or_else(|| a.reference.clone());
     store.set_template_name(&name, &r.id)?;
     let secs = t.elapsed().as_secs_f64();

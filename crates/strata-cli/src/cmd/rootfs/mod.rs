@@ -59,8 +59,8 @@ struct BuildArgs {
     from_template: Option<String>,
     /// Size of the image: 2GiB, 512MiB, ... (whole 4 KiB blocks). Required
     /// with --from; with --from-template the default is the template's size.
-    #[arg(long)]
-    size: Option<String>,
+    #[arg(long, value_parser = strata_block::parse_size)]
+    size: Option<u64>,
     /// A directory laid over the result (repeatable; the last one wins).
     #[arg(long = "add", value_name = "DIR")]
     adds: Vec<PathBuf>,
@@ -104,14 +104,9 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
 }
 
 fn build(ctx: &Ctx, b: BuildArgs) -> Result<ExitCode> {
-    let size = b
-        .size
-        .as_deref()
-        .map(strata_block::parse_size)
-        .transpose()?;
     let store = ctx.open_store()?;
     let source = match (&b.from, &b.from_template) {
-        (Some(_), None) if size.is_none() => {
+        (Some(_), None) if b.size.is_none() => {
             bail!("--size is required with --from (e.g. --size 2GiB)")
         }
         (Some(i), None) => {
@@ -123,14 +118,12 @@ fn build(ctx: &Ctx, b: BuildArgs) -> Result<ExitCode> {
     };
     let req = BuildRequest {
         source,
-        size,
+        size: b.size,
         adds: b.adds,
         no_cache: b.no_cache,
     };
-    let render = ctx.render();
-    let built = strata_block::build(&store, &req, ctx.ctl(&render));
-    render.finish();
-    let built = built
+    let built = ctx
+        .with_events(|ctl| strata_block::build(&store, &req, ctl))
         .map_err(|e| match e {
             // the library names the tree; the user gave it as --add
             strata_block::BlockError::BadAdd { path, reason } => {
@@ -149,15 +142,7 @@ fn build(ctx: &Ctx, b: BuildArgs) -> Result<ExitCode> {
 }
 
 fn ls(ctx: &Ctx) -> Result<ExitCode> {
-    let templates = ctx.open_store()?.templates()?;
-    if ctx.json {
-        println!("{}", serde_json::to_string_pretty(&templates)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    for t in templates {
-        println!("{t}");
-    }
-    Ok(ExitCode::SUCCESS)
+    ctx.print_lines(&ctx.open_store()?.templates()?)
 }
 
 fn inspect(ctx: &Ctx, n: NameArg) -> Result<ExitCode> {
@@ -170,18 +155,14 @@ fn inspect(ctx: &Ctx, n: NameArg) -> Result<ExitCode> {
 
 fn rm(ctx: &Ctx, n: NameArg) -> Result<ExitCode> {
     let store = ctx.open_store()?;
-    match store.remove_template_name(&n.name)? {
-        Some(id) => {
-            if !ctx.quiet {
-                println!(
-                    "removed template name {} ({id}); `strata gc` frees its chunks",
-                    n.name
-                );
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        None => bail!("no template named {:?} (see `strata rootfs ls`)", n.name),
-    }
+    let n = &n.name;
+    let Some(id) = store.remove_template_name(n)? else {
+        bail!("no template named {n:?} (see `strata rootfs ls`)");
+    };
+    ctx.say(format_args!(
+        "removed template name {n} ({id}); `strata gc` frees its chunks"
+    ));
+    Ok(ExitCode::SUCCESS)
 }
 
 fn export(ctx: &Ctx, e: ExportArgs) -> Result<ExitCode> {
@@ -189,12 +170,9 @@ fn export(ctx: &Ctx, e: ExportArgs) -> Result<ExitCode> {
     let id = store.resolve_template(&e.name)?;
     let map = strata_block::export_template(&store, &id, &e.file)
         .with_context(|| format!("exporting template {id} to {}", e.file.display()))?;
-    if !ctx.quiet {
-        println!(
-            "wrote {} ({}, sparse) from template {id}",
-            e.file.display(),
-            human(map.size)
-        );
-    }
+    let (file, size) = (e.file.display(), human(map.size));
+    ctx.say(format_args!(
+        "wrote {file} ({size}, sparse) from template {id}"
+    ));
     Ok(ExitCode::SUCCESS)
 }

@@ -8,10 +8,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::{Context, Result};
 use strata_block::served::{self, ServeRequest};
+use strata_block::served_daemon;
 use strata_sys::daemon;
 
 use crate::Ctx;
@@ -48,9 +48,12 @@ pub struct CommitArgs {
 pub fn serve(ctx: &Ctx, a: ServeArgs) -> Result<ExitCode> {
     if daemon::is_daemon() || a.foreground {
         // it serves for long: before any thread starts
-        strata_sys::malloc::tune_for_daemon();
+        served_daemon::prepare();
     }
-    let store = ctx.open_store_for_daemon()?;
+    // a daemon's store: each operation takes the lock, leases keep what it
+    // uses in between (gc runs meanwhile)
+    let store = strata_store::Store::open(&ctx.root)
+        .with_context(|| format!("opening store {}", ctx.root.display()))?;
     let id = store.resolve_template(&a.name)?;
     if !daemon::is_daemon() {
         let (file, dropped) = served::prepare_file(&ctx.root, &a.file)?;
@@ -65,8 +68,6 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> Result<ExitCode> {
             return crate::background::started(ctx, "rootfs serve", &log);
         }
     }
-    crate::background::init_log();
-    let started = Instant::now();
     let req = ServeRequest {
         template: id,
         name: a.name.clone(),
@@ -77,16 +78,10 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> Result<ExitCode> {
     // chunk fetch failures are warnings (the log of a daemon); Ctrl-C
     // unmounts and ends the serve
     let events = Arc::new(ctx.render());
-    let s = served::serve_with(Arc::new(store), &req, events, ctx.cancel.clone())
+    let (s, report) = served_daemon::start(Arc::new(store), &req, events, ctx.cancel.clone())
         .with_context(|| format!("serving template {}", a.name))
         .map_err(crate::background::failed)?;
-    let ms = started.elapsed().as_secs_f64() * 1000.0;
-    let msg = format!("{}, ready in {ms:.0} ms", s.status());
-    tracing::info!("{msg}");
-    crate::background::ready(
-        ctx,
-        &serde_json::json!({"message": msg, "template": id.to_string()}),
-    );
+    crate::background::ready(ctx, &report);
     s.wait().context("serving the template")?;
     Ok(ExitCode::SUCCESS)
 }
