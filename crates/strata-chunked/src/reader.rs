@@ -11,7 +11,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
-use crate::toc::Toc;
+use crate::toc::{Toc, TocEntry};
 use crate::{
     ANN_OLD_TOC_CHECKSUM, ANN_OLD_TOC_POSITION, ANN_TARSPLIT_POSITION, ANN_TOC_CHECKSUM,
     ANN_TOC_POSITION, ChunkedError, FOOTER_MAGIC, OLD_FOOTER_MAGIC, SKIPPABLE_MAGIC,
@@ -19,6 +19,18 @@ use crate::{
 
 /// Largest TOC or tar-split accepted (compressed or not), like c/storage.
 pub const MAX_METADATA: u64 = 150 << 20;
+
+/// Most entries (files, directories, links, ... and `chunk` entries) one
+/// layer's TOC may list by default: 2^20. A TOC costs a few hundred bytes
+/// of memory per entry while it is checked; real layers list tens of
+/// thousands (the tar-split's 150 MiB bound allows about 200 000 tar
+/// entries anyway). Callers may pass a higher limit to
+/// [`read_toc_entries`].
+pub const MAX_TOC_ENTRIES: u64 = 1 << 20;
+
+/// Most lines a tar-split may have by default (a file line and a segment
+/// line or two per tar entry): 2^22.
+pub const MAX_TAR_SPLIT_LINES: u64 = 1 << 22;
 
 /// Which layout a layer uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,20 +192,83 @@ fn sha(b: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(b)))
 }
 
-fn decompress(z: &[u8], limit: u64, what: &str) -> Result<Vec<u8>, ChunkedError> {
-    let mut out = Vec::new();
-    let d = zstd::stream::read::Decoder::new(z).map_err(|e| fmt_err(what, e.to_string()))?;
-    d.take(limit + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| fmt_err(what, format!("not valid zstd: {e}")))?;
-    if out.len() as u64 > limit {
-        return Err(fmt_err(what, "decompresses to more than its stated size"));
-    }
-    Ok(out)
+/// A reader that fails (instead of ending) once more than `left` bytes
+/// come out of `inner`: decompressed metadata is never held beyond its
+/// stated size, and a parser reading from it sees why it stopped.
+struct Limited<R> {
+    inner: R,
+    left: u64,
+    limit: u64,
 }
 
-/// Verify and parse a compressed TOC (the bytes at `loc.toc`).
+impl<R: Read> Read for Limited<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        // one byte past the limit tells "longer" from "exactly as long"
+        let max = (buf.len() as u64).min(self.left.saturating_add(1)) as usize;
+        let n = self.inner.read(&mut buf[..max])?;
+        if n as u64 > self.left {
+            return Err(std::io::Error::other(format!(
+                "decompresses to more than its stated size ({} bytes)",
+                self.limit
+            )));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+fn decoder<'a>(
+    z: &'a [u8],
+    limit: u64,
+    what: &str,
+) -> Result<std::io::BufReader<Limited<impl Read + 'a>>, ChunkedError> {
+    let d = zstd::stream::read::Decoder::with_buffer(z).map_err(|e| fmt_err(what, e.to_string()))?;
+    Ok(std::io::BufReader::new(Limited {
+        inner: d,
+        left: limit,
+        limit,
+    }))
+}
+
+/// Verify and parse a compressed TOC (the bytes at `loc.toc`), with at
+/// most [`MAX_TOC_ENTRIES`] entries.
 pub fn read_toc(toc_z: &[u8], loc: &TocLocation) -> Result<Toc, ChunkedError> {
+    let mut entries = Vec::new();
+    let head = read_toc_entries(toc_z, loc, MAX_TOC_ENTRIES, &mut |e| {
+        entries.push(e);
+        Ok(())
+    })?;
+    Ok(Toc {
+        version: head.version,
+        entries,
+        tar_split_digest: head.tar_split_digest,
+    })
+}
+
+/// A TOC's fields besides its entries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TocHead {
+    /// `version`.
+    pub version: i64,
+    /// `tarSplitDigest`.
+    pub tar_split_digest: String,
+}
+
+/// Verify a compressed TOC and hand its entries to `each`, in order, as
+/// they are parsed: the TOC is never held whole (neither its JSON nor its
+/// entries), so what it costs is what `each` keeps. Fails when the TOC has
+/// more than `max_entries` entries (naming the limit), when `each` fails,
+/// or when it decompresses to more than `loc.toc.uncompressed` (at most
+/// [`MAX_METADATA`]).
+pub fn read_toc_entries(
+    toc_z: &[u8],
+    loc: &TocLocation,
+    max_entries: u64,
+    each: &mut dyn FnMut(TocEntry) -> Result<(), ChunkedError>,
+) -> Result<TocHead, ChunkedError> {
     let what = "zstd:chunked TOC";
     if toc_z.len() as u64 != loc.toc.len {
         return Err(fmt_err(what, "wrong length"));
@@ -207,9 +282,114 @@ pub fn read_toc(toc_z: &[u8], loc: &TocLocation) -> Result<Toc, ChunkedError> {
             ));
         }
     }
-    let json = decompress(toc_z, loc.toc.uncompressed.min(MAX_METADATA), what)?;
-    let toc: Toc = serde_json::from_slice(&json).map_err(|e| fmt_err(what, e.to_string()))?;
-    Ok(toc)
+    let r = decoder(toc_z, loc.toc.uncompressed.min(MAX_METADATA), what)?;
+    let mut de = serde_json::Deserializer::from_reader(r);
+    let mut failed = None;
+    let seed = TocSeed {
+        max_entries,
+        each,
+        failed: &mut failed,
+    };
+    let parsed = serde::de::DeserializeSeed::deserialize(seed, &mut de).and_then(|h| {
+        de.end()?;
+        Ok(h)
+    });
+    match (parsed, failed) {
+        (_, Some(e)) => Err(e),
+        (Ok(h), None) => Ok(h),
+        (Err(e), None) => Err(fmt_err(what, e.to_string())),
+    }
+}
+
+/// Parses the TOC object, handing entries out one at a time.
+struct TocSeed<'a> {
+    max_entries: u64,
+    each: &'a mut dyn FnMut(TocEntry) -> Result<(), ChunkedError>,
+    /// Set when `each` failed (the parser only carries its own errors).
+    failed: &'a mut Option<ChunkedError>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for TocSeed<'_> {
+    type Value = TocHead;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<TocHead, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for TocSeed<'_> {
+    type Value = TocHead;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a zstd:chunked TOC object")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<TocHead, A::Error> {
+        use serde::de::Error as _;
+        let mut head = TocHead::default();
+        let mut seen_entries = false;
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "version" => head.version = map.next_value()?,
+                "tarSplitDigest" => head.tar_split_digest = map.next_value()?,
+                "entries" => {
+                    if seen_entries {
+                        return Err(A::Error::custom("entries given twice"));
+                    }
+                    seen_entries = true;
+                    map.next_value_seed(EntriesSeed {
+                        max_entries: self.max_entries,
+                        each: &mut *self.each,
+                        failed: &mut *self.failed,
+                    })?;
+                }
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(head)
+    }
+}
+
+struct EntriesSeed<'a> {
+    max_entries: u64,
+    each: &'a mut dyn FnMut(TocEntry) -> Result<(), ChunkedError>,
+    failed: &'a mut Option<ChunkedError>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for EntriesSeed<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for EntriesSeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list of TOC entries")
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        // `"entries": null`, as Go writes an empty list
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        use serde::de::Error as _;
+        let mut n = 0u64;
+        while let Some(e) = seq.next_element::<TocEntry>()? {
+            n += 1;
+            if n > self.max_entries {
+                *self.failed = Some(fmt_err(
+                    "zstd:chunked TOC",
+                    format!("more than {} entries (the limit)", self.max_entries),
+                ));
+                return Err(A::Error::custom("too many entries"));
+            }
+            if let Err(err) = (self.each)(e) {
+                *self.failed = Some(err);
+                return Err(A::Error::custom("entry refused"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One tar-split line.
@@ -244,29 +424,74 @@ impl TarSplitEntry {
     }
 }
 
-/// Verify (against the TOC's `tarSplitDigest`) and parse a tar-split.
+/// Verify (against the TOC's `tarSplitDigest`) and parse a tar-split, of
+/// at most [`MAX_TAR_SPLIT_LINES`] lines.
 pub fn read_tar_split(
     ts_z: &[u8],
     toc: &Toc,
     range: &Range,
 ) -> Result<Vec<TarSplitEntry>, ChunkedError> {
+    let mut out = Vec::new();
+    read_tar_split_lines(
+        ts_z,
+        &toc.tar_split_digest,
+        range,
+        MAX_TAR_SPLIT_LINES,
+        &mut |e| {
+            out.push(e);
+            Ok(())
+        },
+    )?;
+    Ok(out)
+}
+
+/// Verify a tar-split against `tar_split_digest` (the TOC's) and hand its
+/// lines to `each` in order as they are parsed (the tar-split is never
+/// held whole). Fails past `max_lines` lines (naming the limit), when
+/// `each` fails, or when it decompresses to more than `range.uncompressed`
+/// (at most [`MAX_METADATA`]).
+pub fn read_tar_split_lines(
+    ts_z: &[u8],
+    tar_split_digest: &str,
+    range: &Range,
+    max_lines: u64,
+    each: &mut dyn FnMut(TarSplitEntry) -> Result<(), ChunkedError>,
+) -> Result<(), ChunkedError> {
+    use std::io::BufRead as _;
     let what = "zstd:chunked tar-split";
-    if toc.tar_split_digest.is_empty() {
+    if tar_split_digest.is_empty() {
         return Err(fmt_err(what, "the TOC names no tarSplitDigest"));
     }
     let got = sha(ts_z);
-    if got != toc.tar_split_digest {
+    if got != tar_split_digest {
         return Err(fmt_err(
             what,
-            format!(
-                "digest {got} does not match the TOC's {}",
-                toc.tar_split_digest
-            ),
+            format!("digest {got} does not match the TOC's {tar_split_digest}"),
         ));
     }
-    let text = decompress(ts_z, range.uncompressed.min(MAX_METADATA), what)?;
-    text.split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(|l| serde_json::from_slice(l).map_err(|e| fmt_err(what, e.to_string())))
-        .collect()
+    let mut r = decoder(ts_z, range.uncompressed.min(MAX_METADATA), what)?;
+    let mut line = Vec::new();
+    let mut n = 0u64;
+    loop {
+        line.clear();
+        let got = r
+            .read_until(b'\n', &mut line)
+            .map_err(|e| fmt_err(what, format!("not valid zstd: {e}")))?;
+        if got == 0 {
+            return Ok(());
+        }
+        if line.iter().all(|b| b.is_ascii_whitespace()) {
+            continue;
+        }
+        n += 1;
+        if n > max_lines {
+            return Err(fmt_err(
+                what,
+                format!("more than {max_lines} lines (the limit)"),
+            ));
+        }
+        let e = serde_json::from_slice(&line)
+            .map_err(|e| fmt_err(what, format!("line {n}: {e}")))?;
+        each(e)?;
+    }
 }

@@ -103,6 +103,128 @@ pub struct RemoteFile {
     pub chunks: Vec<RemoteChunk>,
 }
 
+/// Largest uncompressed size of one chunk that is not a run of zeros: 64
+/// MiB. The chunker of zstd:chunked (c/storage's and ours) splits files
+/// at content-defined points about every 64 KiB and has no maximum, so a
+/// larger chunk takes 64 MiB of input without one split point (a long run
+/// of one non-zero byte, say): such a layer is pulled in full instead,
+/// since a reader holds one chunk in memory while it checks its digest.
+pub const MAX_CHUNK_SIZE: u64 = 64 << 20;
+
+/// Largest blob span of one chunk: [`MAX_CHUNK_SIZE`] plus zstd's
+/// worst-case growth of incompressible data (under 1/128 + 64 KiB).
+pub const MAX_CHUNK_SPAN: u64 = MAX_CHUNK_SIZE + (MAX_CHUNK_SIZE >> 7) + (64 << 10);
+
+/// Most bytes one byte of zstd frames can decompress to: a 128 KiB
+/// run-length block costs 4 bytes (3 of header, 1 of value). A file or
+/// chunk claiming more than its span times this cannot be what the blob
+/// holds, whatever its frames are.
+pub const MAX_RATIO: u64 = 1 << 15;
+
+/// Longest name (bytes) a TOC or tar-split entry may have: Linux's
+/// `PATH_MAX`, 4096.
+pub const MAX_PATH_LEN: usize = 4096;
+
+/// Deepest name (components) a TOC or tar-split entry may have: 512.
+pub const MAX_PATH_DEPTH: usize = 512;
+
+/// Most TOC entries the layers of one image may list together by default:
+/// 2^21 (2 097 152). With [`reader::MAX_TOC_ENTRIES`] (2^20 per layer) it
+/// bounds what reading metadata costs a pull: about 200 bytes kept per
+/// entry while a layer is checked.
+pub const MAX_IMAGE_ENTRIES: u64 = 1 << 21;
+
+/// Most uncompressed TOC and tar-split bytes (as the annotations state
+/// them, which bounds what they decompress to) the layers of one image may
+/// have together by default: 1 GiB. One layer's are at most 150 MiB each
+/// ([`reader::MAX_METADATA`]).
+pub const MAX_IMAGE_METADATA: u64 = 1 << 30;
+
+/// Most decompressed bytes a partial pull of one layer holds in memory
+/// (the files it fetches): 1 GiB. A layer needing more is pulled in full
+/// (streamed) instead.
+pub const MAX_PARTIAL_MEMORY: u64 = 1 << 30;
+
+/// Limits on the metadata of one image's zstd:chunked layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetadataLimits {
+    /// Entries one layer's TOC may list ([`reader::MAX_TOC_ENTRIES`]).
+    pub layer_entries: u64,
+    /// Entries all the layers' TOCs may list together
+    /// ([`MAX_IMAGE_ENTRIES`]).
+    pub image_entries: u64,
+    /// Uncompressed TOC and tar-split bytes of all layers together
+    /// ([`MAX_IMAGE_METADATA`]).
+    pub image_bytes: u64,
+}
+
+impl Default for MetadataLimits {
+    fn default() -> Self {
+        MetadataLimits {
+            layer_entries: reader::MAX_TOC_ENTRIES,
+            image_entries: MAX_IMAGE_ENTRIES,
+            image_bytes: MAX_IMAGE_METADATA,
+        }
+    }
+}
+
+/// What the layers of one image (one pull, one lazy prepare) may spend on
+/// metadata together; shared by the threads opening its layers. Layers
+/// opened with [`open_chunked`] get a budget of their own each.
+#[derive(Debug, Default)]
+pub struct MetadataBudget {
+    limits: MetadataLimits,
+    entries: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl MetadataBudget {
+    /// A budget with these limits, nothing spent.
+    pub fn new(limits: MetadataLimits) -> Self {
+        MetadataBudget {
+            limits,
+            entries: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> MetadataLimits {
+        self.limits
+    }
+
+    fn take(counter: &AtomicU64, n: u64, limit: u64) -> bool {
+        counter
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                v.checked_add(n).filter(|t| *t <= limit)
+            })
+            .is_ok()
+    }
+
+    fn take_bytes(&self, n: u64) -> Result<(), String> {
+        if Self::take(&self.bytes, n, self.limits.image_bytes) {
+            Ok(())
+        } else {
+            Err(format!(
+                "its TOC and tar-split ({n} bytes uncompressed) would take the image's \
+                 zstd:chunked metadata past {} bytes (the limit)",
+                self.limits.image_bytes
+            ))
+        }
+    }
+
+    fn take_entry(&self) -> Result<(), String> {
+        if Self::take(&self.entries, 1, self.limits.image_entries) {
+            Ok(())
+        } else {
+            Err(format!(
+                "the image's TOCs list more than {} entries together (the limit)",
+                self.limits.image_entries
+            ))
+        }
+    }
+}
+
 /// A zstd:chunked layer described by its verified TOC and tar-split: what
 /// it holds and where each file's bytes are, without its contents.
 pub struct ChunkedIndex {
@@ -112,17 +234,117 @@ pub struct ChunkedIndex {
     pub files: Vec<RemoteFile>,
     /// The tar as rebuilt from the tar-split.
     pieces: Vec<TarPiece>,
+    /// The entries as listed (and compared with the TOC) when opening,
+    /// until [`entries`](Self::entries) takes them.
+    entries: std::sync::Mutex<Option<Vec<strata_tar::Entry>>>,
     /// Bytes downloaded for TOC and tar-split.
     pub downloaded: u64,
 }
 
-/// Fetch and verify a zstd:chunked layer's TOC and tar-split.
-/// `Ok(Err(reason))`: the layer cannot be read piecewise (not chunked, old
-/// layout, no range support); pull it in full instead.
+/// The kinds of TOC entries, as tar entries have them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Reg,
+    Hardlink,
+    Symlink,
+    Char,
+    Block,
+    Dir,
+    Fifo,
+}
+
+impl Kind {
+    fn of_toc(s: &str) -> Option<Kind> {
+        Some(match s {
+            "reg" => Kind::Reg,
+            "hardlink" => Kind::Hardlink,
+            "symlink" => Kind::Symlink,
+            "char" => Kind::Char,
+            "block" => Kind::Block,
+            "dir" => Kind::Dir,
+            "fifo" => Kind::Fifo,
+            _ => return None,
+        })
+    }
+
+    fn of_tar(k: &strata_tar::EntryKind) -> Kind {
+        use strata_tar::EntryKind as E;
+        match k {
+            E::Regular { .. } => Kind::Reg,
+            E::Hardlink { .. } => Kind::Hardlink,
+            E::Symlink { .. } => Kind::Symlink,
+            E::CharDev { .. } => Kind::Char,
+            E::BlockDev { .. } => Kind::Block,
+            E::Dir => Kind::Dir,
+            E::Fifo => Kind::Fifo,
+        }
+    }
+}
+
+/// What is kept of a TOC entry (not a chunk) to compare it with the tar.
+struct TocItem {
+    kind: Kind,
+    name: Box<str>,
+    link: Box<str>,
+    size: u64,
+}
+
+/// An error about TOC entry `n` (1-based) named `name`.
+fn toc_err(n: u64, name: &str, reason: impl std::fmt::Display) -> strata_chunked::ChunkedError {
+    strata_chunked::ChunkedError::Format {
+        what: "zstd:chunked TOC".into(),
+        reason: format!("entry {n} ({name:?}): {reason}"),
+    }
+}
+
+/// A name's length and depth against [`MAX_PATH_LEN`] and
+/// [`MAX_PATH_DEPTH`].
+fn check_path(field: &str, name: &[u8]) -> Result<(), String> {
+    if name.len() > MAX_PATH_LEN {
+        return Err(format!(
+            "{field} is {} bytes long, more than {MAX_PATH_LEN} (the limit)",
+            name.len()
+        ));
+    }
+    let depth = name.split(|b| *b == b'/').filter(|c| !c.is_empty()).count();
+    if depth > MAX_PATH_DEPTH {
+        return Err(format!(
+            "{field} is {depth} components deep, more than {MAX_PATH_DEPTH} (the limit)"
+        ));
+    }
+    Ok(())
+}
+
+/// Fetch and verify a zstd:chunked layer's TOC and tar-split, with a
+/// [`MetadataBudget`] of its own (see [`open_chunked_with`]).
 pub fn open_chunked(
     source: &dyn ImageSource,
     desc: &Descriptor,
     counter: &AtomicU64,
+) -> Result<Result<ChunkedIndex, String>, OciError> {
+    open_chunked_with(source, desc, counter, &MetadataBudget::default())
+}
+
+/// Fetch and verify a zstd:chunked layer's TOC and tar-split, spending
+/// from `budget` (shared by the layers of one image).
+/// `Ok(Err(reason))`: the layer cannot be read piecewise (not chunked, old
+/// layout, no range support, a chunk over [`MAX_CHUNK_SIZE`]); pull it in
+/// full instead.
+///
+/// Everything the TOC and tar-split say is checked before it is used, and
+/// the first thing wrong is named: numbers (negative, zero where a chunk
+/// needs bytes, past the blob, sums that overflow, chunks out of order or
+/// not covering their file, more content than the frames can hold at
+/// [`MAX_RATIO`]), counts and sizes against [`MetadataLimits`], names
+/// against [`MAX_PATH_LEN`] and [`MAX_PATH_DEPTH`], and the TOC against
+/// the tar the tar-split rebuilds, entry by entry (names, types, sizes,
+/// link targets; a hard link must name an earlier entry; no entry missing
+/// or extra on either side).
+pub fn open_chunked_with(
+    source: &dyn ImageSource,
+    desc: &Descriptor,
+    counter: &AtomicU64,
+    budget: &MetadataBudget,
 ) -> Result<Result<ChunkedIndex, String>, OciError> {
     let Some(loc) = reader::locate(&desc.annotations) else {
         return Ok(Err("not zstd:chunked".into()));
@@ -133,6 +355,18 @@ pub fn open_chunked(
             "old zstd:chunked layout: no tar-split to rebuild the tar from".into(),
         ));
     };
+    // what this layer's metadata may cost, before anything is fetched
+    let metadata = [
+        loc.toc.len,
+        loc.toc.uncompressed,
+        ts_range.len,
+        ts_range.uncompressed,
+    ]
+    .iter()
+    .sum();
+    budget
+        .take_bytes(metadata)
+        .map_err(|reason| bad(desc, reason))?;
     let mut downloaded = 0u64;
     let mut get = |offset: u64, len: u64| -> Result<Result<Vec<u8>, String>, OciError> {
         if offset.checked_add(len).is_none_or(|e| e > desc.size) {
@@ -157,60 +391,115 @@ pub fn open_chunked(
         Ok(b) => b,
         Err(f) => return Ok(Err(f)),
     };
-    let toc = reader::read_toc(&toc_z, &loc).map_err(chunked(desc))?;
-    let ts_z = match get(ts_range.offset, ts_range.len)? {
-        Ok(b) => b,
-        Err(f) => return Ok(Err(f)),
-    };
-    let ts = reader::read_tar_split(&ts_z, &toc, &ts_range).map_err(chunked(desc))?;
 
-    let parse = |name: &str, d: &str| -> Result<Digest, OciError> {
-        d.parse()
-            .map_err(|_| bad(desc, format!("{name}: bad digest {d:?}")))
-    };
+    // Each tar entry has a header of 512 bytes or more in the tar-split,
+    // which bounds how many entries (besides chunks) a TOC can list.
+    let max_items = ts_range.uncompressed / 512;
+    let mut items: Vec<TocItem> = Vec::new();
     let mut files: Vec<RemoteFile> = Vec::new();
-    let mut by_name: HashMap<String, usize> = HashMap::new();
-    for e in &toc.entries {
+    // whether the last entry was a file whose chunks may follow
+    let mut open_file = false;
+    let mut n = 0u64;
+    let mut on_entry = |e: strata_chunked::toc::TocEntry| -> Result<(), strata_chunked::ChunkedError> {
+        n += 1;
+        let err = |reason: String| toc_err(n, &e.name, reason);
+        budget.take_entry().map_err(&err)?;
+        let num = |field: &str, v: i64| -> Result<u64, strata_chunked::ChunkedError> {
+            u64::try_from(v).map_err(|_| err(format!("{field} {v} is negative")))
+        };
+        let digest = |field: &str, d: &str| -> Result<Digest, strata_chunked::ChunkedError> {
+            d.parse()
+                .map_err(|_| err(format!("{field}: bad digest {d:?}")))
+        };
+        check_path("its name", e.name.as_bytes()).map_err(&err)?;
         if e.kind == "chunk" {
             let f = files
                 .last_mut()
-                .filter(|f| f.name == e.name)
-                .ok_or_else(|| bad(desc, format!("{}: a chunk without its file", e.name)))?;
+                .filter(|f| open_file && *f.name == e.name)
+                .ok_or_else(|| err("a chunk without its file".into()))?;
             let prev = f.chunks.last_mut().expect("files start with a chunk");
-            let (off, at) = (e.offset as u64, e.chunk_offset as u64);
-            if e.offset <= 0
-                || off <= prev.blob_offset
-                || off >= f.end
-                || at != prev.file_offset + prev.size
-            {
-                return Err(bad(desc, format!("{}: chunks out of order", e.name)));
+            let off = num("offset", e.offset)?;
+            let at = num("chunkOffset", e.chunk_offset)?;
+            let size = num("chunkSize", e.chunk_size)?;
+            if off <= prev.blob_offset || off >= f.end {
+                return Err(err(format!(
+                    "offset {off} is not after the previous chunk's {} and before the file's endOffset {}",
+                    prev.blob_offset, f.end
+                )));
+            }
+            let want = prev.file_offset.checked_add(prev.size);
+            if want != Some(at) {
+                return Err(err(format!(
+                    "chunkOffset {at} does not follow the previous chunk (which ends at {})",
+                    want.map_or("an overflow".into(), |w| w.to_string())
+                )));
+            }
+            if size == 0 || at.checked_add(size).is_none_or(|end| end > f.size) {
+                return Err(err(format!(
+                    "chunkSize {size} at chunkOffset {at} does not fit the file's size {}",
+                    f.size
+                )));
             }
             prev.blob_end = off;
+            let chunk_digest = digest("chunkDigest", &e.chunk_digest)?;
             f.chunks.push(RemoteChunk {
                 file_offset: at,
-                size: e.chunk_size as u64,
+                size,
                 blob_offset: off,
                 blob_end: f.end,
-                digest: parse(&e.name, &e.chunk_digest)?,
+                digest: chunk_digest,
                 zeros: e.chunk_type == "zeros",
             });
-            continue;
+            return Ok(());
         }
-        if e.kind != "reg" || e.size <= 0 {
-            continue;
+        let kind = Kind::of_toc(&e.kind)
+            .ok_or_else(|| err(format!("type {:?} is not a tar entry type", e.kind)))?;
+        check_path("its linkName", e.link_name.as_bytes()).map_err(&err)?;
+        if items.len() as u64 >= max_items {
+            return Err(err(format!(
+                "more entries than the tar-split's {} bytes can describe (512 bytes of header each)",
+                ts_range.uncompressed
+            )));
         }
-        let digest = parse(&e.name, &e.digest)?;
-        if e.offset <= 0 || e.end_offset <= e.offset || e.end_offset as u64 > desc.size {
-            return Err(bad(desc, format!("{}: bad offsets", e.name)));
+        let size = num("size", e.size)?;
+        items.push(TocItem {
+            kind,
+            name: e.name.as_str().into(),
+            link: e.link_name.as_str().into(),
+            size,
+        });
+        open_file = false;
+        if kind != Kind::Reg || size == 0 {
+            return Ok(());
         }
-        let (size, offset, end) = (e.size as u64, e.offset as u64, e.end_offset as u64);
-        let first = if e.chunk_size > 0 && (e.chunk_size as u64) < size {
+        let file_digest = digest("digest", &e.digest)?;
+        let offset = num("offset", e.offset)?;
+        let end = num("endOffset", e.end_offset)?;
+        if offset == 0 || end <= offset || end > desc.size {
+            return Err(err(format!(
+                "offset {offset} and endOffset {end} are not a range inside the blob's {} bytes",
+                desc.size
+            )));
+        }
+        let span = end - offset;
+        if size > span.saturating_mul(MAX_RATIO) {
+            return Err(err(format!(
+                "size {size} is more than its {span} bytes of frames can hold (at most {MAX_RATIO} bytes per byte)"
+            )));
+        }
+        let chunk_size = num("chunkSize", e.chunk_size)?;
+        if chunk_size > size {
+            return Err(err(format!(
+                "chunkSize {chunk_size} is more than the file's size {size}"
+            )));
+        }
+        let first = if chunk_size > 0 && chunk_size < size {
             RemoteChunk {
                 file_offset: 0,
-                size: e.chunk_size as u64,
+                size: chunk_size,
                 blob_offset: offset,
                 blob_end: end,
-                digest: parse(&e.name, &e.chunk_digest)?,
+                digest: digest("chunkDigest", &e.chunk_digest)?,
                 zeros: e.chunk_type == "zeros",
             }
         } else {
@@ -219,143 +508,302 @@ pub fn open_chunked(
                 size,
                 blob_offset: offset,
                 blob_end: end,
-                digest,
+                digest: file_digest,
                 zeros: false,
             }
         };
-        if by_name.insert(e.name.clone(), files.len()).is_some() {
-            return Err(bad(desc, format!("{} appears twice in the TOC", e.name)));
-        }
         files.push(RemoteFile {
-            name: e.name.clone(),
-            digest,
+            name: e.name,
+            digest: file_digest,
             size,
             offset,
             end,
             chunks: vec![first],
         });
-    }
+        open_file = true;
+        Ok(())
+    };
+    let head = reader::read_toc_entries(&toc_z, &loc, budget.limits.layer_entries, &mut on_entry)
+        .map_err(chunked(desc))?;
+    drop(toc_z);
+
+    // Chunks: each covers its part of the file, within the limits.
+    let mut too_big = None;
     for f in &files {
         let last = f.chunks.last().expect("files start with a chunk");
-        if last.file_offset + last.size != f.size {
+        if last.file_offset.checked_add(last.size) != Some(f.size) {
             return Err(bad(
                 desc,
                 format!("{}: chunks do not cover the file", f.name),
             ));
         }
-    }
-    // The tar-split decides the tar; the TOC only says where contents are.
-    let mut pieces = Vec::new();
-    for t in &ts {
-        match t.kind {
-            2 => pieces.push(TarPiece::Raw(t.payload_bytes().map_err(chunked(desc))?)),
-            1 if t.size > 0 => {
-                let name = t.name.as_deref().unwrap_or("");
-                let f = by_name.get(name).map(|&i| &files[i]).ok_or_else(|| {
-                    bad(
-                        desc,
-                        format!("the tar-split names {name:?}, which the TOC lacks"),
-                    )
-                })?;
-                if f.size != t.size as u64 {
-                    return Err(bad(
-                        desc,
-                        format!(
-                            "{name}: the TOC says {} bytes, the tar-split {}",
-                            f.size, t.size
-                        ),
-                    ));
-                }
-                pieces.push(TarPiece::File {
-                    digest: f.digest,
-                    size: f.size,
-                });
+        for c in &f.chunks {
+            let span = c.blob_end - c.blob_offset;
+            if c.size > span.saturating_mul(MAX_RATIO) {
+                return Err(bad(
+                    desc,
+                    format!(
+                        "{}: the chunk at {} claims {} bytes, more than its {span} bytes of frames can hold (at most {MAX_RATIO} bytes per byte)",
+                        f.name, c.file_offset, c.size
+                    ),
+                ));
             }
-            1 => {}
-            k => return Err(bad(desc, format!("tar-split entry of unknown type {k}"))),
+            if !c.zeros && too_big.is_none() && (c.size > MAX_CHUNK_SIZE || span > MAX_CHUNK_SPAN) {
+                too_big = Some(format!(
+                    "{}: the chunk at {} is {} bytes ({span} compressed), more than MAX_CHUNK_SIZE {MAX_CHUNK_SIZE} ({MAX_CHUNK_SPAN})",
+                    f.name, c.file_offset, c.size
+                ));
+            }
         }
+    }
+
+    let ts_z = match get(ts_range.offset, ts_range.len)? {
+        Ok(b) => b,
+        Err(f) => return Ok(Err(f)),
+    };
+    // The tar-split decides the tar; the TOC only says where contents are.
+    // Its file lines and the TOC's entries go in the same (tar) order.
+    let mut pieces = Vec::new();
+    let (mut i, mut k) = (0usize, 0usize);
+    let mut on_line = |t: reader::TarSplitEntry| -> Result<(), strata_chunked::ChunkedError> {
+        let fail = |reason: String| strata_chunked::ChunkedError::Format {
+            what: "zstd:chunked tar-split".into(),
+            reason,
+        };
+        match t.kind {
+            2 => pieces.push(TarPiece::Raw(t.payload_bytes()?)),
+            1 => {
+                let name = t.name.as_deref().unwrap_or("");
+                check_path(&format!("the name {name:?}"), name.as_bytes()).map_err(fail)?;
+                let size = u64::try_from(t.size)
+                    .map_err(|_| fail(format!("{name:?}: size {} is negative", t.size)))?;
+                let Some(item) = items.get(i) else {
+                    return Err(fail(format!(
+                        "the tar-split names {name:?}, which the TOC lacks"
+                    )));
+                };
+                if *item.name != *name {
+                    return Err(fail(format!(
+                        "entry {}: the tar-split names {name:?}, the TOC {:?}",
+                        i + 1,
+                        item.name
+                    )));
+                }
+                i += 1;
+                if item.kind == Kind::Reg && item.size != size {
+                    return Err(fail(format!(
+                        "{name}: the TOC says {} bytes, the tar-split {size}",
+                        item.size
+                    )));
+                }
+                if item.kind == Kind::Reg && size > 0 {
+                    let f = &files[k];
+                    debug_assert_eq!(*f.name, *name);
+                    k += 1;
+                    pieces.push(TarPiece::File {
+                        digest: f.digest,
+                        size,
+                    });
+                }
+            }
+            k => return Err(fail(format!("tar-split entry of unknown type {k}"))),
+        }
+        Ok(())
+    };
+    reader::read_tar_split_lines(
+        &ts_z,
+        &head.tar_split_digest,
+        &ts_range,
+        reader::MAX_TAR_SPLIT_LINES,
+        &mut on_line,
+    )
+    .map_err(chunked(desc))?;
+    drop(ts_z);
+    if let Some(item) = items.get(i) {
+        return Err(bad(
+            desc,
+            format!(
+                "the TOC lists {:?}, which the tar-split lacks",
+                item.name
+            ),
+        ));
+    }
+
+    // The tar those headers make must be the TOC's, entry by entry.
+    let entries = list_entries(desc, &pieces)?;
+    compare(desc, &items, &entries)?;
+    drop(items);
+    if let Some(why) = too_big {
+        return Ok(Err(why));
     }
     Ok(Ok(ChunkedIndex {
         desc: desc.clone(),
         files,
         pieces,
+        entries: std::sync::Mutex::new(Some(entries)),
         downloaded,
     }))
 }
 
+/// The entries of the tar rebuilt from `pieces`, parsed from its headers
+/// alone: contents are not streamed (the cost is the headers', not the
+/// sizes they claim), digests are the TOC's in tar order.
+fn list_entries(desc: &Descriptor, pieces: &[TarPiece]) -> Result<Vec<strata_tar::Entry>, OciError> {
+    /// The raw pieces, one after the other.
+    struct Headers<'a> {
+        pieces: std::slice::Iter<'a, TarPiece>,
+        cur: &'a [u8],
+    }
+    impl Read for Headers<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            while self.cur.is_empty() {
+                match self.pieces.next() {
+                    None => return Ok(0),
+                    Some(TarPiece::Raw(b)) => self.cur = b,
+                    Some(TarPiece::File { .. }) => {}
+                }
+            }
+            self.cur.read(buf)
+        }
+    }
+    /// Hands out the TOC's digests in tar order instead of hashing.
+    struct TocDigests<'a> {
+        files: std::slice::Iter<'a, TarPiece>,
+    }
+    impl strata_tar::ObjectSink for TocDigests<'_> {
+        fn put(&mut self, _content: &mut dyn Read, _size: u64) -> io::Result<Digest> {
+            // only sparse entries come here: zstd:chunked has none
+            Err(io::Error::other(
+                "a sparse file, which zstd:chunked layers cannot hold",
+            ))
+        }
+        fn put_absent(&mut self, size: u64) -> Option<io::Result<Digest>> {
+            if size == 0 {
+                return Some(Ok(Digest::sha256_of(b"")));
+            }
+            for p in self.files.by_ref() {
+                if let TarPiece::File { digest, size: s } = p {
+                    if *s != size {
+                        return Some(Err(io::Error::other(format!(
+                            "a header says {size} bytes where the tar-split says {s}"
+                        ))));
+                    }
+                    return Some(Ok(*digest));
+                }
+            }
+            Some(Err(io::Error::other(
+                "more files in the tar than in the tar-split",
+            )))
+        }
+    }
+    let headers = Headers {
+        pieces: pieces.iter(),
+        cur: &[],
+    };
+    let mut sink = TocDigests {
+        files: pieces.iter(),
+    };
+    let entries = strata_tar::read_entries(headers, &mut sink)
+        .map_err(|e| bad(desc, format!("its tar-split does not parse: {e}")))?;
+    if sink.files.any(|p| matches!(p, TarPiece::File { .. })) {
+        return Err(bad(
+            desc,
+            "the tar-split has more file contents than its headers",
+        ));
+    }
+    Ok(entries)
+}
+
+/// The TOC's entries against the tar's, in order: the first disagreement
+/// is named.
+fn compare(desc: &Descriptor, items: &[TocItem], entries: &[strata_tar::Entry]) -> Result<(), OciError> {
+    use std::collections::HashSet;
+    use strata_tar::EntryKind as E;
+    let mut earlier: HashSet<&[u8]> = HashSet::new();
+    for (n, (t, e)) in items.iter().zip(entries).enumerate() {
+        let path = String::from_utf8_lossy(&e.path);
+        let err = |reason: String| bad(desc, format!("entry {} ({path:?}): {reason}", n + 1));
+        check_path("its name", &e.path).map_err(&err)?;
+        let name = strata_tar::normalize(t.name.as_bytes())
+            .map_err(|why| err(format!("the TOC's name {:?}: {why}", t.name)))?;
+        if name != e.path {
+            return Err(err(format!("the TOC names {:?}", t.name)));
+        }
+        if Kind::of_tar(&e.kind) != t.kind {
+            return Err(err(format!(
+                "the tar says {:?}, the TOC {:?}",
+                Kind::of_tar(&e.kind),
+                t.kind
+            )));
+        }
+        match &e.kind {
+            E::Regular { size, .. } if *size != t.size => {
+                return Err(err(format!(
+                    "the tar says {size} bytes, the TOC {}",
+                    t.size
+                )));
+            }
+            E::Hardlink { target } => {
+                check_path("its link target", target).map_err(&err)?;
+                let toc = strata_tar::normalize(t.link.as_bytes())
+                    .map_err(|why| err(format!("the TOC's linkName {:?}: {why}", t.link)))?;
+                if toc != *target {
+                    return Err(err(format!(
+                        "a hard link to {:?} in the tar, to {:?} in the TOC",
+                        String::from_utf8_lossy(target),
+                        t.link
+                    )));
+                }
+                if !earlier.contains(target.as_slice()) {
+                    return Err(err(format!(
+                        "a hard link to {:?}, which no earlier file is",
+                        String::from_utf8_lossy(target)
+                    )));
+                }
+            }
+            E::Symlink { target } => {
+                check_path("its link target", target).map_err(&err)?;
+                if target.as_slice() != t.link.as_bytes() {
+                    return Err(err(format!(
+                        "a symlink to {:?} in the tar, to {:?} in the TOC",
+                        String::from_utf8_lossy(target),
+                        t.link
+                    )));
+                }
+            }
+            _ => {}
+        }
+        if !matches!(e.kind, E::Dir) {
+            earlier.insert(&e.path);
+        }
+    }
+    if let Some(t) = items.get(entries.len()) {
+        return Err(bad(
+            desc,
+            format!("the TOC lists {:?}, which the tar-split lacks", t.name),
+        ));
+    }
+    if let Some(e) = entries.get(items.len()) {
+        return Err(bad(
+            desc,
+            format!(
+                "the tar-split has {:?}, which the TOC lacks",
+                String::from_utf8_lossy(&e.path)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl ChunkedIndex {
     /// The layer's entries (paths, metadata, content digests) as importing
-    /// its tar would give them, computed from the tar-split alone.
+    /// its tar would give them, computed from the tar-split alone: from its
+    /// headers, whatever sizes they claim.
     pub fn entries(&self) -> Result<Vec<strata_tar::Entry>, OciError> {
-        struct Skeleton<'a> {
-            pieces: &'a [TarPiece],
-            at: usize,
-            left: u64,
+        if let Some(e) = self.entries.lock().expect("no panics while held").take() {
+            return Ok(e);
         }
-        impl Read for Skeleton<'_> {
-            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-                loop {
-                    let Some(p) = self.pieces.get(self.at) else {
-                        return Ok(0);
-                    };
-                    let (len, raw) = match p {
-                        TarPiece::Raw(b) => (b.len() as u64, Some(b)),
-                        TarPiece::File { size, .. } => (*size, None),
-                    };
-                    if self.left == 0 && len > 0 {
-                        self.left = len;
-                    }
-                    if len == 0 {
-                        self.at += 1;
-                        continue;
-                    }
-                    let from = (len - self.left) as usize;
-                    let n = (self.left.min(buf.len() as u64)) as usize;
-                    match raw {
-                        Some(b) => buf[..n].copy_from_slice(&b[from..from + n]),
-                        None => buf[..n].fill(0),
-                    }
-                    self.left -= n as u64;
-                    if self.left == 0 {
-                        self.at += 1;
-                    }
-                    return Ok(n);
-                }
-            }
-        }
-        /// Hands out the TOC's digests in tar order instead of hashing.
-        struct TocDigests<'a> {
-            files: std::slice::Iter<'a, TarPiece>,
-        }
-        impl strata_tar::ObjectSink for TocDigests<'_> {
-            fn put(&mut self, content: &mut dyn Read, size: u64) -> io::Result<Digest> {
-                io::copy(content, &mut io::sink())?;
-                if size == 0 {
-                    return Ok(Digest::sha256_of(b""));
-                }
-                for p in self.files.by_ref() {
-                    if let TarPiece::File { digest, size: s } = p {
-                        if *s != size {
-                            return Err(io::Error::other("tar-split and tar disagree"));
-                        }
-                        return Ok(*digest);
-                    }
-                }
-                Err(io::Error::other(
-                    "more files in the tar than in the tar-split",
-                ))
-            }
-        }
-        let skeleton = Skeleton {
-            pieces: &self.pieces,
-            at: 0,
-            left: 0,
-        };
-        let mut sink = TocDigests {
-            files: self.pieces.iter(),
-        };
-        strata_tar::read_entries(skeleton, &mut sink)
-            .map_err(|e| bad(&self.desc, format!("its tar-split does not parse: {e}")))
+        list_entries(&self.desc, &self.pieces)
     }
 }
 
@@ -375,7 +823,18 @@ fn decode_frames(
     size: u64,
     digest: &Digest,
 ) -> Result<Vec<u8>, OciError> {
-    let mut content = Vec::with_capacity(size as usize);
+    // `size` is the TOC's word: checked against what the frames can hold,
+    // and memory grows with what they really decompress to
+    if size > (frames.len() as u64).saturating_mul(MAX_RATIO) {
+        return Err(bad(
+            desc,
+            format!(
+                "{digest}: {size} bytes claimed from {} bytes of frames (at most {MAX_RATIO} bytes per byte)",
+                frames.len()
+            ),
+        ));
+    }
+    let mut content = Vec::with_capacity(size.min(1 << 20) as usize);
     zstd::stream::read::Decoder::new(frames)
         .and_then(|dec| dec.take(size + 1).read_to_end(&mut content))
         .map_err(|e| bad(desc, format!("frames of {digest} do not decompress: {e}")))?;
@@ -419,7 +878,7 @@ fn read_ranges_bounded(
     }
     let mut out: Vec<Vec<u8>> = asks
         .iter()
-        .map(|(_, l)| Vec::with_capacity(*l as usize))
+        .map(|(_, l)| Vec::with_capacity((*l).min(REQUEST_BYTES) as usize))
         .collect();
     let mut i = 0;
     while i < pieces.len() {
@@ -464,6 +923,7 @@ pub(crate) fn fetch(
     counter: &AtomicU64,
     layer: usize,
     ctl: Ctl<'_>,
+    budget: &MetadataBudget,
 ) -> Result<Result<Fetched, Fallback>, OciError> {
     let progress = |done: u64, total: u64| {
         ctl.emit(Event::Progress {
@@ -477,10 +937,12 @@ pub(crate) fn fetch(
         })
     };
     ctl.cancel.check()?;
-    let index = match open_chunked(source, desc, counter)? {
+    let index = match open_chunked_with(source, desc, counter, budget)? {
         Ok(i) => i,
         Err(why) => return Ok(Err(Fallback(why))),
     };
+    // checked against the TOC when opening; not needed here
+    drop(index.entries.lock().expect("no panics while held").take());
     ctl.cancel.check()?;
     let mut downloaded = index.downloaded;
     let by_digest: HashMap<Digest, &RemoteFile> =
@@ -500,6 +962,13 @@ pub(crate) fn fetch(
     }
     let pieces = index.pieces;
     let need: u64 = wanted.values().map(|(o, e, _)| e - o).sum();
+    let held: u64 = wanted.values().map(|(_, _, s)| *s).fold(0, u64::saturating_add);
+    if held > MAX_PARTIAL_MEMORY {
+        return Ok(Err(Fallback(format!(
+            "the missing files are {held} bytes, more than a partial pull holds in memory \
+             (MAX_PARTIAL_MEMORY {MAX_PARTIAL_MEMORY})"
+        ))));
+    }
     if need > desc.size / 2 {
         return Ok(Err(Fallback(format!(
             "{need} of the blob's {} bytes are missing: a full pull is cheaper",

@@ -264,6 +264,8 @@ fn pull_inner(
     };
     let notes: Mutex<Notes> = Mutex::new(Notes::default());
     let downloaded = AtomicU64::new(0);
+    // zstd:chunked metadata of all layers together is bounded
+    let budget = crate::partial::MetadataBudget::default();
     let jobs = opts.jobs.clamp(1, 8);
     let outcomes = strata_ops::par_map(&manifest.layers, jobs, ctl.cancel, |index, desc| {
         let diff_id = config.diff_ids[index];
@@ -277,6 +279,7 @@ fn pull_inner(
             ctl,
             &downloaded,
             &notes,
+            &budget,
         )?;
         ctl.emit(Event::UnitDone {
             op: Op::Pull,
@@ -379,6 +382,7 @@ fn pull_layer(
     ctl: Ctl<'_>,
     downloaded: &AtomicU64,
     notes: &Mutex<Notes>,
+    budget: &crate::partial::MetadataBudget,
 ) -> Result<Option<(strata_store::BatchStats, strata_tar::LayerRecord, bool)>, PullError> {
     let layer_err = |reason: String| PullError::Layer {
         index,
@@ -401,7 +405,7 @@ fn pull_layer(
     }
     layer_started(ctl, index, desc, false);
     if strata_chunked::reader::locate(&desc.annotations).is_some() {
-        match crate::partial::fetch(store, source, desc, downloaded, index, ctl)? {
+        match crate::partial::fetch(store, source, desc, downloaded, index, ctl, budget)? {
             Ok(fetched) => {
                 notes.lock().expect("lock").partial.push(PartialLayer {
                     digest: desc.digest,

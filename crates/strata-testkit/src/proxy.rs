@@ -1,7 +1,9 @@
 //! A small HTTP/1.1 proxy on 127.0.0.1 in front of a registry, to make it
 //! misbehave on purpose: demand Basic or Bearer auth, answer 500, drop a
-//! blob response half way, redirect blobs, lie about digests, and log what
-//! was asked for. One request per connection (`Connection: close`).
+//! blob response half way, redirect blobs (or in a loop), lie about
+//! digests, answer blobs a byte at a time or never, coalesce ranges or
+//! answer ranges not asked for, and log what was asked for. One request
+//! per connection (`Connection: close`).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -47,6 +49,23 @@ pub struct Faults {
     pub ignore_ranges: bool,
     /// Answer 400 to blob GETs asking for more than one range.
     pub refuse_multi_range: bool,
+    /// Send blob GET answers (headers, then body) one byte per this
+    /// interval: a slowloris registry that never stalls long enough for a
+    /// stall timeout.
+    pub slow_blobs: Option<Duration>,
+    /// Accept blob GETs, read them and never answer (until the proxy is
+    /// dropped).
+    pub hang_blobs: bool,
+    /// Ask the registry for one range spanning all of a multi-range blob
+    /// GET's ranges: the client gets one 206 covering them (and the gaps
+    /// in between), as RFC 9110 lets a server coalesce.
+    pub coalesce_ranges: bool,
+    /// Ask the registry for every range of a blob GET one byte further
+    /// on: the answer covers ranges that were not asked for.
+    pub shift_ranges: bool,
+    /// Answer blob GETs with `307` to the same URL on the proxy: a
+    /// redirect loop.
+    pub redirect_loop: bool,
 }
 
 /// A running HTTP/1.1 proxy on 127.0.0.1 in front of a registry. One
@@ -69,6 +88,7 @@ impl Proxy {
         let log = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(ProxyState {
+            stop: stop.clone(),
             upstream: upstream.to_string(),
             me: addr.clone(),
             faults: faults.clone(),
@@ -106,6 +126,7 @@ impl Drop for Proxy {
 }
 
 struct ProxyState {
+    stop: Arc<AtomicBool>,
     upstream: String,
     me: String,
     faults: Faults,
@@ -243,16 +264,56 @@ impl ProxyState {
                 br#"{"errors":[{"code":"RANGE_INVALID","message":"too many ranges"}]}"#,
             );
         }
+        if is_blob_get && f.redirect_loop {
+            let location = format!("Location: http://{}{path}", self.me);
+            return respond(client, "307 Temporary Redirect", &[location], b"");
+        }
+        if is_blob_get && f.hang_blobs {
+            // read, never answer; the connection closes with the proxy
+            while !self.stop.load(Ordering::SeqCst) {
+                thread::sleep(Duration::from_millis(50));
+            }
+            return Ok(());
+        }
         if is_blob_get && f.redirect_blobs {
             let location = format!("Location: http://{}{path}", self.upstream);
             return respond(client, "307 Temporary Redirect", &[location], b"");
         }
 
+        // (start, end) inclusive of each range asked
+        let asked: Option<Vec<(u64, u64)>> = range.as_deref().and_then(|r| {
+            r.trim()
+                .strip_prefix("bytes=")?
+                .split(',')
+                .map(|p| {
+                    let (a, b) = p.trim().split_once('-')?;
+                    Some((a.parse().ok()?, b.parse().ok()?))
+                })
+                .collect()
+        });
+        let new_range = match &asked {
+            Some(a) if is_blob_get && f.coalesce_ranges && a.len() > 1 => {
+                let lo = a.iter().map(|r| r.0).min().unwrap_or(0);
+                let hi = a.iter().map(|r| r.1).max().unwrap_or(0);
+                Some(format!("Range: bytes={lo}-{hi}"))
+            }
+            Some(a) if is_blob_get && f.shift_ranges => {
+                let shifted: Vec<String> =
+                    a.iter().map(|(s, e)| format!("{}-{}", s + 1, e + 1)).collect();
+                Some(format!("Range: bytes={}", shifted.join(",")))
+            }
+            _ => None,
+        };
         let mut up = TcpStream::connect(&self.upstream)?;
         let mut req = format!("{method} {path} HTTP/1.1\r\n");
+        if let Some(r) = &new_range {
+            req.push_str(r);
+            req.push_str("\r\n");
+        }
         for h in &headers {
             let l = h.to_ascii_lowercase();
-            if l.starts_with("connection:")
+            if (new_range.is_some() && l.starts_with("range:"))
+                || l.starts_with("connection:")
                 || l.starts_with("host:")
                 || l.starts_with("authorization:")
                 || (is_blob_get && f.ignore_ranges && l.starts_with("range:"))
@@ -294,6 +355,18 @@ impl ProxyState {
             return out.write_all(&resp);
         }
         let mut out = client;
+        if let (true, Some(every)) = (is_blob_get, f.slow_blobs) {
+            out.write_all(&resp[..header_end])?;
+            for b in &resp[header_end..] {
+                if self.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                thread::sleep(every);
+                out.write_all(&[*b])?;
+                out.flush()?;
+            }
+            return Ok(());
+        }
         if is_blob_get && body_len > 1024 && take_one(&self.drop_left) {
             out.write_all(&resp[..header_end + body_len / 2])?;
             out.flush()?;

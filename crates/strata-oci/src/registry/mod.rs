@@ -66,7 +66,9 @@ pub mod fuzzing {
     pub use super::auth::parse_challenge;
     pub use super::transport::{parse_content_range, parse_multipart};
 }
-pub use transport::RegistryClient;
+pub use transport::{
+    DEFAULT_MIN_RATE, DEFAULT_RANGE_TIMEOUT, DEFAULT_RATE_WINDOW, MAX_REDIRECTS, RegistryClient,
+};
 
 /// Registry access options. Cloning is cheap and shares the HTTP client
 /// (connection pools) and the credential provider.
@@ -85,6 +87,21 @@ pub struct RegistryOptions {
     /// How long one request may stall before it is retried (60 s when
     /// unset); lazy mounts use a short one so a read fails in bounded time.
     pub stall_timeout: Option<Duration>,
+    /// How long one range request (the reads of partial pulls and lazy
+    /// mounts) may take in all, connecting, retries and body included
+    /// ([`DEFAULT_RANGE_TIMEOUT`], 30 s, when unset): a registry that
+    /// accepts connections and never answers, or answers a byte at a time,
+    /// fails the read within this.
+    pub range_timeout: Option<Duration>,
+    /// Slowest a blob or document stream may be, in bytes per second over
+    /// each [`rate_window`](Self::rate_window)
+    /// ([`DEFAULT_MIN_RATE`], 1 KiB/s, when unset; `Some(0)`: no minimum).
+    /// A slower stream counts as a dropped connection (resumed, at most
+    /// 5 attempts).
+    pub min_rate: Option<u64>,
+    /// The window [`min_rate`](Self::min_rate) is measured over
+    /// ([`DEFAULT_RATE_WINDOW`], 30 s, when unset).
+    pub rate_window: Option<Duration>,
     /// The HTTP client shared by every source and pusher built from these
     /// options and their clones.
     pub client: RegistryClient,
@@ -121,6 +138,9 @@ impl Default for RegistryOptions {
             credentials: Arc::new(FileCredentials::default()),
             user_agent: String::new(),
             stall_timeout: None,
+            range_timeout: None,
+            min_rate: None,
+            rate_window: None,
             client: RegistryClient::new(),
         }
     }
@@ -135,6 +155,9 @@ impl fmt::Debug for RegistryOptions {
             .field("credentials", &self.credentials)
             .field("user_agent", &self.user_agent)
             .field("stall_timeout", &self.stall_timeout)
+            .field("range_timeout", &self.range_timeout)
+            .field("min_rate", &self.min_rate)
+            .field("rate_window", &self.rate_window)
             .field("client", &self.client)
             .finish()
     }

@@ -87,6 +87,7 @@ impl RegistryPusher {
             timeout: None,
             attempts: ATTEMPTS,
             also_ok: &[StatusCode::NOT_FOUND],
+            deadline: None,
         };
         let resp = self.session.execute(&call, &action)?;
         Ok(resp.status() == StatusCode::OK)
@@ -137,6 +138,7 @@ impl RegistryPusher {
                 timeout: None,
                 attempts: ATTEMPTS,
                 also_ok: &[],
+                deadline: None,
             };
             let resp = self
                 .session
@@ -167,6 +169,7 @@ impl RegistryPusher {
                 // retried below from a new session: the old one may be gone
                 attempts: 1,
                 also_ok: &[],
+                deadline: None,
             };
             let put_action = format!("{action}: sending {size} bytes (PUT)");
             match self.session.execute(&put, &put_action) {
@@ -219,6 +222,7 @@ impl RegistryPusher {
             timeout: None,
             attempts: ATTEMPTS,
             also_ok: &[],
+            deadline: None,
         };
         let resp = self.session.execute(&call, &action)?;
         if resp.status() != StatusCode::CREATED {

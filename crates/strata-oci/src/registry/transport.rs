@@ -23,7 +23,7 @@ use std::fmt;
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::blocking::{Body, Client, Response};
 use reqwest::header::{CONTENT_RANGE, CONTENT_TYPE, HeaderMap, RANGE, WWW_AUTHENTICATE};
@@ -38,6 +38,25 @@ use crate::{Descriptor, OciError};
 pub(crate) const ATTEMPTS: u32 = 5;
 /// How long one send or one body read may wait for the registry.
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one range request may take in all (connecting, retries, the
+/// whole body) unless [`RegistryOptions::range_timeout`] says otherwise.
+pub const DEFAULT_RANGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Slowest a stream may be, bytes per second over a window, unless
+/// [`RegistryOptions::min_rate`] says otherwise.
+pub const DEFAULT_MIN_RATE: u64 = 1024;
+/// The window the minimum rate is measured over, unless
+/// [`RegistryOptions::rate_window`] says otherwise.
+pub const DEFAULT_RATE_WINDOW: Duration = Duration::from_secs(30);
+/// Redirects followed per request; one more is an error (a loop ends
+/// there), not retried.
+pub const MAX_REDIRECTS: usize = 10;
+/// Bytes of part headers and boundaries a `multipart/byteranges` answer
+/// may add per range.
+const MULTIPART_OVERHEAD: u64 = 1024;
+/// Most bytes a single 206 may carry beyond the ranges asked for when the
+/// registry coalesced them (the gaps in between): more is refused as an
+/// answer to something else, and the ranges are asked one at a time.
+const MAX_COALESCED_EXTRA: u64 = 16 << 20;
 
 /// The settings that need a client of their own.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -91,6 +110,7 @@ impl RegistryClient {
             // so it bounds a stall, not a download; a stalled blob read is
             // then resumed with Range like a dropped connection
             .timeout(stall)
+            .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
             .build()
             .map_err(|e| OciError::Network {
                 action: format!("setting up HTTP client for {registry}"),
@@ -123,6 +143,8 @@ pub(crate) struct Call<'a> {
     pub(crate) attempts: u32,
     /// Statuses handed back as answers besides 2xx (e.g. 404 for HEAD).
     pub(crate) also_ok: &'a [StatusCode],
+    /// When the whole call (every attempt) must be over.
+    pub(crate) deadline: Option<Instant>,
 }
 
 impl<'a> Call<'a> {
@@ -136,6 +158,7 @@ impl<'a> Call<'a> {
             timeout: None,
             attempts: ATTEMPTS,
             also_ok: &[],
+            deadline: None,
         }
     }
 }
@@ -154,6 +177,10 @@ pub(crate) struct Session {
     pub(crate) single_ranges: AtomicBool,
     /// The client's stall timeout.
     pub(crate) stall: Duration,
+    /// Total time of one range request.
+    pub(crate) range_timeout: Duration,
+    /// Slowest stream: (bytes per second, window); 0 bytes: no minimum.
+    pub(crate) min_rate: (u64, Duration),
 }
 
 impl Session {
@@ -189,6 +216,11 @@ impl Session {
             auth: Authenticator::new(registry, repository, creds, push),
             single_ranges: AtomicBool::new(false),
             stall,
+            range_timeout: opts.range_timeout.unwrap_or(DEFAULT_RANGE_TIMEOUT),
+            min_rate: (
+                opts.min_rate.unwrap_or(DEFAULT_MIN_RATE),
+                opts.rate_window.unwrap_or(DEFAULT_RATE_WINDOW),
+            ),
         })
     }
 
@@ -227,14 +259,31 @@ impl Session {
         let mut delay = Duration::from_millis(200);
         let mut authed_once = false;
         let mut attempt = 0;
+        let past_deadline = || OciError::Network {
+            action: action.to_string(),
+            reason: format!(
+                "no complete answer within {} s (the range timeout)",
+                self.range_timeout.as_secs_f64()
+            ),
+        };
         loop {
             attempt += 1;
+            let left = match call.deadline {
+                Some(d) => Some(
+                    d.checked_duration_since(Instant::now())
+                        .filter(|l| !l.is_zero())
+                        .ok_or_else(past_deadline)?,
+                ),
+                None => None,
+            };
             let mut req = self
                 .http
                 .request(call.method.clone(), call.url)
                 .headers(call.headers.clone());
-            if let Some(t) = call.timeout {
-                req = req.timeout(t);
+            match (call.timeout, left) {
+                (Some(t), Some(l)) => req = req.timeout(t.min(l)),
+                (Some(t), None) | (None, Some(t)) => req = req.timeout(t),
+                (None, None) => {}
             }
             if let Some(make) = call.body {
                 req = req.body(make()?);
@@ -245,7 +294,20 @@ impl Session {
             let resp = match req.send() {
                 Ok(r) => r,
                 Err(e) => {
+                    if e.is_redirect() {
+                        // a loop does not end by asking again
+                        return Err(OciError::Network {
+                            action: action.to_string(),
+                            reason: format!(
+                                "more than {MAX_REDIRECTS} redirects (a redirect loop?): {}",
+                                error_chain(&e.without_url())
+                            ),
+                        });
+                    }
                     if attempt < call.attempts {
+                        if call.deadline.is_some_and(|d| Instant::now() + delay >= d) {
+                            return Err(past_deadline());
+                        }
                         std::thread::sleep(delay);
                         delay *= 2;
                         continue;
@@ -283,7 +345,10 @@ impl Session {
                 attempt -= 1;
                 continue;
             }
-            if status.is_server_error() && attempt < call.attempts {
+            if status.is_server_error()
+                && attempt < call.attempts
+                && call.deadline.is_none_or(|d| Instant::now() + delay < d)
+            {
                 std::thread::sleep(delay);
                 delay *= 2;
                 continue;
@@ -310,8 +375,13 @@ impl Session {
         loop {
             let resp = self.get(url, headers, action)?;
             let response_headers = resp.headers().clone();
-            match resp.bytes() {
-                Ok(b) => return Ok((b.to_vec(), response_headers)),
+            let mut body = Vec::new();
+            // documents are at most 16 MiB; one byte more tells the caller
+            let read = RateGuard::new(resp, self.min_rate)
+                .take((16 << 20) + 1)
+                .read_to_end(&mut body);
+            match read {
+                Ok(_) => return Ok((body, response_headers)),
                 Err(_) if attempt < ATTEMPTS => {
                     attempt += 1;
                     std::thread::sleep(delay);
@@ -339,18 +409,30 @@ impl Session {
 
     /// One GET for one or several ranges `(offset, len)` of a blob; the
     /// parts of the 206 (a single range or `multipart/byteranges`) are
-    /// matched to ranges by `Content-Range`. A registry that refuses the
-    /// ranges (400, 416) or ignores them (200) gives
-    /// [`OciError::NoRanges`].
+    /// matched to ranges by `Content-Range`. A single range covering
+    /// several asked ones (a registry may coalesce them) is cut up. Every
+    /// part must lie within what was asked and the whole answer must come
+    /// within the range timeout. A registry that refuses the ranges (400,
+    /// 416), ignores them (200) or coalesces them into far more than was
+    /// asked gives [`OciError::NoRanges`].
     pub(crate) fn get_ranges(
         &self,
         desc: &Descriptor,
         ranges: &[(u64, u64)],
     ) -> Result<Vec<Vec<u8>>, OciError> {
-        let spec: Vec<String> = ranges
-            .iter()
-            .map(|(o, l)| format!("{o}-{}", o + l - 1))
-            .collect();
+        let deadline = Instant::now() + self.range_timeout;
+        let mut spec = Vec::with_capacity(ranges.len());
+        for &(o, l) in ranges {
+            let last = o
+                .checked_add(l)
+                .and_then(|e| e.checked_sub(1))
+                .filter(|_| l > 0)
+                .ok_or_else(|| OciError::Format {
+                    what: self.blob_action(&desc.digest),
+                    reason: format!("bytes {o}+{l} are not a range"),
+                })?;
+            spec.push(format!("{o}-{last}"));
+        }
         let action = format!(
             "{}: bytes {}",
             self.blob_action(&desc.digest),
@@ -362,7 +444,12 @@ impl Session {
             format!("bytes={}", spec.join(",")).parse().expect("ascii"),
         );
         let url = self.blob_url(&desc.digest);
-        let resp = match self.get(&url, &h, &action) {
+        let call = Call {
+            headers: h,
+            deadline: Some(deadline),
+            ..Call::new(Method::GET, &url)
+        };
+        let resp = match self.execute(&call, &action) {
             Ok(r) => r,
             Err(OciError::Registry { status, detail, .. }) if status == 400 || status == 416 => {
                 return Err(OciError::NoRanges {
@@ -389,22 +476,46 @@ impl Session {
             .get(CONTENT_RANGE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        // what was asked, as one span: every part must lie inside it
+        let lo = ranges.iter().map(|r| r.0).min().unwrap_or(0);
+        let hi = ranges.iter().map(|r| r.0 + r.1).max().unwrap_or(0);
         let want: u64 = ranges.iter().map(|(_, l)| l).sum();
-        let mut body = Vec::new();
-        resp.take(want + 64 * 1024 + 512 * ranges.len() as u64)
-            .read_to_end(&mut body)
-            .map_err(|e| OciError::Network {
-                action: action.clone(),
-                reason: e.to_string(),
-            })?;
+        let net = |reason: String| OciError::Network {
+            action: action.clone(),
+            reason,
+        };
         // (start, bytes) parts the registry sent.
         let mut parts: Vec<(u64, Vec<u8>)> = Vec::new();
         if let Some(cr) = single_range {
-            // The registry merged everything into one range.
-            let start = parse_content_range(&cr).ok_or_else(|| OciError::NoRanges {
+            // One range: the one asked, or several coalesced.
+            let (start, end) = parse_content_range_span(&cr).ok_or_else(|| OciError::NoRanges {
                 action: action.clone(),
                 reason: format!("bad Content-Range {cr:?}"),
             })?;
+            if start < lo || end >= hi {
+                return Err(net(format!(
+                    "the registry answered bytes {start}-{end}, not within the {lo}-{} asked for",
+                    hi - 1
+                )));
+            }
+            let len = end - start + 1;
+            if len > want.saturating_add(MAX_COALESCED_EXTRA) {
+                return Err(OciError::NoRanges {
+                    action: action.clone(),
+                    reason: format!(
+                        "answered {len} bytes in one range for {want} bytes asked in {}",
+                        ranges.len()
+                    ),
+                });
+            }
+            let body = read_body(resp, len, deadline, self.range_timeout).map_err(&net)?;
+            if body.len() as u64 != len {
+                return Err(net(format!(
+                    "Content-Range {cr:?} announced {len} bytes but the body has {}{}",
+                    body.len(),
+                    if body.len() as u64 > len { " or more" } else { "" }
+                )));
+            }
             parts.push((start, body));
         } else {
             let boundary = ct
@@ -416,22 +527,38 @@ impl Session {
                     action: action.clone(),
                     reason: format!("a 206 of type {ct:?} without a boundary"),
                 })?;
-            parts = parse_multipart(&body, &boundary).ok_or_else(|| OciError::Network {
-                action: action.clone(),
-                reason: "malformed multipart/byteranges answer".into(),
-            })?;
+            let limit = want
+                .saturating_add(MAX_COALESCED_EXTRA)
+                .saturating_add(MULTIPART_OVERHEAD.saturating_mul(ranges.len() as u64));
+            let body = read_body(resp, limit, deadline, self.range_timeout).map_err(&net)?;
+            if body.len() as u64 > limit {
+                return Err(net(format!(
+                    "a multipart answer of more than {limit} bytes for {want} bytes asked"
+                )));
+            }
+            parts = parse_multipart(&body, &boundary)
+                .ok_or_else(|| net("malformed multipart/byteranges answer".into()))?;
+            for (s, b) in &parts {
+                let e = s.saturating_add(b.len() as u64);
+                let asked = ranges
+                    .iter()
+                    .any(|&(o, l)| *s < o + l && o < e);
+                if *s < lo || e > hi || !asked {
+                    return Err(net(format!(
+                        "the registry sent bytes {s}+{}, which were not asked for",
+                        b.len()
+                    )));
+                }
+            }
         }
         ranges
             .iter()
-            .map(|(o, l)| {
+            .map(|&(o, l)| {
                 parts
                     .iter()
-                    .find(|(s, b)| s <= o && o + l <= s + b.len() as u64)
+                    .find(|(s, b)| *s <= o && o + l <= s + b.len() as u64)
                     .map(|(s, b)| b[(o - s) as usize..(o - s + l) as usize].to_vec())
-                    .ok_or_else(|| OciError::Network {
-                        action: action.clone(),
-                        reason: format!("the answer lacks bytes {o}+{l}"),
-                    })
+                    .ok_or_else(|| net(format!("the answer lacks bytes {o}+{l}")))
             })
             .collect()
     }
@@ -447,54 +574,168 @@ impl Session {
     }
 }
 
-/// `bytes START-END/TOTAL` -> START.
-pub fn parse_content_range(v: &str) -> Option<u64> {
-    v.trim()
-        .strip_prefix("bytes ")?
-        .split('-')
-        .next()?
-        .trim()
-        .parse()
-        .ok()
+/// Read a response body of at most `limit` bytes (one more is read to
+/// tell a longer one) by `deadline`.
+fn read_body(
+    mut resp: Response,
+    limit: u64,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Vec<u8>, String> {
+    let mut body = Vec::with_capacity(limit.min(4 << 20) as usize);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "the answer was not complete within {} s (the range timeout): {} bytes came",
+                timeout.as_secs_f64(),
+                body.len()
+            ));
+        }
+        let room = (limit + 1 - body.len() as u64).min(buf.len() as u64) as usize;
+        match resp.read(&mut buf[..room]) {
+            Ok(0) => return Ok(body),
+            Ok(n) => {
+                body.extend_from_slice(&buf[..n]);
+                if body.len() as u64 > limit {
+                    return Ok(body);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if Instant::now() + Duration::from_millis(200) >= deadline => {
+                // the request's own timeout is what is left of the deadline
+                return Err(format!(
+                    "the answer was not complete within {} s (the range timeout): {} bytes came ({})",
+                    timeout.as_secs_f64(),
+                    body.len(),
+                    error_chain(&e)
+                ));
+            }
+            Err(e) => return Err(error_chain(&e)),
+        }
+    }
 }
 
-/// Parts of a `multipart/byteranges` body: `(start, bytes)`.
+/// `bytes START-END/TOTAL` -> START (see [`parse_content_range_span`]).
+pub fn parse_content_range(v: &str) -> Option<u64> {
+    parse_content_range_span(v).map(|(s, _)| s)
+}
+
+/// `bytes START-END/TOTAL` (TOTAL may be `*`) -> (START, END), END
+/// inclusive: numbers that parse, START <= END < u64::MAX, END < TOTAL.
+pub fn parse_content_range_span(v: &str) -> Option<(u64, u64)> {
+    let v = v.trim().strip_prefix("bytes ")?;
+    let (se, total) = v.split_once('/')?;
+    let (a, b) = se.split_once('-')?;
+    let num = |t: &str| -> Option<u64> {
+        let t = t.trim();
+        // digits only: no signs, no spaces inside
+        if t.is_empty() || !t.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        t.parse().ok()
+    };
+    let (a, b) = (num(a)?, num(b)?);
+    // the end just past the range must be a number too
+    if a > b || b == u64::MAX {
+        return None;
+    }
+    match total.trim() {
+        "*" => {}
+        t => {
+            if b >= num(t)? {
+                return None;
+            }
+        }
+    }
+    Some((a, b))
+}
+
+/// Parts of a `multipart/byteranges` body: `(start, bytes)`, each as long
+/// as its `Content-Range` says (all arithmetic checked).
 pub fn parse_multipart(body: &[u8], boundary: &str) -> Option<Vec<(u64, Vec<u8>)>> {
+    if boundary.is_empty() {
+        return None;
+    }
     let delim = format!("--{boundary}");
     let find = |hay: &[u8], needle: &[u8], from: usize| -> Option<usize> {
         hay.get(from..)?
             .windows(needle.len())
             .position(|w| w == needle)
-            .map(|p| p + from)
+            .and_then(|p| p.checked_add(from))
     };
     let mut parts = Vec::new();
     let mut pos = find(body, delim.as_bytes(), 0)?;
     loop {
-        pos += delim.len();
-        if body.get(pos..pos + 2) == Some(b"--") {
+        pos = pos.checked_add(delim.len())?;
+        if body.get(pos..pos.checked_add(2)?) == Some(b"--") {
             return Some(parts);
         }
         let head_end = find(body, b"\r\n\r\n", pos)?;
         let head = std::str::from_utf8(&body[pos..head_end]).ok()?;
-        let mut start = None;
-        let mut len = None;
+        let mut span = None;
         for line in head.split("\r\n") {
             let Some((k, v)) = line.split_once(':') else {
                 continue;
             };
             if k.trim().eq_ignore_ascii_case("content-range") {
-                let v = v.trim().strip_prefix("bytes ")?;
-                let (se, _) = v.split_once('/')?;
-                let (a, b) = se.split_once('-')?;
-                let (a, b): (u64, u64) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
-                start = Some(a);
-                len = Some(b.checked_sub(a)? + 1);
+                span = Some(parse_content_range_span(v)?);
             }
         }
-        let (start, len) = (start?, len? as usize);
-        let data = head_end + 4;
-        parts.push((start, body.get(data..data + len)?.to_vec()));
-        pos = find(body, delim.as_bytes(), data + len)?;
+        let (start, end) = span?;
+        let len = usize::try_from((end - start).checked_add(1)?).ok()?;
+        let data = head_end.checked_add(4)?;
+        let data_end = data.checked_add(len)?;
+        parts.push((start, body.get(data..data_end)?.to_vec()));
+        pos = find(body, delim.as_bytes(), data_end)?;
+    }
+}
+
+/// A reader that fails when fewer than `rate` bytes per second arrive
+/// over a window (a stream kept alive a byte at a time is a stall).
+pub(crate) struct RateGuard<R> {
+    inner: R,
+    rate: u64,
+    window: Duration,
+    since: Instant,
+    bytes: u64,
+}
+
+impl<R> RateGuard<R> {
+    /// `(rate, window)`: bytes per second over each window; rate 0: none.
+    pub(crate) fn new(inner: R, (rate, window): (u64, Duration)) -> Self {
+        RateGuard {
+            inner,
+            rate,
+            window,
+            since: Instant::now(),
+            bytes: 0,
+        }
+    }
+}
+
+impl<R: Read> Read for RateGuard<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bytes += n as u64;
+        let took = self.since.elapsed();
+        if self.rate > 0 && n > 0 && took >= self.window {
+            let floor = (self.rate as f64 * took.as_secs_f64()) as u64;
+            if self.bytes < floor {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "{} bytes in {:.0} s, slower than the minimum of {} bytes/s",
+                        self.bytes,
+                        took.as_secs_f64(),
+                        self.rate
+                    ),
+                ));
+            }
+            self.since = Instant::now();
+            self.bytes = 0;
+        }
+        Ok(n)
     }
 }
 
@@ -503,7 +744,7 @@ pub(crate) struct BlobReader {
     session: Arc<Session>,
     desc: Descriptor,
     pos: u64,
-    resp: Option<Response>,
+    resp: Option<RateGuard<Response>>,
     failures: u32,
 }
 
@@ -572,7 +813,7 @@ impl BlobReader {
                 });
             }
         }
-        self.resp = Some(resp);
+        self.resp = Some(RateGuard::new(resp, self.session.min_rate));
         Ok(())
     }
 
@@ -693,6 +934,54 @@ mod tests {
             parse_multipart(b"--XYZ\r\nContent-Range: bytes 0-9/10\r\n\r\nab", "XYZ").is_none()
         );
         assert_eq!(parse_content_range("bytes 7-9/10"), Some(7));
+    }
+
+    #[test]
+    fn hostile_ranges_do_not_wrap() {
+        // END before START, END past TOTAL, signs, u64::MAX spans
+        assert_eq!(parse_content_range_span("bytes 9-7/10"), None);
+        assert_eq!(parse_content_range_span("bytes 7-10/10"), None);
+        assert_eq!(parse_content_range_span("bytes +7-9/10"), None);
+        assert_eq!(parse_content_range_span("bytes 7-9/*"), Some((7, 9)));
+        let max = u64::MAX;
+        assert_eq!(parse_content_range_span(&format!("bytes 0-{max}/*")), None);
+        assert_eq!(
+            parse_content_range_span(&format!("bytes 0-{}/*", max - 1)),
+            Some((0, max - 1))
+        );
+        let body = format!("--B\r\nContent-Range: bytes 0-{max}/*\r\n\r\nab\r\n--B--");
+        assert!(parse_multipart(body.as_bytes(), "B").is_none());
+        let body = format!(
+            "--B\r\nContent-Range: bytes {}-{max}/*\r\n\r\nab\r\n--B--",
+            max - 1
+        );
+        assert!(parse_multipart(body.as_bytes(), "B").is_none());
+        assert!(parse_multipart(b"--\r\n\r\n", "").is_none());
+        // a part whose data would end past usize
+        let body = format!(
+            "--B\r\nContent-Range: bytes 0-{}/*\r\n\r\nab",
+            usize::MAX - 3
+        );
+        assert!(parse_multipart(body.as_bytes(), "B").is_none());
+    }
+
+    #[test]
+    fn a_stream_slower_than_the_minimum_fails() {
+        struct Trickle;
+        impl Read for Trickle {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                std::thread::sleep(Duration::from_millis(20));
+                buf[0] = 0;
+                Ok(1)
+            }
+        }
+        let mut g = RateGuard::new(Trickle, (1000, Duration::from_millis(200)));
+        let e = io::copy(&mut g, &mut io::sink()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(e.to_string().contains("slower than the minimum"), "{e}");
+        // fast enough: no error
+        let mut g = RateGuard::new(&[7u8; 100_000][..], (1000, Duration::from_millis(1)));
+        assert_eq!(io::copy(&mut g, &mut io::sink()).unwrap(), 100_000);
     }
 
     #[test]
