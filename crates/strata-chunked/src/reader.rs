@@ -225,7 +225,8 @@ fn decoder<'a>(
     limit: u64,
     what: &str,
 ) -> Result<std::io::BufReader<Limited<impl Read + 'a>>, ChunkedError> {
-    let d = zstd::stream::read::Decoder::with_buffer(z).map_err(|e| fmt_err(what, e.to_string()))?;
+    let d =
+        zstd::stream::read::Decoder::with_buffer(z).map_err(|e| fmt_err(what, e.to_string()))?;
     Ok(std::io::BufReader::new(Limited {
         inner: d,
         left: limit,
@@ -490,8 +491,8 @@ pub fn read_tar_split_lines(
                 format!("more than {max_lines} lines (the limit)"),
             ));
         }
-        let e = serde_json::from_slice(&line)
-            .map_err(|e| fmt_err(what, format!("line {n}: {e}")))?;
+        let e =
+            serde_json::from_slice(&line).map_err(|e| fmt_err(what, format!("line {n}: {e}")))?;
         each(e)?;
     }
 }

@@ -127,7 +127,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// CRC-64 as Go's `crc64.MakeTable(crc64.ISO)`: tar-split's checksum.
-const CRC64: crc::Crc<u64, crc::Table<16>> = crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_GO_ISO);
+const CRC64: crc::Crc<u64, crc::Table<16>> =
+    crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_GO_ISO);
 
 /// What the lazy layers' tar-splits say of one content.
 #[derive(Clone, Copy)]
@@ -787,7 +788,10 @@ impl Fetcher {
             waited = true;
             let now = Instant::now();
             if now >= deadline {
-                tracing::warn!("waited {:?} for the prefetch of {digest}: fetching it", self.wait_limit);
+                tracing::warn!(
+                    "waited {:?} for the prefetch of {digest}: fetching it",
+                    self.wait_limit
+                );
                 break;
             }
             bulk = self
@@ -891,7 +895,9 @@ impl Fetcher {
                 match runs.last_mut() {
                     Some((a, e))
                         if *e == i
-                            && rf.chunks[i].blob_end.saturating_sub(rf.chunks[*a].blob_offset)
+                            && rf.chunks[i]
+                                .blob_end
+                                .saturating_sub(rf.chunks[*a].blob_offset)
                                 <= BULK_REQUEST_BYTES =>
                     {
                         *e = i + 1
@@ -922,7 +928,10 @@ impl Fetcher {
                     self.stats.errors.fetch_add(1, Ordering::Relaxed);
                     return Err(ReadError::TimedOut(
                         self.wait_limit,
-                        format!("chunks of {} another read fetches did not arrive", rf.digest),
+                        format!(
+                            "chunks of {} another read fetches did not arrive",
+                            rf.digest
+                        ),
                     ));
                 }
                 have = p
@@ -967,7 +976,10 @@ impl Fetcher {
         if end < start || end - start > MAX_RUN_SPAN {
             return Err(ReadError::Fetch {
                 layer: desc.digest,
-                reason: format!("chunks of {} span bytes {start}..{end} of the blob", rf.digest),
+                reason: format!(
+                    "chunks of {} span bytes {start}..{end} of the blob",
+                    rf.digest
+                ),
             });
         }
         self.last_read_fetch
@@ -1038,7 +1050,9 @@ impl Fetcher {
         let wrong = if got != *digest {
             // every chunk matched its digest, the whole does not: a TOC
             // that lies
-            Some(format!("file content hashes to {got}, the TOC says {digest}"))
+            Some(format!(
+                "file content hashes to {got}, the TOC says {digest}"
+            ))
         } else {
             match want {
                 Ok(Some(c)) if c == crc => None,

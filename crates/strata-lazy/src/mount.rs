@@ -674,11 +674,21 @@ impl Updater {
         // 5 s: stat'ing every object each tick cost reads CPU
         self.fetcher.link_trusted();
         let is_missing = |d: &Digest| !self.fetcher.is_local(d);
-        let mut missing: Vec<Digest> = self.lazy.contents().into_iter().filter(is_missing).collect();
+        let mut missing: Vec<Digest> = self
+            .lazy
+            .contents()
+            .into_iter()
+            .filter(is_missing)
+            .collect();
         let mut seen_done = u64::MAX;
         let mut layers_seen = u64::MAX;
         let mut last_check = Instant::now();
-        let lazy_layers = self.lazy.layers.iter().filter(|l| l.index.is_some()).count();
+        let lazy_layers = self
+            .lazy
+            .layers
+            .iter()
+            .filter(|l| l.index.is_some())
+            .count();
         let mut checked = 0;
         let mut last_full = Instant::now();
         let mut last_prefetch = PrefetchState::None;

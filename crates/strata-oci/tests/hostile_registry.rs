@@ -47,7 +47,9 @@ fn opts(addr: &str) -> RegistryOptions {
 /// The source through `proxy` and the layer's descriptor (resolved from
 /// the registry itself: the faults hit every blob, the config too).
 fn source(reg: &Registry, proxy: &Proxy, o: RegistryOptions) -> (Box<dyn ImageSource>, Descriptor) {
-    let direct: ImageRef = format!("docker://{}/test/app:v1", reg.addr).parse().unwrap();
+    let direct: ImageRef = format!("docker://{}/test/app:v1", reg.addr)
+        .parse()
+        .unwrap();
     let resolved = open_source(&direct, &opts(&reg.addr))
         .unwrap()
         .resolve(&"linux/amd64".parse::<Platform>().unwrap())
@@ -73,7 +75,10 @@ fn a_coalesced_206_is_cut_into_the_ranges_asked() {
     let asks = [(10u64, 100u64), (150_000, 5000), (250_000, 17)];
     let got = src.read_ranges(&desc, &asks).unwrap();
     for ((o, l), g) in asks.iter().zip(&got) {
-        assert!(g[..] == layer[*o as usize..(o + l) as usize], "bytes {o}+{l}");
+        assert!(
+            g[..] == layer[*o as usize..(o + l) as usize],
+            "bytes {o}+{l}"
+        );
     }
     // one request, answered as one range
     let log = proxy.requests();
@@ -102,7 +107,10 @@ fn ranges_not_asked_for_are_an_error() {
         .read_ranges(&desc, &[(1000, 100), (5000, 100)])
         .unwrap_err()
         .to_string();
-    assert!(e.contains("not asked for") || e.contains("lacks bytes"), "{e}");
+    assert!(
+        e.contains("not asked for") || e.contains("lacks bytes"),
+        "{e}"
+    );
 }
 
 #[test]

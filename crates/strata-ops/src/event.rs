@@ -166,10 +166,9 @@ impl fmt::Display for Warning {
             Warning::ContentRefused { digest, reason } => {
                 write!(f, "content {digest} refused (reads fail): {reason}")
             }
-            Warning::LazyInconsistent { reason } => write!(
-                f,
-                "the lazy mount is inconsistent (reads fail): {reason}"
-            ),
+            Warning::LazyInconsistent { reason } => {
+                write!(f, "the lazy mount is inconsistent (reads fail): {reason}")
+            }
         }
     }
 }

@@ -298,8 +298,10 @@ impl ProxyState {
                 Some(format!("Range: bytes={lo}-{hi}"))
             }
             Some(a) if is_blob_get && f.shift_ranges => {
-                let shifted: Vec<String> =
-                    a.iter().map(|(s, e)| format!("{}-{}", s + 1, e + 1)).collect();
+                let shifted: Vec<String> = a
+                    .iter()
+                    .map(|(s, e)| format!("{}-{}", s + 1, e + 1))
+                    .collect();
                 Some(format!("Range: bytes={}", shifted.join(",")))
             }
             _ => None,

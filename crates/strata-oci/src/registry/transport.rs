@@ -513,7 +513,11 @@ impl Session {
                 return Err(net(format!(
                     "Content-Range {cr:?} announced {len} bytes but the body has {}{}",
                     body.len(),
-                    if body.len() as u64 > len { " or more" } else { "" }
+                    if body.len() as u64 > len {
+                        " or more"
+                    } else {
+                        ""
+                    }
                 )));
             }
             parts.push((start, body));
@@ -540,9 +544,7 @@ impl Session {
                 .ok_or_else(|| net("malformed multipart/byteranges answer".into()))?;
             for (s, b) in &parts {
                 let e = s.saturating_add(b.len() as u64);
-                let asked = ranges
-                    .iter()
-                    .any(|&(o, l)| *s < o + l && o < e);
+                let asked = ranges.iter().any(|&(o, l)| *s < o + l && o < e);
                 if *s < lo || e > hi || !asked {
                     return Err(net(format!(
                         "the registry sent bytes {s}+{}, which were not asked for",
