@@ -257,7 +257,7 @@ pub struct Fetcher {
     last_read_fetch: AtomicU64,
     /// Per content of a lazy layer, its tar-split checksum. Contents not
     /// here come from layers the store has (trusted).
-    claims: HashMap<Digest, Claim>,
+    claims: HashMap<Digest, (Claim, Vec<usize>)>,
     /// Contents checked for this mount: `Ok` (may be served) or why not
     /// (never served).
     verdicts: Mutex<HashMap<Digest, Result<(), String>>>,
@@ -284,18 +284,18 @@ impl Fetcher {
         parallel: usize,
     ) -> io::Result<Fetcher> {
         fs::create_dir_all(&dir)?;
-        let mut claims: HashMap<Digest, Claim> = HashMap::new();
-        for ix in image.layers.iter().filter_map(|l| l.index.as_ref()) {
+        let mut claims: HashMap<Digest, (Claim, Vec<usize>)> = HashMap::new();
+        for (l, layer) in image.layers.iter().enumerate() {
+            let Some(ix) = &layer.index else { continue };
             for f in &ix.files {
                 let c = f.crc64.map_or(Claim::Conflict, Claim::Crc);
-                claims
-                    .entry(f.digest)
-                    .and_modify(|old| {
-                        if !matches!((*old, c), (Claim::Crc(a), Claim::Crc(b)) if a == b) {
-                            *old = Claim::Conflict;
-                        }
-                    })
-                    .or_insert(c);
+                let e = claims.entry(f.digest).or_insert((c, Vec::new()));
+                if !matches!((e.0, c), (Claim::Crc(a), Claim::Crc(b)) if a == b) {
+                    e.0 = Claim::Conflict;
+                }
+                if e.1.last() != Some(&l) {
+                    e.1.push(l);
+                }
             }
         }
         Ok(Fetcher {
@@ -406,10 +406,16 @@ impl Fetcher {
         let Some(dir) = &self.verified_dir else {
             return;
         };
+        if self.inconsistent().is_some() {
+            return;
+        }
         let hex = digest.hex();
         let to = dir.join(&hex[..2]).join(&hex[2..]);
-        let r = fs::create_dir_all(dir.join(&hex[..2]))
-            .and_then(|()| fs::hard_link(self.store.object_path(digest), &to));
+        let mut r = fs::hard_link(self.store.object_path(digest), &to);
+        if matches!(&r, Err(e) if e.kind() == io::ErrorKind::NotFound) {
+            r = fs::create_dir_all(dir.join(&hex[..2]))
+                .and_then(|()| fs::hard_link(self.store.object_path(digest), &to));
+        }
         match r {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -418,9 +424,23 @@ impl Fetcher {
         }
     }
 
+    /// What the tar-splits of the lazy layers say of `digest`; `None` when
+    /// no lazy layer names it, or every one that does was checked whole
+    /// since (its diff_id matched: a pull imported it, or
+    /// [`check_layers`](Self::check_layers) rebuilt it), so its contents
+    /// are the tar's.
+    fn claim(&self, digest: &Digest) -> Option<Claim> {
+        let (c, layers) = self.claims.get(digest)?;
+        let checked = lock(&self.layers_checked);
+        if layers.iter().all(|l| checked.contains(l)) {
+            return None;
+        }
+        Some(*c)
+    }
+
     /// The tar-split's checksum for `digest`, or why it cannot be served.
     fn claim_of(&self, digest: &Digest) -> Result<Option<u64>, ReadError> {
-        match self.claims.get(digest) {
+        match self.claim(digest) {
             None => Ok(None),
             Some(Claim::Crc(c)) => Ok(Some(*c)),
             Some(Claim::Conflict) => Err(self.reject(
@@ -435,17 +455,16 @@ impl Fetcher {
     /// `Ok(None)`: not in the store, or not checked yet.
     pub fn open_verified(&self, digest: &Digest) -> Result<Option<File>, ReadError> {
         self.check_consistent()?;
-        if self.claims.contains_key(digest) {
-            match lock(&self.verdicts).get(digest) {
-                Some(Ok(())) => {}
-                Some(Err(r)) => {
-                    return Err(ReadError::Rejected {
-                        digest: *digest,
-                        reason: r.clone(),
-                    });
-                }
-                None => return Ok(None),
-            }
+        let verdict = lock(&self.verdicts).get(digest).cloned();
+        if let Some(Err(r)) = verdict {
+            return Err(ReadError::Rejected {
+                digest: *digest,
+                reason: r,
+            });
+        }
+        if verdict.is_none() && self.claim(digest).is_some() {
+            // not checked yet
+            return Ok(None);
         }
         Ok(self.store.open_object(digest).ok())
     }
@@ -453,11 +472,14 @@ impl Fetcher {
     /// Link the image's contents from layers the store has (trusted) that
     /// are in the store into the verified directory.
     pub fn link_trusted(&self) {
-        if self.verified_dir.is_none() {
+        let Some(dir) = &self.verified_dir else {
             return;
+        };
+        for fan in 0..=255u8 {
+            let _ = fs::create_dir_all(dir.join(format!("{fan:02x}")));
         }
         for d in self.image.contents() {
-            if !self.claims.contains_key(&d) && self.store.has_object(&d) {
+            if self.claim(&d).is_none() && self.store.has_object(&d) {
                 self.link(&d);
             }
         }
@@ -465,8 +487,9 @@ impl Fetcher {
 
     /// Whether `digest` may be served from the store with no check.
     pub fn is_local(&self, digest: &Digest) -> bool {
-        (!self.claims.contains_key(digest)
-            || matches!(lock(&self.verdicts).get(digest), Some(Ok(()))))
+        let verdict = lock(&self.verdicts).get(digest).cloned();
+        !matches!(verdict, Some(Err(_)))
+            && (self.claim(digest).is_none() || matches!(verdict, Some(Ok(()))))
             && self.store.has_object(digest)
     }
 
@@ -504,9 +527,15 @@ impl Fetcher {
     pub fn check_layers(&self) -> Result<usize, ReadError> {
         for (i, l) in self.image.layers.iter().enumerate() {
             let Some(ix) = &l.index else { continue };
-            if lock(&self.layers_checked).contains(&i)
-                || !ix.files.iter().all(|f| self.store.has_object(&f.digest))
-            {
+            if lock(&self.layers_checked).contains(&i) {
+                continue;
+            }
+            if self.store.has_layer(&l.diff_id) {
+                // a pull imported it (and checked its diff_id)
+                lock(&self.layers_checked).insert(i);
+                continue;
+            }
+            if !ix.files.iter().all(|f| self.store.has_object(&f.digest)) {
                 continue;
             }
             let counter = AtomicU64::new(0);
@@ -973,7 +1002,8 @@ impl Fetcher {
             return Ok(());
         };
         let (start, end) = (c0.blob_offset, cn.blob_end);
-        if end < start || end - start > MAX_RUN_SPAN {
+        let all_zeros = chunks.iter().all(|c| c.zeros);
+        if !all_zeros && (end < start || end - start > MAX_RUN_SPAN) {
             return Err(ReadError::Fetch {
                 layer: desc.digest,
                 reason: format!(
@@ -984,7 +1014,6 @@ impl Fetcher {
         }
         self.last_read_fetch
             .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-        let all_zeros = chunks.iter().all(|c| c.zeros);
         let bytes = if all_zeros {
             Vec::new()
         } else {

@@ -414,6 +414,9 @@ fn serve(
         f.set_events(events.clone());
         Arc::new(f)
     };
+    // contents of layers the store has are read by the kernel from the
+    // start, as before (links, no daemon)
+    fetcher.link_trusted();
     // reads of listed files wait for the bulk fetch instead of racing it
     let wanted = wanted(&lazy, opts);
     fetcher.reserve_bulk(&wanted);
@@ -672,7 +675,6 @@ impl Updater {
         // re-check only what is still missing, and only when something may
         // have arrived (reads completed files, prefetch running) or every
         // 5 s: stat'ing every object each tick cost reads CPU
-        self.fetcher.link_trusted();
         let is_missing = |d: &Digest| !self.fetcher.is_local(d);
         let mut missing: Vec<Digest> = self
             .lazy
