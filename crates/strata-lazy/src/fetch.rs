@@ -442,7 +442,7 @@ impl Fetcher {
     fn claim_of(&self, digest: &Digest) -> Result<Option<u64>, ReadError> {
         match self.claim(digest) {
             None => Ok(None),
-            Some(Claim::Crc(c)) => Ok(Some(*c)),
+            Some(Claim::Crc(c)) => Ok(Some(c)),
             Some(Claim::Conflict) => Err(self.reject(
                 digest,
                 "the tar-split gives files with this digest no checksum or different ones".into(),
