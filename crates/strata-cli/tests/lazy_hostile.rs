@@ -29,12 +29,18 @@ fn break_top_diff_id(layout: &Path) {
     )
     .unwrap();
     let mut config: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(blob_path(layout, manifest["config"]["digest"].as_str().unwrap())).unwrap(),
+        &std::fs::read(blob_path(
+            layout,
+            manifest["config"]["digest"].as_str().unwrap(),
+        ))
+        .unwrap(),
     )
     .unwrap();
     let ids = config["rootfs"]["diff_ids"].as_array_mut().unwrap();
     let n = ids.len();
-    ids[n - 1] = strata_digest::Digest::sha256_of(b"another tar").to_string().into();
+    ids[n - 1] = strata_digest::Digest::sha256_of(b"another tar")
+        .to_string()
+        .into();
     let cbytes = serde_json::to_vec(&config).unwrap();
     manifest["config"]["digest"] = put_blob(layout, &cbytes).into();
     manifest["config"]["size"] = cbytes.len().into();
@@ -127,7 +133,10 @@ fn a_layer_failing_its_diff_id_makes_the_lazy_mount_inconsistent() {
         );
         std::thread::sleep(Duration::from_millis(300));
     };
-    assert!(s["inconsistent"].as_str().unwrap().contains("diff_id"), "{s}");
+    assert!(
+        s["inconsistent"].as_str().unwrap().contains("diff_id"),
+        "{s}"
+    );
     let human = env.ok(&["mounts"]);
     assert!(human.contains("INCONSISTENT"), "{human}");
     let log = std::fs::read_to_string(s["log"].as_str().unwrap()).unwrap_or_default();
