@@ -3,10 +3,12 @@
 //!
 //! A lazy mount is a composefs mount. The tree (from the TOCs) becomes an
 //! EROFS image whose files redirect to their objects; overlayfs stacks it
-//! over two data-only layers: the store's objects/ first, then this
-//! filesystem. Directories, symlinks, attributes and xattrs come from
-//! EROFS in the kernel, and a file whose object is in the store is read
-//! from the store without the daemon. Only contents missing when a file
+//! over two data-only layers: the mount's directory of links to the
+//! objects checked for it (`<mdir>/verified`, see the fetcher's docs)
+//! first, then this filesystem. Directories, symlinks, attributes and
+//! xattrs come from EROFS in the kernel, and a file whose object was
+//! checked (or belongs to a layer the store has) is read from the store
+//! without the daemon. Only contents missing when a file
 //! is first opened are looked up here: they are served from the
 //! [`Fetcher`] (checked whole against the TOC and the tar-split first),
 //! or by passthrough once checked and local.

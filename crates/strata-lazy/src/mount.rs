@@ -12,9 +12,12 @@
 //!   reserve the prefetch list, start the prefetch thread
 //!   <mdir>/image.erofs (the tree; files redirect to objects)
 //!   <mdir>/data: FUSE of missing contents (fs.rs)
-//!   overlay at target: image.erofs over [objects/, data]     -> Mounted::Lazy(LazyMount)
-//!   a state thread rewrites <mdir>/state.json every 500 ms and
-//!   detaches the data layer once the target is unmounted
+//!   <mdir>/verified: links to the objects checked for this mount
+//!   overlay at target: image.erofs over [verified, data]     -> Mounted::Lazy(LazyMount)
+//!   a state thread rewrites <mdir>/state.json every 500 ms, checks
+//!   each layer whose files all arrived against its diff_id (a mismatch:
+//!   `inconsistent`, every read EIO) and detaches the data layer once
+//!   the target is unmounted
 //! ```
 //!
 //! `<mdir>` is `<store>/lazy/<hash of the target>` ([`mount_dir`]). The
