@@ -359,7 +359,8 @@ struct EntriesSeed<'a> {
 impl<'de> serde::de::DeserializeSeed<'de> for EntriesSeed<'_> {
     type Value = ();
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_seq(self)
+        // any: a list, or null (visit_unit)
+        d.deserialize_any(self)
     }
 }
 
@@ -494,5 +495,77 @@ pub fn read_tar_split_lines(
         let e =
             serde_json::from_slice(&line).map_err(|e| fmt_err(what, format!("line {n}: {e}")))?;
         each(e)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loc(z: &[u8], uncompressed: u64) -> TocLocation {
+        TocLocation {
+            layout: Layout::Current,
+            toc: Range {
+                offset: 0,
+                len: z.len() as u64,
+                uncompressed,
+            },
+            tar_split: None,
+            checksum: None,
+        }
+    }
+
+    #[test]
+    fn toc_entries_are_counted_and_streamed() {
+        let json = br#"{"version":1,"entries":[{"type":"dir","name":"a"},{"type":"dir","name":"b"},{"type":"dir","name":"c"}],"x":[1,{"y":2}]}"#;
+        let z = zstd::encode_all(&json[..], 1).unwrap();
+        let mut seen = Vec::new();
+        let head = read_toc_entries(&z, &loc(&z, json.len() as u64), 3, &mut |e| {
+            seen.push(e.name);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(head.version, 1);
+        assert_eq!(seen, ["a", "b", "c"]);
+        let e = read_toc_entries(&z, &loc(&z, json.len() as u64), 2, &mut |_| Ok(()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("more than 2 entries (the limit)"), "{e}");
+        // a callback's error is the error
+        let e = read_toc_entries(&z, &loc(&z, json.len() as u64), 9, &mut |_| {
+            Err(fmt_err("x", "refused by the caller"))
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("refused by the caller"), "{e}");
+        // more bytes than the annotation says
+        let e = read_toc(&z, &loc(&z, 20)).unwrap_err().to_string();
+        assert!(e.contains("more than its stated size (20 bytes)"), "{e}");
+        // `"entries": null` as Go writes an empty list
+        let z = zstd::encode_all(&br#"{"version":1,"entries":null}"#[..], 1).unwrap();
+        assert!(read_toc(&z, &loc(&z, 100)).unwrap().entries.is_empty());
+    }
+
+    #[test]
+    fn tar_split_lines_are_limited() {
+        let text = b"{\"type\":2,\"payload\":\"AA==\"}\n{\"type\":1,\"name\":\"a\",\"size\":0}\n";
+        let z = zstd::encode_all(&text[..], 1).unwrap();
+        let digest = sha(&z);
+        let r = Range {
+            offset: 0,
+            len: z.len() as u64,
+            uncompressed: text.len() as u64,
+        };
+        let mut n = 0;
+        read_tar_split_lines(&z, &digest, &r, 2, &mut |_| {
+            n += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(n, 2);
+        let e = read_tar_split_lines(&z, &digest, &r, 1, &mut |_| Ok(()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("more than 1 lines (the limit)"), "{e}");
     }
 }

@@ -709,6 +709,48 @@ mod tests {
     use super::*;
 
     #[test]
+    fn absent_contents_are_not_read() {
+        // a header claiming 2^62 bytes, its content absent from the stream:
+        // listed at once, with the sink's digest
+        let mut h = [0u8; 512];
+        h[..4].copy_from_slice(b"huge");
+        h[100..108].copy_from_slice(b"0000644\0");
+        h[108..116].copy_from_slice(b"0000000\0");
+        h[116..124].copy_from_slice(b"0000000\0");
+        h[124] = 0x80;
+        h[128..136].copy_from_slice(&(1u64 << 62).to_be_bytes());
+        h[136..148].copy_from_slice(b"00000000000\0");
+        h[156] = b'0';
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        h[148..156].fill(b' ');
+        let sum: u32 = h.iter().map(|b| *b as u32).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        let mut tar = h.to_vec();
+        tar.extend_from_slice(&[0u8; 1024]);
+        struct Absent(u64);
+        impl ObjectSink for Absent {
+            fn put(&mut self, _: &mut dyn Read, _: u64) -> io::Result<Digest> {
+                panic!("content read")
+            }
+            fn put_absent(&mut self, size: u64) -> Option<io::Result<Digest>> {
+                self.0 = size;
+                Some(Ok(Digest::sha256_of(b"x")))
+            }
+        }
+        let mut sink = Absent(0);
+        let entries = read_entries(&tar[..], &mut sink).unwrap();
+        assert_eq!(sink.0, 1 << 62);
+        assert_eq!(
+            entries[0].kind,
+            EntryKind::Regular {
+                digest: Digest::sha256_of(b"x"),
+                size: 1 << 62
+            }
+        );
+    }
+
+    #[test]
     fn normalize_table() {
         let ok: &[(&[u8], &[u8])] = &[
             (b"./", b""),

@@ -64,7 +64,7 @@ pub use source::RegistrySource;
 #[doc(hidden)]
 pub mod fuzzing {
     pub use super::auth::parse_challenge;
-    pub use super::transport::{parse_content_range, parse_multipart};
+    pub use super::transport::{parse_content_range, parse_content_range_span, parse_multipart};
 }
 pub use transport::{
     DEFAULT_MIN_RATE, DEFAULT_RANGE_TIMEOUT, DEFAULT_RATE_WINDOW, MAX_REDIRECTS, RegistryClient,

@@ -16,7 +16,16 @@
 //!   with `Range: bytes=N-` (skipping forward when the registry ignores
 //!   Range).
 //! - [`Session::get_ranges`]: several ranges in one request, answered as
-//!   one `Content-Range` or `multipart/byteranges`.
+//!   one `Content-Range` (the range asked, or several coalesced: cut up)
+//!   or `multipart/byteranges`; every part must lie within what was
+//!   asked. One range request takes at most
+//!   [`RegistryOptions::range_timeout`] (30 s by default) in all,
+//!   connecting, retries and body included.
+//! - Streams (blobs, manifests, configs) slower than
+//!   [`RegistryOptions::min_rate`] over a window (1 KiB/s over 30 s by
+//!   default) count as dropped connections: a registry sending a byte at a
+//!   time cannot hold a pull forever. A redirect loop ends after
+//!   [`MAX_REDIRECTS`] with an error and is not retried.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -618,7 +627,7 @@ fn read_body(
     }
 }
 
-/// `bytes START-END/TOTAL` -> START (see [`parse_content_range_span`]).
+/// `bytes START-END/TOTAL` -> START (checked like `parse_content_range_span`).
 pub fn parse_content_range(v: &str) -> Option<u64> {
     parse_content_range_span(v).map(|(s, _)| s)
 }
