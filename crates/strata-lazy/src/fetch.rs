@@ -1,20 +1,74 @@
 //! Contents on demand: chunks fetched once, verified, staged, and whole
 //! files moved into the store's objects.
+//!
+//! # What is served, and why it is what a full pull would give (issue 15)
+//!
+//! A full pull rebuilds each layer's tar from its tar-split and checks the
+//! diff_id: the tar-split, which the diff_id covers, decides every file's
+//! content. The TOC only says where contents lie and what their SHA-256s
+//! are, and its author may lie (swap two files' entries, or name the
+//! digest of an object some other image put in the store). So a byte is
+//! served only once the whole content holding it was checked against its
+//! tar-split entry as well as its TOC entry:
+//!
+//! * **Fetched contents** are fetched whole before any byte of them is
+//!   served (in requests of at most [`BULK_REQUEST_BYTES`], chunk by chunk
+//!   verified against the TOC's chunk digests), then checked as a whole:
+//!   SHA-256 against the TOC's digest and CRC-64 (Go's `crc64.ISO`)
+//!   against the tar-split entry's checksum ([`RemoteFile::crc64`]). Only
+//!   then are they moved into objects/ and read. A read of a large file
+//!   thus waits for the whole file. Serving chunks of a large file as
+//!   they arrive was rejected: a chunk's TOC digest proves the bytes are
+//!   some content the author knows, not that they are this tar entry's
+//!   (two files' entries swapped in the TOC have valid chunk digests), and
+//!   the tar-split holds one checksum per file, so nothing short of the
+//!   whole file binds bytes to an entry.
+//! * **Contents already in the store** (put there by another image, or an
+//!   earlier mount) are served for a lazy layer's file only after the
+//!   object's CRC-64 matched the tar-split entry's: computed once per
+//!   object and mount (cached), only for contents read or prefetched. A
+//!   TOC author who names another tenant's object by its digest cannot
+//!   also give its CRC-64 without knowing the content (guessing succeeds
+//!   with probability 2^-64 per try, and a miss is EIO, a warning and the
+//!   content refused for the mount's life). Contents of layers the store
+//!   has are trusted: their layer passed its diff_id on import.
+//! * **A layer whose files are all present** is rebuilt as a tar from its
+//!   tar-split and the objects and hashed ([`Fetcher::check_layers`]):
+//!   with the per-file checks a self-consistent forger is left with CRC
+//!   collisions between its own contents, which the diff_id catches. A
+//!   mismatch makes the mount inconsistent: every read after that fails
+//!   with EIO.
+//!
+//! Served objects are linked into the mount's verified directory (see
+//! [`Fetcher::set_verified_dir`]), the overlay's first data layer: the
+//! kernel reads contents there without the daemon, and nothing the store
+//! holds is reachable through the mount before it was checked.
+//!
+//! # Bounded waits
+//!
+//! A read never waits unboundedly for another thread's work: for chunks
+//! another reader fetches (EIO once [`WAIT_LIMIT`] passes without one of
+//! them arriving), for a fetch slot (EIO after [`WAIT_LIMIT`]), for a bulk
+//! prefetch of its file (after [`WAIT_LIMIT`] it fetches itself). The one
+//! request a fetching reader makes is bounded by the registry's range
+//! timeout ([`strata_oci::registry::DEFAULT_RANGE_TIMEOUT`], 30 s), and
+//! chunks a fetch claimed return to missing however it ends, a panic
+//! included, waking those waiting for them.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
 use strata_digest::Digest;
 use strata_oci::ImageSource;
 use strata_oci::partial::{RemoteFile, decode_chunk};
-use strata_ops::{Ctl, Event, Op, Unit};
+use strata_ops::{Ctl, Event, EventSink, Op, Unit, Warning};
 use strata_store::Store;
 
 use crate::LazyImage;
@@ -39,6 +93,51 @@ pub enum ReadError {
     /// The fetch was cancelled.
     #[error("cancelled")]
     Cancelled,
+    /// The content does not match its tar-split entry (or the TOC): it is
+    /// never served by this mount.
+    #[error("content {digest} refused: {reason}")]
+    Rejected {
+        /// The content.
+        digest: Digest,
+        /// Why.
+        reason: String,
+    },
+    /// The mount's contents failed their layer's diff_id: nothing is
+    /// served any more.
+    #[error("the lazy mount is inconsistent: {0}")]
+    Inconsistent(String),
+    /// Another thread's work this read waited for did not progress within
+    /// [`WAIT_LIMIT`].
+    #[error("gave up waiting after {0:?}: {1}")]
+    TimedOut(Duration, String),
+}
+
+/// Longest a read waits for other threads' work without it progressing
+/// (a chunk another reader fetches arriving, a fetch slot freeing): twice
+/// the registry's timeout of one range request
+/// ([`strata_oci::registry::DEFAULT_RANGE_TIMEOUT`]), 60 s. Then the read
+/// fails (EIO), or for a bulk prefetch, fetches itself.
+pub const WAIT_LIMIT: Duration = Duration::from_secs(2 * 30);
+
+/// Lock `m`, also when a panic poisoned it: the data behind every mutex
+/// of the fetcher stays consistent at each unlock (claims are undone by
+/// [`ClaimGuard`]).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// CRC-64 as Go's `crc64.MakeTable(crc64.ISO)`: tar-split's checksum.
+const CRC64: crc::Crc<u64, crc::Table<16>> =
+    crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_GO_ISO);
+
+/// What the lazy layers' tar-splits say of one content.
+#[derive(Clone, Copy)]
+enum Claim {
+    /// Its CRC-64.
+    Crc(u64),
+    /// Two entries with this digest give different checksums (or one
+    /// gives none): one of them lies.
+    Conflict,
 }
 
 /// Counters, for `strata mounts` and the benchmarks.
@@ -61,10 +160,9 @@ enum Have {
     Present,
 }
 
-/// Files up to this size are fetched whole on their first read (their
-/// chunks are contiguous in the blob: one range request); larger files
-/// this much past each read.
-const READ_AHEAD: u64 = 2 << 20;
+/// Most blob bytes one run of chunks is asked for in (a chunk alone may
+/// span up to [`strata_oci::partial::MAX_CHUNK_SPAN`]).
+const MAX_RUN_SPAN: u64 = strata_oci::partial::MAX_CHUNK_SPAN + BULK_REQUEST_BYTES;
 
 /// Bytes one request of [`Fetcher::fetch_many`] asks for at most (a bigger
 /// file is asked for alone): a cancel waits for one such request.
@@ -79,7 +177,29 @@ struct Partial {
     path: PathBuf,
     have: Mutex<Vec<Have>>,
     changed: Condvar,
-    finished: AtomicBool,
+    /// Once the whole file was checked: stored, or why not.
+    finished: Mutex<Option<Result<(), String>>>,
+}
+
+/// Chunks a fetch claimed ([`Have::Fetching`]): those not made present
+/// return to missing when it is dropped, however the fetch ends (an error,
+/// a panic), and everyone waiting for them is woken.
+struct ClaimGuard<'a> {
+    p: &'a Partial,
+    mine: Vec<usize>,
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        let mut have = lock(&self.p.have);
+        for &i in &self.mine {
+            if have[i] == Have::Fetching {
+                have[i] = Have::Missing;
+            }
+        }
+        drop(have);
+        self.p.changed.notify_all();
+    }
 }
 
 /// A counting semaphore bounding concurrent fetches.
@@ -89,20 +209,33 @@ struct Slots {
 }
 
 impl Slots {
-    fn take(&self) -> SlotGuard<'_> {
-        let mut n = self.free.lock().expect("no panics while held");
+    /// A slot, waiting at most `limit` for one.
+    fn take(&self, limit: Duration) -> Result<SlotGuard<'_>, ReadError> {
+        let deadline = Instant::now() + limit;
+        let mut n = lock(&self.free);
         while *n == 0 {
-            n = self.freed.wait(n).expect("no panics while held");
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ReadError::TimedOut(
+                    limit,
+                    "every fetch slot stayed busy".into(),
+                ));
+            }
+            n = self
+                .freed
+                .wait_timeout(n, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
         *n -= 1;
-        SlotGuard(self)
+        Ok(SlotGuard(self))
     }
 }
 
 struct SlotGuard<'a>(&'a Slots);
 impl Drop for SlotGuard<'_> {
     fn drop(&mut self) {
-        *self.0.free.lock().expect("no panics while held") += 1;
+        *lock(&self.0.free) += 1;
         self.0.freed.notify_one();
     }
 }
@@ -122,6 +255,20 @@ pub struct Fetcher {
     epoch: std::time::Instant,
     /// Milliseconds after `epoch` of the last fetch a read caused.
     last_read_fetch: AtomicU64,
+    /// Per content of a lazy layer, its tar-split checksum. Contents not
+    /// here come from layers the store has (trusted).
+    claims: HashMap<Digest, (Claim, Vec<usize>)>,
+    /// Contents checked for this mount: `Ok` (may be served) or why not
+    /// (never served).
+    verdicts: Mutex<HashMap<Digest, Result<(), String>>>,
+    /// Where checked objects are linked (the overlay's first data layer).
+    verified_dir: Option<PathBuf>,
+    /// Set when a layer failed its diff_id: every read fails.
+    inconsistent: Mutex<Option<String>>,
+    /// Layers whose rebuilt tar matched their diff_id.
+    layers_checked: Mutex<std::collections::HashSet<usize>>,
+    events: Option<Arc<dyn EventSink>>,
+    wait_limit: Duration,
     /// Counters.
     pub stats: Stats,
 }
@@ -137,6 +284,20 @@ impl Fetcher {
         parallel: usize,
     ) -> io::Result<Fetcher> {
         fs::create_dir_all(&dir)?;
+        let mut claims: HashMap<Digest, (Claim, Vec<usize>)> = HashMap::new();
+        for (l, layer) in image.layers.iter().enumerate() {
+            let Some(ix) = &layer.index else { continue };
+            for f in &ix.files {
+                let c = f.crc64.map_or(Claim::Conflict, Claim::Crc);
+                let e = claims.entry(f.digest).or_insert((c, Vec::new()));
+                if !matches!((e.0, c), (Claim::Crc(a), Claim::Crc(b)) if a == b) {
+                    e.0 = Claim::Conflict;
+                }
+                if e.1.last() != Some(&l) {
+                    e.1.push(l);
+                }
+            }
+        }
         Ok(Fetcher {
             store,
             source,
@@ -151,8 +312,259 @@ impl Fetcher {
             bulk_done: Condvar::new(),
             epoch: std::time::Instant::now(),
             last_read_fetch: AtomicU64::new(0),
+            claims,
+            verdicts: Mutex::new(HashMap::new()),
+            verified_dir: None,
+            inconsistent: Mutex::new(None),
+            layers_checked: Mutex::new(std::collections::HashSet::new()),
+            events: None,
+            wait_limit: WAIT_LIMIT,
             stats: Stats::default(),
         })
+    }
+
+    /// Link every object checked for this mount into `dir` (in the
+    /// objects/ layout): the overlay's first data layer.
+    pub fn set_verified_dir(&mut self, dir: PathBuf) {
+        self.verified_dir = Some(dir);
+    }
+
+    /// Report refused contents and an inconsistent mount to `events`.
+    pub fn set_events(&mut self, events: Arc<dyn EventSink>) {
+        self.events = Some(events);
+    }
+
+    /// Wait at most `limit` for other threads' work ([`WAIT_LIMIT`] by
+    /// default; tests shorten it).
+    pub fn set_wait_limit(&mut self, limit: Duration) {
+        self.wait_limit = limit;
+    }
+
+    /// Why the mount is inconsistent, once a layer failed its diff_id.
+    pub fn inconsistent(&self) -> Option<String> {
+        lock(&self.inconsistent).clone()
+    }
+
+    /// Fail every read from now on (and unlink the verified objects, so
+    /// files opened later reach the daemon and fail too).
+    pub fn mark_inconsistent(&self, reason: String) {
+        {
+            let mut bad = lock(&self.inconsistent);
+            if bad.is_some() {
+                return;
+            }
+            *bad = Some(reason.clone());
+        }
+        tracing::error!("the lazy mount is inconsistent: {reason}");
+        if let Some(dir) = &self.verified_dir {
+            let _ = fs::remove_dir_all(dir);
+        }
+        self.warn(Warning::LazyInconsistent { reason });
+    }
+
+    fn warn(&self, w: Warning) {
+        if let Some(e) = &self.events {
+            e.event(&Event::Warning {
+                op: Op::Prefetch,
+                warning: w,
+            });
+        }
+    }
+
+    fn check_consistent(&self) -> Result<(), ReadError> {
+        match self.inconsistent() {
+            Some(r) => Err(ReadError::Inconsistent(r)),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuse `digest` for the mount's life.
+    fn reject(&self, digest: &Digest, reason: String) -> ReadError {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        let first = lock(&self.verdicts)
+            .insert(*digest, Err(reason.clone()))
+            .is_none_or(|v| v.is_ok());
+        if first {
+            tracing::error!("content {digest} refused: {reason}");
+            self.warn(Warning::ContentRefused {
+                digest: *digest,
+                reason: reason.clone(),
+            });
+        }
+        ReadError::Rejected {
+            digest: *digest,
+            reason,
+        }
+    }
+
+    fn accept(&self, digest: &Digest) {
+        lock(&self.verdicts).insert(*digest, Ok(()));
+        self.link(digest);
+    }
+
+    fn link(&self, digest: &Digest) {
+        let Some(dir) = &self.verified_dir else {
+            return;
+        };
+        if self.inconsistent().is_some() {
+            return;
+        }
+        let hex = digest.hex();
+        let to = dir.join(&hex[..2]).join(&hex[2..]);
+        let mut r = fs::hard_link(self.store.object_path(digest), &to);
+        if matches!(&r, Err(e) if e.kind() == io::ErrorKind::NotFound) {
+            r = fs::create_dir_all(dir.join(&hex[..2]))
+                .and_then(|()| fs::hard_link(self.store.object_path(digest), &to));
+        }
+        match r {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            // served through the daemon instead
+            Err(e) => tracing::debug!("linking {digest} into {}: {e}", dir.display()),
+        }
+    }
+
+    /// What the tar-splits of the lazy layers say of `digest`; `None` when
+    /// no lazy layer names it, or every one that does was checked whole
+    /// since (its diff_id matched: a pull imported it, or
+    /// [`check_layers`](Self::check_layers) rebuilt it), so its contents
+    /// are the tar's.
+    fn claim(&self, digest: &Digest) -> Option<Claim> {
+        let (c, layers) = self.claims.get(digest)?;
+        let checked = lock(&self.layers_checked);
+        if layers.iter().all(|l| checked.contains(l)) {
+            return None;
+        }
+        Some(*c)
+    }
+
+    /// The tar-split's checksum for `digest`, or why it cannot be served.
+    fn claim_of(&self, digest: &Digest) -> Result<Option<u64>, ReadError> {
+        match self.claim(digest) {
+            None => Ok(None),
+            Some(Claim::Crc(c)) => Ok(Some(c)),
+            Some(Claim::Conflict) => Err(self.reject(
+                digest,
+                "the tar-split gives files with this digest no checksum or different ones".into(),
+            )),
+        }
+    }
+
+    /// The object of `digest` when it may be served without any check:
+    /// trusted (a stored layer's) or checked already for this mount.
+    /// `Ok(None)`: not in the store, or not checked yet.
+    pub fn open_verified(&self, digest: &Digest) -> Result<Option<File>, ReadError> {
+        self.check_consistent()?;
+        let verdict = lock(&self.verdicts).get(digest).cloned();
+        if let Some(Err(r)) = verdict {
+            return Err(ReadError::Rejected {
+                digest: *digest,
+                reason: r,
+            });
+        }
+        if verdict.is_none() && self.claim(digest).is_some() {
+            // not checked yet
+            return Ok(None);
+        }
+        Ok(self.store.open_object(digest).ok())
+    }
+
+    /// Link the image's contents from layers the store has (trusted) that
+    /// are in the store into the verified directory.
+    pub fn link_trusted(&self) {
+        let Some(dir) = &self.verified_dir else {
+            return;
+        };
+        for fan in 0..=255u8 {
+            let _ = fs::create_dir_all(dir.join(format!("{fan:02x}")));
+        }
+        for d in self.image.contents() {
+            if self.claim(&d).is_none() && self.store.has_object(&d) {
+                self.link(&d);
+            }
+        }
+    }
+
+    /// Whether `digest` may be served from the store with no check.
+    pub fn is_local(&self, digest: &Digest) -> bool {
+        let verdict = lock(&self.verdicts).get(digest).cloned();
+        !matches!(verdict, Some(Err(_)))
+            && (self.claim(digest).is_none() || matches!(verdict, Some(Ok(()))))
+            && self.store.has_object(digest)
+    }
+
+    /// The object of `digest` if the store has it, checked against the
+    /// tar-split (once per mount) when a lazy layer names it.
+    pub fn open_local(&self, digest: &Digest) -> Result<Option<File>, ReadError> {
+        if let Some(f) = self.open_verified(digest)? {
+            return Ok(Some(f));
+        }
+        let Ok(f) = self.store.open_object(digest) else {
+            return Ok(None);
+        };
+        let Some(want) = self.claim_of(digest)? else {
+            // a stored layer's content
+            self.link(digest);
+            return Ok(Some(f));
+        };
+        let (crc, _) = checksums(&f)?;
+        if crc != want {
+            return Err(self.reject(
+                digest,
+                format!(
+                    "the object in the store has CRC-64 {crc:016x}, the tar-split entry {want:016x}"
+                ),
+            ));
+        }
+        self.accept(digest);
+        Ok(Some(f))
+    }
+
+    /// Rebuild the tar of every lazy layer whose files are all in the
+    /// store (and not checked yet) and compare its SHA-256 with the
+    /// layer's diff_id. A mismatch makes the mount inconsistent (and is
+    /// returned). Returns how many layers are checked in all.
+    pub fn check_layers(&self) -> Result<usize, ReadError> {
+        for (i, l) in self.image.layers.iter().enumerate() {
+            let Some(ix) = &l.index else { continue };
+            if lock(&self.layers_checked).contains(&i) {
+                continue;
+            }
+            if self.store.has_layer(&l.diff_id) {
+                // a pull imported it (and checked its diff_id)
+                lock(&self.layers_checked).insert(i);
+                continue;
+            }
+            if !ix.files.iter().all(|f| self.store.has_object(&f.digest)) {
+                continue;
+            }
+            let counter = AtomicU64::new(0);
+            let opened = strata_oci::partial::open_chunked(self.source.as_ref(), &l.desc, &counter);
+            let full = match opened {
+                Ok(Ok(ix)) => ix,
+                Ok(Err(why)) => {
+                    tracing::warn!("layer {i}: cannot check its diff_id: {why}");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!("layer {i}: cannot check its diff_id (later): {e}");
+                    continue;
+                }
+            };
+            let got = full.diff_id_from_store(&self.store)?;
+            if got != l.diff_id {
+                let reason = format!(
+                    "layer {i} ({}): its tar rebuilt from the fetched contents hashes to {got}, \
+                     its diff_id is {}",
+                    l.desc.digest, l.diff_id
+                );
+                self.mark_inconsistent(reason.clone());
+                return Err(ReadError::Inconsistent(reason));
+            }
+            tracing::info!("layer {i} is complete and matches its diff_id");
+            lock(&self.layers_checked).insert(i);
+        }
+        Ok(lock(&self.layers_checked).len())
     }
 
     /// The store.
@@ -173,38 +585,30 @@ impl Fetcher {
         offset: u64,
         len: u32,
     ) -> Result<Vec<u8>, ReadError> {
+        self.check_consistent()?;
         let end = size.min(offset.saturating_add(len as u64));
         if offset >= end {
             return Ok(Vec::new());
         }
-        if let Ok(f) = self.store.open_object(digest) {
-            return Ok(pread(&f, offset, end - offset)?);
+        // at most `len` (a u32) bytes, whatever `size` says
+        let n = (end - offset) as u32;
+        if let Some(f) = self.open_local(digest)? {
+            return Ok(pread(&f, offset, n)?);
         }
         if self.wait_bulk(digest)
-            && let Ok(f) = self.store.open_object(digest)
+            && let Some(f) = self.open_local(digest)?
         {
-            return Ok(pread(&f, offset, end - offset)?);
+            return Ok(pread(&f, offset, n)?);
         }
-        let (desc, rf) = self
-            .image
-            .remote(digest)
-            .ok_or(ReadError::Unknown(*digest))?;
-        let p = self.partial_of(digest, size)?;
-        // chunks overlapping [offset, end), and those read ahead
-        let first = rf
-            .chunks
-            .partition_point(|c| c.file_offset + c.size <= offset);
-        let last = rf.chunks.partition_point(|c| c.file_offset < end);
-        let ahead = if size <= READ_AHEAD {
-            rf.chunks.len()
-        } else {
-            rf.chunks
-                .partition_point(|c| c.file_offset < end.saturating_add(READ_AHEAD))
-        };
-        self.ensure(&p, desc, rf, first, last, ahead)?;
-        let data = pread(&p.file, offset, end - offset)?;
-        self.maybe_finish(digest, &p)?;
-        Ok(data)
+        // the whole file, checked, before any byte of it is served
+        self.fetch_whole(digest)?;
+        match self.open_local(digest)? {
+            Some(f) => Ok(pread(&f, offset, n)?),
+            None => Err(ReadError::Fetch {
+                layer: self.image.remote(digest).map_or(*digest, |(d, _)| d.digest),
+                reason: format!("{digest} is not in the store after its fetch"),
+            }),
+        }
     }
 
     /// Fetch many contents (a prefetch list) with few requests: per layer,
@@ -217,24 +621,27 @@ impl Fetcher {
     /// (what was stored stays).
     pub fn fetch_many(&self, digests: &[Digest], ctl: Ctl<'_>) -> Result<usize, ReadError> {
         self.reserve_bulk(digests);
-        let r = self.fetch_many_reserved(digests, ctl);
-        {
-            let mut bulk = self.bulk.lock().expect("no panics while held");
-            for d in digests {
-                bulk.remove(d);
+        // released however the list ends (a panic too)
+        struct Release<'a>(&'a Fetcher, &'a [Digest]);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                let mut bulk = lock(&self.0.bulk);
+                for d in self.1 {
+                    bulk.remove(d);
+                }
+                drop(bulk);
+                self.0.bulk_done.notify_all();
             }
         }
-        self.bulk_done.notify_all();
-        r
+        let _release = Release(self, digests);
+        self.check_consistent()?;
+        self.fetch_many_reserved(digests, ctl)
     }
 
     /// Make reads of `digests` wait for [`fetch_many`](Self::fetch_many)
     /// (call before the reads can start; `fetch_many` releases them).
     pub fn reserve_bulk(&self, digests: &[Digest]) {
-        self.bulk
-            .lock()
-            .expect("no panics while held")
-            .extend(digests.iter().copied());
+        lock(&self.bulk).extend(digests.iter().copied());
     }
 
     fn fetch_many_reserved(&self, digests: &[Digest], ctl: Ctl<'_>) -> Result<usize, ReadError> {
@@ -243,6 +650,13 @@ impl Fetcher {
         let mut seen = std::collections::HashSet::new();
         for d in digests {
             if !seen.insert(*d) || self.store.has_object(d) {
+                // present: checked against the tar-split now, so reads
+                // serve it without the check (what is prefetched is read)
+                if self.store.has_object(d)
+                    && let Err(e) = self.open_local(d)
+                {
+                    tracing::warn!("prefetch: {e}");
+                }
                 continue;
             }
             if let Some((desc, rf)) = self.image.remote(d) {
@@ -258,7 +672,7 @@ impl Fetcher {
         for (desc, mut files) in by_layer.into_values() {
             let r = self.fetch_layer_files(&desc, &mut files, ctl, &mut done, total);
             {
-                let mut bulk = self.bulk.lock().expect("no panics while held");
+                let mut bulk = lock(&self.bulk);
                 for f in &files {
                     bulk.remove(&f.digest);
                 }
@@ -311,18 +725,28 @@ impl Fetcher {
             let group = &spans[k..l];
             let asks: Vec<(u64, u64)> = group.iter().map(|(s, e, _, _)| (*s, e - s)).collect();
             let answers = {
-                let _slot = self.slots.take();
+                let _slot = self.slots.take(self.wait_limit)?;
                 self.source.read_ranges(desc, &asks).map_err(fail)?
             };
+            if answers.len() != asks.len() {
+                return Err(ReadError::Fetch {
+                    layer: desc.digest,
+                    reason: format!("asked for {} ranges, got {}", asks.len(), answers.len()),
+                });
+            }
             let mut batch = self.store.object_batch().map_err(io::Error::other)?;
             let mut n = 0;
+            let mut accepted = Vec::new();
             for ((start, _, i, j), bytes) in group.iter().zip(&answers) {
                 self.stats
                     .bytes_fetched
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 for f in &files[*i..*j] {
                     let frames = bytes
-                        .get((f.offset - start) as usize..(f.end - start) as usize)
+                        .get(
+                            usize::try_from(f.offset - start).unwrap_or(usize::MAX)
+                                ..usize::try_from(f.end - start).unwrap_or(usize::MAX),
+                        )
                         .ok_or_else(|| ReadError::Fetch {
                             layer: desc.digest,
                             reason: format!("a short answer for bytes {start}.."),
@@ -336,11 +760,40 @@ impl Fetcher {
                         zeros: false,
                     };
                     let content = decode_chunk(desc, frames, &whole).map_err(fail)?;
+                    // the tar-split's checksum too: a file whose TOC entry
+                    // points at other bytes is not stored (nor served)
+                    let crc = CRC64.checksum(&content);
+                    match self.claim_of(&f.digest) {
+                        Ok(Some(want)) if want == crc => {}
+                        Ok(_) => {
+                            self.reject(
+                                &f.digest,
+                                format!(
+                                    "its content has CRC-64 {crc:016x}, the tar-split entry says otherwise"
+                                ),
+                            );
+                            continue;
+                        }
+                        Err(_) => continue,
+                    }
                     batch.put(&mut content.as_slice(), f.size)?;
+                    accepted.push(f.digest);
                     n += 1;
                 }
             }
             batch.commit().map_err(io::Error::other)?;
+            for d in &accepted {
+                self.accept(d);
+            }
+            {
+                let mut bulk = lock(&self.bulk);
+                for (_, _, i, j) in group {
+                    for f in &files[*i..*j] {
+                        bulk.remove(&f.digest);
+                    }
+                }
+            }
+            self.bulk_done.notify_all();
             self.stats.files_completed.fetch_add(n, Ordering::Relaxed);
             *done += n;
             ctl.emit(Event::Progress {
@@ -354,16 +807,26 @@ impl Fetcher {
         Ok(())
     }
 
-    /// Wait while a bulk prefetch fetches `digest`; true if it did.
+    /// Wait while a bulk prefetch fetches `digest` (at most the wait
+    /// limit: then the read fetches it itself); true if it waited.
     fn wait_bulk(&self, digest: &Digest) -> bool {
-        let mut bulk = self.bulk.lock().expect("no panics while held");
+        let deadline = Instant::now() + self.wait_limit;
+        let mut bulk = lock(&self.bulk);
         let mut waited = false;
         while bulk.contains(digest) {
             waited = true;
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::warn!(
+                    "waited {:?} for the prefetch of {digest}: fetching it",
+                    self.wait_limit
+                );
+                break;
+            }
             bulk = self
                 .bulk_done
-                .wait_timeout(bulk, Duration::from_secs(1))
-                .expect("no panics while held")
+                .wait_timeout(bulk, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
         waited
@@ -378,8 +841,10 @@ impl Fetcher {
     }
 
     /// Fetch all of a content (prefetch); returns once it is in the store.
+    /// Checked against the TOC and the tar-split before it is stored.
     pub fn fetch_whole(&self, digest: &Digest) -> Result<(), ReadError> {
-        if self.store.has_object(digest) {
+        self.check_consistent()?;
+        if self.open_local(digest)?.is_some() {
             return Ok(());
         }
         let (desc, rf) = self
@@ -388,12 +853,12 @@ impl Fetcher {
             .ok_or(ReadError::Unknown(*digest))?;
         let p = self.partial_of(digest, rf.size)?;
         let n = rf.chunks.len();
-        self.ensure(&p, desc, rf, 0, n, n)?;
-        self.maybe_finish(digest, &p)
+        self.ensure(&p, desc, rf, 0, n)?;
+        self.finish(digest, rf, &p)
     }
 
     fn partial_of(&self, digest: &Digest, size: u64) -> Result<Arc<Partial>, ReadError> {
-        let mut map = self.partial.lock().expect("no panics while held");
+        let mut map = lock(&self.partial);
         if let Some(p) = map.get(digest) {
             return Ok(p.clone());
         }
@@ -415,15 +880,16 @@ impl Fetcher {
             path,
             have: Mutex::new(vec![Have::Missing; chunks]),
             changed: Condvar::new(),
-            finished: AtomicBool::new(false),
+            finished: Mutex::new(None),
         });
         map.insert(*digest, p.clone());
         Ok(p)
     }
 
-    /// Make chunks `need` (`first..last`) present, fetching those up to
-    /// `ahead` that nobody fetches yet (contiguous ones in one request), and
-    /// waiting for the ones other readers fetch.
+    /// Make chunks `first..last` present: fetch those nobody fetches yet
+    /// (contiguous ones together, at most [`BULK_REQUEST_BYTES`] of blob
+    /// per request), and wait for the ones other readers fetch (failing
+    /// once [`WAIT_LIMIT`] passes without one arriving).
     fn ensure(
         &self,
         p: &Partial,
@@ -431,15 +897,16 @@ impl Fetcher {
         rf: &RemoteFile,
         first: usize,
         last: usize,
-        ahead: usize,
     ) -> Result<(), ReadError> {
+        let range = first..last.min(rf.chunks.len());
         loop {
-            let mine: Vec<usize> = {
-                let mut have = p.have.lock().expect("no panics while held");
-                if have[first..last].iter().all(|h| *h == Have::Present) {
+            let claim = {
+                let mut have = lock(&p.have);
+                if have[range.clone()].iter().all(|h| *h == Have::Present) {
                     return Ok(());
                 }
-                (first..ahead.max(last))
+                let mine: Vec<usize> = range
+                    .clone()
                     .filter(|&i| {
                         let claim = have[i] == Have::Missing;
                         if claim {
@@ -447,59 +914,67 @@ impl Fetcher {
                         }
                         claim
                     })
-                    .collect()
+                    .collect();
+                ClaimGuard { p, mine }
             };
-            let needed_mine = mine.iter().any(|&i| i >= first && i < last);
-            // contiguous runs of claimed chunks
+            // runs of claimed chunks contiguous in the file, each within
+            // one request's bytes
             let mut runs: Vec<(usize, usize)> = Vec::new();
-            for &i in &mine {
+            for &i in &claim.mine {
                 match runs.last_mut() {
-                    Some((_, e)) if *e == i => *e = i + 1,
+                    Some((a, e))
+                        if *e == i
+                            && rf.chunks[i]
+                                .blob_end
+                                .saturating_sub(rf.chunks[*a].blob_offset)
+                                <= BULK_REQUEST_BYTES =>
+                    {
+                        *e = i + 1
+                    }
                     _ => runs.push((i, i + 1)),
                 }
             }
-            let mut failure = None;
             for (a, b) in runs {
-                let r = if failure.is_none() {
-                    self.fetch_run(p, desc, rf, a, b)
-                } else {
-                    Err(ReadError::Fetch {
-                        layer: desc.digest,
-                        reason: "skipped after an earlier failure".into(),
-                    })
-                };
-                let mut have = p.have.lock().expect("no panics while held");
+                // an error (or a panic) leaves the rest of the claim to
+                // the guard: back to missing, waiters woken
+                self.fetch_run(p, desc, rf, a, b)?;
+                let mut have = lock(&p.have);
                 for h in &mut have[a..b] {
-                    if *h == Have::Fetching {
-                        *h = if r.is_ok() {
-                            Have::Present
-                        } else {
-                            Have::Missing
-                        };
-                    }
+                    *h = Have::Present;
                 }
+                drop(have);
                 p.changed.notify_all();
-                if let Err(e) = r
-                    && failure.is_none()
-                {
-                    failure = Some(e);
-                }
             }
-            if let Some(e) = failure
-                && needed_mine
-            {
-                return Err(e);
-            }
+            drop(claim);
             // wait for chunks other readers fetch; retry what they failed
-            let mut have = p.have.lock().expect("no panics while held");
-            while have[first..last].contains(&Have::Fetching) {
+            let mut have = lock(&p.have);
+            let present = |h: &[Have]| h.iter().filter(|h| **h == Have::Present).count();
+            let mut seen = present(&have[range.clone()]);
+            let mut deadline = Instant::now() + self.wait_limit;
+            while have[range.clone()].contains(&Have::Fetching) {
+                let now = Instant::now();
+                if now >= deadline {
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    return Err(ReadError::TimedOut(
+                        self.wait_limit,
+                        format!(
+                            "chunks of {} another read fetches did not arrive",
+                            rf.digest
+                        ),
+                    ));
+                }
                 have = p
                     .changed
-                    .wait_timeout(have, Duration::from_secs(1))
-                    .expect("no panics while held")
+                    .wait_timeout(have, deadline - now)
+                    .unwrap_or_else(|e| e.into_inner())
                     .0;
+                let n = present(&have[range.clone()]);
+                if n > seen {
+                    seen = n;
+                    deadline = Instant::now() + self.wait_limit;
+                }
             }
-            if have[first..last].iter().all(|h| *h == Have::Present) {
+            if have[range.clone()].iter().all(|h| *h == Have::Present) {
                 return Ok(());
             }
         }
@@ -523,14 +998,26 @@ impl Fetcher {
                 reason: e.to_string(),
             }
         };
-        let (start, end) = (chunks[0].blob_offset, chunks[chunks.len() - 1].blob_end);
+        let (Some(c0), Some(cn)) = (chunks.first(), chunks.last()) else {
+            return Ok(());
+        };
+        let (start, end) = (c0.blob_offset, cn.blob_end);
+        let all_zeros = chunks.iter().all(|c| c.zeros);
+        if !all_zeros && (end < start || end - start > MAX_RUN_SPAN) {
+            return Err(ReadError::Fetch {
+                layer: desc.digest,
+                reason: format!(
+                    "chunks of {} span bytes {start}..{end} of the blob",
+                    rf.digest
+                ),
+            });
+        }
         self.last_read_fetch
             .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-        let all_zeros = chunks.iter().all(|c| c.zeros);
         let bytes = if all_zeros {
             Vec::new()
         } else {
-            let _slot = self.slots.take();
+            let _slot = self.slots.take(self.wait_limit)?;
             let b = self
                 .source
                 .read_range(desc, start, end - start)
@@ -547,49 +1034,70 @@ impl Fetcher {
         // sparse at its full size and no one else writes its chunks (this
         // used to allocate and write the zeros, megabytes for a sparse file)
         for c in chunks.iter().filter(|c| !c.zeros) {
-            let frames = &bytes[(c.blob_offset - start) as usize..(c.blob_end - start) as usize];
+            // checked: a short answer (or a TOC's odd numbers) is an
+            // error, not a panic
+            let frames = c
+                .blob_offset
+                .checked_sub(start)
+                .zip(c.blob_end.checked_sub(start))
+                .and_then(|(a, b)| bytes.get(a as usize..b as usize))
+                .ok_or_else(|| ReadError::Fetch {
+                    layer: desc.digest,
+                    reason: format!(
+                        "the answer for bytes {start}..{end} has {} bytes, no frames for the chunk at {}",
+                        bytes.len(),
+                        c.blob_offset
+                    ),
+                })?;
             let data = decode_chunk(desc, frames, c).map_err(fail)?;
             p.file.write_all_at(&data, c.file_offset)?;
         }
         Ok(())
     }
 
-    /// When every chunk is present: check the whole file and move it into
-    /// the store (once).
-    fn maybe_finish(&self, digest: &Digest, p: &Partial) -> Result<(), ReadError> {
-        let complete = p
-            .have
-            .lock()
-            .expect("no panics while held")
-            .iter()
-            .all(|h| *h == Have::Present);
-        if !complete || p.finished.swap(true, Ordering::SeqCst) {
-            return Ok(());
+    /// Once every chunk is present: check the whole file against the TOC
+    /// (SHA-256) and the tar-split (CRC-64) and move it into the store.
+    /// Once per file: later callers get the first one's outcome.
+    fn finish(&self, digest: &Digest, rf: &RemoteFile, p: &Partial) -> Result<(), ReadError> {
+        let mut finished = lock(&p.finished);
+        if let Some(r) = &*finished {
+            return r.clone().map_err(|reason| ReadError::Rejected {
+                digest: *digest,
+                reason,
+            });
+        }
+        let complete = lock(&p.have).iter().all(|h| *h == Have::Present);
+        if !complete {
+            return Err(ReadError::Fetch {
+                layer: self.image.remote(digest).map_or(*digest, |(d, _)| d.digest),
+                reason: format!("{digest} is not complete"),
+            });
         }
         let size = p.file.metadata()?.len();
-        let mut hasher = Sha256::new();
-        let mut off = 0u64;
-        // small: this runs on short-lived read workers, and a megabyte
-        // zeroed per finished file stays in the worker's malloc arena
-        let mut buf = vec![0u8; HASH_BUF];
-        while off < size {
-            let n = p.file.read_at(&mut buf, off)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            off += n as u64;
-        }
-        let got = Digest::sha256_from_bytes(hasher.finalize().into());
-        let layer = self.image.remote(digest).map(|(d, _)| d.digest);
-        if got != *digest {
+        let (crc, got) = checksums(&p.file)?;
+        let want = self.claim_of(digest);
+        let wrong = if got != *digest {
             // every chunk matched its digest, the whole does not: a TOC
-            // that lies; drop the staging so nothing wrong is kept
+            // that lies
+            Some(format!(
+                "file content hashes to {got}, the TOC says {digest}"
+            ))
+        } else {
+            match want {
+                Ok(Some(c)) if c == crc => None,
+                Ok(Some(c)) => Some(format!(
+                    "{}: the content has CRC-64 {crc:016x}, its tar-split entry {c:016x}",
+                    rf.name
+                )),
+                Ok(None) => None,
+                Err(e) => Some(e.to_string()),
+            }
+        };
+        if let Some(reason) = wrong {
+            // drop the staging so nothing wrong is kept
             self.forget(digest, p);
-            return Err(ReadError::Fetch {
-                layer: layer.unwrap_or(*digest),
-                reason: format!("file content hashes to {got}, the TOC says {digest}"),
-            });
+            *finished = Some(Err(reason.clone()));
+            return Err(self.reject(digest, reason));
         }
         let mut batch = self.store.object_batch().map_err(io::Error::other)?;
         let mut r = AtReader {
@@ -600,15 +1108,14 @@ impl Fetcher {
         debug_assert_eq!(put, *digest);
         batch.commit().map_err(io::Error::other)?;
         self.stats.files_completed.fetch_add(1, Ordering::Relaxed);
+        self.accept(digest);
         self.forget(digest, p);
+        *finished = Some(Ok(()));
         Ok(())
     }
 
     fn forget(&self, digest: &Digest, p: &Partial) {
-        self.partial
-            .lock()
-            .expect("no panics while held")
-            .remove(digest);
+        lock(&self.partial).remove(digest);
         let _ = fs::remove_file(&p.path);
     }
 }
@@ -626,7 +1133,34 @@ impl Read for AtReader<'_> {
     }
 }
 
-fn pread(f: &File, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+/// CRC-64 (tar-split's) and SHA-256 of a whole file.
+fn checksums(f: &File) -> io::Result<(u64, Digest)> {
+    let mut crc = CRC64.digest();
+    let mut sha = Sha256::new();
+    let mut off = 0u64;
+    // small: this runs on short-lived read workers, and a megabyte zeroed
+    // per finished file stays in the worker's malloc arena
+    let mut buf = vec![0u8; HASH_BUF];
+    loop {
+        let n = match f.read_at(&mut buf, off) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        crc.update(&buf[..n]);
+        sha.update(&buf[..n]);
+        off += n as u64;
+    }
+    Ok((
+        crc.finalize(),
+        Digest::sha256_from_bytes(sha.finalize().into()),
+    ))
+}
+
+/// Read up to `len` bytes at `offset`: a FUSE read's size, never a number
+/// from the TOC.
+fn pread(f: &File, offset: u64, len: u32) -> io::Result<Vec<u8>> {
     let mut out = vec![0u8; len as usize];
     let mut got = 0;
     while got < out.len() {

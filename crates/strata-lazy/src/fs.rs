@@ -3,12 +3,15 @@
 //!
 //! A lazy mount is a composefs mount. The tree (from the TOCs) becomes an
 //! EROFS image whose files redirect to their objects; overlayfs stacks it
-//! over two data-only layers: the store's objects/ first, then this
-//! filesystem. Directories, symlinks, attributes and xattrs come from
-//! EROFS in the kernel, and a file whose object is in the store is read
-//! from the store without the daemon. Only contents missing when a file
+//! over two data-only layers: the mount's directory of links to the
+//! objects checked for it (`<mdir>/verified`, see the fetcher's docs)
+//! first, then this filesystem. Directories, symlinks, attributes and
+//! xattrs come from EROFS in the kernel, and a file whose object was
+//! checked (or belongs to a layer the store has) is read from the store
+//! without the daemon. Only contents missing when a file
 //! is first opened are looked up here: they are served from the
-//! [`Fetcher`] (verified chunk by chunk), or by passthrough once local.
+//! [`Fetcher`] (checked whole against the TOC and the tar-split first),
+//! or by passthrough once checked and local.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -387,12 +390,31 @@ impl LazyFs {
     /// A read that may need the network: on the worker pool.
     fn read_lazy(&self, digest: Digest, len: u64, offset: u64, size: u32, reply: ReplyData) {
         let fetcher = self.fetcher.clone();
-        let job: Job = Box::new(move || match fetcher.read(&digest, len, offset, size) {
-            Ok(data) => reply.data(&data),
-            Err(e) => {
-                let path = path_of(&fetcher.image().tree, &digest);
-                tracing::error!("read of {path} (bytes {offset}+{size}) failed: {e}");
-                reply.error(Errno::EIO)
+        // a panic in the fetch is this request's EIO, not a dead worker
+        // and a reader stuck in the kernel (the fetcher undoes its claims)
+        let job: Job = Box::new(move || {
+            let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                fetcher.read(&digest, len, offset, size)
+            }));
+            match read {
+                Ok(Ok(data)) => reply.data(&data),
+                Ok(Err(e)) => {
+                    let path = path_of(&fetcher.image().tree, &digest);
+                    tracing::error!("read of {path} (bytes {offset}+{size}) failed: {e}");
+                    reply.error(Errno::EIO)
+                }
+                Err(panic) => {
+                    let why = panic
+                        .downcast_ref::<String>()
+                        .map(String::as_str)
+                        .or_else(|| panic.downcast_ref::<&str>().copied())
+                        .unwrap_or("?");
+                    tracing::error!(
+                        "read of {digest} (bytes {offset}+{size}) panicked: {why}: EIO"
+                    );
+                    fetcher.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    reply.error(Errno::EIO)
+                }
             }
         });
         self.pool.0.submit(job);
@@ -419,8 +441,8 @@ impl LazyFs {
             .cloned();
         let file = match cached {
             Some(f) => f,
-            None => match self.fetcher.store().open_object(&digest) {
-                Ok(f) => {
+            None => match self.fetcher.open_verified(&digest) {
+                Ok(Some(f)) => {
                     let f = Arc::new(f);
                     let mut open = self.by_inode.lock().expect("no panics while held");
                     if open.len() >= BY_INODE {
@@ -429,7 +451,8 @@ impl LazyFs {
                     open.insert(ino.0, f.clone());
                     f
                 }
-                Err(_) => return self.read_lazy(digest, len, offset, size, reply),
+                // not checked yet (or refused): the fetcher decides
+                _ => return self.read_lazy(digest, len, offset, size, reply),
             },
         };
         reply_file_at(&file, offset, size, reply);
@@ -538,7 +561,6 @@ impl Filesystem for LazyFs {
         }
         self.opens.fetch_add(1, Ordering::Relaxed);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let store = self.fetcher.store();
         let mut modes = self.modes.lock().expect("no panics while held");
         let io = modes.entry(ino.0).or_default();
         let passthrough = self.passthrough.load(Ordering::Relaxed) && io.served == 0;
@@ -546,7 +568,9 @@ impl Filesystem for LazyFs {
         let how = match cached {
             // the kernel holds the object open already: no syscall here
             Some(id) => Open::Backing(id),
-            None => match store.open_object(&digest) {
+            // only objects served without a check (trusted, or checked
+            // already): the others are checked by a read on the pool
+            None => match self.fetcher.open_verified(&digest).ok().flatten().ok_or(()) {
                 Ok(f) if passthrough => match reply.open_backing(&f) {
                     Ok(id) => {
                         let id = Arc::new(id);
@@ -610,6 +634,10 @@ impl Filesystem for LazyFs {
             .expect("no panics while held")
             .get(&fh.0)
             .cloned();
+        if self.fetcher.inconsistent().is_some() {
+            // nothing more is served once a layer failed its diff_id
+            return reply.error(Errno::EIO);
+        }
         match how.as_deref() {
             Some(Open::Object(f)) => reply_file_at(f, offset, size, reply),
             None if fh.0 == 0 => self.read_by_inode(ino, digest, len, offset, size, reply),

@@ -13,8 +13,14 @@
 //!   -> file complete: verify the whole file -> objects/
 //! ```
 //!
-//! A byte fetched is served only after the digest covering it was
-//! checked, so a tampered blob gives EIO, never wrong data; objects/ is
+//! A byte is served only after the whole content holding it was checked
+//! against its TOC entry (SHA-256) and its tar-split entry (CRC-64), so a
+//! tampered blob or a lying TOC gives EIO, never data a full pull would
+//! reject; an object the store already has is served for a lazy layer's
+//! file only once its CRC-64 matched the tar-split entry, and a layer
+//! whose files are all present is rebuilt and checked against its diff_id
+//! (see the `fetch` module). The mount's first data layer is a directory
+//! of links to checked objects, not objects/. The objects themselves are
 //! trusted as in every composefs mount without `--verity` (the lazy EROFS
 //! image carries no fs-verity digests: they are not known before the
 //! contents arrive).
@@ -302,7 +308,20 @@ pub fn prepare(
                         return Ok((store.layer_record(diff_id)?.entries, None));
                     }
                     match strata_oci::partial::open_chunked(source, desc, counter)? {
-                        Ok(ix) => Ok((ix.entries()?, Some(LayerIndex::keep(ix)))),
+                        // every content is checked against its tar-split
+                        // checksum before it is served: one without
+                        // cannot be served lazily
+                        Ok(ix) => match ix.files.iter().find(|f| f.crc64.is_none()) {
+                            Some(f) => Err(LazyError::NotLazy {
+                                index,
+                                digest: desc.digest,
+                                reason: format!(
+                                    "the tar-split gives {:?} no CRC-64 to check it against",
+                                    f.name
+                                ),
+                            }),
+                            None => Ok((ix.entries()?, Some(LayerIndex::keep(ix)))),
+                        },
                         Err(reason) => Err(LazyError::NotLazy {
                             index,
                             digest: desc.digest,

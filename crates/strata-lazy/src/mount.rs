@@ -12,9 +12,12 @@
 //!   reserve the prefetch list, start the prefetch thread
 //!   <mdir>/image.erofs (the tree; files redirect to objects)
 //!   <mdir>/data: FUSE of missing contents (fs.rs)
-//!   overlay at target: image.erofs over [objects/, data]     -> Mounted::Lazy(LazyMount)
-//!   a state thread rewrites <mdir>/state.json every 500 ms and
-//!   detaches the data layer once the target is unmounted
+//!   <mdir>/verified: links to the objects checked for this mount
+//!   overlay at target: image.erofs over [verified, data]     -> Mounted::Lazy(LazyMount)
+//!   a state thread rewrites <mdir>/state.json every 500 ms, checks
+//!   each layer whose files all arrived against its diff_id (a mismatch:
+//!   `inconsistent`, every read EIO) and detaches the data layer once
+//!   the target is unmounted
 //! ```
 //!
 //! `<mdir>` is `<store>/lazy/<hash of the target>` ([`mount_dir`]). The
@@ -401,16 +404,28 @@ fn serve(
         target,
     )?;
     let lazy = Arc::new(lazy);
-    let fetcher = Arc::new(
-        Fetcher::new(
+    // the overlay's first data layer: links to the objects checked for
+    // this mount (not objects/, which may hold other images' contents a
+    // lying TOC names)
+    let verified = mdir.join("verified");
+    let _ = std::fs::remove_dir_all(&verified);
+    std::fs::create_dir_all(&verified).map_err(io(format!("creating {}", verified.display())))?;
+    let fetcher = {
+        let mut f = Fetcher::new(
             store.clone(),
             source.clone(),
             lazy.clone(),
             mdir.join("partial"),
             opts.fetch_jobs,
         )
-        .map_err(io("creating the fetcher's staging".into()))?,
-    );
+        .map_err(io("creating the fetcher's staging".into()))?;
+        f.set_verified_dir(verified.clone());
+        f.set_events(events.clone());
+        Arc::new(f)
+    };
+    // contents of layers the store has are read by the kernel from the
+    // start, as before (links, no daemon)
+    fetcher.link_trusted();
     // reads of listed files wait for the bulk fetch instead of racing it
     let wanted = wanted(&lazy, opts);
     fetcher.reserve_bulk(&wanted);
@@ -437,6 +452,7 @@ fn serve(
         prefetch_error: None,
         complete: false,
         opens: 0,
+        inconsistent: None,
     }));
     // background prefetch: the list starts now, while the mount is built
     let prefetch_cancel = Cancel::new();
@@ -506,7 +522,7 @@ fn serve(
         .map_err(fail)?;
     // recording needs every open: then the FUSE layer is the only data layer
     // (it serves local contents too)
-    let mut data_dirs = vec![store.root().join("objects"), data.clone()];
+    let mut data_dirs = vec![verified, data.clone()];
     if opts.record.is_some() {
         data_dirs.remove(0);
     }
@@ -549,7 +565,6 @@ fn serve(
         let u = Updater {
             done: done.clone(),
             fetcher,
-            store,
             lazy: lazy.clone(),
             mdir: mdir.clone(),
             record: opts.record.clone().zip(recorder.clone()),
@@ -654,7 +669,6 @@ fn prefetch_thread(
 struct Updater {
     done: Arc<AtomicBool>,
     fetcher: Arc<Fetcher>,
-    store: Arc<Store>,
     lazy: Arc<LazyImage>,
     mdir: PathBuf,
     record: Option<(PathBuf, Arc<Recorder>)>,
@@ -670,8 +684,23 @@ impl Updater {
         // re-check only what is still missing, and only when something may
         // have arrived (reads completed files, prefetch running) or every
         // 5 s: stat'ing every object each tick cost reads CPU
-        let mut missing = self.lazy.missing(&self.store);
+        let is_missing = |d: &Digest| !self.fetcher.is_local(d);
+        let mut missing: Vec<Digest> = self
+            .lazy
+            .contents()
+            .into_iter()
+            .filter(is_missing)
+            .collect();
         let mut seen_done = u64::MAX;
+        let mut layers_seen = u64::MAX;
+        let mut last_check = Instant::now();
+        let lazy_layers = self
+            .lazy
+            .layers
+            .iter()
+            .filter(|l| l.index.is_some())
+            .count();
+        let mut checked = 0;
         let mut last_full = Instant::now();
         let mut last_prefetch = PrefetchState::None;
         let mut quiet = Quiet::new(self.activity(), Instant::now());
@@ -704,9 +733,22 @@ impl Updater {
                     || prefetch != last_prefetch
                     || last_full.elapsed() > Duration::from_secs(5))
             {
-                missing.retain(|d| !self.store.has_object(d));
+                missing.retain(is_missing);
                 seen_done = completed;
                 last_full = Instant::now();
+            }
+            // a layer whose files are all in the store: its rebuilt tar
+            // against its diff_id (once; again when more files arrived)
+            if (completed != layers_seen || last_check.elapsed() > Duration::from_secs(5))
+                && checked < lazy_layers
+                && self.fetcher.inconsistent().is_none()
+            {
+                layers_seen = completed;
+                last_check = Instant::now();
+                match self.fetcher.check_layers() {
+                    Ok(n) => checked = n,
+                    Err(e) => tracing::error!("{e}"),
+                }
             }
             last_prefetch = prefetch;
             if missing.is_empty() && !self.all_local.swap(true, Ordering::Relaxed) {
@@ -721,6 +763,7 @@ impl Updater {
                     self.lazy.downloaded + self.fetcher.stats.bytes_fetched.load(Ordering::Relaxed);
                 st.errors = self.fetcher.stats.errors.load(Ordering::Relaxed);
                 st.opens = self.opens.load(Ordering::Relaxed);
+                st.inconsistent = self.fetcher.inconsistent();
                 let mut saved = st.clone();
                 saved.prefetch = prefetch;
                 saved.prefetch_error = prefetch_error;
@@ -899,6 +942,7 @@ impl Drop for LazyMount {
 /// Staging, state and EROFS image of a lazy mount that is gone.
 fn remove_leftovers(mdir: &Path) {
     let _ = std::fs::remove_dir_all(mdir.join("partial"));
+    let _ = std::fs::remove_dir_all(mdir.join("verified"));
     let _ = std::fs::remove_file(mdir.join("state.json"));
     let _ = std::fs::remove_file(mdir.join("image.erofs"));
     let _ = std::fs::remove_file(mdir.join("image.erofs.tmp"));

@@ -79,6 +79,10 @@ pub struct MountState {
     /// file is local the kernel opens files itself and this stops growing.
     #[serde(default)]
     pub opens: u64,
+    /// Set when the mount's contents failed a layer's diff_id (the
+    /// reason): the mount is inconsistent and its reads fail (EIO).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inconsistent: Option<String>,
 }
 
 /// The directory holding the lazy mount at `dir` (a canonical path).

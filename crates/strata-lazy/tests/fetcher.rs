@@ -7,23 +7,42 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use strata_digest::Digest;
-use strata_lazy::Fetcher;
+use strata_lazy::{Fetcher, LazyImage, ReadError};
 use strata_oci::pull::{PullOptions, pull};
 use strata_oci::{Descriptor, ImageRef, ImageSource, OciError, Platform, ResolvedImage};
 use strata_ops::Ctl;
 use strata_store::{SplitPolicy, Store};
 use strata_tree::NodeKind;
 
-/// A source that counts range reads and can fail or flip bytes.
+/// A source that counts range reads and can fail, flip bytes, panic or
+/// stall.
 struct Faulty {
     inner: Box<dyn ImageSource>,
     ranges: AtomicU64,
     fail: AtomicBool,
     tamper: AtomicBool,
+    panic: AtomicBool,
+    /// Milliseconds a range read sleeps before failing (0: none).
+    stall_ms: AtomicU64,
 }
 
 impl Faulty {
     fn check(&self, desc: &Descriptor) -> Result<(), OciError> {
+        if self.panic.load(Ordering::SeqCst) {
+            // as a worker did on a TOC's wrapped-around chunk size
+            let n = usize::MAX - self.ranges.load(Ordering::SeqCst) as usize;
+            let v: Vec<u8> = Vec::with_capacity(n);
+            std::hint::black_box(v);
+            panic!("injected panic");
+        }
+        let stall = self.stall_ms.load(Ordering::SeqCst);
+        if stall > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(stall));
+            return Err(OciError::Network {
+                action: format!("reading blob {}", desc.digest),
+                reason: "injected stall".into(),
+            });
+        }
         if self.fail.load(Ordering::SeqCst) {
             return Err(OciError::Network {
                 action: format!("reading blob {}", desc.digest),
@@ -116,14 +135,27 @@ fn fetcher(
     source: Arc<Faulty>,
     parallel: usize,
 ) -> (Arc<Fetcher>, Digest, u64) {
+    fetcher_with(dir, source, parallel, |_, _| {}, None)
+}
+
+/// [`fetcher`], with the prepared image changed by `tweak` (as a hostile
+/// TOC would have it) and the store given to it first, and a wait limit.
+fn fetcher_with(
+    dir: &std::path::Path,
+    source: Arc<Faulty>,
+    parallel: usize,
+    tweak: impl FnOnce(&mut LazyImage, &Store),
+    wait: Option<std::time::Duration>,
+) -> (Arc<Fetcher>, Digest, u64) {
     let store = Arc::new(Store::open(dir.join("store")).unwrap());
     let resolved = source.resolve(&Platform::host_default()).unwrap();
-    let image = strata_lazy::prepare(&store, source.as_ref(), resolved).unwrap();
+    let mut image = strata_lazy::prepare(&store, source.as_ref(), resolved).unwrap();
+    tweak(&mut image, &store);
     let (digest, size) = match image.tree.lookup(b"usr/bin/python3.11").map(|n| &n.kind) {
         Some(NodeKind::Regular { digest, size }) => (*digest, *size),
         other => panic!("python3.11 is a regular file: {other:?}"),
     };
-    let f = Fetcher::new(
+    let mut f = Fetcher::new(
         store,
         source,
         Arc::new(image),
@@ -131,6 +163,9 @@ fn fetcher(
         parallel,
     )
     .unwrap();
+    if let Some(w) = wait {
+        f.set_wait_limit(w);
+    }
     (Arc::new(f), digest, size)
 }
 
@@ -140,6 +175,8 @@ fn faulty(fx: &Fixture) -> Arc<Faulty> {
         ranges: AtomicU64::new(0),
         fail: AtomicBool::new(false),
         tamper: AtomicBool::new(false),
+        panic: AtomicBool::new(false),
+        stall_ms: AtomicU64::new(0),
     })
 }
 
@@ -236,4 +273,325 @@ fn a_failing_source_fails_reads_which_recover_and_whole_files_reach_the_store() 
         .read_to_end(&mut stored)
         .unwrap();
     assert!(stored == truth);
+}
+
+/// Run `f` on a thread; its result, or a panic of the test if it takes
+/// longer than `limit` (a reader stuck for good).
+fn within<T: Send + 'static>(
+    limit: std::time::Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("{what}: not done within {limit:?}"))
+}
+
+/// Issue 15: a fetch that panics leaves no chunk "being fetched": every
+/// reader of the file ends promptly (the panic, or an error), and once
+/// the source behaves, reads work.
+#[test]
+fn a_panicking_fetch_resolves_every_waiter_and_later_reads_work() {
+    let truth_fx = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = faulty(&truth_fx);
+    let (f, d, size) = fetcher_with(
+        tmp.path(),
+        src.clone(),
+        4,
+        |_, _| {},
+        Some(std::time::Duration::from_secs(5)),
+    );
+    src.panic.store(true, Ordering::SeqCst);
+    let outcomes = {
+        let f = f.clone();
+        within(
+            std::time::Duration::from_secs(30),
+            "readers of a panicking fetch",
+            move || {
+                std::thread::scope(|s| {
+                    let hs: Vec<_> = (0..8)
+                        .map(|_| {
+                            s.spawn(|| {
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                    f.read(&d, size, 0, 4096)
+                                }))
+                            })
+                        })
+                        .collect();
+                    hs.into_iter()
+                        .map(|h| match h.join().unwrap() {
+                            Ok(Ok(_)) => "data",
+                            Ok(Err(_)) => "error",
+                            Err(_) => "panic",
+                        })
+                        .collect::<Vec<_>>()
+                })
+            },
+        )
+    };
+    assert!(
+        outcomes.iter().all(|o| *o != "data"),
+        "no reader got data from a panicking source: {outcomes:?}"
+    );
+    assert!(outcomes.contains(&"panic"), "{outcomes:?}");
+    // the chunks went back to missing: the next read fetches them
+    src.panic.store(false, Ordering::SeqCst);
+    let truth = truth_bytes(&truth_fx, &d);
+    let got = {
+        let f = f.clone();
+        within(
+            std::time::Duration::from_secs(30),
+            "a read after the panic",
+            move || f.read(&d, size, 0, 4096),
+        )
+    }
+    .expect("reads work once the source behaves");
+    assert!(got == truth[..4096]);
+}
+
+/// Issue 15: readers waiting for chunks another read fetches give up
+/// within the wait limit when that fetch hangs, with an error.
+#[test]
+fn waiters_of_a_stalled_fetch_get_errors_within_the_bound() {
+    let fx = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = faulty(&fx);
+    let limit = std::time::Duration::from_millis(500);
+    let (f, d, size) = fetcher_with(tmp.path(), src.clone(), 8, |_, _| {}, Some(limit));
+    // the first reader's request takes 6 s, then fails
+    src.stall_ms.store(6000, Ordering::SeqCst);
+    let t0 = std::time::Instant::now();
+    let times = {
+        let f = f.clone();
+        within(
+            std::time::Duration::from_secs(30),
+            "readers of a stalled fetch",
+            move || {
+                std::thread::scope(|s| {
+                    let hs: Vec<_> = (0..6)
+                        .map(|_| {
+                            s.spawn(|| {
+                                let r = f.read(&d, size, 0, 4096);
+                                (r.is_err(), t0.elapsed())
+                            })
+                        })
+                        .collect();
+                    hs.into_iter()
+                        .map(|h| h.join().unwrap())
+                        .collect::<Vec<_>>()
+                })
+            },
+        )
+    };
+    assert!(
+        times.iter().all(|(err, _)| *err),
+        "every reader fails: {times:?}"
+    );
+    // the fetching reader waits for its request; the others gave up
+    let quick = times
+        .iter()
+        .filter(|(_, t)| *t < std::time::Duration::from_secs(3))
+        .count();
+    assert!(
+        quick >= times.len() - 1,
+        "waiters gave up within the bound: {times:?}"
+    );
+}
+
+/// The files of the image's lazy layers with `f` (layer, file index).
+fn lazy_files(image: &LazyImage) -> Vec<(usize, usize, u64)> {
+    let mut v = Vec::new();
+    for (l, layer) in image.layers.iter().enumerate() {
+        if let Some(ix) = &layer.index {
+            for (i, f) in ix.files.iter().enumerate() {
+                v.push((l, i, f.size));
+            }
+        }
+    }
+    v
+}
+
+/// Issue 15: two files whose TOC entries were swapped (each entry names
+/// the other's digest and frames; the tar-split keeps each file's own
+/// checksum): reads of both fail, and neither's bytes are served.
+#[test]
+fn swapped_toc_entries_are_refused() {
+    let fx = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = faulty(&fx);
+    let pair = std::sync::Mutex::new(None);
+    let (f, _, _) = fetcher_with(
+        tmp.path(),
+        src.clone(),
+        2,
+        |image, _| {
+            // two files of one layer, one small, one of several chunks
+            let files = lazy_files(image);
+            let (l, a, _) = *files
+                .iter()
+                .find(|(_, _, s)| *s > 4096 && *s < 65536)
+                .unwrap();
+            let (_, b, _) = *files
+                .iter()
+                .filter(|(ll, _, _)| *ll == l)
+                .max_by_key(|(_, _, s)| *s)
+                .unwrap();
+            let ix = image.layers[l].index.as_mut().unwrap();
+            let (ca, cb) = (ix.files[a].crc64, ix.files[b].crc64);
+            assert_ne!(ca, cb);
+            ix.files[a].crc64 = cb;
+            ix.files[b].crc64 = ca;
+            *pair.lock().unwrap() = Some([
+                (ix.files[a].digest, ix.files[a].size),
+                (ix.files[b].digest, ix.files[b].size),
+            ]);
+        },
+        None,
+    );
+    let pair = pair.lock().unwrap().unwrap();
+    for (d, size) in pair {
+        for _ in 0..2 {
+            match f.read(&d, size, 0, 4096) {
+                Err(ReadError::Rejected { .. }) => {}
+                other => panic!("a swapped entry's read is refused: {other:?}"),
+            }
+        }
+        assert!(!f.store().has_object(&d), "nothing refused is stored");
+        assert!(f.open_verified(&d).is_err());
+    }
+}
+
+/// Issue 15: a TOC naming the digest of an object another image put in
+/// the store, for a file whose tar-split entry says other content: the
+/// read fails without one byte of that object, and without a fetch.
+#[test]
+fn an_object_of_another_image_is_not_served_on_the_tocs_word() {
+    let fx = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = faulty(&fx);
+    let target = std::sync::Mutex::new(None);
+    let (f, _, _) = fetcher_with(
+        tmp.path(),
+        src.clone(),
+        2,
+        |image, store| {
+            let files = lazy_files(image);
+            let (l, i, _) = *files.iter().find(|(_, _, s)| *s > 4096).unwrap();
+            let ix = image.layers[l].index.as_mut().unwrap();
+            let file = &mut ix.files[i];
+            // "another tenant's" object, in the store already
+            let bytes = truth_bytes(&fx, &file.digest);
+            let mut batch = store.object_batch().unwrap();
+            batch
+                .put(&mut bytes.as_slice(), bytes.len() as u64)
+                .unwrap();
+            batch.commit().unwrap();
+            // the hostile file's own tar-split checksum is another's
+            file.crc64 = file.crc64.map(|c| c ^ 0x5a5a);
+            *target.lock().unwrap() = Some((file.digest, file.size));
+        },
+        None,
+    );
+    let (d, size) = target.lock().unwrap().unwrap();
+    assert!(f.store().has_object(&d));
+    let ranges = src.ranges.load(Ordering::SeqCst);
+    match f.read(&d, size, 0, 4096) {
+        Err(ReadError::Rejected { .. }) => {}
+        other => panic!("the foreign object is refused: {other:?}"),
+    }
+    assert!(f.open_verified(&d).is_err());
+    assert!(f.fetch_whole(&d).is_err());
+    assert_eq!(src.ranges.load(Ordering::SeqCst), ranges, "nothing fetched");
+}
+
+/// An object in the store whose checksum matches the tar-split entry is
+/// served without a fetch (the check is not a refusal of dedup).
+#[test]
+fn an_object_in_the_store_matching_the_tar_split_is_served() {
+    let fx = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = faulty(&fx);
+    let (f, d, size) = fetcher_with(
+        tmp.path(),
+        src.clone(),
+        2,
+        |image, store| {
+            let d = match image.tree.lookup(b"usr/bin/python3.11").map(|n| &n.kind) {
+                Some(NodeKind::Regular { digest, .. }) => *digest,
+                _ => unreachable!(),
+            };
+            let bytes = truth_bytes(&fx, &d);
+            let mut batch = store.object_batch().unwrap();
+            batch
+                .put(&mut bytes.as_slice(), bytes.len() as u64)
+                .unwrap();
+            batch.commit().unwrap();
+        },
+        None,
+    );
+    assert!(f.open_verified(&d).unwrap().is_none(), "not checked yet");
+    let ranges = src.ranges.load(Ordering::SeqCst);
+    let got = f.read(&d, size, 0, 4096).unwrap();
+    assert!(got == truth_bytes(&fx, &d)[..4096]);
+    assert_eq!(
+        src.ranges.load(Ordering::SeqCst),
+        ranges,
+        "served from the store"
+    );
+    assert!(f.open_verified(&d).unwrap().is_some(), "checked once");
+}
+
+/// Issue 15: a layer whose files are all present is rebuilt and checked
+/// against its diff_id; on a mismatch the mount is inconsistent and every
+/// read fails.
+#[test]
+fn a_complete_layer_failing_its_diff_id_makes_the_mount_inconsistent() {
+    let fx = fixture();
+    for wrong in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = faulty(&fx);
+        let (f, d, size) = fetcher_with(
+            tmp.path(),
+            src.clone(),
+            2,
+            |image, store| {
+                // the smallest lazy layer's files, all in the store
+                let l = (0..image.layers.len())
+                    .filter(|l| image.layers[*l].index.is_some())
+                    .min_by_key(|l| image.layers[*l].desc.size)
+                    .unwrap();
+                let ix = image.layers[l].index.as_ref().unwrap();
+                let mut batch = store.object_batch().unwrap();
+                for file in &ix.files {
+                    let bytes = truth_bytes(&fx, &file.digest);
+                    batch
+                        .put(&mut bytes.as_slice(), bytes.len() as u64)
+                        .unwrap();
+                }
+                batch.commit().unwrap();
+                if wrong {
+                    image.layers[l].diff_id = Digest::sha256_of(b"another tar");
+                }
+            },
+            None,
+        );
+        match (wrong, f.check_layers()) {
+            (false, Ok(n)) => assert!(n >= 1, "the complete layer was checked"),
+            (true, Err(ReadError::Inconsistent(why))) => {
+                assert!(why.contains("diff_id"), "{why}")
+            }
+            (_, r) => panic!("wrong diff_id {wrong}: {r:?}"),
+        }
+        assert_eq!(f.inconsistent().is_some(), wrong);
+        let r = f.read(&d, size, 0, 4096);
+        if wrong {
+            assert!(matches!(r, Err(ReadError::Inconsistent(_))), "{r:?}");
+        } else {
+            assert!(r.unwrap() == truth_bytes(&fx, &d)[..4096]);
+        }
+    }
 }

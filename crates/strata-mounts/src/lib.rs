@@ -268,7 +268,7 @@ impl fmt::Display for Entry {
                 let s = &r.state;
                 write!(
                     f,
-                    "{}  {}  files {}/{} local  {} of {} fetched by reads  prefetch {}{}  {}  pid {}",
+                    "{}  {}  files {}/{} local  {} of {} fetched by reads  prefetch {}{}{}  {}  pid {}",
                     s.dir.display(),
                     s.reference,
                     s.files_local,
@@ -277,6 +277,10 @@ impl fmt::Display for Entry {
                     human_bytes(s.image_bytes),
                     s.prefetch.as_str(),
                     if s.complete { " (pulled)" } else { "" },
+                    match &s.inconsistent {
+                        Some(why) => format!("  INCONSISTENT (reads fail): {why}"),
+                        None => String::new(),
+                    },
                     self.status(),
                     s.pid
                 )

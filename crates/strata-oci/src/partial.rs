@@ -111,6 +111,11 @@ pub struct RemoteFile {
     pub end: u64,
     /// Chunks in file order, covering the file.
     pub chunks: Vec<RemoteChunk>,
+    /// The tar-split's CRC-64 (Go's `crc64.ISO`) of the content, from the
+    /// file's tar-split entry (`None`: the entry carries none). Unlike the
+    /// TOC's digests it is bound to the tar the diff_id covers: lazy reads
+    /// check contents against it too.
+    pub crc64: Option<u64>,
 }
 
 /// Largest uncompressed size of one chunk that is not a run of zeros: 64
@@ -530,6 +535,7 @@ pub fn open_chunked_with(
                 offset,
                 end,
                 chunks: vec![first],
+                crc64: None,
             });
             open_file = true;
             Ok(())
@@ -608,8 +614,14 @@ pub fn open_chunked_with(
                     )));
                 }
                 if item.kind == Kind::Reg && size > 0 {
-                    let f = &files[k];
+                    // kept, not judged: a reader that needs it (lazy
+                    // mounts) refuses a file without one
+                    let crc = t.payload_bytes().unwrap_or_default();
+                    let f = &mut files[k];
                     debug_assert_eq!(*f.name, *name);
+                    f.crc64 = <[u8; 8]>::try_from(crc.as_slice())
+                        .ok()
+                        .map(u64::from_be_bytes);
                     k += 1;
                     pieces.push(TarPiece::File {
                         digest: f.digest,
@@ -825,6 +837,32 @@ fn compare(
 }
 
 impl ChunkedIndex {
+    /// The SHA-256 of the layer's tar rebuilt from the tar-split and the
+    /// store's objects (every file's content must be there): what the
+    /// config's diff_id must be.
+    pub fn diff_id_from_store(&self, store: &Store) -> io::Result<Digest> {
+        struct Hash(Sha256);
+        impl Write for Hash {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.update(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let f = Fetched {
+            tar: Vec::new(),
+            fetched: HashMap::new(),
+            downloaded: 0,
+            files_fetched: 0,
+            files_local: 0,
+        };
+        let mut h = Hash(Sha256::new());
+        write_pieces(store, &f, &self.pieces, &mut h)?;
+        Ok(Digest::sha256_from_bytes(h.0.finalize().into()))
+    }
+
     /// The layer's entries (paths, metadata, content digests) as importing
     /// its tar would give them, computed from the tar-split alone: from its
     /// headers, whatever sizes they claim.
@@ -1068,7 +1106,17 @@ pub(crate) fn fetch(
 
 /// Write the rebuilt tar to `out`.
 pub(crate) fn write_tar(store: &Store, f: &Fetched, out: &mut dyn Write) -> io::Result<()> {
-    for p in &f.tar {
+    write_pieces(store, f, &f.tar, out)
+}
+
+/// Write the tar of `pieces`, contents from `f` or the store, to `out`.
+fn write_pieces(
+    store: &Store,
+    f: &Fetched,
+    pieces: &[TarPiece],
+    out: &mut dyn Write,
+) -> io::Result<()> {
+    for p in pieces {
         match p {
             TarPiece::Raw(b) => out.write_all(b)?,
             TarPiece::File { digest, size } => match f.fetched.get(digest) {

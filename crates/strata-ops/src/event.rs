@@ -119,6 +119,20 @@ pub enum Warning {
         /// Why.
         reason: String,
     },
+    /// A lazy mount refused a content: it does not match its tar-split
+    /// entry (or its TOC entry); reads of it fail (EIO).
+    ContentRefused {
+        /// The content (as the TOC names it).
+        digest: Digest,
+        /// Why.
+        reason: String,
+    },
+    /// A lazy mount's contents failed their layer's diff_id: the mount is
+    /// inconsistent and every read of it fails (EIO).
+    LazyInconsistent {
+        /// Why.
+        reason: String,
+    },
 }
 
 impl fmt::Display for Warning {
@@ -149,6 +163,12 @@ impl fmt::Display for Warning {
                 digest,
                 reason,
             } => write!(f, "chunk {index} ({digest}) could not be fetched: {reason}"),
+            Warning::ContentRefused { digest, reason } => {
+                write!(f, "content {digest} refused (reads fail): {reason}")
+            }
+            Warning::LazyInconsistent { reason } => {
+                write!(f, "the lazy mount is inconsistent (reads fail): {reason}")
+            }
         }
     }
 }

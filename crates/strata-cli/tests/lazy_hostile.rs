@@ -1,0 +1,147 @@
+//! `strata mount --lazy` of hostile zstd:chunked images (issue 15): a lazy
+//! mount serves nothing a full pull would reject.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Write `bytes` as a blob of `layout`; its digest.
+fn put_blob(layout: &Path, bytes: &[u8]) -> String {
+    let d = strata_digest::Digest::sha256_of(bytes).to_string();
+    std::fs::write(blob_path(layout, &d), bytes).unwrap();
+    d
+}
+
+/// Give the top layer of the image tagged `tag` in `layout` another
+/// diff_id in its config (new config, manifest and index entry): its
+/// blob, TOC and tar-split are untouched and agree with each other.
+fn break_top_diff_id(layout: &Path) {
+    let index_path = layout.join("index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    let mdesc = &mut index["manifests"][0];
+    let mut manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(blob_path(layout, mdesc["digest"].as_str().unwrap())).unwrap(),
+    )
+    .unwrap();
+    let mut config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(blob_path(
+            layout,
+            manifest["config"]["digest"].as_str().unwrap(),
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let ids = config["rootfs"]["diff_ids"].as_array_mut().unwrap();
+    let n = ids.len();
+    ids[n - 1] = strata_digest::Digest::sha256_of(b"another tar")
+        .to_string()
+        .into();
+    let cbytes = serde_json::to_vec(&config).unwrap();
+    manifest["config"]["digest"] = put_blob(layout, &cbytes).into();
+    manifest["config"]["size"] = cbytes.len().into();
+    let mbytes = serde_json::to_vec(&manifest).unwrap();
+    mdesc["digest"] = put_blob(layout, &mbytes).into();
+    mdesc["size"] = mbytes.len().into();
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+}
+
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let t = e.file_type().unwrap();
+        if t.is_dir() {
+            files_under(&e.path(), out);
+        } else if t.is_file() {
+            out.push(e.path());
+        }
+    }
+}
+
+fn mount_state(env: &Env, dir: &Path) -> serde_json::Value {
+    let all = env.json(&["mounts"]);
+    all.as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["dir"].as_str() == dir.to_str())
+        .cloned()
+        .unwrap_or_else(|| panic!("{} not in strata mounts: {all}", dir.display()))
+}
+
+/// The layer's files all arrive through reads; its rebuilt tar fails the
+/// diff_id: the mount is marked inconsistent, `strata mounts` says so,
+/// and reads that reach the mount fail with EIO.
+#[test]
+fn a_layer_failing_its_diff_id_makes_the_lazy_mount_inconsistent() {
+    let reg = Registry::start();
+    let conv = Env::new();
+    let src = oci_ref(&debian_layout(), "python");
+    conv.ok(&["pull", &src]);
+    let out = conv.path("out");
+    conv.ok(&["convert", &src, &format!("oci:{}:python", out.display())]);
+    break_top_diff_id(&out);
+    reg.push(
+        &format!("oci:{}:python", out.display()),
+        "bad:1",
+        &["--preserve-digests"],
+    );
+    let r = format!("docker://{}/bad:1", reg.addr);
+
+    let env = Env::new();
+    let dir = env.path("mnt");
+    std::fs::create_dir_all(&dir).unwrap();
+    let v = env.json(&[
+        "mount",
+        "--lazy",
+        "--plain-http",
+        "--prefetch",
+        "none",
+        &r,
+        dir.to_str().unwrap(),
+    ]);
+    struct Unmount<'a>(&'a Env, &'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.run(&["umount", self.1.to_str().unwrap()]);
+            let _ = Command::new("umount").arg("-l").arg(self.1).status();
+        }
+    }
+    let _unmount = Unmount(&env, &dir);
+    assert_eq!(v["mode"], "lazy", "{v}");
+    assert!(mount_state(&env, &dir)["inconsistent"].is_null());
+
+    // read every file but one of the base layer: the top layer completes
+    let spare = dir.join("usr/bin/ls");
+    let mut files = Vec::new();
+    files_under(&dir, &mut files);
+    for f in files.iter().filter(|f| **f != spare) {
+        let _ = std::fs::read(f);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let s = loop {
+        let s = mount_state(&env, &dir);
+        if !s["inconsistent"].is_null() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not marked inconsistent: {s}\n{}",
+            std::fs::read_to_string(s["log"].as_str().unwrap()).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(
+        s["inconsistent"].as_str().unwrap().contains("diff_id"),
+        "{s}"
+    );
+    let human = env.ok(&["mounts"]);
+    assert!(human.contains("INCONSISTENT"), "{human}");
+    let log = std::fs::read_to_string(s["log"].as_str().unwrap()).unwrap_or_default();
+    assert!(log.contains("inconsistent"), "{log}");
+    // a file not read before: EIO, not its bytes
+    let err = std::fs::read(&spare).expect_err("an inconsistent mount serves nothing more");
+    assert_eq!(err.raw_os_error(), Some(5), "{err}");
+}
