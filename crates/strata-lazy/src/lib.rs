@@ -290,6 +290,9 @@ pub fn prepare(
         }));
     }
     let counter = AtomicU64::new(0);
+    // one metadata budget for the whole image (entries, TOC + tar-split
+    // bytes), not one per layer: a hostile image cannot multiply it
+    let budget = strata_oci::partial::MetadataBudget::default();
     for desc in layers_desc {
         strata_oci::layer_compression(&desc.media_type)?;
     }
@@ -302,12 +305,12 @@ pub fn prepare(
             .zip(&config.diff_ids)
             .enumerate()
             .map(|(index, (desc, diff_id))| {
-                let counter = &counter;
+                let (counter, budget) = (&counter, &budget);
                 s.spawn(move || -> Prepared {
                     if store.has_layer(diff_id) {
                         return Ok((store.layer_record(diff_id)?.entries, None));
                     }
-                    match strata_oci::partial::open_chunked(source, desc, counter)? {
+                    match strata_oci::partial::open_chunked_with(source, desc, counter, budget)? {
                         // every content is checked against its tar-split
                         // checksum before it is served: one without
                         // cannot be served lazily
