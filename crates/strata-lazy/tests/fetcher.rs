@@ -24,6 +24,11 @@ struct Faulty {
     panic: AtomicBool,
     /// Milliseconds a range read sleeps before failing (0: none).
     stall_ms: AtomicU64,
+    /// Range reads running now, and the most seen at once.
+    inflight: AtomicU64,
+    max_inflight: AtomicU64,
+    /// Milliseconds every range read takes (0: as fast as it can).
+    delay_ms: AtomicU64,
 }
 
 impl Faulty {
@@ -73,7 +78,15 @@ impl ImageSource for Faulty {
     fn read_range(&self, desc: &Descriptor, offset: u64, len: u64) -> Result<Vec<u8>, OciError> {
         self.check(desc)?;
         self.ranges.fetch_add(1, Ordering::SeqCst);
-        Ok(self.spoil(self.inner.read_range(desc, offset, len)?))
+        let now = self.inflight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_inflight.fetch_max(now, Ordering::SeqCst);
+        let delay = self.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(delay));
+        }
+        let r = self.inner.read_range(desc, offset, len);
+        self.inflight.fetch_sub(1, Ordering::SeqCst);
+        Ok(self.spoil(r?))
     }
     fn read_ranges(&self, desc: &Descriptor, r: &[(u64, u64)]) -> Result<Vec<Vec<u8>>, OciError> {
         r.iter()
@@ -177,6 +190,9 @@ fn faulty(fx: &Fixture) -> Arc<Faulty> {
         tamper: AtomicBool::new(false),
         panic: AtomicBool::new(false),
         stall_ms: AtomicU64::new(0),
+        inflight: AtomicU64::new(0),
+        max_inflight: AtomicU64::new(0),
+        delay_ms: AtomicU64::new(0),
     })
 }
 
@@ -594,4 +610,114 @@ fn a_complete_layer_failing_its_diff_id_makes_the_mount_inconsistent() {
             assert!(r.unwrap() == truth_bytes(&fx, &d)[..4096]);
         }
     }
+}
+
+/// A sink that cancels at the first progress event and notes how many
+/// range reads had been made by then.
+struct CancelAtProgress<'a> {
+    cancel: &'a strata_ops::Cancel,
+    source: &'a Faulty,
+    ranges_at_cancel: AtomicU64,
+}
+
+impl strata_ops::EventSink for CancelAtProgress<'_> {
+    fn event(&self, e: &strata_ops::Event) {
+        if matches!(e, strata_ops::Event::Progress { .. }) && !self.cancel.is_cancelled() {
+            self.ranges_at_cancel
+                .store(self.source.ranges.load(Ordering::SeqCst), Ordering::SeqCst);
+            self.cancel.cancel();
+        }
+    }
+}
+
+#[test]
+fn a_cancelled_prefetch_list_stops_within_one_request_and_keeps_what_it_stored() {
+    let fx = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let src = faulty(&fx);
+    let (f, _, _) = fetcher(dir.path(), src.clone(), 4);
+    let all: Vec<Digest> = f
+        .image()
+        .contents()
+        .into_iter()
+        .filter(|d| !f.store().has_object(d))
+        .collect();
+    assert!(all.len() > 100, "the image has many contents to fetch");
+    let cancel = strata_ops::Cancel::new();
+    let sink = CancelAtProgress {
+        cancel: &cancel,
+        source: &src,
+        ranges_at_cancel: AtomicU64::new(0),
+    };
+    let ctl = Ctl {
+        events: &sink,
+        cancel: &cancel,
+    };
+    let r = f.fetch_many(&all, ctl);
+    assert!(
+        matches!(r, Err(ReadError::Cancelled)),
+        "a cancelled list says so: {r:?}"
+    );
+    // the request that reported progress was the last one sent
+    assert_eq!(
+        src.ranges.load(Ordering::SeqCst),
+        sink.ranges_at_cancel.load(Ordering::SeqCst),
+        "no range read after the cancel"
+    );
+    let stored = all.iter().filter(|d| f.store().has_object(d)).count();
+    assert!(
+        stored >= 1 && stored < all.len(),
+        "what arrived before the cancel stays, the rest was not fetched: {stored} of {}",
+        all.len()
+    );
+    // a re-run fetches the rest, and every content is right
+    let n = f.fetch_many(&all, Ctl::none()).unwrap();
+    assert_eq!(
+        n + stored,
+        all.len(),
+        "the re-run fetches only what is missing"
+    );
+    for d in all.iter().take(50) {
+        let mut b = Vec::new();
+        f.store()
+            .open_object(d)
+            .unwrap()
+            .read_to_end(&mut b)
+            .unwrap();
+        assert_eq!(Digest::sha256_of(&b), *d);
+    }
+}
+
+#[test]
+fn reads_never_run_more_fetches_at_once_than_the_pool_allows() {
+    let fx = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let src = faulty(&fx);
+    src.delay_ms.store(30, Ordering::SeqCst);
+    let (f, _, _) = fetcher(dir.path(), src.clone(), 2);
+    // 16 readers of 16 different contents at once
+    let mut files: Vec<(Digest, u64)> = f
+        .image()
+        .contents()
+        .into_iter()
+        .filter_map(|d| f.image().remote(&d).map(|(_, rf)| (d, rf.size)))
+        .collect();
+    files.sort_by_key(|(d, _)| *d);
+    files.truncate(16);
+    assert_eq!(files.len(), 16);
+    std::thread::scope(|s| {
+        for (d, size) in &files {
+            let f = f.clone();
+            s.spawn(move || {
+                let b = f.read(d, *size, 0, 4096).unwrap();
+                assert_eq!(b.len() as u64, (*size).min(4096));
+            });
+        }
+    });
+    let max = src.max_inflight.load(Ordering::SeqCst);
+    assert!(
+        (1..=2).contains(&max),
+        "at most 2 fetches at once with a pool of 2, saw {max}"
+    );
+    assert!(src.ranges.load(Ordering::SeqCst) >= 16);
 }
