@@ -76,18 +76,28 @@ pub fn push(
     jobs: usize,
     ctl: Ctl<'_>,
 ) -> Result<PushReport, BlockError> {
+    framed(ctl, Op::TemplatePush, reference, || {
+        push_inner(store, id, reference, opts, jobs, ctl)
+    })
+}
+
+/// `Started`, `f`, then `Finished` on success; a failure caused by the
+/// cancel (a read cut short) is [`BlockError::Cancelled`].
+fn framed<T>(
+    ctl: Ctl<'_>,
+    op: Op,
+    reference: &ImageRef,
+    f: impl FnOnce() -> Result<T, BlockError>,
+) -> Result<T, BlockError> {
     ctl.emit(Event::Started {
-        op: Op::TemplatePush,
+        op,
         subject: reference.to_string(),
     });
-    match push_inner(store, id, reference, opts, jobs, ctl) {
+    match f() {
         Ok(r) => {
-            ctl.emit(Event::Finished {
-                op: Op::TemplatePush,
-            });
+            ctl.emit(Event::Finished { op });
             Ok(r)
         }
-        // a failure caused by the cancel (a read cut short) says so
         Err(_) if ctl.cancel.is_cancelled() => Err(BlockError::Cancelled),
         Err(e) => Err(e),
     }
@@ -362,22 +372,11 @@ pub fn pull(
     jobs: usize,
     ctl: Ctl<'_>,
 ) -> Result<PullReport, BlockError> {
-    ctl.emit(Event::Started {
-        op: Op::TemplatePull,
-        subject: reference.to_string(),
-    });
-    // one operation for gc: chunks and map
-    let _work = store.work()?;
-    match pull_inner(store, reference, opts, all, jobs, ctl) {
-        Ok(r) => {
-            ctl.emit(Event::Finished {
-                op: Op::TemplatePull,
-            });
-            Ok(r)
-        }
-        Err(_) if ctl.cancel.is_cancelled() => Err(BlockError::Cancelled),
-        Err(e) => Err(e),
-    }
+    framed(ctl, Op::TemplatePull, reference, || {
+        // one operation for gc: chunks and map
+        let _work = store.work()?;
+        pull_inner(store, reference, opts, all, jobs, ctl)
+    })
 }
 
 fn pull_inner(
