@@ -6,6 +6,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use rustix::io::Errno;
 use strata_digest::Digest;
 use strata_store::{CHUNK_SIZE, Store, TemplateMap};
 
@@ -140,6 +141,7 @@ pub fn export(store: &Store, map: &TemplateMap, out: &Path) -> Result<(), BlockE
         .map_err(io_err(format!("creating {}", out.display())))?;
     f.set_len(map.size)
         .map_err(io_err(format!("sizing {}", out.display())))?;
+    let mut in_kernel = true;
     for (i, d) in map.chunks() {
         let src = store
             .open_object(&d)
@@ -148,28 +150,49 @@ pub fn export(store: &Store, map: &TemplateMap, out: &Path) -> Result<(), BlockE
                 digest: d,
             })?;
         let len = map.chunk_len(i);
+        let short = || BlockError::Io {
+            what: format!("copying chunk {i} ({d}) into {}", out.display()),
+            source: io::Error::new(io::ErrorKind::UnexpectedEof, "chunk object is short"),
+        };
+        let copy_err = |e: io::Error| BlockError::Io {
+            what: format!("copying chunk {i} into {}", out.display()),
+            source: e,
+        };
         let mut off_in = 0u64;
         let mut off_out = i * map.chunk_size;
         let mut left = len;
-        while left > 0 {
-            let n = rustix::fs::copy_file_range(
+        while left > 0 && in_kernel {
+            match rustix::fs::copy_file_range(
                 &src,
                 Some(&mut off_in),
                 &f,
                 Some(&mut off_out),
                 left as usize,
-            )
-            .map_err(|e| BlockError::Io {
-                what: format!("copying chunk {i} into {}", out.display()),
-                source: e.into(),
-            })?;
-            if n == 0 {
-                return Err(BlockError::Io {
-                    what: format!("copying chunk {i} ({d}) into {}", out.display()),
-                    source: io::Error::new(io::ErrorKind::UnexpectedEof, "chunk object is short"),
-                });
+            ) {
+                Ok(0) => return Err(short()),
+                Ok(n) => left -= n as u64,
+                // another filesystem (EXDEV), or none in the kernel:
+                // copy through memory from here on
+                Err(e)
+                    if off_in == 0
+                        && [Errno::XDEV, Errno::NOSYS, Errno::OPNOTSUPP, Errno::INVAL]
+                            .contains(&e) =>
+                {
+                    in_kernel = false;
+                }
+                Err(e) => return Err(copy_err(e.into())),
             }
-            left -= n as u64;
+        }
+        if left > 0 {
+            let mut buf = vec![0u8; left as usize];
+            src.read_exact_at(&mut buf, off_in).map_err(|e| {
+                if e.kind() == io::ErrorKind::UnexpectedEof {
+                    short()
+                } else {
+                    copy_err(e)
+                }
+            })?;
+            f.write_all_at(&buf, off_out).map_err(copy_err)?;
         }
     }
     f.sync_all()

@@ -322,7 +322,7 @@ pub fn build(
     for (i, (p, d)) in adds.iter().enumerate() {
         info.insert(format!("add.{i}"), format!("{d} {}", p.display()));
     }
-    let raw = store.scratch_path("rootfs.raw");
+    let raw = store.scratch_path("rootfs.raw")?;
     let result = (|| {
         match (&from, &parent) {
             (Some(image), _) => {

@@ -524,10 +524,16 @@ impl Served {
                         o.file.write_all_at(&base, start)?;
                     }
                     o.file.write_all_at(piece, pos)?;
-                    o.log
-                        .lock()
-                        .expect("no panics while held")
-                        .write_all(&i.to_le_bytes())?;
+                    {
+                        // a short append (a full disk) is cut off again:
+                        // a torn record would shift every later one
+                        let mut log = o.log.lock().expect("no panics while held");
+                        let before = log.metadata()?.len();
+                        if let Err(e) = log.write_all(&i.to_le_bytes()) {
+                            let _ = log.set_len(before);
+                            return Err(e);
+                        }
+                    }
                     o.dirty[i as usize].store(true, Ordering::Release);
                     self.counters.dirty.fetch_add(1, Ordering::Relaxed);
                 } else {
@@ -603,6 +609,12 @@ impl Overlay {
             .create(true)
             .append(true)
             .open(dir.join("dirty"))?;
+        // a record torn by a crash is dropped (its chunk was never
+        // reported written), so that appends stay aligned
+        let len = log.metadata()?.len();
+        if len % 8 != 0 {
+            log.set_len(len - len % 8)?;
+        }
         Ok(Overlay {
             file,
             dirty,
@@ -775,5 +787,33 @@ impl Filesystem for TemplateFs {
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let blocks = self.0.map.size / 4096;
         reply.statfs(blocks, 0, 0, 1, 0, 4096, 255, 4096);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record torn by a crash (or cut short by a full disk) is dropped
+    /// when the overlay opens, so that later records stay aligned.
+    #[test]
+    fn a_torn_dirty_record_is_dropped_and_appends_stay_aligned() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = 3u64.to_le_bytes().to_vec();
+        log.extend_from_slice(&7u64.to_le_bytes()[..5]);
+        fs::write(dir.path().join("dirty"), &log).unwrap();
+        let o = Overlay::open(dir.path(), 16 << 16, 16).unwrap();
+        assert!(o.dirty[3].load(Ordering::Relaxed));
+        assert!(
+            !o.dirty[7].load(Ordering::Relaxed),
+            "a torn record marks nothing"
+        );
+        o.log
+            .lock()
+            .unwrap()
+            .write_all(&9u64.to_le_bytes())
+            .unwrap();
+        drop(o);
+        assert_eq!(dirty_chunks(dir.path()).unwrap(), vec![3, 9]);
     }
 }

@@ -149,6 +149,17 @@ impl Ctx {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // bounds on what images may claim (SECURITY.md); daemons this process
+    // starts inherit the environment and read the same values
+    match strata_oci::limits::Limits::from_env() {
+        Ok(l) => {
+            let _ = strata_oci::limits::set(l);
+        }
+        Err(e) => {
+            eprintln!("strata: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let ctx = Ctx {
         root: cli.root.clone().unwrap_or_else(strata_store::default_root),
         quiet: cli.quiet,

@@ -244,3 +244,91 @@ fn hostile_chunked_layers_are_refused_in_bounded_time_and_memory() {
         eprintln!("{l}");
     }
 }
+
+/// A copy of synth's `gnu` image whose manifest carries one annotation of
+/// `pad` bytes.
+fn padded_manifest(env: &Env, tag: &str, pad: usize) -> String {
+    let out = env.path(tag);
+    run(Command::new("cp").arg("-a").arg(synth_layout()).arg(&out));
+    let index_path = out.join("index.json");
+    let mut index: Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    let entries = index["manifests"].as_array().unwrap();
+    let i = entries
+        .iter()
+        .position(|m| m["annotations"]["org.opencontainers.image.ref.name"] == "gnu")
+        .unwrap();
+    let mut manifest: Value = serde_json::from_slice(
+        &std::fs::read(blob(
+            &out,
+            index["manifests"][i]["digest"].as_str().unwrap(),
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    manifest["annotations"]["org.example.padding"] = "p".repeat(pad).into();
+    let mbytes = serde_json::to_vec(&manifest).unwrap();
+    index["manifests"][i]["digest"] = put(&out, &mbytes).into();
+    index["manifests"][i]["size"] = mbytes.len().into();
+    index["manifests"][i]["annotations"]["org.opencontainers.image.ref.name"] = tag.into();
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    oci_ref(&out, tag)
+}
+
+/// Manifests over 4 MiB (the OCI distribution spec's guidance) are
+/// refused naming the limit, from a layout and from a registry; an
+/// annotation value of 3 MiB inside the limit is fine; the limit can be
+/// raised through the environment, and a bad value is named.
+#[test]
+fn manifests_over_the_size_limit_are_refused_and_the_limit_can_be_raised() {
+    let env = Env::new();
+    let ok = padded_manifest(&env, "pad3m", 3 << 20);
+    let big = padded_manifest(&env, "pad5m", 5 << 20);
+    let store = Env::new();
+    store.ok(&["pull", &ok]);
+    let err = store.fails(&["pull", &big]);
+    assert!(
+        err.contains("the manifest size limit") && err.contains(&(4u64 << 20).to_string()),
+        "{err}"
+    );
+    store.fsck_ok();
+    let out = store
+        .cmd()
+        .args(["pull", &big])
+        .env("STRATA_MAX_MANIFEST_BYTES", "8M")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = store
+        .cmd()
+        .args(["images"])
+        .env("STRATA_MAX_MANIFEST_BYTES", "lots")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("STRATA_MAX_MANIFEST_BYTES=\"lots\""),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // the same through a registry (docker-registry itself refuses
+    // manifests over 4 MiB: a proxy pads a small one on the way out)
+    let reg = Registry::start();
+    reg.push(&ok, "ok:1", &["--preserve-digests"]);
+    let proxy = strata_testkit::proxy::Proxy::start(
+        &reg.addr,
+        strata_testkit::proxy::Faults {
+            pad_manifests: 5 << 20,
+            ..Default::default()
+        },
+    );
+    let r = format!("docker://{}/ok:1", proxy.addr);
+    let fresh = Env::new();
+    let err = fresh.fails(&["pull", "--plain-http", &r]);
+    assert!(err.contains("the manifest size limit"), "{err}");
+    fresh.fsck_ok();
+}

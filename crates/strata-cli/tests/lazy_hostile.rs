@@ -145,3 +145,76 @@ fn a_layer_failing_its_diff_id_makes_the_lazy_mount_inconsistent() {
     let err = std::fs::read(&spare).expect_err("an inconsistent mount serves nothing more");
     assert_eq!(err.raw_os_error(), Some(5), "{err}");
 }
+
+/// The registry breaks while a lazy mount serves (every blob GET answers
+/// 500): each read of a file not fetched yet fails with EIO within the
+/// documented bound (30 s), again and again, without a hang; the mount
+/// stays up and serves the file once the registry is back.
+#[test]
+fn a_fetch_that_keeps_failing_gives_eio_every_time_and_recovers() {
+    use strata_testkit::proxy::{Faults, Proxy};
+    let reg = Registry::start();
+    let r = chunked_python(&reg, "py:1");
+    let proxy = Proxy::start(&reg.addr, Faults::default());
+    let r = r.replace(&reg.addr, &proxy.addr);
+    let env = Env::new();
+    let dir = env.path("mnt");
+    std::fs::create_dir_all(&dir).unwrap();
+    let v = env.json(&[
+        "mount",
+        "--lazy",
+        "--plain-http",
+        "--prefetch",
+        "none",
+        &r,
+        dir.to_str().unwrap(),
+    ]);
+    struct Unmount<'a>(&'a Env, &'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.run(&["umount", self.1.to_str().unwrap()]);
+            let _ = Command::new("umount").arg("-l").arg(self.1).status();
+        }
+    }
+    let _unmount = Unmount(&env, &dir);
+    assert_eq!(v["mode"], "lazy", "{v}");
+
+    proxy.set_fail_blobs(u64::MAX);
+    let python = dir.join("usr/bin/python3.11");
+    for attempt in 1..=3 {
+        let t = Instant::now();
+        let err = std::fs::read(&python).expect_err("the registry answers 500");
+        let took = t.elapsed();
+        assert_eq!(err.raw_os_error(), Some(5), "attempt {attempt}: {err}");
+        assert!(
+            took < Duration::from_secs(30),
+            "attempt {attempt}: EIO after {took:?}"
+        );
+        eprintln!("failing registry: read {attempt} got EIO after {took:?}");
+    }
+    let s = mount_state(&env, &dir);
+    assert!(
+        s["inconsistent"].is_null(),
+        "a failing registry is no inconsistency: {s}"
+    );
+    let log = std::fs::read_to_string(s["log"].as_str().unwrap()).unwrap_or_default();
+    assert!(
+        log.contains("500"),
+        "the log names the registry's answer: {log}"
+    );
+
+    proxy.set_fail_blobs(0);
+    let out = Command::new("chroot")
+        .arg(&dir)
+        .args(["python3", "-c", "print(6 * 7)"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "42",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(_unmount);
+    env.fsck_ok();
+}

@@ -26,7 +26,7 @@
 //! names normalized) and then against `org.opencontainers.image.ref.name`.
 
 use std::collections::HashMap;
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
@@ -120,9 +120,21 @@ impl LayoutSource {
             .join(d.hex())
     }
 
-    fn read_blob(&self, desc: &Descriptor, what: &str) -> Result<Vec<u8>, OciError> {
+    /// A manifest, index or config, at most `limit` bytes (checked
+    /// against the descriptor and the file before it is read).
+    fn read_blob(&self, desc: &Descriptor, what: &str, limit: u64) -> Result<Vec<u8>, OciError> {
         let p = self.blob_path(&desc.digest);
-        let bytes = fs::read(&p).map_err(io_err(&format!("reading {what}"), &p))?;
+        let too_big = |n: u64| OciError::Format {
+            what: format!("{} {what} {}", self.describe, desc.digest),
+            reason: format!("{n} bytes, more than {limit} (the {what} size limit)"),
+        };
+        if desc.size > limit {
+            return Err(too_big(desc.size));
+        }
+        let bytes = read_at_most(&p, limit).map_err(io_err(&format!("reading {what}"), &p))?;
+        if bytes.len() as u64 > limit {
+            return Err(too_big(bytes.len() as u64));
+        }
         verify(
             &format!("{} {what} {}", self.describe, desc.digest),
             &bytes,
@@ -135,7 +147,15 @@ impl LayoutSource {
 impl ImageSource for LayoutSource {
     fn resolve(&self, platform: &Platform) -> Result<ResolvedImage, OciError> {
         let index_path = self.dir.join("index.json");
-        let index_bytes = fs::read(&index_path).map_err(io_err("reading", &index_path))?;
+        let limit = crate::limits::current().manifest_bytes;
+        let index_bytes =
+            read_at_most(&index_path, limit).map_err(io_err("reading", &index_path))?;
+        if index_bytes.len() as u64 > limit {
+            return Err(OciError::Format {
+                what: format!("{} index.json", self.describe),
+                reason: format!("more than {limit} bytes (the manifest size limit)"),
+            });
+        }
         let Document::Index(entries) = parse_document(
             &index_bytes,
             Some(crate::manifest::OCI_INDEX),
@@ -220,14 +240,19 @@ impl ImageSource for LayoutSource {
         let mut desc = chosen;
         let mut index_digest = None;
         for _ in 0..4 {
-            let bytes = self.read_blob(&desc, "manifest")?;
+            let bytes =
+                self.read_blob(&desc, "manifest", crate::limits::current().manifest_bytes)?;
             match parse_document(
                 &bytes,
                 Some(&desc.media_type),
                 &format!("{} manifest {}", self.describe, desc.digest),
             )? {
                 Document::Manifest(manifest) => {
-                    let config_bytes = self.read_blob(&manifest.config, "config")?;
+                    let config_bytes = self.read_blob(
+                        &manifest.config,
+                        "config",
+                        crate::limits::current().config_bytes,
+                    )?;
                     return Ok(ResolvedImage {
                         manifest_digest: desc.digest,
                         manifest_bytes: bytes,
@@ -261,6 +286,15 @@ impl ImageSource for LayoutSource {
     fn describe(&self) -> String {
         self.describe.clone()
     }
+}
+
+/// The first `limit + 1` bytes of a file (one more than allowed tells).
+fn read_at_most(p: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    File::open(p)?
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 fn unpack_archive(file: &Path) -> Result<tempfile::TempDir, OciError> {
@@ -409,8 +443,18 @@ fn sniff_and_hash(p: &Path) -> Result<(Digest, u64, &'static str), OciError> {
 impl ImageSource for ClassicDockerArchive {
     fn resolve(&self, _platform: &Platform) -> Result<ResolvedImage, OciError> {
         let mpath = self.tmp.path().join("manifest.json");
-        let bytes =
-            fs::read(&mpath).map_err(io_err("reading docker archive manifest.json", &mpath))?;
+        let limits = crate::limits::current();
+        let bytes = read_at_most(&mpath, limits.manifest_bytes)
+            .map_err(io_err("reading docker archive manifest.json", &mpath))?;
+        if bytes.len() as u64 > limits.manifest_bytes {
+            return Err(OciError::Format {
+                what: format!("{} manifest.json", self.describe),
+                reason: format!(
+                    "more than {} bytes (the manifest size limit)",
+                    limits.manifest_bytes
+                ),
+            });
+        }
         let entries: Vec<DockerManifestEntry> =
             serde_json::from_slice(&bytes).map_err(|e| OciError::Format {
                 what: format!("{} manifest.json", self.describe),
@@ -447,7 +491,17 @@ impl ImageSource for ClassicDockerArchive {
             }
         };
         let cpath = self.member(&entry.config)?;
-        let config_bytes = fs::read(&cpath).map_err(io_err("reading config", &cpath))?;
+        let config_bytes =
+            read_at_most(&cpath, limits.config_bytes).map_err(io_err("reading config", &cpath))?;
+        if config_bytes.len() as u64 > limits.config_bytes {
+            return Err(OciError::Format {
+                what: format!("{} config {}", self.describe, entry.config),
+                reason: format!(
+                    "more than {} bytes (the config size limit)",
+                    limits.config_bytes
+                ),
+            });
+        }
         let config_digest = Digest::sha256_of(&config_bytes);
         let mut blobs = self.blobs.lock().expect("no panics while held");
         blobs.insert(config_digest, cpath.clone());

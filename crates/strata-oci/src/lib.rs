@@ -24,6 +24,7 @@
 pub mod convert;
 pub mod layout;
 pub mod layout_writer;
+pub mod limits;
 pub mod manifest;
 pub mod partial;
 pub mod pull;

@@ -175,10 +175,11 @@ pub struct MetadataLimits {
 
 impl Default for MetadataLimits {
     fn default() -> Self {
+        let l = crate::limits::current();
         MetadataLimits {
-            layer_entries: reader::MAX_TOC_ENTRIES,
-            image_entries: MAX_IMAGE_ENTRIES,
-            image_bytes: MAX_IMAGE_METADATA,
+            layer_entries: l.layer_toc_entries,
+            image_entries: l.image_toc_entries,
+            image_bytes: l.image_metadata_bytes,
         }
     }
 }

@@ -438,7 +438,7 @@ impl Store {
             return Ok(p);
         }
         let bytes = self.build_flat(diff_ids, None)?;
-        let stage = self.staging_path("base");
+        let stage = self.staging_path("base")?;
         fs::create_dir_all(&stage).map_err(io_err("creating", &stage))?;
         let info = part_info(&bytes);
         crate::write_durable(&stage.join("image.erofs"), &bytes)?;
@@ -556,7 +556,7 @@ fn part_info(bytes: &[u8]) -> PartInfo {
 
 fn write_json_durable_atomic<T: Serialize>(store: &Store, p: &Path, v: &T) -> Result<()> {
     let _work = store.work()?;
-    let stage = store.staging_path("json");
+    let stage = store.staging_path("json")?;
     write_json_durable(&stage, v)?;
     fs::rename(&stage, p).map_err(io_err("renaming into place", p))?;
     sync_dir(p.parent().expect("has a parent"))

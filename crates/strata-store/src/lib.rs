@@ -385,17 +385,22 @@ impl Store {
     /// the staging dir when the handle's last [`Work`] ends (also after a
     /// crash, by the next gc or store user alone). Use it only while
     /// holding a [`Work`]: the staging dir exists only then.
-    pub fn scratch_path(&self, what: &str) -> PathBuf {
+    pub fn scratch_path(&self, what: &str) -> Result<PathBuf> {
         self.staging_path(what)
     }
 
     /// A fresh, unique path inside this handle's staging dir (exists while
-    /// a [`Work`] of the handle lives).
-    pub(crate) fn staging_path(&self, what: &str) -> PathBuf {
-        self.work.staging().join(format!(
+    /// a [`Work`] of the handle lives). The dir is made here if the
+    /// [`Work`] could not make it (a full disk): the error names the disk.
+    pub(crate) fn staging_path(&self, what: &str) -> Result<PathBuf> {
+        let staging = self.work.staging();
+        if !staging.is_dir() {
+            fs::create_dir_all(staging).map_err(io_err("creating staging dir", staging))?;
+        }
+        Ok(staging.join(format!(
             "{what}-{}",
             STAGING_SEQ.fetch_add(1, Ordering::Relaxed)
-        ))
+        )))
     }
 
     // ---- objects ---------------------------------------------------------
@@ -495,7 +500,7 @@ impl Store {
         let stats = batch.commit()?;
         let final_dir = self.layer_dir(&meta.diff_id);
         if !final_dir.exists() {
-            let stage = self.staging_path("layer");
+            let stage = self.staging_path("layer")?;
             fs::create_dir(&stage).map_err(io_err("creating layer staging", &stage))?;
             let rec_path = stage.join("record");
             let mut f =
@@ -559,7 +564,7 @@ impl Store {
         if final_dir.join("meta.json").exists() {
             return Ok(());
         }
-        let stage = self.staging_path("image");
+        let stage = self.staging_path("image")?;
         fs::create_dir(&stage).map_err(io_err("creating image staging", &stage))?;
         write_durable(&stage.join("manifest"), manifest)?;
         write_durable(&stage.join("config"), config)?;
@@ -708,8 +713,11 @@ impl Store {
         if !self.refs()?.values().any(|d| *d == digest) {
             let dir = self.image_dir(&digest);
             // Move aside first so a half-deleted image is never visible.
-            let trash = self.staging_path("rm-image");
-            if fs::rename(&dir, &trash).is_ok() {
+            // (on a full disk there is no staging dir: gc takes the
+            // unnamed image later)
+            if let Ok(trash) = self.staging_path("rm-image")
+                && fs::rename(&dir, &trash).is_ok()
+            {
                 sync_dir(&self.root.join("images"))?;
                 let _ = fs::remove_dir_all(&trash);
             }
@@ -903,7 +911,7 @@ pub(crate) fn write_json_durable<T: Serialize>(p: &Path, v: &T) -> Result<()> {
 /// Write `bytes` to `p` atomically: staging file, fsync, rename, fsync dir.
 pub(crate) fn write_atomic(store: &Store, p: &Path, bytes: &[u8]) -> Result<()> {
     let _work = store.work()?;
-    let stage = store.staging_path("file");
+    let stage = store.staging_path("file")?;
     write_durable(&stage, bytes)?;
     fs::rename(&stage, p).map_err(io_err("renaming into place", p))?;
     sync_dir(p.parent().expect("store paths have parents"))

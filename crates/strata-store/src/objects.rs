@@ -127,7 +127,7 @@ impl Writers {
 impl<'s> ObjectBatch<'s> {
     pub(crate) fn new(store: &'s Store) -> Result<Self> {
         let work = store.work()?;
-        let dir = store.staging_path("objects");
+        let dir = store.staging_path("objects")?;
         fs::create_dir(&dir).map_err(io_err("creating object staging", &dir))?;
         Ok(ObjectBatch {
             store,

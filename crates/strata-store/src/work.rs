@@ -77,6 +77,17 @@ impl WorkState {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Create the staging dir. On a full disk the operation goes on
+    /// without it: what only reads (fsck, listings) or frees space (gc,
+    /// rm) must work then, and what writes fails at its first write with
+    /// the disk named.
+    fn make_staging(&self) -> Result<()> {
+        match fs::create_dir_all(&self.staging) {
+            Err(e) if e.kind() == std::io::ErrorKind::StorageFull => Ok(()),
+            r => r.map_err(io_err("creating staging dir", &self.staging)),
+        }
+    }
+
     /// Enter an operation: the first one takes the lock shared (waiting
     /// while a gc holds it exclusive).
     pub(crate) fn enter(self: &Arc<Self>) -> Result<Work> {
@@ -85,8 +96,7 @@ impl WorkState {
             let f = open_lock(&self.lock_path)?;
             lock_blocking(&f, FlockOperation::LockShared)
                 .map_err(io_err("locking store (shared)", &self.lock_path))?;
-            fs::create_dir_all(&self.staging)
-                .map_err(io_err("creating staging dir", &self.staging))?;
+            self.make_staging()?;
             inner.lock = Some(f);
         }
         inner.active += 1;
@@ -100,7 +110,7 @@ impl WorkState {
     pub(crate) fn enter_locked(self: &Arc<Self>, lock: File) -> Result<Work> {
         let mut inner = self.inner();
         debug_assert_eq!(inner.active, 0, "a fresh handle");
-        fs::create_dir_all(&self.staging).map_err(io_err("creating staging dir", &self.staging))?;
+        self.make_staging()?;
         inner.lock = Some(lock);
         inner.active += 1;
         Ok(Work {
@@ -306,7 +316,7 @@ mod tests {
         let mut batch = store.object_batch().unwrap();
         batch.put(&mut &b"hello"[..], 5).unwrap();
         assert_eq!(tmp_entries(&root).len(), 1, "the handle's staging dir");
-        let scratch = store.scratch_path("x");
+        let scratch = store.scratch_path("x").unwrap();
         fs::write(&scratch, b"scratch").unwrap();
         drop(batch);
         assert!(tmp_entries(&root).is_empty(), "removed with the last guard");

@@ -192,9 +192,14 @@ impl LayerRecord {
     pub fn decode(r: impl Read) -> Result<LayerRecord, TarError> {
         let z = zstd::stream::read::Decoder::new(r)
             .map_err(|e| TarError::Record(format!("not zstd: {e}")))?;
-        let mut d = Dec {
-            r: io::BufReader::new(z),
-        };
+        Self::decode_uncompressed(io::BufReader::new(z))
+    }
+
+    /// [`decode`](Self::decode) of the record's uncompressed bytes (what
+    /// the fuzz target feeds directly, without compressing each input).
+    #[doc(hidden)]
+    pub fn decode_uncompressed(r: impl Read) -> Result<LayerRecord, TarError> {
+        let mut d = Dec { r };
         let mut magic = [0u8; 20];
         d.exact(&mut magic)?;
         if &magic != MAGIC {

@@ -66,6 +66,10 @@ pub struct Faults {
     /// Answer blob GETs with `307` to the same URL on the proxy: a
     /// redirect loop.
     pub redirect_loop: bool,
+    /// Append this many spaces to manifest GET bodies (still valid JSON)
+    /// and drop their `Docker-Content-Digest`: a registry serving a
+    /// manifest larger than registries accept.
+    pub pad_manifests: usize,
 }
 
 /// A running HTTP/1.1 proxy on 127.0.0.1 in front of a registry. One
@@ -75,6 +79,7 @@ pub struct Proxy {
     pub addr: String,
     log: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
+    state: Arc<ProxyState>,
 }
 
 /// The bearer token the proxy issues.
@@ -97,6 +102,7 @@ impl Proxy {
             log: log.clone(),
         });
         let stop2 = stop.clone();
+        let state = shared.clone();
         thread::spawn(move || {
             for conn in listener.incoming() {
                 if stop2.load(Ordering::SeqCst) {
@@ -109,7 +115,19 @@ impl Proxy {
                 });
             }
         });
-        Proxy { addr, log, stop }
+        Proxy {
+            addr,
+            log,
+            stop,
+            state,
+        }
+    }
+
+    /// From now on, answer 500 to the next `n` blob GETs (`u64::MAX`:
+    /// all of them; 0: none), as [`Faults::fail_blobs`] does from the
+    /// start: a registry that breaks while a mount serves.
+    pub fn set_fail_blobs(&self, n: u64) {
+        self.state.fail_left.store(n, Ordering::SeqCst);
     }
 
     /// Requests seen so far: `METHOD PATH[ range=...][ auth=SCHEME]`.
@@ -338,6 +356,24 @@ impl ProxyState {
             .position(|w| w == b"\r\n\r\n")
             .map_or(resp.len(), |p| p + 4);
         let body_len = resp.len() - header_end;
+        if f.pad_manifests > 0 && method == "GET" && path.contains("/manifests/") {
+            let head = String::from_utf8_lossy(&resp[..header_end]).into_owned();
+            let mut lines: Vec<String> = head
+                .split("\r\n")
+                .filter(|l| {
+                    let l = l.to_ascii_lowercase();
+                    !l.starts_with("docker-content-digest:") && !l.starts_with("content-length:")
+                })
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect();
+            lines.push(format!("Content-Length: {}", body_len + f.pad_manifests));
+            let head = lines.join("\r\n") + "\r\n\r\n";
+            let mut out = client;
+            out.write_all(head.as_bytes())?;
+            out.write_all(&resp[header_end..])?;
+            return out.write_all(&vec![b' '; f.pad_manifests]);
+        }
         if f.lie_about_manifest_digest && path.contains("/manifests/") {
             let head = String::from_utf8_lossy(&resp[..header_end]).into_owned();
             let lie = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";

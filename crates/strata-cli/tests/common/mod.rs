@@ -203,3 +203,19 @@ pub fn toc_file_range(blob: &[u8], layer: &serde_json::Value, name: &str) -> (u6
         e["endOffset"].as_u64().unwrap(),
     )
 }
+
+/// The debian fixture's python image converted to zstd:chunked and pushed
+/// to `reg` as `repo_tag`; its `docker://` reference.
+pub fn chunked_python(reg: &Registry, repo_tag: &str) -> String {
+    let conv = Env::new();
+    let src = oci_ref(&debian_layout(), "python");
+    conv.ok(&["pull", "-q", &src]);
+    let out = conv.path("out");
+    conv.ok(&["convert", &src, &format!("oci:{}:python", out.display())]);
+    reg.push(
+        &format!("oci:{}:python", out.display()),
+        repo_tag,
+        &["--preserve-digests"],
+    );
+    format!("docker://{}/{repo_tag}", reg.addr)
+}

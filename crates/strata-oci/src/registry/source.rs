@@ -64,7 +64,8 @@ impl RegistrySource {
         let mut h = HeaderMap::new();
         h.insert(ACCEPT, ACCEPT_MANIFESTS.parse().expect("static header"));
         let action = format!("fetching manifest {what}");
-        let (bytes, headers) = s.get_bytes(&url, &h, &action)?;
+        let limit = crate::limits::current().manifest_bytes;
+        let (bytes, headers) = s.get_bytes(&url, &h, &action, limit)?;
         let ct = headers
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
@@ -74,10 +75,13 @@ impl RegistrySource {
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse().ok());
-        if bytes.len() > 16 << 20 {
+        if bytes.len() as u64 > limit {
             return Err(OciError::Format {
                 what: format!("fetching manifest {what}"),
-                reason: "larger than 16 MiB".into(),
+                reason: format!(
+                    "larger than {limit} bytes (the manifest size limit; \
+                     STRATA_MAX_MANIFEST_BYTES raises it)"
+                ),
             });
         }
         if let Some(claimed) = claimed_digest {
@@ -110,17 +114,20 @@ impl ImageSource for RegistrySource {
                 Document::Manifest(manifest) => {
                     let url = self.session.blob_url(&manifest.config.digest);
                     let action = format!("fetching config {} of {what}", manifest.config.digest);
-                    if manifest.config.size > 16 << 20 {
+                    let limit = crate::limits::current().config_bytes;
+                    if manifest.config.size > limit {
                         return Err(OciError::Format {
                             what: action,
                             reason: format!(
-                                "config declares {} bytes (limit 16 MiB)",
+                                "config declares {} bytes, more than {limit} (the config \
+                                 size limit; STRATA_MAX_CONFIG_BYTES raises it)",
                                 manifest.config.size
                             ),
                         });
                     }
                     let (config_bytes, _) =
-                        self.session.get_bytes(&url, &HeaderMap::new(), &action)?;
+                        self.session
+                            .get_bytes(&url, &HeaderMap::new(), &action, limit)?;
                     verify(&action, &config_bytes, &manifest.config.digest)?;
                     return Ok(ResolvedImage {
                         manifest_bytes: bytes,

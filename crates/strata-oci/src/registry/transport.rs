@@ -378,6 +378,7 @@ impl Session {
         url: &str,
         headers: &HeaderMap,
         action: &str,
+        limit: u64,
     ) -> Result<(Vec<u8>, HeaderMap), OciError> {
         let mut delay = Duration::from_millis(200);
         let mut attempt = 1;
@@ -385,9 +386,9 @@ impl Session {
             let resp = self.get(url, headers, action)?;
             let response_headers = resp.headers().clone();
             let mut body = Vec::new();
-            // documents are at most 16 MiB; one byte more tells the caller
+            // at most `limit` bytes; one byte more tells the caller
             let read = RateGuard::new(resp, self.min_rate)
-                .take((16 << 20) + 1)
+                .take(limit.saturating_add(1))
                 .read_to_end(&mut body);
             match read {
                 Ok(_) => return Ok((body, response_headers)),
