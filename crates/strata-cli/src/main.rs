@@ -67,6 +67,8 @@ enum Command {
     Convert(cmd::convert::Args),
     /// VM templates: ext4 images of any size from images or other templates.
     Rootfs(cmd::rootfs::Args),
+    /// Serve containerd's snapshots API on a unix socket (a proxy snapshotter).
+    Snapshotter(cmd::snapshotter::Args),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions(cmd::completions::Args),
     /// Print the man page (roff) of strata or of one subcommand.
@@ -166,6 +168,16 @@ fn main() -> ExitCode {
         json: cli.json,
         cancel: strata_ops::Cancel::new(),
     };
+    // a daemon handles its own signals
+    if let Command::Snapshotter(a) = cli.command {
+        return match cmd::snapshotter::run(cli.root, a) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("strata: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // Ctrl-C: long operations stop at their next unit and leave nothing
     // half-visible; a second Ctrl-C ends the process at once
     {
@@ -192,6 +204,7 @@ fn main() -> ExitCode {
         Command::Verify(a) => cmd::verify::run(&ctx, a),
         Command::Convert(a) => cmd::convert::run(&ctx, a),
         Command::Rootfs(a) => cmd::rootfs::run(&ctx, a),
+        Command::Snapshotter(_) => unreachable!("served above"),
         Command::Completions(a) => cmd::completions::completions(a),
         Command::Man(a) => cmd::completions::man(a),
     };

@@ -17,6 +17,12 @@ pub struct Containerd {
 impl Containerd {
     /// Start containerd and wait for its socket.
     pub fn start() -> Containerd {
+        Self::start_with("")
+    }
+
+    /// Start containerd with `extra` appended to its config (TOML, e.g.
+    /// a `[proxy_plugins.NAME]` table) and wait for its socket.
+    pub fn start_with(extra: &str) -> Containerd {
         require_tool("containerd", "containerd");
         require_tool("ctr", "containerd");
         require_tool("runc", "runc");
@@ -28,9 +34,10 @@ impl Containerd {
             format!(
                 "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n\
                  [grpc]\n  address = \"{1}\"\n\
-                 [plugins.\"io.containerd.grpc.v1.cri\"]\n  disable_tcp_service = true\n",
+                 [plugins.\"io.containerd.grpc.v1.cri\"]\n  disable_tcp_service = true\n{2}\n",
                 dir.path().display(),
-                socket.display()
+                socket.display(),
+                extra
             ),
         )
         .expect("writing containerd config");
@@ -64,6 +71,22 @@ impl Containerd {
             "containerd did not answer on {} within 30 s",
             c.socket.display()
         );
+    }
+
+    /// containerd's own directory (config, root, state, log).
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+
+    /// Run `ctr --address SOCKET ARGS...` and return its output whatever
+    /// its status.
+    pub fn ctr_output(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("running ctr")
     }
 
     /// The socket path (`--address` for ctr and ctr-remote).

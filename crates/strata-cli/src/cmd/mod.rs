@@ -12,5 +12,6 @@ pub mod mounts;
 pub mod pull;
 pub mod rm;
 pub mod rootfs;
+pub mod snapshotter;
 pub mod tag;
 pub mod verify;

@@ -1,0 +1,209 @@
+//! `strata snapshotter` as containerd's proxy snapshotter (issue 16), with
+//! the real containerd 1.6 and runc: `ctr pull --snapshotter strata` goes
+//! through the overlay contract (Prepare, containerd's applier, Commit),
+//! `ctr run` starts a container on it, the records survive a kill -9 of
+//! the snapshotter, and containerd's gc removes what it no longer needs.
+//! Run as root.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use strata_testkit::containerd::Containerd;
+
+/// A `strata snapshotter` child, killed on drop.
+struct Snapshotter {
+    child: Child,
+    root: PathBuf,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Snapshotter {
+    fn start(dir: &Path) -> Snapshotter {
+        let root = dir.join("snap-root");
+        let socket = dir.join("strata.sock");
+        let log = dir.join("snapshotter.log");
+        let child = spawn(&root, &socket, &log);
+        let s = Snapshotter {
+            child,
+            root,
+            socket,
+            log,
+        };
+        s.wait_ready();
+        s
+    }
+
+    fn wait_ready(&self) {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(20) {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the snapshotter did not listen: {}", self.log_text());
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// kill -9, then start again on the same root and socket.
+    fn kill_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn(&self.root, &self.socket, &self.log);
+        self.wait_ready();
+    }
+}
+
+fn spawn(root: &Path, socket: &Path, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--root")
+        .arg(root)
+        .arg("snapshotter")
+        .arg("--socket")
+        .arg(socket)
+        .arg("--config")
+        .arg("/dev/null")
+        .env("STRATA_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("starting strata snapshotter")
+}
+
+impl Drop for Snapshotter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn proxy_config(socket: &Path) -> String {
+    format!(
+        "[proxy_plugins]\n  [proxy_plugins.strata]\n    type = \"snapshot\"\n    address = \"{}\"\n",
+        socket.display()
+    )
+}
+
+/// The snapshot records strata holds (`ctr snapshots ls` lists
+/// containerd's view; this is the backend's).
+fn records(root: &Path) -> usize {
+    std::fs::read_dir(root.join("meta"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn containerd_pulls_and_runs_through_strata_on_the_overlay_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut snap = Snapshotter::start(dir.path());
+    let ctrd = Containerd::start_with(&proxy_config(&snap.socket));
+    let plugins = ctrd.ctr(&["plugins", "ls"]);
+    assert!(
+        plugins
+            .lines()
+            .any(|l| l.contains("io.containerd.snapshotter.v1")
+                && l.contains("strata")
+                && l.contains("ok")),
+        "{plugins}"
+    );
+
+    let reg = Registry::start();
+    reg.push(&oci_ref(&debian_layout(), "python"), "debian:python", &[]);
+    let image = format!("{}/debian:python", reg.addr);
+    ctrd.ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "strata",
+        &image,
+    ]);
+    // two layers, committed by containerd's unpacker through strata
+    let ls = ctrd.ctr(&["snapshots", "--snapshotter", "strata", "ls"]);
+    assert_eq!(
+        ls.lines().filter(|l| l.contains("Committed")).count(),
+        2,
+        "{ls}"
+    );
+    assert_eq!(records(&snap.root), 2);
+
+    let run = |id: &str| {
+        ctrd.ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "strata",
+            &image,
+            id,
+            "python3",
+            "-c",
+            "import sys; print('python', sys.version_info[0])",
+        ])
+    };
+    assert_eq!(run("c1").trim(), "python 3", "{}", snap.log_text());
+
+    // kill -9: the records are on disk; a new container starts once
+    // containerd has dialled again (its backoff is at most 3 s)
+    snap.kill_and_restart();
+    let t0 = Instant::now();
+    loop {
+        let out = ctrd.ctr_output(&["snapshots", "--snapshotter", "strata", "usage"]);
+        if out.status.success() {
+            break;
+        }
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(err.contains("unavailable"), "{err}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "containerd still cannot reach strata: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "containerd reached the restarted snapshotter after {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(run("c2").trim(), "python 3", "{}", snap.log_text());
+
+    // containerd's gc removes the layers once no image needs them, and
+    // strata's Cleanup frees their directories
+    ctrd.ctr(&["images", "rm", "--sync", &image]);
+    let t0 = Instant::now();
+    while records(&snap.root) > 0 && t0.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(records(&snap.root), 0, "{}", snap.log_text());
+    let left = std::fs::read_dir(snap.root.join("snapshots"))
+        .unwrap()
+        .count()
+        + std::fs::read_dir(snap.root.join("trash")).unwrap().count();
+    assert_eq!(left, 0, "directories left after gc and Cleanup");
+}
+
+#[test]
+fn with_the_snapshotter_down_containerd_names_its_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("nobody.sock");
+    let ctrd = Containerd::start_with(&proxy_config(&socket));
+    let out = ctrd.ctr_output(&["snapshots", "--snapshotter", "strata", "prepare", "k1"]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains(socket.to_str().unwrap()), "{text}");
+}

@@ -1,0 +1,103 @@
+//! `/etc/strata/config.toml`, the snapshotter's part: every key, its
+//! default, and what a command line overrides.
+//!
+//! ```toml
+//! [snapshotter]
+//! # where snapshots and their records live; containerd's convention for a
+//! # proxy snapshotter named "strata", so kubelet's image-filesystem stats
+//! # see it (--root overrides)
+//! root = "/var/lib/containerd/io.containerd.snapshotter.v1.strata"
+//! # the unix socket containerd's [proxy_plugins.strata] address names
+//! # (--socket overrides)
+//! socket = "/run/strata/snapshotter.sock"
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The default config file.
+pub const DEFAULT_CONFIG: &str = "/etc/strata/config.toml";
+/// The default root.
+pub const DEFAULT_ROOT: &str = "/var/lib/containerd/io.containerd.snapshotter.v1.strata";
+/// The default socket.
+pub const DEFAULT_SOCKET: &str = "/run/strata/snapshotter.sock";
+
+/// The snapshotter's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Snapshots and their records.
+    #[serde(default = "default_root")]
+    pub root: PathBuf,
+    /// The socket to serve on.
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+}
+
+fn default_root() -> PathBuf {
+    DEFAULT_ROOT.into()
+}
+
+fn default_socket() -> PathBuf {
+    DEFAULT_SOCKET.into()
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            root: default_root(),
+            socket: default_socket(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    snapshotter: Option<Config>,
+    // the other daemons' sections, read by them
+    #[serde(default)]
+    serve: Option<toml::Table>,
+    #[serde(default)]
+    limits: Option<toml::Table>,
+}
+
+impl Config {
+    /// Read `path`; a missing file is the defaults only when `path` is
+    /// the default one (a file named on the command line must exist).
+    pub fn load(path: &Path, named: bool) -> Result<Config, String> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !named => {
+                return Ok(Config::default());
+            }
+            Err(e) => return Err(format!("reading {}: {e}", path.display())),
+        };
+        let f: File =
+            toml::from_str(&text).map_err(|e| format!("parsing {}: {e}", path.display()))?;
+        let _ = (f.serve, f.limits);
+        Ok(f.snapshotter.unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_keys_and_unknown_keys() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.toml");
+        assert_eq!(Config::load(&p, false).unwrap(), Config::default());
+        assert!(Config::load(&p, true).unwrap_err().contains("c.toml"));
+        std::fs::write(&p, "[snapshotter]\nsocket = \"/x.sock\"\n").unwrap();
+        let c = Config::load(&p, true).unwrap();
+        assert_eq!(c.socket, PathBuf::from("/x.sock"));
+        assert_eq!(c.root, PathBuf::from(DEFAULT_ROOT));
+        std::fs::write(&p, "[snapshotter]\nsokcet = \"/x.sock\"\n").unwrap();
+        let e = Config::load(&p, true).unwrap_err();
+        assert!(e.contains("sokcet"), "{e}");
+    }
+}

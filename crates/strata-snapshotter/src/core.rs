@@ -1,0 +1,521 @@
+//! The snapshotter's state and operations, blocking and independent of
+//! gRPC (the service calls them on tokio's blocking pool).
+//!
+//! ```text
+//! <root>/meta/<id>.json    one record per snapshot (durable: write, fsync, rename)
+//! <root>/snapshots/<id>/   fs/ (the layer or the container's upper dir), work/
+//! <root>/trash/<id>/       removed snapshots' dirs, deleted by Cleanup
+//! ```
+//!
+//! Names are containerd's backend keys (`<namespace>/<seq>/<key>`, with
+//! slashes and spaces), so nothing on disk is named by them: ids are.
+//! A crash at any point leaves at worst a dir without a record (removed
+//! at the next start or Cleanup) or a record whose dir is in the trash
+//! (impossible: the record goes first).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::filters::Filter;
+
+/// What a snapshot is, in containerd's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// A read-only view of its parent chain.
+    View,
+    /// Writable (an unpacking layer or a container's rootfs).
+    Active,
+    /// A committed layer: read-only, a parent for others.
+    Committed,
+}
+
+impl Kind {
+    /// The name containerd's filters use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::View => "view",
+            Kind::Active => "active",
+            Kind::Committed => "committed",
+        }
+    }
+}
+
+/// Disk usage of one snapshot alone (not its parents).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Bytes.
+    pub size: u64,
+    /// Inodes.
+    pub inodes: u64,
+}
+
+/// One snapshot as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Info {
+    /// Its directory under `snapshots/`.
+    pub id: u64,
+    /// containerd's backend key (Active, View) or name (Committed).
+    pub name: String,
+    /// The parent's name, if any.
+    pub parent: Option<String>,
+    /// What it is.
+    pub kind: Kind,
+    /// Labels as containerd set them.
+    pub labels: BTreeMap<String, String>,
+    /// Unix nanoseconds.
+    pub created: u128,
+    /// Unix nanoseconds.
+    pub updated: u128,
+    /// Usage computed at commit (committed snapshots).
+    #[serde(default)]
+    pub usage: Usage,
+}
+
+/// A mount for containerd (what `mount(8)` would be given).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// `bind` or `overlay`.
+    pub kind: String,
+    /// The source.
+    pub source: String,
+    /// Options, as `mount -o` takes them.
+    pub options: Vec<String>,
+}
+
+/// Why an operation failed; each maps to one gRPC code containerd
+/// understands.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapError {
+    /// No snapshot of that name (NotFound).
+    #[error("snapshot {0:?} does not exist")]
+    NotFound(String),
+    /// The name is taken (AlreadyExists).
+    #[error("snapshot {0:?} already exists")]
+    AlreadyExists(String),
+    /// The operation does not apply to this snapshot as it is
+    /// (FailedPrecondition): commit of a view, removal with children.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A request that can never succeed (InvalidArgument).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The disk or the store failed (Internal).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        source: io::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, SnapError>;
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SnapError {
+    let what = what.into();
+    move |source| SnapError::Io { what, source }
+}
+
+fn now() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+struct State {
+    by_name: HashMap<String, Info>,
+    next_id: u64,
+}
+
+/// The snapshotter: records in memory, mirrored durably on disk.
+pub struct Snapshotter {
+    root: PathBuf,
+    state: Mutex<State>,
+}
+
+impl Snapshotter {
+    /// Open (or create) the snapshotter's state under `root`: read every
+    /// record, remove dirs no record names (a crash between creating a
+    /// snapshot's dir and its record) and the trash.
+    pub fn open(root: &Path) -> Result<Snapshotter> {
+        for d in ["meta", "snapshots", "trash"] {
+            let p = root.join(d);
+            fs::create_dir_all(&p).map_err(io_err(format!("creating {}", p.display())))?;
+        }
+        let mut by_name = HashMap::new();
+        let mut next_id = 1;
+        let meta = root.join("meta");
+        for e in fs::read_dir(&meta).map_err(io_err(format!("reading {}", meta.display())))? {
+            let e = e.map_err(io_err(format!("reading {}", meta.display())))?;
+            let p = e.path();
+            if p.extension().and_then(|x| x.to_str()) != Some("json") {
+                // a record being written when a crash came
+                let _ = fs::remove_file(&p);
+                continue;
+            }
+            let bytes = fs::read(&p).map_err(io_err(format!("reading {}", p.display())))?;
+            let info: Info = serde_json::from_slice(&bytes).map_err(|e| SnapError::Io {
+                what: format!("reading {}", p.display()),
+                source: io::Error::new(io::ErrorKind::InvalidData, e),
+            })?;
+            next_id = next_id.max(info.id + 1);
+            by_name.insert(info.name.clone(), info);
+        }
+        let known = by_name.values().map(|i: &Info| i.id).collect();
+        let s = Snapshotter {
+            root: root.to_path_buf(),
+            state: Mutex::new(State { by_name, next_id }),
+        };
+        s.sweep(known)?;
+        Ok(s)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // every change is made on a copy and stored before it is put in
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A snapshot's directory.
+    pub fn dir(&self, id: u64) -> PathBuf {
+        self.root.join("snapshots").join(id.to_string())
+    }
+
+    fn record_path(&self, id: u64) -> PathBuf {
+        self.root.join("meta").join(format!("{id}.json"))
+    }
+
+    fn store_record(&self, info: &Info) -> Result<()> {
+        let p = self.record_path(info.id);
+        let tmp = p.with_extension("tmp");
+        let what = || format!("writing {}", p.display());
+        let mut f = fs::File::create(&tmp).map_err(io_err(what()))?;
+        f.write_all(&serde_json::to_vec(info).expect("records serialize"))
+            .map_err(io_err(what()))?;
+        f.sync_all().map_err(io_err(what()))?;
+        fs::rename(&tmp, &p).map_err(io_err(what()))?;
+        sync_dir(&self.root.join("meta")).map_err(io_err(what()))
+    }
+
+    fn drop_record(&self, id: u64) -> Result<()> {
+        let p = self.record_path(id);
+        match fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(format!("removing {}", p.display()))(e)),
+        }
+        sync_dir(&self.root.join("meta")).map_err(io_err("syncing the records"))
+    }
+
+    /// The parent chain of `parent` (nearest first), each committed.
+    fn chain(st: &State, parent: Option<&str>) -> Result<Vec<Info>> {
+        let mut out = Vec::new();
+        let mut next = parent.map(str::to_string);
+        while let Some(name) = next {
+            let p = st
+                .by_name
+                .get(&name)
+                .ok_or_else(|| SnapError::NotFound(name.clone()))?;
+            if p.kind != Kind::Committed {
+                return Err(SnapError::InvalidArgument(format!(
+                    "parent {name:?} is not committed"
+                )));
+            }
+            if out.len() > 4096 {
+                return Err(SnapError::InvalidArgument(format!(
+                    "the parent chain of {name:?} is longer than 4096"
+                )));
+            }
+            next = p.parent.clone();
+            out.push(p.clone());
+        }
+        Ok(out)
+    }
+
+    /// Prepare (`Kind::Active`) or View: a new snapshot on `parent`.
+    pub fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: Option<&str>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        if key.is_empty() {
+            return Err(SnapError::InvalidArgument("an empty key".into()));
+        }
+        let mut st = self.lock();
+        if st.by_name.contains_key(key) {
+            return Err(SnapError::AlreadyExists(key.to_string()));
+        }
+        let chain = Self::chain(&st, parent)?;
+        let id = st.next_id;
+        st.next_id += 1;
+        let dir = self.dir(id);
+        for d in ["fs", "work"] {
+            let p = dir.join(d);
+            fs::create_dir_all(&p).map_err(io_err(format!("creating {}", p.display())))?;
+        }
+        let t = now();
+        let info = Info {
+            id,
+            name: key.to_string(),
+            parent: parent.map(str::to_string),
+            kind,
+            labels,
+            created: t,
+            updated: t,
+            usage: Usage::default(),
+        };
+        if let Err(e) = self.store_record(&info) {
+            let _ = fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        let mounts = self.mounts_of(&info, &chain);
+        st.by_name.insert(key.to_string(), info);
+        Ok(mounts)
+    }
+
+    fn mounts_of(&self, info: &Info, chain: &[Info]) -> Vec<Mount> {
+        let fs_of = |i: &Info| self.dir(i.id).join("fs").display().to_string();
+        let bind = |src: String, rw: bool| Mount {
+            kind: "bind".into(),
+            source: src,
+            options: vec![if rw { "rw" } else { "ro" }.into(), "rbind".into()],
+        };
+        let lowers = || chain.iter().map(fs_of).collect::<Vec<_>>().join(":");
+        match (info.kind, chain.len()) {
+            (Kind::Active, 0) => vec![bind(fs_of(info), true)],
+            (Kind::Active, _) => vec![Mount {
+                kind: "overlay".into(),
+                source: "overlay".into(),
+                options: vec![
+                    "index=off".into(),
+                    format!("workdir={}", self.dir(info.id).join("work").display()),
+                    format!("upperdir={}", fs_of(info)),
+                    format!("lowerdir={}", lowers()),
+                ],
+            }],
+            (_, 0) => vec![bind(fs_of(info), false)],
+            (_, 1) => vec![bind(fs_of(&chain[0]), false)],
+            (_, _) => vec![Mount {
+                kind: "overlay".into(),
+                source: "overlay".into(),
+                options: vec!["ro".into(), format!("lowerdir={}", lowers())],
+            }],
+        }
+    }
+
+    /// The mounts of an active snapshot or a view.
+    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        let st = self.lock();
+        let info = st
+            .by_name
+            .get(key)
+            .ok_or_else(|| SnapError::NotFound(key.to_string()))?;
+        if info.kind == Kind::Committed {
+            return Err(SnapError::FailedPrecondition(format!(
+                "snapshot {key:?} is committed: it has no mounts of its own"
+            )));
+        }
+        let chain = Self::chain(&st, info.parent.as_deref())?;
+        Ok(self.mounts_of(info, &chain))
+    }
+
+    /// Commit the active snapshot `key` as `name`.
+    pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<()> {
+        let mut st = self.lock();
+        if st.by_name.contains_key(name) {
+            return Err(SnapError::AlreadyExists(name.to_string()));
+        }
+        let old = st
+            .by_name
+            .get(key)
+            .ok_or_else(|| SnapError::NotFound(key.to_string()))?
+            .clone();
+        if old.kind != Kind::Active {
+            return Err(SnapError::FailedPrecondition(format!(
+                "snapshot {key:?} is a {}: only active snapshots commit",
+                old.kind.as_str()
+            )));
+        }
+        let fs_dir = self.dir(old.id).join("fs");
+        let usage =
+            disk_usage(&fs_dir).map_err(io_err(format!("measuring {}", fs_dir.display())))?;
+        let t = now();
+        let info = Info {
+            name: name.to_string(),
+            kind: Kind::Committed,
+            labels,
+            created: t,
+            updated: t,
+            usage,
+            ..old
+        };
+        self.store_record(&info)?;
+        st.by_name.remove(key);
+        st.by_name.insert(name.to_string(), info);
+        Ok(())
+    }
+
+    /// Remove `key` (it must have no children); its dir goes to the
+    /// trash, emptied by [`cleanup`](Self::cleanup).
+    pub fn remove(&self, key: &str) -> Result<()> {
+        let mut st = self.lock();
+        let info = st
+            .by_name
+            .get(key)
+            .ok_or_else(|| SnapError::NotFound(key.to_string()))?
+            .clone();
+        if let Some(child) = st
+            .by_name
+            .values()
+            .find(|i| i.parent.as_deref() == Some(key))
+        {
+            return Err(SnapError::FailedPrecondition(format!(
+                "snapshot {key:?} has children ({:?} among them)",
+                child.name
+            )));
+        }
+        self.drop_record(info.id)?;
+        st.by_name.remove(key);
+        let dir = self.dir(info.id);
+        let trash = self.root.join("trash").join(info.id.to_string());
+        if let Err(e) = fs::rename(&dir, &trash)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!("moving {} to the trash: {e}", dir.display());
+        }
+        Ok(())
+    }
+
+    /// One snapshot's record.
+    pub fn stat(&self, key: &str) -> Result<Info> {
+        self.lock()
+            .by_name
+            .get(key)
+            .cloned()
+            .ok_or_else(|| SnapError::NotFound(key.to_string()))
+    }
+
+    /// Update labels as containerd's `Update` does: `paths` empty or
+    /// `labels` replaces them all; `labels.K` sets (or, empty or absent
+    /// in `labels`, deletes) one.
+    pub fn update(
+        &self,
+        name: &str,
+        labels: BTreeMap<String, String>,
+        paths: &[String],
+    ) -> Result<Info> {
+        let mut st = self.lock();
+        let mut info = st
+            .by_name
+            .get(name)
+            .ok_or_else(|| SnapError::NotFound(name.to_string()))?
+            .clone();
+        if paths.is_empty() || paths.iter().any(|p| p == "labels") {
+            info.labels = labels.into_iter().filter(|(_, v)| !v.is_empty()).collect();
+        } else {
+            for p in paths {
+                let Some(k) = p.strip_prefix("labels.") else {
+                    return Err(SnapError::InvalidArgument(format!(
+                        "cannot update field {p:?} of snapshot {name:?} (only labels)"
+                    )));
+                };
+                match labels.get(k).filter(|v| !v.is_empty()) {
+                    Some(v) => info.labels.insert(k.to_string(), v.clone()),
+                    None => info.labels.remove(k),
+                };
+            }
+        }
+        info.updated = now();
+        self.store_record(&info)?;
+        st.by_name.insert(name.to_string(), info.clone());
+        Ok(info)
+    }
+
+    /// Every snapshot matching one of `filters` (all when empty), sorted
+    /// by name.
+    pub fn list(&self, filters: &[Filter]) -> Vec<Info> {
+        let mut v: Vec<Info> = self
+            .lock()
+            .by_name
+            .values()
+            .filter(|i| filters.is_empty() || filters.iter().any(|f| f.matches(i)))
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Usage of one snapshot alone: recorded at commit, measured now for
+    /// active ones.
+    pub fn usage(&self, key: &str) -> Result<Usage> {
+        let info = self.stat(key)?;
+        if info.kind == Kind::Committed {
+            return Ok(info.usage);
+        }
+        let fs_dir = self.dir(info.id).join("fs");
+        disk_usage(&fs_dir).map_err(io_err(format!("measuring {}", fs_dir.display())))
+    }
+
+    /// Free what removals left: the trash, and dirs no record names.
+    pub fn cleanup(&self) -> Result<()> {
+        let st = self.lock();
+        self.sweep(st.by_name.values().map(|i| i.id).collect())
+    }
+
+    fn sweep(&self, known: std::collections::HashSet<u64>) -> Result<()> {
+        let trash = self.root.join("trash");
+        for e in fs::read_dir(&trash)
+            .map_err(io_err(format!("reading {}", trash.display())))?
+            .flatten()
+        {
+            let _ = fs::remove_dir_all(e.path());
+        }
+        let snaps = self.root.join("snapshots");
+        for e in fs::read_dir(&snaps)
+            .map_err(io_err(format!("reading {}", snaps.display())))?
+            .flatten()
+        {
+            let id = e.file_name().to_str().and_then(|n| n.parse::<u64>().ok());
+            if id.is_none_or(|id| !known.contains(&id)) {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn sync_dir(p: &Path) -> io::Result<()> {
+    fs::File::open(p)?.sync_all()
+}
+
+/// Bytes (allocated) and inodes under `dir`, each inode once.
+pub fn disk_usage(dir: &Path) -> io::Result<Usage> {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut u = Usage::default();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d)? {
+            let e = e?;
+            let m = e.metadata()?;
+            if !seen.insert((m.dev(), m.ino())) {
+                continue;
+            }
+            u.inodes += 1;
+            u.size += m.blocks() * 512;
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    Ok(u)
+}
