@@ -67,6 +67,8 @@ enum Command {
     Convert(cmd::convert::Args),
     /// VM templates: ext4 images of any size from images or other templates.
     Rootfs(cmd::rootfs::Args),
+    /// Pull an image into containerd through the strata snapshotter (layers go to strata's store).
+    Rpull(cmd::rpull::Args),
     /// Serve containerd's snapshots API on a unix socket (a proxy snapshotter).
     Snapshotter(cmd::snapshotter::Args),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -204,6 +206,7 @@ fn main() -> ExitCode {
         Command::Verify(a) => cmd::verify::run(&ctx, a),
         Command::Convert(a) => cmd::convert::run(&ctx, a),
         Command::Rootfs(a) => cmd::rootfs::run(&ctx, a),
+        Command::Rpull(a) => cmd::rpull::run(&ctx, a),
         Command::Snapshotter(_) => unreachable!("served above"),
         Command::Completions(a) => cmd::completions::completions(a),
         Command::Man(a) => cmd::completions::man(a),

@@ -207,3 +207,94 @@ fn with_the_snapshotter_down_containerd_names_its_socket() {
     assert!(!out.status.success(), "{text}");
     assert!(text.contains(socket.to_str().unwrap()), "{text}");
 }
+
+/// `strata rpull`: containerd gets the manifest and config only; every
+/// layer's Prepare is answered by strata from its own store (pulled once,
+/// deduplicated), and a container runs on strata's one mount of the image.
+#[test]
+fn rpull_makes_the_layers_available_from_strata_and_ctr_runs_on_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = Snapshotter::start(dir.path());
+    let ctrd = Containerd::start_with(&proxy_config(&snap.socket));
+    let reg = Registry::start();
+    reg.push(&oci_ref(&debian_layout(), "python"), "debian:python", &[]);
+    let image = format!("{}/debian:python", reg.addr);
+    let rpull = |env: &Env| {
+        let out = env
+            .cmd()
+            .args(["--json", "rpull", "--plain-http", "--address"])
+            .arg(ctrd.socket())
+            .arg(&image)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "rpull: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            snap.log_text()
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let env = Env::new();
+    let t0 = Instant::now();
+    let s = rpull(&env);
+    eprintln!("rpull of debian:python: {:?}", t0.elapsed());
+    assert_eq!(s["layers"], 2, "{s}");
+    assert_eq!(s["layers_prepared"], 2, "{s}");
+
+    // containerd holds the manifest and the config, no layer
+    let manifest = layout_manifest(&debian_layout(), "python");
+    let content = ctrd.ctr(&["content", "ls", "-q"]);
+    for l in manifest["layers"].as_array().unwrap() {
+        let d = l["digest"].as_str().unwrap();
+        assert!(
+            !content.contains(d),
+            "layer {d} in containerd's content store"
+        );
+    }
+    assert_eq!(content.lines().count(), 2, "{content}");
+    let ls = ctrd.ctr(&["snapshots", "--snapshotter", "strata", "ls"]);
+    assert_eq!(
+        ls.lines().filter(|l| l.contains("Committed")).count(),
+        2,
+        "{ls}"
+    );
+
+    let out = ctrd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "strata",
+        &image,
+        "r1",
+        "python3",
+        "-c",
+        "import json; print(json.dumps({'ok': 1}))",
+    ]);
+    assert_eq!(out.trim(), r#"{"ok": 1}"#, "{}", snap.log_text());
+    // strata's one mount of the image is what containers stand on
+    let mnt = snap.root.join("mnt");
+    let mounted: Vec<_> = std::fs::read_dir(&mnt).unwrap().flatten().collect();
+    assert_eq!(mounted.len(), 1, "one image mount");
+
+    // again: nothing to make available
+    let s = rpull(&env);
+    assert_eq!(s["layers_prepared"], 0, "{s}");
+
+    // gone from containerd: the layers go, the mount goes at Cleanup
+    ctrd.ctr(&["images", "rm", "--sync", &image]);
+    let t0 = Instant::now();
+    while records(&snap.root) > 0 && t0.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(records(&snap.root), 0, "{}", snap.log_text());
+    let t0 = Instant::now();
+    while std::fs::read_dir(&mnt).unwrap().count() > 0 && t0.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        std::fs::read_dir(&mnt).unwrap().count(),
+        0,
+        "the image mount is gone"
+    );
+}

@@ -5,7 +5,16 @@
 //! <root>/meta/<id>.json    one record per snapshot (durable: write, fsync, rename)
 //! <root>/snapshots/<id>/   fs/ (the layer or the container's upper dir), work/
 //! <root>/trash/<id>/       removed snapshots' dirs, deleted by Cleanup
+//! <root>/store/            strata's store: the images remote layers come from
+//! <root>/mnt/<manifest>/   strata's one (composefs) mount of such an image,
+//!                          the lower of every container on it
 //! ```
+//!
+//! A *remote* Prepare (one with strata's labels, see [`crate::labels`])
+//! pulls the image into the store itself (once: the next layers find it
+//! there), records a committed snapshot for the layer and answers
+//! AlreadyExists: containerd downloads nothing. A container's snapshot on
+//! such a layer is an overlay whose lower is the image's mount.
 //!
 //! Names are containerd's backend keys (`<namespace>/<seq>/<key>`, with
 //! slashes and spaces), so nothing on disk is named by them: ids are.
@@ -21,8 +30,11 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use strata_digest::Digest;
+use strata_store::Store;
 
 use crate::filters::Filter;
+use crate::labels::{self, RemoteLayer};
 
 /// What a snapshot is, in containerd's terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +88,22 @@ pub struct Info {
     /// Usage computed at commit (committed snapshots).
     #[serde(default)]
     pub usage: Usage,
+    /// For a layer strata made available itself: where it comes from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<Remote>,
+}
+
+/// A committed layer of an image in strata's store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Remote {
+    /// The reference it was pulled from.
+    pub image: String,
+    /// The image (manifest digest) in the store.
+    pub manifest: Digest,
+    /// The layer's index.
+    pub layer: usize,
+    /// The image's layer count.
+    pub layers: usize,
 }
 
 /// A mount for containerd (what `mount(8)` would be given).
@@ -106,6 +134,10 @@ pub enum SnapError {
     /// A request that can never succeed (InvalidArgument).
     #[error("{0}")]
     InvalidArgument(String),
+    /// The image of a remote layer could not be had (Unavailable): the
+    /// registry and the cause are named.
+    #[error("{0}")]
+    Unavailable(String),
     /// The disk or the store failed (Internal).
     #[error("{what}: {source}")]
     Io {
@@ -139,6 +171,14 @@ struct State {
 pub struct Snapshotter {
     root: PathBuf,
     state: Mutex<State>,
+    store: Store,
+    /// One pull per image at a time.
+    pulls: Mutex<HashMap<Digest, std::sync::Arc<Mutex<()>>>>,
+}
+
+/// The store name that keeps an image the snapshotter pulled from gc.
+fn store_name(manifest: &Digest) -> String {
+    format!("containerd-snapshotter/{manifest}")
 }
 
 impl Snapshotter {
@@ -146,7 +186,7 @@ impl Snapshotter {
     /// record, remove dirs no record names (a crash between creating a
     /// snapshot's dir and its record) and the trash.
     pub fn open(root: &Path) -> Result<Snapshotter> {
-        for d in ["meta", "snapshots", "trash"] {
+        for d in ["meta", "snapshots", "trash", "mnt"] {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(io_err(format!("creating {}", p.display())))?;
         }
@@ -170,9 +210,16 @@ impl Snapshotter {
             by_name.insert(info.name.clone(), info);
         }
         let known = by_name.values().map(|i: &Info| i.id).collect();
+        let store_root = root.join("store");
+        let store = Store::open(&store_root).map_err(|e| SnapError::Io {
+            what: format!("opening store {}", store_root.display()),
+            source: io::Error::other(e.to_string()),
+        })?;
         let s = Snapshotter {
             root: root.to_path_buf(),
             state: Mutex::new(State { by_name, next_id }),
+            store,
+            pulls: Mutex::new(HashMap::new()),
         };
         s.sweep(known)?;
         Ok(s)
@@ -250,6 +297,12 @@ impl Snapshotter {
         if key.is_empty() {
             return Err(SnapError::InvalidArgument("an empty key".into()));
         }
+        if kind == Kind::Active
+            && let Some(r) =
+                RemoteLayer::from_labels(&labels).map_err(SnapError::InvalidArgument)?
+        {
+            return self.prepare_remote(key, parent, labels, r);
+        }
         let mut st = self.lock();
         if st.by_name.contains_key(key) {
             return Err(SnapError::AlreadyExists(key.to_string()));
@@ -272,25 +325,43 @@ impl Snapshotter {
             created: t,
             updated: t,
             usage: Usage::default(),
+            remote: None,
+        };
+        let mounts = match self.mounts_of(&info, &chain) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&dir);
+                return Err(e);
+            }
         };
         if let Err(e) = self.store_record(&info) {
             let _ = fs::remove_dir_all(&dir);
             return Err(e);
         }
-        let mounts = self.mounts_of(&info, &chain);
         st.by_name.insert(key.to_string(), info);
         Ok(mounts)
     }
 
-    fn mounts_of(&self, info: &Info, chain: &[Info]) -> Vec<Mount> {
+    fn mounts_of(&self, info: &Info, chain: &[Info]) -> Result<Vec<Mount>> {
         let fs_of = |i: &Info| self.dir(i.id).join("fs").display().to_string();
         let bind = |src: String, rw: bool| Mount {
             kind: "bind".into(),
             source: src,
             options: vec![if rw { "rw" } else { "ro" }.into(), "rbind".into()],
         };
-        let lowers = || chain.iter().map(fs_of).collect::<Vec<_>>().join(":");
-        match (info.kind, chain.len()) {
+        // the parents' dirs, nearest first, down to the first remote
+        // layer, which stands for itself and everything under it
+        let mut lowers = Vec::new();
+        for p in chain {
+            match &p.remote {
+                Some(r) => {
+                    lowers.push(self.image_mount(&p.name, r)?.display().to_string());
+                    break;
+                }
+                None => lowers.push(fs_of(p)),
+            }
+        }
+        Ok(match (info.kind, lowers.len()) {
             (Kind::Active, 0) => vec![bind(fs_of(info), true)],
             (Kind::Active, _) => vec![Mount {
                 kind: "overlay".into(),
@@ -299,17 +370,217 @@ impl Snapshotter {
                     "index=off".into(),
                     format!("workdir={}", self.dir(info.id).join("work").display()),
                     format!("upperdir={}", fs_of(info)),
-                    format!("lowerdir={}", lowers()),
+                    format!("lowerdir={}", lowers.join(":")),
                 ],
             }],
             (_, 0) => vec![bind(fs_of(info), false)],
-            (_, 1) => vec![bind(fs_of(&chain[0]), false)],
+            (_, 1) => vec![bind(lowers.remove(0), false)],
             (_, _) => vec![Mount {
                 kind: "overlay".into(),
                 source: "overlay".into(),
-                options: vec!["ro".into(), format!("lowerdir={}", lowers())],
+                options: vec!["ro".into(), format!("lowerdir={}", lowers.join(":"))],
             }],
+        })
+    }
+
+    /// Where the image of a remote layer is mounted (mounted now if it
+    /// is not): `<root>/mnt/<manifest hex>`, one mount per image, shared
+    /// by every container on it and left in place across restarts.
+    fn image_mount(&self, name: &str, r: &Remote) -> Result<PathBuf> {
+        if r.layer + 1 != r.layers {
+            return Err(SnapError::FailedPrecondition(format!(
+                "snapshot {name:?} is layer {} of {} of {}: strata mounts whole images, \
+                 so only the top layer can be a parent",
+                r.layer, r.layers, r.image
+            )));
         }
+        let dir = self.root.join("mnt").join(r.manifest.hex());
+        fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        let mounted = strata_sys::is_mount_point(&dir).map_err(|e| SnapError::Io {
+            what: format!("checking {}", dir.display()),
+            source: io::Error::other(e.to_string()),
+        })?;
+        if !mounted {
+            self.store
+                .mount_image(
+                    &r.manifest,
+                    &dir,
+                    &strata_store::MountOptions {
+                        writable: false,
+                        upper: None,
+                        verity: false,
+                        split: strata_store::SplitPolicy::Auto(
+                            strata_store::DEFAULT_SPLIT_THRESHOLD,
+                        ),
+                    },
+                )
+                .map_err(|e| SnapError::Io {
+                    what: format!("mounting {} ({}) at {}", r.image, r.manifest, dir.display()),
+                    source: io::Error::other(e.to_string()),
+                })?;
+        }
+        Ok(dir)
+    }
+
+    /// A Prepare with strata's labels: make the layer available from the
+    /// store (pulling the image once), record it committed, answer
+    /// AlreadyExists.
+    fn prepare_remote(
+        &self,
+        key: &str,
+        parent: Option<&str>,
+        labels: BTreeMap<String, String>,
+        r: RemoteLayer,
+    ) -> Result<Vec<Mount>> {
+        // the same layer on the same parent from another namespace or an
+        // earlier pull: nothing to do
+        let existing = |st: &State| {
+            st.by_name
+                .values()
+                .find(|i| {
+                    i.kind == Kind::Committed
+                        && i.labels.get(labels::SNAPSHOT_REF) == Some(&r.target)
+                        && i.parent.as_deref() == parent
+                })
+                .map(|i| i.name.clone())
+        };
+        {
+            let st = self.lock();
+            if let Some(name) = existing(&st) {
+                return Err(SnapError::AlreadyExists(name));
+            }
+            if st.by_name.contains_key(key) {
+                return Err(SnapError::AlreadyExists(key.to_string()));
+            }
+            Self::chain(&st, parent)?;
+        }
+        let meta = self.ensure_image(&r)?;
+        let diff_ids: Vec<Digest> = meta.layers.iter().map(|l| l.diff_id).collect();
+        // the labels may not map a chain id to other content
+        let chain = labels::chain_ids(&diff_ids);
+        match chain.get(r.layer) {
+            Some(c) if *c == r.target => {}
+            Some(c) => {
+                return Err(SnapError::InvalidArgument(format!(
+                    "layer {} of {} ({}) ends chain {c}, not the target {}",
+                    r.layer, r.image, r.manifest, r.target
+                )));
+            }
+            None => {
+                return Err(SnapError::InvalidArgument(format!(
+                    "{} ({}) has {} layers, no layer {}",
+                    r.image,
+                    r.manifest,
+                    diff_ids.len(),
+                    r.layer
+                )));
+            }
+        }
+        let mut st = self.lock();
+        if let Some(name) = existing(&st) {
+            return Err(SnapError::AlreadyExists(name));
+        }
+        let parent_chain = Self::chain(&st, parent)?;
+        // the parent must be the layer below, from strata too
+        let below_ok = match (r.layer, parent_chain.first()) {
+            (0, None) => true,
+            (i, Some(p)) => p.labels.get(labels::SNAPSHOT_REF) == chain.get(i - 1),
+            _ => false,
+        };
+        if !below_ok {
+            return Err(SnapError::InvalidArgument(format!(
+                "layer {} of {} is prepared on parent {parent:?}, which is not the chain below it",
+                r.layer, r.image
+            )));
+        }
+        let id = st.next_id;
+        st.next_id += 1;
+        let t = now();
+        let info = Info {
+            id,
+            name: key.to_string(),
+            parent: parent.map(str::to_string),
+            kind: Kind::Committed,
+            labels,
+            created: t,
+            updated: t,
+            usage: Usage::default(),
+            remote: Some(Remote {
+                image: r.image.clone(),
+                manifest: r.manifest,
+                layer: r.layer,
+                layers: diff_ids.len(),
+            }),
+        };
+        self.store_record(&info)?;
+        st.by_name.insert(key.to_string(), info);
+        Err(SnapError::AlreadyExists(key.to_string()))
+    }
+
+    /// The image of `r` in the store, pulled (by digest) if it is not.
+    fn ensure_image(&self, r: &RemoteLayer) -> Result<strata_store::ImageMeta> {
+        let gate = self
+            .pulls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(r.manifest)
+            .or_default()
+            .clone();
+        let _one = gate.lock().unwrap_or_else(|e| e.into_inner());
+        let name = store_name(&r.manifest);
+        if let Ok(meta) = self.store.image_meta(&r.manifest) {
+            self.store
+                .set_ref(&name, &r.manifest)
+                .map_err(|e| SnapError::Io {
+                    what: format!("naming {} in the store", r.manifest),
+                    source: io::Error::other(e.to_string()),
+                })?;
+            return Ok(meta);
+        }
+        let unavailable = |e: String| SnapError::Unavailable(format!("pulling {}: {e}", r.image));
+        let reference = match r.image.parse::<strata_oci::ImageName>() {
+            Ok(strata_oci::ImageName::Qualified(strata_oci::ImageRef::Docker {
+                registry,
+                repository,
+                tag,
+                ..
+            })) => strata_oci::ImageRef::Docker {
+                registry,
+                repository,
+                tag,
+                digest: Some(r.manifest),
+            },
+            Ok(_) => {
+                return Err(SnapError::InvalidArgument(format!(
+                    "label {}: {:?} is not a registry reference",
+                    labels::IMAGE,
+                    r.image
+                )));
+            }
+            Err(e) => {
+                return Err(SnapError::InvalidArgument(format!(
+                    "label {}: {e}",
+                    labels::IMAGE
+                )));
+            }
+        };
+        let registry = strata_oci::RegistryOptions {
+            plain_http: r.plain_http,
+            user_agent: format!("strata-snapshotter/{}", env!("CARGO_PKG_VERSION")),
+            ..Default::default()
+        };
+        let opts = strata_oci::pull::PullOptions::host(registry);
+        strata_oci::pull::pull(
+            &self.store,
+            &reference,
+            &name,
+            &opts,
+            strata_ops::Ctl::none(),
+        )
+        .map_err(|e| unavailable(error_chain(&e)))?;
+        self.store
+            .image_meta(&r.manifest)
+            .map_err(|e| unavailable(e.to_string()))
     }
 
     /// The mounts of an active snapshot or a view.
@@ -325,7 +596,7 @@ impl Snapshotter {
             )));
         }
         let chain = Self::chain(&st, info.parent.as_deref())?;
-        Ok(self.mounts_of(info, &chain))
+        self.mounts_of(info, &chain)
     }
 
     /// Commit the active snapshot `key` as `name`.
@@ -465,9 +736,49 @@ impl Snapshotter {
         disk_usage(&fs_dir).map_err(io_err(format!("measuring {}", fs_dir.display())))
     }
 
-    /// Free what removals left: the trash, and dirs no record names.
+    /// Free what removals left: the trash, dirs no record names, image
+    /// mounts no container or view stands on, and the store names of
+    /// images no layer comes from (strata's gc then frees them).
     pub fn cleanup(&self) -> Result<()> {
         let st = self.lock();
+        let mut used_mounts = std::collections::HashSet::new();
+        let mut used_images = std::collections::HashSet::new();
+        for i in st.by_name.values() {
+            if let Some(r) = &i.remote {
+                used_images.insert(r.manifest);
+            }
+            if i.kind != Kind::Committed
+                && let Ok(chain) = Self::chain(&st, i.parent.as_deref())
+                && let Some(r) = chain.iter().find_map(|p| p.remote.as_ref())
+            {
+                used_mounts.insert(r.manifest.hex().to_string());
+            }
+        }
+        let mnt = self.root.join("mnt");
+        for e in fs::read_dir(&mnt)
+            .map_err(io_err(format!("reading {}", mnt.display())))?
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if used_mounts.contains(&name) {
+                continue;
+            }
+            let p = e.path();
+            if strata_sys::is_mount_point(&p).unwrap_or(false)
+                && let Err(err) = strata_sys::unmount(&p)
+            {
+                tracing::warn!("unmounting {}: {err}", p.display());
+                continue;
+            }
+            let _ = fs::remove_dir(&p);
+        }
+        if let Ok(refs) = self.store.refs() {
+            for (name, d) in refs {
+                if name.starts_with("containerd-snapshotter/") && !used_images.contains(&d) {
+                    let _ = self.store.remove_ref(&name);
+                }
+            }
+        }
         self.sweep(st.by_name.values().map(|i| i.id).collect())
     }
 
@@ -491,6 +802,21 @@ impl Snapshotter {
         }
         Ok(())
     }
+}
+
+/// An error and its causes, `: `-joined.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
 }
 
 fn sync_dir(p: &Path) -> io::Result<()> {

@@ -185,7 +185,10 @@ impl Filter {
         self.0.iter().all(|s| {
             let field: Option<String> = match s.path.first().map(String::as_str) {
                 Some("name") if s.path.len() == 1 => Some(info.name.clone()),
-                Some("parent") if s.path.len() == 1 => info.parent.clone(),
+                // no parent is the empty string, as containerd has it
+                Some("parent") if s.path.len() == 1 => {
+                    Some(info.parent.clone().unwrap_or_default())
+                }
                 Some("kind") if s.path.len() == 1 => Some(info.kind.as_str().to_string()),
                 Some("labels") if s.path.len() >= 2 => {
                     info.labels.get(&s.path[1..].join(".")).cloned()
@@ -222,6 +225,7 @@ mod tests {
             created: 0,
             updated: 0,
             usage: Usage::default(),
+            remote: None,
         }
     }
 
@@ -236,6 +240,11 @@ mod tests {
         assert!(f.matches(&info("x", Some("default/3/sha256:p q"), &ref_)));
         assert!(!f.matches(&info("x", Some("default/3/sha256:other"), &ref_)));
         assert!(!f.matches(&info("x", None, &ref_)));
+        // a bottom layer: parent=="" matches no parent
+        let bottom =
+            Filter::parse(r#"labels."containerd.io/snapshot.ref"==sha256:abc,parent=="""#).unwrap();
+        assert!(bottom.matches(&info("x", None, &ref_)));
+        assert!(!bottom.matches(&info("x", Some("p"), &ref_)));
         let other = [("containerd.io/snapshot.ref", "sha256:abd")];
         assert!(!f.matches(&info("x", Some("default/3/sha256:p q"), &other)));
     }

@@ -17,7 +17,9 @@ pub mod config;
 pub mod core;
 pub mod daemon;
 pub mod filters;
+pub mod labels;
 pub mod proto;
+pub mod rpull;
 pub mod service;
 
 pub use config::Config;

@@ -55,6 +55,7 @@ pub fn status(op: &str, e: SnapError) -> Status {
         SnapError::AlreadyExists(_) => Status::already_exists(msg),
         SnapError::FailedPrecondition(_) => Status::failed_precondition(msg),
         SnapError::InvalidArgument(_) => Status::invalid_argument(msg),
+        SnapError::Unavailable(_) => Status::unavailable(msg),
         SnapError::Io { .. } => Status::internal(msg),
     }
 }

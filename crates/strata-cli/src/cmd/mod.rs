@@ -12,6 +12,7 @@ pub mod mounts;
 pub mod pull;
 pub mod rm;
 pub mod rootfs;
+pub mod rpull;
 pub mod snapshotter;
 pub mod tag;
 pub mod verify;
