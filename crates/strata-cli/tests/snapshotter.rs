@@ -63,6 +63,10 @@ impl Snapshotter {
 }
 
 fn spawn(root: &Path, socket: &Path, log: &Path) -> Child {
+    spawn_with(root, socket, log, "/dev/null")
+}
+
+fn spawn_with(root: &Path, socket: &Path, log: &Path, config: &str) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -75,7 +79,7 @@ fn spawn(root: &Path, socket: &Path, log: &Path) -> Child {
         .arg("--socket")
         .arg(socket)
         .arg("--config")
-        .arg("/dev/null")
+        .arg(config)
         .env("STRATA_LOG", "debug")
         .stdout(Stdio::null())
         .stderr(log)
@@ -87,7 +91,26 @@ impl Drop for Snapshotter {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // image mounts (and lazy mounts' daemons) outlive the snapshotter
+        // by design: a test takes them down itself
+        if let Ok(d) = std::fs::read_dir(self.root.join("mnt")) {
+            for e in d.flatten() {
+                let _ = Command::new(env!("CARGO_BIN_EXE_strata"))
+                    .arg("--root")
+                    .arg(self.root.join("store"))
+                    .arg("umount")
+                    .arg(e.path())
+                    .output();
+                let _ = Command::new("umount").arg("-l").arg(e.path()).output();
+            }
+        }
     }
+}
+
+/// A container id no other test (nor containerd instance: runc's state
+/// is shared) uses.
+fn cid(name: &str) -> String {
+    format!("{name}-{}", std::process::id())
 }
 
 fn proxy_config(socket: &Path) -> String {
@@ -153,7 +176,7 @@ fn containerd_pulls_and_runs_through_strata_on_the_overlay_contract() {
             "import sys; print('python', sys.version_info[0])",
         ])
     };
-    assert_eq!(run("c1").trim(), "python 3", "{}", snap.log_text());
+    assert_eq!(run(&cid("c1")).trim(), "python 3", "{}", snap.log_text());
 
     // kill -9: the records are on disk; a new container starts once
     // containerd has dialled again (its backoff is at most 3 s)
@@ -176,7 +199,7 @@ fn containerd_pulls_and_runs_through_strata_on_the_overlay_contract() {
         "containerd reached the restarted snapshotter after {:?}",
         t0.elapsed()
     );
-    assert_eq!(run("c2").trim(), "python 3", "{}", snap.log_text());
+    assert_eq!(run(&cid("c2")).trim(), "python 3", "{}", snap.log_text());
 
     // containerd's gc removes the layers once no image needs them, and
     // strata's Cleanup frees their directories
@@ -266,7 +289,7 @@ fn rpull_makes_the_layers_available_from_strata_and_ctr_runs_on_them() {
         "--snapshotter",
         "strata",
         &image,
-        "r1",
+        &cid("r1"),
         "python3",
         "-c",
         "import json; print(json.dumps({'ok': 1}))",
@@ -297,4 +320,141 @@ fn rpull_makes_the_layers_available_from_strata_and_ctr_runs_on_them() {
         0,
         "the image mount is gone"
     );
+}
+
+/// A zstd:chunked image through `strata rpull`: nothing is pulled, the
+/// first container starts on a lazy mount (prefetch off: files arrive on
+/// first read), and a running container keeps reading files that had not
+/// arrived while the snapshotter is killed (kill -9); a restarted
+/// snapshotter starts the next container on the same mount.
+#[test]
+fn a_zstd_chunked_image_runs_lazily_and_survives_a_snapshotter_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("snap-root");
+    let socket = dir.path().join("strata.sock");
+    let log = dir.path().join("snapshotter.log");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[snapshotter]\nprefetch = \"none\"\n").unwrap();
+    let mut snap = Snapshotter {
+        child: spawn_with(&root, &socket, &log, config.to_str().unwrap()),
+        root,
+        socket,
+        log,
+    };
+    snap.wait_ready();
+    let ctrd = Containerd::start_with(&proxy_config(&snap.socket));
+    let reg = Registry::start();
+    let r = chunked_python(&reg, "py:1");
+    let image = r.trim_start_matches("docker://").to_string();
+    let env = Env::new();
+    let out = env
+        .cmd()
+        .args(["--json", "rpull", "--plain-http", "--address"])
+        .arg(ctrd.socket())
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["layers_prepared"], 2, "{s}");
+    // lazy: the image is not in strata's store, nothing was pulled
+    let store = snap.root.join("store");
+    let images = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--root")
+        .arg(&store)
+        .args(["--json", "images"])
+        .output()
+        .unwrap();
+    let images: serde_json::Value = serde_json::from_slice(&images.stdout).unwrap();
+    assert_eq!(images.as_array().map(|a| a.len()), Some(0), "{images}");
+
+    let t0 = Instant::now();
+    let long = cid("long");
+    ctrd.ctr(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "strata",
+        &image,
+        &long,
+        "sleep",
+        "120",
+    ]);
+    eprintln!("lazy container started in {:?}", t0.elapsed());
+    let mounts = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--root")
+        .arg(&store)
+        .args(["--json", "mounts"])
+        .output()
+        .unwrap();
+    let mounts: serde_json::Value = serde_json::from_slice(&mounts.stdout).unwrap();
+    assert_eq!(mounts[0]["kind"], "lazy", "{mounts}");
+    assert_eq!(mounts[0]["complete"], false, "{mounts}");
+    let fetched = mounts[0]["bytes_fetched"].as_u64().unwrap();
+    let size = mounts[0]["image_bytes"].as_u64().unwrap();
+    eprintln!("lazy container: {fetched} of the image's {size} bytes fetched at its start");
+    assert!(fetched * 10 < size, "{mounts}");
+
+    // the snapshotter dies; python (never read yet) still runs in the
+    // container: the lazy mount's daemon is a process of its own
+    let _ = snap.child.kill();
+    let _ = snap.child.wait();
+    let out = ctrd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        &long,
+        "python3",
+        "-c",
+        "print(6 * 7)",
+    ]);
+    assert_eq!(out.trim(), "42");
+
+    // restarted, it starts the next container on the same mount
+    snap.child = spawn_with(
+        &snap.root,
+        &snap.socket,
+        &snap.log,
+        config.to_str().unwrap(),
+    );
+    snap.wait_ready();
+    let t0 = Instant::now();
+    let out = loop {
+        let o = ctrd.ctr_output(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "strata",
+            &image,
+            &cid("second"),
+            "python3",
+            "-c",
+            "print('again')",
+        ]);
+        if o.status.success() || t0.elapsed() > Duration::from_secs(15) {
+            break o;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        snap.log_text()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "again");
+    assert_eq!(
+        std::fs::read_dir(snap.root.join("mnt")).unwrap().count(),
+        1,
+        "one mount of the image for both containers"
+    );
+    let _ = ctrd.ctr_output(&["task", "kill", "-s", "SIGKILL", &long]);
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = ctrd.ctr_output(&["task", "rm", "-f", &long]);
+    let _ = ctrd.ctr_output(&["container", "rm", &long]);
 }

@@ -10,6 +10,9 @@
 //! # the unix socket containerd's [proxy_plugins.strata] address names
 //! # (--socket overrides)
 //! socket = "/run/strata/snapshotter.sock"
+//! # what lazy mounts of zstd:chunked images fetch in the background:
+//! # "all" (the image ends fully pulled) or "none" (only what is read)
+//! prefetch = "all"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -33,6 +36,33 @@ pub struct Config {
     /// The socket to serve on.
     #[serde(default = "default_socket")]
     pub socket: PathBuf,
+    /// Background fetching of lazy mounts: `all` or `none`.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: Prefetch,
+}
+
+/// What lazy mounts fetch in the background.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Prefetch {
+    /// Everything (the image ends fully pulled).
+    All,
+    /// Only what is read.
+    None,
+}
+
+impl Prefetch {
+    /// As `strata mount --prefetch` takes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Prefetch::All => "all",
+            Prefetch::None => "none",
+        }
+    }
+}
+
+fn default_prefetch() -> Prefetch {
+    Prefetch::All
 }
 
 fn default_root() -> PathBuf {
@@ -48,6 +78,7 @@ impl Default for Config {
         Config {
             root: default_root(),
             socket: default_socket(),
+            prefetch: default_prefetch(),
         }
     }
 }

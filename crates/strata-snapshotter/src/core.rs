@@ -104,6 +104,28 @@ pub struct Remote {
     pub layer: usize,
     /// The image's layer count.
     pub layers: usize,
+    /// zstd:chunked all through: the image is mounted lazily (its files
+    /// arrive on first read) instead of pulled.
+    #[serde(default)]
+    pub lazy: bool,
+    /// The registry is reached over plain HTTP.
+    #[serde(default)]
+    pub plain_http: bool,
+}
+
+impl Remote {
+    /// The reference, pinned to the manifest, as `strata mount --lazy`
+    /// takes it.
+    fn pinned(&self) -> String {
+        let base = self.image.trim_start_matches("docker://");
+        let base = base.split('@').next().unwrap_or(base);
+        // drop a tag: the digest pins it
+        let repo = match base.rfind(':') {
+            Some(i) if !base[i..].contains('/') => &base[..i],
+            _ => base,
+        };
+        format!("docker://{repo}@{}", self.manifest)
+    }
 }
 
 /// A mount for containerd (what `mount(8)` would be given).
@@ -174,6 +196,8 @@ pub struct Snapshotter {
     store: Store,
     /// One pull per image at a time.
     pulls: Mutex<HashMap<Digest, std::sync::Arc<Mutex<()>>>>,
+    /// `--prefetch` of lazy mounts: `all`, `none`.
+    prefetch: String,
 }
 
 /// The store name that keeps an image the snapshotter pulled from gc.
@@ -220,9 +244,16 @@ impl Snapshotter {
             state: Mutex::new(State { by_name, next_id }),
             store,
             pulls: Mutex::new(HashMap::new()),
+            prefetch: "all".into(),
         };
         s.sweep(known)?;
         Ok(s)
+    }
+
+    /// What lazy mounts fetch in the background: `all` (the default: the
+    /// image ends fully pulled) or `none` (only what is read).
+    pub fn set_prefetch(&mut self, prefetch: &str) {
+        self.prefetch = prefetch.to_string();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -400,7 +431,9 @@ impl Snapshotter {
             what: format!("checking {}", dir.display()),
             source: io::Error::other(e.to_string()),
         })?;
-        if !mounted {
+        if !mounted && r.lazy && self.store.image_meta(&r.manifest).is_err() {
+            self.mount_lazy(r, &dir)?;
+        } else if !mounted {
             self.store
                 .mount_image(
                     &r.manifest,
@@ -420,6 +453,57 @@ impl Snapshotter {
                 })?;
         }
         Ok(dir)
+    }
+
+    /// `strata mount --lazy` of the image at `dir`: a daemon of its own,
+    /// which outlives this process (containers keep reading while the
+    /// snapshotter restarts).
+    fn mount_lazy(&self, r: &Remote, dir: &Path) -> Result<()> {
+        let exe = std::env::current_exe().map_err(io_err("finding the strata binary"))?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.arg("--root").arg(self.store.root()).args([
+            "--quiet",
+            "mount",
+            "--lazy=require",
+            "--prefetch",
+            &self.prefetch,
+        ]);
+        if r.plain_http {
+            cmd.arg("--plain-http");
+        }
+        cmd.arg(r.pinned()).arg(dir);
+        let out = cmd
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(io_err("running strata mount --lazy"))?;
+        if !out.status.success() {
+            return Err(SnapError::Unavailable(format!(
+                "lazy mount of {} at {}: {}",
+                r.pinned(),
+                dir.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Unmount an image mount of either kind (`strata umount` stops a
+    /// lazy mount's daemon too).
+    fn unmount_image(&self, dir: &Path) -> std::result::Result<(), String> {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let out = std::process::Command::new(exe)
+            .arg("--root")
+            .arg(self.store.root())
+            .arg("umount")
+            .arg(dir)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
     }
 
     /// A Prepare with strata's labels: make the layer available from the
@@ -454,8 +538,7 @@ impl Snapshotter {
             }
             Self::chain(&st, parent)?;
         }
-        let meta = self.ensure_image(&r)?;
-        let diff_ids: Vec<Digest> = meta.layers.iter().map(|l| l.diff_id).collect();
+        let (diff_ids, lazy) = self.ensure_image(&r)?;
         // the labels may not map a chain id to other content
         let chain = labels::chain_ids(&diff_ids);
         match chain.get(r.layer) {
@@ -510,6 +593,8 @@ impl Snapshotter {
                 manifest: r.manifest,
                 layer: r.layer,
                 layers: diff_ids.len(),
+                lazy,
+                plain_http: r.plain_http,
             }),
         };
         self.store_record(&info)?;
@@ -517,8 +602,11 @@ impl Snapshotter {
         Err(SnapError::AlreadyExists(key.to_string()))
     }
 
-    /// The image of `r` in the store, pulled (by digest) if it is not.
-    fn ensure_image(&self, r: &RemoteLayer) -> Result<strata_store::ImageMeta> {
+    /// The image of `r`: its diff ids, and whether it is served lazily
+    /// (zstd:chunked all through and not in the store; mounted at the
+    /// first container) or is in the store (pulled now, by digest, if it
+    /// is not).
+    fn ensure_image(&self, r: &RemoteLayer) -> Result<(Vec<Digest>, bool)> {
         let gate = self
             .pulls
             .lock()
@@ -528,6 +616,8 @@ impl Snapshotter {
             .clone();
         let _one = gate.lock().unwrap_or_else(|e| e.into_inner());
         let name = store_name(&r.manifest);
+        let diff_ids_of =
+            |m: &strata_store::ImageMeta| m.layers.iter().map(|l| l.diff_id).collect::<Vec<_>>();
         if let Ok(meta) = self.store.image_meta(&r.manifest) {
             self.store
                 .set_ref(&name, &r.manifest)
@@ -535,7 +625,7 @@ impl Snapshotter {
                     what: format!("naming {} in the store", r.manifest),
                     source: io::Error::other(e.to_string()),
                 })?;
-            return Ok(meta);
+            return Ok((diff_ids_of(&meta), false));
         }
         let unavailable = |e: String| SnapError::Unavailable(format!("pulling {}: {e}", r.image));
         let reference = match r.image.parse::<strata_oci::ImageName>() {
@@ -569,6 +659,20 @@ impl Snapshotter {
             user_agent: format!("strata-snapshotter/{}", env!("CARGO_PKG_VERSION")),
             ..Default::default()
         };
+        // zstd:chunked all through: nothing is fetched now
+        let resolved = strata_oci::open_source(&reference, &registry)
+            .and_then(|s| s.resolve(&strata_oci::Platform::host_default()))
+            .map_err(|e| unavailable(error_chain(&e)))?;
+        let chunked = resolved
+            .manifest
+            .layers
+            .iter()
+            .all(|l| strata_chunked::reader::locate(&l.annotations).is_some());
+        if chunked {
+            let config = strata_oci::parse_config(&resolved.config_bytes)
+                .map_err(|e| unavailable(error_chain(&e)))?;
+            return Ok((config.diff_ids, true));
+        }
         let opts = strata_oci::pull::PullOptions::host(registry);
         strata_oci::pull::pull(
             &self.store,
@@ -578,9 +682,11 @@ impl Snapshotter {
             strata_ops::Ctl::none(),
         )
         .map_err(|e| unavailable(error_chain(&e)))?;
-        self.store
+        let meta = self
+            .store
             .image_meta(&r.manifest)
-            .map_err(|e| unavailable(e.to_string()))
+            .map_err(|e| unavailable(e.to_string()))?;
+        Ok((diff_ids_of(&meta), false))
     }
 
     /// The mounts of an active snapshot or a view.
@@ -765,7 +871,7 @@ impl Snapshotter {
             }
             let p = e.path();
             if strata_sys::is_mount_point(&p).unwrap_or(false)
-                && let Err(err) = strata_sys::unmount(&p)
+                && let Err(err) = self.unmount_image(&p)
             {
                 tracing::warn!("unmounting {}: {err}", p.display());
                 continue;

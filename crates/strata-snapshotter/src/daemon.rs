@@ -64,13 +64,19 @@ fn bind(socket: &Path) -> std::io::Result<UnixListener> {
 /// accepts.
 pub async fn serve(config: &Config, ready: impl FnOnce()) -> Result<(), ServeError> {
     let root = config.root.clone();
-    let core = tokio::task::spawn_blocking(move || Snapshotter::open(&root))
-        .await
-        .expect("opening does not panic")
-        .map_err(|source| ServeError::Open {
-            root: config.root.display().to_string(),
-            source,
-        })?;
+    let prefetch = config.prefetch;
+    let core = tokio::task::spawn_blocking(move || {
+        Snapshotter::open(&root).map(|mut s| {
+            s.set_prefetch(prefetch.as_str());
+            s
+        })
+    })
+    .await
+    .expect("opening does not panic")
+    .map_err(|source| ServeError::Open {
+        root: config.root.display().to_string(),
+        source,
+    })?;
     let socket = config.socket.display().to_string();
     let listener = bind(&config.socket).map_err(|source| ServeError::Listen {
         socket: socket.clone(),
