@@ -458,3 +458,64 @@ fn a_zstd_chunked_image_runs_lazily_and_survives_a_snapshotter_kill() {
     let _ = ctrd.ctr_output(&["task", "rm", "-f", &long]);
     let _ = ctrd.ctr_output(&["container", "rm", &long]);
 }
+
+/// The registry of a lazy image is gone when a container starts: the
+/// start fails within a bounded time with an error naming strata and the
+/// registry, and works once the registry is back.
+#[test]
+fn a_lazy_image_whose_registry_is_gone_fails_the_start_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = Snapshotter::start(dir.path());
+    let ctrd = Containerd::start_with(&proxy_config(&snap.socket));
+    let mut reg = Registry::start();
+    let r = chunked_python(&reg, "py:1");
+    let image = r.trim_start_matches("docker://").to_string();
+    let env = Env::new();
+    let out = env
+        .cmd()
+        .args(["rpull", "--plain-http", "--address"])
+        .arg(ctrd.socket())
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    reg.stop();
+    let t0 = Instant::now();
+    let out = ctrd.ctr_output(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "strata",
+        &image,
+        &cid("gone"),
+        "true",
+    ]);
+    let took = t0.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "started without its registry");
+    assert!(err.contains("strata") && err.contains(&reg.addr), "{err}");
+    assert!(
+        took < Duration::from_secs(60),
+        "failed after {took:?}: {err}"
+    );
+    eprintln!("start without the registry failed after {took:?}: {err}");
+
+    reg.restart();
+    let out = ctrd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "strata",
+        &image,
+        &cid("back"),
+        "python3",
+        "-c",
+        "print('back')",
+    ]);
+    assert_eq!(out.trim(), "back");
+}

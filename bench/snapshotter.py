@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""strata benchmarks for issue 16: containerd with the strata snapshotter.
+
+  bash bench/run.sh snapshotter
+
+Cold start through containerd 1.6 (+ runc): from the pull command to the
+output of `python3 -c 'import json, sqlite3; print(1)'` in a container,
+fresh containerd (and strata state) each run, registry behind the same
+links as bench/lazy.py (loopback; 100 Mbit/s with 20 ms RTT):
+  containerd               ctr image pull + ctr run (overlayfs snapshotter)
+  strata rpull (gzip)      strata rpull + ctr run --snapshotter strata; the
+                           image pulled into strata's store, one composefs
+                           mount as the container's lower
+  strata rpull (chunked)   the same image as zstd:chunked: a lazy mount
+                           (prefetch all, the default), files on first read
+Bytes: what the link carried before the first output.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lazy as L  # noqa: E402  (the registry, link, containerd helpers)
+
+
+def strata_snapshotter(tmp):
+    root = os.path.join(tmp, "snap")
+    sock = os.path.join(tmp, "strata.sock")
+    log = open(os.path.join(tmp, "snap.log"), "a")
+    p = subprocess.Popen([L.STRATA, "--root", root, "snapshotter", "--socket", sock,
+                          "--config", "/dev/null"], stdout=subprocess.DEVNULL, stderr=log)
+    for _ in range(200):
+        if os.path.exists(sock):
+            break
+        time.sleep(0.05)
+    return p, root, sock
+
+
+def containerd_with(tmp, sock):
+    d = os.path.join(tmp, "containerd")
+    os.makedirs(d, exist_ok=True)
+    c = L.Containerd.__new__(L.Containerd)
+    c.dir = d
+    c.sock = os.path.join(d, "c.sock")
+    cfg = os.path.join(d, "config.toml")
+    with open(cfg, "w") as f:
+        f.write(f'version = 2\nroot = "{d}/root"\nstate = "{d}/state"\n'
+                f'[grpc]\n  address = "{c.sock}"\n'
+                f'[plugins."io.containerd.grpc.v1.cri"]\n  disable_tcp_service = true\n'
+                f'[proxy_plugins]\n  [proxy_plugins.strata]\n    type = "snapshot"\n'
+                f'    address = "{sock}"\n')
+    c.p = subprocess.Popen(["containerd", "--config", cfg],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(300):
+        if subprocess.run(["ctr", "--address", c.sock, "version"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0:
+            break
+        time.sleep(0.1)
+    return c
+
+
+def strata_rpull_run(tmp, image, link, n):
+    t0 = time.monotonic()
+    p, root, sock = strata_snapshotter(tmp)
+    c = containerd_with(tmp, sock)
+    try:
+        b0 = link.bytes()
+        t = time.monotonic()
+        L.run(L.STRATA, "--quiet", "rpull", "--plain-http", "--address", c.sock, image)
+        out = c.ctr("run", "--rm", "--snapshotter", "strata", image, f"sbench-{os.getpid()}-{n}",
+                    "/usr/bin/python3", "-c", L.PY).strip()
+        dt = time.monotonic() - t
+        if out != "1":
+            sys.exit(f"bench: ctr run printed {out!r}")
+        return dt, link.bytes() - b0
+    finally:
+        c.stop()
+        p.kill()
+        p.wait()
+        for m in os.listdir(os.path.join(root, "mnt")) if os.path.isdir(os.path.join(root, "mnt")) else []:
+            subprocess.run([L.STRATA, "--root", os.path.join(root, "store"), "umount",
+                            os.path.join(root, "mnt", m)], stderr=subprocess.DEVNULL)
+        subprocess.run(["umount", "-R", root], stderr=subprocess.DEVNULL)
+        shutil.rmtree(root, ignore_errors=True)
+        _ = t0
+
+
+def main():
+    for tool in ("docker-registry", "skopeo", "containerd", "ctr", "runc", "tc", "ip"):
+        if shutil.which(tool) is None:
+            sys.exit(f"bench: {tool} is missing (bash scripts/install-deps.sh)")
+    results = {"runs": L.RUNS}
+    with tempfile.TemporaryDirectory(prefix="strata-bench-snap-") as tmp:
+        conv = os.path.join(tmp, "s-conv")
+        src = f"oci:{L.FIX}/debian:python"
+        L.strata(conv, "pull", "-q", src)
+        out = os.path.join(tmp, "conv")
+        L.strata(conv, "convert", src, f"oci:{out}:python")
+        shutil.rmtree(conv)
+        for shaped in (False, True):
+            label = "shaped (100 Mbit/s, 20 ms RTT)" if shaped else "loopback"
+            print(f"== {label}", flush=True)
+            if shaped:
+                L.netns_up()
+            rtmp = tempfile.mkdtemp(dir=tmp)
+            reg = L.Registry(rtmp, shaped)
+            try:
+                link = L.Link(reg, shaped)
+                L.run("skopeo", "copy", "--quiet", "--dest-tls-verify=false",
+                      f"oci:{L.FIX}/debian:python", f"docker://{link.addr}/gz:1")
+                L.run("skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--preserve-digests",
+                      f"oci:{out}:python", f"docker://{link.addr}/zc:1")
+                cases = {
+                    "containerd pull + run": lambda n: L.containerd_run(
+                        tmp, f"docker://{link.addr}/gz:1", link, n),
+                    "strata rpull + run (gzip)": lambda n: strata_rpull_run(
+                        tmp, f"{link.addr}/gz:1", link, n),
+                    "strata rpull + run (zstd:chunked, lazy)": lambda n: strata_rpull_run(
+                        tmp, f"{link.addr}/zc:1", link, n),
+                }
+                key = "shaped" if shaped else "loopback"
+                results[key] = {}
+                for name, f in cases.items():
+                    xs, bs = [], []
+                    for n in range(L.RUNS):
+                        L.drop_caches()
+                        dt, b = f(n)
+                        xs.append(dt)
+                        bs.append(b)
+                    results[key][name] = {"seconds": L.med(xs), "all": xs, "bytes": L.med(bs)}
+                    print(f"  {name}: {L.med(xs):.2f} s, {L.med(bs)/1e6:.1f} MB", flush=True)
+                base = results[key]["containerd pull + run"]["seconds"]
+                for name in list(cases)[1:]:
+                    r = base / results[key][name]["seconds"]
+                    results[key][f"containerd / {name}"] = r
+                    print(f"  containerd / {name}: {r:.2f}x", flush=True)
+            finally:
+                reg.stop()
+                if shaped:
+                    L.netns_down()
+    path = os.path.join(L.REPO, "bench/results-snapshotter.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
