@@ -538,15 +538,21 @@ impl Snapshotter {
             }
             Self::chain(&st, parent)?;
         }
-        let (diff_ids, lazy) = self.ensure_image(&r)?;
+        let (diff_ids, blobs, lazy) = self.ensure_image(&r)?;
+        let layer = match &r.layer {
+            labels::LayerSel::Index(i) => *i,
+            labels::LayerSel::Blob(d) => blobs.iter().position(|b| b == d).ok_or_else(|| {
+                SnapError::InvalidArgument(format!("{} ({}) has no layer {d}", r.image, r.manifest))
+            })?,
+        };
         // the labels may not map a chain id to other content
         let chain = labels::chain_ids(&diff_ids);
-        match chain.get(r.layer) {
+        match chain.get(layer) {
             Some(c) if *c == r.target => {}
             Some(c) => {
                 return Err(SnapError::InvalidArgument(format!(
                     "layer {} of {} ({}) ends chain {c}, not the target {}",
-                    r.layer, r.image, r.manifest, r.target
+                    layer, r.image, r.manifest, r.target
                 )));
             }
             None => {
@@ -555,7 +561,7 @@ impl Snapshotter {
                     r.image,
                     r.manifest,
                     diff_ids.len(),
-                    r.layer
+                    layer
                 )));
             }
         }
@@ -565,7 +571,7 @@ impl Snapshotter {
         }
         let parent_chain = Self::chain(&st, parent)?;
         // the parent must be the layer below, from strata too
-        let below_ok = match (r.layer, parent_chain.first()) {
+        let below_ok = match (layer, parent_chain.first()) {
             (0, None) => true,
             (i, Some(p)) => p.labels.get(labels::SNAPSHOT_REF) == chain.get(i - 1),
             _ => false,
@@ -573,7 +579,7 @@ impl Snapshotter {
         if !below_ok {
             return Err(SnapError::InvalidArgument(format!(
                 "layer {} of {} is prepared on parent {parent:?}, which is not the chain below it",
-                r.layer, r.image
+                layer, r.image
             )));
         }
         let id = st.next_id;
@@ -591,7 +597,7 @@ impl Snapshotter {
             remote: Some(Remote {
                 image: r.image.clone(),
                 manifest: r.manifest,
-                layer: r.layer,
+                layer,
                 layers: diff_ids.len(),
                 lazy,
                 plain_http: r.plain_http,
@@ -606,7 +612,7 @@ impl Snapshotter {
     /// (zstd:chunked all through and not in the store; mounted at the
     /// first container) or is in the store (pulled now, by digest, if it
     /// is not).
-    fn ensure_image(&self, r: &RemoteLayer) -> Result<(Vec<Digest>, bool)> {
+    fn ensure_image(&self, r: &RemoteLayer) -> Result<(Vec<Digest>, Vec<Digest>, bool)> {
         let gate = self
             .pulls
             .lock()
@@ -618,6 +624,9 @@ impl Snapshotter {
         let name = store_name(&r.manifest);
         let diff_ids_of =
             |m: &strata_store::ImageMeta| m.layers.iter().map(|l| l.diff_id).collect::<Vec<_>>();
+        let blobs_of = |m: &strata_store::ImageMeta| {
+            m.layers.iter().map(|l| l.blob.digest).collect::<Vec<_>>()
+        };
         if let Ok(meta) = self.store.image_meta(&r.manifest) {
             self.store
                 .set_ref(&name, &r.manifest)
@@ -625,7 +634,7 @@ impl Snapshotter {
                     what: format!("naming {} in the store", r.manifest),
                     source: io::Error::other(e.to_string()),
                 })?;
-            return Ok((diff_ids_of(&meta), false));
+            return Ok((diff_ids_of(&meta), blobs_of(&meta), false));
         }
         let unavailable = |e: String| SnapError::Unavailable(format!("pulling {}: {e}", r.image));
         let reference = match r.image.parse::<strata_oci::ImageName>() {
@@ -654,11 +663,15 @@ impl Snapshotter {
                 )));
             }
         };
+        // hosts the store's registries.json lists as insecure: plain HTTP
+        let config = strata_oci::RegistryConfig::load(self.store.root())
+            .map_err(|e| unavailable(e.to_string()))?;
         let registry = strata_oci::RegistryOptions {
             plain_http: r.plain_http,
             user_agent: format!("strata-snapshotter/{}", env!("CARGO_PKG_VERSION")),
             ..Default::default()
-        };
+        }
+        .with_config(&config);
         // zstd:chunked all through: nothing is fetched now
         let resolved = strata_oci::open_source(&reference, &registry)
             .and_then(|s| s.resolve(&strata_oci::Platform::host_default()))
@@ -671,7 +684,8 @@ impl Snapshotter {
         if chunked {
             let config = strata_oci::parse_config(&resolved.config_bytes)
                 .map_err(|e| unavailable(error_chain(&e)))?;
-            return Ok((config.diff_ids, true));
+            let blobs = resolved.manifest.layers.iter().map(|l| l.digest).collect();
+            return Ok((config.diff_ids, blobs, true));
         }
         let opts = strata_oci::pull::PullOptions::host(registry);
         strata_oci::pull::pull(
@@ -686,7 +700,7 @@ impl Snapshotter {
             .store
             .image_meta(&r.manifest)
             .map_err(|e| unavailable(e.to_string()))?;
-        Ok((diff_ids_of(&meta), false))
+        Ok((diff_ids_of(&meta), blobs_of(&meta), false))
     }
 
     /// The mounts of an active snapshot or a view.

@@ -10,6 +10,12 @@
 //! | `containerd.io/snapshot/strata.manifest` | the platform manifest's digest |
 //! | `containerd.io/snapshot/strata.layer` | the layer's index in the manifest (0 = bottom) |
 //! | `containerd.io/snapshot/strata.plain-http` | `true`: reach the registry over plain HTTP |
+//!
+//! Kubernetes' CRI (with `disable_snapshot_annotations = false`) sets its
+//! own, which strata reads the same way: `cri.image-ref` (the image),
+//! `cri.manifest-digest`, `cri.layer-digest` (the layer's blob, found in
+//! the manifest). Plain HTTP then comes from the store's
+//! `registries.json` (`{"insecure": ["host:port"]}`).
 
 use std::collections::BTreeMap;
 
@@ -26,6 +32,21 @@ pub const MANIFEST: &str = "containerd.io/snapshot/strata.manifest";
 pub const LAYER: &str = "containerd.io/snapshot/strata.layer";
 /// See the module docs.
 pub const PLAIN_HTTP: &str = "containerd.io/snapshot/strata.plain-http";
+/// CRI's image reference.
+pub const CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+/// CRI's platform manifest digest.
+pub const CRI_MANIFEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+/// CRI's layer blob digest.
+pub const CRI_LAYER: &str = "containerd.io/snapshot/cri.layer-digest";
+
+/// Which layer of the manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LayerSel {
+    /// By index (strata's label).
+    Index(usize),
+    /// By its blob digest (CRI's label).
+    Blob(Digest),
+}
 
 /// What the labels of a remote Prepare ask for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,8 +55,8 @@ pub struct RemoteLayer {
     pub image: String,
     /// The platform manifest's digest.
     pub manifest: Digest,
-    /// The layer's index.
-    pub layer: usize,
+    /// The layer.
+    pub layer: LayerSel,
     /// Plain HTTP to the registry.
     pub plain_http: bool,
     /// The chain id the layer must end (the `snapshot.ref` target).
@@ -46,10 +67,25 @@ impl RemoteLayer {
     /// `Ok(None)`: not a remote Prepare (no strata labels); an error
     /// names the label that is missing or wrong.
     pub fn from_labels(labels: &BTreeMap<String, String>) -> Result<Option<RemoteLayer>, String> {
-        let Some(image) = labels.get(IMAGE) else {
-            return Ok(None);
-        };
         let get = |k: &str| labels.get(k).ok_or_else(|| format!("label {k} is missing"));
+        let Some(image) = labels.get(IMAGE) else {
+            let Some(image) = labels.get(CRI_IMAGE_REF) else {
+                return Ok(None);
+            };
+            let manifest: Digest = get(CRI_MANIFEST)?
+                .parse()
+                .map_err(|e| format!("label {CRI_MANIFEST}: {e}"))?;
+            let blob: Digest = get(CRI_LAYER)?
+                .parse()
+                .map_err(|e| format!("label {CRI_LAYER}: {e}"))?;
+            return Ok(Some(RemoteLayer {
+                image: image.clone(),
+                manifest,
+                layer: LayerSel::Blob(blob),
+                plain_http: false,
+                target: get(SNAPSHOT_REF)?.clone(),
+            }));
+        };
         let manifest: Digest = get(MANIFEST)?
             .parse()
             .map_err(|e| format!("label {MANIFEST}: {e}"))?;
@@ -60,7 +96,7 @@ impl RemoteLayer {
         Ok(Some(RemoteLayer {
             image: image.clone(),
             manifest,
-            layer,
+            layer: LayerSel::Index(layer),
             plain_http: labels.get(PLAIN_HTTP).is_some_and(|v| v == "true"),
             target,
         }))
@@ -118,6 +154,22 @@ mod tests {
         );
         l.insert(SNAPSHOT_REF.to_string(), "sha256:t".to_string());
         let r = RemoteLayer::from_labels(&l).unwrap().unwrap();
-        assert_eq!((r.layer, r.plain_http), (1, false));
+        assert_eq!((r.layer, r.plain_http), (LayerSel::Index(1), false));
+        // CRI's labels: the layer by its blob
+        let mut c = BTreeMap::new();
+        c.insert(CRI_IMAGE_REF.to_string(), "127.0.0.1:5000/a:1".to_string());
+        c.insert(SNAPSHOT_REF.to_string(), "sha256:t".to_string());
+        assert!(
+            RemoteLayer::from_labels(&c)
+                .unwrap_err()
+                .contains(CRI_MANIFEST)
+        );
+        c.insert(
+            CRI_MANIFEST.to_string(),
+            format!("sha256:{}", "c".repeat(64)),
+        );
+        c.insert(CRI_LAYER.to_string(), format!("sha256:{}", "d".repeat(64)));
+        let r = RemoteLayer::from_labels(&c).unwrap().unwrap();
+        assert!(matches!(r.layer, LayerSel::Blob(_)));
     }
 }
