@@ -34,3 +34,8 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
   echo "install-deps: cargo install cargo-fuzz" >&2
   cargo install cargo-fuzz --locked --version 0.13.2 >&2
 fi
+# grpcio for the CRI test client (crates/strata-cli/tests/cri/cri_client.py)
+if ! python3 -c "import grpc, grpc_tools" >/dev/null 2>&1; then
+  echo "install-deps: pip install grpcio grpcio-tools" >&2
+  python3 -m pip install --quiet "grpcio==1.85.3" "grpcio-tools==1.85.1" >&2
+fi

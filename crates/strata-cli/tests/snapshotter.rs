@@ -519,3 +519,167 @@ fn a_lazy_image_whose_registry_is_gone_fails_the_start_naming_it() {
     ]);
     assert_eq!(out.trim(), "back");
 }
+
+/// Kubernetes' path: containerd's CRI with `snapshotter = "strata"` and
+/// snapshot annotations on. A CRI client (Python grpcio, the CRI API as
+/// kubelet speaks it) pulls a zstd:chunked image and runs python in a
+/// pod: strata reads CRI's labels, makes every layer available itself (the
+/// sandbox image from its store, the image lazily) and the container
+/// runs on the lazy mount.
+#[test]
+fn kubernetes_cri_runs_a_zstd_chunked_image_lazily_through_strata() {
+    require_tool("python3", "python3");
+    require_tool("umoci", "umoci");
+    let grpc = Command::new("python3")
+        .args(["-c", "import grpc, grpc_tools"])
+        .output()
+        .unwrap();
+    assert!(
+        grpc.status.success(),
+        "python3 lacks grpcio/grpcio-tools (scripts/install-deps.sh installs them): {}",
+        String::from_utf8_lossy(&grpc.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::start();
+    let r = chunked_python(&reg, "py:1");
+    let image = r.trim_start_matches("docker://").to_string();
+    // the sandbox ("pause") image: debian's base running sleep
+    let pause = dir.path().join("pause");
+    run(Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        &oci_ref(&debian_layout(), "base"),
+        &format!("oci:{}:base", pause.display()),
+    ]));
+    run(Command::new("umoci").args([
+        "config",
+        "--image",
+        &format!("{}:base", pause.display()),
+        "--tag",
+        "pause",
+        "--config.cmd",
+        "/bin/sleep",
+        "--config.cmd",
+        "infinity",
+    ]));
+    reg.push(
+        &format!("oci:{}:pause", pause.display()),
+        "strata/pause:sleep",
+        &[],
+    );
+
+    // strata reaches the registry over plain HTTP (CRI's labels cannot say)
+    let root = dir.path().join("snap-root");
+    std::fs::create_dir_all(root.join("store")).unwrap();
+    std::fs::write(
+        root.join("store/registries.json"),
+        format!(r#"{{"insecure": ["{}"]}}"#, reg.addr),
+    )
+    .unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[snapshotter]\nprefetch = \"none\"\n").unwrap();
+    let socket = dir.path().join("strata.sock");
+    let log = dir.path().join("snapshotter.log");
+    let snap = Snapshotter {
+        child: spawn_with(&root, &socket, &log, config.to_str().unwrap()),
+        root,
+        socket,
+        log,
+    };
+    snap.wait_ready();
+    let d = dir.path().display();
+    let cri = format!(
+        "  restrict_oom_score_adj = true\n  sandbox_image = \"{}/strata/pause:sleep\"\n",
+        reg.addr
+    );
+    let extra = format!(
+        "{}\
+         [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  conf_dir = \"{d}/cni/conf\"\n  bin_dir = \"{d}/cni/bin\"\n\
+         [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"strata\"\n  \
+         disable_snapshot_annotations = false\n  default_runtime_name = \"runc\"\n\
+         [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n\
+         [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc.options]\n  Root = \"{d}/runc\"\n\
+         [plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{a}\"]\n  endpoint = [\"http://{a}\"]\n",
+        proxy_config(&snap.socket),
+        a = reg.addr
+    );
+    let ctrd = Containerd::start_with_cri(&cri, &extra);
+    let client = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cri/cri_client.py");
+    let logs = dir.path().join("pod-logs");
+    // kubelet's order: the sandbox image is there before the pod's image
+    // (it shares debian's base layer with it)
+    let out = Command::new("python3")
+        .arg(&client)
+        .arg("--socket")
+        .arg(ctrd.socket())
+        .args([
+            "pull",
+            "--image",
+            &format!("{}/strata/pause:sleep", reg.addr),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "CRI pull of the sandbox image: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        snap.log_text()
+    );
+    let t0 = Instant::now();
+    let out = Command::new("python3")
+        .arg(&client)
+        .arg("--socket")
+        .arg(ctrd.socket())
+        .args(["run", "--image", &image, "--sandbox-name"])
+        .arg(cid("pod"))
+        .arg("--log-dir")
+        .arg(&logs)
+        .args([
+            "--timeout",
+            "120",
+            "--",
+            "python3",
+            "-c",
+            "print('cri lazy')",
+        ])
+        .output()
+        .unwrap();
+    let took = t0.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "CRI run failed ({}): {stderr}\n{}",
+        out.status,
+        snap.log_text()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "cri lazy");
+    eprintln!(
+        "CRI pull + pod + container run: {took:?}; {}",
+        stderr.lines().last().unwrap_or("")
+    );
+    let mounts = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--root")
+        .arg(snap.root.join("store"))
+        .args(["--json", "mounts"])
+        .output()
+        .unwrap();
+    let mounts: serde_json::Value = serde_json::from_slice(&mounts.stdout).unwrap();
+    assert!(
+        mounts
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["kind"] == "lazy" && m["reference"].as_str().unwrap_or("").contains("/py@")),
+        "the pod ran on a lazy mount of the image: {mounts}"
+    );
+    // containerd fetched no layer itself
+    let content = ctrd.ctr(&["-n", "k8s.io", "content", "ls", "-q"]);
+    let manifest = layout_manifest(&debian_layout(), "python");
+    for l in manifest["layers"].as_array().unwrap() {
+        let d = l["digest"].as_str().unwrap();
+        assert!(
+            !content.contains(d),
+            "layer {d} in containerd's content store"
+        );
+    }
+}

@@ -91,6 +91,11 @@ pub struct Info {
     /// For a layer strata made available itself: where it comes from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote: Option<Remote>,
+    /// Other images this layer is the top of (the same chain reached
+    /// through another image, e.g. a base image and an image on it):
+    /// any of them can be mounted for a container on it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tops: Vec<Remote>,
 }
 
 /// A committed layer of an image in strata's store.
@@ -357,6 +362,7 @@ impl Snapshotter {
             updated: t,
             usage: Usage::default(),
             remote: None,
+            tops: Vec::new(),
         };
         let mounts = match self.mounts_of(&info, &chain) {
             Ok(m) => m,
@@ -385,8 +391,8 @@ impl Snapshotter {
         let mut lowers = Vec::new();
         for p in chain {
             match &p.remote {
-                Some(r) => {
-                    lowers.push(self.image_mount(&p.name, r)?.display().to_string());
+                Some(_) => {
+                    lowers.push(self.image_mount(p)?.display().to_string());
                     break;
                 }
                 None => lowers.push(fs_of(p)),
@@ -417,14 +423,41 @@ impl Snapshotter {
     /// Where the image of a remote layer is mounted (mounted now if it
     /// is not): `<root>/mnt/<manifest hex>`, one mount per image, shared
     /// by every container on it and left in place across restarts.
-    fn image_mount(&self, name: &str, r: &Remote) -> Result<PathBuf> {
-        if r.layer + 1 != r.layers {
+    fn image_mount(&self, info: &Info) -> Result<PathBuf> {
+        // the images this layer is the top of; one already mounted, else
+        // one in the store, else the first
+        let candidates: Vec<&Remote> = info
+            .remote
+            .iter()
+            .filter(|r| r.layer + 1 == r.layers)
+            .chain(info.tops.iter())
+            .collect();
+        let mounted = |r: &&&Remote| {
+            strata_sys::is_mount_point(&self.root.join("mnt").join(r.manifest.hex()))
+                .unwrap_or(false)
+        };
+        let r = candidates
+            .iter()
+            .find(mounted)
+            .or_else(|| {
+                candidates
+                    .iter()
+                    .find(|r| self.store.image_meta(&r.manifest).is_ok())
+            })
+            .or(candidates.first())
+            .copied();
+        let Some(r) = r else {
+            let (layer, layers, image) = info
+                .remote
+                .as_ref()
+                .map(|r| (r.layer, r.layers, r.image.as_str()))
+                .unwrap_or((0, 0, "?"));
             return Err(SnapError::FailedPrecondition(format!(
-                "snapshot {name:?} is layer {} of {} of {}: strata mounts whole images, \
-                 so only the top layer can be a parent",
-                r.layer, r.layers, r.image
+                "snapshot {:?} is layer {layer} of {layers} of {image}: strata mounts whole \
+                 images, so only a top layer can be a parent",
+                info.name
             )));
-        }
+        };
         let dir = self.root.join("mnt").join(r.manifest.hex());
         fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
         let mounted = strata_sys::is_mount_point(&dir).map_err(|e| SnapError::Io {
@@ -528,9 +561,17 @@ impl Snapshotter {
                 })
                 .map(|i| i.name.clone())
         };
+        let knows = |i: &Info| {
+            i.remote
+                .iter()
+                .chain(i.tops.iter())
+                .any(|x| x.manifest == r.manifest)
+        };
         {
             let st = self.lock();
-            if let Some(name) = existing(&st) {
+            if let Some(name) = existing(&st)
+                && st.by_name.get(&name).is_some_and(knows)
+            {
                 return Err(SnapError::AlreadyExists(name));
             }
             if st.by_name.contains_key(key) {
@@ -565,8 +606,25 @@ impl Snapshotter {
                 )));
             }
         }
+        let this = Remote {
+            image: r.image.clone(),
+            manifest: r.manifest,
+            layer,
+            layers: diff_ids.len(),
+            lazy,
+            plain_http: r.plain_http,
+        };
         let mut st = self.lock();
         if let Some(name) = existing(&st) {
+            // the same chain through another image: if it is that image's
+            // top, containers on it may mount that image
+            let mut info = st.by_name[&name].clone();
+            if layer + 1 == diff_ids.len() && !knows(&info) {
+                info.tops.push(this);
+                info.updated = now();
+                self.store_record(&info)?;
+                st.by_name.insert(name.clone(), info);
+            }
             return Err(SnapError::AlreadyExists(name));
         }
         let parent_chain = Self::chain(&st, parent)?;
@@ -594,14 +652,8 @@ impl Snapshotter {
             created: t,
             updated: t,
             usage: Usage::default(),
-            remote: Some(Remote {
-                image: r.image.clone(),
-                manifest: r.manifest,
-                layer,
-                layers: diff_ids.len(),
-                lazy,
-                plain_http: r.plain_http,
-            }),
+            remote: Some(this),
+            tops: Vec::new(),
         };
         self.store_record(&info)?;
         st.by_name.insert(key.to_string(), info);
@@ -864,14 +916,16 @@ impl Snapshotter {
         let mut used_mounts = std::collections::HashSet::new();
         let mut used_images = std::collections::HashSet::new();
         for i in st.by_name.values() {
-            if let Some(r) = &i.remote {
+            for r in i.remote.iter().chain(i.tops.iter()) {
                 used_images.insert(r.manifest);
             }
             if i.kind != Kind::Committed
                 && let Ok(chain) = Self::chain(&st, i.parent.as_deref())
-                && let Some(r) = chain.iter().find_map(|p| p.remote.as_ref())
+                && let Some(p) = chain.iter().find(|p| p.remote.is_some())
             {
-                used_mounts.insert(r.manifest.hex().to_string());
+                for r in p.remote.iter().chain(p.tops.iter()) {
+                    used_mounts.insert(r.manifest.hex().to_string());
+                }
             }
         }
         let mnt = self.root.join("mnt");

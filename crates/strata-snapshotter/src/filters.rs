@@ -226,6 +226,7 @@ mod tests {
             updated: 0,
             usage: Usage::default(),
             remote: None,
+            tops: Vec::new(),
         }
     }
 

@@ -23,6 +23,12 @@ impl Containerd {
     /// Start containerd with `extra` appended to its config (TOML, e.g.
     /// a `[proxy_plugins.NAME]` table) and wait for its socket.
     pub fn start_with(extra: &str) -> Containerd {
+        Self::start_with_cri("", extra)
+    }
+
+    /// [`start_with`](Self::start_with), and `cri` (TOML keys) in the
+    /// `[plugins."io.containerd.grpc.v1.cri"]` table.
+    pub fn start_with_cri(cri: &str, extra: &str) -> Containerd {
         require_tool("containerd", "containerd");
         require_tool("ctr", "containerd");
         require_tool("runc", "runc");
@@ -34,10 +40,11 @@ impl Containerd {
             format!(
                 "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n\
                  [grpc]\n  address = \"{1}\"\n\
-                 [plugins.\"io.containerd.grpc.v1.cri\"]\n  disable_tcp_service = true\n{2}\n",
+                 [plugins.\"io.containerd.grpc.v1.cri\"]\n  disable_tcp_service = true\n{3}\n{2}\n",
                 dir.path().display(),
                 socket.display(),
-                extra
+                extra,
+                cri
             ),
         )
         .expect("writing containerd config");
