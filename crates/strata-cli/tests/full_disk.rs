@@ -95,20 +95,6 @@ impl Drop for SmallDisk {
     }
 }
 
-/// Unmount through strata (then by force) when the test ends.
-struct Unmount<'a>(&'a Env, PathBuf);
-
-impl Drop for Unmount<'_> {
-    fn drop(&mut self) {
-        let _ = self.0.run(&["umount", self.1.to_str().unwrap()]);
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(&self.1)
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
 fn says_disk_full(stderr: &str) -> bool {
     stderr.contains("No space left on device") || stderr.contains("os error 28")
 }
@@ -167,19 +153,8 @@ fn lazy_reads_on_a_full_disk_fail_with_eio_in_bounded_time_and_work_once_space_i
     let r = chunked_python(&reg, "py:1");
     let env = Env::new();
     let disk = SmallDisk::new(&env, 768);
-    let dir = env.path("mnt");
-    std::fs::create_dir_all(&dir).unwrap();
-    let v = env.json(&[
-        "mount",
-        "--lazy",
-        "--plain-http",
-        "--prefetch",
-        "none",
-        &r,
-        dir.to_str().unwrap(),
-    ]);
-    let _unmount = Unmount(&env, dir.clone());
-    assert_eq!(v["mode"], "lazy", "{v}");
+    let mount = LazyMount::new(&env, &r, env.path("mnt"));
+    let dir = mount.dir.clone();
     disk.fill(0);
 
     let python = dir.join("usr/bin/python3.11");
@@ -206,18 +181,8 @@ fn lazy_reads_on_a_full_disk_fail_with_eio_in_bounded_time_and_work_once_space_i
 
     // the same daemon serves the file once there is room
     disk.unfill();
-    let out = Command::new("chroot")
-        .arg(&dir)
-        .args(["python3", "-c", "print(6 * 7)"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "42",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    drop(_unmount);
+    assert_eq!(chroot_python(&dir, "print(6 * 7)"), "42");
+    drop(mount);
     env.fsck_ok();
 }
 

@@ -837,6 +837,12 @@ fn files_placed_first_arrive_in_one_plain_range_per_layer() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let s = mnt.state();
+        assert_ne!(
+            s["prefetch"],
+            "failed",
+            "{s}\n{}",
+            std::fs::read_to_string(s["log"].as_str().unwrap_or("")).unwrap_or_default()
+        );
         if s["prefetch"] == "done" {
             assert_eq!(
                 s["files_local"].as_u64().unwrap(),

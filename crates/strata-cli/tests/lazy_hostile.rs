@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -91,26 +90,8 @@ fn a_layer_failing_its_diff_id_makes_the_lazy_mount_inconsistent() {
     let r = format!("docker://{}/bad:1", reg.addr);
 
     let env = Env::new();
-    let dir = env.path("mnt");
-    std::fs::create_dir_all(&dir).unwrap();
-    let v = env.json(&[
-        "mount",
-        "--lazy",
-        "--plain-http",
-        "--prefetch",
-        "none",
-        &r,
-        dir.to_str().unwrap(),
-    ]);
-    struct Unmount<'a>(&'a Env, &'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.run(&["umount", self.1.to_str().unwrap()]);
-            let _ = Command::new("umount").arg("-l").arg(self.1).status();
-        }
-    }
-    let _unmount = Unmount(&env, &dir);
-    assert_eq!(v["mode"], "lazy", "{v}");
+    let mount = LazyMount::new(&env, &r, env.path("mnt"));
+    let dir = mount.dir.clone();
     assert!(mount_state(&env, &dir)["inconsistent"].is_null());
 
     // read every file but one of the base layer: the top layer completes
@@ -158,26 +139,8 @@ fn a_fetch_that_keeps_failing_gives_eio_every_time_and_recovers() {
     let proxy = Proxy::start(&reg.addr, Faults::default());
     let r = r.replace(&reg.addr, &proxy.addr);
     let env = Env::new();
-    let dir = env.path("mnt");
-    std::fs::create_dir_all(&dir).unwrap();
-    let v = env.json(&[
-        "mount",
-        "--lazy",
-        "--plain-http",
-        "--prefetch",
-        "none",
-        &r,
-        dir.to_str().unwrap(),
-    ]);
-    struct Unmount<'a>(&'a Env, &'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.run(&["umount", self.1.to_str().unwrap()]);
-            let _ = Command::new("umount").arg("-l").arg(self.1).status();
-        }
-    }
-    let _unmount = Unmount(&env, &dir);
-    assert_eq!(v["mode"], "lazy", "{v}");
+    let mount = LazyMount::new(&env, &r, env.path("mnt"));
+    let dir = mount.dir.clone();
 
     proxy.set_fail_blobs(u64::MAX);
     let python = dir.join("usr/bin/python3.11");
@@ -204,17 +167,7 @@ fn a_fetch_that_keeps_failing_gives_eio_every_time_and_recovers() {
     );
 
     proxy.set_fail_blobs(0);
-    let out = Command::new("chroot")
-        .arg(&dir)
-        .args(["python3", "-c", "print(6 * 7)"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "42",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    drop(_unmount);
+    assert_eq!(chroot_python(&dir, "print(6 * 7)"), "42");
+    drop(mount);
     env.fsck_ok();
 }

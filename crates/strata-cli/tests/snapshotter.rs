@@ -107,6 +107,24 @@ impl Drop for Snapshotter {
     }
 }
 
+/// `strata --json rpull --plain-http --address SOCK IMAGE`: its summary.
+fn rpull(ctrd: &Containerd, snap: &Snapshotter, image: &str) -> serde_json::Value {
+    let out = Env::new()
+        .cmd()
+        .args(["--json", "rpull", "--plain-http", "--address"])
+        .arg(ctrd.socket())
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rpull: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        snap.log_text()
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// A container id no other test (nor containerd instance: runc's state
 /// is shared) uses.
 fn cid(name: &str) -> String {
@@ -242,25 +260,8 @@ fn rpull_makes_the_layers_available_from_strata_and_ctr_runs_on_them() {
     let reg = Registry::start();
     reg.push(&oci_ref(&debian_layout(), "python"), "debian:python", &[]);
     let image = format!("{}/debian:python", reg.addr);
-    let rpull = |env: &Env| {
-        let out = env
-            .cmd()
-            .args(["--json", "rpull", "--plain-http", "--address"])
-            .arg(ctrd.socket())
-            .arg(&image)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "rpull: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            snap.log_text()
-        );
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
-    };
-    let env = Env::new();
     let t0 = Instant::now();
-    let s = rpull(&env);
+    let s = rpull(&ctrd, &snap, &image);
     eprintln!("rpull of debian:python: {:?}", t0.elapsed());
     assert_eq!(s["layers"], 2, "{s}");
     assert_eq!(s["layers_prepared"], 2, "{s}");
@@ -301,7 +302,7 @@ fn rpull_makes_the_layers_available_from_strata_and_ctr_runs_on_them() {
     assert_eq!(mounted.len(), 1, "one image mount");
 
     // again: nothing to make available
-    let s = rpull(&env);
+    let s = rpull(&ctrd, &snap, &image);
     assert_eq!(s["layers_prepared"], 0, "{s}");
 
     // gone from containerd: the layers go, the mount goes at Cleanup
@@ -346,20 +347,7 @@ fn a_zstd_chunked_image_runs_lazily_and_survives_a_snapshotter_kill() {
     let reg = Registry::start();
     let r = chunked_python(&reg, "py:1");
     let image = r.trim_start_matches("docker://").to_string();
-    let env = Env::new();
-    let out = env
-        .cmd()
-        .args(["--json", "rpull", "--plain-http", "--address"])
-        .arg(ctrd.socket())
-        .arg(&image)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let s = rpull(&ctrd, &snap, &image);
     assert_eq!(s["layers_prepared"], 2, "{s}");
     // lazy: the image is not in strata's store, nothing was pulled
     let store = snap.root.join("store");
@@ -470,19 +458,7 @@ fn a_lazy_image_whose_registry_is_gone_fails_the_start_naming_it() {
     let mut reg = Registry::start();
     let r = chunked_python(&reg, "py:1");
     let image = r.trim_start_matches("docker://").to_string();
-    let env = Env::new();
-    let out = env
-        .cmd()
-        .args(["rpull", "--plain-http", "--address"])
-        .arg(ctrd.socket())
-        .arg(&image)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    rpull(&ctrd, &snap, &image);
 
     reg.stop();
     let t0 = Instant::now();

@@ -625,6 +625,7 @@ fn prefetch_thread(
         subject: name.clone(),
     });
     set(PrefetchState::List, None, false);
+    let mut list_error = None;
     match fetcher.fetch_many(&wanted, ctl) {
         Ok(n) => tracing::info!("prefetched {n} files of the list"),
         Err(ReadError::Cancelled) => {
@@ -632,10 +633,17 @@ fn prefetch_thread(
             set(PrefetchState::Failed, Some("cancelled".into()), false);
             return;
         }
-        Err(e) => tracing::error!("prefetch of the list failed: {e}"),
+        Err(e) => {
+            tracing::error!("prefetch of the list failed: {e}");
+            list_error = Some(format!("prefetch of the list: {e}"));
+        }
     }
     if prefetch != Prefetch::All {
-        set(PrefetchState::Done, None, false);
+        // a list that failed is said so, not reported done
+        match list_error {
+            Some(e) => set(PrefetchState::Failed, Some(e), false),
+            None => set(PrefetchState::Done, None, false),
+        }
         ctl.emit(Event::Finished { op: Op::Prefetch });
         return;
     }

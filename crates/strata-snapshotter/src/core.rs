@@ -979,7 +979,7 @@ impl Snapshotter {
 }
 
 /// An error and its causes, `: `-joined.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

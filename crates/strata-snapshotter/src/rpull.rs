@@ -207,7 +207,7 @@ pub async fn rpull(reference: &str, opts: &RpullOptions) -> Result<RpullSummary,
         .await
         .map_err(|e| RpullError::Connect {
             address: address.clone(),
-            reason: error_text(&e),
+            reason: crate::core::error_chain(&e),
         })?;
     let mut headers = Headers {
         namespace: opts.namespace.parse().map_err(|_| {
@@ -262,17 +262,6 @@ pub async fn rpull(reference: &str, opts: &RpullOptions) -> Result<RpullSummary,
         chain_id: top,
         seconds: t0.elapsed().as_secs_f64(),
     })
-}
-
-fn error_text(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[allow(clippy::too_many_arguments)]

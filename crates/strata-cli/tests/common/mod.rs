@@ -219,3 +219,58 @@ pub fn chunked_python(reg: &Registry, repo_tag: &str) -> String {
     );
     format!("docker://{}/{repo_tag}", reg.addr)
 }
+
+/// A lazy mount made with `strata mount --lazy --plain-http --prefetch
+/// none REF DIR`; undone (through strata, then by force) when dropped.
+pub struct LazyMount<'a> {
+    env: &'a Env,
+    /// The mount point.
+    pub dir: PathBuf,
+    /// What `strata --json mount` printed.
+    pub report: serde_json::Value,
+}
+
+impl<'a> LazyMount<'a> {
+    pub fn new(env: &'a Env, reference: &str, dir: PathBuf) -> LazyMount<'a> {
+        std::fs::create_dir_all(&dir).unwrap();
+        let report = env.json(&[
+            "mount",
+            "--lazy",
+            "--plain-http",
+            "--prefetch",
+            "none",
+            reference,
+            dir.to_str().unwrap(),
+        ]);
+        assert_eq!(report["mode"], "lazy", "{report}");
+        LazyMount { env, dir, report }
+    }
+}
+
+impl Drop for LazyMount<'_> {
+    fn drop(&mut self) {
+        let _ = self.env.run(&["umount", self.dir.to_str().unwrap()]);
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// `chroot DIR python3 -c CODE`: its stdout, trimmed (a failure shows
+/// its stderr).
+pub fn chroot_python(dir: &Path, code: &str) -> String {
+    let out = std::process::Command::new("chroot")
+        .arg(dir)
+        .args(["python3", "-c", code])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python3 in {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
