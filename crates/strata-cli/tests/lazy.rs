@@ -847,7 +847,8 @@ fn files_placed_first_arrive_in_one_plain_range_per_layer() {
             assert_eq!(
                 s["files_local"].as_u64().unwrap(),
                 listed.len() as u64,
-                "{s}"
+                "{s}\n{}",
+                std::fs::read_to_string(s["log"].as_str().unwrap_or("")).unwrap_or_default()
             );
             break;
         }

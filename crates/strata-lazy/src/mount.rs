@@ -542,7 +542,19 @@ fn serve(
         undo(session);
         return Err(fail(e.into()));
     }
-    let saved = state.lock().expect("no panics while held").save(&mdir);
+    let saved = {
+        // the counts here are from before the prefetch: a prefetch that
+        // already moved on is saved as still on its list until the
+        // monitor saves it with counts taken after it (a state never says
+        // done with counts from before)
+        let mut st = state.lock().expect("no panics while held").clone();
+        if st.prefetch != PrefetchState::None {
+            st.prefetch = PrefetchState::List;
+            st.prefetch_error = None;
+            st.complete = false;
+        }
+        st.save(&mdir)
+    };
     if let Err(e) = saved {
         // nothing may stay mounted when the caller is told it failed
         let _ = strata_sys::unmount_detach(target);
