@@ -659,3 +659,71 @@ fn kubernetes_cri_runs_a_zstd_chunked_image_lazily_through_strata() {
         );
     }
 }
+
+/// `[snapshotter] store` naming the node's strata store: an image the CLI
+/// pulled before is not downloaded again for containerd (one copy of
+/// every file on the node), and containers run on it.
+#[test]
+fn a_shared_store_gives_containerd_what_the_cli_already_pulled() {
+    use strata_testkit::proxy::{Faults, Proxy};
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::start();
+    reg.push(&oci_ref(&debian_layout(), "python"), "debian:python", &[]);
+    let proxy = Proxy::start(&reg.addr, Faults::default());
+    let image = format!("{}/debian:python", proxy.addr);
+    let cli = Env::new();
+    cli.ok(&["pull", "-q", "--plain-http", &format!("docker://{image}")]);
+
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!("[snapshotter]\nstore = \"{}\"\n", cli.root().display()),
+    )
+    .unwrap();
+    let root = dir.path().join("snap-root");
+    let socket = dir.path().join("strata.sock");
+    let log = dir.path().join("snapshotter.log");
+    let snap = Snapshotter {
+        child: spawn_with(&root, &socket, &log, config.to_str().unwrap()),
+        root,
+        socket,
+        log,
+    };
+    snap.wait_ready();
+    let ctrd = Containerd::start_with(&proxy_config(&snap.socket));
+    let before = proxy.requests().len();
+    let s = rpull(&ctrd, &snap, &image);
+    assert_eq!(s["layers_prepared"], 2, "{s}");
+    let layers: Vec<String> = layout_manifest(&debian_layout(), "python")["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect();
+    let fetched: Vec<String> = proxy.requests()[before..]
+        .iter()
+        .filter(|r| layers.iter().any(|d| r.contains(d.as_str())))
+        .cloned()
+        .collect();
+    assert!(fetched.is_empty(), "layers fetched again: {fetched:?}");
+    let out = ctrd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "strata",
+        &image,
+        &cid("shared"),
+        "python3",
+        "-c",
+        "print('shared')",
+    ]);
+    assert_eq!(out.trim(), "shared", "{}", snap.log_text());
+    // the CLI's store names the image for the snapshotter (kept from gc)
+    let names = cli.json(&["images"]).to_string();
+    assert!(names.contains("containerd-snapshotter/"), "{names}");
+    // the image mount is taken down with the test (it is in the CLI's store)
+    let mnt = snap.root.join("mnt");
+    for e in std::fs::read_dir(&mnt).unwrap().flatten() {
+        let _ = cli.run(&["umount", e.path().to_str().unwrap()]);
+    }
+}

@@ -10,6 +10,10 @@
 //! # the unix socket containerd's [proxy_plugins.strata] address names
 //! # (--socket overrides)
 //! socket = "/run/strata/snapshotter.sock"
+//! # strata's store the layers come from (default: ROOT/store); name the
+//! # node's store (`strata`'s --root, /var/lib/strata) to keep one copy of
+//! # every file for the CLI and containerd alike
+//! # store = "/var/lib/strata"
 //! # what lazy mounts of zstd:chunked images fetch in the background:
 //! # "all" (the image ends fully pulled) or "none" (only what is read)
 //! prefetch = "all"
@@ -36,6 +40,9 @@ pub struct Config {
     /// The socket to serve on.
     #[serde(default = "default_socket")]
     pub socket: PathBuf,
+    /// strata's store (default: `root/store`).
+    #[serde(default)]
+    pub store: Option<PathBuf>,
     /// Background fetching of lazy mounts: `all` or `none`.
     #[serde(default = "default_prefetch")]
     pub prefetch: Prefetch,
@@ -78,6 +85,7 @@ impl Default for Config {
         Config {
             root: default_root(),
             socket: default_socket(),
+            store: None,
             prefetch: default_prefetch(),
         }
     }
@@ -127,6 +135,9 @@ mod tests {
         let c = Config::load(&p, true).unwrap();
         assert_eq!(c.socket, PathBuf::from("/x.sock"));
         assert_eq!(c.root, PathBuf::from(DEFAULT_ROOT));
+        std::fs::write(&p, "[snapshotter]\nstore = \"/var/lib/strata\"\n").unwrap();
+        let c = Config::load(&p, true).unwrap();
+        assert_eq!(c.store, Some(PathBuf::from("/var/lib/strata")));
         std::fs::write(&p, "[snapshotter]\nsokcet = \"/x.sock\"\n").unwrap();
         let e = Config::load(&p, true).unwrap_err();
         assert!(e.contains("sokcet"), "{e}");

@@ -215,6 +215,12 @@ impl Snapshotter {
     /// record, remove dirs no record names (a crash between creating a
     /// snapshot's dir and its record) and the trash.
     pub fn open(root: &Path) -> Result<Snapshotter> {
+        Self::open_with_store(root, &root.join("store"))
+    }
+
+    /// [`open`](Self::open) with strata's store at `store_root` (the
+    /// node's store: one copy of every file for the CLI and containerd).
+    pub fn open_with_store(root: &Path, store_root: &Path) -> Result<Snapshotter> {
         for d in ["meta", "snapshots", "trash", "mnt"] {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(io_err(format!("creating {}", p.display())))?;
@@ -239,8 +245,7 @@ impl Snapshotter {
             by_name.insert(info.name.clone(), info);
         }
         let known = by_name.values().map(|i: &Info| i.id).collect();
-        let store_root = root.join("store");
-        let store = Store::open(&store_root).map_err(|e| SnapError::Io {
+        let store = Store::open(store_root).map_err(|e| SnapError::Io {
             what: format!("opening store {}", store_root.display()),
             source: io::Error::other(e.to_string()),
         })?;

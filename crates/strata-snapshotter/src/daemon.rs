@@ -65,8 +65,9 @@ fn bind(socket: &Path) -> std::io::Result<UnixListener> {
 pub async fn serve(config: &Config, ready: impl FnOnce()) -> Result<(), ServeError> {
     let root = config.root.clone();
     let prefetch = config.prefetch;
+    let store = config.store.clone().unwrap_or_else(|| root.join("store"));
     let core = tokio::task::spawn_blocking(move || {
-        Snapshotter::open(&root).map(|mut s| {
+        Snapshotter::open_with_store(&root, &store).map(|mut s| {
             s.set_prefetch(prefetch.as_str());
             s
         })
