@@ -4,7 +4,7 @@
 set -euo pipefail
 PKGS=(libssl-dev pkg-config docker-registry skopeo umoci containerd runc erofs-utils e2fsprogs fuse3
       debootstrap libarchive-tools ostree fsverity attr python3 zstd hyperfine
-      tar gzip util-linux stargz-snapshotter podman man-db bash)
+      tar gzip util-linux binutils stargz-snapshotter podman man-db bash)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
