@@ -192,6 +192,9 @@ fn now() -> u128 {
 struct State {
     by_name: HashMap<String, Info>,
     next_id: u64,
+    /// Ids whose dir is being made by a create that holds no lock while
+    /// it mounts: the sweep leaves them alone.
+    pending: std::collections::HashSet<u64>,
 }
 
 /// The snapshotter: records in memory, mirrored durably on disk.
@@ -203,6 +206,12 @@ pub struct Snapshotter {
     pulls: Mutex<HashMap<Digest, std::sync::Arc<Mutex<()>>>>,
     /// `--prefetch` of lazy mounts: `all`, `none`.
     prefetch: String,
+    /// Held while an image is mounted for a new snapshot until that
+    /// snapshot is recorded, and while Cleanup unmounts: Cleanup never
+    /// unmounts an image a snapshot being made will stand on. The state
+    /// lock is never held while mounting (a lazy mount or a first
+    /// composefs mount takes a while; Stat, List and other Prepares go on).
+    mounting: Mutex<()>,
 }
 
 /// The store name that keeps an image the snapshotter pulled from gc.
@@ -251,12 +260,18 @@ impl Snapshotter {
         })?;
         let s = Snapshotter {
             root: root.to_path_buf(),
-            state: Mutex::new(State { by_name, next_id }),
+            state: Mutex::new(State {
+                by_name,
+                next_id,
+                pending: Default::default(),
+            }),
             store,
             pulls: Mutex::new(HashMap::new()),
             prefetch: "all".into(),
+            mounting: Mutex::new(()),
         };
         s.sweep(known)?;
+        s.empty_trash();
         Ok(s)
     }
 
@@ -344,17 +359,41 @@ impl Snapshotter {
         {
             return self.prepare_remote(key, parent, labels, r);
         }
-        let mut st = self.lock();
-        if st.by_name.contains_key(key) {
-            return Err(SnapError::AlreadyExists(key.to_string()));
-        }
-        let chain = Self::chain(&st, parent)?;
-        let id = st.next_id;
-        st.next_id += 1;
+        let (id, chain) = {
+            let mut st = self.lock();
+            if st.by_name.contains_key(key) {
+                return Err(SnapError::AlreadyExists(key.to_string()));
+            }
+            let chain = Self::chain(&st, parent)?;
+            let id = st.next_id;
+            st.next_id += 1;
+            st.pending.insert(id);
+            (id, chain)
+        };
+        let r = self.create_unlocked(id, kind, key, parent, labels, &chain);
+        self.lock().pending.remove(&id);
+        r
+    }
+
+    /// The rest of [`create`](Self::create), with `id` reserved: make the
+    /// dirs, mount the image below (if any) with the state unlocked, then
+    /// record.
+    fn create_unlocked(
+        &self,
+        id: u64,
+        kind: Kind,
+        key: &str,
+        parent: Option<&str>,
+        labels: BTreeMap<String, String>,
+        chain: &[Info],
+    ) -> Result<Vec<Mount>> {
         let dir = self.dir(id);
         for d in ["fs", "work"] {
             let p = dir.join(d);
-            fs::create_dir_all(&p).map_err(io_err(format!("creating {}", p.display())))?;
+            if let Err(e) = fs::create_dir_all(&p) {
+                let _ = fs::remove_dir_all(&dir);
+                return Err(io_err(format!("creating {}", p.display()))(e));
+            }
         }
         let t = now();
         let info = Info {
@@ -369,13 +408,33 @@ impl Snapshotter {
             remote: None,
             tops: Vec::new(),
         };
-        let mounts = match self.mounts_of(&info, &chain) {
+        // on a remote layer: no Cleanup unmounts the image until this
+        // snapshot is recorded as standing on it
+        let _gate = chain
+            .iter()
+            .any(|p| p.remote.is_some())
+            .then(|| self.mounting.lock().unwrap_or_else(|e| e.into_inner()));
+        let mounts = match self.mounts_of(&info, chain) {
             Ok(m) => m,
             Err(e) => {
                 let _ = fs::remove_dir_all(&dir);
                 return Err(e);
             }
         };
+        let mut st = self.lock();
+        // another create of the same key won while this one mounted
+        let taken = st.by_name.contains_key(key);
+        // or the parent went away (Remove refuses parents with recorded
+        // children only)
+        let parent_gone = parent.is_some_and(|p| !st.by_name.contains_key(p));
+        if taken || parent_gone {
+            let _ = fs::remove_dir_all(&dir);
+            return Err(if taken {
+                SnapError::AlreadyExists(key.to_string())
+            } else {
+                SnapError::NotFound(parent.unwrap_or_default().to_string())
+            });
+        }
         if let Err(e) = self.store_record(&info) {
             let _ = fs::remove_dir_all(&dir);
             return Err(e);
@@ -762,40 +821,60 @@ impl Snapshotter {
 
     /// The mounts of an active snapshot or a view.
     pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
-        let st = self.lock();
-        let info = st
-            .by_name
-            .get(key)
-            .ok_or_else(|| SnapError::NotFound(key.to_string()))?;
-        if info.kind == Kind::Committed {
-            return Err(SnapError::FailedPrecondition(format!(
-                "snapshot {key:?} is committed: it has no mounts of its own"
-            )));
-        }
-        let chain = Self::chain(&st, info.parent.as_deref())?;
-        self.mounts_of(info, &chain)
+        let (info, chain) = {
+            let st = self.lock();
+            let info = st
+                .by_name
+                .get(key)
+                .ok_or_else(|| SnapError::NotFound(key.to_string()))?
+                .clone();
+            if info.kind == Kind::Committed {
+                return Err(SnapError::FailedPrecondition(format!(
+                    "snapshot {key:?} is committed: it has no mounts of its own"
+                )));
+            }
+            let chain = Self::chain(&st, info.parent.as_deref())?;
+            (info, chain)
+        };
+        // the snapshot is recorded on its image, so Cleanup keeps that
+        // mount; the gate only orders a remount (after a reboot) with it
+        let _gate = chain
+            .iter()
+            .any(|p| p.remote.is_some())
+            .then(|| self.mounting.lock().unwrap_or_else(|e| e.into_inner()));
+        self.mounts_of(&info, &chain)
     }
 
     /// Commit the active snapshot `key` as `name`.
     pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<()> {
-        let mut st = self.lock();
-        if st.by_name.contains_key(name) {
-            return Err(SnapError::AlreadyExists(name.to_string()));
-        }
-        let old = st
-            .by_name
-            .get(key)
-            .ok_or_else(|| SnapError::NotFound(key.to_string()))?
-            .clone();
-        if old.kind != Kind::Active {
-            return Err(SnapError::FailedPrecondition(format!(
-                "snapshot {key:?} is a {}: only active snapshots commit",
-                old.kind.as_str()
-            )));
-        }
-        let fs_dir = self.dir(old.id).join("fs");
+        let check = |st: &State| -> Result<Info> {
+            if st.by_name.contains_key(name) {
+                return Err(SnapError::AlreadyExists(name.to_string()));
+            }
+            let old = st
+                .by_name
+                .get(key)
+                .ok_or_else(|| SnapError::NotFound(key.to_string()))?
+                .clone();
+            if old.kind != Kind::Active {
+                return Err(SnapError::FailedPrecondition(format!(
+                    "snapshot {key:?} is a {}: only active snapshots commit",
+                    old.kind.as_str()
+                )));
+            }
+            Ok(old)
+        };
+        let id = check(&self.lock())?.id;
+        // a layer's walk takes a while: unlocked (containerd's applier is
+        // done writing it; other calls go on meanwhile)
+        let fs_dir = self.dir(id).join("fs");
         let usage =
             disk_usage(&fs_dir).map_err(io_err(format!("measuring {}", fs_dir.display())))?;
+        let mut st = self.lock();
+        let old = check(&st)?;
+        if old.id != id {
+            return Err(SnapError::NotFound(key.to_string()));
+        }
         let t = now();
         let info = Info {
             name: name.to_string(),
@@ -917,6 +996,9 @@ impl Snapshotter {
     /// mounts no container or view stands on, and the store names of
     /// images no layer comes from (strata's gc then frees them).
     pub fn cleanup(&self) -> Result<()> {
+        // no snapshot is being made on an image while this decides which
+        // are unused and unmounts them
+        let _gate = self.mounting.lock().unwrap_or_else(|e| e.into_inner());
         let st = self.lock();
         let mut used_mounts = std::collections::HashSet::new();
         let mut used_images = std::collections::HashSet::new();
@@ -933,6 +1015,9 @@ impl Snapshotter {
                 }
             }
         }
+        // a new snapshot on an image needs the gate held here, so the
+        // images found unused stay unused until it is released
+        drop(st);
         let mnt = self.root.join("mnt");
         for e in fs::read_dir(&mnt)
             .map_err(io_err(format!("reading {}", mnt.display())))?
@@ -958,17 +1043,25 @@ impl Snapshotter {
                 }
             }
         }
-        self.sweep(st.by_name.values().map(|i| i.id).collect())
+        {
+            // under the lock: a create's dir is pending until recorded
+            let st = self.lock();
+            let known = st
+                .by_name
+                .values()
+                .map(|i| i.id)
+                .chain(st.pending.iter().copied())
+                .collect();
+            self.sweep(known)?;
+        }
+        self.empty_trash();
+        Ok(())
     }
 
+    /// Move the dirs of snapshots no record names (`known`: the ids
+    /// recorded or pending) to the trash: renames only, quick under the
+    /// state lock.
     fn sweep(&self, known: std::collections::HashSet<u64>) -> Result<()> {
-        let trash = self.root.join("trash");
-        for e in fs::read_dir(&trash)
-            .map_err(io_err(format!("reading {}", trash.display())))?
-            .flatten()
-        {
-            let _ = fs::remove_dir_all(e.path());
-        }
         let snaps = self.root.join("snapshots");
         for e in fs::read_dir(&snaps)
             .map_err(io_err(format!("reading {}", snaps.display())))?
@@ -976,10 +1069,24 @@ impl Snapshotter {
         {
             let id = e.file_name().to_str().and_then(|n| n.parse::<u64>().ok());
             if id.is_none_or(|id| !known.contains(&id)) {
-                let _ = fs::remove_dir_all(e.path());
+                let to = self
+                    .root
+                    .join("trash")
+                    .join(format!("orphan-{}", e.file_name().to_string_lossy()));
+                if fs::rename(e.path(), &to).is_err() {
+                    let _ = fs::remove_dir_all(e.path());
+                }
             }
         }
         Ok(())
+    }
+
+    /// Delete what is in the trash (nothing refers to it: no state lock).
+    fn empty_trash(&self) {
+        let trash = self.root.join("trash");
+        for e in fs::read_dir(&trash).into_iter().flatten().flatten() {
+            let _ = fs::remove_dir_all(e.path());
+        }
     }
 }
 
@@ -1023,4 +1130,82 @@ pub fn disk_usage(dir: &Path) -> io::Result<Usage> {
         }
     }
     Ok(u)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Prepares, commits, removes and Cleanups from many threads at once:
+    /// every snapshot that exists keeps its dir (a Cleanup's sweep never
+    /// takes the dir of a create that has not recorded yet), and what was
+    /// removed is gone.
+    #[test]
+    fn concurrent_calls_keep_every_live_snapshots_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(Snapshotter::open(dir.path()).unwrap());
+        s.create(Kind::Active, "base-key", None, BTreeMap::new())
+            .unwrap();
+        s.commit("base", "base-key", BTreeMap::new()).unwrap();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sweeper = {
+            let (s, done) = (s.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    s.cleanup().unwrap();
+                    n += 1;
+                }
+                n
+            })
+        };
+        let threads: Vec<_> = (1..8)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for i in 0..40 {
+                        let key = format!("k{t}-{i}");
+                        let m = s
+                            .create(Kind::Active, &key, Some("base"), BTreeMap::new())
+                            .unwrap();
+                        assert_eq!(m[0].kind, "overlay");
+                        let upper = s.dir(s.stat(&key).unwrap().id).join("fs");
+                        fs::write(upper.join("f"), b"x").unwrap();
+                        match i % 3 {
+                            0 => s.remove(&key).unwrap(),
+                            1 => s
+                                .commit(&format!("c{t}-{i}"), &key, BTreeMap::new())
+                                .unwrap(),
+                            _ => {}
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(sweeper.join().unwrap() > 10, "Cleanup ran meanwhile");
+        s.cleanup().unwrap();
+        let live = s.list(&[]);
+        // base + 7 threads x (40 - 14 removed)
+        assert_eq!(live.len(), 1 + 7 * 26);
+        for i in &live {
+            assert!(s.dir(i.id).join("fs").is_dir(), "{} lost its dir", i.name);
+            if i.name != "base" {
+                assert_eq!(fs::read(s.dir(i.id).join("fs/f")).unwrap(), b"x");
+            }
+            if i.kind == Kind::Committed && i.name != "base" {
+                assert_eq!(i.usage.inodes, 1, "{}: {:?}", i.name, i.usage);
+            }
+        }
+        let dirs = fs::read_dir(dir.path().join("snapshots")).unwrap().count();
+        assert_eq!(dirs, live.len(), "removed snapshots' dirs are freed");
+        assert_eq!(fs::read_dir(dir.path().join("trash")).unwrap().count(), 0);
+        // a fresh open reads the same records
+        drop(s);
+        let again = Snapshotter::open(dir.path()).unwrap();
+        assert_eq!(again.list(&[]).len(), 1 + 7 * 26);
+    }
 }

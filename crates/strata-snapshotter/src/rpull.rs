@@ -169,6 +169,10 @@ pub async fn rpull(reference: &str, opts: &RpullOptions) -> Result<RpullSummary,
         unreachable!("matched above")
     };
     let (host, repository) = (host.clone(), repository.clone());
+    // the name containerd records: the reference without a transport,
+    // as `ctr run` and CRI name it
+    let name = image.to_string();
+    let name = name.trim_start_matches("docker://").to_string();
 
     // the registry first: a bad reference fails before containerd is touched
     let resolved: ResolvedImage = {
@@ -240,6 +244,7 @@ pub async fn rpull(reference: &str, opts: &RpullOptions) -> Result<RpullSummary,
         &headers,
         opts,
         reference,
+        &name,
         &host,
         &repository,
         &resolved,
@@ -255,7 +260,7 @@ pub async fn rpull(reference: &str, opts: &RpullOptions) -> Result<RpullSummary,
         .await;
     let prepared = result?;
     Ok(RpullSummary {
-        name: reference.to_string(),
+        name,
         manifest_digest: resolved.manifest_digest,
         layers: diff_ids.len(),
         layers_prepared: prepared,
@@ -270,6 +275,7 @@ async fn pull_under_lease(
     headers: &Headers,
     opts: &RpullOptions,
     reference: &str,
+    name: &str,
     host: &str,
     repository: &str,
     resolved: &ResolvedImage,
@@ -391,39 +397,75 @@ async fn pull_under_lease(
         }
     }
 
-    // the image record
+    // the image records
     let mut images = ImagesClient::with_interceptor(channel.clone(), headers.clone());
-    let image = ipb::Image {
-        name: reference.to_string(),
-        labels: HashMap::new(),
-        target: Some(types::Descriptor {
-            media_type: manifest.media_type.clone(),
-            digest: resolved.manifest_digest.to_string(),
-            size: resolved.manifest_bytes.len() as i64,
-            annotations: HashMap::new(),
-        }),
-        created_at: None,
-        updated_at: None,
+    let target = types::Descriptor {
+        media_type: manifest.media_type.clone(),
+        digest: resolved.manifest_digest.to_string(),
+        size: resolved.manifest_bytes.len() as i64,
+        annotations: HashMap::new(),
     };
-    match images
-        .create(ipb::CreateImageRequest {
-            image: Some(image.clone()),
-        })
-        .await
-    {
-        Ok(_) => {}
-        Err(s) if s.code() == Code::AlreadyExists => {
-            images
-                .update(ipb::UpdateImageRequest {
-                    image: Some(image),
-                    update_mask: None,
-                })
-                .await
-                .map_err(call(format!("updating image {reference}")))?;
+    for (name, labels) in image_records(
+        name,
+        &format!("{host}/{repository}"),
+        &resolved.manifest_digest,
+        &manifest.config.digest,
+        &opts.namespace,
+    ) {
+        let image = ipb::Image {
+            name: name.clone(),
+            labels,
+            target: Some(target.clone()),
+            created_at: None,
+            updated_at: None,
+        };
+        match images
+            .create(ipb::CreateImageRequest {
+                image: Some(image.clone()),
+            })
+            .await
+        {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::AlreadyExists => {
+                images
+                    .update(ipb::UpdateImageRequest {
+                        image: Some(image),
+                        update_mask: None,
+                    })
+                    .await
+                    .map_err(call(format!("updating image {name}")))?;
+            }
+            Err(s) => return Err(call(format!("creating image {name}"))(s)),
         }
-        Err(s) => return Err(call(format!("creating image {reference}"))(s)),
     }
     Ok(prepared)
+}
+
+/// CRI's label on the images it manages: kubelet sees only those.
+pub const CRI_IMAGE_LABEL: &str = "io.cri-containerd.image";
+
+/// The image records to create: `name`; in `k8s.io` also the ones CRI
+/// makes when it pulls (`REPO@MANIFEST` and the image id, the config's
+/// digest), each labelled as CRI-managed, so kubelet finds the image by
+/// any of its names and does not pull it again.
+fn image_records(
+    name: &str,
+    repo: &str,
+    manifest: &Digest,
+    config: &Digest,
+    namespace: &str,
+) -> Vec<(String, HashMap<String, String>)> {
+    if namespace != "k8s.io" {
+        return vec![(name.to_string(), HashMap::new())];
+    }
+    let managed = HashMap::from([(CRI_IMAGE_LABEL.to_string(), "managed".to_string())]);
+    let mut v = vec![name.to_string()];
+    for n in [format!("{repo}@{manifest}"), config.to_string()] {
+        if !v.contains(&n) {
+            v.push(n);
+        }
+    }
+    v.into_iter().map(|n| (n, managed.clone())).collect()
 }
 
 /// Put `bytes` into containerd's content store as `digest` (STAT, WRITE,
@@ -548,5 +590,29 @@ mod tests {
         assert_eq!(rfc3339(t), "2026-11-18T11:06:40Z");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400);
         assert_eq!(rfc3339(leap), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn k8s_io_gets_the_records_cri_makes() {
+        let m = Digest::sha256_of(b"manifest");
+        let c = Digest::sha256_of(b"config");
+        let plain = image_records("h:5000/py:1", "h:5000/py", &m, &c, "default");
+        assert_eq!(plain, vec![("h:5000/py:1".to_string(), HashMap::new())]);
+        let cri = image_records("h:5000/py:1", "h:5000/py", &m, &c, "k8s.io");
+        let names: Vec<&str> = cri.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            vec!["h:5000/py:1", &format!("h:5000/py@{m}"), &c.to_string()]
+        );
+        assert!(
+            cri.iter()
+                .all(|(_, l)| l.get(CRI_IMAGE_LABEL).map(String::as_str) == Some("managed"))
+        );
+        // pulled by digest: the name is the digest reference, once
+        let by_digest = format!("h:5000/py@{m}");
+        assert_eq!(
+            image_records(&by_digest, "h:5000/py", &m, &c, "k8s.io").len(),
+            2
+        );
     }
 }
