@@ -80,7 +80,7 @@ fn spawn_with(root: &Path, socket: &Path, log: &Path, config: &str) -> Child {
         .arg(socket)
         .arg("--config")
         .arg(config)
-        .env("STRATA_LOG", "debug")
+        .env("STRATA_LOG", "info,strata_snapshotter=debug")
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -633,20 +633,12 @@ fn kubernetes_cri_runs_a_zstd_chunked_image_lazily_through_strata() {
         "CRI pull + pod + container run: {took:?}; {}",
         stderr.lines().last().unwrap_or("")
     );
-    let mounts = Command::new(env!("CARGO_BIN_EXE_strata"))
-        .arg("--root")
-        .arg(snap.root.join("store"))
-        .args(["--json", "mounts"])
-        .output()
-        .unwrap();
-    let mounts: serde_json::Value = serde_json::from_slice(&mounts.stdout).unwrap();
+    // (containerd's gc may have had strata unmount it since the pod went)
+    let log = snap.log_text();
     assert!(
-        mounts
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m["kind"] == "lazy" && m["reference"].as_str().unwrap_or("").contains("/py@")),
-        "the pod ran on a lazy mount of the image: {mounts}"
+        log.lines()
+            .any(|l| l.contains("mounted") && l.contains("/py:1") && l.contains("lazily")),
+        "the pod ran on a lazy mount of the image: {log}"
     );
     // containerd fetched no layer itself
     let content = ctrd.ctr(&["-n", "k8s.io", "content", "ls", "-q"]);
@@ -658,6 +650,87 @@ fn kubernetes_cri_runs_a_zstd_chunked_image_lazily_through_strata() {
             "layer {d} in containerd's content store"
         );
     }
+
+    // `strata rpull -n k8s.io` of a gzip image: CRI finds it by its tag
+    // and digest names, and a pod with kubelet's IfNotPresent runs on it
+    // without a pull
+    reg.push(&oci_ref(&debian_layout(), "python"), "gz/py:1", &[]);
+    let gz = format!("{}/gz/py:1", reg.addr);
+    let out = Env::new()
+        .cmd()
+        .args([
+            "--json",
+            "rpull",
+            "--plain-http",
+            "-n",
+            "k8s.io",
+            "--address",
+        ])
+        .arg(ctrd.socket())
+        .arg(&gz)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rpull -n k8s.io: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        snap.log_text()
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let status = Command::new("python3")
+        .arg(&client)
+        .arg("--socket")
+        .arg(ctrd.socket())
+        .args(["status", "--image", &gz])
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "CRI does not see the rpulled image: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let config = layout_manifest(&debian_layout(), "python")["config"]["digest"].clone();
+    assert_eq!(status["id"], config, "{status}");
+    // (the zstd:chunked py:1 has the same config, so the same CRI id:
+    // CRI lists both names under it)
+    let has = |field: &str, v: String| {
+        status[field]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x.as_str() == Some(v.as_str()))
+    };
+    assert!(has("repo_tags", gz.clone()), "{status}");
+    let by_digest = format!(
+        "{}/gz/py@{}",
+        reg.addr,
+        summary["manifest_digest"].as_str().unwrap()
+    );
+    assert!(has("repo_digests", by_digest), "{status}");
+    let out = Command::new("python3")
+        .arg(&client)
+        .arg("--socket")
+        .arg(ctrd.socket())
+        .args(["run", "--if-not-present", "--image", &gz, "--sandbox-name"])
+        .arg(cid("pod-gz"))
+        .arg("--log-dir")
+        .arg(&logs)
+        .args(["--container-name", "gz", "--timeout", "120", "--"])
+        .args(["python3", "-c", "print('cri rpulled')"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "CRI run of the rpulled image: {stderr}\n{}",
+        snap.log_text()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "cri rpulled");
+    assert!(
+        stderr.contains("\"pulled\": false"),
+        "kubelet would not have pulled it: {stderr}"
+    );
 }
 
 /// `[snapshotter] store` naming the node's strata store: an image the CLI
@@ -726,4 +799,288 @@ fn a_shared_store_gives_containerd_what_the_cli_already_pulled() {
     for e in std::fs::read_dir(&mnt).unwrap().flatten() {
         let _ = cli.run(&["umount", e.path().to_str().unwrap()]);
     }
+}
+
+/// Restarts around running containers: containerd killed (-9) and
+/// restarted, then the snapshotter restarted while the registry is down.
+/// The running container keeps running and reading, containerd and the
+/// snapshotter come back at once (nothing is contacted at start), and new
+/// containers start on what strata already holds.
+#[test]
+fn containerd_and_snapshotter_restarts_with_the_registry_down_keep_containers_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut snap = Snapshotter::start(dir.path());
+    let mut ctrd = Containerd::start_with(&proxy_config(&snap.socket));
+    let mut reg = Registry::start();
+    reg.push(&oci_ref(&debian_layout(), "python"), "debian:python", &[]);
+    let image = format!("{}/debian:python", reg.addr);
+    rpull(&ctrd, &snap, &image);
+    let long = cid("restarts");
+    ctrd.ctr(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "strata",
+        &image,
+        &long,
+        "sleep",
+        "300",
+    ]);
+
+    ctrd.kill_and_restart();
+    let tasks = ctrd.ctr(&["task", "ls"]);
+    assert!(
+        tasks
+            .lines()
+            .any(|l| l.contains(&long) && l.contains("RUNNING")),
+        "the container runs on after containerd's restart: {tasks}"
+    );
+    let out = ctrd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        &long,
+        "python3",
+        "-c",
+        "print(1 + 1)",
+    ]);
+    assert_eq!(out.trim(), "2");
+    let out = ctrd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "strata",
+        &image,
+        &cid("after-ctrd"),
+        "python3",
+        "-c",
+        "print('after containerd')",
+    ]);
+    assert_eq!(out.trim(), "after containerd", "{}", snap.log_text());
+
+    // the registry is gone; the snapshotter restarts at once and serves
+    // what its store holds
+    reg.stop();
+    let t0 = Instant::now();
+    snap.kill_and_restart();
+    let ready = t0.elapsed();
+    eprintln!("snapshotter ready {ready:?} after a restart with the registry down");
+    assert!(ready < Duration::from_secs(5), "{ready:?}");
+    let out = ctrd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e2",
+        &long,
+        "python3",
+        "-c",
+        "print(3 * 3)",
+    ]);
+    assert_eq!(out.trim(), "9");
+    let t0 = Instant::now();
+    let out = loop {
+        let o = ctrd.ctr_output(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "strata",
+            &image,
+            &cid("after-snap"),
+            "python3",
+            "-c",
+            "print('registry down')",
+        ]);
+        if o.status.success() || t0.elapsed() > Duration::from_secs(15) {
+            break o;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        snap.log_text()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "registry down");
+    let _ = ctrd.ctr_output(&["task", "kill", "-s", "SIGKILL", &long]);
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = ctrd.ctr_output(&["task", "rm", "-f", &long]);
+    let _ = ctrd.ctr_output(&["container", "rm", &long]);
+}
+
+/// A zstd:chunked image whose top layer's TOC is not the one its
+/// manifest names: rpull is refused naming the layer and the digest,
+/// before anything is recorded; containerd and strata hold nothing.
+#[test]
+fn a_tampered_toc_is_refused_and_nothing_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = Snapshotter::start(dir.path());
+    let ctrd = Containerd::start_with(&proxy_config(&snap.socket));
+    let reg = Registry::start();
+    let conv = Env::new();
+    let src = oci_ref(&debian_layout(), "python");
+    conv.ok(&["pull", "-q", &src]);
+    let out = conv.path("out");
+    conv.ok(&["convert", &src, &format!("oci:{}:python", out.display())]);
+    // the manifest claims another TOC for the top layer
+    let index_path = out.join("index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    let mdesc = &mut index["manifests"][0];
+    let mut manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(blob_path(&out, mdesc["digest"].as_str().unwrap())).unwrap(),
+    )
+    .unwrap();
+    let top = manifest["layers"].as_array().unwrap().len() - 1;
+    let key = "io.github.containers.zstd-chunked.manifest-checksum";
+    let ann = &mut manifest["layers"][top]["annotations"];
+    assert!(ann[key].is_string(), "{ann}");
+    let wrong = strata_digest::Digest::sha256_of(b"another TOC").to_string();
+    ann[key] = wrong.clone().into();
+    let mbytes = serde_json::to_vec(&manifest).unwrap();
+    let md = strata_digest::Digest::sha256_of(&mbytes).to_string();
+    std::fs::write(blob_path(&out, &md), &mbytes).unwrap();
+    mdesc["digest"] = md.into();
+    mdesc["size"] = mbytes.len().into();
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    reg.push(
+        &format!("oci:{}:python", out.display()),
+        "bad/py:1",
+        &["--preserve-digests"],
+    );
+
+    let out = Env::new()
+        .cmd()
+        .args(["rpull", "--plain-http", "--address"])
+        .arg(ctrd.socket())
+        .arg(format!("{}/bad/py:1", reg.addr))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a tampered TOC was accepted");
+    assert!(
+        err.contains("strata") && err.contains("cannot be served lazily") && err.contains(&wrong),
+        "the error names strata, the reason and the claimed TOC: {err}"
+    );
+    assert_eq!(records(&snap.root), 0, "a snapshot was recorded");
+    let snaps = ctrd.ctr(&["snapshots", "--snapshotter", "strata", "ls"]);
+    assert_eq!(snaps.lines().count(), 1, "{snaps}");
+    let images = ctrd.ctr(&["images", "ls", "-q"]);
+    assert!(images.trim().is_empty(), "{images}");
+    let mnt = std::fs::read_dir(snap.root.join("mnt")).unwrap().count();
+    assert_eq!(mnt, 0, "nothing mounted");
+}
+
+/// The same image rpulled into two namespaces and pulled the ordinary
+/// way into a third: no "already exists", containers run in each, and
+/// removing it from one namespace (containerd's gc, strata's Cleanup)
+/// leaves the others running and starting.
+#[test]
+fn one_image_in_three_namespaces_remote_and_normal() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = Snapshotter::start(dir.path());
+    let ctrd = Containerd::start_with(&proxy_config(&snap.socket));
+    let reg = Registry::start();
+    reg.push(&oci_ref(&debian_layout(), "python"), "debian:python", &[]);
+    let image = format!("{}/debian:python", reg.addr);
+    let rpull_ns = |ns: &str| {
+        let out = Env::new()
+            .cmd()
+            .args(["--json", "rpull", "--plain-http", "-n", ns, "--address"])
+            .arg(ctrd.socket())
+            .arg(&image)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "rpull -n {ns}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            snap.log_text()
+        );
+    };
+    rpull_ns("one");
+    rpull_ns("two");
+    ctrd.ctr(&[
+        "-n",
+        "three",
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "strata",
+        &image,
+    ]);
+    let long = cid("ns-two");
+    ctrd.ctr(&[
+        "-n",
+        "two",
+        "run",
+        "-d",
+        "--snapshotter",
+        "strata",
+        &image,
+        &long,
+        "sleep",
+        "300",
+    ]);
+    for ns in ["one", "three"] {
+        let out = ctrd.ctr(&[
+            "-n",
+            ns,
+            "run",
+            "--rm",
+            "--snapshotter",
+            "strata",
+            &image,
+            &cid(&format!("ns-{ns}")),
+            "python3",
+            "-c",
+            &format!("print('{ns}')"),
+        ]);
+        assert_eq!(out.trim(), ns, "{}", snap.log_text());
+    }
+    // each namespace lists its own chain
+    for ns in ["one", "two", "three"] {
+        let ls = ctrd.ctr(&["-n", ns, "snapshots", "--snapshotter", "strata", "ls"]);
+        assert!(
+            ls.lines().filter(|l| l.contains("Committed")).count() >= 2,
+            "{ns}: {ls}"
+        );
+    }
+    // gone from one: the others keep running and starting
+    ctrd.ctr(&["-n", "one", "images", "rm", "--sync", &image]);
+    let ls = ctrd.ctr(&["-n", "one", "snapshots", "--snapshotter", "strata", "ls"]);
+    assert_eq!(ls.lines().count(), 1, "namespace one keeps nothing: {ls}");
+    let out = ctrd.ctr(&[
+        "-n",
+        "two",
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        &long,
+        "python3",
+        "-c",
+        "print(5)",
+    ]);
+    assert_eq!(out.trim(), "5");
+    let out = ctrd.ctr(&[
+        "-n",
+        "two",
+        "run",
+        "--rm",
+        "--snapshotter",
+        "strata",
+        &image,
+        &cid("ns-two-again"),
+        "python3",
+        "-c",
+        "print('two again')",
+    ]);
+    assert_eq!(out.trim(), "two again", "{}", snap.log_text());
+    let _ = ctrd.ctr_output(&["-n", "two", "task", "kill", "-s", "SIGKILL", &long]);
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = ctrd.ctr_output(&["-n", "two", "task", "rm", "-f", &long]);
+    let _ = ctrd.ctr_output(&["-n", "two", "container", "rm", &long]);
 }

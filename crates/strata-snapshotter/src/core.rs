@@ -212,6 +212,10 @@ pub struct Snapshotter {
     /// lock is never held while mounting (a lazy mount or a first
     /// composefs mount takes a while; Stat, List and other Prepares go on).
     mounting: Mutex<()>,
+    /// zstd:chunked images whose TOCs and tar-splits were fetched and
+    /// checked (once per image: each layer's Prepare asks): diff ids and
+    /// blobs.
+    checked: Mutex<HashMap<Digest, (Vec<Digest>, Vec<Digest>)>>,
 }
 
 /// The store name that keeps an image the snapshotter pulled from gc.
@@ -269,6 +273,7 @@ impl Snapshotter {
             pulls: Mutex::new(HashMap::new()),
             prefetch: "all".into(),
             mounting: Mutex::new(()),
+            checked: Mutex::new(HashMap::new()),
         };
         s.sweep(known)?;
         s.empty_trash();
@@ -529,7 +534,15 @@ impl Snapshotter {
             source: io::Error::other(e.to_string()),
         })?;
         if !mounted && r.lazy && self.store.image_meta(&r.manifest).is_err() {
+            let t0 = std::time::Instant::now();
             self.mount_lazy(r, &dir)?;
+            tracing::info!(
+                "mounted {} ({}) lazily at {} in {:?}",
+                r.image,
+                r.manifest,
+                dir.display(),
+                t0.elapsed()
+            );
         } else if !mounted {
             self.store
                 .mount_image(
@@ -548,6 +561,7 @@ impl Snapshotter {
                     what: format!("mounting {} ({}) at {}", r.image, r.manifest, dir.display()),
                     source: io::Error::other(e.to_string()),
                 })?;
+            tracing::info!("mounted {} ({}) at {}", r.image, r.manifest, dir.display());
         }
         Ok(dir)
     }
@@ -752,6 +766,14 @@ impl Snapshotter {
                 })?;
             return Ok((diff_ids_of(&meta), blobs_of(&meta), false));
         }
+        if let Some((d, b)) = self
+            .checked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&r.manifest)
+        {
+            return Ok((d.clone(), b.clone(), true));
+        }
         let unavailable = |e: String| SnapError::Unavailable(format!("pulling {}: {e}", r.image));
         let reference = match r.image.parse::<strata_oci::ImageName>() {
             Ok(strata_oci::ImageName::Qualified(strata_oci::ImageRef::Docker {
@@ -788,9 +810,10 @@ impl Snapshotter {
             ..Default::default()
         }
         .with_config(&config);
-        // zstd:chunked all through: nothing is fetched now
-        let resolved = strata_oci::open_source(&reference, &registry)
-            .and_then(|s| s.resolve(&strata_oci::Platform::host_default()))
+        let source = strata_oci::open_source(&reference, &registry)
+            .map_err(|e| unavailable(error_chain(&e)))?;
+        let resolved = source
+            .resolve(&strata_oci::Platform::host_default())
             .map_err(|e| unavailable(error_chain(&e)))?;
         let chunked = resolved
             .manifest
@@ -798,9 +821,30 @@ impl Snapshotter {
             .iter()
             .all(|l| strata_chunked::reader::locate(&l.annotations).is_some());
         if chunked {
+            // zstd:chunked all through: no file is fetched now, but every
+            // layer's TOC and tar-split is, and checked (digests, bounds,
+            // CRCs): a bad one refuses the layer before anything is
+            // recorded, instead of failing the first container
             let config = strata_oci::parse_config(&resolved.config_bytes)
                 .map_err(|e| unavailable(error_chain(&e)))?;
-            let blobs = resolved.manifest.layers.iter().map(|l| l.digest).collect();
+            let blobs: Vec<Digest> = resolved.manifest.layers.iter().map(|l| l.digest).collect();
+            strata_lazy::prepare(&self.store, &*source, resolved).map_err(|e| match e {
+                strata_lazy::LazyError::Oci(
+                    strata_oci::OciError::Network { .. }
+                    | strata_oci::OciError::Registry { .. }
+                    | strata_oci::OciError::Auth { .. },
+                ) => unavailable(error_chain(&e)),
+                e => SnapError::InvalidArgument(format!(
+                    "{} ({}) cannot be served lazily: {}",
+                    r.image,
+                    r.manifest,
+                    error_chain(&e)
+                )),
+            })?;
+            self.checked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(r.manifest, (config.diff_ids.clone(), blobs.clone()));
             return Ok((config.diff_ids, blobs, true));
         }
         let opts = strata_oci::pull::PullOptions::host(registry);

@@ -14,6 +14,23 @@ pub struct Containerd {
     _dir: tempfile::TempDir,
 }
 
+/// containerd on the config in `dir`, logging (appending) to
+/// `dir/containerd.log`.
+fn spawn(dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("containerd.log"))
+        .expect("log file");
+    Command::new("containerd")
+        .arg("--config")
+        .arg(dir.join("config.toml"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("starting containerd")
+}
+
 impl Containerd {
     /// Start containerd and wait for its socket.
     pub fn start() -> Containerd {
@@ -48,20 +65,28 @@ impl Containerd {
             ),
         )
         .expect("writing containerd config");
-        let log = std::fs::File::create(dir.path().join("containerd.log")).expect("log file");
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting containerd");
-        let t0 = Instant::now();
+        let child = spawn(dir.path());
         let c = Containerd {
             child,
             socket,
             _dir: dir,
         };
+        c.wait_ready();
+        c
+    }
+
+    /// kill -9 containerd (its shims and containers live on) and start
+    /// it again on the same root, state and config.
+    pub fn kill_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn(self._dir.path());
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
+        let c = self;
+        let t0 = Instant::now();
         while t0.elapsed() < Duration::from_secs(30) {
             let ok = Command::new("ctr")
                 .arg("--address")
@@ -70,7 +95,7 @@ impl Containerd {
                 .output()
                 .is_ok_and(|o| o.status.success());
             if ok {
-                return c;
+                return;
             }
             std::thread::sleep(Duration::from_millis(100));
         }

@@ -122,6 +122,18 @@ def cmd_pull(args, pb2, pb2_grpc, channel, timings):
     return 0
 
 
+def cmd_status(args, pb2, pb2_grpc, channel, timings):
+    images = pb2_grpc.ImageServiceStub(channel)
+    resp = images.ImageStatus(
+        pb2.ImageStatusRequest(image=pb2.ImageSpec(image=args.image)), timeout=args.timeout)
+    if not resp.image.id:
+        eprint("cri_client: image %s not found" % args.image)
+        return 1
+    print(json.dumps({"id": resp.image.id, "repo_tags": list(resp.image.repo_tags),
+                      "repo_digests": list(resp.image.repo_digests)}), flush=True)
+    return 0
+
+
 def cmd_run(args, pb2, pb2_grpc, channel, timings):
     runtime = pb2_grpc.RuntimeServiceStub(channel)
     images = pb2_grpc.ImageServiceStub(channel)
@@ -160,10 +172,24 @@ def cmd_run(args, pb2, pb2_grpc, channel, timings):
     t_all = time.monotonic()
     try:
         t = time.monotonic()
-        pulled = images.PullImage(
-            pb2.PullImageRequest(image=pb2.ImageSpec(image=args.image),
-                                 sandbox_config=sandbox_config),
-            timeout=dl.left())
+        present = False
+        image_ref = args.image
+        if args.if_not_present:
+            # kubelet's IfNotPresent: ImageStatus first, pull only if absent
+            st = images.ImageStatus(
+                pb2.ImageStatusRequest(image=pb2.ImageSpec(image=args.image)),
+                timeout=dl.left())
+            present = bool(st.image.id)
+            image_ref = st.image.id or image_ref
+        if present:
+            timings["pulled"] = False
+        else:
+            pulled = images.PullImage(
+                pb2.PullImageRequest(image=pb2.ImageSpec(image=args.image),
+                                     sandbox_config=sandbox_config),
+                timeout=dl.left())
+            image_ref = pulled.image_ref or args.image
+            timings["pulled"] = True
         timings["pull"] = round(time.monotonic() - t, 3)
 
         t = time.monotonic()
@@ -177,7 +203,7 @@ def cmd_run(args, pb2, pb2_grpc, channel, timings):
             metadata=pb2.ContainerMetadata(name=args.container_name, attempt=0),
             # Use the resolved image ref so that CreateContainer does not
             # depend on tag resolution again.
-            image=pb2.ImageSpec(image=pulled.image_ref or args.image),
+            image=pb2.ImageSpec(image=image_ref),
             command=command,
             log_path=log_rel,
             linux=pb2.LinuxContainerConfig(
@@ -296,7 +322,13 @@ def main(argv=None):
     r.add_argument("--hostname", default="")
     r.add_argument("--workdir", default="")
     r.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--if-not-present", action="store_true",
+                   help="pull only when ImageStatus does not find the image (kubelet's IfNotPresent)")
     r.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+
+    st = sub.add_parser("status", help="ImageStatus as JSON (exit 1: not found)")
+    st.add_argument("--image", required=True)
+    st.add_argument("--timeout", type=float, default=30.0)
 
     pl = sub.add_parser("pull", help="pull an image via CRI and print its ref")
     pl.add_argument("--image", required=True)
@@ -322,7 +354,7 @@ def main(argv=None):
         timings["compile"] = round(time.monotonic() - t0, 3)
         channel = grpc.insecure_channel("unix://" + os.path.abspath(args.socket))
         try:
-            fn = cmd_run if args.cmd == "run" else cmd_pull
+            fn = {"run": cmd_run, "pull": cmd_pull, "status": cmd_status}[args.cmd]
             code = fn(args, pb2, pb2_grpc, channel, timings)
         finally:
             channel.close()
