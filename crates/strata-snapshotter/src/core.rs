@@ -215,8 +215,11 @@ pub struct Snapshotter {
     /// zstd:chunked images whose TOCs and tar-splits were fetched and
     /// checked (once per image: each layer's Prepare asks): diff ids and
     /// blobs.
-    checked: Mutex<HashMap<Digest, (Vec<Digest>, Vec<Digest>)>>,
+    checked: Mutex<HashMap<Digest, Layers>>,
 }
+
+/// An image's diff ids and layer blobs.
+type Layers = (Vec<Digest>, Vec<Digest>);
 
 /// The store name that keeps an image the snapshotter pulled from gc.
 fn store_name(manifest: &Digest) -> String {
