@@ -11,8 +11,13 @@ links as bench/lazy.py (loopback; 100 Mbit/s with 20 ms RTT):
   strata rpull (gzip)      strata rpull + ctr run --snapshotter strata; the
                            image pulled into strata's store, one composefs
                            mount as the container's lower
-  strata rpull (chunked)   the same image as zstd:chunked: a lazy mount
-                           (prefetch all, the default), files on first read
+  strata rpull (chunked)   the same image as zstd:chunked: a lazy mount,
+                           files on first read; the snapshotter's prefetch
+                           `all` (the default) and `none`
+  strata rpull (placed)    zstd:chunked with the files python reads
+                           (recorded once with `strata mount --lazy --record`)
+                           placed first (`strata convert --prefetch-list`),
+                           snapshotter prefetch `list`
 Bytes: what the link carried before the first output.
 """
 
@@ -28,12 +33,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lazy as L  # noqa: E402  (the registry, link, containerd helpers)
 
 
-def strata_snapshotter(tmp):
+def strata_snapshotter(tmp, prefetch="all"):
     root = os.path.join(tmp, "snap")
     sock = os.path.join(tmp, "strata.sock")
     log = open(os.path.join(tmp, "snap.log"), "a")
+    cfg = os.path.join(tmp, "snap-config.toml")
+    with open(cfg, "w") as f:
+        f.write(f'[snapshotter]\nprefetch = "{prefetch}"\n')
     p = subprocess.Popen([L.STRATA, "--root", root, "snapshotter", "--socket", sock,
-                          "--config", "/dev/null"], stdout=subprocess.DEVNULL, stderr=log)
+                          "--config", cfg], stdout=subprocess.DEVNULL, stderr=log)
     for _ in range(200):
         if os.path.exists(sock):
             break
@@ -64,9 +72,9 @@ def containerd_with(tmp, sock):
     return c
 
 
-def strata_rpull_run(tmp, image, link, n):
+def strata_rpull_run(tmp, image, link, n, prefetch="all"):
     t0 = time.monotonic()
-    p, root, sock = strata_snapshotter(tmp)
+    p, root, sock = strata_snapshotter(tmp, prefetch)
     c = containerd_with(tmp, sock)
     try:
         b0 = link.bytes()
@@ -101,6 +109,17 @@ def main():
         L.strata(conv, "pull", "-q", src)
         out = os.path.join(tmp, "conv")
         L.strata(conv, "convert", src, f"oci:{out}:python")
+        # what python reads, recorded once on a lazy mount of the
+        # conversion, then placed first in another conversion
+        lst = os.path.join(tmp, "prefetch.list")
+        mnt = os.path.join(tmp, "mnt-record")
+        os.makedirs(mnt)
+        L.strata(conv, "mount", "--lazy", "--prefetch", "none", "--record", lst,
+                 f"oci:{out}:python", mnt)
+        L.wait_output(["chroot", mnt, "/usr/bin/python3", "-c", L.PY])
+        L.strata(conv, "umount", mnt)
+        placed = os.path.join(tmp, "placed")
+        L.strata(conv, "convert", src, f"oci:{placed}:python", "--prefetch-list", lst)
         shutil.rmtree(conv)
         for shaped in (False, True):
             label = "shaped (100 Mbit/s, 20 ms RTT)" if shaped else "loopback"
@@ -115,6 +134,8 @@ def main():
                       f"oci:{L.FIX}/debian:python", f"docker://{link.addr}/gz:1")
                 L.run("skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--preserve-digests",
                       f"oci:{out}:python", f"docker://{link.addr}/zc:1")
+                L.run("skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--preserve-digests",
+                      f"oci:{placed}:python", f"docker://{link.addr}/zp:1")
                 cases = {
                     "containerd pull + run": lambda n: L.containerd_run(
                         tmp, f"docker://{link.addr}/gz:1", link, n),
@@ -122,6 +143,10 @@ def main():
                         tmp, f"{link.addr}/gz:1", link, n),
                     "strata rpull + run (zstd:chunked, lazy)": lambda n: strata_rpull_run(
                         tmp, f"{link.addr}/zc:1", link, n),
+                    "strata rpull + run (zstd:chunked, lazy, prefetch none)":
+                        lambda n: strata_rpull_run(tmp, f"{link.addr}/zc:1", link, n, "none"),
+                    "strata rpull + run (zstd:chunked, list placed first, prefetch list)":
+                        lambda n: strata_rpull_run(tmp, f"{link.addr}/zp:1", link, n, "list"),
                 }
                 key = "shaped" if shaped else "loopback"
                 results[key] = {}

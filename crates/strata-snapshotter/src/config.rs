@@ -15,7 +15,9 @@
 //! # every file for the CLI and containerd alike
 //! # store = "/var/lib/strata"
 //! # what lazy mounts of zstd:chunked images fetch in the background:
-//! # "all" (the image ends fully pulled) or "none" (only what is read)
+//! # "all" (the image's prefetch list first, if it has one, then the rest:
+//! # the image ends fully pulled), "list" (only the list the image carries,
+//! # `strata convert --prefetch-list`) or "none" (only what is read)
 //! prefetch = "all"
 //! ```
 
@@ -54,6 +56,8 @@ pub struct Config {
 pub enum Prefetch {
     /// Everything (the image ends fully pulled).
     All,
+    /// The prefetch list the image carries.
+    List,
     /// Only what is read.
     None,
 }
@@ -63,6 +67,7 @@ impl Prefetch {
     pub fn as_str(self) -> &'static str {
         match self {
             Prefetch::All => "all",
+            Prefetch::List => "list",
             Prefetch::None => "none",
         }
     }

@@ -171,5 +171,12 @@ mod tests {
         c.insert(CRI_LAYER.to_string(), format!("sha256:{}", "d".repeat(64)));
         let r = RemoteLayer::from_labels(&c).unwrap().unwrap();
         assert!(matches!(r.layer, LayerSel::Blob(_)));
+        // CRI's list of the image's layers, cut at its 4 KiB label limit
+        // mid-digest as CRI cuts it: not read, not an error
+        let long: Vec<String> = (0..60).map(|i| format!("sha256:{:064x}", i)).collect();
+        let mut cut = long.join(",");
+        cut.truncate(4000);
+        c.insert("containerd.io/snapshot/cri.image-layers".to_string(), cut);
+        assert_eq!(RemoteLayer::from_labels(&c).unwrap().unwrap(), r);
     }
 }
