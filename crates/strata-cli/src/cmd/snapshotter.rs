@@ -34,6 +34,8 @@ pub fn run(root: Option<PathBuf>, a: Args) -> Result<std::process::ExitCode> {
     }
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // journald and log files get no colour codes
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
