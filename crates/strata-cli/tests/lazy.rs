@@ -90,6 +90,38 @@ fn python_runs_before_the_image_has_arrived_and_the_tree_is_whole() {
     let env = Env::new();
     let (m, v) = Mounted::new(&env, &r, &["--prefetch", "none"]);
     assert_eq!(v["mode"], "lazy", "{v}");
+    // a small file's read brings its small neighbours of the same
+    // directory in the same request (at most 256 KiB of blob); a large
+    // file comes alone
+    let count = |s: &serde_json::Value| {
+        (
+            s["files_local"].as_u64().unwrap(),
+            s["bytes_fetched"].as_u64().unwrap(),
+        )
+    };
+    // the state file is saved every so often: wait for a change
+    let settled = |before: (u64, u64)| {
+        let t0 = Instant::now();
+        loop {
+            let now = count(&m.state());
+            if now != before || t0.elapsed() > Duration::from_secs(10) {
+                // and one more save, in case it caught a request half done
+                std::thread::sleep(Duration::from_millis(1500));
+                return count(&m.state());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let s0 = count(&m.state());
+    let abc = std::fs::read(m.dir.join("usr/lib/python3.11/abc.py")).unwrap();
+    assert!(String::from_utf8_lossy(&abc).contains("class ABCMeta"));
+    let s1 = settled(s0);
+    assert!(s1.0 > s0.0 + 1, "no neighbours came: {s0:?} -> {s1:?}");
+    assert!(s1.1 - s0.1 <= 320 << 10, "too much came: {s0:?} -> {s1:?}");
+    let bin = std::fs::read(m.dir.join("usr/bin/python3.11")).unwrap();
+    assert!(bin.len() > 1 << 20);
+    let s2 = settled(s1);
+    assert_eq!(s2.0, s1.0 + 1, "a large file comes alone: {s1:?} -> {s2:?}");
     let out = chroot_python(&m.dir, "import json; print(1)");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),

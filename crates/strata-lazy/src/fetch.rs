@@ -168,6 +168,13 @@ const MAX_RUN_SPAN: u64 = strata_oci::partial::MAX_CHUNK_SPAN + BULK_REQUEST_BYT
 /// file is asked for alone): a cancel waits for one such request.
 pub const BULK_REQUEST_BYTES: u64 = 4 << 20;
 
+/// A read of a file this small (compressed) brings its small neighbours.
+const NEAR_FILE_BYTES: u64 = 64 * 1024;
+/// How much blob a read brings along at most.
+const NEAR_SPAN_BYTES: u64 = 256 * 1024;
+/// Neighbours are contiguous in the blob but for gaps this large.
+const NEAR_GAP_BYTES: u64 = 4 * 1024;
+
 /// Bytes read at a time when a finished file is hashed.
 const HASH_BUF: usize = 64 * 1024;
 
@@ -600,6 +607,20 @@ impl Fetcher {
         {
             return Ok(pread(&f, offset, n)?);
         }
+        // a small file: its small neighbours in the blob, of the same
+        // directory, come in the same request (a program reads the files
+        // of a directory one after another: one round trip, not one each)
+        let near = self.neighbours(digest);
+        if near.len() > 1 {
+            match self.fetch_many(&near, Ctl::none()) {
+                Ok(_) => {
+                    if let Some(f) = self.open_local(digest)? {
+                        return Ok(pread(&f, offset, n)?);
+                    }
+                }
+                Err(e) => tracing::debug!("fetching {digest} with its neighbours: {e}"),
+            }
+        }
         // the whole file, checked, before any byte of it is served
         self.fetch_whole(digest)?;
         match self.open_local(digest)? {
@@ -609,6 +630,42 @@ impl Fetcher {
                 reason: format!("{digest} is not in the store after its fetch"),
             }),
         }
+    }
+
+    /// `digest` and the files after it in its layer's blob that a read of
+    /// it brings along: small ones (at most [`NEAR_FILE_BYTES`] each) of
+    /// the same directory, missing from the store, within
+    /// [`NEAR_SPAN_BYTES`] of blob; only `digest` for a larger file.
+    fn neighbours(&self, digest: &Digest) -> Vec<Digest> {
+        let mut out = vec![*digest];
+        let Some(&(l, i)) = self.image.remote.get(digest) else {
+            return out;
+        };
+        let Some(ix) = self.image.layers[l].index.as_ref() else {
+            return out;
+        };
+        let f = &ix.files[i];
+        if f.end - f.offset > NEAR_FILE_BYTES {
+            return out;
+        }
+        let dir = |name: &str| name.rsplit_once('/').map_or("", |(d, _)| d).to_string();
+        let here = dir(&f.name);
+        let mut end = f.end;
+        for g in &ix.files[i + 1..] {
+            if g.offset < end
+                || g.offset > end + NEAR_GAP_BYTES
+                || g.end - f.offset > NEAR_SPAN_BYTES
+                || g.end - g.offset > NEAR_FILE_BYTES
+                || dir(&g.name) != here
+            {
+                break;
+            }
+            end = g.end;
+            if g.size > 0 && !out.contains(&g.digest) && !self.store.has_object(&g.digest) {
+                out.push(g.digest);
+            }
+        }
+        out
     }
 
     /// Fetch many contents (a prefetch list) with few requests: per layer,
