@@ -22,6 +22,6 @@ else
   step "cargo test (cargo-nextest not found)"
   cargo test --workspace --no-fail-fast
 fi
-# Every fuzz target: its kept regression inputs, then 10 s from its corpus (campaigns: BENCHMARKS.md).
-step "fuzz (scripts/fuzz.sh ${STRATA_FUZZ_SECONDS:-10})"
-bash scripts/fuzz.sh "${STRATA_FUZZ_SECONDS:-10}"
+# Every fuzz target: its kept regression inputs, then 30 s from its corpus (campaigns: BENCHMARKS.md).
+step "fuzz (scripts/fuzz.sh ${STRATA_FUZZ_SECONDS:-30})"
+bash scripts/fuzz.sh "${STRATA_FUZZ_SECONDS:-30}"
