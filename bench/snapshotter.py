@@ -90,12 +90,19 @@ def strata_rpull_run(tmp, image, link, n, prefetch="all"):
         c.stop()
         p.kill()
         p.wait()
-        for m in os.listdir(os.path.join(root, "mnt")) if os.path.isdir(os.path.join(root, "mnt")) else []:
-            subprocess.run([L.STRATA, "--root", os.path.join(root, "store"), "umount",
-                            os.path.join(root, "mnt", m)], stderr=subprocess.DEVNULL)
-        subprocess.run(["umount", "-R", root], stderr=subprocess.DEVNULL)
-        shutil.rmtree(root, ignore_errors=True)
+        cleanup_root(root)
         _ = t0
+
+
+def cleanup_root(root):
+    """Unmount the image mounts (and their lazy daemons) under a
+    snapshotter's root, then remove it."""
+    mnt = os.path.join(root, "mnt")
+    for m in os.listdir(mnt) if os.path.isdir(mnt) else []:
+        subprocess.run([L.STRATA, "--root", os.path.join(root, "store"), "umount",
+                        os.path.join(mnt, m)], stderr=subprocess.DEVNULL)
+    subprocess.run(["umount", "-R", root], stderr=subprocess.DEVNULL)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def main():

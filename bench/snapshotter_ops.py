@@ -136,7 +136,7 @@ def latency(tmp, addr):
         c.stop()
         p.kill()
         p.wait()
-        cleanup_root(root)
+        S.cleanup_root(root)
     return res
 
 
@@ -166,15 +166,6 @@ def ingest_cost(root, copies):
                 files += 1
     return {"snapshot_dirs_bytes": total, "copies": copies, "one_copy_files": files,
             "one_copy_bytes": nbytes, "hash_one_copy_seconds": round(time.monotonic() - t, 2)}
-
-
-def cleanup_root(root):
-    mnt = os.path.join(root, "mnt")
-    for m in os.listdir(mnt) if os.path.isdir(mnt) else []:
-        subprocess.run([L.STRATA, "--root", os.path.join(root, "store"), "umount",
-                        os.path.join(mnt, m)], stderr=subprocess.DEVNULL)
-    subprocess.run(["umount", "-R", root], stderr=subprocess.DEVNULL)
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def gc_cycles(tmp, addr):
@@ -207,7 +198,7 @@ def gc_cycles(tmp, addr):
         c.stop()
         p.kill()
         p.wait()
-        cleanup_root(root)
+        S.cleanup_root(root)
     return {"cycles": CYCLES, "before": before, "after_first": sizes[0], "after_last": sizes[-1],
             "max": {k: max(s[k] for s in sizes) for k in before},
             "snapshotter_VmRSS_kB_at_end": rss}

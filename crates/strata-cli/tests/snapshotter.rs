@@ -146,6 +146,54 @@ fn records(root: &Path) -> usize {
         .unwrap_or(0)
 }
 
+/// `ctr [-n NS] run --rm --snapshotter strata IMAGE ID python3 -c CODE`,
+/// retried for up to 15 s (containerd dials a restarted snapshotter
+/// again on its own schedule); python's output.
+fn run_python(
+    ctrd: &Containerd,
+    snap: &Snapshotter,
+    ns: &str,
+    image: &str,
+    id: &str,
+    code: &str,
+) -> String {
+    let t0 = Instant::now();
+    let out = loop {
+        let o = ctrd.ctr_output(&[
+            "-n",
+            ns,
+            "run",
+            "--rm",
+            "--snapshotter",
+            "strata",
+            image,
+            &cid(id),
+            "python3",
+            "-c",
+            code,
+        ]);
+        if o.status.success() || t0.elapsed() > Duration::from_secs(15) {
+            break o;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        snap.log_text()
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Take down the detached container `id` (a full id) in namespace `ns`.
+fn remove_container(ctrd: &Containerd, ns: &str, id: &str) {
+    let _ = ctrd.ctr_output(&["-n", ns, "task", "kill", "-s", "SIGKILL", id]);
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = ctrd.ctr_output(&["-n", ns, "task", "rm", "-f", id]);
+    let _ = ctrd.ctr_output(&["-n", ns, "container", "rm", id]);
+}
+
 #[test]
 fn containerd_pulls_and_runs_through_strata_on_the_overlay_contract() {
     let dir = tempfile::tempdir().unwrap();
@@ -411,40 +459,14 @@ fn a_zstd_chunked_image_runs_lazily_and_survives_a_snapshotter_kill() {
         config.to_str().unwrap(),
     );
     snap.wait_ready();
-    let t0 = Instant::now();
-    let out = loop {
-        let o = ctrd.ctr_output(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "strata",
-            &image,
-            &cid("second"),
-            "python3",
-            "-c",
-            "print('again')",
-        ]);
-        if o.status.success() || t0.elapsed() > Duration::from_secs(15) {
-            break o;
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    };
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stderr),
-        snap.log_text()
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "again");
+    let out = run_python(&ctrd, &snap, "default", &image, "second", "print('again')");
+    assert_eq!(out, "again");
     assert_eq!(
         std::fs::read_dir(snap.root.join("mnt")).unwrap().count(),
         1,
         "one mount of the image for both containers"
     );
-    let _ = ctrd.ctr_output(&["task", "kill", "-s", "SIGKILL", &long]);
-    std::thread::sleep(Duration::from_millis(500));
-    let _ = ctrd.ctr_output(&["task", "rm", "-f", &long]);
-    let _ = ctrd.ctr_output(&["container", "rm", &long]);
+    remove_container(&ctrd, "default", &long);
 }
 
 /// The registry of a lazy image is gone when a container starts: the
@@ -846,18 +868,15 @@ fn containerd_and_snapshotter_restarts_with_the_registry_down_keep_containers_ru
         "print(1 + 1)",
     ]);
     assert_eq!(out.trim(), "2");
-    let out = ctrd.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "strata",
+    let out = run_python(
+        &ctrd,
+        &snap,
+        "default",
         &image,
-        &cid("after-ctrd"),
-        "python3",
-        "-c",
+        "after-ctrd",
         "print('after containerd')",
-    ]);
-    assert_eq!(out.trim(), "after containerd", "{}", snap.log_text());
+    );
+    assert_eq!(out, "after containerd");
 
     // the registry is gone; the snapshotter restarts at once and serves
     // what its store holds
@@ -878,35 +897,16 @@ fn containerd_and_snapshotter_restarts_with_the_registry_down_keep_containers_ru
         "print(3 * 3)",
     ]);
     assert_eq!(out.trim(), "9");
-    let t0 = Instant::now();
-    let out = loop {
-        let o = ctrd.ctr_output(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "strata",
-            &image,
-            &cid("after-snap"),
-            "python3",
-            "-c",
-            "print('registry down')",
-        ]);
-        if o.status.success() || t0.elapsed() > Duration::from_secs(15) {
-            break o;
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    };
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stderr),
-        snap.log_text()
+    let out = run_python(
+        &ctrd,
+        &snap,
+        "default",
+        &image,
+        "after-snap",
+        "print('registry down')",
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "registry down");
-    let _ = ctrd.ctr_output(&["task", "kill", "-s", "SIGKILL", &long]);
-    std::thread::sleep(Duration::from_millis(500));
-    let _ = ctrd.ctr_output(&["task", "rm", "-f", &long]);
-    let _ = ctrd.ctr_output(&["container", "rm", &long]);
+    assert_eq!(out, "registry down");
+    remove_container(&ctrd, "default", &long);
 }
 
 /// A zstd:chunked image whose top layer's TOC is not the one its
@@ -1025,20 +1025,9 @@ fn one_image_in_three_namespaces_remote_and_normal() {
         "300",
     ]);
     for ns in ["one", "three"] {
-        let out = ctrd.ctr(&[
-            "-n",
-            ns,
-            "run",
-            "--rm",
-            "--snapshotter",
-            "strata",
-            &image,
-            &cid(&format!("ns-{ns}")),
-            "python3",
-            "-c",
-            &format!("print('{ns}')"),
-        ]);
-        assert_eq!(out.trim(), ns, "{}", snap.log_text());
+        let code = format!("print('{ns}')");
+        let out = run_python(&ctrd, &snap, ns, &image, &format!("ns-{ns}"), &code);
+        assert_eq!(out, ns);
     }
     // each namespace lists its own chain
     for ns in ["one", "two", "three"] {
@@ -1065,22 +1054,14 @@ fn one_image_in_three_namespaces_remote_and_normal() {
         "print(5)",
     ]);
     assert_eq!(out.trim(), "5");
-    let out = ctrd.ctr(&[
-        "-n",
+    let out = run_python(
+        &ctrd,
+        &snap,
         "two",
-        "run",
-        "--rm",
-        "--snapshotter",
-        "strata",
         &image,
-        &cid("ns-two-again"),
-        "python3",
-        "-c",
+        "ns-two-again",
         "print('two again')",
-    ]);
-    assert_eq!(out.trim(), "two again", "{}", snap.log_text());
-    let _ = ctrd.ctr_output(&["-n", "two", "task", "kill", "-s", "SIGKILL", &long]);
-    std::thread::sleep(Duration::from_millis(500));
-    let _ = ctrd.ctr_output(&["-n", "two", "task", "rm", "-f", &long]);
-    let _ = ctrd.ctr_output(&["-n", "two", "container", "rm", &long]);
+    );
+    assert_eq!(out, "two again");
+    remove_container(&ctrd, "two", &long);
 }
