@@ -1065,3 +1065,82 @@ fn one_image_in_three_namespaces_remote_and_normal() {
     assert_eq!(out, "two again");
     remove_container(&ctrd, "two", &long);
 }
+
+/// A zstd:chunked image with the files python reads placed first
+/// (`strata convert --prefetch-list`), through the snapshotter with
+/// `prefetch = "list"`: the lazy mount fetches the list at once, python
+/// runs in a container, and the rest of the image stays in the registry.
+#[test]
+fn an_image_with_its_list_placed_first_runs_with_prefetch_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::start();
+    let conv = Env::new();
+    let src = oci_ref(&debian_layout(), "python");
+    conv.ok(&["pull", "-q", &src]);
+    let list = conv.path("list");
+    std::fs::write(
+        &list,
+        "/usr/bin/python3.11\n/usr/lib/python3.11/os.py\n/usr/lib/python3.11/encodings/__init__.py\n",
+    )
+    .unwrap();
+    let out = conv.path("out");
+    conv.ok(&[
+        "convert",
+        &src,
+        &format!("oci:{}:python", out.display()),
+        "--prefetch-list",
+        list.to_str().unwrap(),
+    ]);
+    reg.push(
+        &format!("oci:{}:python", out.display()),
+        "placed/py:1",
+        &["--preserve-digests"],
+    );
+    let image = format!("{}/placed/py:1", reg.addr);
+
+    let root = dir.path().join("snap-root");
+    let socket = dir.path().join("strata.sock");
+    let log = dir.path().join("snapshotter.log");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[snapshotter]\nprefetch = \"list\"\n").unwrap();
+    let snap = Snapshotter {
+        child: spawn_with(&root, &socket, &log, config.to_str().unwrap()),
+        root,
+        socket,
+        log,
+    };
+    snap.wait_ready();
+    let ctrd = Containerd::start_with(&proxy_config(&snap.socket));
+    rpull(&ctrd, &snap, &image);
+    let out = run_python(&ctrd, &snap, "default", &image, "placed", "print('placed')");
+    assert_eq!(out, "placed");
+    // the lazy mount's own log: the list came first
+    let mounts = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--root")
+        .arg(snap.root.join("store"))
+        .args(["--json", "mounts"])
+        .output()
+        .unwrap();
+    let mounts: serde_json::Value = serde_json::from_slice(&mounts.stdout).unwrap();
+    let m = &mounts[0];
+    assert_eq!(m["kind"], "lazy", "{mounts}");
+    assert_eq!(m["prefetch"], "list", "{mounts}");
+    let mlog = std::fs::read_to_string(m["log"].as_str().unwrap()).unwrap();
+    let n: u64 = mlog
+        .lines()
+        .find_map(|l| {
+            l.split("prefetched ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no list prefetch in the mount's log: {mlog}"));
+    assert!(n >= 3, "{n} files of the list: {mlog}");
+    let (fetched, size) = (
+        m["bytes_fetched"].as_u64().unwrap(),
+        m["image_bytes"].as_u64().unwrap(),
+    );
+    assert!(fetched * 4 < size, "the rest stays remote: {mounts}");
+}
