@@ -1144,3 +1144,61 @@ fn an_image_with_its_list_placed_first_runs_with_prefetch_list() {
     );
     assert!(fetched * 4 < size, "the rest stays remote: {mounts}");
 }
+
+/// zstd:chunked in the old layout (Debian's skopeo writes it: no
+/// tar-split, so no file can be checked against the tar): not served
+/// lazily but pulled in full, said so in the log, and python runs.
+#[test]
+fn an_image_that_cannot_be_lazy_is_pulled_in_full_and_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = Snapshotter::start(dir.path());
+    let ctrd = Containerd::start_with(&proxy_config(&snap.socket));
+    let reg = Registry::start();
+    // through a private layout: pushing straight to a registry, skopeo
+    // would substitute the gzip blobs it remembers
+    let old = dir.path().join("old");
+    run(Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        "--dest-compress-format",
+        "zstd:chunked",
+        &oci_ref(&debian_layout(), "python"),
+        &format!("oci:{}:py", old.display()),
+    ]));
+    let m = layout_manifest(&old, "py");
+    assert!(
+        m["layers"][0]["annotations"]["io.containers.zstd-chunked.manifest-checksum"].is_string(),
+        "skopeo wrote the old layout: {m}"
+    );
+    reg.push(
+        &format!("oci:{}:py", old.display()),
+        "old/py:1",
+        &["--preserve-digests"],
+    );
+    let image = format!("{}/old/py:1", reg.addr);
+    let s = rpull(&ctrd, &snap, &image);
+    assert_eq!(s["layers_prepared"], 2, "{s}");
+    let log = snap.log_text();
+    assert!(
+        log.contains("is not served lazily, pulling it in full")
+            && log.contains("old zstd:chunked"),
+        "{log}"
+    );
+    let images = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--root")
+        .arg(snap.root.join("store"))
+        .args(["--json", "images"])
+        .output()
+        .unwrap();
+    let images: serde_json::Value = serde_json::from_slice(&images.stdout).unwrap();
+    assert_eq!(images.as_array().map(|a| a.len()), Some(1), "{images}");
+    let out = run_python(
+        &ctrd,
+        &snap,
+        "default",
+        &image,
+        "old",
+        "print('old layout')",
+    );
+    assert_eq!(out, "old layout");
+}

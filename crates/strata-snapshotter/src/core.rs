@@ -831,24 +831,41 @@ impl Snapshotter {
             let config = strata_oci::parse_config(&resolved.config_bytes)
                 .map_err(|e| unavailable(error_chain(&e)))?;
             let blobs: Vec<Digest> = resolved.manifest.layers.iter().map(|l| l.digest).collect();
-            strata_lazy::prepare(&self.store, &*source, resolved).map_err(|e| match e {
-                strata_lazy::LazyError::Oci(
-                    strata_oci::OciError::Network { .. }
-                    | strata_oci::OciError::Registry { .. }
-                    | strata_oci::OciError::Auth { .. },
-                ) => unavailable(error_chain(&e)),
-                e => SnapError::InvalidArgument(format!(
-                    "{} ({}) cannot be served lazily: {}",
-                    r.image,
-                    r.manifest,
-                    error_chain(&e)
-                )),
-            })?;
-            self.checked
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(r.manifest, (config.diff_ids.clone(), blobs.clone()));
-            return Ok((config.diff_ids, blobs, true));
+            match strata_lazy::prepare(&self.store, &*source, resolved) {
+                Ok(_) => {
+                    self.checked
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(r.manifest, (config.diff_ids.clone(), blobs.clone()));
+                    return Ok((config.diff_ids, blobs, true));
+                }
+                // readable, not lazily (the old zstd:chunked layout, no
+                // CRCs to check files against): pulled in full below, as
+                // `strata mount --lazy` does
+                Err(e @ strata_lazy::LazyError::NotLazy { .. }) => {
+                    tracing::warn!(
+                        "{} ({}) is not served lazily, pulling it in full: {}",
+                        r.image,
+                        r.manifest,
+                        error_chain(&e)
+                    );
+                }
+                Err(
+                    e @ strata_lazy::LazyError::Oci(
+                        strata_oci::OciError::Network { .. }
+                        | strata_oci::OciError::Registry { .. }
+                        | strata_oci::OciError::Auth { .. },
+                    ),
+                ) => return Err(unavailable(error_chain(&e))),
+                Err(e) => {
+                    return Err(SnapError::InvalidArgument(format!(
+                        "{} ({}) cannot be served lazily: {}",
+                        r.image,
+                        r.manifest,
+                        error_chain(&e)
+                    )));
+                }
+            }
         }
         let opts = strata_oci::pull::PullOptions::host(registry);
         strata_oci::pull::pull(
