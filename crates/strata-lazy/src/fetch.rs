@@ -16,7 +16,10 @@
 //!   verified against the TOC's chunk digests), then checked as a whole:
 //!   SHA-256 against the TOC's digest and CRC-64 (Go's `crc64.ISO`)
 //!   against the tar-split entry's checksum ([`RemoteFile::crc64`]). Only
-//!   then are they moved into objects/ and read. A read of a large file
+//!   then are they served: from their staging file at once, and from
+//!   objects/ once a background thread moved them into the store (in
+//!   batches, one sync for many files, off the reader's path; see
+//!   [`Fetcher::flush`]). A read of a large file
 //!   thus waits for the whole file. Serving chunks of a large file as
 //!   they arrive was rejected: a chunk's TOC digest proves the bytes are
 //!   some content the author knows, not that they are this tar entry's
@@ -271,7 +274,13 @@ pub struct Fetcher {
     /// Where checked objects are linked (the overlay's first data layer).
     verified_dir: Option<PathBuf>,
     /// Set when a layer failed its diff_id: every read fails.
-    inconsistent: Mutex<Option<String>>,
+    inconsistent: Arc<Mutex<Option<String>>>,
+    /// Checked contents on their way into the store.
+    fresh: Arc<Fresh>,
+    /// The thread moving them, once started.
+    committer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Names of staging files of fresh contents.
+    fresh_names: AtomicU64,
     /// Layers whose rebuilt tar matched their diff_id.
     layers_checked: Mutex<std::collections::HashSet<usize>>,
     events: Option<Arc<dyn EventSink>>,
@@ -322,7 +331,10 @@ impl Fetcher {
             claims,
             verdicts: Mutex::new(HashMap::new()),
             verified_dir: None,
-            inconsistent: Mutex::new(None),
+            inconsistent: Arc::new(Mutex::new(None)),
+            fresh: Arc::new(Fresh::default()),
+            committer: Mutex::new(None),
+            fresh_names: AtomicU64::new(0),
             layers_checked: Mutex::new(std::collections::HashSet::new()),
             events: None,
             wait_limit: WAIT_LIMIT,
@@ -410,25 +422,12 @@ impl Fetcher {
     }
 
     fn link(&self, digest: &Digest) {
-        let Some(dir) = &self.verified_dir else {
-            return;
-        };
-        if self.inconsistent().is_some() {
-            return;
-        }
-        let hex = digest.hex();
-        let to = dir.join(&hex[..2]).join(&hex[2..]);
-        let mut r = fs::hard_link(self.store.object_path(digest), &to);
-        if matches!(&r, Err(e) if e.kind() == io::ErrorKind::NotFound) {
-            r = fs::create_dir_all(dir.join(&hex[..2]))
-                .and_then(|()| fs::hard_link(self.store.object_path(digest), &to));
-        }
-        match r {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            // served through the daemon instead
-            Err(e) => tracing::debug!("linking {digest} into {}: {e}", dir.display()),
-        }
+        link_verified(
+            &self.store,
+            self.verified_dir.as_deref(),
+            &self.inconsistent,
+            digest,
+        );
     }
 
     /// What the tar-splits of the lazy layers say of `digest`; `None` when
@@ -469,11 +468,120 @@ impl Fetcher {
                 reason: r,
             });
         }
+        // checked, on its way into the store
+        if let Some(f) = self.open_fresh(digest) {
+            return Ok(Some(f));
+        }
         if verdict.is_none() && self.claim(digest).is_some() {
             // not checked yet
             return Ok(None);
         }
         Ok(self.store.open_object(digest).ok())
+    }
+
+    /// A checked content not in the store yet: its staging file.
+    fn open_fresh(&self, digest: &Digest) -> Option<File> {
+        let st = lock(&self.fresh.state);
+        st.files.get(digest).and_then(|f| f.try_clone().ok())
+    }
+
+    /// Whether the store has `digest`, or will once a checked fetch of it
+    /// is committed.
+    fn has(&self, digest: &Digest) -> bool {
+        self.store.has_object(digest) || lock(&self.fresh.state).files.contains_key(digest)
+    }
+
+    /// A new name for a fresh content's staging file.
+    fn fresh_path(&self) -> PathBuf {
+        let n = self.fresh_names.fetch_add(1, Ordering::Relaxed);
+        self.dir.join(format!("fresh-{n}"))
+    }
+
+    /// Serve `file` (checked: the whole of `digest`) from now on and have
+    /// it moved into the store.
+    fn add_fresh(&self, digest: Digest, file: File, path: PathBuf) {
+        lock(&self.verdicts).insert(digest, Ok(()));
+        let file = Arc::new(file);
+        {
+            let mut st = lock(&self.fresh.state);
+            if st.files.contains_key(&digest) {
+                drop(st);
+                let _ = fs::remove_file(&path);
+                return;
+            }
+            st.files.insert(digest, file.clone());
+            st.queue.push((digest, file, path));
+        }
+        self.fresh.changed.notify_all();
+        let mut committer = lock(&self.committer);
+        if committer.is_none() {
+            let (store, fresh, dir, bad) = (
+                self.store.clone(),
+                self.fresh.clone(),
+                self.verified_dir.clone(),
+                self.inconsistent.clone(),
+            );
+            match std::thread::Builder::new()
+                .name("lazy-store".into())
+                .spawn(move || commit_loop(store, fresh, dir, bad))
+            {
+                Ok(h) => *committer = Some(h),
+                Err(e) => {
+                    tracing::warn!("starting the thread that stores fetched files: {e}");
+                    drop(committer);
+                    self.flush_here();
+                }
+            }
+        }
+    }
+
+    /// Store, on this thread, what is queued (when no committer runs).
+    fn flush_here(&self) {
+        let batch = std::mem::take(&mut lock(&self.fresh.state).queue);
+        if batch.is_empty() {
+            return;
+        }
+        let stored = commit_batch(&self.store, &batch);
+        let mut st = lock(&self.fresh.state);
+        for (d, _, path) in &batch {
+            if stored.is_ok() {
+                self.link(d);
+                self.fresh.committed.fetch_add(1, Ordering::Relaxed);
+            }
+            st.files.remove(d);
+            let _ = fs::remove_file(path);
+        }
+    }
+
+    /// Wait until every checked content fetched so far is in the store
+    /// (reads return before that: see the module docs).
+    pub fn flush(&self) {
+        if lock(&self.committer).is_none() {
+            return self.flush_here();
+        }
+        let mut st = lock(&self.fresh.state);
+        while !st.queue.is_empty() || st.busy {
+            // a committer that ended (it does not, but a panic would)
+            // leaves the rest to this thread
+            if lock(&self.committer)
+                .as_ref()
+                .is_none_or(|h| h.is_finished())
+            {
+                drop(st);
+                return self.flush_here();
+            }
+            st = self
+                .fresh
+                .changed
+                .wait_timeout(st, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Contents moved into the store in the background so far.
+    pub fn committed(&self) -> u64 {
+        self.fresh.committed.load(Ordering::Relaxed)
     }
 
     /// Link the image's contents from layers the store has (trusted) that
@@ -482,9 +590,9 @@ impl Fetcher {
         let Some(dir) = &self.verified_dir else {
             return;
         };
-        for fan in 0..=255u8 {
-            let _ = fs::create_dir_all(dir.join(format!("{fan:02x}")));
-        }
+        // fan-out dirs are made as links need them (all 256 up front cost
+        // a tenth of a mount's time)
+        let _ = fs::create_dir_all(dir);
         for d in self.image.contents() {
             if self.claim(&d).is_none() && self.store.has_object(&d) {
                 self.link(&d);
@@ -612,7 +720,7 @@ impl Fetcher {
         // of a directory one after another: one round trip, not one each)
         let near = self.neighbours(digest);
         if near.len() > 1 {
-            match self.fetch_many(&near, Ctl::none()) {
+            match self.fetch_many_with(&near, Ctl::none(), true) {
                 Ok(_) => {
                     if let Some(f) = self.open_local(digest)? {
                         return Ok(pread(&f, offset, n)?);
@@ -661,7 +769,7 @@ impl Fetcher {
                 break;
             }
             end = g.end;
-            if g.size > 0 && !out.contains(&g.digest) && !self.store.has_object(&g.digest) {
+            if g.size > 0 && !out.contains(&g.digest) && !self.has(&g.digest) {
                 out.push(g.digest);
             }
         }
@@ -677,6 +785,18 @@ impl Fetcher {
     /// stops the list within one request with [`ReadError::Cancelled`]
     /// (what was stored stays).
     pub fn fetch_many(&self, digests: &[Digest], ctl: Ctl<'_>) -> Result<usize, ReadError> {
+        self.fetch_many_with(digests, ctl, false)
+    }
+
+    /// [`fetch_many`](Self::fetch_many); with `defer`, the files are
+    /// served from their staging files at once and stored in the
+    /// background (a read waits for them), else stored request by request.
+    fn fetch_many_with(
+        &self,
+        digests: &[Digest],
+        ctl: Ctl<'_>,
+        defer: bool,
+    ) -> Result<usize, ReadError> {
         self.reserve_bulk(digests);
         // released however the list ends (a panic too)
         struct Release<'a>(&'a Fetcher, &'a [Digest]);
@@ -692,7 +812,7 @@ impl Fetcher {
         }
         let _release = Release(self, digests);
         self.check_consistent()?;
-        self.fetch_many_reserved(digests, ctl)
+        self.fetch_many_reserved(digests, ctl, defer)
     }
 
     /// Make reads of `digests` wait for [`fetch_many`](Self::fetch_many)
@@ -701,15 +821,20 @@ impl Fetcher {
         lock(&self.bulk).extend(digests.iter().copied());
     }
 
-    fn fetch_many_reserved(&self, digests: &[Digest], ctl: Ctl<'_>) -> Result<usize, ReadError> {
+    fn fetch_many_reserved(
+        &self,
+        digests: &[Digest],
+        ctl: Ctl<'_>,
+        defer: bool,
+    ) -> Result<usize, ReadError> {
         let mut by_layer: HashMap<Digest, (strata_oci::Descriptor, Vec<&RemoteFile>)> =
             HashMap::new();
         let mut seen = std::collections::HashSet::new();
         for d in digests {
-            if !seen.insert(*d) || self.store.has_object(d) {
+            if !seen.insert(*d) || self.has(d) {
                 // present: checked against the tar-split now, so reads
                 // serve it without the check (what is prefetched is read)
-                if self.store.has_object(d)
+                if self.has(d)
                     && let Err(e) = self.open_local(d)
                 {
                     tracing::warn!("prefetch: {e}");
@@ -727,7 +852,7 @@ impl Fetcher {
         let total = by_layer.values().map(|(_, f)| f.len() as u64).sum();
         let mut done = 0;
         for (desc, mut files) in by_layer.into_values() {
-            let r = self.fetch_layer_files(&desc, &mut files, ctl, &mut done, total);
+            let r = self.fetch_layer_files(&desc, &mut files, ctl, &mut done, total, defer);
             {
                 let mut bulk = lock(&self.bulk);
                 for f in &files {
@@ -747,6 +872,7 @@ impl Fetcher {
         ctl: Ctl<'_>,
         done: &mut u64,
         total: u64,
+        defer: bool,
     ) -> Result<(), ReadError> {
         const MERGE_GAP: u64 = 32 * 1024;
         files.sort_by_key(|f| f.offset);
@@ -791,7 +917,11 @@ impl Fetcher {
                     reason: format!("asked for {} ranges, got {}", asks.len(), answers.len()),
                 });
             }
-            let mut batch = self.store.object_batch().map_err(io::Error::other)?;
+            // (deferred files are stored in the background)
+            let mut batch = match defer {
+                true => None,
+                false => Some(self.store.object_batch().map_err(io::Error::other)?),
+            };
             let mut n = 0;
             let mut accepted = Vec::new();
             for ((start, _, i, j), bytes) in group.iter().zip(&answers) {
@@ -833,12 +963,25 @@ impl Fetcher {
                         }
                         Err(_) => continue,
                     }
-                    batch.put(&mut content.as_slice(), f.size)?;
-                    accepted.push(f.digest);
+                    if let Some(batch) = &mut batch {
+                        batch.put(&mut content.as_slice(), f.size)?;
+                        accepted.push(f.digest);
+                    } else {
+                        let path = self.fresh_path();
+                        let mut file = OpenOptions::new()
+                            .read(true)
+                            .write(true)
+                            .create_new(true)
+                            .open(&path)?;
+                        io::Write::write_all(&mut file, &content)?;
+                        self.add_fresh(f.digest, file, path);
+                    }
                     n += 1;
                 }
             }
-            batch.commit().map_err(io::Error::other)?;
+            if let Some(batch) = batch {
+                batch.commit().map_err(io::Error::other)?;
+            }
             for d in &accepted {
                 self.accept(d);
             }
@@ -1130,7 +1273,6 @@ impl Fetcher {
                 reason: format!("{digest} is not complete"),
             });
         }
-        let size = p.file.metadata()?.len();
         let (crc, got) = checksums(&p.file)?;
         let want = self.claim_of(digest);
         let wrong = if got != *digest {
@@ -1156,17 +1298,15 @@ impl Fetcher {
             *finished = Some(Err(reason.clone()));
             return Err(self.reject(digest, reason));
         }
-        let mut batch = self.store.object_batch().map_err(io::Error::other)?;
-        let mut r = AtReader {
-            file: &p.file,
-            off: 0,
-        };
-        let put = batch.put(&mut r, size)?;
-        debug_assert_eq!(put, *digest);
-        batch.commit().map_err(io::Error::other)?;
+        // served from its staging file now, stored in the background; the
+        // file leaves the partial's name first (a new partial of the same
+        // content would truncate it)
+        let file = p.file.try_clone()?;
+        let fresh = self.fresh_path();
+        fs::rename(&p.path, &fresh)?;
+        lock(&self.partial).remove(digest);
         self.stats.files_completed.fetch_add(1, Ordering::Relaxed);
-        self.accept(digest);
-        self.forget(digest, p);
+        self.add_fresh(*digest, file, fresh);
         *finished = Some(Ok(()));
         Ok(())
     }
@@ -1175,6 +1315,141 @@ impl Fetcher {
         lock(&self.partial).remove(digest);
         let _ = fs::remove_file(&p.path);
     }
+}
+
+impl Drop for Fetcher {
+    /// What was fetched and checked reaches the store before the fetcher
+    /// goes.
+    fn drop(&mut self) {
+        lock(&self.fresh.state).stop = true;
+        self.fresh.changed.notify_all();
+        if let Some(h) = lock(&self.committer).take() {
+            let _ = h.join();
+        }
+        self.flush_here();
+    }
+}
+
+/// Link the object of `digest` into the verified directory `dir` (the
+/// overlay's first data layer), unless the mount is inconsistent.
+fn link_verified(
+    store: &Store,
+    dir: Option<&std::path::Path>,
+    inconsistent: &Mutex<Option<String>>,
+    digest: &Digest,
+) {
+    let Some(dir) = dir else {
+        return;
+    };
+    if lock(inconsistent).is_some() {
+        return;
+    }
+    let hex = digest.hex();
+    let to = dir.join(&hex[..2]).join(&hex[2..]);
+    let mut r = fs::hard_link(store.object_path(digest), &to);
+    if matches!(&r, Err(e) if e.kind() == io::ErrorKind::NotFound) {
+        r = fs::create_dir_all(dir.join(&hex[..2]))
+            .and_then(|()| fs::hard_link(store.object_path(digest), &to));
+    }
+    match r {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        // served through the daemon instead
+        Err(e) => tracing::debug!("linking {digest} into {}: {e}", dir.display()),
+    }
+}
+
+/// Contents checked and served whose move into the store is pending.
+///
+/// A read returned as soon as its file was checked: storing it (a copy
+/// into a staging batch, two syncs, renames) cost more than the fetch on
+/// a fast link (25 of 35 ms for a small file on loopback), once per file a
+/// program opens one after another. So a thread moves checked files into
+/// the store in batches, as many as are waiting at once, and until then
+/// they are served from their staging file. A content is always in one of
+/// the two: it leaves this set only after its batch committed.
+#[derive(Default)]
+struct Fresh {
+    state: Mutex<FreshState>,
+    changed: Condvar,
+    /// Contents moved into the store so far.
+    committed: AtomicU64,
+}
+
+#[derive(Default)]
+struct FreshState {
+    /// Served from here until in the store.
+    files: HashMap<Digest, Arc<File>>,
+    /// Not committed yet: the content, its file, the staging path.
+    queue: Vec<(Digest, Arc<File>, PathBuf)>,
+    /// The committer is storing a batch.
+    busy: bool,
+    /// The fetcher is going: commit what is queued, then end.
+    stop: bool,
+}
+
+/// The committer thread: store what is queued, in batches, until told to
+/// stop (and then the rest).
+fn commit_loop(
+    store: Arc<Store>,
+    fresh: Arc<Fresh>,
+    verified_dir: Option<PathBuf>,
+    inconsistent: Arc<Mutex<Option<String>>>,
+) {
+    loop {
+        let batch = {
+            let mut st = lock(&fresh.state);
+            while st.queue.is_empty() && !st.stop {
+                st = fresh.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            if st.queue.is_empty() {
+                return;
+            }
+            st.busy = true;
+            std::mem::take(&mut st.queue)
+        };
+        let stored = commit_batch(&store, &batch);
+        match &stored {
+            Ok(()) => {
+                for (d, _, _) in &batch {
+                    link_verified(&store, verified_dir.as_deref(), &inconsistent, d);
+                }
+                fresh
+                    .committed
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            }
+            // served from the network again next time
+            Err(e) => tracing::warn!("storing {} fetched files: {e}", batch.len()),
+        }
+        let mut st = lock(&fresh.state);
+        for (d, _, path) in &batch {
+            st.files.remove(d);
+            let _ = fs::remove_file(path);
+        }
+        st.busy = false;
+        drop(st);
+        fresh.changed.notify_all();
+    }
+}
+
+fn commit_batch(store: &Store, batch: &[(Digest, Arc<File>, PathBuf)]) -> io::Result<()> {
+    let mut objects = store.object_batch().map_err(io::Error::other)?;
+    for (d, file, _) in batch {
+        let size = file.metadata()?.len();
+        let mut r = AtReader {
+            file: file.as_ref(),
+            off: 0,
+        };
+        let put = objects.put(&mut r, size)?;
+        if put != *d {
+            // the staging file changed under us: nothing wrong is stored
+            return Err(io::Error::other(format!(
+                "the staging file of {d} now hashes to {put}"
+            )));
+        }
+    }
+    objects.commit().map_err(io::Error::other)?;
+    Ok(())
 }
 
 struct AtReader<'a> {

@@ -737,7 +737,9 @@ impl Updater {
                     Err(e) => tracing::error!("unmounting the data layer: {e}"),
                 }
             }
-            let completed = self.fetcher.stats.files_completed.load(Ordering::Relaxed);
+            // files checked, and files the background moved into the store
+            let completed = self.fetcher.stats.files_completed.load(Ordering::Relaxed)
+                + self.fetcher.committed();
             // the prefetch state is read before the counts: a state saved
             // as done then carries counts taken after the prefetch ended
             // the prefetch's state, read before the counts: the state saved
@@ -794,6 +796,8 @@ impl Updater {
                 let _ = write_record(path, &rec.paths(&self.lazy.tree));
             }
             if !mounted {
+                // what reads fetched reaches the store before the daemon goes
+                self.fetcher.flush();
                 return;
             }
             let (activity, idle) = (self.activity(), self.fetcher.idle_for());

@@ -278,6 +278,9 @@ fn a_failing_source_fails_reads_which_recover_and_whole_files_reach_the_store() 
         got.extend(b);
     }
     assert!(got == truth, "the whole file");
+    // the read returned once the file was checked; the store gets it in
+    // the background
+    f.flush();
     assert!(
         f.store().has_object(&d),
         "a complete file goes into objects/"

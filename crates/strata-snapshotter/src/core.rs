@@ -122,15 +122,21 @@ impl Remote {
     /// The reference, pinned to the manifest, as `strata mount --lazy`
     /// takes it.
     fn pinned(&self) -> String {
-        let base = self.image.trim_start_matches("docker://");
-        let base = base.split('@').next().unwrap_or(base);
-        // drop a tag: the digest pins it
-        let repo = match base.rfind(':') {
-            Some(i) if !base[i..].contains('/') => &base[..i],
-            _ => base,
-        };
-        format!("docker://{repo}@{}", self.manifest)
+        pinned(&self.image, &self.manifest)
     }
+}
+
+/// `image` (a reference) pinned to `manifest`, as `strata mount --lazy`
+/// takes it.
+fn pinned(image: &str, manifest: &Digest) -> String {
+    let base = image.trim_start_matches("docker://");
+    let base = base.split('@').next().unwrap_or(base);
+    // drop a tag: the digest pins it
+    let repo = match base.rfind(':') {
+        Some(i) if !base[i..].contains('/') => &base[..i],
+        _ => base,
+    };
+    format!("docker://{repo}@{manifest}")
 }
 
 /// A mount for containerd (what `mount(8)` would be given).
@@ -216,7 +222,16 @@ pub struct Snapshotter {
     /// checked (once per image: each layer's Prepare asks): diff ids and
     /// blobs.
     checked: Mutex<HashMap<Digest, Layers>>,
+    /// Per lazy image: a source on its registry and its top layer, for
+    /// the check before a container starts on it.
+    sources: Mutex<HashMap<Digest, LazySource>>,
 }
+
+/// A registry source and the blob it is checked with.
+type LazySource = (
+    std::sync::Arc<dyn strata_oci::ImageSource>,
+    strata_oci::Descriptor,
+);
 
 /// An image's diff ids and layer blobs.
 type Layers = (Vec<Digest>, Vec<Digest>);
@@ -277,6 +292,7 @@ impl Snapshotter {
             prefetch: "all".into(),
             mounting: Mutex::new(()),
             checked: Mutex::new(HashMap::new()),
+            sources: Mutex::new(HashMap::new()),
         };
         s.sweep(known)?;
         s.empty_trash();
@@ -422,7 +438,7 @@ impl Snapshotter {
             .iter()
             .any(|p| p.remote.is_some())
             .then(|| self.mounting.lock().unwrap_or_else(|e| e.into_inner()));
-        let mounts = match self.mounts_of(&info, chain) {
+        let mounts = match self.mounts_of(&info, chain, true) {
             Ok(m) => m,
             Err(e) => {
                 let _ = fs::remove_dir_all(&dir);
@@ -451,7 +467,9 @@ impl Snapshotter {
         Ok(mounts)
     }
 
-    fn mounts_of(&self, info: &Info, chain: &[Info]) -> Result<Vec<Mount>> {
+    /// `info`'s mounts; `new`: for a snapshot being made (a lazy image's
+    /// registry is checked then).
+    fn mounts_of(&self, info: &Info, chain: &[Info], new: bool) -> Result<Vec<Mount>> {
         let fs_of = |i: &Info| self.dir(i.id).join("fs").display().to_string();
         let bind = |src: String, rw: bool| Mount {
             kind: "bind".into(),
@@ -464,7 +482,7 @@ impl Snapshotter {
         for p in chain {
             match &p.remote {
                 Some(_) => {
-                    lowers.push(self.image_mount(p)?.display().to_string());
+                    lowers.push(self.image_mount(p, new)?.display().to_string());
                     break;
                 }
                 None => lowers.push(fs_of(p)),
@@ -495,7 +513,7 @@ impl Snapshotter {
     /// Where the image of a remote layer is mounted (mounted now if it
     /// is not): `<root>/mnt/<manifest hex>`, one mount per image, shared
     /// by every container on it and left in place across restarts.
-    fn image_mount(&self, info: &Info) -> Result<PathBuf> {
+    fn image_mount(&self, info: &Info, new: bool) -> Result<PathBuf> {
         // the images this layer is the top of; one already mounted, else
         // one in the store, else the first
         let candidates: Vec<&Remote> = info
@@ -536,6 +554,9 @@ impl Snapshotter {
             what: format!("checking {}", dir.display()),
             source: io::Error::other(e.to_string()),
         })?;
+        if new && mounted && r.lazy && self.store.image_meta(&r.manifest).is_err() {
+            self.check_lazy_source(r, &dir)?;
+        }
         if !mounted && r.lazy && self.store.image_meta(&r.manifest).is_err() {
             let t0 = std::time::Instant::now();
             self.mount_lazy(r, &dir)?;
@@ -569,10 +590,136 @@ impl Snapshotter {
         Ok(dir)
     }
 
+    /// `image` pinned to `manifest` and how to reach its registry (hosts
+    /// the store's registries.json lists as insecure: plain HTTP).
+    fn registry_of(
+        &self,
+        image: &str,
+        manifest: &Digest,
+        plain_http: bool,
+    ) -> Result<(strata_oci::ImageRef, strata_oci::RegistryOptions)> {
+        let reference = match image.parse::<strata_oci::ImageName>() {
+            Ok(strata_oci::ImageName::Qualified(strata_oci::ImageRef::Docker {
+                registry,
+                repository,
+                tag,
+                ..
+            })) => strata_oci::ImageRef::Docker {
+                registry,
+                repository,
+                tag,
+                digest: Some(*manifest),
+            },
+            Ok(_) => {
+                return Err(SnapError::InvalidArgument(format!(
+                    "label {}: {image:?} is not a registry reference",
+                    labels::IMAGE,
+                )));
+            }
+            Err(e) => {
+                return Err(SnapError::InvalidArgument(format!(
+                    "label {}: {e}",
+                    labels::IMAGE
+                )));
+            }
+        };
+        let config = strata_oci::RegistryConfig::load(self.store.root()).map_err(|e| {
+            SnapError::Unavailable(format!("reading the store's registry config: {e}"))
+        })?;
+        let registry = strata_oci::RegistryOptions {
+            plain_http,
+            user_agent: format!("strata-snapshotter/{}", env!("CARGO_PKG_VERSION")),
+            ..Default::default()
+        }
+        .with_config(&config);
+        Ok((reference, registry))
+    }
+
+    /// Before a container starts on a lazy image whose files are not all
+    /// local: one byte of its top layer from its registry (bounded by the
+    /// registry client's timeouts). A registry that is gone then fails the
+    /// start with an error naming strata and the registry, instead of the
+    /// container's first read of a file not fetched yet (EIO, with no
+    /// word of why).
+    fn check_lazy_source(&self, r: &Remote, dir: &Path) -> Result<()> {
+        let target = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+        if let Ok(rec) = strata_lazy::attach(self.store.root(), &target)
+            && rec.state.files_local >= rec.state.files_total
+        {
+            return Ok(());
+        }
+        let gone = |e: String| {
+            SnapError::Unavailable(format!(
+                "strata: the registry of the lazy image {} cannot be reached, and files of it \
+                 not fetched yet could not be read: {e}",
+                r.image
+            ))
+        };
+        let cached = self
+            .sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&r.manifest)
+            .cloned();
+        let (source, top) = match cached {
+            Some(s) => s,
+            None => {
+                let (reference, registry) =
+                    self.registry_of(&r.image, &r.manifest, r.plain_http)?;
+                let source: std::sync::Arc<dyn strata_oci::ImageSource> =
+                    strata_oci::open_source(&reference, &registry)
+                        .map_err(|e| gone(error_chain(&e)))?
+                        .into();
+                let resolved = source
+                    .resolve(&strata_oci::Platform::host_default())
+                    .map_err(|e| gone(error_chain(&e)))?;
+                let top = resolved
+                    .manifest
+                    .layers
+                    .last()
+                    .cloned()
+                    .ok_or_else(|| gone(format!("{} has no layers", r.manifest)))?;
+                self.sources
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(r.manifest, (source.clone(), top.clone()));
+                (source, top)
+            }
+        };
+        source
+            .read_range(&top, 0, 1)
+            .map_err(|e| gone(error_chain(&e)))?;
+        Ok(())
+    }
+
+    /// The lazy mount of `r`'s image at `<root>/mnt/<manifest hex>`,
+    /// unless it is there already (an earlier pull, a restart).
+    fn premount_lazy(&self, r: &RemoteLayer) -> Result<()> {
+        let dir = self.root.join("mnt").join(r.manifest.hex());
+        // ordered with Cleanup (which unmounts what no snapshot uses)
+        let _gate = self.mounting.lock().unwrap_or_else(|e| e.into_inner());
+        fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        if strata_sys::is_mount_point(&dir).unwrap_or(false) {
+            return Ok(());
+        }
+        let made = self.mount_lazy_ref(&pinned(&r.image, &r.manifest), r.plain_http, &dir);
+        if made.is_err() {
+            // nothing stays of an image refused
+            let _ = fs::remove_dir(&dir);
+        }
+        made
+    }
+
     /// `strata mount --lazy` of the image at `dir`: a daemon of its own,
     /// which outlives this process (containers keep reading while the
     /// snapshotter restarts).
     fn mount_lazy(&self, r: &Remote, dir: &Path) -> Result<()> {
+        self.mount_lazy_ref(&r.pinned(), r.plain_http, dir)
+    }
+
+    /// [`mount_lazy`](Self::mount_lazy) of `pinned` (a reference with its
+    /// digest).
+    fn mount_lazy_ref(&self, pinned: &str, plain_http: bool, dir: &Path) -> Result<()> {
         let exe = std::env::current_exe().map_err(io_err("finding the strata binary"))?;
         let mut cmd = std::process::Command::new(exe);
         cmd.arg("--root").arg(self.store.root()).args([
@@ -582,10 +729,10 @@ impl Snapshotter {
             "--prefetch",
             &self.prefetch,
         ]);
-        if r.plain_http {
+        if plain_http {
             cmd.arg("--plain-http");
         }
-        cmd.arg(r.pinned()).arg(dir);
+        cmd.arg(pinned).arg(dir);
         let out = cmd
             .stdin(std::process::Stdio::null())
             .output()
@@ -593,7 +740,7 @@ impl Snapshotter {
         if !out.status.success() {
             return Err(SnapError::Unavailable(format!(
                 "lazy mount of {} at {}: {}",
-                r.pinned(),
+                pinned,
                 dir.display(),
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
@@ -778,41 +925,7 @@ impl Snapshotter {
             return Ok((d.clone(), b.clone(), true));
         }
         let unavailable = |e: String| SnapError::Unavailable(format!("pulling {}: {e}", r.image));
-        let reference = match r.image.parse::<strata_oci::ImageName>() {
-            Ok(strata_oci::ImageName::Qualified(strata_oci::ImageRef::Docker {
-                registry,
-                repository,
-                tag,
-                ..
-            })) => strata_oci::ImageRef::Docker {
-                registry,
-                repository,
-                tag,
-                digest: Some(r.manifest),
-            },
-            Ok(_) => {
-                return Err(SnapError::InvalidArgument(format!(
-                    "label {}: {:?} is not a registry reference",
-                    labels::IMAGE,
-                    r.image
-                )));
-            }
-            Err(e) => {
-                return Err(SnapError::InvalidArgument(format!(
-                    "label {}: {e}",
-                    labels::IMAGE
-                )));
-            }
-        };
-        // hosts the store's registries.json lists as insecure: plain HTTP
-        let config = strata_oci::RegistryConfig::load(self.store.root())
-            .map_err(|e| unavailable(e.to_string()))?;
-        let registry = strata_oci::RegistryOptions {
-            plain_http: r.plain_http,
-            user_agent: format!("strata-snapshotter/{}", env!("CARGO_PKG_VERSION")),
-            ..Default::default()
-        }
-        .with_config(&config);
+        let (reference, registry) = self.registry_of(&r.image, &r.manifest, r.plain_http)?;
         let source = strata_oci::open_source(&reference, &registry)
             .map_err(|e| unavailable(error_chain(&e)))?;
         let resolved = source
@@ -824,21 +937,36 @@ impl Snapshotter {
             .iter()
             .all(|l| strata_chunked::reader::locate(&l.annotations).is_some());
         if chunked {
-            // zstd:chunked all through: no file is fetched now, but every
-            // layer's TOC and tar-split is, and checked (digests, bounds,
-            // CRCs): a bad one refuses the layer before anything is
-            // recorded, instead of failing the first container
+            // zstd:chunked all through: the image's lazy mount is made now,
+            // at its first layer's Prepare, as stargz does. It fetches and
+            // checks every layer's TOC and tar-split (digests, bounds,
+            // CRCs): a bad one fails it and nothing is recorded. The first
+            // container finds it ready, and its prefetch starts now.
             let config = strata_oci::parse_config(&resolved.config_bytes)
                 .map_err(|e| unavailable(error_chain(&e)))?;
             let blobs: Vec<Digest> = resolved.manifest.layers.iter().map(|l| l.digest).collect();
-            match strata_lazy::prepare(&self.store, &*source, resolved) {
-                Ok(_) => {
+            let t0 = std::time::Instant::now();
+            let mounted = self.premount_lazy(r);
+            let why = match mounted {
+                Ok(()) => {
+                    tracing::info!(
+                        "mounted {} ({}) lazily in {:?}",
+                        r.image,
+                        r.manifest,
+                        t0.elapsed()
+                    );
                     self.checked
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .insert(r.manifest, (config.diff_ids.clone(), blobs.clone()));
                     return Ok((config.diff_ids, blobs, true));
                 }
+                Err(e) => e,
+            };
+            // why not: the library's own check of the TOCs names the cause
+            // (the mount's is only its message)
+            match strata_lazy::prepare(&self.store, &*source, resolved) {
+                Ok(_) => return Err(why),
                 // readable, not lazily (the old zstd:chunked layout, no
                 // CRCs to check files against): pulled in full below, as
                 // `strata mount --lazy` does
@@ -906,7 +1034,7 @@ impl Snapshotter {
             .iter()
             .any(|p| p.remote.is_some())
             .then(|| self.mounting.lock().unwrap_or_else(|e| e.into_inner()));
-        self.mounts_of(&info, &chain)
+        self.mounts_of(&info, &chain, false)
     }
 
     /// Commit the active snapshot `key` as `name`.
