@@ -26,6 +26,7 @@ fn pull_opts() -> PullOptions {
         },
         jobs: 3,
         split: SplitPolicy::Never,
+        partial: true,
     }
 }
 

@@ -970,6 +970,55 @@ fn a_tampered_toc_is_refused_and_nothing_is_recorded() {
     assert!(images.trim().is_empty(), "{images}");
     let mnt = std::fs::read_dir(snap.root.join("mnt")).unwrap().count();
     assert_eq!(mnt, 0, "nothing mounted");
+
+    // configured to fall back: the same image is pulled in full (its
+    // layers checked against their diff_ids, the TOC unused), said so in
+    // the log, and python runs
+    let mut snap = snap;
+    let config = dir.path().join("fallback.toml");
+    std::fs::write(&config, "[snapshotter]\nlazy_fallback = \"pull\"\n").unwrap();
+    let _ = snap.child.kill();
+    let _ = snap.child.wait();
+    snap.child = spawn_with(
+        &snap.root,
+        &snap.socket,
+        &snap.log,
+        config.to_str().unwrap(),
+    );
+    snap.wait_ready();
+    // containerd dials the restarted snapshotter again within its backoff
+    let image = format!("{}/bad/py:1", reg.addr);
+    let t0 = Instant::now();
+    loop {
+        let out = Env::new()
+            .cmd()
+            .args(["rpull", "--plain-http", "--address"])
+            .arg(ctrd.socket())
+            .arg(&image)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("connection refused") && t0.elapsed() < Duration::from_secs(30),
+            "rpull with lazy_fallback = \"pull\": {err}\n{}",
+            snap.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        snap.log_text()
+            .contains("cannot be mounted lazily, pulling it in full"),
+        "{}",
+        snap.log_text()
+    );
+    assert_eq!(
+        run_python(&ctrd, &snap, "default", &image, "fallback", "print(1)"),
+        "1",
+        "python on the image pulled in full"
+    );
 }
 
 /// The same image rpulled into two namespaces and pulled the ordinary

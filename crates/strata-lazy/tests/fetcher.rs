@@ -120,6 +120,7 @@ fn fixture() -> Fixture {
         registry: Default::default(),
         jobs: 2,
         split: SplitPolicy::Never,
+        partial: true,
     };
     let image = pull(&truth, &src, "py", &opts, Ctl::none())
         .unwrap()

@@ -44,6 +44,10 @@ pub struct PullOptions {
     pub jobs: usize,
     /// Whether the image's EROFS is split into a shared base part.
     pub split: strata_store::SplitPolicy,
+    /// zstd:chunked layers: fetch only the files the store lacks, by
+    /// their TOCs (`true`, the default), or the whole blob like any other
+    /// layer (`false`: the TOCs are not read; a lazy mount's fallback).
+    pub partial: bool,
 }
 
 impl PullOptions {
@@ -54,6 +58,7 @@ impl PullOptions {
             registry,
             jobs: 3,
             split: strata_store::SplitPolicy::Auto(strata_store::DEFAULT_SPLIT_THRESHOLD),
+            partial: true,
         }
     }
 }
@@ -294,7 +299,7 @@ fn pull_inner(
             ctl,
             &downloaded,
             &notes,
-            &budget,
+            opts.partial.then_some(&budget),
         )?;
         ctl.emit(Event::UnitDone {
             op: Op::Pull,
@@ -397,7 +402,7 @@ fn pull_layer(
     ctl: Ctl<'_>,
     downloaded: &AtomicU64,
     notes: &Mutex<Notes>,
-    budget: &crate::partial::MetadataBudget,
+    budget: Option<&crate::partial::MetadataBudget>,
 ) -> Result<Option<(strata_store::BatchStats, strata_tar::LayerRecord, bool)>, PullError> {
     let layer_err = |reason: String| PullError::Layer {
         index,
@@ -419,7 +424,9 @@ fn pull_layer(
         return Ok(None);
     }
     layer_started(ctl, index, desc, false);
-    if strata_chunked::reader::locate(&desc.annotations).is_some() {
+    if let Some(budget) = budget
+        && strata_chunked::reader::locate(&desc.annotations).is_some()
+    {
         match crate::partial::fetch(store, source, desc, downloaded, index, ctl, budget)? {
             Ok(fetched) => {
                 notes.lock().expect("lock").partial.push(PartialLayer {

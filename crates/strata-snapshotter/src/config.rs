@@ -19,6 +19,13 @@
 //! # the image ends fully pulled), "list" (only the list the image carries,
 //! # `strata convert --prefetch-list`) or "none" (only what is read)
 //! prefetch = "all"
+//! # when a zstd:chunked image cannot be mounted lazily (its TOC fails its
+//! # checks, the registry refuses range requests, FUSE is missing): "fail"
+//! # (the pull fails, naming strata and why) or "pull" (it is pulled in
+//! # full instead, every layer checked against its diff_id, with a
+//! # warning). A registry that cannot be reached fails either way: a full
+//! # pull needs it too.
+//! lazy_fallback = "fail"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -48,6 +55,20 @@ pub struct Config {
     /// Background fetching of lazy mounts: `all` or `none`.
     #[serde(default = "default_prefetch")]
     pub prefetch: Prefetch,
+    /// What a lazy mount that cannot be made turns into.
+    #[serde(default)]
+    pub lazy_fallback: LazyFallback,
+}
+
+/// When a zstd:chunked image cannot be mounted lazily.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LazyFallback {
+    /// The pull fails, naming why.
+    #[default]
+    Fail,
+    /// The image is pulled in full (checked against its diff_ids).
+    Pull,
 }
 
 /// What lazy mounts fetch in the background.
@@ -92,6 +113,7 @@ impl Default for Config {
             socket: default_socket(),
             store: None,
             prefetch: default_prefetch(),
+            lazy_fallback: LazyFallback::Fail,
         }
     }
 }
@@ -143,6 +165,12 @@ mod tests {
         std::fs::write(&p, "[snapshotter]\nstore = \"/var/lib/strata\"\n").unwrap();
         let c = Config::load(&p, true).unwrap();
         assert_eq!(c.store, Some(PathBuf::from("/var/lib/strata")));
+        std::fs::write(&p, "[snapshotter]\nlazy_fallback = \"pull\"\n").unwrap();
+        let c = Config::load(&p, true).unwrap();
+        assert_eq!(c.lazy_fallback, LazyFallback::Pull);
+        std::fs::write(&p, "[snapshotter]\nlazy_fallback = \"maybe\"\n").unwrap();
+        let e = Config::load(&p, true).unwrap_err();
+        assert!(e.contains("maybe"), "{e}");
         std::fs::write(&p, "[snapshotter]\nsokcet = \"/x.sock\"\n").unwrap();
         let e = Config::load(&p, true).unwrap_err();
         assert!(e.contains("sokcet"), "{e}");

@@ -212,6 +212,8 @@ pub struct Snapshotter {
     pulls: Mutex<HashMap<Digest, std::sync::Arc<Mutex<()>>>>,
     /// `--prefetch` of lazy mounts: `all`, `none`.
     prefetch: String,
+    /// A lazy mount that cannot be made: pull the image in full instead.
+    lazy_fallback: bool,
     /// Held while an image is mounted for a new snapshot until that
     /// snapshot is recorded, and while Cleanup unmounts: Cleanup never
     /// unmounts an image a snapshot being made will stand on. The state
@@ -290,6 +292,7 @@ impl Snapshotter {
             store,
             pulls: Mutex::new(HashMap::new()),
             prefetch: "all".into(),
+            lazy_fallback: false,
             mounting: Mutex::new(()),
             checked: Mutex::new(HashMap::new()),
             sources: Mutex::new(HashMap::new()),
@@ -303,6 +306,13 @@ impl Snapshotter {
     /// image ends fully pulled) or `none` (only what is read).
     pub fn set_prefetch(&mut self, prefetch: &str) {
         self.prefetch = prefetch.to_string();
+    }
+
+    /// When a zstd:chunked image cannot be mounted lazily (a TOC failing
+    /// its checks, no range requests, no FUSE): pull it in full instead of
+    /// failing (`[snapshotter] lazy_fallback = "pull"`).
+    pub fn set_lazy_fallback(&mut self, pull: bool) {
+        self.lazy_fallback = pull;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -936,6 +946,7 @@ impl Snapshotter {
             .layers
             .iter()
             .all(|l| strata_chunked::reader::locate(&l.annotations).is_some());
+        let mut fell_back = false;
         if chunked {
             // zstd:chunked all through: the image's lazy mount is made now,
             // at its first layer's Prepare, as stargz does. It fetches and
@@ -965,7 +976,17 @@ impl Snapshotter {
             };
             // why not: the library's own check of the TOCs names the cause
             // (the mount's is only its message)
+            fell_back = true;
+            let fallback = |e: String| {
+                tracing::warn!(
+                    "{} ({}) cannot be mounted lazily, pulling it in full \
+                     (lazy_fallback = \"pull\"): {e}",
+                    r.image,
+                    r.manifest
+                );
+            };
             match strata_lazy::prepare(&self.store, &*source, resolved) {
+                Ok(_) if self.lazy_fallback => fallback(why.to_string()),
                 Ok(_) => return Err(why),
                 // readable, not lazily (the old zstd:chunked layout, no
                 // CRCs to check files against): pulled in full below, as
@@ -985,6 +1006,9 @@ impl Snapshotter {
                         | strata_oci::OciError::Auth { .. },
                     ),
                 ) => return Err(unavailable(error_chain(&e))),
+                // a full pull checks every layer against its diff_id: the
+                // TOC is not used
+                Err(e) if self.lazy_fallback => fallback(error_chain(&e)),
                 Err(e) => {
                     return Err(SnapError::InvalidArgument(format!(
                         "{} ({}) cannot be served lazily: {}",
@@ -995,7 +1019,10 @@ impl Snapshotter {
                 }
             }
         }
-        let opts = strata_oci::pull::PullOptions::host(registry);
+        let mut opts = strata_oci::pull::PullOptions::host(registry);
+        // a fallback from a lazy mount: the whole blobs, checked against
+        // their digests and diff_ids, whatever the TOCs say
+        opts.partial = !fell_back;
         strata_oci::pull::pull(
             &self.store,
             &reference,

@@ -65,10 +65,12 @@ fn bind(socket: &Path) -> std::io::Result<UnixListener> {
 pub async fn serve(config: &Config, ready: impl FnOnce()) -> Result<(), ServeError> {
     let root = config.root.clone();
     let prefetch = config.prefetch;
+    let fallback = config.lazy_fallback == crate::config::LazyFallback::Pull;
     let store = config.store.clone().unwrap_or_else(|| root.join("store"));
     let core = tokio::task::spawn_blocking(move || {
         Snapshotter::open_with_store(&root, &store).map(|mut s| {
             s.set_prefetch(prefetch.as_str());
+            s.set_lazy_fallback(fallback);
             s
         })
     })

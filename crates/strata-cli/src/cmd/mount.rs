@@ -157,6 +157,7 @@ fn lazy(ctx: &Ctx, a: &Args, mode: LazyMode) -> Result<ExitCode> {
             pull: PullOptions {
                 platform: la.platform.clone().unwrap_or_else(Platform::host_default),
                 split: a.split.policy(),
+                partial: true,
                 ..PullOptions::host(la.registry.flags())
             },
         },

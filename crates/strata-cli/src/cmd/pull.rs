@@ -38,6 +38,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         registry: a.registry.options(&store)?,
         jobs: a.jobs,
         split: a.split.policy(),
+        partial: true,
     };
     let opened = open_name(&a.reference, &opts.registry, &opts.platform)
         .with_context(|| format!("opening {}", a.reference))?;
