@@ -349,6 +349,44 @@ fn rpull_makes_the_layers_available_from_strata_and_ctr_runs_on_them() {
     let mounted: Vec<_> = std::fs::read_dir(&mnt).unwrap().flatten().collect();
     assert_eq!(mounted.len(), 1, "one image mount");
 
+    // a view of the bottom layer alone (an intermediate layer of the
+    // image): a mount of the layers up to it, without python's layer
+    let bottom = ls
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() == 2 && f[1] == "Committed")
+        .unwrap_or_else(|| panic!("no bottom layer in {ls}"))[0]
+        .to_string();
+    ctrd.ctr(&[
+        "snapshots",
+        "--snapshotter",
+        "strata",
+        "view",
+        "v-bottom",
+        &bottom,
+    ]);
+    let view = ctrd.ctr(&[
+        "snapshots",
+        "--snapshotter",
+        "strata",
+        "mounts",
+        "/mnt",
+        "v-bottom",
+    ]);
+    let src = view
+        .split_whitespace()
+        .skip_while(|w| *w != "bind")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no bind mount in {view}"));
+    let src = Path::new(src);
+    assert!(src.join("etc/debian_version").is_file(), "{view}");
+    assert!(src.join("usr/bin").is_dir(), "{view}");
+    assert!(
+        !src.join("usr/bin/python3").exists(),
+        "python's layer is not in a view of the layer below it"
+    );
+    ctrd.ctr(&["snapshots", "--snapshotter", "strata", "rm", "v-bottom"]);
+
     // again: nothing to make available
     let s = rpull(&ctrd, &snap, &image);
     assert_eq!(s["layers_prepared"], 0, "{s}");

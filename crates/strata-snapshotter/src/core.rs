@@ -238,6 +238,12 @@ type LazySource = (
 /// An image's diff ids and layer blobs.
 type Layers = (Vec<Digest>, Vec<Digest>);
 
+/// The mount dir name of the layers up to chain id `chain`.
+fn prefix_name(chain: &str) -> String {
+    let hex = chain.rsplit(':').next().unwrap_or(chain);
+    format!("layers-{hex}")
+}
+
 /// The store name that keeps an image the snapshotter pulled from gc.
 fn store_name(manifest: &Digest) -> String {
     format!("containerd-snapshotter/{manifest}")
@@ -547,16 +553,7 @@ impl Snapshotter {
             .or(candidates.first())
             .copied();
         let Some(r) = r else {
-            let (layer, layers, image) = info
-                .remote
-                .as_ref()
-                .map(|r| (r.layer, r.layers, r.image.as_str()))
-                .unwrap_or((0, 0, "?"));
-            return Err(SnapError::FailedPrecondition(format!(
-                "snapshot {:?} is layer {layer} of {layers} of {image}: strata mounts whole \
-                 images, so only a top layer can be a parent",
-                info.name
-            )));
+            return self.prefix_mount(info);
         };
         let dir = self.root.join("mnt").join(r.manifest.hex());
         fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
@@ -597,6 +594,80 @@ impl Snapshotter {
                 })?;
             tracing::info!("mounted {} ({}) at {}", r.image, r.manifest, dir.display());
         }
+        Ok(dir)
+    }
+
+    /// The mount of the layers up to an intermediate layer of a remote
+    /// image (a view of it, a container on it, an image sharing those
+    /// base layers): a composefs image of just those layers, built from
+    /// the store, at `<root>/mnt/layers-<chain id hex>`.
+    fn prefix_mount(&self, info: &Info) -> Result<PathBuf> {
+        let Some(r) = info.remote.as_ref() else {
+            return Err(SnapError::FailedPrecondition(format!(
+                "snapshot {:?} has no image below it",
+                info.name
+            )));
+        };
+        let Ok(meta) = self.store.image_meta(&r.manifest) else {
+            return Err(SnapError::FailedPrecondition(format!(
+                "snapshot {:?} is layer {} of {} of {}, which is mounted lazily: only its top \
+                 layer can be a parent until it has arrived",
+                info.name, r.layer, r.layers, r.image
+            )));
+        };
+        let diff_ids: Vec<Digest> = meta
+            .layers
+            .iter()
+            .take(r.layer + 1)
+            .map(|l| l.diff_id)
+            .collect();
+        let chain = labels::chain_ids(&diff_ids)
+            .pop()
+            .ok_or_else(|| SnapError::FailedPrecondition(format!("{} has no layers", r.image)))?;
+        let name = prefix_name(&chain);
+        let dir = self.root.join("mnt").join(&name);
+        fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        if strata_sys::is_mount_point(&dir).unwrap_or(false) {
+            return Ok(dir);
+        }
+        let io = |what: String| {
+            move |e: strata_store::StoreError| SnapError::Io {
+                what,
+                source: io::Error::other(e.to_string()),
+            }
+        };
+        let image = self.store.build_flat(&diff_ids, None).map_err(io(format!(
+            "building the layers of {} up to {}",
+            r.image, r.layer
+        )))?;
+        let erofs = self.root.join("mnt").join(format!("{name}.erofs"));
+        let tmp = erofs.with_extension("erofs.tmp");
+        fs::write(&tmp, &image)
+            .and_then(|()| fs::rename(&tmp, &erofs))
+            .map_err(io_err(format!("writing {}", erofs.display())))?;
+        let m = strata_sys::OverlayMount {
+            dirs_above: Vec::new(),
+            layers: vec![erofs],
+            data_dirs: vec![self.store.root().join("objects")],
+            upper: None,
+            verity_require: false,
+            source: format!("strata-layers:{chain}"),
+        };
+        strata_sys::mount_overlay(&m, &dir).map_err(|e| SnapError::Io {
+            what: format!(
+                "mounting layers 0..={} of {} at {}",
+                r.layer,
+                r.image,
+                dir.display()
+            ),
+            source: io::Error::other(e.to_string()),
+        })?;
+        tracing::info!(
+            "mounted layers 0..={} of {} ({chain}) at {}",
+            r.layer,
+            r.image,
+            dir.display()
+        );
         Ok(dir)
     }
 
@@ -1232,6 +1303,9 @@ impl Snapshotter {
                 for r in p.remote.iter().chain(p.tops.iter()) {
                     used_mounts.insert(r.manifest.hex().to_string());
                 }
+                if let Some(c) = p.labels.get(labels::SNAPSHOT_REF) {
+                    used_mounts.insert(prefix_name(c));
+                }
             }
         }
         // a new snapshot on an image needs the gate held here, so the
@@ -1247,6 +1321,24 @@ impl Snapshotter {
                 continue;
             }
             let p = e.path();
+            // a prefix mount's image, and the mount (strata's own overlay,
+            // not one `strata umount` knows)
+            if let Some(stem) = name.strip_suffix(".erofs") {
+                if !used_mounts.contains(stem) {
+                    let _ = fs::remove_file(&p);
+                }
+                continue;
+            }
+            if name.starts_with("layers-") {
+                if strata_sys::is_mount_point(&p).unwrap_or(false)
+                    && let Err(err) = strata_sys::unmount(&p)
+                {
+                    tracing::warn!("unmounting {}: {err}", p.display());
+                    continue;
+                }
+                let _ = fs::remove_dir(&p);
+                continue;
+            }
             if strata_sys::is_mount_point(&p).unwrap_or(false)
                 && let Err(err) = self.unmount_image(&p)
             {
