@@ -6,6 +6,7 @@
 #   bash bench/run.sh lazy     # issue 4: lazy mounts, cold starts on a shaped link (bench/lazy.py)
 #   bash bench/run.sh lazy-rss # issue 14: memory and threads of 20 lazy mounts (bench/lazy_rss.py)
 #   bash bench/run.sh snapshotter # issue 16: containerd cold starts through the strata snapshotter (bench/snapshotter.py)
+#   bash bench/run.sh snapshotter-cri # issue 16: cold start through containerd's CRI (kubelet's calls), strata vs overlayfs (bench/snapshotter_cri.py)
 #   bash bench/run.sh snapshotter-ops # issue 16: snapshotter call latency under 8 parallel starts, RSS, 20 gc cycles (bench/snapshotter_ops.py)
 #   bash bench/run.sh rootfs   # issue 5: VM templates: build, resize, deltas vs qcow2, chunk size, serve (bench/rootfs.py)
 set -euo pipefail
@@ -24,5 +25,6 @@ case "${1:-pull}" in
   rootfs) exec python3 bench/rootfs.py ;;
   snapshotter) exec python3 bench/snapshotter.py ;;
   snapshotter-ops) exec python3 bench/snapshotter_ops.py ;;
-  *) echo "usage: bench/run.sh [pull|erofs|chunked|lazy|lazy-rss|rootfs|snapshotter|snapshotter-ops]" >&2; exit 2 ;;
+  snapshotter-cri) exec python3 bench/snapshotter_cri.py ;;
+  *) echo "usage: bench/run.sh [pull|erofs|chunked|lazy|lazy-rss|rootfs|snapshotter|snapshotter-ops|snapshotter-cri]" >&2; exit 2 ;;
 esac
