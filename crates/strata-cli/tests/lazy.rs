@@ -428,6 +428,18 @@ fn a_killed_daemon_leaves_a_stale_mount_that_umount_cleans() {
     let (m, _) = Mounted::new(&env, &r, &["--prefetch", "none"]);
     // fetched now: an object no image names yet
     let python = std::fs::read(m.dir.join("usr/bin/python3.11")).unwrap();
+    let objects = || {
+        walk_files(&env.root().join("objects"))
+            .into_iter()
+            .filter(|p| std::fs::read(p).is_ok_and(|b| b == python))
+            .count()
+    };
+    // the read returned once python was checked; the store gets it in the
+    // background, at once
+    let t0 = std::time::Instant::now();
+    while objects() == 0 && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let pid = m.state()["pid"].as_u64().unwrap();
     Command::new("kill")
         .args(["-9", &pid.to_string()])
@@ -440,12 +452,6 @@ fn a_killed_daemon_leaves_a_stale_mount_that_umount_cleans() {
     assert_eq!(e.raw_os_error(), Some(107), "ENOTCONN: {e}");
     // still mounted: gc runs but must not take objects its files read
     // (the mount's lease outlives its daemon while the mount stays)
-    let objects = || {
-        walk_files(&env.root().join("objects"))
-            .into_iter()
-            .filter(|p| std::fs::read(p).is_ok_and(|b| b == python))
-            .count()
-    };
     assert_eq!(objects(), 1, "python was fetched into objects/");
     let report = env.json(&["gc"]);
     assert_eq!(

@@ -715,6 +715,13 @@ impl Fetcher {
         {
             return Ok(pread(&f, offset, n)?);
         }
+        let t0 = Instant::now();
+        let fetched = |how: &str| {
+            tracing::debug!(
+                "read of {digest} ({size} bytes) waited {:.1} ms for {how}",
+                t0.elapsed().as_secs_f64() * 1000.0
+            )
+        };
         // a small file: its small neighbours in the blob, of the same
         // directory, come in the same request (a program reads the files
         // of a directory one after another: one round trip, not one each)
@@ -723,6 +730,7 @@ impl Fetcher {
             match self.fetch_many_with(&near, Ctl::none(), true) {
                 Ok(_) => {
                     if let Some(f) = self.open_local(digest)? {
+                        fetched(&format!("its fetch with {} neighbours", near.len() - 1));
                         return Ok(pread(&f, offset, n)?);
                     }
                 }
@@ -731,6 +739,7 @@ impl Fetcher {
         }
         // the whole file, checked, before any byte of it is served
         self.fetch_whole(digest)?;
+        fetched("its fetch");
         match self.open_local(digest)? {
             Some(f) => Ok(pread(&f, offset, n)?),
             None => Err(ReadError::Fetch {
