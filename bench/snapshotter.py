@@ -105,29 +105,36 @@ def cleanup_root(root):
     shutil.rmtree(root, ignore_errors=True)
 
 
+def converted_images(tmp):
+    """The debian+python fixture as zstd:chunked (OCI dir, tag python), and
+    again with the files python reads placed first: (conv, placed)."""
+    conv = os.path.join(tmp, "s-conv")
+    src = f"oci:{L.FIX}/debian:python"
+    L.strata(conv, "pull", "-q", src)
+    out = os.path.join(tmp, "conv")
+    L.strata(conv, "convert", src, f"oci:{out}:python")
+    # what python reads, recorded once on a lazy mount of the conversion,
+    # then placed first in another conversion
+    lst = os.path.join(tmp, "prefetch.list")
+    mnt = os.path.join(tmp, "mnt-record")
+    os.makedirs(mnt)
+    L.strata(conv, "mount", "--lazy", "--prefetch", "none", "--record", lst,
+             f"oci:{out}:python", mnt)
+    L.wait_output(["chroot", mnt, "/usr/bin/python3", "-c", L.PY])
+    L.strata(conv, "umount", mnt)
+    placed = os.path.join(tmp, "placed")
+    L.strata(conv, "convert", src, f"oci:{placed}:python", "--prefetch-list", lst)
+    shutil.rmtree(conv)
+    return out, placed
+
+
 def main():
     for tool in ("docker-registry", "skopeo", "containerd", "ctr", "runc", "tc", "ip"):
         if shutil.which(tool) is None:
             sys.exit(f"bench: {tool} is missing (bash scripts/install-deps.sh)")
     results = {"runs": L.RUNS}
     with tempfile.TemporaryDirectory(prefix="strata-bench-snap-") as tmp:
-        conv = os.path.join(tmp, "s-conv")
-        src = f"oci:{L.FIX}/debian:python"
-        L.strata(conv, "pull", "-q", src)
-        out = os.path.join(tmp, "conv")
-        L.strata(conv, "convert", src, f"oci:{out}:python")
-        # what python reads, recorded once on a lazy mount of the
-        # conversion, then placed first in another conversion
-        lst = os.path.join(tmp, "prefetch.list")
-        mnt = os.path.join(tmp, "mnt-record")
-        os.makedirs(mnt)
-        L.strata(conv, "mount", "--lazy", "--prefetch", "none", "--record", lst,
-                 f"oci:{out}:python", mnt)
-        L.wait_output(["chroot", mnt, "/usr/bin/python3", "-c", L.PY])
-        L.strata(conv, "umount", mnt)
-        placed = os.path.join(tmp, "placed")
-        L.strata(conv, "convert", src, f"oci:{placed}:python", "--prefetch-list", lst)
-        shutil.rmtree(conv)
+        out, placed = converted_images(tmp)
         for shaped in (False, True):
             label = "shaped (100 Mbit/s, 20 ms RTT)" if shaped else "loopback"
             print(f"== {label}", flush=True)

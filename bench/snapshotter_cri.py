@@ -124,21 +124,7 @@ def main():
             sys.exit(f"bench: {tool} is missing (bash scripts/install-deps.sh)")
     results = {"runs": L.RUNS}
     with tempfile.TemporaryDirectory(prefix="strata-bench-cri-") as tmp:
-        conv = os.path.join(tmp, "s-conv")
-        src = f"oci:{L.FIX}/debian:python"
-        L.strata(conv, "pull", "-q", src)
-        out = os.path.join(tmp, "conv")
-        L.strata(conv, "convert", src, f"oci:{out}:python")
-        lst = os.path.join(tmp, "prefetch.list")
-        mnt = os.path.join(tmp, "mnt-record")
-        os.makedirs(mnt)
-        L.strata(conv, "mount", "--lazy", "--prefetch", "none", "--record", lst,
-                 f"oci:{out}:python", mnt)
-        L.wait_output(["chroot", mnt, "/usr/bin/python3", "-c", L.PY])
-        L.strata(conv, "umount", mnt)
-        placed = os.path.join(tmp, "placed")
-        L.strata(conv, "convert", src, f"oci:{placed}:python", "--prefetch-list", lst)
-        shutil.rmtree(conv)
+        out, placed = S.converted_images(tmp)
         pause = os.path.join(tmp, "pause")
         if os.environ.get("BENCH_PAUSE", "own") == "debian":
             # a sandbox image sharing the python image's base layer: only
