@@ -227,6 +227,9 @@ pub struct Snapshotter {
     /// Per lazy image: a source on its registry and its top layer, for
     /// the check before a container starts on it.
     sources: Mutex<HashMap<Digest, LazySource>>,
+    /// One set of HTTP connection pools for every pull and check the
+    /// daemon makes (TLS roots loaded once, connections reused).
+    client: strata_oci::RegistryClient,
 }
 
 /// A registry source and the blob it is checked with.
@@ -302,6 +305,7 @@ impl Snapshotter {
             mounting: Mutex::new(()),
             checked: Mutex::new(HashMap::new()),
             sources: Mutex::new(HashMap::new()),
+            client: strata_oci::RegistryClient::new(),
         };
         s.sweep(known)?;
         s.empty_trash();
@@ -710,6 +714,7 @@ impl Snapshotter {
         let registry = strata_oci::RegistryOptions {
             plain_http,
             user_agent: format!("strata-snapshotter/{}", env!("CARGO_PKG_VERSION")),
+            client: self.client.clone(),
             ..Default::default()
         }
         .with_config(&config);
