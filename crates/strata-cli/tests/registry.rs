@@ -46,8 +46,16 @@ fn plain_http_is_refused_unless_asked() {
     let reg = Registry::start();
     let env = Env::new();
     let r = push_sample(&reg);
+    let t = std::time::Instant::now();
     let err = env.fails(&["pull", &r]);
     assert!(err.contains(&reg.addr), "{err}");
+    assert!(err.contains("did not answer in TLS"), "{err}");
+    assert!(err.contains("--plain-http"), "{err}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(2),
+        "retried: {:?}",
+        t.elapsed()
+    );
     // registries.json names the host: plain HTTP without the flag
     std::fs::create_dir_all(env.root()).unwrap();
     std::fs::write(
@@ -68,6 +76,46 @@ fn plain_http_is_refused_unless_asked() {
         )),
         "{err}"
     );
+}
+
+#[test]
+fn https_registries_are_verified_against_the_system_roots() {
+    let (reg, ca) = Registry::start_tls();
+    let env = Env::new();
+    let r = push_sample(&reg);
+    // a CA nobody trusts: refused, naming the certificate
+    let out = env
+        .cmd()
+        .env("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt")
+        .args(["pull", &r])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("TLS certificate was refused"), "{err}");
+    assert!(err.contains("SSL_CERT_FILE"), "{err}");
+    assert!(err.contains(&reg.addr), "{err}");
+    // refused at once: a certificate does not change between attempts
+    let t = std::time::Instant::now();
+    env.fails(&["pull", &r]);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        t.elapsed()
+    );
+    // the same registry once its CA is trusted
+    let out = env
+        .cmd()
+        .env("SSL_CERT_FILE", &ca)
+        .args(["pull", &r])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env.fsck_ok();
 }
 
 #[test]

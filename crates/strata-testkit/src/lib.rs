@@ -84,11 +84,86 @@ pub struct Registry {
     pub storage: PathBuf,
     child: Child,
     _dir: tempfile::TempDir,
+    /// The CA and server certificate of a TLS registry.
+    _certs: Option<tempfile::TempDir>,
 }
 
 impl Registry {
     /// Start a registry and wait until `/v2/` answers.
     pub fn start() -> Registry {
+        Registry::start_with("")
+    }
+
+    /// Start a registry serving HTTPS with a certificate for 127.0.0.1
+    /// from a CA of its own, made here with `openssl`; returns the
+    /// registry and the CA's PEM file (trust it with `SSL_CERT_FILE`).
+    pub fn start_tls() -> (Registry, PathBuf) {
+        require_tool("openssl", "openssl");
+        let certs_dir = tempfile::tempdir().expect("tempdir");
+        let certs = certs_dir.path().to_path_buf();
+        let ca = certs.join("ca.pem");
+        let ssl = |args: &[&str]| run(Command::new("openssl").current_dir(&certs).args(args));
+        ssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=strata test CA",
+        ]);
+        ssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        fs::write(certs.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("write san.ext");
+        ssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ]);
+        let tls = format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            certs.join("server.pem").display(),
+            certs.join("server.key").display()
+        );
+        let mut reg = Registry::start_with(&tls);
+        reg._certs = Some(certs_dir);
+        (reg, ca)
+    }
+
+    /// Start a registry with `http_extra` appended to its `http:` section.
+    fn start_with(http_extra: &str) -> Registry {
         require_tool("docker-registry", "docker-registry");
         let dir = tempfile::tempdir().expect("tempdir");
         let storage = dir.path().join("storage");
@@ -99,7 +174,7 @@ impl Registry {
         fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{http_extra}",
                 storage.display()
             ),
         )
@@ -110,6 +185,7 @@ impl Registry {
             storage,
             child,
             _dir: dir,
+            _certs: None,
         }
     }
 
@@ -195,7 +271,8 @@ fn spawn_registry(dir: &Path, addr: &str) -> Child {
             let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n");
             let mut buf = String::new();
             let _ = s.read_to_string(&mut buf);
-            if buf.starts_with("HTTP/1.") && buf.contains(" 200 ") {
+            // a TLS registry answers plain HTTP with 400
+            if buf.starts_with("HTTP/1.") && (buf.contains(" 200 ") || buf.contains(" 400 ")) {
                 break;
             }
         }

@@ -48,6 +48,7 @@ mod auth;
 mod config;
 mod push;
 mod source;
+mod tls;
 mod transport;
 
 use std::fmt;

@@ -112,7 +112,12 @@ impl RegistryClient {
         if let Some(c) = clients.get(&key) {
             return Ok(c.clone());
         }
+        let tls = super::tls::client_config().map_err(|e| OciError::Network {
+            action: format!("setting up TLS for {registry}"),
+            reason: e.to_string(),
+        })?;
         let client = Client::builder()
+            .tls_backend_preconfigured(tls)
             .user_agent(user_agent)
             .connect_timeout(Duration::from_secs(10))
             // blocking reqwest applies this to each send and each body read,
@@ -311,6 +316,13 @@ impl Session {
                                 "more than {MAX_REDIRECTS} redirects (a redirect loop?): {}",
                                 error_chain(&e.without_url())
                             ),
+                        });
+                    }
+                    if let Some(hint) = tls_refusal(&e) {
+                        // the same certificate is refused every time
+                        return Err(OciError::Network {
+                            action: action.to_string(),
+                            reason: format!("{}; {hint}", error_chain(&e.without_url())),
                         });
                     }
                     if attempt < call.attempts {
@@ -874,6 +886,42 @@ impl Read for BlobReader {
 }
 
 /// An error and its sources on one line.
+/// What to do about a TLS handshake that failed for good (a certificate
+/// refused, or a server that does not speak TLS), found in `e`'s sources;
+/// `None` for anything else (worth another attempt).
+fn tls_refusal(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        // rustls' error sits in io::Errors nested one in another, which
+        // `source()` skips over
+        let mut inner: &(dyn std::error::Error + 'static) = c;
+        while let Some(i) = inner
+            .downcast_ref::<io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            inner = i;
+        }
+        let tls = inner.downcast_ref::<rustls::Error>();
+        match tls {
+            Some(rustls::Error::InvalidCertificate(_)) => {
+                return Some(
+                    "the registry's TLS certificate was refused (to trust a private CA, \
+                     add it to the system's roots or point SSL_CERT_FILE at it)",
+                );
+            }
+            Some(rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. }) => {
+                return Some(
+                    "the registry did not answer in TLS (if it serves plain HTTP, use \
+                     --plain-http or list it as insecure)",
+                );
+            }
+            _ => {}
+        }
+        cur = c.source();
+    }
+    None
+}
+
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
