@@ -118,10 +118,28 @@ fn python_runs_before_the_image_has_arrived_and_the_tree_is_whole() {
     let s1 = settled(s0);
     assert!(s1.0 > s0.0 + 1, "no neighbours came: {s0:?} -> {s1:?}");
     assert!(s1.1 - s0.1 <= 320 << 10, "too much came: {s0:?} -> {s1:?}");
+    // a program: its loader and libraries come along, fetched together
+    // while the program is read (python3.11: ld.so, ld.so.cache, libm,
+    // libz, libexpat, libc); nothing else does
     let bin = std::fs::read(m.dir.join("usr/bin/python3.11")).unwrap();
     assert!(bin.len() > 1 << 20);
     let s2 = settled(s1);
-    assert_eq!(s2.0, s1.0 + 1, "a large file comes alone: {s1:?} -> {s2:?}");
+    let st = m.state();
+    let libs = st["files_for_programs"].as_u64().unwrap();
+    assert!(libs >= 5, "python's libraries did not come: {st}");
+    assert_eq!(
+        s2.0,
+        s1.0 + 1 + libs,
+        "a large file comes alone but for what it loads: {s1:?} -> {s2:?}, {st}"
+    );
+    let libc = m.dir.join("usr/lib/x86_64-linux-gnu/libc.so.6");
+    assert!(std::fs::read(&libc).unwrap().starts_with(b"\x7fELF"));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        count(&m.state()),
+        s2,
+        "libc was fetched with python, not when opened"
+    );
     let out = chroot_python(&m.dir, "import json; print(1)");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),

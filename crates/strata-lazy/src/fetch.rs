@@ -63,7 +63,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -154,6 +154,9 @@ pub struct Stats {
     pub files_completed: AtomicU64,
     /// Failed fetches.
     pub errors: AtomicU64,
+    /// Files fetched because a program that was read names them (its ELF
+    /// interpreter and libraries), before anything opened them.
+    pub deps_fetched: AtomicU64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -170,6 +173,9 @@ const MAX_RUN_SPAN: u64 = strata_oci::partial::MAX_CHUNK_SPAN + BULK_REQUEST_BYT
 /// Bytes one request of [`Fetcher::fetch_many`] asks for at most (a bigger
 /// file is asked for alone): a cancel waits for one such request.
 pub const BULK_REQUEST_BYTES: u64 = 4 << 20;
+
+/// Files a program loads (its libraries) fetched at once.
+const DEPS_PARALLEL: usize = 6;
 
 /// A read of a file this small (compressed) brings its small neighbours.
 const NEAR_FILE_BYTES: u64 = 64 * 1024;
@@ -285,6 +291,8 @@ pub struct Fetcher {
     layers_checked: Mutex<std::collections::HashSet<usize>>,
     events: Option<Arc<dyn EventSink>>,
     wait_limit: Duration,
+    /// ELF files whose interpreter and libraries were looked for.
+    deps_seen: Mutex<std::collections::HashSet<Digest>>,
     /// Counters.
     pub stats: Stats,
 }
@@ -338,6 +346,7 @@ impl Fetcher {
             layers_checked: Mutex::new(std::collections::HashSet::new()),
             events: None,
             wait_limit: WAIT_LIMIT,
+            deps_seen: Mutex::new(std::collections::HashSet::new()),
             stats: Stats::default(),
         })
     }
@@ -747,6 +756,121 @@ impl Fetcher {
                 reason: format!("{digest} is not in the store after its fetch"),
             }),
         }
+    }
+
+    /// When `digest` (just read, now local) is a dynamically linked ELF
+    /// file looked at for the first time: the missing files its loader
+    /// opens next (interpreter, `/etc/ld.so.cache`, libraries), for
+    /// [`fetch_deps`](Self::fetch_deps).
+    pub fn deps_to_prefetch(&self, digest: &Digest) -> Vec<Digest> {
+        if std::env::var_os("STRATA_LAZY_ELF_DEPS").is_some_and(|v| v == "0") {
+            return Vec::new();
+        }
+        self.elf_deps(digest)
+    }
+
+    /// Fetch what [`deps_to_prefetch`](Self::deps_to_prefetch) returned for
+    /// `origin`: each file by its own requests, [`DEPS_PARALLEL`] at once
+    /// (a read of one of them waits for its chunks instead of asking
+    /// again), served at once and stored in the background; then the
+    /// libraries those libraries need, a few rounds deep. Failures only
+    /// end the prefetch (reads fetch for themselves).
+    pub fn fetch_deps(&self, origin: &Digest, deps: Vec<Digest>) {
+        let mut todo = deps;
+        for _ in 0..4 {
+            if todo.is_empty() {
+                return;
+            }
+            let t0 = Instant::now();
+            let next_job = AtomicUsize::new(0);
+            let fetched = AtomicU64::new(0);
+            std::thread::scope(|s| {
+                for _ in 0..todo.len().min(DEPS_PARALLEL) {
+                    s.spawn(|| {
+                        while let Some(d) = todo.get(next_job.fetch_add(1, Ordering::Relaxed)) {
+                            match self.fetch_whole(d) {
+                                Ok(()) => {
+                                    fetched.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(e) => {
+                                    tracing::debug!("fetching {d}, which {origin} loads: {e}")
+                                }
+                            }
+                        }
+                    });
+                }
+            });
+            let n = fetched.into_inner();
+            self.stats.deps_fetched.fetch_add(n, Ordering::Relaxed);
+            tracing::debug!(
+                "fetched {n} of {} files {origin} loads (interpreter, libraries) in {:.1} ms",
+                todo.len(),
+                t0.elapsed().as_secs_f64() * 1000.0
+            );
+            let mut next = Vec::new();
+            for d in &todo {
+                for n in self.elf_deps(d) {
+                    if !next.contains(&n) {
+                        next.push(n);
+                    }
+                }
+            }
+            todo = next;
+        }
+    }
+
+    /// Whether `digest` was looked at for what it loads (or is not
+    /// fetched lazily at all).
+    pub fn deps_seen(&self, digest: &Digest) -> bool {
+        self.claims.is_empty() || lock(&self.deps_seen).contains(digest)
+    }
+
+    /// The missing files the ELF file `digest` (local) loads, once per
+    /// content per mount.
+    fn elf_deps(&self, digest: &Digest) -> Vec<Digest> {
+        if !lock(&self.deps_seen).insert(*digest) {
+            return Vec::new();
+        }
+        let Ok(Some(f)) = self.open_verified(digest) else {
+            return Vec::new();
+        };
+        let read_at = |off: u64, len: usize| pread(&f, off, len.min(1 << 20) as u32);
+        let Some(d) = crate::elf::deps(&read_at) else {
+            return Vec::new();
+        };
+        let tree = &self.image.tree;
+        let mut paths: Vec<Vec<u8>> = Vec::new();
+        if let Some(i) = &d.interp {
+            paths.push(i.clone());
+            // glibc's loader reads it before any library
+            paths.push(b"/etc/ld.so.cache".to_vec());
+        }
+        let dirs = crate::elf::library_dirs(&d);
+        for n in &d.needed {
+            if n.contains(&b'/') {
+                paths.push(n.clone());
+                continue;
+            }
+            let found = dirs.iter().find_map(|dir| {
+                let mut p = dir.clone();
+                p.push(b'/');
+                p.extend_from_slice(n);
+                crate::elf::resolve(tree, &p).map(|_| p)
+            });
+            paths.extend(found);
+        }
+        let mut out = Vec::new();
+        for p in paths {
+            if let Some((d, size)) = crate::elf::resolve(tree, &p)
+                && size > 0
+                && !out.contains(&d)
+                && self.image.remote(&d).is_some()
+                && !self.has(&d)
+            {
+                out.push(d);
+            }
+        }
+        out
     }
 
     /// `digest` and the files after it in its layer's blob that a read of

@@ -393,11 +393,30 @@ impl LazyFs {
         // a panic in the fetch is this request's EIO, not a dead worker
         // and a reader stuck in the kernel (the fetcher undoes its claims)
         let job: Job = Box::new(move || {
+            // a program's first read: what its loader opens next is
+            // reserved now and fetched once the reader has its bytes
             let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                fetcher.read(&digest, len, offset, size)
+                fetcher.read(&digest, len, offset, size).map(|data| {
+                    let deps = match offset {
+                        0 => fetcher.deps_to_prefetch(&digest),
+                        _ => Vec::new(),
+                    };
+                    (data, deps)
+                })
             }));
             match read {
-                Ok(Ok(data)) => reply.data(&data),
+                Ok(Ok((data, deps))) => {
+                    reply.data(&data);
+                    if !deps.is_empty() {
+                        let fetched =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                fetcher.fetch_deps(&digest, deps)
+                            }));
+                        if fetched.is_err() {
+                            tracing::error!("fetching the libraries of {digest} panicked");
+                        }
+                    }
+                }
                 Ok(Err(e)) => {
                     let path = path_of(&fetcher.image().tree, &digest);
                     tracing::error!("read of {path} (bytes {offset}+{size}) failed: {e}");
@@ -598,6 +617,20 @@ impl Filesystem for LazyFs {
             io.served += 1;
         }
         drop(modes);
+        if !matches!(how, Open::Lazy) && !self.fetcher.deps_seen(&digest) {
+            // a program or library that arrived with others (a neighbour,
+            // a prefetch): what it loads is fetched while it is mapped
+            let fetcher = self.fetcher.clone();
+            self.pool.0.submit(Box::new(move || {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let deps = fetcher.deps_to_prefetch(&digest);
+                    fetcher.fetch_deps(&digest, deps)
+                }));
+                if r.is_err() {
+                    tracing::error!("fetching the libraries of {digest} panicked");
+                }
+            }));
+        }
         let how = Arc::new(how);
         self.open
             .lock()

@@ -26,6 +26,7 @@
 //! contents arrive).
 
 pub mod daemon;
+mod elf;
 mod fetch;
 pub mod fs;
 pub mod mount;

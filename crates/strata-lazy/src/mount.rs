@@ -448,6 +448,7 @@ fn serve(
             .map(|l| l.desc.size)
             .sum(),
         errors: 0,
+        files_for_programs: 0,
         prefetch: PrefetchState::None,
         prefetch_error: None,
         complete: false,
@@ -784,6 +785,7 @@ impl Updater {
                 st.bytes_fetched =
                     self.lazy.downloaded + self.fetcher.stats.bytes_fetched.load(Ordering::Relaxed);
                 st.errors = self.fetcher.stats.errors.load(Ordering::Relaxed);
+                st.files_for_programs = self.fetcher.stats.deps_fetched.load(Ordering::Relaxed);
                 st.opens = self.opens.load(Ordering::Relaxed);
                 st.inconsistent = self.fetcher.inconsistent();
                 let mut saved = st.clone();

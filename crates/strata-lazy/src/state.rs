@@ -67,6 +67,10 @@ pub struct MountState {
     pub image_bytes: u64,
     /// Failed fetches.
     pub errors: u64,
+    /// Files fetched because a program read from the mount names them
+    /// (its ELF interpreter and libraries) before anything opened them.
+    #[serde(default)]
+    pub files_for_programs: u64,
     /// What the background fetching does.
     pub prefetch: PrefetchState,
     /// Why the prefetch failed (with [`PrefetchState::Failed`]).
