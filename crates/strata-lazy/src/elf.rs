@@ -351,6 +351,67 @@ mod tests {
     }
 
     #[test]
+    fn paths_resolve_through_symlinks_inside_the_image_only() {
+        use strata_tar::{Entry, EntryKind, Timestamp};
+        let e = |path: &str, kind: EntryKind| Entry {
+            path: path.as_bytes().to_vec(),
+            kind,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: Timestamp { secs: 1, nanos: 0 },
+            xattrs: Default::default(),
+        };
+        let link = |p: &str, t: &str| {
+            e(
+                p,
+                EntryKind::Symlink {
+                    target: t.as_bytes().to_vec(),
+                },
+            )
+        };
+        let libc = strata_digest::Digest::sha256_of(b"libc");
+        let mut tree = strata_tree::Tree::new();
+        tree.apply_layer(&[
+            e("usr", EntryKind::Dir),
+            e("usr/lib", EntryKind::Dir),
+            e("usr/lib/x86_64-linux-gnu", EntryKind::Dir),
+            e(
+                "usr/lib/x86_64-linux-gnu/libc.so.6",
+                EntryKind::Regular {
+                    digest: libc,
+                    size: 4,
+                },
+            ),
+            link("usr/lib/x86_64-linux-gnu/libc.so", "libc.so.6"),
+            link("lib", "usr/lib"),
+            e("usr/lib64", EntryKind::Dir),
+            link("usr/lib64/ld.so", "../lib/x86_64-linux-gnu/libc.so"),
+            link("lib64", "usr/lib64"),
+            link("up", "../../../../usr/lib/x86_64-linux-gnu/libc.so.6"),
+            link("loop", "loop"),
+        ])
+        .unwrap();
+        for p in [
+            "/lib/x86_64-linux-gnu/libc.so.6",
+            "/lib/x86_64-linux-gnu/libc.so",
+            "/lib64/ld.so",
+            "/up",
+            "/usr/./lib/../lib/x86_64-linux-gnu/libc.so.6",
+        ] {
+            assert_eq!(resolve(&tree, p.as_bytes()), Some((libc, 4)), "{p}");
+        }
+        for p in [
+            "/loop",
+            "/lib",
+            "/nothere",
+            "/lib/x86_64-linux-gnu/libc.so.6/x",
+        ] {
+            assert_eq!(resolve(&tree, p.as_bytes()), None, "{p}");
+        }
+    }
+
+    #[test]
     fn runpath_comes_before_the_machines_directories() {
         let d = Deps {
             machine: EM_X86_64,

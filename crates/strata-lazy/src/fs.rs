@@ -296,8 +296,8 @@ impl LazyFs {
         let mut files: Vec<(Digest, u64)> = fetcher
             .image()
             .tree
-            .walk()
-            .filter_map(|(_, n)| match n.kind {
+            .reachable()
+            .filter_map(|n| match n.kind {
                 NodeKind::Regular { digest, size } if size > 0 => Some((digest, size)),
                 _ => None,
             })

@@ -191,8 +191,8 @@ impl LazyImage {
     /// Contents (of non-empty files) of the tree.
     pub fn contents(&self) -> std::collections::BTreeSet<Digest> {
         self.tree
-            .walk()
-            .filter_map(|(_, n)| match n.kind {
+            .reachable()
+            .filter_map(|n| match n.kind {
                 strata_tree::NodeKind::Regular { digest, size } if size > 0 => Some(digest),
                 _ => None,
             })

@@ -519,10 +519,32 @@ impl Tree {
         Some(&self.nodes[ino])
     }
 
+    /// Every node reachable from the root, each once (hardlinked names
+    /// share one), in no particular order: [`walk`](Self::walk) without
+    /// building paths, for what needs only the nodes.
+    pub fn reachable(&self) -> impl Iterator<Item = &Node> {
+        let mut seen = vec![false; self.nodes.len()];
+        let mut stack = vec![ROOT];
+        std::iter::from_fn(move || {
+            loop {
+                let ino = stack.pop()?;
+                if std::mem::replace(&mut seen[ino], true) {
+                    continue;
+                }
+                if self.is_dir(ino)
+                    && let Some(kids) = self.children.get(&ino)
+                {
+                    stack.extend(kids.values().copied());
+                }
+                return Some(&self.nodes[ino]);
+            }
+        })
+    }
+
     /// Every object digest the tree references.
     pub fn objects(&self) -> BTreeSet<Digest> {
-        self.walk()
-            .filter_map(|(_, n)| match n.kind {
+        self.reachable()
+            .filter_map(|n| match n.kind {
                 NodeKind::Regular { digest, .. } => Some(digest),
                 _ => None,
             })

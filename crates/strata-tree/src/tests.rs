@@ -331,3 +331,36 @@ fn escapes_name_the_symlink_and_hardlink_targets_outside_are_refused() {
         "path \"f/x\": parent \"f\" is not a directory"
     );
 }
+
+#[test]
+fn reachable_is_walk_without_paths_whiteouts_and_hardlinks_included() {
+    let mut t = Tree::new();
+    t.apply_layer(&[
+        dir("a"),
+        file("a/x", "1"),
+        dir("a/d"),
+        file("a/d/y", "2"),
+        file("b", "3"),
+        hardlink("c", "b"),
+        symlink("s", "a/d"),
+    ])
+    .unwrap();
+    t.apply_layer(&[file("a/.wh.d", ""), file("e", "4")])
+        .unwrap();
+    let mut walked: Vec<u64> = t.walk().map(|(_, n)| n.ino).collect();
+    walked.sort_unstable();
+    walked.dedup();
+    let mut got: Vec<u64> = t.reachable().map(|n| n.ino).collect();
+    got.sort_unstable();
+    assert_eq!(
+        got.len(),
+        got.iter().collect::<BTreeSet<_>>().len(),
+        "each once"
+    );
+    assert_eq!(got, walked);
+    // the whited-out file's content is gone from the objects
+    let objects = t.objects();
+    assert!(!objects.contains(&Digest::sha256_of(b"2")));
+    assert!(objects.contains(&Digest::sha256_of(b"3")));
+    assert_eq!(objects.len(), 3);
+}
