@@ -19,6 +19,8 @@ links as bench/lazy.py (loopback; 100 Mbit/s with 20 ms RTT):
                            placed first (`strata convert --prefetch-list`),
                            snapshotter prefetch `list`
 Bytes: what the link carried before the first output.
+The link limit: curl of the gzip image's layer blobs, all at once, through
+the same link; `strata rpull` of the gzip image is compared with it.
 """
 
 import json
@@ -72,6 +74,31 @@ def containerd_with(tmp, sock):
     return c
 
 
+# seconds of the last strata_rpull_run's `strata rpull` alone
+LAST_RPULL = [0.0]
+
+
+def link_download(link, repo_tag):
+    """The link limit: seconds to download the image's layer blobs
+    through `link` with curl, all at once (as pulls fetch them), and the
+    bytes."""
+    repo, tag = repo_tag.split(":")
+    m = json.loads(subprocess.run(
+        ["curl", "-sf", "-H", "Accept: application/vnd.oci.image.manifest.v1+json,"
+         "application/vnd.docker.distribution.manifest.v2+json",
+         f"http://{link.addr}/v2/{repo}/manifests/{tag}"],
+        check=True, capture_output=True).stdout)
+    b0 = link.bytes()
+    t = time.monotonic()
+    ps = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null",
+                            f"http://{link.addr}/v2/{repo}/blobs/{layer['digest']}"])
+          for layer in m["layers"]]
+    for p in ps:
+        if p.wait() != 0:
+            sys.exit("bench: curl of a layer failed")
+    return time.monotonic() - t, link.bytes() - b0
+
+
 def strata_rpull_run(tmp, image, link, n, prefetch="all"):
     t0 = time.monotonic()
     p, root, sock = strata_snapshotter(tmp, prefetch)
@@ -80,6 +107,7 @@ def strata_rpull_run(tmp, image, link, n, prefetch="all"):
         b0 = link.bytes()
         t = time.monotonic()
         L.run(L.STRATA, "--quiet", "rpull", "--plain-http", "--address", c.sock, image)
+        LAST_RPULL[0] = time.monotonic() - t
         out = c.ctr("run", "--rm", "--snapshotter", "strata", image, f"sbench-{os.getpid()}-{n}",
                     "/usr/bin/python3", "-c", L.PY).strip()
         dt = time.monotonic() - t
@@ -151,6 +179,7 @@ def main():
                 L.run("skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--preserve-digests",
                       f"oci:{placed}:python", f"docker://{link.addr}/zp:1")
                 cases = {
+                    "link limit (curl of the gzip layers)": lambda n: link_download(link, "gz:1"),
                     "containerd pull + run": lambda n: L.containerd_run(
                         tmp, f"docker://{link.addr}/gz:1", link, n),
                     "strata rpull + run (gzip)": lambda n: strata_rpull_run(
@@ -165,16 +194,25 @@ def main():
                 key = "shaped" if shaped else "loopback"
                 results[key] = {}
                 for name, f in cases.items():
-                    xs, bs = [], []
+                    xs, bs, rp = [], [], []
                     for n in range(L.RUNS):
                         L.drop_caches()
                         dt, b = f(n)
                         xs.append(dt)
                         bs.append(b)
+                        rp.append(LAST_RPULL[0])
                     results[key][name] = {"seconds": L.med(xs), "all": xs, "bytes": L.med(bs)}
-                    print(f"  {name}: {L.med(xs):.2f} s, {L.med(bs)/1e6:.1f} MB", flush=True)
+                    if name.startswith("strata"):
+                        results[key][name]["rpull_seconds"] = L.med(rp)
+                    print(f"  {name}: {L.med(xs):.2f} s, {L.med(bs)/1e6:.1f} MB"
+                          + (f" (rpull {L.med(rp):.2f} s)" if name.startswith("strata") else ""),
+                          flush=True)
+                limit = results[key]["link limit (curl of the gzip layers)"]["seconds"]
+                gz = results[key]["strata rpull + run (gzip)"]["rpull_seconds"]
+                results[key]["strata rpull (gzip) / link limit"] = gz / limit
+                print(f"  strata rpull (gzip) / link limit: {gz / limit:.2f}", flush=True)
                 base = results[key]["containerd pull + run"]["seconds"]
-                for name in list(cases)[1:]:
+                for name in list(cases)[2:]:
                     r = base / results[key][name]["seconds"]
                     results[key][f"containerd / {name}"] = r
                     print(f"  containerd / {name}: {r:.2f}x", flush=True)
