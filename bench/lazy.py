@@ -66,6 +66,47 @@ def free_port():
     return p
 
 
+class JournaledTmp:
+    """A scratch directory on a fresh journaled ext4 (a sparse image file,
+    loop-mounted), for the daemons' state in cold-start benches.
+
+    This machine's root is ext4 *without* a journal. There the kernel's
+    inode allocator skips, one by one, every inode freed in the last 60 s
+    (`recently_deleted` in fs/ext4/ialloc.c, used only without a journal):
+    after one run deleted its ~10,000 files, the next run's file creations
+    spent most of their time in that scan (`perf`: 60% of a pull). A
+    node's /var/lib (ext4 with its default journal, xfs) does not do this.
+    Every contender's state, and the registry's storage, goes here alike.
+    Set BENCH_ROOT_FS=1 to measure on the root filesystem instead."""
+
+    def __init__(self, prefix, size="24G"):
+        self.prefix, self.size = prefix, size
+
+    def __enter__(self):
+        if os.environ.get("BENCH_ROOT_FS"):
+            self.plain = tempfile.TemporaryDirectory(prefix=self.prefix)
+            return self.plain.__enter__()
+        self.plain = None
+        self.img = tempfile.mktemp(prefix=self.prefix, suffix=".ext4", dir="/var/tmp")
+        run("truncate", "-s", self.size, self.img)
+        run("mkfs.ext4", "-q", "-F", self.img)
+        self.dir = tempfile.mkdtemp(prefix=self.prefix)
+        run("mount", "-o", "loop", self.img, self.dir)
+        return self.dir
+
+    def __exit__(self, *exc):
+        if self.plain is not None:
+            return self.plain.__exit__(*exc)
+        # (the loop device goes with the mount: mount -o loop sets autoclear)
+        subprocess.run(["umount", "-R", self.dir], stderr=subprocess.DEVNULL)
+        try:
+            os.rmdir(self.dir)
+        except OSError:
+            pass
+        os.unlink(self.img)
+        return False
+
+
 def drop_caches():
     subprocess.run(["sync"], check=True)
     with open("/proc/sys/vm/drop_caches", "w") as f:

@@ -161,7 +161,7 @@ def main():
         if shutil.which(tool) is None:
             sys.exit(f"bench: {tool} is missing (bash scripts/install-deps.sh)")
     results = {"runs": L.RUNS}
-    with tempfile.TemporaryDirectory(prefix="strata-bench-snap-") as tmp:
+    with L.JournaledTmp("strata-bench-snap-") as tmp:
         out, placed = converted_images(tmp)
         for shaped in (False, True):
             label = "shaped (100 Mbit/s, 20 ms RTT)" if shaped else "loopback"

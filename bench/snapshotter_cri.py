@@ -123,7 +123,7 @@ def main():
         if shutil.which(tool) is None:
             sys.exit(f"bench: {tool} is missing (bash scripts/install-deps.sh)")
     results = {"runs": L.RUNS}
-    with tempfile.TemporaryDirectory(prefix="strata-bench-cri-") as tmp:
+    with L.JournaledTmp("strata-bench-cri-") as tmp:
         out, placed = S.converted_images(tmp)
         pause = os.path.join(tmp, "pause")
         if os.environ.get("BENCH_PAUSE", "own") == "debian":
