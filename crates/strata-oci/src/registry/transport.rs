@@ -885,7 +885,6 @@ impl Read for BlobReader {
     }
 }
 
-/// An error and its sources on one line.
 /// What to do about a TLS handshake that failed for good (a certificate
 /// refused, or a server that does not speak TLS), found in `e`'s sources;
 /// `None` for anything else (worth another attempt).
@@ -922,6 +921,7 @@ fn tls_refusal(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
     None
 }
 
+/// An error and its sources on one line.
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
