@@ -2,7 +2,7 @@
 # Install what strata's tests, demo and benchmarks need. Idempotent; fast
 # when everything is present.
 set -euo pipefail
-PKGS=(libssl-dev pkg-config docker-registry skopeo umoci containerd runc erofs-utils e2fsprogs fuse3
+PKGS=(libssl-dev openssl pkg-config docker-registry skopeo umoci containerd runc erofs-utils e2fsprogs fuse3
       debootstrap libarchive-tools ostree fsverity attr python3 zstd hyperfine
       tar gzip util-linux binutils stargz-snapshotter podman man-db bash)
 missing=()

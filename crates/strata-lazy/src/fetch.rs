@@ -293,6 +293,9 @@ pub struct Fetcher {
     wait_limit: Duration,
     /// ELF files whose interpreter and libraries were looked for.
     deps_seen: Mutex<std::collections::HashSet<Digest>>,
+    /// Whether programs bring their libraries (`STRATA_LAZY_ELF_DEPS=0`:
+    /// no, for measuring what it gains).
+    elf_deps_on: bool,
     /// Counters.
     pub stats: Stats,
 }
@@ -347,6 +350,7 @@ impl Fetcher {
             events: None,
             wait_limit: WAIT_LIMIT,
             deps_seen: Mutex::new(std::collections::HashSet::new()),
+            elf_deps_on: std::env::var_os("STRATA_LAZY_ELF_DEPS").is_none_or(|v| v != "0"),
             stats: Stats::default(),
         })
     }
@@ -763,10 +767,10 @@ impl Fetcher {
     /// opens next (interpreter, `/etc/ld.so.cache`, libraries), for
     /// [`fetch_deps`](Self::fetch_deps).
     pub fn deps_to_prefetch(&self, digest: &Digest) -> Vec<Digest> {
-        if std::env::var_os("STRATA_LAZY_ELF_DEPS").is_some_and(|v| v == "0") {
-            return Vec::new();
+        match self.elf_deps_on {
+            true => self.elf_deps(digest),
+            false => Vec::new(),
         }
-        self.elf_deps(digest)
     }
 
     /// Fetch what [`deps_to_prefetch`](Self::deps_to_prefetch) returned for
@@ -839,34 +843,28 @@ impl Fetcher {
             return Vec::new();
         };
         let tree = &self.image.tree;
-        let mut paths: Vec<Vec<u8>> = Vec::new();
+        let mut found: Vec<(Digest, u64)> = Vec::new();
         if let Some(i) = &d.interp {
-            paths.push(i.clone());
+            found.extend(crate::elf::resolve(tree, i));
             // glibc's loader reads it before any library
-            paths.push(b"/etc/ld.so.cache".to_vec());
+            found.extend(crate::elf::resolve(tree, b"/etc/ld.so.cache"));
         }
         let dirs = crate::elf::library_dirs(&d);
         for n in &d.needed {
             if n.contains(&b'/') {
-                paths.push(n.clone());
+                found.extend(crate::elf::resolve(tree, n));
                 continue;
             }
-            let found = dirs.iter().find_map(|dir| {
+            found.extend(dirs.iter().find_map(|dir| {
                 let mut p = dir.clone();
                 p.push(b'/');
                 p.extend_from_slice(n);
-                crate::elf::resolve(tree, &p).map(|_| p)
-            });
-            paths.extend(found);
+                crate::elf::resolve(tree, &p)
+            }));
         }
         let mut out = Vec::new();
-        for p in paths {
-            if let Some((d, size)) = crate::elf::resolve(tree, &p)
-                && size > 0
-                && !out.contains(&d)
-                && self.image.remote(&d).is_some()
-                && !self.has(&d)
-            {
+        for (d, size) in found {
+            if size > 0 && !out.contains(&d) && self.image.remote(&d).is_some() && !self.has(&d) {
                 out.push(d);
             }
         }

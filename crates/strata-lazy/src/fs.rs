@@ -394,7 +394,7 @@ impl LazyFs {
         // and a reader stuck in the kernel (the fetcher undoes its claims)
         let job: Job = Box::new(move || {
             // a program's first read: what its loader opens next is
-            // reserved now and fetched once the reader has its bytes
+            // looked up now and fetched once the reader has its bytes
             let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 fetcher.read(&digest, len, offset, size).map(|data| {
                     let deps = match offset {
@@ -408,13 +408,7 @@ impl LazyFs {
                 Ok(Ok((data, deps))) => {
                     reply.data(&data);
                     if !deps.is_empty() {
-                        let fetched =
-                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                fetcher.fetch_deps(&digest, deps)
-                            }));
-                        if fetched.is_err() {
-                            tracing::error!("fetching the libraries of {digest} panicked");
-                        }
+                        fetch_deps(&fetcher, &digest, || deps);
                     }
                 }
                 Ok(Err(e)) => {
@@ -475,6 +469,15 @@ impl LazyFs {
             },
         };
         reply_file_at(&file, offset, size, reply);
+    }
+}
+
+/// Fetch what the program `digest` loads (`deps()` says what), on a
+/// worker: a panic there is logged, never the worker's end.
+fn fetch_deps(fetcher: &Fetcher, digest: &Digest, deps: impl FnOnce() -> Vec<Digest>) {
+    let run = std::panic::AssertUnwindSafe(|| fetcher.fetch_deps(digest, deps()));
+    if std::panic::catch_unwind(run).is_err() {
+        tracing::error!("fetching the libraries of {digest} panicked");
     }
 }
 
@@ -622,13 +625,7 @@ impl Filesystem for LazyFs {
             // a prefetch): what it loads is fetched while it is mapped
             let fetcher = self.fetcher.clone();
             self.pool.0.submit(Box::new(move || {
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    let deps = fetcher.deps_to_prefetch(&digest);
-                    fetcher.fetch_deps(&digest, deps)
-                }));
-                if r.is_err() {
-                    tracing::error!("fetching the libraries of {digest} panicked");
-                }
+                fetch_deps(&fetcher, &digest, || fetcher.deps_to_prefetch(&digest))
             }));
         }
         let how = Arc::new(how);

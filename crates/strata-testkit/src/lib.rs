@@ -103,37 +103,35 @@ impl Registry {
         let certs = certs_dir.path().to_path_buf();
         let ca = certs.join("ca.pem");
         let ssl = |args: &[&str]| run(Command::new("openssl").current_dir(&certs).args(args));
-        ssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
+        // a P-256 key with no passphrase, for the CA and for the server
+        let req = |keyout: &str, rest: &[&str]| {
+            let mut args = vec![
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ];
+            args.extend_from_slice(&["-nodes", "-keyout", keyout]);
+            args.extend_from_slice(rest);
+            ssl(&args)
+        };
+        req(
             "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=strata test CA",
-        ]);
-        ssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
+            &[
+                "-x509",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=strata test CA",
+            ],
+        );
+        req(
             "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ]);
+            &["-out", "server.csr", "-subj", "/CN=127.0.0.1"],
+        );
         fs::write(certs.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("write san.ext");
         ssl(&[
             "x509",
