@@ -234,6 +234,17 @@ fn decoder<'a>(
     }))
 }
 
+/// All of `z` decompressed, at most `limit` bytes (more fails, naming the
+/// stated size). Parsing from memory is several times faster than from a
+/// stream; the bytes are what the caller's budget already counted.
+fn decompress_all(z: &[u8], limit: u64, what: &str) -> Result<Vec<u8>, ChunkedError> {
+    let mut out = Vec::with_capacity(limit.min(16 << 20) as usize);
+    decoder(z, limit, what)?
+        .read_to_end(&mut out)
+        .map_err(|e| fmt_err(what, format!("not valid zstd: {e}")))?;
+    Ok(out)
+}
+
 /// Verify and parse a compressed TOC (the bytes at `loc.toc`), with at
 /// most [`MAX_TOC_ENTRIES`] entries.
 pub fn read_toc(toc_z: &[u8], loc: &TocLocation) -> Result<Toc, ChunkedError> {
@@ -259,8 +270,8 @@ pub struct TocHead {
 }
 
 /// Verify a compressed TOC and hand its entries to `each`, in order, as
-/// they are parsed: the TOC is never held whole (neither its JSON nor its
-/// entries), so what it costs is what `each` keeps. Fails when the TOC has
+/// they are parsed: its JSON is held (at most its stated size), its
+/// entries are not, so what they cost is what `each` keeps. Fails when the TOC has
 /// more than `max_entries` entries (naming the limit), when `each` fails,
 /// or when it decompresses to more than `loc.toc.uncompressed` (at most
 /// [`MAX_METADATA`]).
@@ -283,23 +294,42 @@ pub fn read_toc_entries(
             ));
         }
     }
-    let r = decoder(toc_z, loc.toc.uncompressed.min(MAX_METADATA), what)?;
-    let mut de = serde_json::Deserializer::from_reader(r);
+    let limit = loc.toc.uncompressed.min(MAX_METADATA);
     let mut failed = None;
     let seed = TocSeed {
         max_entries,
         each,
         failed: &mut failed,
     };
-    let parsed = serde::de::DeserializeSeed::deserialize(seed, &mut de).and_then(|h| {
-        de.end()?;
-        Ok(h)
-    });
+    let parsed = if limit <= IN_MEMORY {
+        let json = decompress_all(toc_z, limit, what)?;
+        parse_whole(serde_json::Deserializer::from_slice(&json), seed)
+    } else {
+        parse_whole(
+            serde_json::Deserializer::from_reader(decoder(toc_z, limit, what)?),
+            seed,
+        )
+    };
     match (parsed, failed) {
         (_, Some(e)) => Err(e),
         (Ok(h), None) => Ok(h),
         (Err(e), None) => Err(fmt_err(what, e.to_string())),
     }
+}
+
+/// Metadata (a TOC, a tar-split) up to this size is decompressed whole
+/// and parsed from memory, several times faster than from a stream; a
+/// larger one is streamed, so what it costs stays what its caller keeps.
+pub const IN_MEMORY: u64 = 16 << 20;
+
+/// `seed` over all of `de`'s input.
+fn parse_whole<'de, R: serde_json::de::Read<'de>>(
+    mut de: serde_json::Deserializer<R>,
+    seed: TocSeed<'_>,
+) -> Result<TocHead, serde_json::Error> {
+    let h = serde::de::DeserializeSeed::deserialize(seed, &mut de)?;
+    de.end()?;
+    Ok(h)
 }
 
 /// Parses the TOC object, handing entries out one at a time.
@@ -448,8 +478,8 @@ pub fn read_tar_split(
 }
 
 /// Verify a tar-split against `tar_split_digest` (the TOC's) and hand its
-/// lines to `each` in order as they are parsed (the tar-split is never
-/// held whole). Fails past `max_lines` lines (naming the limit), when
+/// lines to `each` in order as they are parsed (its JSON is held, at most
+/// its stated size; the lines are not). Fails past `max_lines` lines (naming the limit), when
 /// `each` fails, or when it decompresses to more than `range.uncompressed`
 /// (at most [`MAX_METADATA`]).
 pub fn read_tar_split_lines(
@@ -459,31 +489,71 @@ pub fn read_tar_split_lines(
     max_lines: u64,
     each: &mut dyn FnMut(TarSplitEntry) -> Result<(), ChunkedError>,
 ) -> Result<(), ChunkedError> {
-    use std::io::BufRead as _;
+    check_tar_split_digest(&sha(ts_z), tar_split_digest)?;
+    tar_split_lines(ts_z, range, max_lines, each)
+}
+
+/// A tar-split's sha256 (as `sha256:<hex>`) and its lines, parsed before
+/// they are checked: for a caller that checks the digest against a TOC it
+/// is parsing at the same time, and drops the lines when it differs. The
+/// same bounds as [`read_tar_split_lines`] hold; the lines are held, so
+/// callers keep this to tar-splits of at most [`IN_MEMORY`] bytes.
+pub fn tar_split_unchecked(ts_z: &[u8], range: &Range, max_lines: u64) -> UncheckedTarSplit {
+    let mut lines = Vec::new();
+    let parsed = tar_split_lines(ts_z, range, max_lines, &mut |e| {
+        lines.push(e);
+        Ok(())
+    });
+    UncheckedTarSplit {
+        digest: sha(ts_z),
+        lines: parsed.map(|()| lines),
+    }
+}
+
+/// What [`tar_split_unchecked`] found.
+#[derive(Debug)]
+pub struct UncheckedTarSplit {
+    digest: String,
+    lines: Result<Vec<TarSplitEntry>, ChunkedError>,
+}
+
+impl UncheckedTarSplit {
+    /// The lines, once the tar-split's digest is `tar_split_digest` (the
+    /// TOC's): the same errors as [`read_tar_split_lines`], the digest's
+    /// first.
+    pub fn check(self, tar_split_digest: &str) -> Result<Vec<TarSplitEntry>, ChunkedError> {
+        check_tar_split_digest(&self.digest, tar_split_digest)?;
+        self.lines
+    }
+}
+
+fn check_tar_split_digest(got: &str, want: &str) -> Result<(), ChunkedError> {
     let what = "zstd:chunked tar-split";
-    if tar_split_digest.is_empty() {
+    if want.is_empty() {
         return Err(fmt_err(what, "the TOC names no tarSplitDigest"));
     }
-    let got = sha(ts_z);
-    if got != tar_split_digest {
+    if got != want {
         return Err(fmt_err(
             what,
-            format!("digest {got} does not match the TOC's {tar_split_digest}"),
+            format!("digest {got} does not match the TOC's {want}"),
         ));
     }
-    let mut r = decoder(ts_z, range.uncompressed.min(MAX_METADATA), what)?;
-    let mut line = Vec::new();
+    Ok(())
+}
+
+fn tar_split_lines(
+    ts_z: &[u8],
+    range: &Range,
+    max_lines: u64,
+    each: &mut dyn FnMut(TarSplitEntry) -> Result<(), ChunkedError>,
+) -> Result<(), ChunkedError> {
+    use std::io::BufRead as _;
+    let what = "zstd:chunked tar-split";
+    let limit = range.uncompressed.min(MAX_METADATA);
     let mut n = 0u64;
-    loop {
-        line.clear();
-        let got = r
-            .read_until(b'\n', &mut line)
-            .map_err(|e| fmt_err(what, format!("not valid zstd: {e}")))?;
-        if got == 0 {
-            return Ok(());
-        }
+    let mut one = |line: &[u8]| -> Result<(), ChunkedError> {
         if line.iter().all(|b| b.is_ascii_whitespace()) {
-            continue;
+            return Ok(());
         }
         n += 1;
         if n > max_lines {
@@ -493,8 +563,24 @@ pub fn read_tar_split_lines(
             ));
         }
         let e =
-            serde_json::from_slice(&line).map_err(|e| fmt_err(what, format!("line {n}: {e}")))?;
-        each(e)?;
+            serde_json::from_slice(line).map_err(|e| fmt_err(what, format!("line {n}: {e}")))?;
+        each(e)
+    };
+    if limit <= IN_MEMORY {
+        let all = decompress_all(ts_z, limit, what)?;
+        return all.split(|b| *b == b'\n').try_for_each(one);
+    }
+    let mut r = decoder(ts_z, limit, what)?;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let got = r
+            .read_until(b'\n', &mut line)
+            .map_err(|e| fmt_err(what, format!("not valid zstd: {e}")))?;
+        if got == 0 {
+            return Ok(());
+        }
+        one(&line)?;
     }
 }
 

@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use strata_oci::preresolved::Preresolved;
 use strata_oci::short_names::open_name;
-use strata_oci::{OciError, RegistryConfig};
+use strata_oci::{ImageRef, OciError, RegistryConfig};
 use strata_store::{Store, StoreError};
 
 use crate::{LazyError, LazyOptions, MountReport, Mounted};
@@ -31,6 +32,10 @@ pub struct DaemonRequest {
     /// A file of paths (one per line) fetched first, read into
     /// `opts.prefetch_list`.
     pub prefetch_list_file: Option<PathBuf>,
+    /// What the caller resolved the image to (`strata_oci::preresolved`):
+    /// the registry is asked only for blobs. The image must be named by
+    /// digest.
+    pub resolved_file: Option<PathBuf>,
 }
 
 /// Why a lazy mount could not start.
@@ -113,13 +118,27 @@ pub fn start(root: &Path, req: DaemonRequest) -> Result<Serving, DaemonError> {
     let config = RegistryConfig::load(root).map_err(DaemonError::Config)?;
     opts.pull.registry = opts.pull.registry.with_config(&config);
     opts.pull.registry.stall_timeout = Some(Duration::from_secs(10));
-    let opened =
-        open_name(&req.image, &opts.pull.registry, &opts.pull.platform).map_err(|source| {
-            DaemonError::Open {
-                image: req.image.clone(),
-                source,
+    let open_err = |source| DaemonError::Open {
+        image: req.image.clone(),
+        source,
+    };
+    let mut opened =
+        open_name(&req.image, &opts.pull.registry, &opts.pull.platform).map_err(open_err)?;
+    if let Some(path) = &req.resolved_file {
+        let pinned = match &opened.reference {
+            ImageRef::Docker {
+                digest: Some(d), ..
+            } => *d,
+            _ => {
+                return Err(open_err(OciError::Reference {
+                    input: req.image.clone(),
+                    reason: "an image handed over resolved must be named by digest".into(),
+                }));
             }
-        })?;
+        };
+        opened.source =
+            Box::new(Preresolved::read(opened.source, path, &pinned).map_err(open_err)?);
+    }
     if let Some(path) = req.prefetch_list_file {
         let list = std::fs::read_to_string(&path)
             .map_err(|source| DaemonError::PrefetchList { path, source })?;

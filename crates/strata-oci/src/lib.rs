@@ -27,6 +27,7 @@ pub mod layout_writer;
 pub mod limits;
 pub mod manifest;
 pub mod partial;
+pub mod preresolved;
 pub mod pull;
 pub mod push;
 pub mod reference;

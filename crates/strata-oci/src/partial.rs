@@ -384,28 +384,53 @@ pub fn open_chunked_with(
         .take_bytes(metadata)
         .map_err(|reason| bad(desc, reason))?;
     let mut downloaded = 0u64;
-    let mut get = |offset: u64, len: u64| -> Result<Result<Vec<u8>, String>, OciError> {
-        if offset.checked_add(len).is_none_or(|e| e > desc.size) {
-            return Err(bad(
-                desc,
-                "a range in the annotations lies outside the blob",
-            ));
-        }
-        match source.read_range(desc, offset, len) {
-            Ok(b) => {
-                downloaded += b.len() as u64;
-                counter.fetch_add(b.len() as u64, Ordering::Relaxed);
-                Ok(Ok(b))
+    // the TOC and the tar-split in one round trip: one range covering both
+    // when they are close (they are written one after the other), else
+    // both ranges in one request
+    let (toc_z, ts_z) = {
+        let (toc, ts) = (
+            (loc.toc.offset, loc.toc.len),
+            (ts_range.offset, ts_range.len),
+        );
+        for (o, l) in [toc, ts] {
+            if o.checked_add(l).is_none_or(|e| e > desc.size) {
+                return Err(bad(
+                    desc,
+                    "a range in the annotations lies outside the blob",
+                ));
             }
-            Err(OciError::NoRanges { action, reason }) => Ok(Err(format!(
-                "{action}: the registry does not serve byte ranges ({reason})"
-            ))),
-            Err(e) => Err(e),
         }
-    };
-    let toc_z = match get(loc.toc.offset, loc.toc.len)? {
-        Ok(b) => b,
-        Err(f) => return Ok(Err(f)),
+        let (first, second) = if toc.0 <= ts.0 { (toc, ts) } else { (ts, toc) };
+        let gap = second.0.saturating_sub(first.0 + first.1);
+        let fetched = if second.0 >= first.0 + first.1 && gap <= MERGE_GAP {
+            let span = second.0 + second.1 - first.0;
+            source.read_range(desc, first.0, span).map(|all| {
+                let cut = |(o, l): (u64, u64)| {
+                    let at = (o - first.0) as usize;
+                    all[at..at + l as usize].to_vec()
+                };
+                (all.len() as u64, cut(toc), cut(ts))
+            })
+        } else {
+            source.read_ranges(desc, &[toc, ts]).map(|mut parts| {
+                let ts_z = parts.pop().expect("two parts");
+                let toc_z = parts.pop().expect("two parts");
+                ((toc_z.len() + ts_z.len()) as u64, toc_z, ts_z)
+            })
+        };
+        match fetched {
+            Ok((n, toc_z, ts_z)) => {
+                downloaded += n;
+                counter.fetch_add(n, Ordering::Relaxed);
+                (toc_z, ts_z)
+            }
+            Err(OciError::NoRanges { action, reason }) => {
+                return Ok(Err(format!(
+                    "{action}: the registry does not serve byte ranges ({reason})"
+                )));
+            }
+            Err(e) => return Err(e),
+        }
     };
 
     // Each tar entry has a header of 512 bytes or more in the tar-split,
@@ -541,9 +566,23 @@ pub fn open_chunked_with(
             open_file = true;
             Ok(())
         };
-    let head = reader::read_toc_entries(&toc_z, &loc, budget.limits.layer_entries, &mut on_entry)
-        .map_err(chunked(desc))?;
+    // a tar-split of a usual size is parsed while the TOC is (its lines
+    // are used only once its digest is the TOC's); a big one afterwards,
+    // streamed, so its lines are never all held
+    let parallel = ts_range.uncompressed <= reader::IN_MEMORY;
+    let (head, ts_lines) = std::thread::scope(|s| {
+        let ts = parallel.then(|| {
+            s.spawn(|| reader::tar_split_unchecked(&ts_z, &ts_range, reader::MAX_TAR_SPLIT_LINES))
+        });
+        let head =
+            reader::read_toc_entries(&toc_z, &loc, budget.limits.layer_entries, &mut on_entry);
+        (head, ts.map(|t| t.join()))
+    });
+    let head = head.map_err(chunked(desc))?;
     drop(toc_z);
+    let ts_lines = ts_lines
+        .transpose()
+        .map_err(|_| bad(desc, "parsing its tar-split failed (a panic)"))?;
 
     // Chunks: each covers its part of the file, within the limits.
     let mut too_big = None;
@@ -575,10 +614,6 @@ pub fn open_chunked_with(
         }
     }
 
-    let ts_z = match get(ts_range.offset, ts_range.len)? {
-        Ok(b) => b,
-        Err(f) => return Ok(Err(f)),
-    };
     // The tar-split decides the tar; the TOC only says where contents are.
     // Its file lines and the TOC's entries go in the same (tar) order.
     let mut pieces = Vec::new();
@@ -634,14 +669,21 @@ pub fn open_chunked_with(
         }
         Ok(())
     };
-    reader::read_tar_split_lines(
-        &ts_z,
-        &head.tar_split_digest,
-        &ts_range,
-        reader::MAX_TAR_SPLIT_LINES,
-        &mut on_line,
-    )
-    .map_err(chunked(desc))?;
+    match ts_lines {
+        Some(lines) => {
+            for line in lines.check(&head.tar_split_digest).map_err(chunked(desc))? {
+                on_line(line).map_err(chunked(desc))?;
+            }
+        }
+        None => reader::read_tar_split_lines(
+            &ts_z,
+            &head.tar_split_digest,
+            &ts_range,
+            reader::MAX_TAR_SPLIT_LINES,
+            &mut on_line,
+        )
+        .map_err(chunked(desc))?,
+    }
     drop(ts_z);
     if let Some(item) = items.get(i) {
         return Err(bad(

@@ -780,7 +780,7 @@ impl Snapshotter {
 
     /// The lazy mount of `r`'s image at `<root>/mnt/<manifest hex>`,
     /// unless it is there already (an earlier pull, a restart).
-    fn premount_lazy(&self, r: &RemoteLayer) -> Result<()> {
+    fn premount_lazy(&self, r: &RemoteLayer, resolved: &strata_oci::ResolvedImage) -> Result<()> {
         let dir = self.root.join("mnt").join(r.manifest.hex());
         // ordered with Cleanup (which unmounts what no snapshot uses)
         let _gate = self.mounting.lock().unwrap_or_else(|e| e.into_inner());
@@ -788,7 +788,21 @@ impl Snapshotter {
         if strata_sys::is_mount_point(&dir).unwrap_or(false) {
             return Ok(());
         }
-        let made = self.mount_lazy_ref(&pinned(&r.image, &r.manifest), r.plain_http, &dir);
+        // what this process resolved goes to the daemon: it does not ask
+        // the registry for the manifest and config again
+        let handed = self
+            .root
+            .join("mnt")
+            .join(format!("{}.resolved", r.manifest.hex()));
+        strata_oci::preresolved::write(&handed, resolved)
+            .map_err(io_err(format!("writing {}", handed.display())))?;
+        let made = self.mount_lazy_ref(
+            &pinned(&r.image, &r.manifest),
+            r.plain_http,
+            &dir,
+            Some(&handed),
+        );
+        let _ = fs::remove_file(&handed);
         if made.is_err() {
             // nothing stays of an image refused
             let _ = fs::remove_dir(&dir);
@@ -800,12 +814,18 @@ impl Snapshotter {
     /// which outlives this process (containers keep reading while the
     /// snapshotter restarts).
     fn mount_lazy(&self, r: &Remote, dir: &Path) -> Result<()> {
-        self.mount_lazy_ref(&r.pinned(), r.plain_http, dir)
+        self.mount_lazy_ref(&r.pinned(), r.plain_http, dir, None)
     }
 
     /// [`mount_lazy`](Self::mount_lazy) of `pinned` (a reference with its
     /// digest).
-    fn mount_lazy_ref(&self, pinned: &str, plain_http: bool, dir: &Path) -> Result<()> {
+    fn mount_lazy_ref(
+        &self,
+        pinned: &str,
+        plain_http: bool,
+        dir: &Path,
+        resolved: Option<&Path>,
+    ) -> Result<()> {
         let exe = std::env::current_exe().map_err(io_err("finding the strata binary"))?;
         let mut cmd = std::process::Command::new(exe);
         cmd.arg("--root").arg(self.store.root()).args([
@@ -817,6 +837,9 @@ impl Snapshotter {
         ]);
         if plain_http {
             cmd.arg("--plain-http");
+        }
+        if let Some(f) = resolved {
+            cmd.arg("--resolved").arg(f);
         }
         cmd.arg(pinned).arg(dir);
         let out = cmd
@@ -1033,7 +1056,7 @@ impl Snapshotter {
                 .map_err(|e| unavailable(error_chain(&e)))?;
             let blobs: Vec<Digest> = resolved.manifest.layers.iter().map(|l| l.digest).collect();
             let t0 = std::time::Instant::now();
-            let mounted = self.premount_lazy(r);
+            let mounted = self.premount_lazy(r, &resolved);
             let why = match mounted {
                 Ok(()) => {
                     tracing::info!(
@@ -1326,6 +1349,11 @@ impl Snapshotter {
                 continue;
             }
             let p = e.path();
+            // an image handed to a lazy mount's daemon that a crash left
+            if name.ends_with(".resolved") {
+                let _ = fs::remove_file(&p);
+                continue;
+            }
             // a prefix mount's image, and the mount (strata's own overlay,
             // not one `strata umount` knows)
             if let Some(stem) = name.strip_suffix(".erofs") {

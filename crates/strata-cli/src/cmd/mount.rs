@@ -99,6 +99,11 @@ pub struct LazyArgs {
     /// With --lazy: fetches running at once.
     #[arg(long, default_value_t = 8)]
     fetch_jobs: usize,
+    /// With --lazy, for the snapshotter: the image as it resolved it
+    /// (manifest and config, checked against the reference's digest), so
+    /// the registry is not asked again.
+    #[arg(long, hide = true, value_name = "FILE")]
+    resolved: Option<PathBuf>,
 }
 
 /// Arguments of `strata umount`.
@@ -140,6 +145,7 @@ fn lazy(ctx: &Ctx, a: &Args, mode: LazyMode) -> Result<ExitCode> {
         image: a.image.clone(),
         target,
         prefetch_list_file: la.prefetch_list.clone(),
+        resolved_file: la.resolved.clone(),
         opts: LazyOptions {
             fallback: match mode {
                 LazyMode::Auto => Fallback::Pull,
