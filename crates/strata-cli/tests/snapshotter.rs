@@ -432,9 +432,38 @@ fn a_zstd_chunked_image_runs_lazily_and_survives_a_snapshotter_kill() {
     let ctrd = Containerd::start_with(&proxy_config(&snap.socket));
     let reg = Registry::start();
     let r = chunked_python(&reg, "py:1");
-    let image = r.trim_start_matches("docker://").to_string();
+    // through a proxy that logs the requests
+    let proxy = strata_testkit::proxy::Proxy::start(&reg.addr, Default::default());
+    let image = r
+        .trim_start_matches("docker://")
+        .replace(&reg.addr, &proxy.addr);
     let s = rpull(&ctrd, &snap, &image);
     assert_eq!(s["layers_prepared"], 2, "{s}");
+    // rpull resolves the tag; the snapshotter fetches the manifest by
+    // digest once and hands it with the config to the lazy mount's daemon
+    // (which does not ask again); each layer's TOC and tar-split come in
+    // one range request
+    let asked = proxy.requests();
+    let by_digest = asked
+        .iter()
+        .filter(|r| r.starts_with("GET /v2/py/manifests/sha256:"))
+        .count();
+    assert_eq!(by_digest, 1, "{asked:#?}");
+    let raw = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false", &r])
+        .output()
+        .unwrap();
+    assert!(raw.status.success(), "skopeo inspect --raw {r}");
+    let manifest: serde_json::Value = serde_json::from_slice(&raw.stdout).unwrap();
+    let config_digest = manifest["config"]["digest"].as_str().unwrap();
+    let configs = asked.iter().filter(|r| r.contains(config_digest)).count();
+    assert_eq!(configs, 2, "rpull's and the snapshotter's: {asked:#?}");
+    for l in manifest["layers"].as_array().unwrap() {
+        let d = l["digest"].as_str().unwrap();
+        let reads: Vec<_> = asked.iter().filter(|r| r.contains(d)).collect();
+        assert_eq!(reads.len(), 1, "{d}: {reads:#?}");
+        assert!(reads[0].contains("range="), "{reads:#?}");
+    }
     // lazy: the image is not in strata's store, nothing was pulled
     let store = snap.root.join("store");
     let images = Command::new(env!("CARGO_BIN_EXE_strata"))
