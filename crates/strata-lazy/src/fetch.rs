@@ -782,6 +782,12 @@ impl Fetcher {
     pub fn fetch_deps(&self, origin: &Digest, deps: Vec<Digest>) {
         let mut todo = deps;
         for _ in 0..4 {
+            // what a bulk prefetch is bringing is not asked for twice (a
+            // read of it waits for the bulk)
+            {
+                let bulk = lock(&self.bulk);
+                todo.retain(|d| !bulk.contains(d));
+            }
             if todo.is_empty() {
                 return;
             }
@@ -904,6 +910,9 @@ impl Fetcher {
                 out.push(g.digest);
             }
         }
+        // what a bulk prefetch is bringing is not asked for twice
+        let bulk = lock(&self.bulk);
+        out.retain(|d| d == digest || !bulk.contains(d));
         out
     }
 
