@@ -859,8 +859,8 @@ fn a_partial_pull_cancelled_inside_its_layer_stops_before_the_next_range() {
         returned - fired
     );
     assert!(
-        source.ranges.load(std::sync::atomic::Ordering::SeqCst) >= 2,
-        "TOC and tar-split were read by range"
+        source.ranges.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the TOC and tar-split were read by range (one request for both)"
     );
     assert_eq!(
         source.after.load(std::sync::atomic::Ordering::SeqCst),

@@ -174,6 +174,11 @@ const MAX_RUN_SPAN: u64 = strata_oci::partial::MAX_CHUNK_SPAN + BULK_REQUEST_BYT
 /// file is asked for alone): a cancel waits for one such request.
 pub const BULK_REQUEST_BYTES: u64 = 4 << 20;
 
+/// A run of adjacent files at least this long (compressed) is streamed,
+/// each file served once its own bytes are in, rather than fetched whole
+/// first.
+const STREAM_SPAN_BYTES: u64 = 1 << 20;
+
 /// Files a program loads (its libraries) fetched at once.
 const DEPS_PARALLEL: usize = 6;
 
@@ -990,19 +995,45 @@ impl Fetcher {
             }
         }
         let total = by_layer.values().map(|(_, f)| f.len() as u64).sum();
-        let mut done = 0;
-        for (desc, mut files) in by_layer.into_values() {
-            let r = self.fetch_layer_files(&desc, &mut files, ctl, &mut done, total, defer);
-            {
-                let mut bulk = lock(&self.bulk);
-                for f in &files {
-                    bulk.remove(&f.digest);
-                }
-            }
-            self.bulk_done.notify_all();
+        let done = AtomicU64::new(0);
+        // layers at once: a program's files come from several, in the
+        // order it reads them
+        let results: Vec<Result<(), ReadError>> = std::thread::scope(|s| {
+            let layers: Vec<_> = by_layer
+                .into_values()
+                .map(|(desc, mut files)| {
+                    let done = &done;
+                    let layer = desc.digest;
+                    let h = s.spawn(move || {
+                        let r = self.fetch_layer_files(&desc, &mut files, ctl, done, total, defer);
+                        {
+                            let mut bulk = lock(&self.bulk);
+                            for f in &files {
+                                bulk.remove(&f.digest);
+                            }
+                        }
+                        self.bulk_done.notify_all();
+                        r
+                    });
+                    (layer, h)
+                })
+                .collect();
+            layers
+                .into_iter()
+                .map(|(layer, h)| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(ReadError::Fetch {
+                            layer,
+                            reason: "its prefetch panicked".into(),
+                        })
+                    })
+                })
+                .collect()
+        });
+        for r in results {
             r?;
         }
-        Ok(done as usize)
+        Ok(done.into_inner() as usize)
     }
 
     fn fetch_layer_files(
@@ -1010,7 +1041,7 @@ impl Fetcher {
         desc: &strata_oci::Descriptor,
         files: &mut [&RemoteFile],
         ctl: Ctl<'_>,
-        done: &mut u64,
+        done: &AtomicU64,
         total: u64,
         defer: bool,
     ) -> Result<(), ReadError> {
@@ -1046,6 +1077,28 @@ impl Fetcher {
             }
             ctl.cancel.check().map_err(|_| ReadError::Cancelled)?;
             let group = &spans[k..l];
+            if let [(start, end, i, j)] = *group
+                && end - start >= STREAM_SPAN_BYTES
+            {
+                // one long run of files (those placed first): streamed,
+                // each file served as soon as its bytes are in
+                let n = self.stream_span(desc, start, end, &files[i..j])?;
+                if !defer {
+                    // stored, as the rest of a list is, before the next
+                    // request
+                    self.flush();
+                }
+                self.stats.files_completed.fetch_add(n, Ordering::Relaxed);
+                let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
+                ctl.emit(Event::Progress {
+                    op: Op::Prefetch,
+                    unit: Unit::Files,
+                    done: so_far,
+                    total: Some(total),
+                });
+                k = l;
+                continue;
+            }
             let asks: Vec<(u64, u64)> = group.iter().map(|(s, e, _, _)| (*s, e - s)).collect();
             let answers = {
                 let _slot = self.slots.take(self.wait_limit)?;
@@ -1078,43 +1131,14 @@ impl Fetcher {
                             layer: desc.digest,
                             reason: format!("a short answer for bytes {start}.."),
                         })?;
-                    let whole = strata_oci::partial::RemoteChunk {
-                        file_offset: 0,
-                        size: f.size,
-                        blob_offset: f.offset,
-                        blob_end: f.end,
-                        digest: f.digest,
-                        zeros: false,
+                    let Some(content) = self.check_fetched(desc, f, frames)? else {
+                        continue;
                     };
-                    let content = decode_chunk(desc, frames, &whole).map_err(fail)?;
-                    // the tar-split's checksum too: a file whose TOC entry
-                    // points at other bytes is not stored (nor served)
-                    let crc = CRC64.checksum(&content);
-                    match self.claim_of(&f.digest) {
-                        Ok(Some(want)) if want == crc => {}
-                        Ok(_) => {
-                            self.reject(
-                                &f.digest,
-                                format!(
-                                    "its content has CRC-64 {crc:016x}, the tar-split entry says otherwise"
-                                ),
-                            );
-                            continue;
-                        }
-                        Err(_) => continue,
-                    }
                     if let Some(batch) = &mut batch {
                         batch.put(&mut content.as_slice(), f.size)?;
                         accepted.push(f.digest);
                     } else {
-                        let path = self.fresh_path();
-                        let mut file = OpenOptions::new()
-                            .read(true)
-                            .write(true)
-                            .create_new(true)
-                            .open(&path)?;
-                        io::Write::write_all(&mut file, &content)?;
-                        self.add_fresh(f.digest, file, path);
+                        self.store_fresh(f.digest, &content)?;
                     }
                     n += 1;
                 }
@@ -1135,16 +1159,129 @@ impl Fetcher {
             }
             self.bulk_done.notify_all();
             self.stats.files_completed.fetch_add(n, Ordering::Relaxed);
-            *done += n;
+            let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
             ctl.emit(Event::Progress {
                 op: Op::Prefetch,
                 unit: Unit::Files,
-                done: *done,
+                done: so_far,
                 total: Some(total),
             });
             k = l;
         }
         Ok(())
+    }
+
+    /// The content of `f` decoded from its `frames`, when it is what the
+    /// TOC and the tar-split say (a mismatch is recorded and gives
+    /// `None`: the file is not stored, nor served).
+    fn check_fetched(
+        &self,
+        desc: &strata_oci::Descriptor,
+        f: &RemoteFile,
+        frames: &[u8],
+    ) -> Result<Option<Vec<u8>>, ReadError> {
+        let whole = strata_oci::partial::RemoteChunk {
+            file_offset: 0,
+            size: f.size,
+            blob_offset: f.offset,
+            blob_end: f.end,
+            digest: f.digest,
+            zeros: false,
+        };
+        let content = decode_chunk(desc, frames, &whole).map_err(|e| {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            ReadError::Fetch {
+                layer: desc.digest,
+                reason: e.to_string(),
+            }
+        })?;
+        // the tar-split's checksum too: a file whose TOC entry points at
+        // other bytes is not stored (nor served)
+        let crc = CRC64.checksum(&content);
+        match self.claim_of(&f.digest) {
+            Ok(Some(want)) if want == crc => Ok(Some(content)),
+            Ok(_) => {
+                self.reject(
+                    &f.digest,
+                    format!(
+                        "its content has CRC-64 {crc:016x}, the tar-split entry says otherwise"
+                    ),
+                );
+                Ok(None)
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Serve `content` from a staging file at once; it is stored in the
+    /// background.
+    fn store_fresh(&self, digest: Digest, content: &[u8]) -> Result<(), ReadError> {
+        let path = self.fresh_path();
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        io::Write::write_all(&mut file, content)?;
+        self.add_fresh(digest, file, path);
+        Ok(())
+    }
+
+    /// Fetch the files of one run of blob bytes `start..end` (`files`, in
+    /// blob order, their frames inside it) in one streamed request: each
+    /// is checked, served and released to reads waiting for it as soon
+    /// as its bytes are in. Returns how many were taken.
+    fn stream_span(
+        &self,
+        desc: &strata_oci::Descriptor,
+        start: u64,
+        end: u64,
+        files: &[&RemoteFile],
+    ) -> Result<u64, ReadError> {
+        let fail = |reason: String| {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            ReadError::Fetch {
+                layer: desc.digest,
+                reason,
+            }
+        };
+        let _slot = self.slots.take(self.wait_limit)?;
+        let mut r = self
+            .source
+            .open_range(desc, start, end - start)
+            .map_err(|e| fail(e.to_string()))?;
+        let (mut pos, mut n) = (start, 0);
+        let mut frames = Vec::new();
+        for f in files {
+            if f.offset < pos || f.end > end {
+                return Err(fail(format!(
+                    "{}: its frames at {}..{} are not inside the run {pos}..{end}",
+                    f.name, f.offset, f.end
+                )));
+            }
+            let gap = f.offset - pos;
+            let skipped = io::copy(&mut (&mut r).take(gap), &mut io::sink())
+                .map_err(|e| fail(format!("bytes {pos}..{}: {e}", f.offset)))?;
+            frames.clear();
+            (&mut r)
+                .take(f.end - f.offset)
+                .read_to_end(&mut frames)
+                .map_err(|e| fail(format!("bytes {}..{}: {e}", f.offset, f.end)))?;
+            if skipped != gap || frames.len() as u64 != f.end - f.offset {
+                return Err(fail(format!("the answer ended before byte {}", f.end)));
+            }
+            self.stats
+                .bytes_fetched
+                .fetch_add(f.end - pos, Ordering::Relaxed);
+            pos = f.end;
+            if let Some(content) = self.check_fetched(desc, f, &frames)? {
+                self.store_fresh(f.digest, &content)?;
+                n += 1;
+            }
+            lock(&self.bulk).remove(&f.digest);
+            self.bulk_done.notify_all();
+        }
+        Ok(n)
     }
 
     /// Wait while a bulk prefetch fetches `digest` (at most the wait

@@ -26,6 +26,7 @@
 //! contents arrive).
 
 pub mod daemon;
+mod early;
 mod elf;
 mod fetch;
 pub mod fs;

@@ -243,6 +243,11 @@ pub fn mount(
             manifest_digest: digest,
         });
     }
+    // the files placed first start arriving while the mount is built
+    let (source, early) = crate::early::start(source, early_runs(&store, &resolved, opts));
+    if !early.is_empty() {
+        tracing::debug!("streaming the files placed first of {} layers", early.len());
+    }
     let lazy = match crate::prepare(&store, source.as_ref(), resolved) {
         Ok(l) => l,
         Err(LazyError::NotLazy {
@@ -285,6 +290,7 @@ pub fn mount(
         lazy,
         started,
         events.clone(),
+        early,
     )?;
     drop(work);
     ctl.emit(Event::Finished {
@@ -343,6 +349,42 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
+/// The runs of files placed first that the prefetch will fetch (it does
+/// when there is a prefetch and no list given: the image's own list is
+/// the files placed first), of layers the store lacks, each at most
+/// [`EARLY_MAX_BYTES`](crate::early::EARLY_MAX_BYTES).
+fn early_runs(
+    store: &Store,
+    resolved: &strata_oci::ResolvedImage,
+    opts: &LazyOptions,
+) -> Vec<(strata_oci::Descriptor, u64)> {
+    if opts.prefetch == Prefetch::None || opts.prefetch_list.is_some() {
+        return Vec::new();
+    }
+    let diff_ids = strata_oci::parse_config(&resolved.config_bytes)
+        .map(|c| c.diff_ids)
+        .unwrap_or_default();
+    resolved
+        .manifest
+        .layers
+        .iter()
+        .enumerate()
+        .filter(|(i, d)| {
+            store.layer_by_blob(&d.digest).is_none()
+                && diff_ids.get(*i).is_none_or(|id| !store.has_layer(id))
+        })
+        .filter_map(|(_, d)| {
+            let end: u64 = d
+                .annotations
+                .get(strata_oci::convert::FIRST_END_ANNOTATION)?
+                .parse()
+                .ok()?;
+            (end > 0 && end <= d.size && end <= crate::early::EARLY_MAX_BYTES)
+                .then(|| (d.clone(), end))
+        })
+        .collect()
+}
+
 /// The digests of the prefetch list's files, and (with no list given)
 /// the files placed first in their layers.
 fn wanted(lazy: &LazyImage, opts: &LazyOptions) -> Vec<Digest> {
@@ -388,6 +430,7 @@ fn serve(
     lazy: LazyImage,
     started: Instant,
     events: Arc<dyn EventSink>,
+    early: crate::early::EarlyRuns,
 ) -> Result<LazyMount, LazyError> {
     let digest = lazy.resolved.manifest_digest;
     let mdir = mount_dir(store.root(), target);
@@ -472,6 +515,7 @@ fn serve(
             .spawn(move || {
                 prefetch_thread(
                     fetcher, prefetch, wanted, state, store, source, name, pull, cancel, events,
+                    early,
                 )
             })
             .map_err(io("starting the prefetch thread".into()))?;
@@ -623,6 +667,7 @@ fn prefetch_thread(
     pull: PullOptions,
     cancel: Cancel,
     events: Arc<dyn EventSink>,
+    early: crate::early::EarlyRuns,
 ) {
     let set = |s: PrefetchState, err: Option<String>, complete: bool| {
         // under the state's lock: a saved state never says complete with
@@ -639,7 +684,10 @@ fn prefetch_thread(
     });
     set(PrefetchState::List, None, false);
     let mut list_error = None;
-    match fetcher.fetch_many(&wanted, ctl) {
+    let listed = fetcher.fetch_many(&wanted, ctl);
+    // what was streamed ahead for the list is freed (and stops)
+    drop(early);
+    match listed {
         Ok(n) => tracing::info!("prefetched {n} files of the list"),
         Err(ReadError::Cancelled) => {
             tracing::info!("prefetch cancelled during the list");

@@ -214,6 +214,18 @@ pub trait ImageSource: Send + Sync {
     /// run out the returned reader fails with an `io::Error` naming the
     /// blob and the repository.
     fn open_blob(&self, desc: &Descriptor, offset: u64) -> Result<Box<dyn Read + Send>, OciError>;
+    /// A stream of `len` bytes of a blob from `offset` (not verified
+    /// here): bytes can be used as they arrive. Registry sources ask for
+    /// exactly that range and resume as [`open_blob`](Self::open_blob)
+    /// does; the stream may end early only with an error.
+    fn open_range(
+        &self,
+        desc: &Descriptor,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn Read + Send>, OciError> {
+        Ok(Box::new(self.open_blob(desc, offset)?.take(len)))
+    }
     /// Exactly `len` bytes of a blob from `offset` (not verified here).
     /// Registries are asked with `Range: bytes=A-B`; one that ignores
     /// ranges (answers 200) or refuses them gives [`OciError::NoRanges`].

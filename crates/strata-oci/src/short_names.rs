@@ -336,6 +336,15 @@ impl ImageSource for Resolved {
         self.inner.open_blob(desc, offset)
     }
 
+    fn open_range(
+        &self,
+        desc: &Descriptor,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn std::io::Read + Send>, OciError> {
+        self.inner.open_range(desc, offset, len)
+    }
+
     fn read_range(&self, desc: &Descriptor, offset: u64, len: u64) -> Result<Vec<u8>, OciError> {
         self.inner.read_range(desc, offset, len)
     }

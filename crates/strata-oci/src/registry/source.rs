@@ -170,6 +170,30 @@ impl ImageSource for RegistrySource {
         )?))
     }
 
+    fn open_range(
+        &self,
+        desc: &Descriptor,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn Read + Send>, OciError> {
+        let end = offset.saturating_add(len);
+        if len == 0 || offset >= desc.size || end > desc.size {
+            return Err(OciError::Format {
+                what: format!("blob {}", desc.digest),
+                reason: format!(
+                    "bytes {offset}+{len} are not a range of its {} bytes",
+                    desc.size
+                ),
+            });
+        }
+        Ok(Box::new(BlobReader::open_range(
+            self.session.clone(),
+            desc,
+            offset,
+            end,
+        )?))
+    }
+
     fn read_range(&self, desc: &Descriptor, offset: u64, len: u64) -> Result<Vec<u8>, OciError> {
         if len == 0 {
             return Ok(Vec::new());

@@ -768,6 +768,9 @@ pub(crate) struct BlobReader {
     session: Arc<Session>,
     desc: Descriptor,
     pos: u64,
+    /// Where the stream ends (exclusive): the blob's size, or the end of
+    /// the range asked for.
+    end: u64,
     resp: Option<RateGuard<Response>>,
     failures: u32,
 }
@@ -779,10 +782,22 @@ impl BlobReader {
         desc: &Descriptor,
         offset: u64,
     ) -> Result<BlobReader, OciError> {
+        BlobReader::open_range(session, desc, offset, desc.size)
+    }
+
+    /// A stream of `desc`'s bytes `offset..end`, connected (asked for as
+    /// that range: the registry sends no byte past `end`).
+    pub(crate) fn open_range(
+        session: Arc<Session>,
+        desc: &Descriptor,
+        offset: u64,
+        end: u64,
+    ) -> Result<BlobReader, OciError> {
         let mut r = BlobReader {
             session,
             desc: desc.clone(),
             pos: offset,
+            end: end.min(desc.size),
             resp: None,
             failures: 0,
         };
@@ -796,7 +811,15 @@ impl BlobReader {
 
     fn connect(&mut self) -> Result<(), OciError> {
         let mut h = HeaderMap::new();
-        if self.pos > 0 {
+        let ranged = self.pos > 0 || self.end < self.desc.size;
+        if self.end < self.desc.size {
+            h.insert(
+                RANGE,
+                format!("bytes={}-{}", self.pos, self.end.saturating_sub(1))
+                    .parse()
+                    .expect("ascii"),
+            );
+        } else if self.pos > 0 {
             h.insert(
                 RANGE,
                 format!("bytes={}-", self.pos).parse().expect("ascii"),
@@ -804,7 +827,7 @@ impl BlobReader {
         }
         let url = self.session.blob_url(&self.desc.digest);
         let mut resp = self.session.get(&url, &h, &self.action())?;
-        if self.pos > 0 && resp.status() == StatusCode::PARTIAL_CONTENT {
+        if ranged && resp.status() == StatusCode::PARTIAL_CONTENT {
             // `Content-Range: bytes START-END/TOTAL` must start where we are
             let start = resp
                 .headers()
@@ -860,6 +883,16 @@ impl BlobReader {
 
 impl Read for BlobReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // no byte past the end asked for (a registry ignoring the range
+        // sends the rest of the blob)
+        let left = self.end.saturating_sub(self.pos);
+        if left == 0 {
+            return Ok(0);
+        }
+        let buf = match usize::try_from(left) {
+            Ok(l) if l < buf.len() => &mut buf[..l],
+            _ => buf,
+        };
         loop {
             if self.resp.is_none() {
                 self.retry("connection lost".into())?;
@@ -867,8 +900,8 @@ impl Read for BlobReader {
             }
             let r = self.resp.as_mut().expect("checked").read(buf);
             match r {
-                Ok(0) if !buf.is_empty() && self.pos < self.desc.size => {
-                    let why = format!("stream ended at byte {} of {}", self.pos, self.desc.size);
+                Ok(0) if !buf.is_empty() && self.pos < self.end => {
+                    let why = format!("stream ended at byte {} of {}", self.pos, self.end);
                     self.retry(why)?;
                 }
                 Ok(n) => {
