@@ -1082,12 +1082,13 @@ impl Fetcher {
             {
                 // one long run of files (those placed first): streamed,
                 // each file served as soon as its bytes are in
-                let n = self.stream_span(desc, start, end, &files[i..j])?;
+                let streamed = self.stream_span(desc, start, end, &files[i..j], ctl);
                 if !defer {
                     // stored, as the rest of a list is, before the next
-                    // request
+                    // request (or the cancel) is answered
                     self.flush();
                 }
+                let n = streamed?;
                 self.stats.files_completed.fetch_add(n, Ordering::Relaxed);
                 let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
                 ctl.emit(Event::Progress {
@@ -1230,13 +1231,15 @@ impl Fetcher {
     /// Fetch the files of one run of blob bytes `start..end` (`files`, in
     /// blob order, their frames inside it) in one streamed request: each
     /// is checked, served and released to reads waiting for it as soon
-    /// as its bytes are in. Returns how many were taken.
+    /// as its bytes are in. Returns how many were taken. `ctl`'s cancel is
+    /// checked before each file (what was taken stays).
     fn stream_span(
         &self,
         desc: &strata_oci::Descriptor,
         start: u64,
         end: u64,
         files: &[&RemoteFile],
+        ctl: Ctl<'_>,
     ) -> Result<u64, ReadError> {
         let fail = |reason: String| {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -1253,6 +1256,7 @@ impl Fetcher {
         let (mut pos, mut n) = (start, 0);
         let mut frames = Vec::new();
         for f in files {
+            ctl.cancel.check().map_err(|_| ReadError::Cancelled)?;
             if f.offset < pos || f.end > end {
                 return Err(fail(format!(
                     "{}: its frames at {}..{} are not inside the run {pos}..{end}",

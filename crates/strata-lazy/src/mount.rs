@@ -358,7 +358,9 @@ fn early_runs(
     resolved: &strata_oci::ResolvedImage,
     opts: &LazyOptions,
 ) -> Vec<(strata_oci::Descriptor, u64)> {
-    if opts.prefetch == Prefetch::None || opts.prefetch_list.is_some() {
+    // STRATA_LAZY_EARLY=0 turns it off (for A/B measurements)
+    let off = std::env::var_os("STRATA_LAZY_EARLY").is_some_and(|v| v == "0");
+    if off || opts.prefetch == Prefetch::None || opts.prefetch_list.is_some() {
         return Vec::new();
     }
     let diff_ids = strata_oci::parse_config(&resolved.config_bytes)
