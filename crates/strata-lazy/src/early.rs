@@ -28,6 +28,9 @@ use strata_oci::{Descriptor, ImageSource, OciError, Platform, ResolvedImage};
 /// memory until the prefetch reads them).
 pub const EARLY_MAX_BYTES: u64 = 64 << 20;
 
+/// All of an image's runs streamed ahead, at most.
+pub const EARLY_MAX_TOTAL: u64 = 128 << 20;
+
 /// Bytes read from the registry at a time.
 const STEP: usize = 256 << 10;
 

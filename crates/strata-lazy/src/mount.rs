@@ -352,7 +352,8 @@ fn now() -> u64 {
 /// The runs of files placed first that the prefetch will fetch (it does
 /// when there is a prefetch and no list given: the image's own list is
 /// the files placed first), of layers the store lacks, each at most
-/// [`EARLY_MAX_BYTES`](crate::early::EARLY_MAX_BYTES).
+/// [`EARLY_MAX_BYTES`](crate::early::EARLY_MAX_BYTES), all of them
+/// [`EARLY_MAX_TOTAL`](crate::early::EARLY_MAX_TOTAL) (layers in order).
 fn early_runs(
     store: &Store,
     resolved: &strata_oci::ResolvedImage,
@@ -383,6 +384,10 @@ fn early_runs(
                 .ok()?;
             (end > 0 && end <= d.size && end <= crate::early::EARLY_MAX_BYTES)
                 .then(|| (d.clone(), end))
+        })
+        .scan(0u64, |total, (d, end)| {
+            *total += end;
+            (*total <= crate::early::EARLY_MAX_TOTAL).then_some((d, end))
         })
         .collect()
 }
