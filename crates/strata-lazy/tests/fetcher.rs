@@ -29,6 +29,29 @@ struct Faulty {
     max_inflight: AtomicU64,
     /// Milliseconds every range read takes (0: as fast as it can).
     delay_ms: AtomicU64,
+    /// Ranged streams opened, and milliseconds each read of one takes.
+    streams: AtomicU64,
+    stream_step_ms: AtomicU64,
+}
+
+/// A stream read slowly, its first byte flipped when tampering.
+struct Slow {
+    inner: Box<dyn Read + Send>,
+    step_ms: u64,
+    flip: bool,
+}
+
+impl Read for Slow {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        std::thread::sleep(std::time::Duration::from_millis(self.step_ms));
+        let most = buf.len().min(32 << 10);
+        let n = self.inner.read(&mut buf[..most])?;
+        if self.flip && n > 0 {
+            buf[0] ^= 0xff;
+            self.flip = false;
+        }
+        Ok(n)
+    }
 }
 
 impl Faulty {
@@ -74,6 +97,20 @@ impl ImageSource for Faulty {
     fn open_blob(&self, desc: &Descriptor, offset: u64) -> Result<Box<dyn Read + Send>, OciError> {
         self.check(desc)?;
         self.inner.open_blob(desc, offset)
+    }
+    fn open_range(
+        &self,
+        desc: &Descriptor,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn Read + Send>, OciError> {
+        self.check(desc)?;
+        self.streams.fetch_add(1, Ordering::SeqCst);
+        Ok(Box::new(Slow {
+            inner: self.inner.open_range(desc, offset, len)?,
+            step_ms: self.stream_step_ms.load(Ordering::SeqCst),
+            flip: self.tamper.load(Ordering::SeqCst),
+        }))
     }
     fn read_range(&self, desc: &Descriptor, offset: u64, len: u64) -> Result<Vec<u8>, OciError> {
         self.check(desc)?;
@@ -194,6 +231,8 @@ fn faulty(fx: &Fixture) -> Arc<Faulty> {
         inflight: AtomicU64::new(0),
         max_inflight: AtomicU64::new(0),
         delay_ms: AtomicU64::new(0),
+        streams: AtomicU64::new(0),
+        stream_step_ms: AtomicU64::new(0),
     })
 }
 
@@ -433,6 +472,99 @@ fn lazy_files(image: &LazyImage) -> Vec<(usize, usize, u64)> {
         }
     }
     v
+}
+
+/// Consecutive files of one lazy layer, in blob order, whose frames span
+/// at least `bytes`: what a list placed first is.
+fn long_run(image: &LazyImage, bytes: u64) -> Vec<Digest> {
+    for layer in &image.layers {
+        let Some(ix) = &layer.index else { continue };
+        let mut files: Vec<_> = ix.files.iter().filter(|f| f.size > 0).collect();
+        files.sort_by_key(|f| f.offset);
+        let mut seen = std::collections::HashSet::new();
+        let mut run: Vec<Digest> = Vec::new();
+        let start = files.first().map_or(0, |f| f.offset);
+        for f in files {
+            if !seen.insert(f.digest) {
+                continue;
+            }
+            run.push(f.digest);
+            if f.end - start >= bytes {
+                return run;
+            }
+        }
+    }
+    panic!("no layer spans {bytes} bytes");
+}
+
+#[test]
+fn a_long_run_of_files_streams_in_one_request_each_served_as_it_arrives() {
+    let fx = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let src = faulty(&fx);
+    let (f, _, _) = fetcher(dir.path(), src.clone(), 4);
+    let run = long_run(f.image(), 3 << 20);
+    assert!(run.len() > 10, "a run of many files: {}", run.len());
+    let (first, first_size) = f
+        .image()
+        .remote(&run[0])
+        .map(|(_, rf)| (rf.digest, rf.size))
+        .unwrap();
+    src.stream_step_ms.store(15, Ordering::SeqCst);
+    // (the TOCs were read by range)
+    let ranges = src.ranges.load(Ordering::SeqCst);
+    // reads made before the list starts wait for it
+    f.reserve_bulk(&run);
+    std::thread::scope(|s| {
+        let list = s.spawn(|| f.fetch_many(&run, Ctl::none()));
+        let got = f.read(&first, first_size, 0, 4096).unwrap();
+        assert!(
+            !list.is_finished(),
+            "the first file was served before the rest of the run arrived"
+        );
+        assert_eq!(got, truth_bytes(&fx, &first)[..got.len()]);
+        assert_eq!(list.join().unwrap().unwrap(), run.len());
+    });
+    assert_eq!(src.streams.load(Ordering::SeqCst), 1, "one request");
+    assert_eq!(
+        src.ranges.load(Ordering::SeqCst),
+        ranges,
+        "no range read besides"
+    );
+    for d in &run {
+        let mut b = Vec::new();
+        f.store()
+            .open_object(d)
+            .unwrap()
+            .read_to_end(&mut b)
+            .unwrap();
+        assert_eq!(Digest::sha256_of(&b), *d);
+    }
+}
+
+#[test]
+fn a_tampered_stream_stores_nothing_of_the_file_it_spoils() {
+    let fx = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let src = faulty(&fx);
+    let (f, _, _) = fetcher(dir.path(), src.clone(), 4);
+    let run = long_run(f.image(), 2 << 20);
+    src.tamper.store(true, Ordering::SeqCst);
+    let r = f.fetch_many(&run, Ctl::none());
+    assert!(
+        matches!(r, Err(ReadError::Fetch { .. })),
+        "a spoiled stream fails the list: {r:?}"
+    );
+    assert_eq!(src.streams.load(Ordering::SeqCst), 1);
+    assert!(
+        !f.store().has_object(&run[0]),
+        "the spoiled file is not stored"
+    );
+    // the registry mends: a read fetches the file itself, right
+    src.tamper.store(false, Ordering::SeqCst);
+    let size = f.image().remote(&run[0]).unwrap().1.size;
+    let b = f.read(&run[0], size, 0, 4096).unwrap();
+    assert_eq!(b, truth_bytes(&fx, &run[0])[..b.len()]);
 }
 
 /// Issue 15: two files whose TOC entries were swapped (each entry names
