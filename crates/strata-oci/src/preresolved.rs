@@ -52,6 +52,12 @@ pub struct Preresolved {
 }
 
 impl Preresolved {
+    /// `resolved` (as `inner` resolved it, in this process) answered
+    /// again without asking.
+    pub fn new(inner: Box<dyn ImageSource>, resolved: ResolvedImage) -> Preresolved {
+        Preresolved { inner, resolved }
+    }
+
     /// Read what [`write`] wrote at `path`: the manifest must hash to
     /// `pinned` (the digest the reference names: the manifest's, or the
     /// index's it was picked from), the config to the manifest's config

@@ -1084,7 +1084,7 @@ impl Snapshotter {
                     r.manifest
                 );
             };
-            match strata_lazy::prepare(&self.store, &*source, resolved) {
+            match strata_lazy::prepare(&self.store, &*source, resolved.clone()) {
                 Ok(_) if self.lazy_fallback => fallback(why.to_string()),
                 Ok(_) => return Err(why),
                 // readable, not lazily (the old zstd:chunked layout, no
@@ -1122,14 +1122,11 @@ impl Snapshotter {
         // a fallback from a lazy mount: the whole blobs, checked against
         // their digests and diff_ids, whatever the TOCs say
         opts.partial = !fell_back;
-        strata_oci::pull::pull(
-            &self.store,
-            &reference,
-            &name,
-            &opts,
-            strata_ops::Ctl::none(),
-        )
-        .map_err(|e| unavailable(error_chain(&e)))?;
+        // the image as resolved above: the registry is not asked for the
+        // manifest and config again
+        let source = strata_oci::preresolved::Preresolved::new(source, resolved);
+        strata_oci::pull::pull_from(&self.store, &source, &name, &opts, strata_ops::Ctl::none())
+            .map_err(|e| unavailable(error_chain(&e)))?;
         let meta = self
             .store
             .image_meta(&r.manifest)
