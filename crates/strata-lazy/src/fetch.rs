@@ -1065,6 +1065,17 @@ impl Fetcher {
                 reason: e.to_string(),
             }
         };
+        // a request's files are done: counted, and said
+        let completed = |n: u64| {
+            self.stats.files_completed.fetch_add(n, Ordering::Relaxed);
+            let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
+            ctl.emit(Event::Progress {
+                op: Op::Prefetch,
+                unit: Unit::Files,
+                done: so_far,
+                total: Some(total),
+            });
+        };
         // requests of at most BULK_REQUEST_BYTES (a bigger span alone)
         let mut k = 0;
         while k < spans.len() {
@@ -1088,15 +1099,7 @@ impl Fetcher {
                     // request (or the cancel) is answered
                     self.flush();
                 }
-                let n = streamed?;
-                self.stats.files_completed.fetch_add(n, Ordering::Relaxed);
-                let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
-                ctl.emit(Event::Progress {
-                    op: Op::Prefetch,
-                    unit: Unit::Files,
-                    done: so_far,
-                    total: Some(total),
-                });
+                completed(streamed?);
                 k = l;
                 continue;
             }
@@ -1159,14 +1162,7 @@ impl Fetcher {
                 }
             }
             self.bulk_done.notify_all();
-            self.stats.files_completed.fetch_add(n, Ordering::Relaxed);
-            let so_far = done.fetch_add(n, Ordering::Relaxed) + n;
-            ctl.emit(Event::Progress {
-                op: Op::Prefetch,
-                unit: Unit::Files,
-                done: so_far,
-                total: Some(total),
-            });
+            completed(n);
             k = l;
         }
         Ok(())

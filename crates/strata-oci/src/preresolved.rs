@@ -49,13 +49,34 @@ pub fn write(path: &Path, resolved: &ResolvedImage) -> std::io::Result<()> {
 pub struct Preresolved {
     inner: Box<dyn ImageSource>,
     resolved: ResolvedImage,
+    /// The platform it was resolved for, when another one goes to
+    /// `inner` (`None`: answered for any).
+    platform: Option<Platform>,
 }
 
 impl Preresolved {
     /// `resolved` (as `inner` resolved it, in this process) answered
     /// again without asking.
     pub fn new(inner: Box<dyn ImageSource>, resolved: ResolvedImage) -> Preresolved {
-        Preresolved { inner, resolved }
+        Preresolved {
+            inner,
+            resolved,
+            platform: None,
+        }
+    }
+
+    /// [`new`](Self::new), answering only for `platform` (another one is
+    /// resolved by `inner`).
+    pub fn for_platform(
+        inner: Box<dyn ImageSource>,
+        platform: Platform,
+        resolved: ResolvedImage,
+    ) -> Preresolved {
+        Preresolved {
+            inner,
+            resolved,
+            platform: Some(platform),
+        }
     }
 
     /// Read what [`write`] wrote at `path`: the manifest must hash to
@@ -102,22 +123,25 @@ impl Preresolved {
             Document::Index(_) => return Err(fmt("an index, not a manifest".into())),
         };
         crate::verify(&what, &config_bytes, &manifest.config.digest)?;
-        Ok(Preresolved {
+        Ok(Preresolved::new(
             inner,
-            resolved: ResolvedImage {
+            ResolvedImage {
                 manifest_bytes,
                 manifest_digest,
                 manifest,
                 config_bytes,
                 index_digest: saved.index_digest,
             },
-        })
+        ))
     }
 }
 
 impl ImageSource for Preresolved {
-    fn resolve(&self, _platform: &Platform) -> Result<ResolvedImage, OciError> {
-        Ok(self.resolved.clone())
+    fn resolve(&self, platform: &Platform) -> Result<ResolvedImage, OciError> {
+        match &self.platform {
+            Some(p) if p != platform => self.inner.resolve(platform),
+            _ => Ok(self.resolved.clone()),
+        }
     }
 
     fn open_blob(&self, desc: &Descriptor, offset: u64) -> Result<Box<dyn Read + Send>, OciError> {

@@ -27,11 +27,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::preresolved::Preresolved;
 use crate::reference::{DOCKER_HUB, ShortName, valid_host};
-use crate::{
-    Descriptor, ImageRef, ImageSource, OciError, Platform, RegistryOptions, ResolvedImage,
-    open_source,
-};
+use crate::{ImageRef, ImageSource, OciError, Platform, RegistryOptions, open_source};
 
 /// The system registries.conf.
 pub const SYSTEM_REGISTRIES_CONF: &str = "/etc/containers/registries.conf";
@@ -233,11 +231,12 @@ pub fn resolve_short_name(
     for candidate in conf.candidates(name)? {
         let attempt = open_source(&candidate, opts).and_then(|source| {
             let image = source.resolve(platform)?;
-            Ok(Box::new(Resolved {
-                inner: source,
-                platform: platform.clone(),
-                image,
-            }) as Box<dyn ImageSource>)
+            // resolving it again for the same platform would ask the
+            // registry twice
+            Ok(
+                Box::new(Preresolved::for_platform(source, platform.clone(), image))
+                    as Box<dyn ImageSource>,
+            )
         });
         match attempt {
             Ok(source) => {
@@ -308,57 +307,6 @@ pub fn open_name(
                 notes,
             })
         }
-    }
-}
-
-/// A source whose image was already resolved while searching: resolving
-/// it again for the same platform would ask the registry twice.
-struct Resolved {
-    inner: Box<dyn ImageSource>,
-    platform: Platform,
-    image: ResolvedImage,
-}
-
-impl ImageSource for Resolved {
-    fn resolve(&self, platform: &Platform) -> Result<ResolvedImage, OciError> {
-        if *platform == self.platform {
-            Ok(self.image.clone())
-        } else {
-            self.inner.resolve(platform)
-        }
-    }
-
-    fn open_blob(
-        &self,
-        desc: &Descriptor,
-        offset: u64,
-    ) -> Result<Box<dyn std::io::Read + Send>, OciError> {
-        self.inner.open_blob(desc, offset)
-    }
-
-    fn open_range(
-        &self,
-        desc: &Descriptor,
-        offset: u64,
-        len: u64,
-    ) -> Result<Box<dyn std::io::Read + Send>, OciError> {
-        self.inner.open_range(desc, offset, len)
-    }
-
-    fn read_range(&self, desc: &Descriptor, offset: u64, len: u64) -> Result<Vec<u8>, OciError> {
-        self.inner.read_range(desc, offset, len)
-    }
-
-    fn read_ranges(
-        &self,
-        desc: &Descriptor,
-        ranges: &[(u64, u64)],
-    ) -> Result<Vec<Vec<u8>>, OciError> {
-        self.inner.read_ranges(desc, ranges)
-    }
-
-    fn describe(&self) -> String {
-        self.inner.describe()
     }
 }
 
