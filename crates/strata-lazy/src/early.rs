@@ -399,6 +399,14 @@ mod tests {
         }
     }
 
+    fn mem(blob: &[u8], fail_after: Option<usize>) -> Arc<Mem> {
+        Arc::new(Mem {
+            blob: blob.to_vec(),
+            requests: AtomicUsize::new(0),
+            fail_after,
+        })
+    }
+
     fn blob() -> Vec<u8> {
         (0..3_000_000u32).map(|i| (i % 251) as u8).collect()
     }
@@ -407,11 +415,7 @@ mod tests {
     fn reads_inside_the_run_come_from_it_and_others_from_the_source() {
         let b = blob();
         let d = desc(&b);
-        let mem = Arc::new(Mem {
-            blob: b.clone(),
-            requests: AtomicUsize::new(0),
-            fail_after: None,
-        });
+        let mem = mem(&b, None);
         let (src, runs) = start(mem.clone(), vec![(d.clone(), 2_000_000)]);
         assert_eq!(runs.len(), 1);
         let mut got = Vec::new();
@@ -458,11 +462,7 @@ mod tests {
     fn a_run_starts_once_a_read_outside_it_is_answered() {
         let b = blob();
         let d = desc(&b);
-        let mem = Arc::new(Mem {
-            blob: b.clone(),
-            requests: AtomicUsize::new(0),
-            fail_after: None,
-        });
+        let mem = mem(&b, None);
         let (src, runs) = start(mem.clone(), vec![(d.clone(), 1_000_000)]);
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert_eq!(
@@ -487,11 +487,7 @@ mod tests {
     fn a_run_that_fails_midway_is_read_on_from_the_source() {
         let b = blob();
         let d = desc(&b);
-        let mem = Arc::new(Mem {
-            blob: b.clone(),
-            requests: AtomicUsize::new(0),
-            fail_after: Some(700_000),
-        });
+        let mem = mem(&b, Some(700_000));
         let (src, _runs) = start(mem.clone(), vec![(d.clone(), 2_000_000)]);
         let mut got = Vec::new();
         src.open_range(&d, 100, 1_000_000)
