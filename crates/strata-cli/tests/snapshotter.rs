@@ -297,6 +297,47 @@ fn with_the_snapshotter_down_containerd_names_its_socket() {
     assert!(text.contains(socket.to_str().unwrap()), "{text}");
 }
 
+/// A view of the bottom layer of a two-layer Debian + python image (an
+/// intermediate layer: `ls` is `ctr snapshots ls`): it mounts, holds
+/// Debian and not python's layer, and is removed.
+fn view_of_the_bottom_layer(ctrd: &Containerd, ls: &str) {
+    let bottom = ls
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() == 2 && f[1] == "Committed")
+        .unwrap_or_else(|| panic!("no bottom layer in {ls}"))[0]
+        .to_string();
+    ctrd.ctr(&[
+        "snapshots",
+        "--snapshotter",
+        "strata",
+        "view",
+        "v-bottom",
+        &bottom,
+    ]);
+    let view = ctrd.ctr(&[
+        "snapshots",
+        "--snapshotter",
+        "strata",
+        "mounts",
+        "/mnt",
+        "v-bottom",
+    ]);
+    let src = view
+        .split_whitespace()
+        .skip_while(|w| *w != "bind")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no bind mount in {view}"));
+    let src = Path::new(src);
+    assert!(src.join("etc/debian_version").is_file(), "{view}");
+    assert!(src.join("usr/bin").is_dir(), "{view}");
+    assert!(
+        !src.join("usr/bin/python3").exists(),
+        "python's layer is not in a view of the layer below it"
+    );
+    ctrd.ctr(&["snapshots", "--snapshotter", "strata", "rm", "v-bottom"]);
+}
+
 /// `strata rpull`: containerd gets the manifest and config only; every
 /// layer's Prepare is answered by strata from its own store (pulled once,
 /// deduplicated), and a container runs on strata's one mount of the image.
@@ -351,41 +392,7 @@ fn rpull_makes_the_layers_available_from_strata_and_ctr_runs_on_them() {
 
     // a view of the bottom layer alone (an intermediate layer of the
     // image): a mount of the layers up to it, without python's layer
-    let bottom = ls
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.len() == 2 && f[1] == "Committed")
-        .unwrap_or_else(|| panic!("no bottom layer in {ls}"))[0]
-        .to_string();
-    ctrd.ctr(&[
-        "snapshots",
-        "--snapshotter",
-        "strata",
-        "view",
-        "v-bottom",
-        &bottom,
-    ]);
-    let view = ctrd.ctr(&[
-        "snapshots",
-        "--snapshotter",
-        "strata",
-        "mounts",
-        "/mnt",
-        "v-bottom",
-    ]);
-    let src = view
-        .split_whitespace()
-        .skip_while(|w| *w != "bind")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no bind mount in {view}"));
-    let src = Path::new(src);
-    assert!(src.join("etc/debian_version").is_file(), "{view}");
-    assert!(src.join("usr/bin").is_dir(), "{view}");
-    assert!(
-        !src.join("usr/bin/python3").exists(),
-        "python's layer is not in a view of the layer below it"
-    );
-    ctrd.ctr(&["snapshots", "--snapshotter", "strata", "rm", "v-bottom"]);
+    view_of_the_bottom_layer(&ctrd, &ls);
 
     // again: nothing to make available
     let s = rpull(&ctrd, &snap, &image);
@@ -533,6 +540,23 @@ fn a_zstd_chunked_image_runs_lazily_and_survives_a_snapshotter_kill() {
         1,
         "one mount of the image for both containers"
     );
+    // a view of the layer below the top (an image pulled normally on
+    // Debian's layer asks the same): the lazy mount holds the whole chain
+    // only, so the image is pulled in full for it, while the container
+    // goes on running on its lazy mount
+    let ls = ctrd.ctr(&["snapshots", "--snapshotter", "strata", "ls"]);
+    view_of_the_bottom_layer(&ctrd, &ls);
+    let out = ctrd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e2",
+        &long,
+        "python3",
+        "-c",
+        "print(7 * 7)",
+    ]);
+    assert_eq!(out.trim(), "49");
     remove_container(&ctrd, "default", &long);
 }
 

@@ -612,12 +612,24 @@ impl Snapshotter {
                 info.name
             )));
         };
-        let Ok(meta) = self.store.image_meta(&r.manifest) else {
-            return Err(SnapError::FailedPrecondition(format!(
-                "snapshot {:?} is layer {} of {} of {}, which is mounted lazily: only its top \
-                 layer can be a parent until it has arrived",
-                info.name, r.layer, r.layers, r.image
-            )));
+        let meta = match self.store.image_meta(&r.manifest) {
+            Ok(meta) => meta,
+            // a lazy image's layers below its top (a view of one, or an
+            // image pulled normally on top of them): its lazy mount holds
+            // the whole chain only, so the image is pulled in full now
+            // (chunks already fetched are not fetched again) and the
+            // layers are built from the store
+            Err(_) => self.pull_in_full(r).map_err(|e| match e {
+                SnapError::Unavailable(m) => SnapError::Unavailable(format!(
+                    "snapshot {:?} is layer {} of {} of {}, which is mounted lazily; pulling \
+                     it in full to mount its layers up to this one failed: {m}",
+                    info.name,
+                    r.layer + 1,
+                    r.layers,
+                    r.image
+                )),
+                e => e,
+            })?,
         };
         let diff_ids: Vec<Digest> = meta
             .layers
@@ -1132,6 +1144,45 @@ impl Snapshotter {
             .image_meta(&r.manifest)
             .map_err(|e| unavailable(e.to_string()))?;
         Ok((diff_ids_of(&meta), blobs_of(&meta), false))
+    }
+
+    /// Pull `r`'s image into the store in full (by digest, partially:
+    /// chunks the store holds are not fetched), once at a time per image.
+    fn pull_in_full(&self, r: &Remote) -> Result<strata_store::ImageMeta> {
+        let gate = self
+            .pulls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(r.manifest)
+            .or_default()
+            .clone();
+        let _one = gate.lock().unwrap_or_else(|e| e.into_inner());
+        if let Ok(meta) = self.store.image_meta(&r.manifest) {
+            return Ok(meta);
+        }
+        let unavailable = |e: String| SnapError::Unavailable(format!("pulling {}: {e}", r.image));
+        let (reference, registry) = self.registry_of(&r.image, &r.manifest, r.plain_http)?;
+        let source = strata_oci::open_source(&reference, &registry)
+            .map_err(|e| unavailable(error_chain(&e)))?;
+        let opts = strata_oci::pull::PullOptions::host(registry);
+        let t0 = std::time::Instant::now();
+        strata_oci::pull::pull_from(
+            &self.store,
+            &*source,
+            &store_name(&r.manifest),
+            &opts,
+            strata_ops::Ctl::none(),
+        )
+        .map_err(|e| unavailable(error_chain(&e)))?;
+        tracing::info!(
+            "pulled {} ({}) in full for its layers below the top in {:?}",
+            r.image,
+            r.manifest,
+            t0.elapsed()
+        );
+        self.store
+            .image_meta(&r.manifest)
+            .map_err(|e| unavailable(e.to_string()))
     }
 
     /// The mounts of an active snapshot or a view.
