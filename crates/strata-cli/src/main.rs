@@ -71,6 +71,8 @@ enum Command {
     Rpull(cmd::rpull::Args),
     /// Serve containerd's snapshots API on a unix socket (a proxy snapshotter).
     Snapshotter(cmd::snapshotter::Args),
+    /// Serve the HTTP conversion service (jobs, verified results, explicit format fallbacks).
+    Serve(cmd::serve::Args),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions(cmd::completions::Args),
     /// Print the man page (roff) of strata or of one subcommand.
@@ -180,6 +182,15 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Command::Serve(a) = cli.command {
+        return match cmd::serve::run(ctx.root.clone(), a) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("strata: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // Ctrl-C: long operations stop at their next unit and leave nothing
     // half-visible; a second Ctrl-C ends the process at once
     {
@@ -207,7 +218,7 @@ fn main() -> ExitCode {
         Command::Convert(a) => cmd::convert::run(&ctx, a),
         Command::Rootfs(a) => cmd::rootfs::run(&ctx, a),
         Command::Rpull(a) => cmd::rpull::run(&ctx, a),
-        Command::Snapshotter(_) => unreachable!("served above"),
+        Command::Snapshotter(_) | Command::Serve(_) => unreachable!("served above"),
         Command::Completions(a) => cmd::completions::completions(a),
         Command::Man(a) => cmd::completions::man(a),
     };

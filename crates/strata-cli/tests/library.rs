@@ -44,6 +44,7 @@ fn converted_in_registry(dir: &Path) -> (Registry, ImageRef) {
         jobs: 2,
         prefetch: Vec::new(),
         place_first: false,
+        ..Default::default()
     };
     let events = Collect::new();
     let cancel = Cancel::new();
@@ -335,6 +336,7 @@ fn cancelled_conversions_and_template_builds_leave_nothing() {
         jobs: 2,
         prefetch: Vec::new(),
         place_first: false,
+        ..Default::default()
     };
     // convert: cancelled as the first layer starts, then as it ends
     let out = tmp.path().join("out");
@@ -807,6 +809,7 @@ fn a_partial_pull_cancelled_inside_its_layer_stops_before_the_next_range() {
         jobs: 2,
         prefetch: Vec::new(),
         place_first: false,
+        ..Default::default()
     };
     strata_oci::convert::convert_to_layout(
         &conv,

@@ -169,6 +169,7 @@ fn fixture() -> Fixture {
         jobs: 2,
         prefetch: Vec::new(),
         place_first: false,
+        ..Default::default()
     };
     strata_oci::convert::convert_to_layout(&truth, &image, &out, Some("c"), &copts, Ctl::none())
         .unwrap();

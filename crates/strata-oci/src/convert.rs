@@ -153,7 +153,19 @@ pub struct ConvertOptions {
     /// layers' tars (so their diff_ids, and the config) change; the tree
     /// does not. Without it every tar stays byte for byte the same.
     pub place_first: bool,
+    /// The manifest's `subject` (OCI 1.1): the image this one was
+    /// converted from, so registries with a referrers API (and the
+    /// `sha256-<hex>` fallback tag) link the two.
+    pub subject: Option<Descriptor>,
+    /// More manifest annotations (a conversion service's job key, the
+    /// source reference).
+    pub annotations: BTreeMap<String, String>,
 }
+
+/// The converter's version: bumped whenever the same image and options
+/// would give other bytes, so a cache keyed on (source, options, version)
+/// never answers with an old result.
+pub const CONVERTER_VERSION: u32 = 1;
 
 /// Manifest annotation listing, one per line, the paths a lazy mount
 /// fetches first.
@@ -172,6 +184,8 @@ impl Default for ConvertOptions {
             jobs: 2,
             prefetch: Vec::new(),
             place_first: false,
+            subject: None,
+            annotations: BTreeMap::new(),
         }
     }
 }
@@ -650,11 +664,11 @@ fn convert_loaded(
         config
     };
     let config_desc = dest.put_blob(OCI_CONFIG, &config)?;
-    let mut annotations = BTreeMap::new();
+    let mut annotations = opts.annotations.clone();
     if !opts.prefetch.is_empty() {
         annotations.insert(PREFETCH_ANNOTATION.to_string(), opts.prefetch.join("\n"));
     }
-    let manifest = oci_manifest_bytes(&config_desc, &descs, &annotations)?;
+    let manifest = oci_manifest_bytes(&config_desc, &descs, opts.subject.as_ref(), &annotations)?;
     ctl.cancel.check()?;
     let manifest_digest = dest.put_manifest(OCI_MANIFEST, &manifest)?;
     ctl.emit(Event::Finished { op: Op::Convert });

@@ -51,6 +51,8 @@ struct ManifestOut<'a> {
     media_type: &'a str,
     config: &'a Descriptor,
     layers: &'a [Descriptor],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject: Option<&'a Descriptor>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     annotations: &'a BTreeMap<String, String>,
 }
@@ -70,11 +72,13 @@ fn json_err(what: &str) -> impl FnOnce(serde_json::Error) -> OciError {
     }
 }
 
-/// The bytes of an OCI image manifest for `config` and `layers` (compact
-/// JSON, fields in spec order).
+/// The bytes of an OCI image manifest for `config` and `layers`, with a
+/// `subject` (the manifest it refers to) when given (compact JSON, fields
+/// in spec order).
 pub fn oci_manifest_bytes(
     config: &Descriptor,
     layers: &[Descriptor],
+    subject: Option<&Descriptor>,
     annotations: &BTreeMap<String, String>,
 ) -> Result<Vec<u8>, OciError> {
     serde_json::to_vec(&ManifestOut {
@@ -82,6 +86,7 @@ pub fn oci_manifest_bytes(
         media_type: OCI_MANIFEST,
         config,
         layers,
+        subject,
         annotations,
     })
     .map_err(json_err("encoding an OCI manifest"))
@@ -250,7 +255,7 @@ impl OciLayoutWriter {
             .iter()
             .map(|(mt, bytes)| self.add_blob(mt, bytes))
             .collect::<Result<Vec<_>, _>>()?;
-        let manifest = oci_manifest_bytes(&config, &layers, &BTreeMap::new())?;
+        let manifest = oci_manifest_bytes(&config, &layers, None, &BTreeMap::new())?;
         let desc = self.add_manifest(&manifest, tag)?;
         Ok((desc, manifest))
     }

@@ -34,6 +34,7 @@ pub mod reference;
 pub mod registry;
 pub mod short_names;
 pub mod store_or_pull;
+pub mod verify;
 
 use std::io::Read;
 use std::path::PathBuf;

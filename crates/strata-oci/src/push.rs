@@ -155,7 +155,8 @@ impl ImageDestination for LayoutDestination {
 /// `latest` when none is given).
 pub struct RegistryDestination {
     pusher: RegistryPusher,
-    tag: String,
+    /// None: the manifest is put by its digest, under no tag.
+    tag: Option<String>,
     staging: tempfile::TempDir,
     stats: Mutex<PushStats>,
     display: String,
@@ -194,11 +195,30 @@ impl RegistryDestination {
             ))?;
         Ok(RegistryDestination {
             pusher,
-            tag: tag.clone().unwrap_or_else(|| "latest".to_string()),
+            tag: Some(tag.clone().unwrap_or_else(|| "latest".to_string())),
             staging,
             stats: Mutex::new(PushStats::default()),
             display: reference.to_string(),
         })
+    }
+
+    /// As [`new`](Self::new), but the manifest is put by its digest and
+    /// tagged nowhere (a tag given in `reference` is ignored): a service
+    /// verifies what the registry serves first, and tags it last, with
+    /// [`tag`](Self::tag).
+    pub fn untagged(
+        reference: &ImageRef,
+        opts: &RegistryOptions,
+        staging_parent: &Path,
+    ) -> Result<Self, OciError> {
+        let mut d = Self::new(reference, opts, staging_parent)?;
+        d.tag = None;
+        Ok(d)
+    }
+
+    /// Put `bytes` (a manifest already pushed by digest) under `tag` too.
+    pub fn tag(&self, tag: &str, media_type: &str, bytes: &[u8]) -> Result<Digest, OciError> {
+        self.pusher.put_manifest(tag, media_type, bytes)
     }
 
     /// Upload a blob unless the repository has it.
@@ -250,7 +270,13 @@ impl ImageDestination for RegistryDestination {
     }
 
     fn put_manifest(&self, media_type: &str, bytes: &[u8]) -> Result<Digest, OciError> {
-        self.pusher.put_manifest(&self.tag, media_type, bytes)
+        match &self.tag {
+            Some(tag) => self.pusher.put_manifest(tag, media_type, bytes),
+            None => {
+                let digest = Digest::sha256_of(bytes).to_string();
+                self.pusher.put_manifest(&digest, media_type, bytes)
+            }
+        }
     }
 
     fn push_stats(&self) -> Option<PushStats> {

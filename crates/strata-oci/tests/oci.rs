@@ -206,7 +206,7 @@ fn registry_follows_an_index_to_the_wanted_platform() {
             .iter()
             .map(|(m, b)| w.add_blob(m, b).unwrap())
             .collect();
-        let bytes = oci_manifest_bytes(&config, &layers, &BTreeMap::new()).unwrap();
+        let bytes = oci_manifest_bytes(&config, &layers, None, &BTreeMap::new()).unwrap();
         let mut d = w.add_blob(OCI_MANIFEST, &bytes).unwrap();
         d.platform = Some(format!("linux/{arch}").parse().unwrap());
         entries.push(d);

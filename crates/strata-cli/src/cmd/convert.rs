@@ -19,11 +19,14 @@ pub struct Args {
     /// Destination: oci:DIR[:TAG] (an OCI layout, created if missing) or
     /// docker://HOST[:PORT]/REPO[:TAG] or HOST[:PORT]/REPO[:TAG] (pushed to
     /// a registry; blobs the repository already has are not uploaded; tag
-    /// `latest` by default).
-    dest: String,
-    /// Layer format: zstd:chunked or zstd.
-    #[arg(long, default_value = "zstd:chunked")]
-    format: Format,
+    /// `latest` by default). With --via: the repository (and tag) the
+    /// service pushes to, the source's repository when not given.
+    #[arg(required_unless_present = "via")]
+    dest: Option<String>,
+    /// Layer format: zstd:chunked or zstd (with --via: any name, passed
+    /// to the service as given).
+    #[arg(long = "format", default_value = "zstd:chunked")]
+    format_text: String,
     /// zstd level.
     #[arg(long, default_value_t = 3)]
     level: i32,
@@ -43,16 +46,123 @@ pub struct Args {
     /// as it is); the list only travels in the manifest annotation.
     #[arg(long, requires = "prefetch_list")]
     keep_order: bool,
+    /// Ask a conversion service (`strata serve`) at URL instead of
+    /// converting here. Whatever keeps a verified result from coming back
+    /// (a removed or unknown format, a failed job, no service) prints a
+    /// warning that lazy loading is not used and why, and the source
+    /// image's digest (exit 0 unless --require).
+    #[arg(long, value_name = "URL")]
+    via: Option<String>,
+    /// The service's bearer token, from this file ($STRATA_TOKEN also works).
+    #[arg(long, value_name = "FILE", requires = "via")]
+    token_file: Option<PathBuf>,
+    /// With --via: a fallback to the source image is an error (exit 1).
+    #[arg(long, requires = "via")]
+    require: bool,
+    /// With --via: seconds to wait for the job.
+    #[arg(long, default_value_t = 1800, requires = "via")]
+    wait: u64,
     /// For a registry source or destination.
     #[command(flatten)]
     registry: crate::args::RegistryArgs,
 }
 
+/// `strata convert --via URL`: the service converts, or the source is
+/// what to deploy.
+fn via(ctx: &Ctx, a: &Args, url: &str) -> Result<ExitCode> {
+    use strata_server::client::{ViaOutcome, convert_via};
+    let token = match &a.token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading token file {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var("STRATA_TOKEN").ok().filter(|t| !t.is_empty()),
+    };
+    let mut body = serde_json::json!({"source": a.source, "format": a.format_text});
+    if let Some(d) = &a.dest {
+        body["target"] = d.clone().into();
+    }
+    if let Some(p) = &a.prefetch_list {
+        let list = prefetch_paths(
+            &std::fs::read_to_string(p)
+                .with_context(|| format!("reading prefetch list {}", p.display()))?,
+        );
+        body["prefetch"] = "list".into();
+        body["prefetch_list"] = list.into();
+    }
+    let outcome = convert_via(
+        url,
+        token.as_deref(),
+        &body,
+        std::time::Duration::from_secs(a.wait),
+    )?;
+    match outcome {
+        ViaOutcome::Converted {
+            digest,
+            reference,
+            job,
+        } => {
+            if ctx.json {
+                let v = serde_json::json!({"converted": true, "digest": digest, "reference": reference, "job": job});
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if ctx.quiet {
+                println!("{digest}");
+            } else {
+                eprintln!("converted and verified by {url} (job {job}): {reference}");
+                println!("{digest}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ViaOutcome::Fallback {
+            source_digest,
+            reason,
+        } => {
+            eprintln!("warning: lazy loading is not used: {reason}; using the source image");
+            let digest = match source_digest {
+                Some(d) => d,
+                // no answer from the service: the source, resolved here
+                None => {
+                    let r = match a.source.parse::<strata_oci::ImageName>() {
+                        Ok(strata_oci::ImageName::Qualified(r)) => r,
+                        Ok(_) => anyhow::bail!("{} names no registry", a.source),
+                        Err(e) => return Err(e).with_context(|| format!("parsing {}", a.source)),
+                    };
+                    let resolved = strata_oci::open_source(&r, &a.registry.flags())
+                        .and_then(|s| s.resolve(&strata_oci::Platform::host_default()))
+                        .with_context(|| format!("resolving {}", a.source))?;
+                    resolved
+                        .index_digest
+                        .unwrap_or(resolved.manifest_digest)
+                        .to_string()
+                }
+            };
+            if ctx.json {
+                let v = serde_json::json!({"converted": false, "source_digest": digest, "reason": reason});
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{digest}");
+            }
+            Ok(if a.require {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+    }
+}
+
 pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
+    if let Some(url) = &a.via {
+        return via(ctx, &a, url);
+    }
+    let format: Format = a.format_text.parse().map_err(anyhow::Error::msg)?;
+    let dest_text = a.dest.clone().context("a destination is needed")?;
     let store = ctx.open_store()?;
     let registry = a.registry.options(&store)?;
-    let (dest, target) = Target::open(&a.dest, &registry, &store.root().join("tmp"))
-        .with_context(|| format!("opening destination {}", a.dest))?;
+    let (dest, target) = Target::open(&dest_text, &registry, &store.root().join("tmp"))
+        .with_context(|| format!("opening destination {dest_text}"))?;
     let t0 = Instant::now();
     let image = crate::args::image_or_pull(ctx, &store, &a.source, &registry)?;
     let prefetch = match &a.prefetch_list {
@@ -63,11 +173,12 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         None => Vec::new(),
     };
     let opts = ConvertOptions {
-        format: a.format,
+        format,
         level: a.level,
         jobs: a.jobs,
         place_first: !prefetch.is_empty() && !a.keep_order,
         prefetch,
+        ..ConvertOptions::default()
     };
     let s = ctx
         .with_events(|ctl| convert_to(&store, &image, &target, &opts, ctl))

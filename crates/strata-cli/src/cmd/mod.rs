@@ -13,6 +13,7 @@ pub mod pull;
 pub mod rm;
 pub mod rootfs;
 pub mod rpull;
+pub mod serve;
 pub mod snapshotter;
 pub mod tag;
 pub mod verify;
