@@ -510,6 +510,29 @@ fn a_conversion_is_verified_then_tagged_and_shared() {
         "{m}"
     );
 
+    // the referrers fallback index of the source names it
+    let raw = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!(
+            "docker://{}/app:sha256-{}",
+            reg.addr,
+            &source_digest[7..]
+        ))
+        .output()
+        .unwrap();
+    let index: Value = serde_json::from_slice(&raw.stdout).unwrap();
+    assert_eq!(
+        index["mediaType"], "application/vnd.oci.image.index.v1+json",
+        "{index}"
+    );
+    let entries = index["manifests"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{index}");
+    assert_eq!(entries[0]["digest"], digest.as_str());
+    assert_eq!(
+        entries[0]["annotations"]["dev.strata.convert.format"],
+        "zstd:chunked"
+    );
+
     // strata pulls it lazily-formatted back to the source's tree
     let env = Env::new();
     let pulled = |r: &str| {

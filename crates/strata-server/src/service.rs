@@ -539,6 +539,11 @@ impl Shared {
             .manifest_bytes;
         let dest = strata_oci::registry::RegistryPusher::new(&target, &self.registry)
             .map_err(|e| fail("tag-failed", &e))?;
+        // linked to the source: docker-registry 2.8 has no referrers API,
+        // so the `sha256-<source hex>` index (the OCI 1.1 fallback) lists
+        // every variant made of the source in this repository
+        self.link_referrer(&target, &dest, job, &summary.manifest_digest, bytes.len())
+            .map_err(|e| fail("referrers-failed", &e))?;
         let mut tags = vec![crate::jobs::deterministic_tag(
             &src,
             &job.request.format,
@@ -562,6 +567,74 @@ impl Shared {
             },
             report,
         ))
+    }
+
+    /// Add the converted manifest to the source's referrers fallback
+    /// index (tag `sha256-<source hex>` in the target repository), one
+    /// entry per job key, sorted by digest; read back to check it stuck
+    /// (docker-registry has no conditional PUT: another instance may have
+    /// written between our GET and PUT), up to 5 times.
+    fn link_referrer(
+        &self,
+        target: &ImageRef,
+        pusher: &strata_oci::registry::RegistryPusher,
+        job: &Job,
+        digest: &strata_digest::Digest,
+        size: usize,
+    ) -> Result<(), strata_oci::OciError> {
+        let tag = format!("sha256-{}", job.source.manifest_digest.hex());
+        let source = RegistrySource::new(target.clone(), &self.registry)?;
+        let entry = serde_json::json!({
+            "mediaType": strata_oci::manifest::OCI_MANIFEST,
+            "digest": digest.to_string(),
+            "size": size,
+            "artifactType": "application/vnd.oci.image.config.v1+json",
+            "annotations": {
+                KEY_ANNOTATION: job.key,
+                FORMAT_ANNOTATION: job.request.format,
+            },
+        });
+        let present = |doc: &serde_json::Value| {
+            doc["manifests"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|e| e["digest"] == entry["digest"]))
+        };
+        let mut last = String::new();
+        for attempt in 0..5u64 {
+            let mut entries: Vec<serde_json::Value> = match source.manifest_document(&tag) {
+                Ok((bytes, _)) => serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .ok()
+                    .and_then(|d| d["manifests"].as_array().cloned())
+                    .unwrap_or_default(),
+                Err(e) if e.kind() == ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(e),
+            };
+            entries.retain(|e| {
+                e["digest"] != entry["digest"]
+                    && e["annotations"][KEY_ANNOTATION] != entry["annotations"][KEY_ANNOTATION]
+            });
+            entries.push(entry.clone());
+            entries.sort_by(|a, b| a["digest"].as_str().cmp(&b["digest"].as_str()));
+            let index = serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": strata_oci::manifest::OCI_INDEX,
+                "manifests": entries,
+            });
+            let bytes = serde_json::to_vec(&index).expect("JSON values encode");
+            pusher.put_manifest(&tag, strata_oci::manifest::OCI_INDEX, &bytes)?;
+            match source.manifest_document(&tag) {
+                Ok((b, _)) if serde_json::from_slice(&b).is_ok_and(|d| present(&d)) => {
+                    return Ok(());
+                }
+                Ok(_) => last = "another writer replaced it".into(),
+                Err(e) => last = e.to_string(),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50 * (attempt + 1)));
+        }
+        Err(strata_oci::OciError::Format {
+            what: format!("writing the referrers index {tag}"),
+            reason: format!("the entry did not stick after 5 writes: {last}"),
+        })
     }
 
     fn set_phase(&self, id: &str, phase: &str) {

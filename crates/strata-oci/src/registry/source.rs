@@ -51,6 +51,24 @@ impl RegistrySource {
         })
     }
 
+    /// The raw document `reference` (a tag or a digest) names in this
+    /// repository, and its `Content-Type`: an index is not followed. By
+    /// digest, the bytes must hash to it.
+    pub fn manifest_document(
+        &self,
+        reference: &str,
+    ) -> Result<(Vec<u8>, Option<String>), OciError> {
+        let what = format!(
+            "{}/{}:{reference}",
+            self.session.base, self.session.repository
+        );
+        let (bytes, ct) = self.fetch_manifest(reference, &what)?;
+        if let Ok(d) = reference.parse::<Digest>() {
+            verify(&format!("fetching manifest {what}"), &bytes, &d)?;
+        }
+        Ok((bytes, ct))
+    }
+
     /// GET a manifest by tag or digest: its bytes, `Content-Type`, and the
     /// `Docker-Content-Digest` the registry claims, checked against the
     /// bytes when it is a digest we can compute.
