@@ -731,21 +731,21 @@ fn queue_full_cancels_and_a_kill_mid_job() {
         &config_for(&[&proxy.addr], "workers = 1\nqueue = 1\n"),
     );
     let src = format!("{}/app:1", proxy.addr);
-    let post = |tag: &str| {
+    let post = |svc: &Service, tag: &str| {
         svc.call(
             "POST",
             "/v1/conversions",
             Some(&json!({"source": src, "format": "zstd", "target": format!("{}/app:{tag}", proxy.addr)})),
         )
     };
-    let (st, a) = post("a");
+    let (st, a) = post(&svc, "a");
     assert_eq!(st, 202, "{a}");
     let a = a["id"].as_str().unwrap().to_string();
     svc.wait_for(&a, |j| j["state"] == "running");
-    let (st, b) = post("b");
+    let (st, b) = post(&svc, "b");
     assert_eq!(st, 202, "{b}");
     let b = b["id"].as_str().unwrap().to_string();
-    let (st, c) = post("c");
+    let (st, c) = post(&svc, "c");
     assert_eq!((st, c["code"].as_str()), (429, Some("queue-full")), "{c}");
     assert!(c["retry_after_s"].as_u64().unwrap() >= 1, "{c}");
     let r = svc
@@ -766,7 +766,7 @@ fn queue_full_cancels_and_a_kill_mid_job() {
     assert_eq!(tags(&reg.addr, "app"), ["1"], "nothing tagged");
 
     // submitted again: attempt 2; killed mid-job, then it finishes
-    let (st, a2) = post("a");
+    let (st, a2) = post(&svc, "a");
     assert_eq!(st, 202, "{a2}");
     let a2 = a2["id"].as_str().unwrap().to_string();
     assert!(a2.ends_with("-2"), "{a2}");
@@ -776,6 +776,43 @@ fn queue_full_cancels_and_a_kill_mid_job() {
     assert_eq!(j["state"], "succeeded", "{j}\n{}", svc.log());
     assert_eq!(j["runs"], 2, "{j}");
     assert!(tags(&reg.addr, "app").contains(&"a".to_string()));
+    // SIGTERM with a job running: the service stops within its grace
+    // (the job finishes in it or stays journaled as running) and the
+    // next start finishes the job
+    let (st, t) = post(&svc, "t");
+    assert_eq!(st, 202, "{t}");
+    let t = t["id"].as_str().unwrap().to_string();
+    svc.wait_for(&t, |j| j["state"] == "running");
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&svc.child),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = svc.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "no exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}: {}", svc.log());
+    // finished within the 5 s grace, or journaled as running
+    let rec: Value = serde_json::from_slice(
+        &std::fs::read(svc.dir.join(format!("store/serve/jobs/{t}.json"))).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        ["running", "verifying", "succeeded"].contains(&rec["state"].as_str().unwrap()),
+        "{rec}"
+    );
+    svc.kill9_and_restart();
+    let j = svc.wait_job(&t);
+    assert_eq!(j["state"], "succeeded", "{j}\n{}", svc.log());
+
     // a torn record beside it: set aside at the next start, the rest load
     std::fs::write(svc.dir.join("store/serve/jobs/c-torn-1.json"), b"{\"id\":").unwrap();
     svc.kill9_and_restart();
