@@ -39,3 +39,8 @@ if ! python3 -c "import grpc, grpc_tools" >/dev/null 2>&1; then
   echo "install-deps: pip install grpcio grpcio-tools" >&2
   python3 -m pip install --quiet "grpcio==1.85.3" "grpcio-tools==1.85.1" >&2
 fi
+# openapi-spec-validator for the conversion service's /openapi.json test
+if ! python3 -c "import openapi_spec_validator" >/dev/null 2>&1; then
+  echo "install-deps: pip install openapi-spec-validator" >&2
+  python3 -m pip install --quiet "openapi-spec-validator==0.9.0" >&2
+fi

@@ -258,6 +258,40 @@ fn auth_and_every_routes_errors() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.json_or_null()["checks"]["queue"], "0/64");
 
+    // the OpenAPI document (generated from the handlers) is open, valid,
+    // and lists every route this test drives
+    let r = c.get(format!("{}/openapi.json", svc.url)).send().unwrap();
+    assert_eq!(r.status(), 200);
+    let doc_path = dir.path().join("openapi.json");
+    std::fs::write(&doc_path, r.bytes().unwrap()).unwrap();
+    let v = Command::new("python3")
+        .args(["-m", "openapi_spec_validator"])
+        .arg(&doc_path)
+        .output()
+        .expect("python3 with openapi-spec-validator (scripts/install-deps.sh installs it)");
+    assert!(
+        v.status.success(),
+        "openapi_spec_validator: {}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+    let doc: Value = serde_json::from_slice(&std::fs::read(&doc_path).unwrap()).unwrap();
+    for (m, p) in [
+        ("get", "/healthz"),
+        ("get", "/readyz"),
+        ("get", "/metrics"),
+        ("get", "/v1/formats"),
+        ("post", "/v1/conversions"),
+        ("get", "/v1/conversions"),
+        ("get", "/v1/conversions/{id}"),
+        ("delete", "/v1/conversions/{id}"),
+    ] {
+        assert!(
+            doc["paths"][p][m].is_object(),
+            "{m} {p} not in the OpenAPI document"
+        );
+    }
+
     // auth: missing, wrong, one byte off, one byte more, Basic
     let guarded = format!("{}/v1/formats", svc.url);
     let off = format!("{}X", &TOKEN[..TOKEN.len() - 1]);

@@ -9,7 +9,6 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use serde::Deserialize;
 use serde_json::json;
 use strata_oci::{ImageName, ImageRef, ImageSource as _, Platform};
@@ -19,7 +18,8 @@ use crate::jobs::{Job, Prefetch, Progress, Request as JobRequest, Source, State 
 use crate::problem::Problem;
 use crate::service::{Admitted, CancelOutcome, Refused, Shared, target_repository};
 
-/// Every route, as `METHOD PATH` (README, tests).
+/// Every route, as `METHOD PATH`: the OpenAPI document lists exactly
+/// these (a unit test checks it against the router).
 pub const ROUTES: &[&str] = &[
     "GET /healthz",
     "GET /readyz",
@@ -48,23 +48,83 @@ const WRITTEN: &[(&str, bool, &str)] = &[
     ("zstd", false, "application/vnd.oci.image.layer.v1.tar+zstd"),
 ];
 
-/// The router.
-pub fn router(shared: Arc<Shared>) -> axum::Router {
-    let open = axum::Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz));
-    let guarded = axum::Router::new()
-        .route("/metrics", get(metrics))
-        .route("/v1/formats", get(formats))
-        .route("/v1/conversions", get(list).post(create))
-        .route("/v1/conversions/{id}", get(show).delete(cancel))
-        .route_layer(axum::middleware::from_fn_with_state(shared.clone(), auth));
-    open.merge(guarded)
+/// The bearer scheme of the guarded routes.
+struct Bearer;
+
+impl utoipa::Modify for Bearer {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        api.components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+            );
+    }
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "strata serve",
+        description = "Image conversions as jobs, verified from the registry before they succeed. Errors are application/problem+json with a stable code."
+    ),
+    modifiers(&Bearer),
+    components(schemas(crate::problem::ProblemBody))
+)]
+struct ApiDoc;
+
+/// The router and the OpenAPI document made from the same handlers (so
+/// the document cannot drift from what is served).
+pub fn router_and_openapi(shared: Arc<Shared>) -> (axum::Router, utoipa::openapi::OpenApi) {
+    let (open, guarded) = handlers();
+    let guarded = guarded.route_layer(axum::middleware::from_fn_with_state(shared.clone(), auth));
+    let (router, api) = open.merge(guarded).split_for_parts();
+    let doc = serde_json::to_vec(&api).unwrap_or_default();
+    let router = router
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || {
+                let doc = doc.clone();
+                async move { ([(header::CONTENT_TYPE, "application/json")], doc) }
+            }),
+        )
         .fallback(|| async {
             Problem::new(StatusCode::NOT_FOUND, "route-not-found", "no such route")
         })
         .layer(axum::extract::DefaultBodyLimit::max(shared.config.max_body))
-        .with_state(shared)
+        .with_state(shared);
+    (router, api)
+}
+
+type Routes = utoipa_axum::router::OpenApiRouter<Arc<Shared>>;
+
+/// The open handlers and the guarded ones (bearer token), with their
+/// OpenAPI paths.
+fn handlers() -> (Routes, Routes) {
+    use utoipa::OpenApi as _;
+    use utoipa_axum::routes;
+    let open = Routes::with_openapi(ApiDoc::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(readyz));
+    let guarded = Routes::new()
+        .routes(routes!(metrics))
+        .routes(routes!(formats))
+        .routes(routes!(create, list))
+        .routes(routes!(show, cancel));
+    (open, guarded)
+}
+
+/// The router.
+pub fn router(shared: Arc<Shared>) -> axum::Router {
+    router_and_openapi(shared).0
+}
+
+/// The process answers.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "the process answers", body = String, content_type = "text/plain")))]
+async fn healthz() -> &'static str {
+    "ok\n"
 }
 
 async fn auth(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
@@ -84,6 +144,11 @@ async fn auth(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Respons
     next.run(req).await
 }
 
+/// Ready for jobs: the store is writable, has `min_free` bytes free, the
+/// queue is not full, the service is not stopping.
+#[utoipa::path(get, path = "/readyz", tag = "operations", responses(
+    (status = 200, description = "ready; the checks", body = Object),
+    (status = 503, description = "not ready; the checks", body = Object)))]
 async fn readyz(State(s): State<Arc<Shared>>) -> Response {
     let free = rustix::fs::statvfs(s.store.root())
         .map(|v| v.f_bavail * v.f_frsize)
@@ -109,6 +174,10 @@ async fn readyz(State(s): State<Arc<Shared>>) -> Response {
     (status, Json(body)).into_response()
 }
 
+/// Every format: `supported`, `deprecated` or `removed`.
+#[utoipa::path(get, path = "/v1/formats", tag = "conversions", security(("bearer" = [])), responses(
+    (status = 200, description = "`{formats: [{name, status, lazy?, media_type?, reason?}]}`", body = Object),
+    (status = 401, description = "no valid token", body = crate::problem::ProblemBody, content_type = "application/problem+json")))]
 async fn formats(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
     let mut out = Vec::new();
     for (name, lazy, media_type) in WRITTEN {
@@ -132,15 +201,21 @@ async fn formats(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
 }
 
 /// `POST /v1/conversions` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConversionBody {
+    /// `HOST/REPO:TAG` or `HOST/REPO@sha256:...` on an allowed registry.
     source: String,
+    /// `zstd:chunked` or `zstd` (`GET /v1/formats`).
     format: String,
+    /// `none`, `list` (with `prefetch_list`); `optimize` is not offered.
     #[serde(default)]
     prefetch: Option<Prefetch>,
+    /// Absolute paths a lazy mount fetches first, placed first.
     #[serde(default)]
     prefetch_list: Option<Vec<String>>,
+    /// `HOST/REPO[:TAG]`; the source's repository when not given. A tag
+    /// is written last, after verification.
     #[serde(default)]
     target: Option<String>,
 }
@@ -175,6 +250,23 @@ fn allowed_ref(s: &Shared, what: &str, text: &str) -> Result<ImageRef, Problem> 
     Ok(r)
 }
 
+/// Ask for a conversion.
+#[utoipa::path(post, path = "/v1/conversions", tag = "conversions", security(("bearer" = [])),
+    request_body = ConversionBody,
+    responses(
+        (status = 200, description = "a finished identical job, or one found converted in the registry", body = Job),
+        (status = 202, description = "a new job or one in flight; `Location` names it", body = Job),
+        (status = 400, description = "invalid-request", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "unauthorized", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+        (status = 403, description = "registry-not-allowed", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "source-not-found", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+        (status = 410, description = "format-removed, with `fallback.source_digest`", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+        (status = 413, description = "body-too-large", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+        (status = 415, description = "unsupported-media-type", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "format-unknown (with `fallback.source_digest`), prefetch-unsupported, source-unsupported", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+        (status = 429, description = "queue-full, with `Retry-After`", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+        (status = 502, description = "source-unavailable", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "shutting-down", body = crate::problem::ProblemBody, content_type = "application/problem+json")))]
 async fn create(
     State(s): State<Arc<Shared>>,
     body: Result<Json<ConversionBody>, JsonRejection>,
@@ -404,6 +496,13 @@ fn no_job(id: &str) -> Problem {
     )
 }
 
+/// A job.
+#[utoipa::path(get, path = "/v1/conversions/{id}", tag = "conversions", security(("bearer" = [])),
+    params(("id" = String, Path, description = "the job id")),
+    responses(
+        (status = 200, description = "the job", body = Job),
+        (status = 401, description = "unauthorized", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "job-not-found", body = crate::problem::ProblemBody, content_type = "application/problem+json")))]
 async fn show(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
     match s.lock().jobs.get(&id) {
         Some(j) => Json(j).into_response(),
@@ -412,13 +511,29 @@ async fn show(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response 
 }
 
 /// `GET /v1/conversions` query.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// The source as given, its digest, its manifest digest or `HOST/REPO@DIGEST`.
     source: Option<String>,
+    /// Only jobs in this state.
     state: Option<String>,
+    /// At most this many (100; at most 1000).
     limit: Option<usize>,
 }
 
+/// Jobs, newest first.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct JobList {
+    jobs: Vec<Job>,
+}
+
+/// Jobs, newest first; no network call.
+#[utoipa::path(get, path = "/v1/conversions", tag = "conversions", security(("bearer" = [])),
+    params(ListQuery),
+    responses(
+        (status = 200, description = "the jobs", body = JobList),
+        (status = 401, description = "unauthorized", body = crate::problem::ProblemBody, content_type = "application/problem+json")))]
 async fn list(State(s): State<Arc<Shared>>, Query(q): Query<ListQuery>) -> Response {
     let t = s.lock();
     let mut jobs: Vec<&Job> = t
@@ -436,9 +551,20 @@ async fn list(State(s): State<Arc<Shared>>, Query(q): Query<ListQuery>) -> Respo
         .collect();
     jobs.sort_by(|a, b| (b.created, &b.id).cmp(&(a.created, &a.id)));
     jobs.truncate(q.limit.unwrap_or(100).min(1000));
-    Json(json!({ "jobs": jobs })).into_response()
+    let jobs = jobs.into_iter().cloned().collect();
+    Json(JobList { jobs }).into_response()
 }
 
+/// Cancel a job: a queued one at once, a running one at its next step;
+/// nothing is tagged.
+#[utoipa::path(delete, path = "/v1/conversions/{id}", tag = "conversions", security(("bearer" = [])),
+    params(("id" = String, Path, description = "the job id")),
+    responses(
+        (status = 200, description = "it was queued: cancelled", body = Job),
+        (status = 202, description = "it runs: `cancel_requested`, cancelled at its next step", body = Job),
+        (status = 401, description = "unauthorized", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "job-not-found", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "job-finished, or too-late (its tags are being written)", body = crate::problem::ProblemBody, content_type = "application/problem+json")))]
 async fn cancel(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
     match s.cancel(&id) {
         CancelOutcome::Cancelled(j) => (StatusCode::OK, Json(j)).into_response(),
@@ -462,6 +588,12 @@ async fn cancel(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Respons
     }
 }
 
+/// Prometheus text: jobs by state, queue depth, conversions started,
+/// registry cache hits, bytes converted, verification failures by check,
+/// seconds by phase (failures included).
+#[utoipa::path(get, path = "/metrics", tag = "operations", security(("bearer" = [])), responses(
+    (status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain"),
+    (status = 401, description = "unauthorized", body = crate::problem::ProblemBody, content_type = "application/problem+json")))]
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     use std::fmt::Write as _;
     let mut out = String::new();
@@ -554,4 +686,37 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
         out,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_lists_exactly_the_routes() {
+        let (open, guarded) = handlers();
+        let api = open.merge(guarded).into_openapi();
+        let doc = serde_json::to_value(&api).unwrap();
+        let mut listed: Vec<String> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .flat_map(|(path, item)| {
+                item.as_object()
+                    .unwrap()
+                    .keys()
+                    .filter(|m| ["get", "post", "delete", "put", "patch"].contains(&m.as_str()))
+                    .map(move |m| format!("{} {path}", m.to_uppercase()))
+            })
+            .collect();
+        listed.sort();
+        let mut routes: Vec<String> = ROUTES.iter().map(|r| r.to_string()).collect();
+        routes.sort();
+        assert_eq!(listed, routes);
+        assert!(
+            doc["components"]["securitySchemes"]["bearer"].is_object(),
+            "{doc}"
+        );
+        assert!(doc["components"]["schemas"]["Job"].is_object(), "{doc}");
+    }
 }

@@ -17,7 +17,7 @@ use strata_digest::Digest;
 use strata_oci::verify::VerifyReport;
 
 /// A job's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     /// Admitted, waiting for a worker.
@@ -64,20 +64,22 @@ impl State {
 }
 
 /// The image a job converts.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Source {
     /// The reference as given.
     pub reference: String,
     /// `HOST/REPO`.
     pub repository: String,
     /// What the reference named at admission (an index or a manifest).
+    #[schema(value_type = String)]
     pub digest: Digest,
     /// The platform manifest converted.
+    #[schema(value_type = String)]
     pub manifest_digest: Digest,
 }
 
 /// Prefetch mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Prefetch {
     /// No list: a lazy mount fetches files on first read.
@@ -90,7 +92,7 @@ pub enum Prefetch {
 }
 
 /// What was asked, canonical.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Request {
     /// `zstd:chunked` or `zstd`.
     pub format: String,
@@ -105,7 +107,7 @@ pub struct Request {
 }
 
 /// Progress, from the library's events.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Progress {
     /// `queued`, `pulling`, `converting`, `verifying`, `tagging`, `done`.
     pub phase: String,
@@ -118,15 +120,17 @@ pub struct Progress {
 }
 
 /// A succeeded job's result.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobResult {
     /// The converted manifest's digest.
+    #[schema(value_type = String)]
     pub digest: Digest,
     /// `HOST/REPO@DIGEST`: what to deploy.
     pub reference: String,
     /// Tags written, after verification.
     pub tags: Vec<String>,
     /// Per layer (the library's `LayerOutcome`s).
+    #[schema(value_type = Object)]
     pub layers: serde_json::Value,
     /// `none` (converted now) or `registry` (found converted and verified
     /// in the registry, by its deterministic tag).
@@ -134,7 +138,7 @@ pub struct JobResult {
 }
 
 /// Why a job failed.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobError {
     /// Stable code: `source-unavailable`, `convert-failed`,
     /// `push-failed`, `verification-failed`, `tag-failed`,
@@ -150,7 +154,7 @@ pub struct JobError {
 }
 
 /// A conversion job, as answered and as journaled.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Job {
     /// `c-<key hex[..20]>-<attempt>`.
     pub id: String,
@@ -172,6 +176,7 @@ pub struct Job {
     pub result: Option<JobResult>,
     /// The verification report, once verified (or failed verifying).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub verification: Option<VerifyReport>,
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -3,7 +3,30 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
+
+/// A problem's body (RFC 9457), as sent.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ProblemBody {
+    /// `urn:strata:problem:<code>`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The code in words.
+    pub title: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// Stable: `format-removed`, `format-unknown`, `queue-full`,
+    /// `registry-not-allowed`, `source-not-found`, `job-not-found`, ...
+    pub code: String,
+    /// What went wrong.
+    pub detail: String,
+    /// More members by code: `fallback: {action: "use-source",
+    /// source_digest, source}` (410, 422), `retry_after_s` (429),
+    /// `format`, `registry`.
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub extra: Map<String, Value>,
+}
 
 /// One problem answer.
 #[derive(Debug, Clone)]
@@ -40,17 +63,15 @@ impl Problem {
 
     /// The body.
     pub fn body(&self) -> Value {
-        let mut v = json!({
-            "type": format!("urn:strata:problem:{}", self.code),
-            "title": self.code.replace('-', " "),
-            "status": self.status.as_u16(),
-            "code": self.code,
-            "detail": self.detail,
-        });
-        if let Value::Object(m) = &mut v {
-            m.extend(self.extra.clone());
-        }
-        v
+        let body = ProblemBody {
+            kind: format!("urn:strata:problem:{}", self.code),
+            title: self.code.replace('-', " "),
+            status: self.status.as_u16(),
+            code: self.code.to_string(),
+            detail: self.detail.clone(),
+            extra: self.extra.clone(),
+        };
+        serde_json::to_value(&body).unwrap_or(Value::Null)
     }
 }
 
