@@ -810,6 +810,30 @@ fn queue_full_cancels_and_a_kill_mid_job() {
     assert_eq!(j["state"], "succeeded", "{j}\n{}", svc.log());
     assert_eq!(j["runs"], 2, "{j}");
     assert!(tags(&reg.addr, "app").contains(&"a".to_string()));
+    // cancelled while verifying: nothing tagged; killed while verifying:
+    // the restarted service runs it again to success
+    let (st, v) = post(&svc, "v");
+    assert_eq!(st, 202, "{v}");
+    let v = v["id"].as_str().unwrap().to_string();
+    svc.wait_for(&v, |j| j["state"] == "verifying");
+    let (st, j) = svc.call("DELETE", &format!("/v1/conversions/{v}"), None);
+    assert_eq!(st, 202, "{j}");
+    let j = svc.wait_job(&v);
+    assert_eq!(j["state"], "cancelled", "{j}");
+    assert!(!tags(&reg.addr, "app").contains(&"v".to_string()));
+    let (st, w) = post(&svc, "w");
+    assert_eq!(st, 202, "{w}");
+    let w = w["id"].as_str().unwrap().to_string();
+    svc.wait_for(&w, |j| j["state"] == "verifying");
+    svc.kill9_and_restart();
+    let j = svc.wait_job(&w);
+    assert_eq!(
+        (j["state"].as_str(), j["runs"].as_u64()),
+        (Some("succeeded"), Some(2)),
+        "{j}"
+    );
+    assert!(tags(&reg.addr, "app").contains(&"w".to_string()));
+
     // SIGTERM with a job running: the service stops within its grace
     // (the job finishes in it or stays journaled as running) and the
     // next start finishes the job
@@ -853,6 +877,31 @@ fn queue_full_cancels_and_a_kill_mid_job() {
     let (st, j) = svc.call("GET", &format!("/v1/conversions/{a2}"), None);
     assert_eq!((st, j["state"].as_str()), (200, Some("succeeded")));
     assert!(svc.dir.join("store/serve/corrupt/c-torn-1.json").exists());
+    // retention: at 0 days the next start drops every finished job and
+    // the store's names for their sources
+    let cfg = svc.dir.join("serve.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("retention_days = 0\n{text}")).unwrap();
+    let names = |svc: &Service| {
+        let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+            .arg("--root")
+            .arg(svc.dir.join("store"))
+            .args(["--json", "images"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(names(&svc).contains("serve/"), "{}", names(&svc));
+    std::thread::sleep(Duration::from_millis(1100));
+    svc.kill9_and_restart();
+    let (st, p) = svc.call("GET", &format!("/v1/conversions/{a2}"), None);
+    assert_eq!(
+        (st, p["code"].as_str()),
+        (404, Some("job-not-found")),
+        "{p}"
+    );
+    assert!(!names(&svc).contains("serve/"), "{}", names(&svc));
+
     // the store is consistent
     let fsck = Command::new(env!("CARGO_BIN_EXE_strata"))
         .arg("--root")

@@ -40,6 +40,11 @@ pub struct Config {
     /// `/readyz` fails below this many free bytes in the store.
     #[serde(default = "default_min_free")]
     pub min_free: u64,
+    /// Days a finished job's record (and the store's name for its
+    /// source, `serve/<id>`) are kept; then both go (checked at start and
+    /// hourly) and gc may reclaim the source.
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u64,
     /// Registries.
     #[serde(default)]
     pub registries: Registries,
@@ -89,6 +94,9 @@ fn default_queue() -> usize {
 }
 fn default_max_body() -> usize {
     64 * 1024
+}
+fn default_retention_days() -> u64 {
+    7
 }
 fn default_min_free() -> u64 {
     1 << 30

@@ -278,6 +278,14 @@ impl Journal {
         fs::File::open(self.dir.join("jobs"))?.sync_all()
     }
 
+    /// Remove job `id`'s record.
+    pub fn remove(&self, id: &str) -> io::Result<()> {
+        match fs::remove_file(self.dir.join("jobs").join(format!("{id}.json"))) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Every record, oldest first. Records that do not parse are moved to
     /// `corrupt/` (logged), the others load.
     pub fn load(&self) -> io::Result<Vec<Job>> {

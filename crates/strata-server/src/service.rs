@@ -15,7 +15,7 @@ use strata_ops::{Cancel, Ctl, ErrorKind, Event, EventSink, HasKind, Op};
 use strata_store::Store;
 
 use crate::config::Config;
-use crate::jobs::{Job, JobError, JobResult, Journal, Progress, State, job_id};
+use crate::jobs::{self, Job, JobError, JobResult, Journal, Progress, State, job_id};
 
 /// Restarts after which a job that never finished is failed.
 const MAX_RUNS: u32 = 3;
@@ -183,6 +183,16 @@ impl Shared {
                 t.jobs.insert(job.id.clone(), job);
             }
         }
+        {
+            let s = shared.clone();
+            tokio::spawn(async move {
+                loop {
+                    let s2 = s.clone();
+                    let _ = tokio::task::spawn_blocking(move || s2.expire(jobs::now())).await;
+                    tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+                }
+            });
+        }
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         for _ in 0..workers {
             let (s, rx) = (shared.clone(), rx.clone());
@@ -210,6 +220,37 @@ impl Shared {
         if let Err(e) = self.journal.save(job) {
             tracing::error!("journaling job {}: {e}", job.id);
         }
+    }
+
+    /// Drop finished jobs older than `retention_days` at `now`: their
+    /// records and the store's names for their sources.
+    pub fn expire(&self, now: u64) -> usize {
+        let horizon = now.saturating_sub(self.config.retention_days.saturating_mul(86_400));
+        let mut t = self.lock();
+        let old: Vec<String> = t
+            .jobs
+            .values()
+            .filter(|j| j.state.terminal() && j.updated < horizon)
+            .map(|j| j.id.clone())
+            .collect();
+        for id in &old {
+            if let Err(e) = self.store.remove_ref(&format!("serve/{id}")) {
+                tracing::warn!("dropping the store's name serve/{id}: {e}");
+            }
+            if let Err(e) = self.journal.remove(id) {
+                tracing::warn!("dropping job record {id}: {e}");
+                continue;
+            }
+            if let Some(j) = t.jobs.remove(id)
+                && t.by_key.get(&j.key) == Some(id)
+            {
+                t.by_key.remove(&j.key);
+            }
+        }
+        if !old.is_empty() {
+            tracing::info!("{} finished jobs past their retention dropped", old.len());
+        }
+        old.len()
     }
 
     /// Admit a job for `key` (check-then-insert under one lock, so many
