@@ -10,15 +10,47 @@ use std::path::Path;
 
 use strata_digest::{Digest, Hasher};
 
+/// What a digest covers.
+#[derive(Clone, Copy)]
+struct Covers {
+    /// Directory mtimes (mke2fs -d and overlayfs disagree on them).
+    dir_mtimes: bool,
+    /// Nanoseconds of mtimes.
+    nanos: bool,
+    /// `/lost+found` (mke2fs makes it).
+    lost_found: bool,
+}
+
 /// The digest of the tree at `root` (followed if it is a symlink).
 pub fn dir_digest(root: &Path) -> io::Result<Digest> {
     let mut h = Hasher::new();
     h.update(b"strata-dir-digest-v1\0");
-    walk(root, b"", &mut h, true)?;
+    let all = Covers {
+        dir_mtimes: true,
+        nanos: true,
+        lost_found: true,
+    };
+    walk(root, b"", &mut h, true, all)?;
     Ok(h.finish())
 }
 
-fn walk(p: &Path, rel: &[u8], h: &mut Hasher, follow: bool) -> io::Result<()> {
+/// The digest of the tree at `root` as an ext4 built from it keeps it:
+/// everything [`dir_digest`] covers but directory mtimes, nanoseconds and
+/// a top-level `lost+found`. An image's tree and the template built from
+/// it have the same one.
+pub fn ext4_comparable_digest(root: &Path) -> io::Result<Digest> {
+    let mut h = Hasher::new();
+    h.update(b"strata-ext4-tree-digest-v1\0");
+    let some = Covers {
+        dir_mtimes: false,
+        nanos: false,
+        lost_found: false,
+    };
+    walk(root, b"", &mut h, true, some)?;
+    Ok(h.finish())
+}
+
+fn walk(p: &Path, rel: &[u8], h: &mut Hasher, follow: bool, covers: Covers) -> io::Result<()> {
     let md = if follow {
         fs::metadata(p)?
     } else {
@@ -48,8 +80,12 @@ fn walk(p: &Path, rel: &[u8], h: &mut Hasher, follow: bool) -> io::Result<()> {
         md.mode(),
         md.uid(),
         md.gid(),
-        md.mtime(),
-        md.mtime_nsec(),
+        if ft.is_dir() && !covers.dir_mtimes {
+            0
+        } else {
+            md.mtime()
+        },
+        if covers.nanos { md.mtime_nsec() } else { 0 },
         if ft.is_dir() { 0 } else { md.size() },
         md.rdev()
     );
@@ -84,10 +120,13 @@ fn walk(p: &Path, rel: &[u8], h: &mut Hasher, follow: bool) -> io::Result<()> {
             .collect::<io::Result<_>>()?;
         kids.sort();
         for k in kids {
+            if !covers.lost_found && rel.is_empty() && k == "lost+found" {
+                continue;
+            }
             let mut r = rel.to_vec();
             r.push(b'/');
             r.extend_from_slice(k.as_bytes());
-            walk(&p.join(&k), &r, h, false)?;
+            walk(&p.join(&k), &r, h, false, covers)?;
         }
     }
     Ok(())
@@ -145,5 +184,58 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(d.path().join("etc/conf"), fs::Permissions::from_mode(0o600)).unwrap();
         assert_ne!(c, dir_digest(d.path()).unwrap());
+    }
+
+    #[test]
+    fn the_ext4_digest_skips_only_what_mke2fs_changes() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let (etc, conf) = (d.path().join("etc"), d.path().join("etc/conf"));
+        fs::create_dir(&etc).unwrap();
+        fs::write(&conf, b"a=1").unwrap();
+        let set_mtime = |p: &Path, secs: i64, nanos: i64| {
+            let t = rustix::fs::Timestamps {
+                last_access: rustix::fs::Timespec {
+                    tv_sec: secs,
+                    tv_nsec: nanos,
+                },
+                last_modification: rustix::fs::Timespec {
+                    tv_sec: secs,
+                    tv_nsec: nanos,
+                },
+            };
+            rustix::fs::utimensat(rustix::fs::CWD, p, &t, rustix::fs::AtFlags::empty()).unwrap();
+        };
+        set_mtime(&conf, 1000, 5);
+        set_mtime(&etc, 1000, 0);
+        let mode = fs::metadata(&conf).unwrap().permissions().mode();
+        let a = ext4_comparable_digest(d.path()).unwrap();
+        // directory mtimes, nanoseconds and /lost+found do not count
+        fs::create_dir(d.path().join("lost+found")).unwrap();
+        set_mtime(&etc, 2000, 0);
+        set_mtime(&conf, 1000, 999);
+        assert_eq!(a, ext4_comparable_digest(d.path()).unwrap());
+        assert_ne!(dir_digest(d.path()).unwrap(), {
+            set_mtime(&etc, 3000, 0);
+            dir_digest(d.path()).unwrap()
+        });
+        // a file's seconds, content and mode do; so does lost+found deeper down
+        set_mtime(&conf, 1001, 999);
+        assert_ne!(a, ext4_comparable_digest(d.path()).unwrap());
+        set_mtime(&conf, 1000, 0);
+        assert_eq!(a, ext4_comparable_digest(d.path()).unwrap());
+        fs::write(&conf, b"a=2").unwrap();
+        set_mtime(&conf, 1000, 0);
+        assert_ne!(a, ext4_comparable_digest(d.path()).unwrap());
+        fs::write(&conf, b"a=1").unwrap();
+        set_mtime(&conf, 1000, 0);
+        fs::set_permissions(&conf, fs::Permissions::from_mode(0o600)).unwrap();
+        set_mtime(&conf, 1000, 0);
+        assert_ne!(a, ext4_comparable_digest(d.path()).unwrap());
+        fs::set_permissions(&conf, fs::Permissions::from_mode(mode)).unwrap();
+        set_mtime(&conf, 1000, 0);
+        assert_eq!(a, ext4_comparable_digest(d.path()).unwrap());
+        fs::create_dir(etc.join("lost+found")).unwrap();
+        assert_ne!(a, ext4_comparable_digest(d.path()).unwrap());
     }
 }

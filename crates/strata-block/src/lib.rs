@@ -17,6 +17,7 @@
 //! no template behind.
 
 pub mod artifact;
+pub mod check;
 mod chunks;
 mod dirdigest;
 pub mod serve;
@@ -36,7 +37,7 @@ use strata_digest::Digest;
 use strata_store::{BLOCK_SIZE, SplitPolicy, Store, StoreError, TemplateMap};
 
 pub use chunks::{ChunkStats, export, ingest};
-pub use dirdigest::dir_digest;
+pub use dirdigest::{dir_digest, ext4_comparable_digest};
 
 /// Where chunks missing from the store come from (the registry a template
 /// was pulled from).

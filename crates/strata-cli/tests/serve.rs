@@ -915,3 +915,137 @@ fn queue_full_cancels_and_a_kill_mid_job() {
         String::from_utf8_lossy(&fsck.stdout)
     );
 }
+
+/// VM templates over the same API: built from an image, checked (e2fsck,
+/// size, the image's tree in the ext4), an identical request answered
+/// from the finished job; grown from that template and pushed once
+/// checked; `strata rootfs pull` gets the same template.
+#[test]
+fn templates_are_built_checked_cached_and_pushed() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::start();
+    let src = push_sample(&reg, "app:1");
+    let svc = Service::start(dir.path(), &config_for(&[&reg.addr], ""));
+    let body = json!({"from": {"image": src}, "size": "64MiB"});
+    let (st, job) = svc.call("POST", "/v1/templates", Some(&body));
+    assert_eq!(st, 202, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("t-"), "{id}");
+    let wait = |id: &str| {
+        let t0 = Instant::now();
+        loop {
+            let (st, j) = svc.call("GET", &format!("/v1/templates/{id}"), None);
+            assert_eq!(st, 200, "{j}");
+            if ["succeeded", "failed", "cancelled"].contains(&j["state"].as_str().unwrap()) {
+                return j;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(120), "{j}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let job = wait(&id);
+    assert_eq!(job["state"], "succeeded", "{job}\n{}", svc.log());
+    let checks: Vec<(&str, bool)> = job["verification"]["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap(), c["ok"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(
+        checks,
+        [("size", true), ("e2fsck-clean", true), ("tree-equal", true)],
+        "{job}"
+    );
+    let template = job["result"]["digest"].as_str().unwrap().to_string();
+    assert_eq!(job["result"]["layers"]["size"], 64 << 20, "{job}");
+    // the same request: the finished job; a conversion route does not
+    // know a template job
+    let (st, again) = svc.call("POST", "/v1/templates", Some(&body));
+    assert_eq!(
+        (st, again["id"].as_str()),
+        (200, Some(id.as_str())),
+        "{again}"
+    );
+    let (st, _) = svc.call("GET", &format!("/v1/conversions/{id}"), None);
+    assert_eq!(st, 404);
+    let (st, l) = svc.call("GET", &format!("/v1/templates?source={src}"), None);
+    assert_eq!(
+        (st, l["jobs"][0]["id"].as_str()),
+        (200, Some(id.as_str())),
+        "{l}"
+    );
+
+    // grown from the template and pushed, last
+    let pushed = format!("{}/vm:big", reg.addr);
+    let (st, job) = svc.call(
+        "POST",
+        "/v1/templates",
+        Some(&json!({"from": {"template": template}, "size": 128 << 20, "push": pushed})),
+    );
+    assert_eq!(st, 202, "{job}");
+    let job = wait(job["id"].as_str().unwrap());
+    assert_eq!(job["state"], "succeeded", "{job}\n{}", svc.log());
+    let names: Vec<&str> = job["verification"]["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["size", "e2fsck-clean"], "{job}");
+    assert_eq!(
+        job["result"]["layers"]["parent"],
+        template.as_str(),
+        "{job}"
+    );
+    assert!(
+        job["result"]["reference"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}/vm@sha256:", reg.addr))
+    );
+    let env = Env::new();
+    let got = env.json(&[
+        "rootfs",
+        "pull",
+        &format!("docker://{pushed}"),
+        "--plain-http",
+        "--all",
+    ]);
+    assert_eq!(got["id"], job["result"]["digest"], "{got}");
+
+    // what is refused
+    for (body, status, code) in [
+        (
+            json!({"from": {"image": src, "template": template}, "size": "64MiB"}),
+            400,
+            "invalid-request",
+        ),
+        (
+            json!({"from": {"template": "nothing"}, "size": "64MiB"}),
+            404,
+            "template-not-found",
+        ),
+        (
+            json!({"from": {"image": src}, "size": "1KiB"}),
+            400,
+            "invalid-request",
+        ),
+        (
+            json!({"from": {"image": src}, "size": "64MiB", "push": format!("{}/vm@{template}", reg.addr)}),
+            400,
+            "invalid-request",
+        ),
+        (
+            json!({"from": {"image": src}, "size": "64MiB", "push": "127.0.0.1:1/vm:x"}),
+            403,
+            "registry-not-allowed",
+        ),
+    ] {
+        let (st, p) = svc.call("POST", "/v1/templates", Some(&body));
+        assert_eq!(
+            (st, p["code"].as_str()),
+            (status, Some(code)),
+            "{body}: {p}"
+        );
+    }
+}

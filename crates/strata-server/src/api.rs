@@ -29,6 +29,10 @@ pub const ROUTES: &[&str] = &[
     "GET /v1/conversions",
     "GET /v1/conversions/{id}",
     "DELETE /v1/conversions/{id}",
+    "POST /v1/templates",
+    "GET /v1/templates",
+    "GET /v1/templates/{id}",
+    "DELETE /v1/templates/{id}",
 ];
 
 /// Formats strata never writes: an explicit "removed" for old clients.
@@ -111,7 +115,9 @@ fn handlers() -> (Routes, Routes) {
         .routes(routes!(metrics))
         .routes(routes!(formats))
         .routes(routes!(create, list))
-        .routes(routes!(show, cancel));
+        .routes(routes!(show, cancel))
+        .routes(routes!(create_template, list_templates))
+        .routes(routes!(show_template, cancel_template));
     (open, guarded)
 }
 
@@ -280,10 +286,8 @@ async fn create(
     }
 }
 
-async fn admit(
-    s: &Arc<Shared>,
-    body: Result<Json<ConversionBody>, JsonRejection>,
-) -> Result<Response, Problem> {
+/// A request body, or the problem with it; 503 while stopping.
+fn body_of<T>(s: &Shared, body: Result<Json<T>, JsonRejection>) -> Result<T, Problem> {
     let Json(b) = body.map_err(|e| match e.status() {
         StatusCode::UNSUPPORTED_MEDIA_TYPE => Problem::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -304,6 +308,40 @@ async fn admit(
             "the service is stopping",
         ));
     }
+    Ok(b)
+}
+
+/// Resolve `source` (as the caller wrote it: `text`) to one manifest, once.
+async fn resolve(
+    s: &Arc<Shared>,
+    source: &ImageRef,
+    text: &str,
+) -> Result<strata_oci::ResolvedImage, Problem> {
+    let reg = s.registry.clone();
+    let src = source.clone();
+    tokio::task::spawn_blocking(move || {
+        strata_oci::registry::RegistrySource::new(src, &reg)
+            .and_then(|r| r.resolve(&Platform::host_default()))
+    })
+    .await
+    .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+    .map_err(|e| {
+        let (status, code) = match e.kind() {
+            ErrorKind::NotFound => (StatusCode::NOT_FOUND, "source-not-found"),
+            ErrorKind::InvalidInput | ErrorKind::Unsupported => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "source-unsupported")
+            }
+            _ => (StatusCode::BAD_GATEWAY, "source-unavailable"),
+        };
+        Problem::new(status, code, format!("resolving {text}: {e}"))
+    })
+}
+
+async fn admit(
+    s: &Arc<Shared>,
+    body: Result<Json<ConversionBody>, JsonRejection>,
+) -> Result<Response, Problem> {
+    let b = body_of(s, body)?;
     let source = allowed_ref(s, "source", &b.source)?;
     let repository = target_repository(&source);
     let target = match &b.target {
@@ -350,24 +388,7 @@ async fn admit(
     }
 
     // the tag names a digest now, once: the job converts that
-    let reg = s.registry.clone();
-    let src = source.clone();
-    let resolved = tokio::task::spawn_blocking(move || {
-        strata_oci::registry::RegistrySource::new(src, &reg)
-            .and_then(|r| r.resolve(&Platform::host_default()))
-    })
-    .await
-    .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-    .map_err(|e| {
-        let (status, code) = match e.kind() {
-            ErrorKind::NotFound => (StatusCode::NOT_FOUND, "source-not-found"),
-            ErrorKind::InvalidInput | ErrorKind::Unsupported => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "source-unsupported")
-            }
-            _ => (StatusCode::BAD_GATEWAY, "source-unavailable"),
-        };
-        Problem::new(status, code, format!("resolving {}: {e}", b.source))
-    })?;
+    let resolved = resolve(s, &source, &b.source).await?;
     let digest = resolved.index_digest.unwrap_or(resolved.manifest_digest);
     let fallback = json!({"action": "use-source", "source_digest": digest.to_string(),
         "source": format!("{repository}@{digest}")});
@@ -411,7 +432,7 @@ async fn admit(
     let key = crate::jobs::key(&resolved.manifest_digest, &request);
     let now = crate::jobs::now();
     let template = Job {
-        id: crate::jobs::job_id(&key, 1),
+        id: crate::jobs::job_id("conversion", &key, 1),
         kind: "conversion".into(),
         state: JobState::Queued,
         key,
@@ -439,6 +460,7 @@ async fn admit(
         created: now,
         updated: now,
         cancel_requested: false,
+        template: None,
     };
     // not here: maybe converted by another instance (its deterministic tag)
     let known = s.lock().by_key.contains_key(&template.key);
@@ -449,6 +471,13 @@ async fn admit(
             return Ok(job_response(StatusCode::OK, &job, deprecated));
         }
     }
+    admit_job(s, template)
+}
+
+/// Admit `template` (a new job's record): the same finished job (200),
+/// the same job in flight or a new one (202), or why not.
+fn admit_job(s: &Shared, template: Job) -> Result<Response, Problem> {
+    let deprecated = template.warnings.iter().any(|w| w == "format-deprecated");
     let admitted = s.admit(template).map_err(|r| match r {
         Refused::QueueFull(secs) => {
             let mut p = Problem::new(
@@ -470,7 +499,7 @@ async fn admit(
     Ok(match admitted {
         Admitted::Done(job) => job_response(StatusCode::OK, &job, deprecated),
         Admitted::InFlight(job) => {
-            tracing::info!("POST /v1/conversions: 202 {}", job.id);
+            tracing::info!("POST: 202 {}", job.id);
             job_response(StatusCode::ACCEPTED, &job, deprecated)
         }
     })
@@ -478,7 +507,7 @@ async fn admit(
 
 fn job_response(status: StatusCode, job: &Job, deprecated: bool) -> Response {
     let mut r = (status, Json(job)).into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("/v1/conversions/{}", job.id)) {
+    if let Ok(v) = HeaderValue::from_str(&format!("{}/{}", collection(&job.kind), job.id)) {
         r.headers_mut().insert(header::LOCATION, v);
     }
     if deprecated {
@@ -504,9 +533,22 @@ fn no_job(id: &str) -> Problem {
         (status = 401, description = "unauthorized", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
         (status = 404, description = "job-not-found", body = crate::problem::ProblemBody, content_type = "application/problem+json")))]
 async fn show(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
-    match s.lock().jobs.get(&id) {
+    show_kind(&s, "conversion", &id)
+}
+
+fn show_kind(s: &Shared, kind: &str, id: &str) -> Response {
+    match s.lock().jobs.get(id).filter(|j| j.kind == kind) {
         Some(j) => Json(j).into_response(),
-        None => no_job(&id).into_response(),
+        None => no_job(id).into_response(),
+    }
+}
+
+/// Where jobs of `kind` live.
+fn collection(kind: &str) -> &'static str {
+    if kind == "template" {
+        "/v1/templates"
+    } else {
+        "/v1/conversions"
     }
 }
 
@@ -535,10 +577,15 @@ pub struct JobList {
         (status = 200, description = "the jobs", body = JobList),
         (status = 401, description = "unauthorized", body = crate::problem::ProblemBody, content_type = "application/problem+json")))]
 async fn list(State(s): State<Arc<Shared>>, Query(q): Query<ListQuery>) -> Response {
+    list_kind(&s, "conversion", &q)
+}
+
+fn list_kind(s: &Shared, kind: &str, q: &ListQuery) -> Response {
     let t = s.lock();
     let mut jobs: Vec<&Job> = t
         .jobs
         .values()
+        .filter(|j| j.kind == kind)
         .filter(|j| {
             q.source.as_deref().is_none_or(|src| {
                 j.source.reference == src
@@ -566,7 +613,14 @@ async fn list(State(s): State<Arc<Shared>>, Query(q): Query<ListQuery>) -> Respo
         (status = 404, description = "job-not-found", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
         (status = 409, description = "job-finished, or too-late (its tags are being written)", body = crate::problem::ProblemBody, content_type = "application/problem+json")))]
 async fn cancel(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
-    match s.cancel(&id) {
+    cancel_kind(&s, "conversion", &id)
+}
+
+fn cancel_kind(s: &Shared, kind: &str, id: &str) -> Response {
+    if s.lock().jobs.get(id).is_none_or(|j| j.kind != kind) {
+        return no_job(id).into_response();
+    }
+    match s.cancel(id) {
         CancelOutcome::Cancelled(j) => (StatusCode::OK, Json(j)).into_response(),
         CancelOutcome::Requested(j) => (StatusCode::ACCEPTED, Json(j)).into_response(),
         CancelOutcome::Finished(j) => Problem::new(
@@ -584,8 +638,196 @@ async fn cancel(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Respons
             ),
         )
         .into_response(),
-        CancelOutcome::NotFound => no_job(&id).into_response(),
+        CancelOutcome::NotFound => no_job(id).into_response(),
     }
+}
+
+/// `POST /v1/templates` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateBody {
+    /// What to build from: exactly one of them.
+    from: TemplateFrom,
+    /// `"2GiB"`, `"64MiB"` or bytes: the ext4's exact size.
+    #[schema(value_type = String, example = "2GiB")]
+    size: serde_json::Value,
+    /// `HOST/REPO:TAG` (an allowed registry) to push the template to once
+    /// it is checked.
+    #[serde(default)]
+    push: Option<String>,
+}
+
+/// What a template is built from.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateFrom {
+    /// An image: `HOST/REPO:TAG` or `HOST/REPO@DIGEST` on an allowed registry.
+    #[serde(default)]
+    image: Option<String>,
+    /// A template in the service's store: its name or id.
+    #[serde(default)]
+    template: Option<String>,
+}
+
+/// Build a VM template (ext4 of an exact size) from an image or a
+/// template; an identical request is answered from the finished job.
+#[utoipa::path(post, path = "/v1/templates", tag = "templates", security(("bearer" = [])),
+    request_body = TemplateBody,
+    responses(
+        (status = 200, description = "a finished identical job", body = Job),
+        (status = 202, description = "a new job or one in flight; `Location` names it", body = Job),
+        (status = 400, description = "invalid-request", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "unauthorized", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+        (status = 403, description = "registry-not-allowed", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "source-not-found, template-not-found", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+        (status = 429, description = "queue-full, with `Retry-After`", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+        (status = 502, description = "source-unavailable", body = crate::problem::ProblemBody, content_type = "application/problem+json")))]
+async fn create_template(
+    State(s): State<Arc<Shared>>,
+    body: Result<Json<TemplateBody>, JsonRejection>,
+) -> Response {
+    match admit_template(&s, body).await {
+        Ok(r) => r,
+        Err(p) => {
+            tracing::info!("POST /v1/templates: {} {}", p.status.as_u16(), p.code);
+            p.into_response()
+        }
+    }
+}
+
+async fn admit_template(
+    s: &Arc<Shared>,
+    body: Result<Json<TemplateBody>, JsonRejection>,
+) -> Result<Response, Problem> {
+    let b = body_of(s, body)?;
+    let size = match &b.size {
+        serde_json::Value::Number(n) => n
+            .as_u64()
+            .ok_or_else(|| bad("size: a whole number of bytes"))
+            .and_then(|v| {
+                strata_block::parse_size(&v.to_string()).map_err(|e| bad(format!("size: {e}")))
+            }),
+        serde_json::Value::String(t) => {
+            strata_block::parse_size(t).map_err(|e| bad(format!("size: {e}")))
+        }
+        _ => Err(bad("size: \"2GiB\" or a number of bytes")),
+    }?;
+    let push = match &b.push {
+        Some(p) => {
+            let r = allowed_ref(s, "push", p)?;
+            if !matches!(
+                &r,
+                ImageRef::Docker {
+                    tag: Some(_),
+                    digest: None,
+                    ..
+                }
+            ) {
+                return Err(bad("push names HOST/REPO:TAG"));
+            }
+            Some(r.to_string().trim_start_matches("docker://").to_string())
+        }
+        None => None,
+    };
+    let (kind, source) = match (&b.from.image, &b.from.template) {
+        (Some(image), None) => {
+            let r = allowed_ref(s, "image", image)?;
+            let resolved = resolve(s, &r, image).await?;
+            let source = Source {
+                reference: image.clone(),
+                repository: target_repository(&r),
+                digest: resolved.index_digest.unwrap_or(resolved.manifest_digest),
+                manifest_digest: resolved.manifest_digest,
+            };
+            ("image", source)
+        }
+        (None, Some(t)) => {
+            let id = s.store.resolve_template(t).map_err(|e| {
+                Problem::new(
+                    StatusCode::NOT_FOUND,
+                    "template-not-found",
+                    format!("template {t:?}: {e}"),
+                )
+            })?;
+            let source = Source {
+                reference: t.clone(),
+                repository: String::new(),
+                digest: id,
+                manifest_digest: id,
+            };
+            ("template", source)
+        }
+        _ => return Err(bad("from names exactly one of image and template")),
+    };
+    let spec = crate::jobs::TemplateSpec {
+        from: kind.into(),
+        size,
+        push: push.clone(),
+    };
+    let key = crate::jobs::template_key(&source.manifest_digest, &spec);
+    let now = crate::jobs::now();
+    let job = Job {
+        id: crate::jobs::job_id("template", &key, 1),
+        kind: "template".into(),
+        state: JobState::Queued,
+        key,
+        source,
+        request: JobRequest {
+            format: "ext4".into(),
+            prefetch: Prefetch::None,
+            prefetch_list: Vec::new(),
+            target: push.unwrap_or_default(),
+        },
+        progress: Progress {
+            phase: "queued".into(),
+            ..Progress::default()
+        },
+        result: None,
+        verification: None,
+        error: None,
+        warnings: Vec::new(),
+        attempt: 1,
+        runs: 0,
+        created: now,
+        updated: now,
+        cancel_requested: false,
+        template: Some(spec),
+    };
+    admit_job(s, job)
+}
+
+/// A template job.
+#[utoipa::path(get, path = "/v1/templates/{id}", tag = "templates", security(("bearer" = [])),
+    params(("id" = String, Path, description = "the job id")),
+    responses(
+        (status = 200, description = "the job; `result.digest` is the template id", body = Job),
+        (status = 401, description = "unauthorized", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "job-not-found", body = crate::problem::ProblemBody, content_type = "application/problem+json")))]
+async fn show_template(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
+    show_kind(&s, "template", &id)
+}
+
+/// Template jobs, newest first (`source`: the image or template built from).
+#[utoipa::path(get, path = "/v1/templates", tag = "templates", security(("bearer" = [])),
+    params(ListQuery),
+    responses(
+        (status = 200, description = "the jobs", body = JobList),
+        (status = 401, description = "unauthorized", body = crate::problem::ProblemBody, content_type = "application/problem+json")))]
+async fn list_templates(State(s): State<Arc<Shared>>, Query(q): Query<ListQuery>) -> Response {
+    list_kind(&s, "template", &q)
+}
+
+/// Cancel a template job (as for conversions).
+#[utoipa::path(delete, path = "/v1/templates/{id}", tag = "templates", security(("bearer" = [])),
+    params(("id" = String, Path, description = "the job id")),
+    responses(
+        (status = 200, description = "it was queued: cancelled", body = Job),
+        (status = 202, description = "it runs: cancelled at its next step", body = Job),
+        (status = 401, description = "unauthorized", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "job-not-found", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "job-finished, or too-late (it is being pushed)", body = crate::problem::ProblemBody, content_type = "application/problem+json")))]
+async fn cancel_template(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
+    cancel_kind(&s, "template", &id)
 }
 
 /// Prometheus text: jobs by state, queue depth, conversions started,

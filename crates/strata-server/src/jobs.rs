@@ -153,12 +153,25 @@ pub struct JobError {
     pub message: String,
 }
 
-/// A conversion job, as answered and as journaled.
+/// A template job's request (`POST /v1/templates`).
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TemplateSpec {
+    /// `image` (the job's `source` is the image) or `template` (its
+    /// `source` is that template: its id as the digests).
+    pub from: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// `HOST/REPO:TAG` the template is pushed to once checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<String>,
+}
+
+/// A job (a conversion or a template build), as answered and as journaled.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Job {
-    /// `c-<key hex[..20]>-<attempt>`.
+    /// `c-<key hex[..20]>-<attempt>` (`t-` for templates).
     pub id: String,
-    /// `conversion`.
+    /// `conversion` or `template`.
     pub kind: String,
     /// State.
     pub state: State,
@@ -196,6 +209,9 @@ pub struct Job {
     /// A cancel was asked while it ran.
     #[serde(default)]
     pub cancel_requested: bool,
+    /// A template build's request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<TemplateSpec>,
 }
 
 /// Seconds since the epoch.
@@ -223,10 +239,26 @@ pub fn key(source_manifest: &Digest, req: &Request) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(&bytes)))
 }
 
-/// The job id of `key`'s `attempt`th submission.
-pub fn job_id(key: &str, attempt: u32) -> String {
+/// The key of a template build from `from` (an image's manifest digest
+/// or a template id).
+pub fn template_key(from: &Digest, spec: &TemplateSpec) -> String {
+    let canonical = serde_json::json!({
+        "v": 1,
+        "builder": strata_block::BUILDER_VERSION,
+        "from": spec.from,
+        "source": from.to_string(),
+        "size": spec.size,
+        "push": spec.push,
+    });
+    let bytes = serde_json::to_vec(&canonical).expect("JSON values encode");
+    format!("sha256:{}", hex::encode(Sha256::digest(&bytes)))
+}
+
+/// The id of a `kind` job's `attempt`th submission of `key`.
+pub fn job_id(kind: &str, key: &str, attempt: u32) -> String {
     let hex = key.trim_start_matches("sha256:");
-    format!("c-{}-{attempt}", &hex[..20])
+    let p = if kind == "template" { 't' } else { 'c' };
+    format!("{p}-{}-{attempt}", &hex[..20])
 }
 
 /// The tag a result is also written under, derived from the source and
@@ -351,7 +383,21 @@ mod tests {
         let t = deterministic_tag(&d, "zstd:chunked", &base);
         assert!(t.len() <= 128, "{t}");
         assert!(t.starts_with(&format!("sha256-{}.strata.zstd-chunked.", d.hex())));
-        assert_eq!(job_id(&base, 2).len(), "c-".len() + 20 + 2);
+        assert_eq!(job_id("conversion", &base, 2).len(), "c-".len() + 20 + 2);
+        assert!(job_id("template", &base, 1).starts_with("t-"));
+        let spec = |size| TemplateSpec {
+            from: "image".into(),
+            size,
+            push: None,
+        };
+        assert_eq!(
+            template_key(&d, &spec(1 << 26)),
+            template_key(&d, &spec(1 << 26))
+        );
+        assert_ne!(
+            template_key(&d, &spec(1 << 26)),
+            template_key(&d, &spec(1 << 27))
+        );
     }
 
     #[test]
@@ -361,7 +407,7 @@ mod tests {
         let d = Digest::sha256_of(b"m");
         let k = key(&d, &request("zstd"));
         let job = Job {
-            id: job_id(&k, 1),
+            id: job_id("conversion", &k, 1),
             kind: "conversion".into(),
             state: State::Queued,
             key: k,
@@ -382,6 +428,7 @@ mod tests {
             created: 1,
             updated: 1,
             cancel_requested: false,
+            template: None,
         };
         j.save(&job).unwrap();
         std::fs::write(dir.path().join("jobs/y.json"), b"{\"id\": \"y\", tor").unwrap();

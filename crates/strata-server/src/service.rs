@@ -32,6 +32,8 @@ pub const SOURCE_ANNOTATION: &str = "dev.strata.convert.source";
 pub struct Counters {
     /// Conversions begun (a job run that reached its pull).
     pub conversions_started: AtomicU64,
+    /// Template builds begun.
+    pub templates_started: AtomicU64,
     /// Answers from the registry's deterministic tag.
     pub registry_hits: AtomicU64,
     /// Failed verifications, by check.
@@ -237,6 +239,9 @@ impl Shared {
             if let Err(e) = self.store.remove_ref(&format!("serve/{id}")) {
                 tracing::warn!("dropping the store's name serve/{id}: {e}");
             }
+            if let Err(e) = self.store.remove_template_name(&format!("serve/{id}")) {
+                tracing::warn!("dropping the store's template name serve/{id}: {e}");
+            }
             if let Err(e) = self.journal.remove(id) {
                 tracing::warn!("dropping job record {id}: {e}");
                 continue;
@@ -275,7 +280,7 @@ impl Shared {
         }
         let mut job = template;
         job.attempt = attempt;
-        job.id = job_id(&job.key, attempt);
+        job.id = job_id(&job.kind, &job.key, attempt);
         self.journal
             .save(&job)
             .map_err(|e| Refused::Journal(format!("journaling job {}: {e}", job.id)))?;
@@ -377,7 +382,11 @@ impl Shared {
             units: Mutex::new(HashMap::new()),
         };
         let ctl = Ctl::new(&sink, &cancel);
-        let outcome = self.pipeline(&job, ctl);
+        let outcome = if job.template.is_some() {
+            self.template_pipeline(&job, ctl)
+        } else {
+            self.pipeline(&job, ctl)
+        };
         let mut t = self.lock();
         t.cancels.remove(id);
         t.tagging.remove(id);
@@ -447,21 +456,7 @@ impl Shared {
             .conversions_started
             .fetch_add(1, Ordering::Relaxed);
         let src = job.source.manifest_digest;
-        // the source, by digest (the store's copy when it has one)
-        let pinned: ImageRef = format!("docker://{}@{src}", job.source.repository)
-            .parse()
-            .map_err(|e| fail("source-unavailable", &e))?;
-        if self.store.image_meta(&src).is_err() {
-            self.timed("pulling", || {
-                let source = RegistrySource::new(pinned.clone(), &self.registry)
-                    .map_err(|e| fail("source-unavailable", &e))?;
-                let opts = strata_oci::pull::PullOptions::host(self.registry.clone());
-                let name = format!("serve/{}", job.id);
-                strata_oci::pull::pull_from(&self.store, &source, &name, &opts, ctl)
-                    .map(|_| ())
-                    .map_err(|e| fail("source-unavailable", &e))
-            })?;
-        }
+        self.ensure_source(job, ctl)?;
         let meta = self
             .store
             .image_meta(&src)
@@ -676,6 +671,142 @@ impl Shared {
             what: format!("writing the referrers index {tag}"),
             reason: format!("the entry did not stick after 5 writes: {last}"),
         })
+    }
+
+    /// The job's source image in the store: pulled by digest unless the
+    /// store has it (named `serve/<job id>` until the job expires).
+    fn ensure_source(&self, job: &Job, ctl: Ctl<'_>) -> Result<(), Failure> {
+        let src = job.source.manifest_digest;
+        if self.store.image_meta(&src).is_ok() {
+            return Ok(());
+        }
+        let pinned: ImageRef = format!("docker://{}@{src}", job.source.repository)
+            .parse()
+            .map_err(|e| fail("source-unavailable", &e))?;
+        self.timed("pulling", || {
+            let source = RegistrySource::new(pinned, &self.registry)
+                .map_err(|e| fail("source-unavailable", &e))?;
+            let opts = strata_oci::pull::PullOptions::host(self.registry.clone());
+            let name = format!("serve/{}", job.id);
+            strata_oci::pull::pull_from(&self.store, &source, &name, &opts, ctl)
+                .map(|_| ())
+                .map_err(|e| fail("source-unavailable", &e))
+        })
+    }
+
+    /// Build (or find in the build cache) the template, check it (e2fsck,
+    /// size, the image's tree), push it if asked (last).
+    fn template_pipeline(
+        &self,
+        job: &Job,
+        ctl: Ctl<'_>,
+    ) -> Result<(JobResult, strata_oci::verify::VerifyReport), Failure> {
+        let spec = job.template.as_ref().expect("a template job has its spec");
+        self.counters
+            .templates_started
+            .fetch_add(1, Ordering::Relaxed);
+        let from_image = spec.from == "image";
+        let from = job.source.manifest_digest.to_string();
+        let source = if from_image {
+            self.ensure_source(job, ctl)?;
+            strata_block::Source::Image(from)
+        } else {
+            strata_block::Source::Template(from)
+        };
+        self.set_phase(&job.id, "building");
+        let req = strata_block::BuildRequest {
+            source,
+            size: Some(spec.size),
+            adds: Vec::new(),
+            no_cache: false,
+        };
+        let built = self
+            .timed("building", || strata_block::build(&self.store, &req, ctl))
+            .map_err(|e| fail("build-failed", &e))?;
+        self.store
+            .set_template_name(&format!("serve/{}", job.id), &built.id)
+            .map_err(|e| fail("internal", &e))?;
+
+        self.update(&job.id, |j| {
+            j.state = State::Verifying;
+            j.progress = Progress {
+                phase: "verifying".into(),
+                ..Progress::default()
+            };
+        });
+        let t0 = std::time::Instant::now();
+        let image = from_image.then_some(&job.source.manifest_digest);
+        let checks = self
+            .timed("verifying", || {
+                strata_block::check::verify_template(&self.store, &built.id, image, ctl)
+            })
+            .map_err(|e| fail("verification-failed", &e))?;
+        let report = strata_oci::verify::VerifyReport {
+            ok: checks.iter().all(|c| c.ok),
+            checks: checks
+                .into_iter()
+                .map(|c| strata_oci::verify::CheckResult {
+                    name: c.name.to_string(),
+                    ok: c.ok,
+                    seconds: c.seconds,
+                    detail: Some(c.detail),
+                })
+                .collect(),
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        if let Some(c) = report.failed() {
+            return Err(Failure::Failed {
+                error: Box::new(JobError {
+                    code: "verification-failed".into(),
+                    check: Some(c.name.clone()),
+                    kind: "invalid_input".into(),
+                    message: format!("{}: {}", c.name, c.detail.clone().unwrap_or_default()),
+                }),
+                report: Some(Box::new(report)),
+            });
+        }
+
+        let mut reference = format!("template:{}", built.id);
+        let mut tags = Vec::new();
+        if let Some(push) = &spec.push {
+            {
+                let mut t = self.lock();
+                if ctl.cancel.is_cancelled() {
+                    return Err(Failure::Cancelled);
+                }
+                t.tagging.insert(job.id.clone());
+            }
+            self.set_phase(&job.id, "pushing");
+            let target: ImageRef = format!("docker://{push}")
+                .parse()
+                .map_err(|e| fail("push-failed", &e))?;
+            let pushed = self
+                .timed("pushing", || {
+                    strata_block::artifact::push(
+                        &self.store,
+                        &built.id,
+                        &target,
+                        &self.registry,
+                        4,
+                        ctl,
+                    )
+                })
+                .map_err(|e| fail("push-failed", &e))?;
+            reference = format!("{}@{}", target_repository(&target), pushed.manifest_digest);
+            if let ImageRef::Docker { tag: Some(t), .. } = &target {
+                tags.push(t.clone());
+            }
+        }
+        Ok((
+            JobResult {
+                digest: built.id,
+                reference,
+                tags,
+                layers: serde_json::to_value(&built).unwrap_or_default(),
+                cache: if built.cached { "local" } else { "none" }.into(),
+            },
+            report,
+        ))
     }
 
     fn set_phase(&self, id: &str, phase: &str) {
