@@ -596,26 +596,40 @@ impl Job<'_> {
     /// (not decompressed), so a bad blob is named first whatever its place.
     fn stream_layers(&self, served: &Served, diff_ids: &[Digest]) -> Result<Streamed, Stop> {
         let layers = &served.resolved.manifest.layers;
+        let items: Vec<(&Descriptor, &Digest)> = layers.iter().zip(diff_ids).collect();
+        // layers at once (as a pull reads them): a bad blob stops the rest
+        let tars = strata_ops::par_map(
+            &items,
+            strata_ops::default_jobs(4),
+            self.ctl.cancel,
+            |index, &(desc, _)| {
+                let unit = Unit::Layer {
+                    index,
+                    digest: desc.digest,
+                };
+                self.ctl.emit(Event::UnitStarted {
+                    op: Op::Verify,
+                    unit: unit.clone(),
+                    total: Some(desc.size),
+                    reused: false,
+                });
+                let tar = stream_layer(&served.registry, index, desc, true, self.ctl)?;
+                self.ctl.emit(Event::UnitDone {
+                    op: Op::Verify,
+                    unit,
+                });
+                Ok::<_, Stop>(tar)
+            },
+        )?;
         let mut streamed = Streamed {
             tars: Vec::with_capacity(layers.len()),
             tar_failure: None,
-            bytes: 0,
+            bytes: layers.iter().map(|d| d.size).sum(),
         };
-        for (index, (desc, diff_id)) in layers.iter().zip(diff_ids).enumerate() {
-            self.ctl.cancel.check()?;
-            let unit = Unit::Layer {
-                index,
-                digest: desc.digest,
-            };
-            self.ctl.emit(Event::UnitStarted {
-                op: Op::Verify,
-                unit: unit.clone(),
-                total: Some(desc.size),
-                reused: false,
-            });
-            let read_tar = streamed.tar_failure.is_none();
-            let tar = stream_layer(&served.registry, index, desc, read_tar, self.ctl)?;
-            streamed.bytes += desc.size;
+        for (index, (tar, &(desc, diff_id))) in tars.into_iter().zip(&items).enumerate() {
+            if streamed.tar_failure.is_some() {
+                break;
+            }
             match tar {
                 None => {}
                 Some(Err(why)) => streamed.tar_failure = Some(why),
@@ -627,10 +641,6 @@ impl Job<'_> {
                 }
                 Some(Ok((_, entries))) => streamed.tars.push(entries),
             }
-            self.ctl.emit(Event::UnitDone {
-                op: Op::Verify,
-                unit,
-            });
         }
         Ok(streamed)
     }
@@ -702,6 +712,16 @@ impl Job<'_> {
             .iter()
             .map(|l| l.diff_id)
             .collect();
+        // the source's tree digest as the store recorded it when it built
+        // the source's EROFS (the store is trusted): the source's tree is
+        // then built only to name a difference
+        if let Some(info) = self.store.erofs_info(source)
+            && tree.objects().iter().all(|d| self.store.has_object(d))
+            && let Ok(flat) = self.store.build_flat(&diff_ids, Some(&tree))
+            && Digest::sha256_of(&flat) == info.tree_digest
+        {
+            return Ok(((), Some(format!("tree {}", info.tree_digest))));
+        }
         let source_tree = self.store.image_tree(source).map_err(|e| {
             self.fail(format!(
                 "building the tree of the source image {source}: {e}"
