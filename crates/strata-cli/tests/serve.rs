@@ -1049,3 +1049,95 @@ fn templates_are_built_checked_cached_and_pushed() {
         );
     }
 }
+
+/// `prefetch: optimize`: the service runs the image (here a given
+/// command) over a lazy mount of a first conversion, records what it
+/// reads, and places that first in the result, which is verified as
+/// any other.
+#[test]
+fn optimize_records_what_the_image_reads_and_places_it_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::start();
+    reg.push(&oci_ref(&debian_layout(), "python"), "py:1", &[]);
+    let src = format!("{}/py:1", reg.addr);
+    let svc = Service::start(dir.path(), &config_for(&[&reg.addr], ""));
+    for (body, what) in [
+        (
+            json!({"source": src, "format": "zstd:chunked", "prefetch": "optimize", "prefetch_list": ["/a"]}),
+            "a list",
+        ),
+        (
+            json!({"source": src, "format": "zstd:chunked", "optimize": {"cmd": ["true"], "timeout_s": 5}}),
+            "optimize without prefetch optimize",
+        ),
+        (
+            json!({"source": src, "format": "zstd:chunked", "prefetch": "optimize", "optimize": {"timeout_s": 0}}),
+            "no time",
+        ),
+    ] {
+        let (st, p) = svc.call("POST", "/v1/conversions", Some(&body));
+        assert_eq!(
+            (st, p["code"].as_str()),
+            (400, Some("invalid-request")),
+            "{what}: {p}"
+        );
+    }
+    let (st, job) = svc.call(
+        "POST",
+        "/v1/conversions",
+        Some(&json!({
+            "source": src,
+            "format": "zstd:chunked",
+            "prefetch": "optimize",
+            "optimize": {"cmd": ["python3", "-c", "import json; print(1)"], "timeout_s": 60},
+            "target": format!("{}/py:lazy", reg.addr),
+        })),
+    );
+    assert_eq!(st, 202, "{job}");
+    let job = svc.wait_job(job["id"].as_str().unwrap());
+    assert_eq!(job["state"], "succeeded", "{job}\n{}", svc.log());
+    assert_eq!(job["verification"]["ok"], true, "{job}");
+    let recorded: Vec<&str> = job["result"]["recorded"]
+        .as_array()
+        .unwrap_or_else(|| panic!("nothing recorded: {job}\n{}", svc.log()))
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        recorded.first(),
+        Some(&"/usr/bin/python3.11"),
+        "{recorded:?}"
+    );
+    assert!(
+        recorded
+            .iter()
+            .any(|p| p.starts_with("/usr/lib/python3.11/json/")),
+        "{recorded:?}"
+    );
+    let placed: u64 = job["result"]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["placed_first"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        placed as usize >= recorded.len(),
+        "{placed} placed for {} recorded",
+        recorded.len()
+    );
+    // the list travels in the manifest
+    let raw = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{}/py:lazy", reg.addr))
+        .output()
+        .unwrap();
+    let m: Value = serde_json::from_slice(&raw.stdout).unwrap();
+    assert_eq!(
+        m["annotations"]["dev.strata.lazy.prefetch"],
+        recorded.join("\n"),
+        "{m}"
+    );
+    // the lazy mount it ran on is gone
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!info.contains(dir.path().to_str().unwrap()), "{info}");
+}

@@ -214,7 +214,8 @@ pub struct ConversionBody {
     source: String,
     /// `zstd:chunked` or `zstd` (`GET /v1/formats`).
     format: String,
-    /// `none`, `list` (with `prefetch_list`); `optimize` is not offered.
+    /// `none`, `list` (with `prefetch_list`) or `optimize` (a list
+    /// recorded by running the image).
     #[serde(default)]
     prefetch: Option<Prefetch>,
     /// Absolute paths a lazy mount fetches first, placed first.
@@ -224,6 +225,10 @@ pub struct ConversionBody {
     /// is written last, after verification.
     #[serde(default)]
     target: Option<String>,
+    /// With `prefetch: optimize`: the command to record (the config's
+    /// entrypoint and cmd by default) and how long it may run (60 s).
+    #[serde(default)]
+    optimize: Option<crate::jobs::Optimize>,
 }
 
 fn bad(detail: impl Into<String>) -> Problem {
@@ -269,7 +274,7 @@ fn allowed_ref(s: &Shared, what: &str, text: &str) -> Result<ImageRef, Problem> 
         (status = 410, description = "format-removed, with `fallback.source_digest`", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
         (status = 413, description = "body-too-large", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
         (status = 415, description = "unsupported-media-type", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
-        (status = 422, description = "format-unknown (with `fallback.source_digest`), prefetch-unsupported, source-unsupported", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "format-unknown (with `fallback.source_digest`), source-unsupported", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
         (status = 429, description = "queue-full, with `Retry-After`", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
         (status = 502, description = "source-unavailable", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
         (status = 503, description = "shutting-down", body = crate::problem::ProblemBody, content_type = "application/problem+json")))]
@@ -372,15 +377,29 @@ async fn admit(
         Prefetch::None if !list.is_empty() => {
             return Err(bad("prefetch_list is given but prefetch is \"none\""));
         }
-        Prefetch::Optimize => {
-            return Err(Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "prefetch-unsupported",
-                "prefetch \"optimize\" is not offered by this version of the service: give a prefetch_list",
+        Prefetch::Optimize if !list.is_empty() => {
+            return Err(bad(
+                "prefetch \"optimize\" records its own list: no prefetch_list",
             ));
         }
         _ => {}
     }
+    let optimize = match (prefetch, b.optimize) {
+        (Prefetch::Optimize, o) => {
+            let o = o.unwrap_or(crate::jobs::Optimize {
+                cmd: Vec::new(),
+                timeout_s: 60,
+            });
+            if !(1..=600).contains(&o.timeout_s) || o.cmd.len() > 256 {
+                return Err(bad(
+                    "optimize: timeout_s from 1 to 600, at most 256 cmd words",
+                ));
+            }
+            Some(o)
+        }
+        (_, Some(_)) => return Err(bad("optimize is given but prefetch is not \"optimize\"")),
+        (_, None) => None,
+    };
     if list.len() > 100_000 || list.iter().any(|p| !p.starts_with('/') || p.len() > 4096) {
         return Err(bad(
             "prefetch_list: at most 100000 absolute paths of at most 4096 bytes",
@@ -428,6 +447,7 @@ async fn admit(
         prefetch,
         prefetch_list: list,
         target,
+        optimize,
     };
     let key = crate::jobs::key(&resolved.manifest_digest, &request);
     let now = crate::jobs::now();
@@ -777,6 +797,7 @@ async fn admit_template(
             prefetch: Prefetch::None,
             prefetch_list: Vec::new(),
             target: push.unwrap_or_default(),
+            optimize: None,
         },
         progress: Progress {
             phase: "queued".into(),

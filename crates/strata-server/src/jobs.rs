@@ -86,8 +86,9 @@ pub enum Prefetch {
     None,
     /// `prefetch_list` placed first.
     List,
-    /// A list recorded by running the image (not offered by this
-    /// version: answered 422).
+    /// A list recorded by running the image (its entrypoint and cmd, or
+    /// `optimize.cmd`) over a lazy mount of a first conversion, then
+    /// placed first in a second one.
     Optimize,
 }
 
@@ -104,6 +105,22 @@ pub struct Request {
     /// `HOST/REPO[:TAG]`: where the result goes (the source's repository
     /// when not given); a tag here is written last, after verification.
     pub target: String,
+    /// How to run the image to record what it reads (`prefetch:
+    /// optimize`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimize: Option<Optimize>,
+}
+
+/// How `prefetch: optimize` runs the image: in a chroot of a lazy mount,
+/// with no network, in its own mount and pid namespaces, with the
+/// config's environment, until it exits or `timeout_s` passes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Optimize {
+    /// The command; the config's entrypoint and cmd when empty.
+    #[serde(default)]
+    pub cmd: Vec<String>,
+    /// Seconds it may run (1-600).
+    pub timeout_s: u64,
 }
 
 /// Progress, from the library's events.
@@ -135,6 +152,10 @@ pub struct JobResult {
     /// `none` (converted now) or `registry` (found converted and verified
     /// in the registry, by its deterministic tag).
     pub cache: String,
+    /// `prefetch: optimize`: the paths the image read, in first-read
+    /// order, placed first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recorded: Vec<String>,
 }
 
 /// Why a job failed.
@@ -234,6 +255,7 @@ pub fn key(source_manifest: &Digest, req: &Request) -> String {
         "prefetch": req.prefetch,
         "prefetch_list": req.prefetch_list,
         "target": req.target,
+        "optimize": req.optimize,
     });
     let bytes = serde_json::to_vec(&canonical).expect("JSON values encode");
     format!("sha256:{}", hex::encode(Sha256::digest(&bytes)))
@@ -361,6 +383,7 @@ mod tests {
             prefetch: Prefetch::None,
             prefetch_list: Vec::new(),
             target: "127.0.0.1:5000/app".into(),
+            optimize: None,
         }
     }
 

@@ -49,7 +49,7 @@ pub struct Shared {
     /// The config.
     pub config: Config,
     /// The store.
-    pub store: Store,
+    pub store: Arc<Store>,
     /// Registry access (one client for the service's life).
     pub registry: RegistryOptions,
     /// Tokens.
@@ -139,7 +139,7 @@ impl Shared {
         let workers = config.workers;
         let shared = Arc::new(Shared {
             config,
-            store,
+            store: Arc::new(store),
             registry,
             tokens,
             table: Mutex::new(Table::default()),
@@ -504,23 +504,45 @@ impl Shared {
             annotations,
             ..ConvertOptions::default()
         };
-        self.set_phase(&job.id, "converting");
-        let summary = self.timed("converting", || {
-            let dest = RegistryDestination::untagged(
-                &target,
-                &self.registry,
-                &self.store.root().join("tmp"),
-            )
-            .map_err(|e| fail("push-failed", &e))?;
-            strata_oci::convert::convert(&self.store, &src, &dest, &opts, ctl)
-                .map_err(|e| fail("convert-failed", &e))
-        })?;
-        self.counters
-            .converted_bytes
-            .fetch_add(summary.tar_bytes, Ordering::Relaxed);
+        let convert = |opts: &ConvertOptions| {
+            self.set_phase(&job.id, "converting");
+            let summary = self.timed("converting", || {
+                let dest = RegistryDestination::untagged(
+                    &target,
+                    &self.registry,
+                    &self.store.root().join("tmp"),
+                )
+                .map_err(|e| fail("push-failed", &e))?;
+                strata_oci::convert::convert(&self.store, &src, &dest, opts, ctl)
+                    .map_err(|e| fail("convert-failed", &e))
+            })?;
+            self.counters
+                .converted_bytes
+                .fetch_add(summary.tar_bytes, Ordering::Relaxed);
+            Ok::<_, Failure>(summary)
+        };
+        let mut summary = convert(&opts)?;
+        let repo = target_repository(&target);
+        let mut recorded = Vec::new();
+        if let Some(optimize) = &job.request.optimize {
+            // run the first conversion lazily, record what it reads, and
+            // place that first in a second one
+            let first: ImageRef = format!("docker://{repo}@{}", summary.manifest_digest)
+                .parse()
+                .map_err(|e| fail("internal", &e))?;
+            self.set_phase(&job.id, "recording");
+            recorded = self.timed("recording", || self.record(job, &first, optimize, ctl))?;
+            if !recorded.is_empty() {
+                let opts = ConvertOptions {
+                    prefetch: recorded.clone(),
+                    place_first: true,
+                    ..opts.clone()
+                };
+                summary = convert(&opts)?;
+            }
+        }
 
         // read it back from the registry and check it
-        let repo = target_repository(&target);
         let pushed: ImageRef = format!("docker://{repo}@{}", summary.manifest_digest)
             .parse()
             .map_err(|e| fail("internal", &e))?;
@@ -600,6 +622,7 @@ impl Shared {
                 tags,
                 layers,
                 cache: "none".into(),
+                recorded,
             },
             report,
         ))
@@ -671,6 +694,114 @@ impl Shared {
             what: format!("writing the referrers index {tag}"),
             reason: format!("the entry did not stick after 5 writes: {last}"),
         })
+    }
+
+    /// `prefetch: optimize`: mount `image` (the first conversion, in the
+    /// registry) lazily with its reads recorded, run the command in a
+    /// chroot of it (no network, its own mount and pid namespaces, the
+    /// config's environment) until it exits or its time is up, unmount,
+    /// and answer the paths read in first-read order.
+    fn record(
+        &self,
+        job: &Job,
+        image: &ImageRef,
+        optimize: &crate::jobs::Optimize,
+        ctl: Ctl<'_>,
+    ) -> Result<Vec<String>, Failure> {
+        let failed = |m: String| Failure::Failed {
+            error: Box::new(JobError {
+                code: "optimize-failed".into(),
+                check: None,
+                kind: "internal".into(),
+                message: m,
+            }),
+            report: None,
+        };
+        let config: serde_json::Value = self
+            .store
+            .image_config(&job.source.manifest_digest)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let words = |k: &str| -> Vec<String> {
+            config["config"][k]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let cmd = if optimize.cmd.is_empty() {
+            let mut c = words("Entrypoint");
+            c.extend(words("Cmd"));
+            c
+        } else {
+            optimize.cmd.clone()
+        };
+        if cmd.is_empty() {
+            return Err(failed(
+                "the image has no entrypoint or cmd to run: give optimize.cmd".into(),
+            ));
+        }
+        let staging = tempfile::Builder::new()
+            .prefix("optimize-")
+            .tempdir_in(self.store.root().join("tmp"))
+            .map_err(|e| failed(format!("creating a staging directory: {e}")))?;
+        let (mnt, list) = (staging.path().join("mnt"), staging.path().join("record"));
+        std::fs::create_dir(&mnt)
+            .map_err(|e| failed(format!("creating {}: {e}", mnt.display())))?;
+        let source: Arc<dyn strata_oci::ImageSource> = Arc::new(
+            RegistrySource::new(image.clone(), &self.registry)
+                .map_err(|e| fail("optimize-failed", &e))?,
+        );
+        let opts = strata_lazy::LazyOptions {
+            fallback: strata_lazy::Fallback::Fail,
+            prefetch: strata_lazy::Prefetch::None,
+            prefetch_list: None,
+            record: Some(list.clone()),
+            passthrough: false,
+            fetch_jobs: 4,
+            pull: strata_oci::pull::PullOptions::host(self.registry.clone()),
+        };
+        let mounted = strata_lazy::mount(
+            self.store.clone(),
+            source,
+            &format!("serve/{}-record", job.id),
+            &mnt,
+            &opts,
+            Arc::new(strata_ops::NoEvents),
+        )
+        .map_err(|e| fail("optimize-failed", &e))?;
+        let _ = self.store.remove_ref(&format!("serve/{}-record", job.id));
+        let strata_lazy::Mounted::Lazy(m) = mounted else {
+            return Err(failed(format!(
+                "{image} was not mounted lazily, so nothing could be recorded"
+            )));
+        };
+        let mut env = words("Env");
+        if !env.iter().any(|kv| kv.starts_with("PATH=")) {
+            // as docker and podman do for an image that sets none
+            env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+        }
+        let errors = staging.path().join("stderr");
+        let ran = run_sandboxed(&mnt, &cmd, &env, optimize.timeout_s, &errors, ctl);
+        m.unmount().map_err(|e| fail("optimize-failed", &e))?;
+        if ctl.cancel.is_cancelled() {
+            return Err(Failure::Cancelled);
+        }
+        let ran = ran.map_err(failed)?;
+        let said = std::fs::read(&errors).unwrap_or_default();
+        let said = String::from_utf8_lossy(&said[said.len().saturating_sub(2048)..]).into_owned();
+        tracing::info!(
+            "job {}: ran {:?} to record its reads: {ran}; stderr: {said:?}",
+            job.id,
+            cmd
+        );
+        let text = std::fs::read_to_string(&list)
+            .map_err(|e| failed(format!("reading the record {}: {e}", list.display())))?;
+        Ok(strata_oci::convert::prefetch_paths(&text))
     }
 
     /// The job's source image in the store: pulled by digest unless the
@@ -804,6 +935,7 @@ impl Shared {
                 tags,
                 layers: serde_json::to_value(&built).unwrap_or_default(),
                 cache: if built.cached { "local" } else { "none" }.into(),
+                recorded: Vec::new(),
             },
             report,
         ))
@@ -865,8 +997,64 @@ impl Shared {
             tags,
             layers: serde_json::Value::Null,
             cache: "registry".into(),
+            recorded: Vec::new(),
         });
         Some(job)
+    }
+}
+
+/// Run `cmd` in a chroot of `root` with only `env`, no network, its own
+/// mount and pid namespaces (everything in them dies with it), until it
+/// exits, `timeout_s` passes or the job is cancelled. Its output is
+/// dropped, its errors go to `stderr`. Answers how it ended.
+fn run_sandboxed(
+    root: &std::path::Path,
+    cmd: &[String],
+    env: &[String],
+    timeout_s: u64,
+    stderr: &std::path::Path,
+    ctl: Ctl<'_>,
+) -> Result<String, String> {
+    let errors =
+        std::fs::File::create(stderr).map_err(|e| format!("creating {}: {e}", stderr.display()))?;
+    let mut c = std::process::Command::new("/usr/bin/unshare");
+    // absolute: the PATH given is the image's, for inside the chroot
+    c.args([
+        "--net",
+        "--mount",
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "/usr/sbin/chroot",
+    ])
+    .arg(root)
+    .args(cmd)
+    .env_clear()
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null())
+    .stderr(errors);
+    for kv in env {
+        if let Some((k, v)) = kv.split_once('=') {
+            c.env(k, v);
+        }
+    }
+    let mut child = c
+        .spawn()
+        .map_err(|e| format!("running unshare (util-linux): {e}"))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout_s);
+    loop {
+        if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {
+            return Ok(format!("exited: {st}"));
+        }
+        if std::time::Instant::now() >= deadline || ctl.cancel.is_cancelled() {
+            let _ = child.kill();
+            let _ = child.wait();
+            if ctl.cancel.is_cancelled() {
+                return Err("cancelled".into());
+            }
+            return Ok(format!("stopped after {timeout_s} s"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 
