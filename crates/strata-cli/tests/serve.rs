@@ -1060,7 +1060,23 @@ fn optimize_records_what_the_image_reads_and_places_it_first() {
     let reg = Registry::start();
     reg.push(&oci_ref(&debian_layout(), "python"), "py:1", &[]);
     let src = format!("{}/py:1", reg.addr);
-    let svc = Service::start(dir.path(), &config_for(&[&reg.addr], ""));
+    // not unless configured: it runs the image's code
+    let off = Service::start(&dir.path().join("off"), &config_for(&[&reg.addr], ""));
+    let (st, p) = off.call(
+        "POST",
+        "/v1/conversions",
+        Some(&json!({"source": src, "format": "zstd:chunked", "prefetch": "optimize"})),
+    );
+    assert_eq!(
+        (st, p["code"].as_str()),
+        (403, Some("optimize-disabled")),
+        "{p}"
+    );
+    drop(off);
+    let svc = Service::start(
+        &dir.path().join("on"),
+        &config_for(&[&reg.addr], "allow_optimize = true\n"),
+    );
     for (body, what) in [
         (
             json!({"source": src, "format": "zstd:chunked", "prefetch": "optimize", "prefetch_list": ["/a"]}),
@@ -1136,6 +1152,36 @@ fn optimize_records_what_the_image_reads_and_places_it_first() {
         m["annotations"]["dev.strata.lazy.prefetch"],
         recorded.join("\n"),
         "{m}"
+    );
+    // the client asks the same: the finished job's result
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args([
+            "convert",
+            "--via",
+            &svc.url,
+            &src,
+            &format!("{}/py:lazy", reg.addr),
+        ])
+        .args([
+            "--optimize",
+            "--timeout",
+            "60",
+            "--cmd",
+            "python3",
+            "-c",
+            "import json; print(1)",
+        ])
+        .env("STRATA_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        job["result"]["digest"].as_str().unwrap()
     );
     // the lazy mount it ran on is gone
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();

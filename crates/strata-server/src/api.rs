@@ -269,7 +269,7 @@ fn allowed_ref(s: &Shared, what: &str, text: &str) -> Result<ImageRef, Problem> 
         (status = 202, description = "a new job or one in flight; `Location` names it", body = Job),
         (status = 400, description = "invalid-request", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
         (status = 401, description = "unauthorized", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
-        (status = 403, description = "registry-not-allowed", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+        (status = 403, description = "registry-not-allowed, optimize-disabled", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
         (status = 404, description = "source-not-found", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
         (status = 410, description = "format-removed, with `fallback.source_digest`", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
         (status = 413, description = "body-too-large", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
@@ -385,6 +385,13 @@ async fn admit(
         _ => {}
     }
     let optimize = match (prefetch, b.optimize) {
+        (Prefetch::Optimize, _) if !s.config.allow_optimize => {
+            return Err(Problem::new(
+                StatusCode::FORBIDDEN,
+                "optimize-disabled",
+                "prefetch \"optimize\" runs the image's code: this service is not configured to (allow_optimize)",
+            ));
+        }
         (Prefetch::Optimize, o) => {
             let o = o.unwrap_or(crate::jobs::Optimize {
                 cmd: Vec::new(),

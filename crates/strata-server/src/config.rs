@@ -45,6 +45,13 @@ pub struct Config {
     /// hourly) and gc may reclaim the source.
     #[serde(default = "default_retention_days")]
     pub retention_days: u64,
+    /// Whether `prefetch: optimize` may run: it runs the image's own code
+    /// as root in a chroot (no network, its own mount and pid
+    /// namespaces), which is no boundary against a hostile image. Off
+    /// unless the images converted are trusted or the service runs in a
+    /// VM of its own.
+    #[serde(default)]
+    pub allow_optimize: bool,
     /// Registries.
     #[serde(default)]
     pub registries: Registries,

@@ -59,6 +59,16 @@ pub struct Args {
     /// With --via: a fallback to the source image is an error (exit 1).
     #[arg(long, requires = "via")]
     require: bool,
+    /// With --via: ask the service to record what the image reads when
+    /// it runs (its entrypoint and cmd, or --cmd) and place that first.
+    #[arg(long, requires = "via", conflicts_with = "prefetch_list")]
+    optimize: bool,
+    /// With --optimize: the command to run instead of the image's.
+    #[arg(long, requires = "optimize", num_args = 1.., allow_hyphen_values = true)]
+    cmd: Vec<String>,
+    /// With --optimize: seconds the command may run.
+    #[arg(long, default_value_t = 60, requires = "optimize")]
+    timeout: u64,
     /// With --via: seconds to wait for the job.
     #[arg(long, default_value_t = 1800, requires = "via")]
     wait: u64,
@@ -83,6 +93,10 @@ fn via(ctx: &Ctx, a: &Args, url: &str) -> Result<ExitCode> {
     let mut body = serde_json::json!({"source": a.source, "format": a.format_text});
     if let Some(d) = &a.dest {
         body["target"] = d.clone().into();
+    }
+    if a.optimize {
+        body["prefetch"] = "optimize".into();
+        body["optimize"] = serde_json::json!({"cmd": a.cmd, "timeout_s": a.timeout});
     }
     if let Some(p) = &a.prefetch_list {
         let list = prefetch_paths(
