@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use strata_digest::Digest;
-use strata_store::{SplitPolicy, Store};
+use strata_store::Store;
 
 use crate::{BlockError, export_template};
 
@@ -92,17 +92,8 @@ fn trees(
     staging: &Path,
 ) -> Result<(bool, String), BlockError> {
     let io = |what: String| move |e: std::io::Error| BlockError::Io { what, source: e };
-    let (_, layers) = store.image_erofs(image, SplitPolicy::Never)?;
-    let m = strata_sys::OverlayMount {
-        dirs_above: Vec::new(),
-        layers,
-        data_dirs: vec![store.root().join("objects")],
-        upper: None,
-        verity_require: false,
-        source: format!("strata-check:{image}"),
-    };
     // detached: it goes with the fd, whatever happens
-    let tree = strata_sys::mount_overlay_detached(&m)?;
+    let tree = crate::image_tree_detached(store, image, Vec::new(), "strata-check")?;
     let tree_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&tree));
     let want = crate::ext4_comparable_digest(Path::new(&tree_path))
         .map_err(io(format!("reading the tree of {image}")))?;

@@ -433,6 +433,26 @@ fn e2fs(tool: &str) -> Command {
     c
 }
 
+/// `image`'s tree (with `dirs_above` laid over it) as a composefs overlay
+/// mounted nowhere: an fd, read as `/proc/self/fd/N`, gone with the fd.
+fn image_tree_detached(
+    store: &Store,
+    image: &Digest,
+    dirs_above: Vec<PathBuf>,
+    what: &str,
+) -> Result<std::os::fd::OwnedFd, BlockError> {
+    let (_, layers) = store.image_erofs(image, SplitPolicy::Never)?;
+    let m = strata_sys::OverlayMount {
+        dirs_above,
+        layers,
+        data_dirs: vec![store.root().join("objects")],
+        upper: None,
+        verity_require: false,
+        source: format!("{what}:{image}"),
+    };
+    Ok(strata_sys::mount_overlay_detached(&m)?)
+}
+
 fn mkfs_from_image(
     store: &Store,
     image: &Digest,
@@ -441,18 +461,10 @@ fn mkfs_from_image(
     key: &Digest,
     raw: &Path,
 ) -> Result<(), BlockError> {
-    let (_, layers) = store.image_erofs(image, SplitPolicy::Never)?;
-    let m = strata_sys::OverlayMount {
-        dirs_above: adds.iter().rev().map(|a| a.0.clone()).collect(),
-        layers,
-        data_dirs: vec![store.root().join("objects")],
-        upper: None,
-        verity_require: false,
-        source: format!("strata-build:{image}"),
-    };
     // mounted nowhere: mke2fs reads it as /proc/self/fd/N; it vanishes with
     // the fd, so a killed build leaves no mount behind
-    let tree = strata_sys::mount_overlay_detached(&m)?;
+    let above = adds.iter().rev().map(|a| a.0.clone()).collect();
+    let tree = image_tree_detached(store, image, above, "strata-build")?;
     rustix::io::fcntl_setfd(&tree, rustix::io::FdFlags::empty()).map_err(|e| BlockError::Io {
         what: "passing the image tree to mke2fs".into(),
         source: e.into(),

@@ -196,13 +196,23 @@ fn config_for(hosts: &[&str], extra: &str) -> String {
 
 /// The digest skopeo sees for a reference (what the source tag names).
 fn skopeo_digest(reference: &str) -> String {
+    format!("sha256:{}", sha256_hex(&raw_bytes(reference)))
+}
+
+/// The manifest (or index) bytes a reference names, as skopeo reads them.
+fn raw_bytes(reference: &str) -> Vec<u8> {
     let out = Command::new("skopeo")
         .args(["inspect", "--raw", "--tls-verify=false"])
         .arg(format!("docker://{reference}"))
         .output()
         .unwrap();
     assert!(out.status.success(), "skopeo inspect {reference}");
-    format!("sha256:{}", sha256_hex(&out.stdout))
+    out.stdout
+}
+
+/// The same, parsed.
+fn raw_manifest(reference: &str) -> Value {
+    serde_json::from_slice(&raw_bytes(reference)).unwrap()
 }
 
 fn sha256_hex(b: &[u8]) -> String {
@@ -532,12 +542,7 @@ fn a_conversion_is_verified_then_tagged_and_shared() {
     );
     assert_eq!(skopeo_digest(&format!("{}/app:1-lazy", reg.addr)), digest);
     assert_eq!(skopeo_digest(&format!("{}/app:{det}", reg.addr)), digest);
-    let raw = Command::new("skopeo")
-        .args(["inspect", "--raw", "--tls-verify=false"])
-        .arg(format!("docker://{}/app@{digest}", reg.addr))
-        .output()
-        .unwrap();
-    let m: Value = serde_json::from_slice(&raw.stdout).unwrap();
+    let m = raw_manifest(&format!("{}/app@{digest}", reg.addr));
     assert_eq!(m["subject"]["digest"], source_digest.as_str(), "{m}");
     assert_eq!(
         m["annotations"]["dev.strata.convert.key"], job["key"],
@@ -545,16 +550,7 @@ fn a_conversion_is_verified_then_tagged_and_shared() {
     );
 
     // the referrers fallback index of the source names it
-    let raw = Command::new("skopeo")
-        .args(["inspect", "--raw", "--tls-verify=false"])
-        .arg(format!(
-            "docker://{}/app:sha256-{}",
-            reg.addr,
-            &source_digest[7..]
-        ))
-        .output()
-        .unwrap();
-    let index: Value = serde_json::from_slice(&raw.stdout).unwrap();
+    let index = raw_manifest(&format!("{}/app:sha256-{}", reg.addr, &source_digest[7..]));
     assert_eq!(
         index["mediaType"], "application/vnd.oci.image.index.v1+json",
         "{index}"
@@ -1142,12 +1138,7 @@ fn optimize_records_what_the_image_reads_and_places_it_first() {
         recorded.len()
     );
     // the list travels in the manifest
-    let raw = Command::new("skopeo")
-        .args(["inspect", "--raw", "--tls-verify=false"])
-        .arg(format!("docker://{}/py:lazy", reg.addr))
-        .output()
-        .unwrap();
-    let m: Value = serde_json::from_slice(&raw.stdout).unwrap();
+    let m = raw_manifest(&format!("{}/py:lazy", reg.addr));
     assert_eq!(
         m["annotations"]["dev.strata.lazy.prefetch"],
         recorded.join("\n"),

@@ -103,19 +103,12 @@ pub fn convert_via(
         let state = doc["state"].as_str().unwrap_or_default();
         let source_digest = doc["source"]["digest"].as_str().map(str::to_string);
         match state {
-            "succeeded" if doc["verification"]["ok"] == Value::Bool(true) => {
-                return Ok(ViaOutcome::Converted {
-                    digest: doc["result"]["digest"].as_str().unwrap_or_default().into(),
-                    reference: doc["result"]["reference"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .into(),
-                    job: id,
-                });
-            }
-            "succeeded" if doc["result"]["cache"] == "registry" => {
-                // found converted by another instance under the tag only
-                // a verified result gets
+            // verified here, or found converted by another instance
+            // under the tag only a verified result gets
+            "succeeded"
+                if doc["verification"]["ok"] == Value::Bool(true)
+                    || doc["result"]["cache"] == "registry" =>
+            {
                 return Ok(ViaOutcome::Converted {
                     digest: doc["result"]["digest"].as_str().unwrap_or_default().into(),
                     reference: doc["result"]["reference"]

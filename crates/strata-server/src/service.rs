@@ -546,13 +546,7 @@ impl Shared {
         let pushed: ImageRef = format!("docker://{repo}@{}", summary.manifest_digest)
             .parse()
             .map_err(|e| fail("internal", &e))?;
-        self.update(&job.id, |j| {
-            j.state = State::Verifying;
-            j.progress = Progress {
-                phase: "verifying".into(),
-                ..Progress::default()
-            };
-        });
+        self.set_verifying(&job.id);
         let report = self
             .timed("verifying", || {
                 strata_oci::verify::verify_pushed(
@@ -583,13 +577,7 @@ impl Shared {
         }
 
         // the tags, last; a cancel after this point is too late
-        {
-            let mut t = self.lock();
-            if ctl.cancel.is_cancelled() {
-                return Err(Failure::Cancelled);
-            }
-            t.tagging.insert(job.id.clone());
-        }
+        self.begin_tagging(&job.id, ctl)?;
         self.set_phase(&job.id, "tagging");
         let bytes = RegistrySource::new(pushed.clone(), &self.registry)
             .and_then(|s| s.resolve(&Platform::host_default()))
@@ -858,13 +846,7 @@ impl Shared {
             .set_template_name(&format!("serve/{}", job.id), &built.id)
             .map_err(|e| fail("internal", &e))?;
 
-        self.update(&job.id, |j| {
-            j.state = State::Verifying;
-            j.progress = Progress {
-                phase: "verifying".into(),
-                ..Progress::default()
-            };
-        });
+        self.set_verifying(&job.id);
         let t0 = std::time::Instant::now();
         let image = from_image.then_some(&job.source.manifest_digest);
         let checks = self
@@ -900,13 +882,7 @@ impl Shared {
         let mut reference = format!("template:{}", built.id);
         let mut tags = Vec::new();
         if let Some(push) = &spec.push {
-            {
-                let mut t = self.lock();
-                if ctl.cancel.is_cancelled() {
-                    return Err(Failure::Cancelled);
-                }
-                t.tagging.insert(job.id.clone());
-            }
+            self.begin_tagging(&job.id, ctl)?;
             self.set_phase(&job.id, "pushing");
             let target: ImageRef = format!("docker://{push}")
                 .parse()
@@ -939,6 +915,28 @@ impl Shared {
             },
             report,
         ))
+    }
+
+    /// The job is being verified (journaled).
+    fn set_verifying(&self, id: &str) {
+        self.update(id, |j| {
+            j.state = State::Verifying;
+            j.progress = Progress {
+                phase: "verifying".into(),
+                ..Progress::default()
+            };
+        });
+    }
+
+    /// From here on the job writes tags (or pushes): a cancel asked
+    /// before this ends it, one asked after is too late.
+    fn begin_tagging(&self, id: &str, ctl: Ctl<'_>) -> Result<(), Failure> {
+        let mut t = self.lock();
+        if ctl.cancel.is_cancelled() {
+            return Err(Failure::Cancelled);
+        }
+        t.tagging.insert(id.to_string());
+        Ok(())
     }
 
     fn set_phase(&self, id: &str, phase: &str) {

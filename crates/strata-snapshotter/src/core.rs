@@ -1014,13 +1014,7 @@ impl Snapshotter {
     /// first container) or is in the store (pulled now, by digest, if it
     /// is not).
     fn ensure_image(&self, r: &RemoteLayer) -> Result<(Vec<Digest>, Vec<Digest>, bool)> {
-        let gate = self
-            .pulls
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(r.manifest)
-            .or_default()
-            .clone();
+        let gate = self.pull_gate(&r.manifest);
         let _one = gate.lock().unwrap_or_else(|e| e.into_inner());
         let name = store_name(&r.manifest);
         let diff_ids_of =
@@ -1146,16 +1140,21 @@ impl Snapshotter {
         Ok((diff_ids_of(&meta), blobs_of(&meta), false))
     }
 
+    /// The lock that makes pulls (and lazy mounts) of one image happen
+    /// one at a time.
+    fn pull_gate(&self, manifest: &Digest) -> std::sync::Arc<Mutex<()>> {
+        self.pulls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(*manifest)
+            .or_default()
+            .clone()
+    }
+
     /// Pull `r`'s image into the store in full (by digest, partially:
     /// chunks the store holds are not fetched), once at a time per image.
     fn pull_in_full(&self, r: &Remote) -> Result<strata_store::ImageMeta> {
-        let gate = self
-            .pulls
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(r.manifest)
-            .or_default()
-            .clone();
+        let gate = self.pull_gate(&r.manifest);
         let _one = gate.lock().unwrap_or_else(|e| e.into_inner());
         if let Ok(meta) = self.store.image_meta(&r.manifest) {
             return Ok(meta);

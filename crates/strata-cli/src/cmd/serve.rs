@@ -25,14 +25,7 @@ pub fn run(root: PathBuf, a: Args) -> Result<std::process::ExitCode> {
     if let Some(l) = a.listen {
         config.listen = l;
     }
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .try_init();
+    super::snapshotter::daemon_logging();
     let store = strata_store::Store::open(&root)
         .with_context(|| format!("opening store {}", root.display()))?;
     let registry = strata_oci::RegistryOptions {

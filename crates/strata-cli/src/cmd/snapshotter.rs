@@ -32,15 +32,7 @@ pub fn run(root: Option<PathBuf>, a: Args) -> Result<std::process::ExitCode> {
     if let Some(s) = a.socket {
         config.socket = s;
     }
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // journald and log files get no colour codes
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .try_init();
+    daemon_logging();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .max_blocking_threads(16)
@@ -53,4 +45,18 @@ pub fn run(root: Option<PathBuf>, a: Args) -> Result<std::process::ExitCode> {
     }))
     .context("strata snapshotter")?;
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// A daemon's log: stderr (journald under systemd), `info` unless
+/// `$STRATA_LOG` says otherwise.
+pub fn daemon_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        // journald and log files get no colour codes
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init();
 }
