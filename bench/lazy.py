@@ -15,11 +15,22 @@ Cold start: time from the command to the output of
   strata lazy        strata mount --lazy (prefetch none, then default) + chroot;
                      with the list python reads (recorded once with --record)
                      given to the mount, or placed first in the image by
-                     `strata convert --prefetch-list` (no mount flag)
+                     `strata convert --prefetch-list` (no mount flag), or
+                     placed first by `strata serve` ("prefetch": "optimize":
+                     the service ran the same python command on a lazy mount
+                     of the gzip source and recorded what it read; nobody
+                     wrote a list; the mount reads it from the manifest)
   strata full        strata pull + strata mount + chroot
   containerd         ctr image pull + ctr run
   podman             podman pull + podman run
 Bytes: what the proxy carried from the registry before the first output.
+
+  python3 bench/lazy.py optimized     (bash bench/run.sh lazy-optimized)
+
+only the shaped link and only the cases issue 17 compares (containerd,
+prefetch none, recorded list, list placed first, optimized by serve); no
+partial pull, no loopback, no warm reads. Results go to
+bench/results-lazy-optimized.json (results-lazy.json is left as it is).
 
 Partial pull (shaped): debian:base converted, then apps:base-updated
 converted; full pull vs partial pull (store holding base).
@@ -358,7 +369,66 @@ def med(xs):
     return statistics.median(xs)
 
 
-def cold_start(tmp, ref, link, image_bytes):
+# the cases `lazy.py optimized` runs (issue 17: optimized images)
+OPTIMIZED_CASES = (
+    "strata lazy (prefetch none)",
+    "strata lazy (recorded list)",
+    "strata lazy (list placed first)",
+    "strata lazy (placed first, then all)",
+    "strata lazy (optimized by serve)",
+    "strata lazy (optimized by serve, then all)",
+    "containerd pull + run",
+)
+
+
+def optimize_by_serve(tmp, link):
+    """The gzip Debian+python fixture pushed as it is, then converted by a
+    fresh `strata serve` with "prefetch": "optimize" running the python
+    command the cold starts run; returns the reference of the result and
+    what the job said. The service is stopped before anything is timed."""
+    import serve as S  # serve.py imports this module; import it only here
+
+    src = f"{link.addr}/py:src"
+    dst = f"{link.addr}/py:optimized"
+    run("skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--preserve-digests",
+        f"oci:{FIX}/debian:python", f"docker://{src}")
+    svc = S.Service(tempfile.mkdtemp(dir=tmp, prefix="serve-") + "/svc", 1, [link.addr])
+    try:
+        cmd = ["/usr/bin/python3", "-c", PY]
+        b0 = link.bytes()
+        t = time.monotonic()
+        st, job = svc.request("POST", "/v1/conversions", {
+            "source": src, "format": "zstd:chunked", "target": dst,
+            "prefetch": "optimize", "optimize": {"cmd": cmd, "timeout_s": 300}})
+        if st != 202:
+            svc.fail(f"POST optimize {src} -> {dst}: {st} {job}")
+        job, t_end = svc.wait_all([job["id"]])[job["id"]]
+        seconds = t_end - t
+        link_bytes = link.bytes() - b0
+        S.check_job(svc, job)
+    finally:
+        svc.stop()
+    result = job.get("result") or {}
+    recorded = result.get("recorded") or []
+    if not recorded:
+        sys.exit(f"bench: the optimize job recorded nothing: {job}")
+    placed = sum(l.get("placed_first") or 0 for l in result.get("layers", []))
+    man = json.loads(run("skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{dst}"))
+    ann = (man.get("annotations") or {}).get("dev.strata.lazy.prefetch")
+    if ann != "\n".join(recorded):
+        sys.exit(f"bench: {dst} lacks the recorded list in its annotation: {man}")
+    info = {"job_seconds": seconds, "job_link_bytes": link_bytes,
+            "recorded_files": len(recorded), "placed_first": placed,
+            "recorded": recorded, "state": job["state"]}
+    print(f"  strata serve optimize: {seconds:.1f} s (pull, convert, run, convert, push, verify), "
+          f"{len(recorded)} files recorded, {placed} placed first", flush=True)
+    return f"docker://{dst}", info
+
+
+def cold_start(tmp, ref, link, image_bytes, optimized=None, only=None):
+    """The cold-start cases; `optimized`: the reference of the image
+    `strata serve` optimized (its cases are left out without it); `only`:
+    the names of the cases to run (all when None)."""
     res = {}
     # what python reads, recorded once (`--record`), then prefetched first
     lst = os.path.join(tmp, "prefetch.list")
@@ -388,6 +458,17 @@ def cold_start(tmp, ref, link, image_bytes):
         ("containerd pull + run", lambda n: containerd_run(tmp, ref, link, n)),
         ("podman pull + run", lambda n: podman_run(tmp, ref, link)),
     ]
+    if optimized is not None:
+        # after the placed-first cases, before the full pulls: the same
+        # mount, the list comes from the manifest the service wrote
+        cases[6:6] = [
+            ("strata lazy (optimized by serve)",
+             lambda n: strata_lazy(tmp, optimized, link, "list")[:2]),
+            ("strata lazy (optimized by serve, then all)",
+             lambda n: strata_lazy(tmp, optimized, link, "all")[:2]),
+        ]
+    if only is not None:
+        cases = [c for c in cases if c[0] in only]
     for name, fn in cases:
         ts, bs = [], []
         for n in range(RUNS):
@@ -397,7 +478,7 @@ def cold_start(tmp, ref, link, image_bytes):
             bs.append(b)
         res[name] = {"seconds": med(ts), "runs": ts, "bytes": med(bs),
                      "bytes_fraction": med(bs) / image_bytes}
-        print(f"  {name:34s} {med(ts):7.2f} s  {med(bs)/1e6:7.1f} MB "
+        print(f"  {name:42s} {med(ts):7.2f} s  {med(bs)/1e6:7.1f} MB "
               f"({100*med(bs)/image_bytes:5.1f}% of the image)  runs {['%.2f' % x for x in ts]}",
               flush=True)
     return res
@@ -610,9 +691,71 @@ def convert_vs_ctr_remote():
         json.dump(res, f, indent=2)
 
 
+def ratios(res, cs, cases):
+    for case in cases:
+        if case in cs:
+            r = cs["containerd pull + run"]["seconds"] / cs[case]["seconds"]
+            res[f"containerd / {case}"] = r
+            print(f"  containerd / {case}: {r:.1f}x", flush=True)
+
+
+def optimized_only():
+    """`lazy.py optimized`: issue 17's cases on the shaped link alone."""
+    for tool in ("docker-registry", "skopeo", "containerd", "ctr", "runc", "tc", "ip"):
+        if shutil.which(tool) is None:
+            sys.exit(f"bench: {tool} is missing (bash scripts/install-deps.sh)")
+    import serve as S
+    watch = S.Watch()
+    results = {"runs": RUNS, "strata_sha256": run("sha256sum", STRATA).split()[0],
+               "cases": list(OPTIMIZED_CASES)}
+    with tempfile.TemporaryDirectory(prefix="strata-bench-lazy-") as tmp:
+        conv = os.path.join(tmp, "s-conv")
+        src = f"oci:{FIX}/debian:python"
+        strata(conv, "pull", "-q", src)
+        out = os.path.join(tmp, "conv")
+        strata(conv, "convert", src, f"oci:{out}:python")
+        shutil.rmtree(conv)
+        idx = json.load(open(os.path.join(out, "index.json")))
+        man = json.load(open(os.path.join(out, "blobs/sha256", idx["manifests"][0]["digest"][7:])))
+        image_bytes = sum(l["size"] for l in man["layers"])
+        results["image_bytes"] = image_bytes
+        print(f"image: debian:python as zstd:chunked, {image_bytes/1e6:.1f} MB compressed", flush=True)
+        print("== shaped (100 Mbit/s, 20 ms RTT)", flush=True)
+        netns_up()
+        reg = Registry(tempfile.mkdtemp(dir=tmp), True)
+        try:
+            link = Link(reg, True)
+            run("skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--preserve-digests",
+                f"oci:{out}:python", f"docker://{link.addr}/py:1")
+            ref = f"docker://{link.addr}/py:1"
+            opt_ref, opt = optimize_by_serve(tmp, link)
+            cs = cold_start(tmp, ref, link, image_bytes, opt_ref, OPTIMIZED_CASES)
+            # the list recorded by hand (--record) vs the one serve recorded
+            hand = [l.strip() for l in open(os.path.join(tmp, "prefetch.list")) if l.strip()]
+            opt["hand_recorded_files"] = len(hand)
+            opt["only_in_hand_list"] = sorted(set(hand) - set(opt["recorded"]))
+            opt["only_in_serve_list"] = sorted(set(opt["recorded"]) - set(hand))
+            print(f"  lists: --record {len(hand)} files, serve {len(opt['recorded'])}; "
+                  f"{len(opt['only_in_hand_list'])} only in --record's, "
+                  f"{len(opt['only_in_serve_list'])} only in serve's", flush=True)
+            results["shaped"] = {"cold_start": cs, "optimize_job": opt}
+            ratios(results["shaped"], cs, OPTIMIZED_CASES[:-1])
+        finally:
+            reg.stop()
+            netns_down()
+    results["watch"] = watch.summary()
+    print(f"  beside the bench: {results['watch']}", flush=True)
+    path = os.path.join(REPO, "bench/results-lazy-optimized.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {path}")
+
+
 def main():
     if sys.argv[1:] == ["convert"]:
         return convert_vs_ctr_remote()
+    if sys.argv[1:] == ["optimized"]:
+        return optimized_only()
     if sys.argv[1:] == ["warm"]:
         with tempfile.TemporaryDirectory(prefix="strata-bench-warm-") as tmp:
             conv = os.path.join(tmp, "s-conv")
@@ -666,18 +809,19 @@ def main():
                     f"oci:{out}:python", f"docker://{link.addr}/py:1")
                 ref = f"docker://{link.addr}/py:1"
                 key = "shaped" if shaped else "loopback"
-                results[key] = {"cold_start": cold_start(tmp, ref, link, image_bytes)}
+                opt_ref, opt = optimize_by_serve(tmp, link)
+                results[key] = {"cold_start": cold_start(tmp, ref, link, image_bytes, opt_ref),
+                                "optimize_job": opt}
                 results[key]["partial_pull"] = partial_shaped(tmp, link.addr, link)
                 if not shaped:
                     print("== warm reads (loopback registry, fully fetched)", flush=True)
                     results["warm_reads"] = warm_reads(tmp, ref)
-                cs = results[key]["cold_start"]
-                for case in ("strata lazy (prefetch none)", "strata lazy (recorded list)",
-                             "strata lazy (list, then all)", "strata lazy (list placed first)",
-                             "strata lazy (placed first, then all)"):
-                    r = cs["containerd pull + run"]["seconds"] / cs[case]["seconds"]
-                    results[key][f"containerd / {case}"] = r
-                    print(f"  containerd / {case}: {r:.1f}x", flush=True)
+                ratios(results[key], results[key]["cold_start"],
+                       ("strata lazy (prefetch none)", "strata lazy (recorded list)",
+                        "strata lazy (list, then all)", "strata lazy (list placed first)",
+                        "strata lazy (placed first, then all)",
+                        "strata lazy (optimized by serve)",
+                        "strata lazy (optimized by serve, then all)"))
             finally:
                 reg.stop()
                 if shaped:

@@ -4,6 +4,7 @@
 #   bash bench/run.sh erofs    # issue 3: EROFS and mounts (bench/erofs.py)
 #   bash bench/run.sh chunked  # issue 4: zstd:chunked conversion (bench/chunked.py)
 #   bash bench/run.sh lazy     # issue 4: lazy mounts, cold starts on a shaped link (bench/lazy.py)
+#   bash bench/run.sh lazy-optimized # issue 17: cold start of an image `strata serve` optimized vs containerd, shaped link (bench/lazy.py optimized)
 #   bash bench/run.sh lazy-rss # issue 14: memory and threads of 20 lazy mounts (bench/lazy_rss.py)
 #   bash bench/run.sh snapshotter # issue 16: containerd cold starts through the strata snapshotter (bench/snapshotter.py)
 #   bash bench/run.sh snapshotter-cri # issue 16: cold start through containerd's CRI (kubelet's calls), strata vs overlayfs (bench/snapshotter_cri.py)
@@ -22,11 +23,12 @@ case "${1:-pull}" in
     exec python3 bench/erofs.py ;;
   chunked) exec python3 bench/chunked.py ;;
   lazy) exec python3 bench/lazy.py ;;
+  lazy-optimized) exec python3 bench/lazy.py optimized ;;
   lazy-rss) exec python3 bench/lazy_rss.py ;;
   rootfs) exec python3 bench/rootfs.py ;;
   snapshotter) exec python3 bench/snapshotter.py ;;
   snapshotter-ops) exec python3 bench/snapshotter_ops.py ;;
   snapshotter-cri) exec python3 bench/snapshotter_cri.py ;;
   serve) exec python3 bench/serve.py ;;
-  *) echo "usage: bench/run.sh [pull|erofs|chunked|lazy|lazy-rss|rootfs|snapshotter|snapshotter-ops|snapshotter-cri|serve]" >&2; exit 2 ;;
+  *) echo "usage: bench/run.sh [pull|erofs|chunked|lazy|lazy-optimized|lazy-rss|rootfs|snapshotter|snapshotter-ops|snapshotter-cri|serve]" >&2; exit 2 ;;
 esac
