@@ -472,9 +472,16 @@ fn auth_and_every_routes_errors() {
     let (st, _) = svc2.call("GET", "/v1/formats", None);
     assert_eq!(st, 401);
 
-    // the token never reaches the log
+    // every request is logged once with its id; the token never is
+    let r = c.get(format!("{}/v1/formats", svc2.url)).send().unwrap();
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let log2 = svc2.log();
+    assert!(
+        log2.contains(&format!("request {id}: GET /v1/formats -> 401")),
+        "{log2}"
+    );
     let log = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
-    assert!(log.contains("401"), "requests are logged: {log}");
+    assert!(log.contains("-> 401"), "requests are logged: {log}");
     assert!(!log.contains(TOKEN) && !log.contains(&off), "{log}");
 }
 

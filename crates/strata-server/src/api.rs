@@ -97,6 +97,7 @@ pub fn router_and_openapi(shared: Arc<Shared>) -> (axum::Router, utoipa::openapi
             Problem::new(StatusCode::NOT_FOUND, "route-not-found", "no such route")
         })
         .layer(axum::extract::DefaultBodyLimit::max(shared.config.max_body))
+        .layer(axum::middleware::from_fn(log_request))
         .with_state(shared);
     (router, api)
 }
@@ -133,13 +134,34 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// Every request gets an id (answered as `X-Request-Id`) and one log
+/// line: id, method, path, status, time. Headers (tokens) are never
+/// logged. Probes and scrapes log at debug.
+async fn log_request(req: Request, next: Next) -> Response {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let id = NEXT.fetch_add(1, Ordering::Relaxed);
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let t0 = std::time::Instant::now();
+    let mut resp = next.run(req).await;
+    let (status, ms) = (resp.status().as_u16(), t0.elapsed().as_secs_f64() * 1e3);
+    let probe = method == axum::http::Method::GET
+        && ["/healthz", "/readyz", "/metrics"].contains(&path.as_str());
+    if probe {
+        tracing::debug!("request {id}: {method} {path} -> {status} ({ms:.1} ms)");
+    } else {
+        tracing::info!("request {id}: {method} {path} -> {status} ({ms:.1} ms)");
+    }
+    resp.headers_mut()
+        .insert("x-request-id", HeaderValue::from(id));
+    resp
+}
+
 async fn auth(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
     let h = req
         .headers()
         .get(header::AUTHORIZATION)
         .map(|v| v.as_bytes());
     if !s.tokens.accepts(h) {
-        tracing::info!("{} {}: 401", req.method(), req.uri().path());
         return Problem::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",

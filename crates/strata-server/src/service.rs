@@ -430,6 +430,10 @@ impl Shared {
         }
         let j = j.clone();
         self.save(&j);
+        drop(t);
+        // a job's buffers (layers, TOCs, trees) are freed: give the pages
+        // back rather than keep the high-water mark of the largest job
+        strata_sys::malloc::trim();
         tracing::info!("job {} {}", j.id, j.state.as_str());
     }
 

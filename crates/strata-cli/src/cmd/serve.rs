@@ -17,6 +17,9 @@ pub struct Args {
 }
 
 pub fn run(root: PathBuf, a: Args) -> Result<std::process::ExitCode> {
+    // before any thread: few arenas, a fixed mmap threshold (jobs come
+    // and go for weeks)
+    strata_sys::malloc::tune_for_daemon();
     let (path, named) = match &a.config {
         Some(p) => (p.clone(), true),
         None => (PathBuf::from(DEFAULT_CONFIG), false),
