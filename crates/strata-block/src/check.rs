@@ -24,14 +24,16 @@ pub struct Check {
     pub seconds: f64,
 }
 
-/// Check template `id`, built from `image` when given (its tree is then
-/// compared with the template's, mounted read-only: everything but
-/// directory mtimes, nanoseconds and `/lost+found`). Every check runs;
-/// the caller sees which failed. A cancel between checks is an error.
+/// Check template `id`, built from `image` when given, with `adds` laid
+/// over it as the build lays them (its tree is then compared with the
+/// template's, mounted read-only: everything but directory mtimes,
+/// nanoseconds and `/lost+found`). Every check runs; the caller sees
+/// which failed. A cancel between checks is an error.
 pub fn verify_template(
     store: &Store,
     id: &Digest,
     image: Option<&Digest>,
+    adds: &[std::path::PathBuf],
     ctl: strata_ops::Ctl<'_>,
 ) -> Result<Vec<Check>, BlockError> {
     let io = |what: String| move |e: std::io::Error| BlockError::Io { what, source: e };
@@ -73,7 +75,7 @@ pub fn verify_template(
 
     if let Some(image) = image {
         let t0 = Instant::now();
-        let (ok, detail) = trees(store, image, &raw, staging.path())?;
+        let (ok, detail) = trees(store, image, adds, &raw, staging.path())?;
         checks.push(Check {
             name: "tree-equal",
             ok,
@@ -88,12 +90,14 @@ pub fn verify_template(
 fn trees(
     store: &Store,
     image: &Digest,
+    adds: &[std::path::PathBuf],
     raw: &Path,
     staging: &Path,
 ) -> Result<(bool, String), BlockError> {
     let io = |what: String| move |e: std::io::Error| BlockError::Io { what, source: e };
     // detached: it goes with the fd, whatever happens
-    let tree = crate::image_tree_detached(store, image, Vec::new(), "strata-check")?;
+    let above = adds.iter().rev().cloned().collect();
+    let tree = crate::image_tree_detached(store, image, above, "strata-check")?;
     let tree_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&tree));
     let want = crate::ext4_comparable_digest(Path::new(&tree_path))
         .map_err(io(format!("reading the tree of {image}")))?;

@@ -1006,6 +1006,33 @@ fn templates_are_built_checked_cached_and_pushed() {
             .unwrap()
             .starts_with(&format!("{}/vm@sha256:", reg.addr))
     );
+    // an image laid over it: the ext4 holds both trees (checked:
+    // tree-equal against the image with the add laid over it)
+    reg.push(&oci_ref(&synth_layout(), "gnu"), "synth:gnu", &[]);
+    let (st, added) = svc.call(
+        "POST",
+        "/v1/templates",
+        Some(&json!({"from": {"image": src}, "size": "64MiB", "add": [{"image": format!("{}/synth:gnu", reg.addr)}]})),
+    );
+    assert_eq!(st, 202, "{added}");
+    let added = wait(added["id"].as_str().unwrap());
+    assert_eq!(added["state"], "succeeded", "{added}\n{}", svc.log());
+    let with_add: Vec<(&str, bool)> = added["verification"]["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap(), c["ok"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(
+        with_add,
+        [("size", true), ("e2fsck-clean", true), ("tree-equal", true)],
+        "{added}"
+    );
+    assert_ne!(
+        job["result"]["digest"],
+        template.as_str(),
+        "the add changed the template"
+    );
     let env = Env::new();
     let got = env.json(&[
         "rootfs",
@@ -1184,4 +1211,51 @@ fn optimize_records_what_the_image_reads_and_places_it_first() {
     // the lazy mount it ran on is gone
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!info.contains(dir.path().to_str().unwrap()), "{info}");
+}
+
+/// The Debian + python image takes seconds to convert and push: a cancel
+/// then ends the job with nothing tagged, and a kill -9 then makes the
+/// restarted service run it again to a verified result, the only thing
+/// its tag ever names.
+#[test]
+fn a_cancel_and_a_kill_while_converting_and_pushing() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::start();
+    reg.push(&oci_ref(&debian_layout(), "python"), "py:1", &[]);
+    let src = format!("{}/py:1", reg.addr);
+    let mut svc = Service::start(dir.path(), &config_for(&[&reg.addr], ""));
+    let post = |svc: &Service, tag: &str| {
+        let body = json!({"source": src, "format": "zstd:chunked", "target": format!("{}/py:{tag}", reg.addr)});
+        let (st, j) = svc.call("POST", "/v1/conversions", Some(&body));
+        assert_eq!(st, 202, "{j}");
+        j["id"].as_str().unwrap().to_string()
+    };
+    let converting = |j: &Value| j["progress"]["phase"] == "converting";
+
+    let c = post(&svc, "c");
+    svc.wait_for(&c, converting);
+    let (st, j) = svc.call("DELETE", &format!("/v1/conversions/{c}"), None);
+    assert_eq!(st, 202, "{j}");
+    let j = svc.wait_job(&c);
+    assert_eq!(j["state"], "cancelled", "{j}");
+    assert_eq!(tags(&reg.addr, "py"), ["1"], "nothing tagged");
+
+    let k = post(&svc, "k");
+    svc.wait_for(&k, converting);
+    svc.kill9_and_restart();
+    assert!(
+        !tags(&reg.addr, "py").contains(&"k".to_string()),
+        "tagged before verified"
+    );
+    let j = svc.wait_job(&k);
+    assert_eq!(
+        (j["state"].as_str(), j["runs"].as_u64()),
+        (Some("succeeded"), Some(2)),
+        "{j}\n{}",
+        svc.log()
+    );
+    assert_eq!(
+        skopeo_digest(&format!("{}/py:k", reg.addr)),
+        j["result"]["digest"].as_str().unwrap()
+    );
 }

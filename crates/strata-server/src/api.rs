@@ -704,6 +704,18 @@ pub struct TemplateBody {
     /// it is checked.
     #[serde(default)]
     push: Option<String>,
+    /// Images (on allowed registries) whose trees are laid over the
+    /// template, in order: `[{"image": REF}]`, at most 16.
+    #[serde(default)]
+    add: Vec<TemplateAdd>,
+}
+
+/// An image laid over a template.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateAdd {
+    /// `HOST/REPO:TAG` or `HOST/REPO@DIGEST`.
+    image: String,
 }
 
 /// What a template is built from.
@@ -808,10 +820,25 @@ async fn admit_template(
         }
         _ => return Err(bad("from names exactly one of image and template")),
     };
+    if b.add.len() > 16 {
+        return Err(bad("add: at most 16 images"));
+    }
+    let mut add = Vec::new();
+    for a in &b.add {
+        let r = allowed_ref(s, "add", &a.image)?;
+        let resolved = resolve(s, &r, &a.image).await?;
+        add.push(Source {
+            reference: a.image.clone(),
+            repository: target_repository(&r),
+            digest: resolved.index_digest.unwrap_or(resolved.manifest_digest),
+            manifest_digest: resolved.manifest_digest,
+        });
+    }
     let spec = crate::jobs::TemplateSpec {
         from: kind.into(),
         size,
         push: push.clone(),
+        add,
     };
     let key = crate::jobs::template_key(&source.manifest_digest, &spec);
     let now = crate::jobs::now();

@@ -185,6 +185,10 @@ pub struct TemplateSpec {
     /// `HOST/REPO:TAG` the template is pushed to once checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub push: Option<String>,
+    /// Images whose trees are laid over it, in order (the last wins), as
+    /// `rootfs build --add DIR` lays directories.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add: Vec<Source>,
 }
 
 /// A job (a conversion or a template build), as answered and as journaled.
@@ -271,6 +275,7 @@ pub fn template_key(from: &Digest, spec: &TemplateSpec) -> String {
         "source": from.to_string(),
         "size": spec.size,
         "push": spec.push,
+        "add": spec.add.iter().map(|a| a.manifest_digest.to_string()).collect::<Vec<_>>(),
     });
     let bytes = serde_json::to_vec(&canonical).expect("JSON values encode");
     format!("sha256:{}", hex::encode(Sha256::digest(&bytes)))
@@ -412,6 +417,7 @@ mod tests {
             from: "image".into(),
             size,
             push: None,
+            add: Vec::new(),
         };
         assert_eq!(
             template_key(&d, &spec(1 << 26)),

@@ -242,6 +242,14 @@ impl Shared {
             if let Err(e) = self.store.remove_template_name(&format!("serve/{id}")) {
                 tracing::warn!("dropping the store's template name serve/{id}: {e}");
             }
+            let adds = t
+                .jobs
+                .get(id)
+                .and_then(|j| j.template.as_ref())
+                .map_or(0, |s| s.add.len());
+            for i in 0..adds {
+                let _ = self.store.remove_ref(&format!("serve/{id}-add-{i}"));
+            }
             if let Err(e) = self.journal.remove(id) {
                 tracing::warn!("dropping job record {id}: {e}");
                 continue;
@@ -799,19 +807,29 @@ impl Shared {
     /// The job's source image in the store: pulled by digest unless the
     /// store has it (named `serve/<job id>` until the job expires).
     fn ensure_source(&self, job: &Job, ctl: Ctl<'_>) -> Result<(), Failure> {
-        let src = job.source.manifest_digest;
+        self.ensure_image(&job.source, &format!("serve/{}", job.id), ctl)
+    }
+
+    /// `source`'s image in the store, pulled by digest as `name` unless
+    /// the store has it.
+    fn ensure_image(
+        &self,
+        source: &crate::jobs::Source,
+        name: &str,
+        ctl: Ctl<'_>,
+    ) -> Result<(), Failure> {
+        let src = source.manifest_digest;
         if self.store.image_meta(&src).is_ok() {
             return Ok(());
         }
-        let pinned: ImageRef = format!("docker://{}@{src}", job.source.repository)
+        let pinned: ImageRef = format!("docker://{}@{src}", source.repository)
             .parse()
             .map_err(|e| fail("source-unavailable", &e))?;
         self.timed("pulling", || {
             let source = RegistrySource::new(pinned, &self.registry)
                 .map_err(|e| fail("source-unavailable", &e))?;
             let opts = strata_oci::pull::PullOptions::host(self.registry.clone());
-            let name = format!("serve/{}", job.id);
-            strata_oci::pull::pull_from(&self.store, &source, &name, &opts, ctl)
+            strata_oci::pull::pull_from(&self.store, &source, name, &opts, ctl)
                 .map(|_| ())
                 .map_err(|e| fail("source-unavailable", &e))
         })
@@ -836,11 +854,37 @@ impl Shared {
         } else {
             strata_block::Source::Template(from)
         };
+        // images laid over it: their trees exported as the directories a
+        // build lays (the build key digests them)
+        let staging = tempfile::Builder::new()
+            .prefix("template-adds-")
+            .tempdir_in(self.store.root().join("tmp"))
+            .map_err(|e| fail("internal", &e))?;
+        let mut adds = Vec::new();
+        for (i, a) in spec.add.iter().enumerate() {
+            self.ensure_image(a, &format!("serve/{}-add-{i}", job.id), ctl)?;
+            let dir = staging.path().join(format!("add-{i}"));
+            self.store
+                .export_dir(&a.manifest_digest, &dir)
+                .map_err(|e| Failure::Failed {
+                    error: Box::new(JobError {
+                        code: "build-failed".into(),
+                        check: None,
+                        kind: "internal".into(),
+                        message: format!(
+                            "exporting {} to lay it over the template: {e}",
+                            a.reference
+                        ),
+                    }),
+                    report: None,
+                })?;
+            adds.push(dir);
+        }
         self.set_phase(&job.id, "building");
         let req = strata_block::BuildRequest {
             source,
             size: Some(spec.size),
-            adds: Vec::new(),
+            adds: adds.clone(),
             no_cache: false,
         };
         let built = self
@@ -855,7 +899,7 @@ impl Shared {
         let image = from_image.then_some(&job.source.manifest_digest);
         let checks = self
             .timed("verifying", || {
-                strata_block::check::verify_template(&self.store, &built.id, image, ctl)
+                strata_block::check::verify_template(&self.store, &built.id, image, &adds, ctl)
             })
             .map_err(|e| fail("verification-failed", &e))?;
         let report = strata_oci::verify::VerifyReport {
