@@ -1029,7 +1029,7 @@ fn templates_are_built_checked_cached_and_pushed() {
         "{added}"
     );
     assert_ne!(
-        job["result"]["digest"],
+        added["result"]["digest"],
         template.as_str(),
         "the add changed the template"
     );
