@@ -31,6 +31,7 @@ mod elf;
 mod fetch;
 pub mod fs;
 pub mod mount;
+pub mod record;
 pub mod state;
 
 use std::collections::HashMap;

@@ -708,100 +708,43 @@ impl Shared {
         optimize: &crate::jobs::Optimize,
         ctl: Ctl<'_>,
     ) -> Result<Vec<String>, Failure> {
-        let failed = |m: String| Failure::Failed {
-            error: Box::new(JobError {
-                code: "optimize-failed".into(),
-                check: None,
-                kind: "internal".into(),
-                message: m,
-            }),
-            report: None,
-        };
-        let config: serde_json::Value = self
+        let config = self
             .store
             .image_config(&job.source.manifest_digest)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
-        let words = |k: &str| -> Vec<String> {
-            config["config"][k]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
+        let (image_cmd, env) = strata_lazy::record::command_of(&config);
         let cmd = if optimize.cmd.is_empty() {
-            let mut c = words("Entrypoint");
-            c.extend(words("Cmd"));
-            c
+            image_cmd
         } else {
             optimize.cmd.clone()
         };
-        if cmd.is_empty() {
-            return Err(failed(
-                "the image has no entrypoint or cmd to run: give optimize.cmd".into(),
-            ));
-        }
         let staging = tempfile::Builder::new()
             .prefix("optimize-")
             .tempdir_in(self.store.root().join("tmp"))
-            .map_err(|e| failed(format!("creating a staging directory: {e}")))?;
-        let (mnt, list) = (staging.path().join("mnt"), staging.path().join("record"));
-        std::fs::create_dir(&mnt)
-            .map_err(|e| failed(format!("creating {}: {e}", mnt.display())))?;
+            .map_err(|e| fail("optimize-failed", &e))?;
         let source: Arc<dyn strata_oci::ImageSource> = Arc::new(
             RegistrySource::new(image.clone(), &self.registry)
                 .map_err(|e| fail("optimize-failed", &e))?,
         );
-        let opts = strata_lazy::LazyOptions {
-            fallback: strata_lazy::Fallback::Fail,
-            prefetch: strata_lazy::Prefetch::None,
-            prefetch_list: None,
-            record: Some(list.clone()),
-            passthrough: false,
-            fetch_jobs: 4,
-            pull: strata_oci::pull::PullOptions::host(self.registry.clone()),
-        };
-        let mounted = strata_lazy::mount(
+        let r = strata_lazy::record::run_and_record(
             self.store.clone(),
             source,
             &format!("serve/{}-record", job.id),
-            &mnt,
-            &opts,
-            Arc::new(strata_ops::NoEvents),
+            staging.path(),
+            &cmd,
+            &env,
+            std::time::Duration::from_secs(optimize.timeout_s),
+            strata_oci::pull::PullOptions::host(self.registry.clone()),
+            ctl,
         )
         .map_err(|e| fail("optimize-failed", &e))?;
-        let _ = self.store.remove_ref(&format!("serve/{}-record", job.id));
-        let strata_lazy::Mounted::Lazy(m) = mounted else {
-            return Err(failed(format!(
-                "{image} was not mounted lazily, so nothing could be recorded"
-            )));
-        };
-        let mut env = words("Env");
-        if !env.iter().any(|kv| kv.starts_with("PATH=")) {
-            // as docker and podman do for an image that sets none
-            env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
-        }
-        let errors = staging.path().join("stderr");
-        let ran = run_sandboxed(&mnt, &cmd, &env, optimize.timeout_s, &errors, ctl);
-        m.unmount().map_err(|e| fail("optimize-failed", &e))?;
-        if ctl.cancel.is_cancelled() {
-            return Err(Failure::Cancelled);
-        }
-        let ran = ran.map_err(failed)?;
-        let said = std::fs::read(&errors).unwrap_or_default();
-        let said = String::from_utf8_lossy(&said[said.len().saturating_sub(2048)..]).into_owned();
         tracing::info!(
-            "job {}: ran {:?} to record its reads: {ran}; stderr: {said:?}",
+            "job {}: ran {cmd:?} to record its reads: {}; stderr: {:?}",
             job.id,
-            cmd
+            r.ended,
+            r.stderr_tail
         );
-        let text = std::fs::read_to_string(&list)
-            .map_err(|e| failed(format!("reading the record {}: {e}", list.display())))?;
-        Ok(strata_oci::convert::prefetch_paths(&text))
+        Ok(r.paths)
     }
 
     /// The job's source image in the store: pulled by digest unless the
@@ -1046,61 +989,6 @@ impl Shared {
             recorded: Vec::new(),
         });
         Some(job)
-    }
-}
-
-/// Run `cmd` in a chroot of `root` with only `env`, no network, its own
-/// mount and pid namespaces (everything in them dies with it), until it
-/// exits, `timeout_s` passes or the job is cancelled. Its output is
-/// dropped, its errors go to `stderr`. Answers how it ended.
-fn run_sandboxed(
-    root: &std::path::Path,
-    cmd: &[String],
-    env: &[String],
-    timeout_s: u64,
-    stderr: &std::path::Path,
-    ctl: Ctl<'_>,
-) -> Result<String, String> {
-    let errors =
-        std::fs::File::create(stderr).map_err(|e| format!("creating {}: {e}", stderr.display()))?;
-    let mut c = std::process::Command::new("/usr/bin/unshare");
-    // absolute: the PATH given is the image's, for inside the chroot
-    c.args([
-        "--net",
-        "--mount",
-        "--pid",
-        "--fork",
-        "--kill-child",
-        "/usr/sbin/chroot",
-    ])
-    .arg(root)
-    .args(cmd)
-    .env_clear()
-    .stdin(std::process::Stdio::null())
-    .stdout(std::process::Stdio::null())
-    .stderr(errors);
-    for kv in env {
-        if let Some((k, v)) = kv.split_once('=') {
-            c.env(k, v);
-        }
-    }
-    let mut child = c
-        .spawn()
-        .map_err(|e| format!("running unshare (util-linux): {e}"))?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout_s);
-    loop {
-        if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {
-            return Ok(format!("exited: {st}"));
-        }
-        if std::time::Instant::now() >= deadline || ctl.cancel.is_cancelled() {
-            let _ = child.kill();
-            let _ = child.wait();
-            if ctl.cancel.is_cancelled() {
-                return Err("cancelled".into());
-            }
-            return Ok(format!("stopped after {timeout_s} s"));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 
