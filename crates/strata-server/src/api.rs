@@ -14,7 +14,7 @@ use serde_json::json;
 use strata_oci::{ImageName, ImageRef, ImageSource as _, Platform};
 use strata_ops::{ErrorKind, HasKind as _};
 
-use crate::jobs::{Job, Prefetch, Progress, Request as JobRequest, Source, State as JobState};
+use crate::jobs::{Job, Prefetch, Request as JobRequest, Source, State as JobState};
 use crate::problem::Problem;
 use crate::service::{Admitted, CancelOutcome, Refused, Shared, target_repository};
 
@@ -479,38 +479,16 @@ async fn admit(
         optimize,
     };
     let key = crate::jobs::key(&resolved.manifest_digest, &request);
-    let now = crate::jobs::now();
-    let template = Job {
-        id: crate::jobs::job_id("conversion", &key, 1),
-        kind: "conversion".into(),
-        state: JobState::Queued,
-        key,
-        source: Source {
-            reference: b.source.clone(),
-            repository,
-            digest,
-            manifest_digest: resolved.manifest_digest,
-        },
-        request,
-        progress: Progress {
-            phase: "queued".into(),
-            ..Progress::default()
-        },
-        result: None,
-        verification: None,
-        error: None,
-        warnings: if deprecated {
-            vec!["format-deprecated".into()]
-        } else {
-            Vec::new()
-        },
-        attempt: 1,
-        runs: 0,
-        created: now,
-        updated: now,
-        cancel_requested: false,
-        template: None,
+    let source = Source {
+        reference: b.source.clone(),
+        repository,
+        digest,
+        manifest_digest: resolved.manifest_digest,
     };
+    let mut template = Job::queued("conversion", key, source, request, None);
+    if deprecated {
+        template.warnings.push("format-deprecated".into());
+    }
     // not here: maybe converted by another instance (its deterministic tag)
     let known = s.lock().by_key.contains_key(&template.key);
     if !known {
@@ -841,35 +819,14 @@ async fn admit_template(
         add,
     };
     let key = crate::jobs::template_key(&source.manifest_digest, &spec);
-    let now = crate::jobs::now();
-    let job = Job {
-        id: crate::jobs::job_id("template", &key, 1),
-        kind: "template".into(),
-        state: JobState::Queued,
-        key,
-        source,
-        request: JobRequest {
-            format: "ext4".into(),
-            prefetch: Prefetch::None,
-            prefetch_list: Vec::new(),
-            target: push.unwrap_or_default(),
-            optimize: None,
-        },
-        progress: Progress {
-            phase: "queued".into(),
-            ..Progress::default()
-        },
-        result: None,
-        verification: None,
-        error: None,
-        warnings: Vec::new(),
-        attempt: 1,
-        runs: 0,
-        created: now,
-        updated: now,
-        cancel_requested: false,
-        template: Some(spec),
+    let request = JobRequest {
+        format: "ext4".into(),
+        prefetch: Prefetch::None,
+        prefetch_list: Vec::new(),
+        target: push.unwrap_or_default(),
+        optimize: None,
     };
+    let job = Job::queued("template", key, source, request, Some(spec));
     admit_job(s, job)
 }
 

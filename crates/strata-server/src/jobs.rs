@@ -239,6 +239,41 @@ pub struct Job {
     pub template: Option<TemplateSpec>,
 }
 
+impl Job {
+    /// A new job, queued: its first attempt, created now.
+    pub fn queued(
+        kind: &str,
+        key: String,
+        source: Source,
+        request: Request,
+        template: Option<TemplateSpec>,
+    ) -> Job {
+        let now = now();
+        Job {
+            id: job_id(kind, &key, 1),
+            kind: kind.into(),
+            state: State::Queued,
+            key,
+            source,
+            request,
+            progress: Progress {
+                phase: "queued".into(),
+                ..Progress::default()
+            },
+            result: None,
+            verification: None,
+            error: None,
+            warnings: Vec::new(),
+            attempt: 1,
+            runs: 0,
+            created: now,
+            updated: now,
+            cancel_requested: false,
+            template,
+        }
+    }
+}
+
 /// Seconds since the epoch.
 pub fn now() -> u64 {
     std::time::SystemTime::now()
@@ -435,30 +470,13 @@ mod tests {
         let j = Journal::open(dir.path()).unwrap();
         let d = Digest::sha256_of(b"m");
         let k = key(&d, &request("zstd"));
-        let job = Job {
-            id: job_id("conversion", &k, 1),
-            kind: "conversion".into(),
-            state: State::Queued,
-            key: k,
-            source: Source {
-                reference: "127.0.0.1:5000/app:1".into(),
-                repository: "127.0.0.1:5000/app".into(),
-                digest: d,
-                manifest_digest: d,
-            },
-            request: request("zstd"),
-            progress: Progress::default(),
-            result: None,
-            verification: None,
-            error: None,
-            warnings: Vec::new(),
-            attempt: 1,
-            runs: 0,
-            created: 1,
-            updated: 1,
-            cancel_requested: false,
-            template: None,
+        let source = Source {
+            reference: "127.0.0.1:5000/app:1".into(),
+            repository: "127.0.0.1:5000/app".into(),
+            digest: d,
+            manifest_digest: d,
         };
+        let job = Job::queued("conversion", k, source, request("zstd"), None);
         j.save(&job).unwrap();
         std::fs::write(dir.path().join("jobs/y.json"), b"{\"id\": \"y\", tor").unwrap();
         std::fs::write(dir.path().join("tmp/x.json"), b"half").unwrap();
