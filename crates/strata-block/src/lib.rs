@@ -20,6 +20,7 @@ pub mod artifact;
 pub mod check;
 mod chunks;
 mod dirdigest;
+pub mod packs;
 pub mod serve;
 pub mod served;
 pub mod served_daemon;
@@ -45,6 +46,21 @@ pub trait ChunkSource: Send + Sync {
     /// The bytes of chunk `digest` (`len` bytes expected). Untrusted: the
     /// caller checks them against `digest` before using or storing them.
     fn fetch(&self, digest: &Digest, len: u64) -> io::Result<Vec<u8>>;
+
+    /// The chunks stored right after `digest` at the source that one
+    /// request can bring along with it (their lengths and `len` within
+    /// `max` bytes), in order; none by default.
+    fn followers(&self, digest: &Digest, max: u64) -> Vec<(Digest, u64)> {
+        let _ = (digest, max);
+        Vec::new()
+    }
+
+    /// The bytes of a run of chunks: `run[0]` and followers of it as
+    /// [`followers`](Self::followers) named them. Untrusted, like
+    /// [`fetch`](Self::fetch); by default one fetch each.
+    fn fetch_run(&self, run: &[(Digest, u64)]) -> io::Result<Vec<Vec<u8>>> {
+        run.iter().map(|(d, len)| self.fetch(d, *len)).collect()
+    }
 }
 
 /// Bumped whenever the same inputs would give different bytes.

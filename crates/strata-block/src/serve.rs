@@ -18,14 +18,14 @@
 //! (the chunk indexes written, 8 bytes each, appended on a chunk's first
 //! write) and `log`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -48,6 +48,11 @@ const OPEN_CHUNKS: usize = 512;
 
 /// Attempts per chunk fetch before a read fails with EIO.
 const FETCH_ATTEMPTS: u32 = 3;
+
+/// A chunk missing from the store is fetched with the chunks that follow it
+/// at the source (a pack), up to this many bytes in all, when the store
+/// lacks them too: one range request instead of several.
+pub const FETCH_RUN: u64 = 256 * 1024;
 
 /// A served file on record: `<store>/serve/<key>/state.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -174,8 +179,10 @@ pub struct Served {
     source: Option<Arc<dyn ChunkSource>>,
     /// Fetched and verified chunks not yet written to objects/.
     pending: Mutex<HashMap<Digest, Arc<Vec<u8>>>>,
-    /// One fetch per chunk at a time.
-    fetching: Mutex<HashMap<Digest, Arc<Mutex<()>>>>,
+    /// Chunks being fetched (by one reader; the others wait on
+    /// `fetched`): no chunk is fetched twice at once.
+    in_flight: Mutex<HashSet<Digest>>,
+    fetched: Condvar,
     open: Mutex<HashMap<Digest, Arc<File>>>,
     /// Chunk indexes read at least once.
     seen: Vec<AtomicBool>,
@@ -243,7 +250,8 @@ impl Served {
             id,
             source,
             pending: Mutex::new(HashMap::new()),
-            fetching: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashSet::new()),
+            fetched: Condvar::new(),
             open: Mutex::new(HashMap::new()),
             seen: (0..chunks).map(|_| AtomicBool::new(false)).collect(),
             overlay,
@@ -411,7 +419,9 @@ impl Served {
     }
 
     /// Fetch chunk `d` from the source, once however many readers want it,
-    /// and check it before anyone sees it.
+    /// with the chunks that follow it at the source and are missing too
+    /// (up to [`FETCH_RUN`] bytes, one request), and check each before
+    /// anyone sees it.
     fn fetch(&self, d: &Digest, len: u64) -> io::Result<Arc<Vec<u8>>> {
         let Some(source) = &self.source else {
             return Err(io::Error::new(
@@ -422,32 +432,82 @@ impl Served {
                 ),
             ));
         };
-        let lock = self
-            .fetching
-            .lock()
-            .expect("no panics while held")
-            .entry(*d)
-            .or_default()
-            .clone();
-        let _one = lock.lock().expect("no panics while held");
-        // another reader may have fetched it meanwhile
-        if let Some(b) = self.pending_chunk(d) {
-            return Ok(b);
+        // claim `d` (or wait for the reader that has it) and the followers
+        // nobody has
+        let mut run = vec![(*d, len)];
+        {
+            let mut flying = self.in_flight.lock().expect("no panics while held");
+            loop {
+                if let Some(b) = self.pending_chunk(d) {
+                    return Ok(b);
+                }
+                if !flying.contains(d) {
+                    break;
+                }
+                flying = self.fetched.wait(flying).expect("no panics while held");
+            }
+            if let Some(f) = self.open_chunk(d)? {
+                let mut b = vec![0u8; len as usize];
+                f.read_exact_at(&mut b, 0)?;
+                return Ok(Arc::new(b));
+            }
+            flying.insert(*d);
+            for (c, l) in source.followers(d, FETCH_RUN.saturating_sub(len)) {
+                if flying.contains(&c)
+                    || self.pending_chunk(&c).is_some()
+                    || self.store.has_object(&c)
+                {
+                    break;
+                }
+                flying.insert(c);
+                run.push((c, l));
+            }
         }
-        if let Some(f) = self.open_chunk(d)? {
-            let mut b = vec![0u8; len as usize];
-            f.read_exact_at(&mut b, 0)?;
-            return Ok(Arc::new(b));
+        let got = self.fetch_claimed(source.as_ref(), &run);
+        {
+            let mut flying = self.in_flight.lock().expect("no panics while held");
+            for (c, _) in &run {
+                flying.remove(c);
+            }
         }
+        self.fetched.notify_all();
+        got
+    }
+
+    /// Fetch `run` (claimed), retrying: `run[0]` must come and be right;
+    /// a follower that does not match its digest is dropped (read again
+    /// on its own when wanted).
+    fn fetch_claimed(
+        &self,
+        source: &dyn ChunkSource,
+        run: &[(Digest, u64)],
+    ) -> io::Result<Arc<Vec<u8>>> {
+        let d = run[0].0;
         let mut last = None;
         for attempt in 0..FETCH_ATTEMPTS {
             if attempt > 0 {
                 std::thread::sleep(Duration::from_millis(200 << attempt));
             }
-            match source.fetch(d, len) {
-                Ok(b) => {
-                    if b.len() as u64 != len || Digest::sha256_of(&b) != *d {
-                        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            let parts = match source.fetch_run(run) {
+                Ok(parts) if parts.len() == run.len() => parts,
+                Ok(parts) => {
+                    last = Some(io::Error::other(format!(
+                        "{} chunks for a run of {}",
+                        parts.len(),
+                        run.len()
+                    )));
+                    continue;
+                }
+                Err(e) => {
+                    last = Some(e);
+                    continue;
+                }
+            };
+            let mut first = None;
+            for ((c, l), b) in run.iter().zip(parts) {
+                if b.len() as u64 != *l || Digest::sha256_of(&b) != *c {
+                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    if *c == d {
                         // a wrong answer is not retried: the registry has it wrong
                         return Err(io::Error::new(
                             io::ErrorKind::InvalidData,
@@ -457,31 +517,26 @@ impl Served {
                             ),
                         ));
                     }
-                    let b = Arc::new(b);
-                    self.pending
-                        .lock()
-                        .expect("no panics while held")
-                        .insert(*d, b.clone());
-                    self.counters.chunks_fetched.fetch_add(1, Ordering::Relaxed);
-                    let done = self
-                        .counters
-                        .bytes_fetched
-                        .fetch_add(len, Ordering::Relaxed)
-                        + len;
-                    self.events.event(&Event::Progress {
-                        op: Op::TemplateServe,
-                        unit: Unit::Objects,
-                        done,
-                        total: Some(self.missing_bytes),
-                    });
-                    self.fetching
-                        .lock()
-                        .expect("no panics while held")
-                        .remove(d);
-                    return Ok(b);
+                    continue;
                 }
-                Err(e) => last = Some(e),
+                let b = Arc::new(b);
+                if *c == d {
+                    first = Some(b.clone());
+                }
+                self.pending
+                    .lock()
+                    .expect("no panics while held")
+                    .insert(*c, b);
+                self.counters.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+                let done = self.counters.bytes_fetched.fetch_add(*l, Ordering::Relaxed) + l;
+                self.events.event(&Event::Progress {
+                    op: Op::TemplateServe,
+                    unit: Unit::Objects,
+                    done,
+                    total: Some(self.missing_bytes),
+                });
             }
+            return Ok(first.expect("run[0] was checked"));
         }
         self.counters.errors.fetch_add(1, Ordering::Relaxed);
         let e = last.expect("at least one attempt");

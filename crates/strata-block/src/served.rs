@@ -205,8 +205,20 @@ pub fn serve_with(
     let mut registry = req.registry.clone();
     // a read waits for a stalled registry 10 s at most per attempt, then EIO
     registry.stall_timeout = Some(Duration::from_secs(10));
-    let source = crate::artifact::source_for(&store, &id, &registry, &cancel)?
-        .map(|s| Arc::new(s) as Arc<dyn ChunkSource>);
+    // the source is resolved (and its registry reached) now when chunks
+    // are missing: a registry that cannot be used fails the start, not
+    // the VM's first read
+    let lacking = store
+        .template_map(&id)?
+        .chunk_set()
+        .iter()
+        .any(|d| !store.has_object(d));
+    let source = if lacking {
+        crate::artifact::source_for(&store, &id, &registry, &cancel)?
+            .map(|s| Arc::new(s) as Arc<dyn ChunkSource>)
+    } else {
+        None
+    };
     let remote = store.template_remote(&id).map(|r| r.reference);
     let opts = ServeOptions {
         writable: req.writable.then(|| sdir.clone()),

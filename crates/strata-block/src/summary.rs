@@ -48,13 +48,22 @@ impl fmt::Display for PushReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{}: {} of {} chunks uploaded ({}), {} already there",
+            "{}: {} of {} chunks uploaded ({} in {} of {} packs), {} already there",
             self.manifest_digest,
             self.uploaded,
             self.chunks,
             human(self.bytes_uploaded),
+            self.packs_uploaded,
+            self.packs,
             human(self.bytes_skipped)
-        )
+        )?;
+        if let Some(b) = &self.base {
+            write!(f, "; {} packs of {b} reused", self.packs_reused)?;
+            if self.packs_mounted > 0 {
+                write!(f, " ({} mounted from its repository)", self.packs_mounted)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -70,6 +79,9 @@ impl fmt::Display for PullReport {
             self.fetched,
             human(self.bytes_fetched)
         )?;
+        if self.packs_fetched > 0 {
+            write!(f, " from {} of {} packs", self.packs_fetched, self.packs)?;
+        }
         if self.chunks_local + self.fetched < self.chunks {
             write!(f, "; the rest come on demand (`strata rootfs serve`)")?;
         }

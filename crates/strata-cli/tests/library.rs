@@ -518,12 +518,24 @@ fn cancelled_template_pushes_and_pulls_leave_nothing_and_converge() {
     let id = small_template(&store);
     let reference: ImageRef = format!("docker://{}/vm/t:1", reg.addr).parse().unwrap();
     let jobs = 2;
+    // a chunk per pack: several packs, so a cancel can fall between them
+    let po = strata_block::artifact::PushOptions {
+        jobs,
+        pack_size: 64 << 10,
+    };
     let mut announced = std::collections::BTreeSet::new();
-    // push: cancelled as it starts, as the first chunks start, mid-chunks
-    for n in [1, 3, 10] {
+    // push: cancelled as it starts, once the manifest is known (before any
+    // upload), after the first pack
+    for n in [1, 2, 4] {
         let sink = after(n);
-        let r =
-            strata_block::artifact::push(&store, &id, &reference, &plain_http(), jobs, sink.ctl());
+        let r = strata_block::artifact::push_with(
+            &store,
+            &id,
+            &reference,
+            &plain_http(),
+            &po,
+            sink.ctl(),
+        );
         match r {
             Err(e @ strata_block::BlockError::Cancelled) => {
                 assert_eq!(e.kind(), ErrorKind::Cancelled)
@@ -531,7 +543,7 @@ fn cancelled_template_pushes_and_pulls_leave_nothing_and_converge() {
             other => panic!("push cancelled after {n} events: {other:?}"),
         }
         let ev = sink.events.events();
-        // in-flight chunks finish at most (3 events each), nothing starts
+        // in-flight packs finish at most (3 events each), nothing starts
         assert!(ev.len() <= n + 3 * jobs, "after {n}: {ev:?}");
         assert!(!ev.contains(&Event::Finished {
             op: Op::TemplatePush
@@ -554,15 +566,16 @@ fn cancelled_template_pushes_and_pulls_leave_nothing_and_converge() {
         "one manifest whatever the run: {announced:?}"
     );
     let events = Collect::new();
-    let pushed = strata_block::artifact::push(
+    let pushed = strata_block::artifact::push_with(
         &store,
         &id,
         &reference,
         &plain_http(),
-        jobs,
+        &po,
         Ctl::new(&events, &Cancel::new()),
     )
     .unwrap();
+    assert!(pushed.packs > 2, "{pushed:?}");
     assert_eq!(
         Some(&pushed.manifest_digest),
         announced.first(),
@@ -570,7 +583,7 @@ fn cancelled_template_pushes_and_pulls_leave_nothing_and_converge() {
     );
     assert!(
         pushed.uploaded < pushed.chunks && pushed.bytes_skipped > 0,
-        "chunks uploaded by the cancelled runs are not sent again: {pushed:?}"
+        "packs uploaded by the cancelled runs are not sent again: {pushed:?}"
     );
     let ev = events.events();
     assert!(
@@ -594,15 +607,11 @@ fn cancelled_template_pushes_and_pulls_leave_nothing_and_converge() {
             e,
             Event::UnitDone {
                 op: Op::TemplatePush,
-                unit: Unit::Chunk { .. }
+                unit: Unit::Layer { .. }
             }
         )
     };
-    assert_eq!(
-        count(&ev, done) as u64,
-        pushed.chunks,
-        "one unit per distinct chunk"
-    );
+    assert_eq!(count(&ev, done) as u64, pushed.packs, "one unit per pack");
     let last_progress = ev.iter().rev().find_map(|e| match e {
         Event::Progress { done, total, .. } => Some((*done, *total)),
         _ => None,
@@ -611,16 +620,17 @@ fn cancelled_template_pushes_and_pulls_leave_nothing_and_converge() {
     assert_eq!(Some(d), t, "cumulative bytes reach the total");
     assert_eq!(d, pushed.bytes_uploaded + pushed.bytes_skipped);
     let again =
-        strata_block::artifact::push(&store, &id, &reference, &plain_http(), jobs, Ctl::none())
+        strata_block::artifact::push_with(&store, &id, &reference, &plain_http(), &po, Ctl::none())
             .unwrap();
     assert_eq!(again.manifest_digest, pushed.manifest_digest);
     assert_eq!(again.uploaded, 0);
     drop(store);
     store_is_clean(&root);
 
-    // pull --all into a fresh store: cancelled the same way
+    // pull --all into a fresh store: cancelled as it starts, once resolved,
+    // after the first pack
     let root2 = tmp.path().join("store2");
-    for n in [1, 3, 10] {
+    for n in [1, 2, 4] {
         let store2 = Store::open(&root2).unwrap();
         let sink = after(n);
         let r = strata_block::artifact::pull(
@@ -674,11 +684,12 @@ fn cancelled_template_pushes_and_pulls_leave_nothing_and_converge() {
             e,
             Event::UnitDone {
                 op: Op::TemplatePull,
-                unit: Unit::Chunk { .. }
+                unit: Unit::Layer { .. }
             }
         )
     };
-    assert_eq!(count(&ev, done) as u64, pulled.fetched);
+    assert_eq!(count(&ev, done) as u64, pulled.packs_fetched);
+    assert_eq!(pulled.packs_fetched, pushed.packs);
     assert_eq!(
         ev.last(),
         Some(&Event::Finished {

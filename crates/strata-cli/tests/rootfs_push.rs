@@ -69,52 +69,110 @@ fn templates(env: &Env) {
 }
 
 #[test]
-fn push_skips_what_the_registry_has_and_pull_fetches_on_request() {
+fn push_writes_packs_reuses_the_parents_and_pull_fetches_on_request() {
     let reg = Registry::start();
     let a = Env::new();
     templates(&a);
     let r1 = format!("docker://{}/vm/t:1", reg.addr);
-    let p = a.json(&["rootfs", "push", "t", &r1, "--plain-http"]);
+    let push = |name: &str, r: &str| {
+        a.json(&[
+            "rootfs",
+            "push",
+            name,
+            r,
+            "--plain-http",
+            "--pack-size",
+            "1MiB",
+        ])
+    };
+    let p = push("t", &r1);
     let t = chunk_set(&a, "t");
     assert_eq!(p["chunks"].as_u64(), Some(t.len() as u64), "{p}");
     assert_eq!(
         p["uploaded"], p["chunks"],
         "first push uploads every chunk: {p}"
     );
-    for d in &t {
+    // packs of at most 1 MiB (16 chunks), not a blob per chunk
+    let (m, index) = artifact(&reg, "vm/t", "1");
+    assert_eq!(m["artifactType"], "application/vnd.strata.rootfs.v2", "{m}");
+    assert_eq!(
+        m["config"]["mediaType"],
+        "application/vnd.strata.rootfs.map.v1+json"
+    );
+    assert_eq!(
+        m["layers"][0]["mediaType"],
+        "application/vnd.strata.rootfs.packindex.v1+json"
+    );
+    let packs = packs_of(&m);
+    assert_eq!(packs.len() as u64, p["packs"].as_u64().unwrap(), "{p}");
+    assert_eq!(packs.len(), t.len().div_ceil(16), "{p}");
+    for d in &packs {
         assert!(
             reg.blob_path(&d[7..]).exists(),
-            "chunk {d} not in the registry"
+            "pack {d} not in the registry"
         );
     }
-    let again = a.json(&["rootfs", "push", "t", &r1, "--plain-http"]);
+    assert!(
+        t.iter().all(|d| !reg.blob_path(&d[7..]).exists()),
+        "no chunk is a blob of its own"
+    );
+    assert_eq!(
+        index["chunks"].as_array().unwrap().len(),
+        t.len(),
+        "{index}"
+    );
+    let again = push("t", &r1);
     assert_eq!(again["uploaded"], 0, "{again}");
+    assert_eq!(again["packs_uploaded"], 0, "{again}");
     assert_eq!(
         again["manifest_digest"], p["manifest_digest"],
         "same template, same artifact"
     );
 
-    // the derived template uploads exactly the chunks t lacks
+    // the derived template: the parent's packs are listed, one new pack
+    // holds exactly the chunks t lacks
     let r2 = format!("docker://{}/vm/t:2", reg.addr);
     let p2 = a.json(&["rootfs", "push", "t2", &r2, "--plain-http"]);
     let t2 = chunk_set(&a, "t2");
     let new: BTreeSet<_> = t2.difference(&t).collect();
     assert!(!new.is_empty());
     assert_eq!(p2["uploaded"].as_u64(), Some(new.len() as u64), "{p2}");
-
-    // the registry serves it as an OCI artifact
-    let (body, _) = http_get(&reg.addr, "/v2/vm/t/manifests/2");
-    let m: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(m["artifactType"], "application/vnd.strata.rootfs.v1", "{m}");
+    assert_eq!(p2["packs_uploaded"], 1, "{p2}");
+    assert_eq!(p2["packs_mounted"], 0, "same repository: {p2}");
+    let (m2, index2) = artifact(&reg, "vm/t", "2");
+    let packs2 = packs_of(&m2);
     assert_eq!(
-        m["config"]["mediaType"],
-        "application/vnd.strata.rootfs.map.v1+json"
+        packs2.len() as u64,
+        p2["packs_reused"].as_u64().unwrap() + 1,
+        "{p2}"
     );
+    assert!(packs2[..packs2.len() - 1].iter().all(|d| packs.contains(d)));
+    let last = (packs2.len() - 1) as u64;
+    let in_new: BTreeSet<String> = index2["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e[1].as_u64() == Some(last))
+        .map(|e| e[0].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(in_new, new.into_iter().cloned().collect(), "the new pack");
 
-    // pull: the map only
+    // pushed to another repository of the registry: the packs are mounted
+    let r4 = format!("docker://{}/sandboxes/child:1", reg.addr);
+    let p4 = a.json(&["rootfs", "push", "t2", &r4, "--plain-http"]);
+    assert_eq!(p4["uploaded"], 0, "{p4}");
+    assert_eq!(p4["packs_mounted"], p4["packs"], "{p4}");
+    assert_eq!(packs_of(&artifact(&reg, "sandboxes/child", "1").0), packs2);
+
+    // pull: the map and the index only
     let b = Env::new();
     let pulled = b.json(&["rootfs", "pull", &r2, "--plain-http", "--name", "t2"]);
     assert_eq!(pulled["fetched"], 0, "{pulled}");
+    assert_eq!(
+        pulled["packs"].as_u64(),
+        Some(packs2.len() as u64),
+        "{pulled}"
+    );
     assert_eq!(
         pulled["id"],
         a.json(&["rootfs", "inspect", "t2"])["id"],
@@ -132,7 +190,7 @@ fn push_skips_what_the_registry_has_and_pull_fetches_on_request() {
     assert!(t2.iter().all(|d| !object_exists(&b, d)));
     b.fsck_ok();
 
-    // --all: every chunk, verified; the export is the same bytes
+    // --all: the packs whole, every chunk verified; the export is the same bytes
     let all = b.json(&[
         "rootfs",
         "pull",
@@ -143,31 +201,46 @@ fn push_skips_what_the_registry_has_and_pull_fetches_on_request() {
         "t2",
     ]);
     assert_eq!(all["fetched"].as_u64(), Some(t2.len() as u64), "{all}");
+    assert_eq!(all["packs_fetched"], all["packs"], "{all}");
     assert!(t2.iter().all(|d| object_exists(&b, d)));
     let (ra, rb) = (a.path("a.raw"), b.path("b.raw"));
     a.ok(&["rootfs", "export", "t2", ra.to_str().unwrap()]);
     b.ok(&["rootfs", "export", "t2", rb.to_str().unwrap()]);
     run(Command::new("cmp").arg(&ra).arg(&rb));
     b.fsck_ok();
-    // and the pulled template pushes elsewhere from the store alone
+    // the pulled template pushed elsewhere in the registry: its own packs,
+    // mounted, nothing uploaded
     let r3 = format!("docker://{}/copy/t:2", reg.addr);
     let p3 = b.json(&["rootfs", "push", "t2", &r3, "--plain-http"]);
     assert_eq!(p3["chunks"].as_u64(), Some(t2.len() as u64), "{p3}");
+    assert_eq!(p3["uploaded"], 0, "{p3}");
+    assert_eq!(p3["packs_mounted"], p3["packs"], "{p3}");
 }
 
 #[test]
-fn tampered_chunks_and_bad_references_fail_clearly() {
+fn tampered_packs_and_bad_references_fail_clearly() {
     let mut reg = Registry::start();
     let a = Env::new();
     templates(&a);
     let r = format!("docker://{}/vm/t:1", reg.addr);
     a.ok(&["rootfs", "push", "t", &r, "--plain-http"]);
 
-    // a chunk altered in the registry: pull --all names it, stores nothing
-    let victim = chunk_set(&a, "t").into_iter().next().unwrap();
-    let blob = reg.blob_path(&victim[7..]);
+    // a pack byte altered in the registry: pull --all names the chunk,
+    // stores nothing, records no template
+    let (m, index) = artifact(&reg, "vm/t", "1");
+    let pack = packs_of(&m)[0].clone();
+    let victim = index["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e[1] == 0 && e[2] == 0)
+        .unwrap()[0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let blob = reg.blob_path(&pack[7..]);
     let mut bytes = std::fs::read(&blob).unwrap();
-    bytes[0] ^= 0xff;
+    bytes[100] ^= 0xff;
     std::fs::write(&blob, &bytes).unwrap();
     let b = Env::new();
     let e = b.fails(&["rootfs", "pull", &r, "--plain-http", "--all"]);
@@ -204,22 +277,6 @@ fn tampered_chunks_and_bad_references_fail_clearly() {
     assert!(e.contains(&reg.addr), "{e}");
     c.fsck_ok();
     a.fsck_ok();
-}
-
-/// GET `path` from `addr` with plain HTTP: body and status line.
-fn http_get(addr: &str, path: &str) -> (Vec<u8>, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/vnd.oci.image.manifest.v1+json\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).unwrap();
-    let at = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let head = String::from_utf8_lossy(&buf[..at]).to_string();
-    (buf[at + 4..].to_vec(), head)
 }
 
 /// Without `--name` the template is named by the reference as given; a

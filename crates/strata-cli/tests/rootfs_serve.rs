@@ -388,6 +388,47 @@ fn blob_gets(proxy: &Proxy) -> BTreeSet<String> {
         .collect()
 }
 
+/// Per range GET of a pack the proxy saw (from `skip` on), the chunks of
+/// `index` it covered: whole chunks only, or the test fails.
+fn range_chunks(
+    proxy: &Proxy,
+    skip: usize,
+    index: &[(String, String, u64, u64)],
+) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    for r in proxy.requests().iter().skip(skip) {
+        let Some(rest) = r.strip_prefix("GET ") else {
+            continue;
+        };
+        let path = rest.split(' ').next().unwrap();
+        let Some((_, blob)) = path.split_once("/blobs/") else {
+            continue;
+        };
+        if !index.iter().any(|e| e.1 == blob) {
+            continue; // the map or the index
+        }
+        let range = rest
+            .split(' ')
+            .find_map(|w| w.strip_prefix("range=bytes="))
+            .unwrap_or_else(|| panic!("a pack read without a range: {r}"));
+        let (a, b) = range.split_once('-').unwrap();
+        let (a, b): (u64, u64) = (a.parse().unwrap(), b.parse().unwrap());
+        let covered: Vec<String> = index
+            .iter()
+            .filter(|(_, p, o, l)| p == blob && *o >= a && o + l - 1 <= b)
+            .map(|e| e.0.clone())
+            .collect();
+        let bytes: u64 = index
+            .iter()
+            .filter(|e| covered.contains(&e.0))
+            .map(|e| e.3)
+            .sum();
+        assert_eq!(bytes, b - a + 1, "{r} is not whole chunks");
+        out.push(covered);
+    }
+    out
+}
+
 #[test]
 fn a_pulled_template_is_served_fetching_only_the_chunks_read_and_verifying_them() {
     let reg = Registry::start();
@@ -403,16 +444,19 @@ fn a_pulled_template_is_served_fetching_only_the_chunks_read_and_verifying_them(
     a.ok(&["rootfs", "push", "py", &upstream, "--plain-http"]);
     let chunks = map_chunks(&a, &id);
 
-    // through a counting proxy: a pull moves the map only
+    let index = index_entries(&reg, "tmpl", "1");
+
+    // through a counting proxy: a pull moves the map and the pack index only
     let proxy = Proxy::start(&reg.addr, Faults::default());
     let b = Env::new();
     let r = format!("docker://{}/tmpl:1", proxy.addr);
     b.ok(&["rootfs", "pull", &r, "--plain-http", "--name", "t"]);
     let before = blob_gets(&proxy);
     assert!(
-        before.len() <= 1,
-        "pull fetched more than the map: {before:?}"
+        before.len() <= 2,
+        "pull fetched more than the map and the index: {before:?}"
     );
+    let seen = proxy.requests().len();
 
     let served = Served::new(&b, "t", "t.img", &["--plain-http"]);
     let st = served.state();
@@ -433,9 +477,20 @@ fn a_pulled_template_is_served_fetching_only_the_chunks_read_and_verifying_them(
     );
     let files = read_tree(&mnt, &mnt.join("usr/lib/python3.11/email"));
     let st = served.state();
-    let got: BTreeSet<String> = blob_gets(&proxy).difference(&before).cloned().collect();
-    // the daemon's count is what the registry saw, and every chunk holding
-    // the read files' data came from it
+    // the daemon's count is what the registry saw (range requests into the
+    // packs, each whole chunks), and every chunk holding the read files'
+    // data came from it
+    let runs = range_chunks(&proxy, seen, &index);
+    let got: BTreeSet<String> = runs.iter().flatten().cloned().collect();
+    assert_eq!(
+        got.len(),
+        runs.iter().map(Vec::len).sum::<usize>(),
+        "a chunk was fetched twice"
+    );
+    assert!(
+        runs.iter().any(|r| r.len() > 1),
+        "neighbouring chunks are fetched in one request"
+    );
     assert_eq!(
         st["chunks_fetched"].as_u64(),
         Some(got.len() as u64),
@@ -462,36 +517,28 @@ fn a_pulled_template_is_served_fetching_only_the_chunks_read_and_verifying_them(
     // read again from cold caches: everything comes from the store now
     drop(lm);
     drop_caches();
+    let seen = proxy.requests().len();
     let lm = LoopMount::new(&served.file, mnt.clone(), false);
     read_tree(&mnt, &mnt.join("usr/lib/python3.11/email"));
-    let mut gets: Vec<String> = proxy
-        .requests()
-        .iter()
-        .filter(|r| r.starts_with("GET ") && r.contains("/blobs/"))
-        .cloned()
-        .collect();
-    let n = gets.len();
-    gets.sort();
-    gets.dedup();
-    assert_eq!(gets.len(), n, "a chunk was fetched twice");
-    let st = served.state();
+    let again: Vec<String> = range_chunks(&proxy, seen, &index).concat();
     assert!(
-        st["chunks_fetched"].as_u64().unwrap() <= got.len() as u64 + 32,
-        "re-reading the tree fetched again: {st}"
+        again.iter().all(|d| !got.contains(d)),
+        "re-reading the tree fetched a chunk again"
     );
 
-    // a chunk altered in the registry: the read fails with EIO, nothing
-    // of it is stored
+    // a pack byte altered in the registry: reading a chunk of it fails
+    // with EIO, nothing of it is stored
     let victim = "/usr/lib/python3.11/pydoc_data/topics.py";
-    let c = *data_chunks(&raw, &[victim.to_string()])
+    let fetched_now: BTreeSet<String> = got.iter().chain(&again).cloned().collect();
+    let d = data_chunks(&raw, &[victim.to_string()])
         .iter()
-        .next()
-        .unwrap();
-    let d = chunks[&c].clone();
-    assert!(!got.contains(&d), "{victim} was read already");
-    let blob = reg.blob_path(d.trim_start_matches("sha256:"));
+        .map(|c| chunks[c].clone())
+        .find(|d| !fetched_now.contains(d))
+        .expect("a chunk of the victim not fetched yet");
+    let (_, pack, offset, _) = index.iter().find(|e| e.0 == d).unwrap().clone();
+    let blob = reg.blob_path(&pack[7..]);
     let mut bytes = std::fs::read(&blob).unwrap();
-    bytes[100] ^= 0xff;
+    bytes[offset as usize + 100] ^= 0xff;
     std::fs::write(&blob, &bytes).unwrap();
     let err = std::fs::read(mnt.join(&victim[1..])).expect_err("reading a tampered chunk");
     assert_eq!(err.raw_os_error(), Some(5), "EIO expected: {err}");
@@ -510,4 +557,77 @@ fn a_pulled_template_is_served_fetching_only_the_chunks_read_and_verifying_them(
     drop(lm);
     drop(served);
     b.fsck_ok();
+}
+
+/// A map-only template is served only once its registry answers: the
+/// plain-HTTP choice of the pull is remembered; a record without it, or a
+/// registry that is gone, fails `rootfs serve` at once with the registry,
+/// the cause and the fix, and nothing is left mounted.
+#[test]
+fn serve_reaches_the_templates_registry_before_it_reports_ready() {
+    require_tool("mke2fs", "e2fsprogs");
+    let mut reg = Registry::start();
+    let a = Env::new();
+    let img = oci_ref(&sample_layout(), "latest");
+    a.ok(&["pull", "-q", &img]);
+    a.ok(&[
+        "rootfs", "build", "--from", &img, "--size", "64MiB", "--name", "t",
+    ]);
+    let r = format!("docker://{}/vm/t:1", reg.addr);
+    a.ok(&["rootfs", "push", "t", &r, "--plain-http"]);
+    let b = Env::new();
+    let pulled = b.json(&["rootfs", "pull", &r, "--plain-http", "--name", "t"]);
+    let id = pulled["id"].as_str().unwrap().to_string();
+
+    // no --plain-http: the pull's choice is used
+    {
+        let served = Served::new(&b, "t", "t.img", &[]);
+        let mnt = b.path("mnt");
+        let _lm = LoopMount::new(&served.file, mnt.clone(), false);
+        assert!(mnt.join("etc").is_dir());
+        let st = served.state();
+        assert!(st["chunks_fetched"].as_u64().unwrap() > 0, "{st}");
+    }
+
+    // a record from before the choice was kept: refused at start, naming
+    // the registry and the flag
+    let b2 = &Env::new();
+    let again = b2.json(&["rootfs", "pull", &r, "--plain-http", "--name", "t"]);
+    assert_eq!(again["id"], pulled["id"]);
+    let rec = b2.root().join("blocks/remote").join(&id[7..]);
+    let mut remote: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&rec).unwrap()).unwrap();
+    assert_eq!(remote["plain_http"], true, "{remote}");
+    remote.as_object_mut().unwrap().remove("plain_http");
+    std::fs::write(&rec, serde_json::to_vec(&remote).unwrap()).unwrap();
+    let file = b2.path("t2.img");
+    let t = Instant::now();
+    let e = b2.fails(&["rootfs", "serve", "t", file.to_str().unwrap()]);
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    assert!(
+        e.contains(&reg.addr) && e.contains("--plain-http"),
+        "the error names the registry and the flag: {e}"
+    );
+    assert!(!b2.ok(&["mounts"]).contains("t2.img"), "nothing is served");
+    // with the flag it serves
+    {
+        let served = Served::new(b2, "t", "t2.img", &["--plain-http"]);
+        assert!(served.state()["chunks_missing"].as_u64().unwrap() > 0);
+    }
+
+    // the registry gone: refused at start, the registry and the cause named
+    reg.stop();
+    let file = b2.path("t3.img");
+    let t = Instant::now();
+    let e = b2.fails(&[
+        "rootfs",
+        "serve",
+        "t",
+        file.to_str().unwrap(),
+        "--plain-http",
+    ]);
+    assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
+    assert!(e.contains(&reg.addr), "{e}");
+    assert!(!b2.ok(&["mounts"]).contains("t3.img"));
+    b2.fsck_ok();
 }

@@ -6,6 +6,8 @@
 //! blocks/names/<escaped>     template name -> id
 //! blocks/cache/<key hex>     build key -> id
 //! blocks/remote/<map hex>    where a pulled template's missing chunks come from
+//! blocks/pushed/<map hex>    where the template was last pushed (a derived
+//!                            template's push reuses the packs there)
 //! objects/..                 the chunks themselves (like file contents)
 //! ```
 //!
@@ -190,6 +192,10 @@ pub struct TemplateRemote {
     pub reference: String,
     /// The artifact manifest's digest.
     pub manifest_digest: Digest,
+    /// Reached over plain HTTP (`--plain-http`, or an insecure registry):
+    /// serving and pushing the template later do the same.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub plain_http: bool,
 }
 
 impl Store {
@@ -198,7 +204,7 @@ impl Store {
     }
 
     fn ensure_blocks(&self) -> Result<()> {
-        for sub in ["maps", "names", "cache", "remote"] {
+        for sub in ["maps", "names", "cache", "remote", "pushed"] {
             let p = self.blocks(sub);
             fs::create_dir_all(&p).map_err(io_err("creating", &p))?;
         }
@@ -266,6 +272,19 @@ impl Store {
     /// Where a pulled template's missing chunks come from.
     pub fn template_remote(&self, id: &Digest) -> Option<TemplateRemote> {
         let bytes = fs::read(self.blocks("remote").join(id.hex())).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Record that template `id` was pushed to `at` (the last push wins).
+    pub fn set_template_pushed(&self, id: &Digest, at: &TemplateRemote) -> Result<()> {
+        self.ensure_blocks()?;
+        let p = self.blocks("pushed").join(id.hex());
+        write_atomic(self, &p, &serde_json::to_vec(at).expect("serializable"))
+    }
+
+    /// Where template `id` was last pushed.
+    pub fn template_pushed(&self, id: &Digest) -> Option<TemplateRemote> {
+        let bytes = fs::read(self.blocks("pushed").join(id.hex())).ok()?;
         serde_json::from_slice(&bytes).ok()
     }
 
@@ -376,6 +395,7 @@ impl Store {
             }
         }
         let _ = fs::remove_file(self.blocks("remote").join(id.hex()));
+        let _ = fs::remove_file(self.blocks("pushed").join(id.hex()));
         let p = self.blocks("maps").join(id.hex());
         match fs::remove_file(&p) {
             Ok(()) => Ok(()),

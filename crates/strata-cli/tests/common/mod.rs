@@ -274,3 +274,59 @@ pub fn chroot_python(dir: &Path, code: &str) -> String {
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// GET `path` from `addr` with plain HTTP: body and status line.
+pub fn http_get(addr: &str, path: &str) -> (Vec<u8>, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/vnd.oci.image.manifest.v1+json\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    let at = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&buf[..at]).to_string();
+    (buf[at + 4..].to_vec(), head)
+}
+
+/// The artifact at `repo:tag`: its manifest and its pack index.
+pub fn artifact(reg: &Registry, repo: &str, tag: &str) -> (serde_json::Value, serde_json::Value) {
+    let (body, head) = http_get(&reg.addr, &format!("/v2/{repo}/manifests/{tag}"));
+    assert!(head.contains(" 200 "), "{head}");
+    let m: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let index = m["layers"][0]["digest"].as_str().unwrap();
+    let bytes = std::fs::read(reg.blob_path(&index[7..])).unwrap();
+    (m, serde_json::from_slice(&bytes).unwrap())
+}
+
+/// Pack digests a manifest lists.
+pub fn packs_of(m: &serde_json::Value) -> Vec<String> {
+    m["layers"].as_array().unwrap()[1..]
+        .iter()
+        .map(|l| {
+            assert_eq!(l["mediaType"], "application/vnd.strata.rootfs.pack.v1");
+            l["digest"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+/// A template artifact's pack index as `(chunk, pack digest, offset, len)`.
+pub fn index_entries(reg: &Registry, repo: &str, tag: &str) -> Vec<(String, String, u64, u64)> {
+    let (m, index) = artifact(reg, repo, tag);
+    let packs = packs_of(&m);
+    index["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e[0].as_str().unwrap().to_string(),
+                packs[e[1].as_u64().unwrap() as usize].clone(),
+                e[2].as_u64().unwrap(),
+                e[3].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}

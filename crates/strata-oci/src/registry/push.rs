@@ -93,6 +93,25 @@ impl RegistryPusher {
         Ok(resp.status() == StatusCode::OK)
     }
 
+    /// `POST /v2/REPO/blobs/uploads/?mount=DIGEST&from=OTHER`: ask the
+    /// registry to link blob `digest` of repository `from` (same registry)
+    /// into this one without sending it. `true` when it did (201); a
+    /// registry that does not mount answers 202 with an upload session,
+    /// which is left to expire, and this returns `false`.
+    pub fn mount_blob(&self, digest: &Digest, from: &str) -> Result<bool, OciError> {
+        let action = format!("mounting blob {digest} from {from} into {}", self.target());
+        let url = format!(
+            "{}/v2/{}/blobs/uploads/?mount={digest}&from={from}",
+            self.session.base, self.session.repository
+        );
+        let call = Call {
+            also_ok: &[StatusCode::ACCEPTED],
+            ..Call::new(Method::POST, &url)
+        };
+        let resp = self.session.execute(&call, &action)?;
+        Ok(resp.status() == StatusCode::CREATED)
+    }
+
     /// Upload blob `digest` of `size` bytes: `POST /v2/REPO/blobs/uploads/`
     /// then one `PUT <Location>?digest=DIGEST` with all the bytes, which
     /// must be answered 201. A PUT that fails with a connection error or a

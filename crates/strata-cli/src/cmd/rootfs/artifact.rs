@@ -19,9 +19,12 @@ pub struct PushArgs {
     pub reference: String,
     #[command(flatten)]
     pub registry: RegistryArgs,
-    /// Chunks uploaded at once.
-    #[arg(long, default_value_t = 8)]
+    /// Packs uploaded at once.
+    #[arg(long, default_value_t = 4)]
     pub jobs: usize,
+    /// Size at which a new pack is closed (e.g. 32MiB).
+    #[arg(long, default_value = "32MiB")]
+    pub pack_size: String,
 }
 
 /// Arguments of `strata rootfs pull`.
@@ -38,7 +41,8 @@ pub struct PullArgs {
     pub all: bool,
     #[command(flatten)]
     pub registry: RegistryArgs,
-    /// Chunks fetched at once (with --all).
+    /// Packs (chunks, for artifacts from before packs) fetched at once
+    /// (with --all).
     #[arg(long, default_value_t = 8)]
     pub jobs: usize,
 }
@@ -65,7 +69,11 @@ pub fn push(ctx: &Ctx, a: PushArgs) -> Result<ExitCode> {
     let t = Instant::now();
     let r = ctx
         .with_events(|ctl| {
-            strata_block::artifact::push(&store, &id, &reference, &opts, a.jobs, ctl)
+            let po = strata_block::artifact::PushOptions {
+                jobs: a.jobs,
+                pack_size: strata_block::parse_size(&a.pack_size)?,
+            };
+            strata_block::artifact::push_with(&store, &id, &reference, &opts, &po, ctl)
         })
         .with_context(|| format!("pushing template {} to {reference}", a.name))?;
     let secs = t.elapsed().as_secs_f64();
