@@ -145,6 +145,73 @@ impl fmt::Display for VerifyReport {
     }
 }
 
+/// A blob's tar as read once: its diff_id and entries.
+type KnownTar = std::sync::Arc<(Digest, Vec<Entry>)>;
+
+/// What earlier verifications in this process learnt from blobs whose
+/// bytes they hashed, so a blob converted the same way again (a shared
+/// base layer: same bytes, same digest) is streamed and hashed for
+/// `blob-digest` but not decompressed and parsed again.
+///
+/// Sound because the key is what was checked: a blob that hashes to a
+/// digest has the bytes that digest was computed from, so its tar (diff_id
+/// and entries) is the one read before; a tar-split fetched by range is
+/// pinned by the TOC annotation digest (in the manifest) of a blob whose
+/// bytes hash to its digest, so the tar rebuilt from it is the one rebuilt
+/// before. Only what passed is kept. Bounded: [`VerifyCache::CAP`] blobs.
+#[derive(Default)]
+pub struct VerifyCache {
+    /// Blob digest -> the tar's diff_id and entries.
+    tars: std::sync::Mutex<std::collections::HashMap<Digest, KnownTar>>,
+    /// (blob digest, TOC annotation) -> the diff_id of the tar rebuilt
+    /// from its tar-split with the store's contents.
+    rebuilt: std::sync::Mutex<std::collections::HashMap<(Digest, String), Digest>>,
+    /// Blobs whose tar came from here (for reports and tests).
+    hits: AtomicU64,
+}
+
+impl VerifyCache {
+    /// Blobs kept at most (a Debian base layer's entries are a few MB).
+    pub const CAP: usize = 32;
+
+    /// Layers whose tar was known from an earlier verification.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    fn tar(&self, blob: &Digest) -> Option<KnownTar> {
+        self.tars
+            .lock()
+            .expect("no panics while held")
+            .get(blob)
+            .cloned()
+    }
+
+    fn keep_tar(&self, blob: Digest, diff_id: Digest, entries: Vec<Entry>) {
+        let mut t = self.tars.lock().expect("no panics while held");
+        if t.len() >= Self::CAP {
+            t.clear();
+        }
+        t.insert(blob, std::sync::Arc::new((diff_id, entries)));
+    }
+
+    fn rebuilt(&self, key: &(Digest, String)) -> Option<Digest> {
+        self.rebuilt
+            .lock()
+            .expect("no panics while held")
+            .get(key)
+            .copied()
+    }
+
+    fn keep_rebuilt(&self, key: (Digest, String), diff_id: Digest) {
+        let mut r = self.rebuilt.lock().expect("no panics while held");
+        if r.len() >= 16 * Self::CAP {
+            r.clear();
+        }
+        r.insert(key, diff_id);
+    }
+}
+
 /// Check what the registry serves as `pushed` (`docker://HOST/REPO@sha256:…`,
 /// the image `convert` pushed and described in `expected`) against the
 /// source image `source` (its manifest digest in `store`). With
@@ -170,6 +237,34 @@ pub fn verify_pushed(
     opts: &RegistryOptions,
     ctl: Ctl<'_>,
 ) -> Result<VerifyReport, OciError> {
+    let cache = VerifyCache::default();
+    verify_pushed_with(
+        store,
+        source,
+        pushed,
+        expected,
+        expect_subject,
+        opts,
+        &cache,
+        ctl,
+    )
+}
+
+/// [`verify_pushed`] remembering in `cache` what it learns from blobs, and
+/// using what earlier runs learnt (see [`VerifyCache`]): how a service
+/// that converts many images on one base verifies each without
+/// decompressing the base again.
+#[allow(clippy::too_many_arguments)]
+pub fn verify_pushed_with(
+    store: &Store,
+    source: &Digest,
+    pushed: &ImageRef,
+    expected: &ConvertSummary,
+    expect_subject: bool,
+    opts: &RegistryOptions,
+    cache: &VerifyCache,
+    ctl: Ctl<'_>,
+) -> Result<VerifyReport, OciError> {
     let started = Instant::now();
     ctl.cancel.check()?;
     ctl.emit(Event::Started {
@@ -187,6 +282,7 @@ pub fn verify_pushed(
         expected,
         expect_subject,
         opts,
+        cache,
         ctl,
     };
     job.run(&mut report)?;
@@ -279,6 +375,7 @@ struct Job<'a> {
     expected: &'a ConvertSummary,
     expect_subject: bool,
     opts: &'a RegistryOptions,
+    cache: &'a VerifyCache,
     ctl: Ctl<'a>,
 }
 
@@ -613,7 +710,20 @@ impl Job<'_> {
                     total: Some(desc.size),
                     reused: false,
                 });
-                let tar = stream_layer(&served.registry, index, desc, true, self.ctl)?;
+                let known = self.cache.tar(&desc.digest);
+                let tar = stream_layer(&served.registry, index, desc, known.is_none(), self.ctl)?;
+                // the blob hashed to its digest: its tar is the one read before
+                let tar = match (tar, known) {
+                    (None, Some(k)) => {
+                        self.cache.hits.fetch_add(1, Ordering::Relaxed);
+                        Some(Ok((k.0, k.1.clone())))
+                    }
+                    (Some(Ok((diff_id, entries))), _) => {
+                        self.cache.keep_tar(desc.digest, diff_id, entries.clone());
+                        Some(Ok((diff_id, entries)))
+                    }
+                    (tar, _) => tar,
+                };
                 self.ctl.emit(Event::UnitDone {
                     op: Op::Verify,
                     unit,
@@ -657,11 +767,22 @@ impl Job<'_> {
             let Some(ix) = ix else { continue };
             self.ctl.cancel.check()?;
             let at = format!("layer {i} ({})", ix.desc.digest);
-            let got = ix.diff_id_from_store(self.store).map_err(|e| {
-                self.fail(format!(
-                    "{at}: rebuilding its tar from the tar-split with contents from the store: {e}"
-                ))
-            })?;
+            let key = (
+                ix.desc.digest,
+                // the TOC's digest is among them
+                format!("{:?}", ix.desc.annotations),
+            );
+            let got = match self.cache.rebuilt(&key) {
+                Some(d) => d,
+                None => ix.diff_id_from_store(self.store).map_err(|e| {
+                    self.fail(format!(
+                        "{at}: rebuilding its tar from the tar-split with contents from the store: {e}"
+                    ))
+                })?,
+            };
+            if got == *diff_id {
+                self.cache.keep_rebuilt(key, got);
+            }
             if got != *diff_id {
                 return Err(self.fail(format!(
                     "{at}: the tar rebuilt from its tar-split hashes to {got}, the config says diff_id {diff_id}"

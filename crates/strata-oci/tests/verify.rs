@@ -17,7 +17,7 @@ use strata_oci::push::RegistryDestination;
 use strata_oci::registry::{BlobContent, RegistryPusher};
 use strata_oci::verify::{
     BLOB_DIGEST, CHECKS, CONFIG_DIFF_IDS, LAYER_DIFF_ID, MANIFEST_DIGEST, TOC_DIGEST, TREE_DIGEST,
-    VerifyReport, verify_pushed,
+    VerifyCache, VerifyReport, verify_pushed, verify_pushed_with,
 };
 use strata_oci::{ImageRef, OciError, Platform, RegistryOptions, open_source};
 use strata_ops::{Cancel, Collect, Ctl, ErrorKind, Event, EventSink, HasKind, Op};
@@ -274,6 +274,42 @@ fn a_blob_corrupted_in_the_registry_fails_blob_digest() {
         &r,
         BLOB_DIGEST,
         &["layer 1", &layer.digest.to_string(), "hashing to"],
+    );
+}
+
+/// A second verification with the first one's cache does not decompress
+/// the blobs it hashed before, and still fails a blob altered since: the
+/// cache skips work, never a check.
+#[test]
+fn a_verification_cache_skips_decompressing_known_blobs_but_not_hashing_them() {
+    let fx = fixture();
+    let (pushed, summary) = fx.chunked("hello");
+    let cache = VerifyCache::default();
+    let verify = || {
+        verify_pushed_with(
+            &fx.store,
+            &fx.source,
+            &pushed,
+            &summary,
+            false,
+            &fx.opts,
+            &cache,
+            Ctl::none(),
+        )
+        .unwrap()
+    };
+    assert_ok(&verify());
+    assert_eq!(cache.hits(), 0);
+    let again = verify();
+    assert_ok(&again);
+    assert_eq!(cache.hits(), 3, "every layer's tar was known");
+    let layer = &summary.layers[2];
+    fx.corrupt(&layer.digest, 0);
+    let r = verify();
+    assert_failed(
+        &r,
+        BLOB_DIGEST,
+        &["layer 2", &layer.digest.to_string(), "hashing to"],
     );
 }
 

@@ -62,6 +62,9 @@ pub struct Shared {
     pub shutting_down: AtomicBool,
     /// Metrics.
     pub counters: Counters,
+    /// What verifications learnt from blobs they hashed (a shared base
+    /// layer is not decompressed again).
+    pub verified: strata_oci::verify::VerifyCache,
 }
 
 /// The jobs.
@@ -147,6 +150,7 @@ impl Shared {
             queue_tx: tx,
             shutting_down: AtomicBool::new(false),
             counters: Counters::default(),
+            verified: Default::default(),
         });
         {
             let mut t = shared.lock();
@@ -561,13 +565,14 @@ impl Shared {
         self.set_verifying(&job.id);
         let report = self
             .timed("verifying", || {
-                strata_oci::verify::verify_pushed(
+                strata_oci::verify::verify_pushed_with(
                     &self.store,
                     &src,
                     &pushed,
                     &summary,
                     true,
                     &self.registry,
+                    &self.verified,
                     ctl,
                 )
             })
