@@ -10,6 +10,7 @@
 #   bash bench/run.sh snapshotter-cri # issue 16: cold start through containerd's CRI (kubelet's calls), strata vs overlayfs (bench/snapshotter_cri.py)
 #   bash bench/run.sh snapshotter-ops # issue 16: snapshotter call latency under 8 parallel starts, RSS, 20 gc cycles (bench/snapshotter_ops.py)
 #   bash bench/run.sh serve    # issue 17: the conversion service: throughput vs skopeo, GET latency, RSS, verification share (bench/serve.py)
+#   bash bench/run.sh vmboot   # issue 18: templates booted in QEMU: lazy from a registry (packs) vs full vs qcow2 on the shaped link; packs vs qcow2 deltas (bench/vmboot.py)
 #   bash bench/run.sh rootfs   # issue 5: VM templates: build, resize, deltas vs qcow2, chunk size, serve (bench/rootfs.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,5 +31,6 @@ case "${1:-pull}" in
   snapshotter-ops) exec python3 bench/snapshotter_ops.py ;;
   snapshotter-cri) exec python3 bench/snapshotter_cri.py ;;
   serve) exec python3 bench/serve.py ;;
-  *) echo "usage: bench/run.sh [pull|erofs|chunked|lazy|lazy-optimized|lazy-rss|rootfs|snapshotter|snapshotter-ops|snapshotter-cri|serve]" >&2; exit 2 ;;
+  vmboot) exec python3 bench/vmboot.py ;;
+  *) echo "usage: bench/run.sh [pull|erofs|chunked|lazy|lazy-optimized|lazy-rss|rootfs|snapshotter|snapshotter-ops|snapshotter-cri|serve|vmboot]" >&2; exit 2 ;;
 esac

@@ -4,7 +4,8 @@
 set -euo pipefail
 PKGS=(libssl-dev openssl pkg-config docker-registry skopeo umoci containerd runc erofs-utils e2fsprogs fuse3
       debootstrap libarchive-tools ostree fsverity attr python3 zstd hyperfine
-      tar gzip util-linux binutils stargz-snapshotter podman man-db bash)
+      tar gzip util-linux binutils stargz-snapshotter podman man-db bash
+      qemu-system-x86 busybox-static)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -11,6 +11,8 @@ bash scripts/install-deps.sh
 export STRATA_FIXTURES="${STRATA_FIXTURES:-$PWD/.cache/fixtures}"
 step "fixtures in $STRATA_FIXTURES"
 bash scripts/fixtures.sh
+step "VM kernel, initramfs and QEMU (scripts/vm/setup.sh)"
+bash scripts/vm/setup.sh
 step "cargo fmt --check"
 cargo fmt --all --check
 step "cargo clippy -D warnings"

@@ -900,6 +900,56 @@ fn a_partial_pull_cancelled_inside_its_layer_stops_before_the_next_range() {
     );
 }
 
+/// Push template `id` as strata did before packs: the map as config and a
+/// blob per distinct chunk (`application/vnd.strata.rootfs.v1`).
+fn push_v1(store: &Store, id: &strata_digest::Digest, reference: &ImageRef) {
+    use strata_block::artifact::{ARTIFACT_TYPE_V1, CHUNK_MEDIA_TYPE, MAP_MEDIA_TYPE};
+    use strata_oci::registry::{BlobContent, RegistryPusher};
+    let pusher = RegistryPusher::new(reference, &plain_http()).unwrap();
+    let map = store.template_map(id).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut layers = Vec::new();
+    for (i, d) in map.chunks() {
+        if seen.insert(d) {
+            let bytes = std::fs::read(store.object_path(&d)).unwrap();
+            pusher
+                .upload_blob(&d, bytes.len() as u64, BlobContent::Bytes(&bytes))
+                .unwrap();
+            layers.push(serde_json::json!({
+                "mediaType": CHUNK_MEDIA_TYPE, "digest": d.to_string(), "size": map.chunk_len(i),
+            }));
+        }
+    }
+    let map_bytes = map.to_bytes();
+    let map_digest = strata_digest::Digest::sha256_of(&map_bytes);
+    pusher
+        .upload_blob(
+            &map_digest,
+            map_bytes.len() as u64,
+            BlobContent::Bytes(&map_bytes),
+        )
+        .unwrap();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": ARTIFACT_TYPE_V1,
+        "config": {"mediaType": MAP_MEDIA_TYPE, "digest": map_digest.to_string(), "size": map_bytes.len()},
+        "layers": layers,
+    });
+    let ImageRef::Docker { tag, .. } = reference else {
+        unreachable!()
+    };
+    pusher
+        .put_manifest(
+            tag.as_deref().unwrap(),
+            "application/vnd.oci.image.manifest.v1+json",
+            &serde_json::to_vec(&manifest).unwrap(),
+        )
+        .unwrap();
+}
+
+/// Served from an artifact from before packs (a blob per chunk): chunks
+/// are fetched one blob each, a tampered one fails its read with EIO.
 #[test]
 fn a_served_template_reports_fetches_and_failures_and_stops_on_cancel() {
     use std::os::unix::fs::FileExt;
@@ -909,7 +959,7 @@ fn a_served_template_reports_fetches_and_failures_and_stops_on_cancel() {
         let store = Store::open(tmp.path().join("src")).unwrap();
         let id = small_template(&store);
         let r: ImageRef = format!("docker://{}/vm/s:1", reg.addr).parse().unwrap();
-        strata_block::artifact::push(&store, &id, &r, &plain_http(), 2, Ctl::none()).unwrap();
+        push_v1(&store, &id, &r);
         id
     };
     // the map only: every chunk is fetched on demand

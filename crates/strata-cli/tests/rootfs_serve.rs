@@ -13,54 +13,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use strata_testkit::proxy::{Faults, Proxy};
 
-/// A served file, unmounted (through strata) even when an assertion fails.
-struct Served<'a> {
-    env: &'a Env,
-    file: PathBuf,
-}
-
-impl<'a> Served<'a> {
-    fn new(env: &'a Env, name: &str, file: &str, extra: &[&str]) -> Served<'a> {
-        let file = env.path(file);
-        let mut args = vec!["rootfs", "serve", name, file.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        env.ok(&args);
-        Served { env, file }
-    }
-
-    fn path(&self) -> &str {
-        self.file.to_str().unwrap()
-    }
-
-    /// This file's entry in `strata --json mounts`, once the daemon's
-    /// numbers have settled (they are written every 250 ms).
-    fn state(&self) -> serde_json::Value {
-        let mut last = serde_json::Value::Null;
-        for _ in 0..20 {
-            std::thread::sleep(Duration::from_millis(300));
-            let all = self.env.json(&["mounts"]);
-            let me = all
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|m| m["kind"] == "rootfs" && m["file"] == self.path())
-                .unwrap_or_else(|| panic!("{} not in `strata mounts`: {all}", self.path()))
-                .clone();
-            if me == last {
-                return me;
-            }
-            last = me;
-        }
-        last
-    }
-}
-
-impl Drop for Served<'_> {
-    fn drop(&mut self) {
-        let _ = self.env.run(&["umount", self.path()]);
-    }
-}
-
 /// A loop mount undone even when an assertion fails.
 struct LoopMount {
     dir: PathBuf,
@@ -386,47 +338,6 @@ fn blob_gets(proxy: &Proxy) -> BTreeSet<String> {
             Some(d.to_string())
         })
         .collect()
-}
-
-/// Per range GET of a pack the proxy saw (from `skip` on), the chunks of
-/// `index` it covered: whole chunks only, or the test fails.
-fn range_chunks(
-    proxy: &Proxy,
-    skip: usize,
-    index: &[(String, String, u64, u64)],
-) -> Vec<Vec<String>> {
-    let mut out = Vec::new();
-    for r in proxy.requests().iter().skip(skip) {
-        let Some(rest) = r.strip_prefix("GET ") else {
-            continue;
-        };
-        let path = rest.split(' ').next().unwrap();
-        let Some((_, blob)) = path.split_once("/blobs/") else {
-            continue;
-        };
-        if !index.iter().any(|e| e.1 == blob) {
-            continue; // the map or the index
-        }
-        let range = rest
-            .split(' ')
-            .find_map(|w| w.strip_prefix("range=bytes="))
-            .unwrap_or_else(|| panic!("a pack read without a range: {r}"));
-        let (a, b) = range.split_once('-').unwrap();
-        let (a, b): (u64, u64) = (a.parse().unwrap(), b.parse().unwrap());
-        let covered: Vec<String> = index
-            .iter()
-            .filter(|(_, p, o, l)| p == blob && *o >= a && o + l - 1 <= b)
-            .map(|e| e.0.clone())
-            .collect();
-        let bytes: u64 = index
-            .iter()
-            .filter(|e| covered.contains(&e.0))
-            .map(|e| e.3)
-            .sum();
-        assert_eq!(bytes, b - a + 1, "{r} is not whole chunks");
-        out.push(covered);
-    }
-    out
 }
 
 #[test]
