@@ -16,7 +16,10 @@ and `echo 3 > /proc/sys/vm/drop_caches`.
      network namespace behind veth with tbf 100 Mbit, plus a proxy adding
      10 ms each way: 20 ms RTT, as in the lazy benchmarks):
        lazy   `rootfs pull` (map + index) + `rootfs serve` + boot: chunks by
-              range from the packs as the guest reads them
+              range from the packs as the guest reads them, each fetch
+              bringing the missing chunks after it up to 256 KiB in all
+              (`--readahead`, default); also with 0 (a chunk per request)
+              and 1 MiB
        full   `rootfs pull --all` (the packs whole) + `rootfs serve` + boot
        qcow2  the template as a qcow2 (`qemu-img convert -O qcow2`) fetched
               whole over the same link (one GET) + boot of the qcow2
@@ -208,7 +211,8 @@ def main():
         qdigest = upload_blob(direct, "vm/qcow2", q)
         res["qcow2_bytes"] = os.path.getsize(q)
         ref = f"docker://{link.addr}/vm/t:1"
-        for kind in ("lazy", "full", "qcow2"):
+        readahead = {"lazy": "256KiB", "lazy-0": "0", "lazy-1M": "1MiB", "full": "256KiB"}
+        for kind in ("lazy", "lazy-0", "lazy-1M", "full", "qcow2"):
             ts, wire, fetched, vm = [], [], [], []
             for k in range(RUNS):
                 store = os.path.join(tmp, f"s-{kind}-{k}")
@@ -223,13 +227,13 @@ def main():
                 else:
                     extra = ["--all"] if kind == "full" else []
                     strata(store, "-q", "rootfs", "pull", ref, "--plain-http", "--name", "t", *extra)
-                    sv.serve(store, "t", f)
+                    sv.serve(store, "t", f, "--readahead", readahead[kind])
                     out = boot(f)
                 ts.append(time.monotonic() - t)
                 wire.append(link.bytes() - b0)
                 if kind != "qcow2":
                     st = served_state(store, f)
-                    n = st["bytes_fetched"] if kind == "lazy" else wire[-1]
+                    n = st["bytes_fetched"] if kind.startswith("lazy") else wire[-1]
                     sv.unserve(store, f)
                 fetched.append(n)
                 vm.append(out["seconds_total"])
@@ -280,7 +284,8 @@ def main():
         subprocess.run(["rm", "-rf", tmp])
     with open(os.path.join(REPO, "bench/results-vmboot.json"), "w") as f:
         json.dump(res, f, indent=1)
-    print(json.dumps({k: res[k] for k in ("local", "lazy", "full", "qcow2")}, indent=1))
+    print(json.dumps({k: res[k] for k in ("local", "lazy", "lazy-0", "lazy-1M", "full", "qcow2")},
+                     indent=1))
 
 
 if __name__ == "__main__":

@@ -172,17 +172,6 @@ fn io_error(what: String) -> impl FnOnce(io::Error) -> BlockError {
     move |source| BlockError::Io { what, source }
 }
 
-fn pack_descriptor(digest: Digest, size: u64) -> Descriptor {
-    Descriptor {
-        media_type: PACK_MEDIA_TYPE.into(),
-        digest,
-        size,
-        annotations: BTreeMap::new(),
-        platform: None,
-        urls: Vec::new(),
-    }
-}
-
 /// Whether `opts` reach `registry` over plain HTTP.
 fn plain_http_for(opts: &RegistryOptions, registry: &str) -> bool {
     opts.plain_http || opts.insecure_registries.iter().any(|h| h == registry)
@@ -268,10 +257,14 @@ fn push_inner(
     let mut pack_descs: Vec<Descriptor> = Vec::new();
     if let Some(b) = base_packs {
         for &p in &plan.reused {
-            pack_descs.push(pack_descriptor(b.packs[p].digest, b.packs[p].size));
+            pack_descs.push(crate::packs::descriptor(b.packs[p].digest, b.packs[p].size));
         }
     }
-    pack_descs.extend(new_packs.iter().map(|&(d, size)| pack_descriptor(d, size)));
+    pack_descs.extend(
+        new_packs
+            .iter()
+            .map(|&(d, size)| crate::packs::descriptor(d, size)),
+    );
     let map_bytes = map.to_bytes();
     let map_digest = Digest::sha256_of(&map_bytes);
     let mut layers = vec![serde_json::json!({
@@ -333,12 +326,7 @@ fn push_inner(
         });
         ctl.emit(Event::UnitDone { op: OP, unit });
     };
-    // the base's packs: listed; in another repository, mounted (or copied
-    // when the registry does not mount)
-    let mut packs_mounted = 0;
-    let reused = plan.reused.len();
-    for (k, desc) in pack_descs[..reused].iter().enumerate() {
-        ctl.cancel.check()?;
+    let started = |k: usize, desc: &Descriptor, reused: bool| {
         ctl.emit(Event::UnitStarted {
             op: OP,
             unit: Unit::Layer {
@@ -346,8 +334,16 @@ fn push_inner(
                 digest: desc.digest,
             },
             total: Some(desc.size),
-            reused: true,
+            reused,
         });
+    };
+    // the base's packs: listed; in another repository, mounted (or copied
+    // when the registry does not mount)
+    let mut packs_mounted = 0;
+    let reused = plan.reused.len();
+    for (k, desc) in pack_descs[..reused].iter().enumerate() {
+        ctl.cancel.check()?;
+        started(k, desc, true);
         let base = base.as_ref().expect("reused packs have a base");
         if base.repository() != repository.as_str() {
             let what = || format!("reusing pack {} in {}", desc.digest, pusher.target());
@@ -383,15 +379,7 @@ fn push_inner(
             let what = || format!("pushing pack {} to {}", desc.digest, pusher.target());
             ctl.cancel.check()?;
             let has = pusher.has_blob(&desc.digest).map_err(oci(what()))?;
-            ctl.emit(Event::UnitStarted {
-                op: OP,
-                unit: Unit::Layer {
-                    index: k,
-                    digest: desc.digest,
-                },
-                total: Some(desc.size),
-                reused: has,
-            });
+            started(k, desc, has);
             if !has {
                 let mut bytes = Vec::with_capacity(desc.size as usize);
                 for (d, len) in pack {
@@ -439,7 +427,7 @@ fn push_inner(
     let manifest_digest = pusher
         .put_manifest(&tag, OCI_MANIFEST, &manifest_bytes)
         .map_err(oci(format!("pushing the manifest to {reference}")))?;
-    store.set_template_pushed(
+    store.add_template_pushed(
         id,
         &TemplateRemote {
             reference: pin(reference, &manifest_digest),
@@ -554,9 +542,10 @@ fn find_base(
 ) -> Option<Artifact> {
     let (mut at, mut parent) = (*id, map.parent);
     for _ in 0..MAX_ANCESTORS {
-        for rec in [store.template_pushed(&at), store.template_remote(&at)]
+        for rec in store
+            .template_pushed(&at)
             .into_iter()
-            .flatten()
+            .chain(store.template_remote(&at))
         {
             let Ok(r) = rec.reference.parse::<ImageRef>() else {
                 continue;

@@ -165,9 +165,9 @@ pub enum BlockError {
     },
 }
 
-/// Sizes as people write them: `2GiB`, `512MiB`, `1G`, `4096`, `8K`.
-/// Units are powers of 1024. The result must be whole 4 KiB blocks.
-pub fn parse_size(s: &str) -> Result<u64, BlockError> {
+/// Byte counts as people write them: `2GiB`, `512MiB`, `1G`, `4096`, `8K`,
+/// `0`. Units are powers of 1024.
+pub fn parse_bytes(s: &str) -> Result<u64, BlockError> {
     let bad = |reason: &str| BlockError::BadSize {
         given: s.to_string(),
         reason: reason.to_string(),
@@ -190,7 +190,17 @@ pub fn parse_size(s: &str) -> Result<u64, BlockError> {
             ));
         }
     };
-    let v = n.checked_mul(mult).ok_or_else(|| bad("too large"))?;
+    n.checked_mul(mult).ok_or_else(|| bad("too large"))
+}
+
+/// Sizes of templates: [`parse_bytes`], and the result must be whole 4 KiB
+/// blocks and at least 1 MiB.
+pub fn parse_size(s: &str) -> Result<u64, BlockError> {
+    let bad = |reason: &str| BlockError::BadSize {
+        given: s.to_string(),
+        reason: reason.to_string(),
+    };
+    let v = parse_bytes(s)?;
     if v == 0 {
         return Err(bad("must be more than zero"));
     }

@@ -40,6 +40,18 @@ pub const PACK_TARGET: u64 = 32 << 20;
 /// copied between registries).
 pub const MAX_PACK: u64 = 256 << 20;
 
+/// A pack blob's descriptor.
+pub fn descriptor(digest: Digest, size: u64) -> Descriptor {
+    Descriptor {
+        media_type: PACK_MEDIA_TYPE.into(),
+        digest,
+        size,
+        annotations: std::collections::BTreeMap::new(),
+        platform: None,
+        urls: Vec::new(),
+    }
+}
+
 /// The index as stored (see the [module documentation](self)).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -350,14 +362,7 @@ mod tests {
     }
 
     fn desc(digest: Digest, size: u64) -> Descriptor {
-        Descriptor {
-            media_type: PACK_MEDIA_TYPE.into(),
-            digest,
-            size,
-            annotations: BTreeMap::new(),
-            platform: None,
-            urls: Vec::new(),
-        }
+        descriptor(digest, size)
     }
 
     /// A map of 4 full chunks (1, 2, 3, 2 again) and a short last one (4).

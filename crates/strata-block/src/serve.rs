@@ -49,10 +49,10 @@ const OPEN_CHUNKS: usize = 512;
 /// Attempts per chunk fetch before a read fails with EIO.
 const FETCH_ATTEMPTS: u32 = 3;
 
-/// A chunk missing from the store is fetched with the chunks that follow it
-/// at the source (a pack), up to this many bytes in all, when the store
-/// lacks them too: one range request instead of several.
-pub const FETCH_RUN: u64 = 256 * 1024;
+/// By default a chunk missing from the store is fetched with the chunks
+/// that follow it at the source (a pack), up to this many bytes in all,
+/// when the store lacks them too: one range request instead of several.
+pub const DEFAULT_READAHEAD: u64 = 256 * 1024;
 
 /// A served file on record: `<store>/serve/<key>/state.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -194,12 +194,17 @@ pub struct Served {
     events: Arc<dyn EventSink>,
     /// Bytes of the distinct chunks the store lacked at the start.
     missing_bytes: u64,
+    /// [`ServeOptions::readahead`].
+    readahead: u64,
 }
 
 /// How to serve.
 pub struct ServeOptions {
     /// Take writes into an overlay in this directory (`overlay`, `dirty`).
     pub writable: Option<PathBuf>,
+    /// Bytes a fetch brings at most: the chunk read and the missing ones
+    /// after it at the source ([`DEFAULT_READAHEAD`]).
+    pub readahead: u64,
     /// Owner of the served file.
     pub uid: u32,
     /// Group of the served file.
@@ -261,6 +266,7 @@ impl Served {
             gid: opts.gid,
             events: opts.events.clone(),
             missing_bytes,
+            readahead: opts.readahead,
         })
     }
 
@@ -420,7 +426,7 @@ impl Served {
 
     /// Fetch chunk `d` from the source, once however many readers want it,
     /// with the chunks that follow it at the source and are missing too
-    /// (up to [`FETCH_RUN`] bytes, one request), and check each before
+    /// (up to [`ServeOptions::readahead`] bytes, one request), and check each before
     /// anyone sees it.
     fn fetch(&self, d: &Digest, len: u64) -> io::Result<Arc<Vec<u8>>> {
         let Some(source) = &self.source else {
@@ -452,7 +458,7 @@ impl Served {
                 return Ok(Arc::new(b));
             }
             flying.insert(*d);
-            for (c, l) in source.followers(d, FETCH_RUN.saturating_sub(len)) {
+            for (c, l) in source.followers(d, self.readahead.saturating_sub(len)) {
                 if flying.contains(&c)
                     || self.pending_chunk(&c).is_some()
                     || self.store.has_object(&c)

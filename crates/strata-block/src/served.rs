@@ -44,6 +44,10 @@ pub struct ServeRequest {
     pub writable: bool,
     /// For a pulled template: how to reach its registry.
     pub registry: RegistryOptions,
+    /// A chunk fetched from the registry brings the chunks after it in its
+    /// pack that the store lacks too, up to this many bytes in all, in one
+    /// request ([`crate::serve::DEFAULT_READAHEAD`]).
+    pub readahead: u64,
 }
 
 /// A template served by this process.
@@ -222,6 +226,7 @@ pub fn serve_with(
     let remote = store.template_remote(&id).map(|r| r.reference);
     let opts = ServeOptions {
         writable: req.writable.then(|| sdir.clone()),
+        readahead: req.readahead,
         uid: meta.uid(),
         gid: meta.gid(),
         events: events.clone(),

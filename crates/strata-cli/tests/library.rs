@@ -993,6 +993,7 @@ fn a_served_template_reports_fetches_and_failures_and_stops_on_cancel() {
         file: file.clone(),
         writable: false,
         registry: plain_http(),
+        readahead: strata_block::serve::DEFAULT_READAHEAD,
     };
     let served = strata_block::served::serve_with(
         Arc::new(store),

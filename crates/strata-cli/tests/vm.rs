@@ -108,16 +108,6 @@ const PYTHON: &str =
     "python3 -c 'import json, sys; print(json.dumps({\"vm\": sys.version_info[0]}))'";
 const PYTHON_SAYS: &str = "{\"vm\": 3}";
 
-/// The python image as a template of `size` named `name`.
-fn python_template(env: &Env, name: &str, size: &str) {
-    require_tool("mke2fs", "e2fsprogs");
-    let r = oci_ref(&debian_layout(), "python");
-    env.ok(&["pull", "-q", &r]);
-    env.ok(&[
-        "rootfs", "build", "--from", &r, "--size", size, "--name", name,
-    ]);
-}
-
 /// Kibibytes of `/` the guest's `df` reports.
 fn df_root_kib(output: &str) -> u64 {
     let line = output
@@ -168,10 +158,14 @@ fn a_template_boots_from_a_raw_file_a_local_serve_and_grown() {
 fn a_map_only_template_boots_from_the_registry_and_a_tampered_pack_fails_in_the_guest() {
     let reg = Registry::start();
     let a = Env::new();
-    python_template(&a, "py", "1GiB");
+    python_template(&a, "py", "2GiB");
     let r = format!("docker://{}/vm/py:1", reg.addr);
     let pushed = a.json(&["rootfs", "push", "py", &r, "--plain-http"]);
-    assert!(pushed["packs"].as_u64().unwrap() <= 10, "{pushed}");
+    // the 2 GiB template: its map, its index and its packs, at most 10 blobs
+    let (m, _) = artifact(&reg, "vm/py", "1");
+    let blobs = 1 + m["layers"].as_array().unwrap().len();
+    assert!(blobs <= 10, "{blobs} blobs: {pushed}");
+    assert_eq!(blobs as u64, 2 + pushed["packs"].as_u64().unwrap());
     let index = index_entries(&reg, "vm/py", "1");
 
     let proxy = Proxy::start(&reg.addr, Faults::default());
@@ -206,8 +200,12 @@ fn a_map_only_template_boots_from_the_registry_and_a_tampered_pack_fails_in_the_
     let raw = a.path("py.raw");
     a.ok(&["rootfs", "export", "py", raw.to_str().unwrap()]);
     let victim = "/usr/lib/python3.11/pydoc_data/topics.py";
-    let chunk_of = chunk_digests(&a, "py");
-    let d = file_chunks(&raw, victim)
+    let id = a.json(&["rootfs", "inspect", "py"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let chunk_of = map_chunks(&a, &id);
+    let d = data_chunks(&raw, &[victim.to_string()])
         .into_iter()
         .filter_map(|c| chunk_of.get(&c).cloned())
         .find(|d| !distinct.contains(d))
@@ -238,40 +236,6 @@ fn a_map_only_template_boots_from_the_registry_and_a_tampered_pack_fails_in_the_
     );
     drop(served);
     b.fsck_ok();
-}
-
-/// Chunk digests by index of template `name` in `env`'s store.
-fn chunk_digests(env: &Env, name: &str) -> std::collections::BTreeMap<u64, String> {
-    let id = env.json(&["rootfs", "inspect", name])["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let bytes = std::fs::read(env.root().join("blocks/maps").join(&id[7..])).unwrap();
-    let map: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-    let mut out = std::collections::BTreeMap::new();
-    for e in map["extents"].as_array().unwrap() {
-        let first = e["chunk"].as_u64().unwrap();
-        for (k, d) in e["digests"].as_array().unwrap().iter().enumerate() {
-            out.insert(first + k as u64, d.as_str().unwrap().to_string());
-        }
-    }
-    out
-}
-
-/// Indexes of the 64 KiB chunks holding `file`'s data in the raw ext4
-/// image `raw`, by debugfs.
-fn file_chunks(raw: &Path, file: &str) -> Vec<u64> {
-    require_tool("debugfs", "e2fsprogs");
-    let out = run(Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("blocks {file}"))
-        .arg(raw));
-    let mut v: Vec<u64> = out
-        .split_whitespace()
-        .map(|b| b.parse::<u64>().unwrap() * 4096 / 65536)
-        .collect();
-    v.dedup();
-    v
 }
 
 #[test]

@@ -6,8 +6,8 @@
 //! blocks/names/<escaped>     template name -> id
 //! blocks/cache/<key hex>     build key -> id
 //! blocks/remote/<map hex>    where a pulled template's missing chunks come from
-//! blocks/pushed/<map hex>    where the template was last pushed (a derived
-//!                            template's push reuses the packs there)
+//! blocks/pushed/<map hex>    where the template was pushed, newest first (a
+//!                            derived template's push reuses the packs there)
 //! objects/..                 the chunks themselves (like file contents)
 //! ```
 //!
@@ -275,17 +275,26 @@ impl Store {
         serde_json::from_slice(&bytes).ok()
     }
 
-    /// Record that template `id` was pushed to `at` (the last push wins).
-    pub fn set_template_pushed(&self, id: &Digest, at: &TemplateRemote) -> Result<()> {
+    /// Record that template `id` was pushed to `at`: it replaces an earlier
+    /// record for the same registry and repository; the newest 16 are kept.
+    pub fn add_template_pushed(&self, id: &Digest, at: &TemplateRemote) -> Result<()> {
         self.ensure_blocks()?;
+        // `docker://HOST/REPO@DIGEST`: the same repository up to the digest
+        let repo = |r: &TemplateRemote| r.reference.split('@').next().unwrap_or("").to_string();
+        let mut all = self.template_pushed(id);
+        all.retain(|r| repo(r) != repo(at));
+        all.insert(0, at.clone());
+        all.truncate(16);
         let p = self.blocks("pushed").join(id.hex());
-        write_atomic(self, &p, &serde_json::to_vec(at).expect("serializable"))
+        write_atomic(self, &p, &serde_json::to_vec(&all).expect("serializable"))
     }
 
-    /// Where template `id` was last pushed.
-    pub fn template_pushed(&self, id: &Digest) -> Option<TemplateRemote> {
-        let bytes = fs::read(self.blocks("pushed").join(id.hex())).ok()?;
-        serde_json::from_slice(&bytes).ok()
+    /// Where template `id` was pushed, newest first.
+    pub fn template_pushed(&self, id: &Digest) -> Vec<TemplateRemote> {
+        fs::read(self.blocks("pushed").join(id.hex()))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
     }
 
     /// Every recorded template id.
@@ -438,6 +447,35 @@ mod tests {
         assert_eq!(back, m);
         assert_eq!(back.digest(), m.digest());
         assert_eq!(m.chunks().count(), 5);
+    }
+
+    #[test]
+    fn pushes_are_recorded_per_repository_newest_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path().join("s")).unwrap();
+        let at = |r: &str, n: u8| TemplateRemote {
+            reference: format!("docker://{r}@{}", d(n)),
+            manifest_digest: d(n),
+            plain_http: true,
+        };
+        assert!(store.template_pushed(&d(0)).is_empty());
+        store
+            .add_template_pushed(&d(0), &at("a:5000/vm/t", 1))
+            .unwrap();
+        store
+            .add_template_pushed(&d(0), &at("b:5000/vm/t", 2))
+            .unwrap();
+        store
+            .add_template_pushed(&d(0), &at("a:5000/vm/t", 3))
+            .unwrap();
+        let got = store.template_pushed(&d(0));
+        assert_eq!(got, vec![at("a:5000/vm/t", 3), at("b:5000/vm/t", 2)]);
+        for n in 0..20 {
+            store
+                .add_template_pushed(&d(0), &at(&format!("c:5000/r{n}"), n))
+                .unwrap();
+        }
+        assert_eq!(store.template_pushed(&d(0)).len(), 16);
     }
 
     #[test]

@@ -419,3 +419,49 @@ pub fn range_chunks(
     }
     out
 }
+
+/// The python image built as a template of `size` named `name`.
+pub fn python_template(env: &Env, name: &str, size: &str) {
+    require_tool("mke2fs", "e2fsprogs");
+    let r = oci_ref(&debian_layout(), "python");
+    env.ok(&["pull", "-q", &r]);
+    env.ok(&[
+        "rootfs", "build", "--from", &r, "--size", size, "--name", name,
+    ]);
+}
+
+/// Indexes of the 64 KiB chunks holding the data blocks of `files` in
+/// the raw ext4 image `raw`, by debugfs (independent of strata).
+pub fn data_chunks(raw: &Path, files: &[String]) -> std::collections::BTreeSet<u64> {
+    require_tool("debugfs", "e2fsprogs");
+    let mut set = std::collections::BTreeSet::new();
+    for f in files {
+        let out = run(Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("blocks {f}"))
+            .arg(raw)
+            .stderr(std::process::Stdio::null()));
+        for b in out.split_whitespace() {
+            let b: u64 = b
+                .parse()
+                .unwrap_or_else(|_| panic!("debugfs blocks {f}: {out}"));
+            set.insert(b * 4096 / 65536);
+        }
+    }
+    set
+}
+
+/// Chunk digests by index, from a template's map in `env`'s store.
+pub fn map_chunks(env: &Env, id: &str) -> std::collections::BTreeMap<u64, String> {
+    let hex = id.trim_start_matches("sha256:");
+    let bytes = std::fs::read(env.root().join("blocks/maps").join(hex)).unwrap();
+    let map: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    for e in map["extents"].as_array().unwrap() {
+        let first = e["chunk"].as_u64().unwrap();
+        for (k, d) in e["digests"].as_array().unwrap().iter().enumerate() {
+            out.insert(first + k as u64, d.as_str().unwrap().to_string());
+        }
+    }
+    out
+}

@@ -71,7 +71,7 @@ pub fn push(ctx: &Ctx, a: PushArgs) -> Result<ExitCode> {
         .with_events(|ctl| {
             let po = strata_block::artifact::PushOptions {
                 jobs: a.jobs,
-                pack_size: strata_block::parse_size(&a.pack_size)?,
+                pack_size: strata_block::parse_bytes(&a.pack_size)?,
             };
             strata_block::artifact::push_with(&store, &id, &reference, &opts, &po, ctl)
         })

@@ -27,6 +27,11 @@ pub struct ServeArgs {
     /// Keep writes in a local sparse overlay (see `strata rootfs commit`).
     #[arg(long)]
     pub writable: bool,
+    /// For a pulled template: a chunk fetched brings the missing chunks
+    /// after it in its pack, up to this many bytes in all, in one request
+    /// (0: the chunk alone).
+    #[arg(long, default_value = "256KiB")]
+    pub readahead: String,
     /// Stay in the foreground, logging to stderr.
     #[arg(long)]
     pub foreground: bool,
@@ -74,6 +79,8 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> Result<ExitCode> {
         file: a.file.clone(),
         writable: a.writable,
         registry: a.registry.options(&store)?,
+        readahead: strata_block::parse_bytes(&a.readahead)
+            .with_context(|| format!("--readahead {}", a.readahead))?,
     };
     // chunk fetch failures are warnings (the log of a daemon); Ctrl-C
     // unmounts and ends the serve
