@@ -317,14 +317,7 @@ fn push_inner(
             index: k,
             digest: desc.digest,
         };
-        let n = done.fetch_add(desc.size, Ordering::Relaxed) + desc.size;
-        ctl.emit(Event::Progress {
-            op: OP,
-            unit: unit.clone(),
-            done: n,
-            total: Some(total),
-        });
-        ctl.emit(Event::UnitDone { op: OP, unit });
+        unit_done(ctl, OP, unit, &done, desc.size, total);
     };
     let started = |k: usize, desc: &Descriptor, reused: bool| {
         ctl.emit(Event::UnitStarted {
@@ -448,6 +441,19 @@ fn push_inner(
         packs_mounted,
         base: base.map(|b| b.reference.to_string()),
     })
+}
+
+/// `n` more bytes of `total` handled (`done` counts them): `Progress`,
+/// then `UnitDone` of `unit`.
+fn unit_done(ctl: Ctl<'_>, op: Op, unit: Unit, done: &AtomicU64, n: u64, total: u64) {
+    let n = done.fetch_add(n, Ordering::Relaxed) + n;
+    ctl.emit(Event::Progress {
+        op,
+        unit: unit.clone(),
+        done: n,
+        total: Some(total),
+    });
+    ctl.emit(Event::UnitDone { op, unit });
 }
 
 /// A chunk's bytes from the store.
@@ -853,16 +859,7 @@ fn pull_inner(
     if all && !missing.is_empty() {
         let total: u64 = missing.iter().map(|(_, _, l)| l).sum();
         let done = AtomicU64::new(0);
-        let progress = |unit: Unit, n: u64| {
-            let n = done.fetch_add(n, Ordering::Relaxed) + n;
-            ctl.emit(Event::Progress {
-                op: OP,
-                unit: unit.clone(),
-                done: n,
-                total: Some(total),
-            });
-            ctl.emit(Event::UnitDone { op: OP, unit });
-        };
+        let progress = |unit: Unit, n: u64| unit_done(ctl, OP, unit, &done, n, total);
         match &art.packs {
             Some(packs) => {
                 let wanted: BTreeSet<Digest> = missing.iter().map(|m| m.0).collect();

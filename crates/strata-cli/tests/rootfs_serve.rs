@@ -400,11 +400,7 @@ fn a_pulled_template_is_served_fetching_only_the_chunks_read_and_verifying_them(
         .map(|c| chunks[c].clone())
         .find(|d| !fetched_now.contains(d))
         .expect("a chunk of the victim not fetched yet");
-    let (_, pack, offset, _) = index.iter().find(|e| e.0 == d).unwrap().clone();
-    let blob = reg.blob_path(&pack[7..]);
-    let mut bytes = std::fs::read(&blob).unwrap();
-    bytes[offset as usize + 100] ^= 0xff;
-    std::fs::write(&blob, &bytes).unwrap();
+    tamper_chunk_in_pack(&reg, &index, &d, 100);
     let err = std::fs::read(mnt.join(&victim[1..])).expect_err("reading a tampered chunk");
     assert_eq!(err.raw_os_error(), Some(5), "EIO expected: {err}");
     let st = served.state();

@@ -210,11 +210,7 @@ fn a_map_only_template_boots_from_the_registry_and_a_tampered_pack_fails_in_the_
         .filter_map(|c| chunk_of.get(&c).cloned())
         .find(|d| !distinct.contains(d))
         .expect("a chunk of the victim not fetched yet");
-    let (_, pack, offset, _) = index.iter().find(|e| e.0 == d).unwrap().clone();
-    let blob = reg.blob_path(&pack[7..]);
-    let mut bytes = std::fs::read(&blob).unwrap();
-    bytes[offset as usize + 10] ^= 0xff;
-    std::fs::write(&blob, &bytes).unwrap();
+    tamper_chunk_in_pack(&reg, &index, &d, 10);
     let bad = boot(
         &served.file,
         &format!("cat {victim} > /dev/null && echo read-it"),

@@ -465,3 +465,18 @@ pub fn map_chunks(env: &Env, id: &str) -> std::collections::BTreeMap<u64, String
     }
     out
 }
+
+/// Flip a byte of chunk `chunk` (`at` bytes into it) where `index` (see
+/// [`index_entries`]) puts it in its pack, in the registry's storage.
+pub fn tamper_chunk_in_pack(
+    reg: &Registry,
+    index: &[(String, String, u64, u64)],
+    chunk: &str,
+    at: u64,
+) {
+    let (_, pack, offset, _) = index.iter().find(|e| e.0 == chunk).unwrap().clone();
+    let blob = reg.blob_path(&pack[7..]);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[(offset + at) as usize] ^= 0xff;
+    std::fs::write(&blob, &bytes).unwrap();
+}
