@@ -27,22 +27,9 @@ fn chunk_set(env: &Env, name: &str) -> BTreeSet<String> {
         .collect()
 }
 
-fn object_exists(env: &Env, d: &str) -> bool {
-    env.root()
-        .join("objects")
-        .join(&d[7..9])
-        .join(&d[9..])
-        .exists()
-}
-
 /// A small template from the sample image, and a derived one with files added.
 fn templates(env: &Env) {
-    require_tool("mke2fs", "e2fsprogs");
-    let r = oci_ref(&sample_layout(), "latest");
-    env.ok(&["pull", "-q", &r]);
-    env.ok(&[
-        "rootfs", "build", "--from", &r, "--size", "64MiB", "--name", "t",
-    ]);
+    sample_template(env);
     let add = env.path("add");
     std::fs::create_dir_all(add.join("etc/app")).unwrap();
     let mut x = 88172645463325252u64;
@@ -284,14 +271,9 @@ fn tampered_packs_and_bad_references_fail_clearly() {
 /// says which chunk is missing rather than writing a partial file.
 #[test]
 fn a_map_only_pull_is_named_by_its_reference_and_export_names_the_missing_chunk() {
-    require_tool("mke2fs", "e2fsprogs");
     let reg = Registry::start();
     let a = Env::new();
-    let img = oci_ref(&sample_layout(), "latest");
-    a.ok(&["pull", "-q", &img]);
-    a.ok(&[
-        "rootfs", "build", "--from", &img, "--size", "64MiB", "--name", "t",
-    ]);
+    sample_template(&a);
     let r = format!("docker://{}/vm/t:1", reg.addr);
     let pushed = a.json(&["rootfs", "push", "t", &r, "--plain-http", "--jobs", "2"]);
 

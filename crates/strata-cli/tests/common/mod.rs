@@ -480,3 +480,24 @@ pub fn tamper_chunk_in_pack(
     bytes[(offset + at) as usize] ^= 0xff;
     std::fs::write(&blob, &bytes).unwrap();
 }
+
+/// Whether `env`'s store holds object `d` (`sha256:...`).
+pub fn object_exists(env: &Env, d: &str) -> bool {
+    env.root()
+        .join("objects")
+        .join(&d[7..9])
+        .join(&d[9..])
+        .exists()
+}
+
+/// The sample image pulled into `env` and built as a 64 MiB template `t`;
+/// returns the image reference.
+pub fn sample_template(env: &Env) -> String {
+    require_tool("mke2fs", "e2fsprogs");
+    let img = oci_ref(&sample_layout(), "latest");
+    env.ok(&["pull", "-q", &img]);
+    env.ok(&[
+        "rootfs", "build", "--from", &img, "--size", "64MiB", "--name", "t",
+    ]);
+    img
+}
