@@ -147,7 +147,7 @@ pub fn object_verity(p: &Path) -> io::Result<VerityDigest> {
     Ok(h.finish())
 }
 
-fn encode_verity(map: &[(Digest, VerityDigest)]) -> Vec<u8> {
+pub(crate) fn encode_verity(map: &[(Digest, VerityDigest)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(map.len() * 64);
     for (d, v) in map {
         out.extend_from_slice(d.as_bytes());
@@ -204,6 +204,27 @@ impl Store {
             .compute_verity(objects)
             .map_err(io_err("computing fs-verity digests", dir))?;
         write_atomic(self, &dir.join("verity"), &encode_verity(&map))?;
+        Ok(map)
+    }
+
+    /// The fs-verity digests of a layer's objects, sorted, those of `known`
+    /// objects as given (computed as a batch wrote them), the others read.
+    pub(crate) fn layer_verity_map(
+        &self,
+        dir: &Path,
+        objects: impl Iterator<Item = Digest>,
+        known: &HashMap<Digest, VerityDigest>,
+    ) -> Result<Vec<(Digest, VerityDigest)>> {
+        let mut todo: Vec<Digest> = objects.collect();
+        todo.sort();
+        todo.dedup();
+        let (have, read): (Vec<Digest>, Vec<Digest>) =
+            todo.into_iter().partition(|d| known.contains_key(d));
+        let mut map = self
+            .compute_verity(read.into_iter())
+            .map_err(io_err("computing fs-verity digests", dir))?;
+        map.extend(have.into_iter().map(|d| (d, known[&d])));
+        map.sort_by_key(|e| e.0);
         Ok(map)
     }
 

@@ -497,26 +497,32 @@ impl Store {
         record: &LayerRecord,
     ) -> Result<BatchStats> {
         let _work = self.work()?;
-        let stats = batch.commit()?;
+        let (stats, known) = batch.commit_unsynced()?;
         let final_dir = self.layer_dir(&meta.diff_id);
         if !final_dir.exists() {
+            // The record, meta and verity files are written plainly; one
+            // syncfs then makes them and the objects' renames durable
+            // before the layer is renamed into place (a sync per file was
+            // 6 journal commits, 40 ms of a pull's end).
             let stage = self.staging_path("layer")?;
             fs::create_dir(&stage).map_err(io_err("creating layer staging", &stage))?;
             let rec_path = stage.join("record");
-            let mut f =
-                File::create(&rec_path).map_err(io_err("writing layer record", &rec_path))?;
-            let mut w = io::BufWriter::new(&mut f);
+            let f = File::create(&rec_path).map_err(io_err("writing layer record", &rec_path))?;
+            let mut w = io::BufWriter::new(f);
             record
                 .encode(&mut w)
                 .map_err(io_err("writing layer record", &rec_path))?;
             w.flush()
                 .map_err(io_err("writing layer record", &rec_path))?;
             drop(w);
-            f.sync_all()
-                .map_err(io_err("syncing layer record", &rec_path))?;
-            write_json_durable(&stage.join("meta.json"), meta)?;
-            self.write_layer_verity(&stage, record.objects())?;
-            sync_dir(&stage)?;
+            let meta_path = stage.join("meta.json");
+            fs::write(&meta_path, json_bytes(&meta_path, meta)?)
+                .map_err(io_err("writing", &meta_path))?;
+            let verity = self.layer_verity_map(&stage, record.objects(), &known)?;
+            let verity_path = stage.join("verity");
+            fs::write(&verity_path, erofs::encode_verity(&verity))
+                .map_err(io_err("writing", &verity_path))?;
+            syncfs(&stage)?;
             match fs::rename(&stage, &final_dir) {
                 Ok(()) => sync_dir(&self.root.join("layers"))?,
                 Err(_) if final_dir.join("meta.json").exists() => {
@@ -524,6 +530,8 @@ impl Store {
                 }
                 Err(e) => return Err(io_err("committing layer", &final_dir)(e)),
             }
+        } else {
+            syncfs(&self.root)?;
         }
         for b in &meta.blobs {
             self.add_blob_alias(&b.digest, &meta.diff_id)?;
@@ -899,13 +907,24 @@ pub(crate) fn write_durable(p: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 pub(crate) fn write_json_durable<T: Serialize>(p: &Path, v: &T) -> Result<()> {
+    write_durable(p, &json_bytes(p, v)?)
+}
+
+/// `v` as the pretty JSON (and final newline) the store writes to `p`.
+fn json_bytes<T: Serialize>(p: &Path, v: &T) -> Result<Vec<u8>> {
     let mut bytes = serde_json::to_vec_pretty(v).map_err(|e| StoreError::Corrupt {
         what: "json",
         path: p.to_path_buf(),
         reason: e.to_string(),
     })?;
     bytes.push(b'\n');
-    write_durable(p, &bytes)
+    Ok(bytes)
+}
+
+/// `syncfs` of the filesystem holding `p`.
+pub(crate) fn syncfs(p: &Path) -> Result<()> {
+    let f = File::open(p).map_err(io_err("opening", p))?;
+    rustix::fs::syncfs(&f).map_err(|e| io_err("syncing the filesystem of", p)(e.into()))
 }
 
 /// Write `bytes` to `p` atomically: staging file, fsync, rename, fsync dir.

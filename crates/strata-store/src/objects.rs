@@ -7,7 +7,10 @@
 //! file into `objects/` and calls `syncfs` again (every rename durable). A crash before
 //! the renames leaves only staging files (removed at next open); a crash
 //! during them leaves complete, correctly named objects, which are valid
-//! store content (unreferenced until a layer record names them).
+//! store content (unreferenced until a layer record names them). While a
+//! batch is being filled, a committer thread does the same for what was
+//! written so far (every 8 MiB or 100 ms), so the commit itself has only
+//! the last few files to sync and rename.
 //!
 //! Small contents are hashed in memory first, so content already in the
 //! store is never written again; big ones are streamed to staging while
@@ -19,9 +22,9 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
 
-use strata_digest::{Digest, Hasher};
+use strata_digest::{Digest, FsVerityHasher, Hasher, VerityDigest};
 
 use crate::{Result, Store, io_err};
 
@@ -51,7 +54,9 @@ pub struct ObjectBatch<'s> {
     buf: Vec<u8>,
     stats: BatchStats,
     writers: Option<Writers>,
+    committer: Option<Committer>,
     made_subdirs: std::collections::HashSet<u8>,
+    shared: Arc<Shared>,
 }
 
 /// Small objects are written by a few threads, so creating files (a few
@@ -61,37 +66,102 @@ pub struct ObjectBatch<'s> {
 /// creates within a directory. Measured on this machine's ext4 for the
 /// Debian base (5107 files): 1 writer 2.2 s; 4 writers in one staging dir
 /// 2.45 s; 4 writers in per-fan-out dirs 1.65 s.
+///
+/// A writer also computes the object's fs-verity digest from the bytes it
+/// holds (the layer's verity file needs it: reading every object back at
+/// commit was 68 ms of a 240 MB layer's commit) and starts the file's
+/// writeback.
 struct Writers {
-    tx: Option<mpsc::SyncSender<(PathBuf, Vec<u8>)>>,
+    tx: Option<mpsc::SyncSender<(PathBuf, Digest, Vec<u8>)>>,
     threads: Vec<std::thread::JoinHandle<()>>,
-    error: Arc<Mutex<Option<io::Error>>>,
 }
 
 const WRITER_THREADS: usize = 4;
+const RENAME_THREADS: usize = 4;
+/// The committer moves what was written into the store once this much is
+/// waiting, or [`COMMIT_EVERY`] after the first of it.
+const COMMIT_BYTES: u64 = 8 << 20;
+const COMMIT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// What a batch's threads share.
+#[derive(Default)]
+struct Shared {
+    state: Mutex<SharedState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct SharedState {
+    /// fs-verity digests of the objects written.
+    verity: HashMap<Digest, VerityDigest>,
+    /// Written (complete, not yet synced) and not yet moved into the store.
+    written: Vec<(Digest, PathBuf)>,
+    written_bytes: u64,
+    /// The batch is committing or dropped: the committer stops.
+    closing: bool,
+    /// The first failure of a writer or of the committer.
+    error: Option<io::Error>,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SharedState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn fail(&self, e: io::Error) {
+        self.lock().error.get_or_insert(e);
+    }
+
+    fn check(&self) -> io::Result<()> {
+        match &self.lock().error {
+            Some(e) => Err(io::Error::new(e.kind(), e.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    fn written(&self, digest: Digest, path: PathBuf, size: u64, verity: VerityDigest) {
+        let mut st = self.lock();
+        st.verity.insert(digest, verity);
+        st.written.push((digest, path));
+        st.written_bytes += size;
+        // the first waiting object starts the committer's clock
+        if st.written.len() == 1 || st.written_bytes >= COMMIT_BYTES {
+            self.wake.notify_one();
+        }
+    }
+}
 
 impl Writers {
-    fn start() -> Writers {
-        let (tx, rx) = mpsc::sync_channel::<(PathBuf, Vec<u8>)>(256);
+    fn start(shared: Arc<Shared>) -> Writers {
+        let (tx, rx) = mpsc::sync_channel::<(PathBuf, Digest, Vec<u8>)>(256);
         let rx = Arc::new(Mutex::new(rx));
-        let error = Arc::new(Mutex::new(None));
         let threads = (0..WRITER_THREADS)
             .map(|_| {
                 let rx = rx.clone();
-                let error = error.clone();
+                let shared = shared.clone();
                 std::thread::spawn(move || {
                     loop {
                         let job = rx.lock().map(|r| r.recv());
-                        let Ok(Ok((path, bytes))) = job else { return };
+                        let Ok(Ok((path, digest, bytes))) = job else {
+                            return;
+                        };
                         let r = fs::OpenOptions::new()
                             .write(true)
                             .create_new(true)
                             .mode(0o444)
                             .open(&path)
-                            .and_then(|mut f| f.write_all(&bytes));
-                        if let Err(e) = r
-                            && let Ok(mut slot) = error.lock()
-                        {
-                            slot.get_or_insert(e);
+                            .and_then(|mut f| {
+                                f.write_all(&bytes)?;
+                                // a hint: a filesystem without it syncs all the same
+                                let _ = strata_sys::start_writeback(&f);
+                                Ok(())
+                            });
+                        match r {
+                            Ok(()) => {
+                                let v = strata_digest::fsverity_digest(&bytes);
+                                shared.written(digest, path, bytes.len() as u64, v);
+                            }
+                            Err(e) => shared.fail(e),
                         }
                     }
                 })
@@ -100,17 +170,6 @@ impl Writers {
         Writers {
             tx: Some(tx),
             threads,
-            error,
-        }
-    }
-
-    fn check(&self) -> io::Result<()> {
-        match self.error.lock() {
-            Ok(slot) => match &*slot {
-                Some(e) => Err(io::Error::new(e.kind(), e.to_string())),
-                None => Ok(()),
-            },
-            Err(_) => Err(io::Error::other("object writer failed")),
         }
     }
 
@@ -120,8 +179,91 @@ impl Writers {
             t.join()
                 .map_err(|_| io::Error::other("object writer panicked"))?;
         }
-        self.check()
+        Ok(())
     }
+}
+
+/// Moves written objects into the store while the batch goes on: each round
+/// `syncfs` (their bytes durable), then renames them to their names. A
+/// layer's commit then syncs and renames only the last few (it was 56 ms of
+/// sync and 63 ms of renames for a 240 MB layer, after its last byte had
+/// arrived). Objects renamed this way are complete, durable and named by
+/// their digest: valid store content, unreferenced until a record names
+/// them, and kept from gc by the batch's `Work` guard.
+struct Committer {
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Committer {
+    fn start(shared: Arc<Shared>, staging: PathBuf, objects: PathBuf) -> Committer {
+        let thread = std::thread::spawn(move || {
+            let mut made = std::collections::HashSet::new();
+            loop {
+                let round = {
+                    let mut st = shared.lock();
+                    while !st.closing && st.written_bytes < COMMIT_BYTES {
+                        let timeout = if st.written.is_empty() {
+                            std::time::Duration::from_secs(3600)
+                        } else {
+                            COMMIT_EVERY
+                        };
+                        let (next, waited) = shared
+                            .wake
+                            .wait_timeout(st, timeout)
+                            .unwrap_or_else(|e| e.into_inner());
+                        st = next;
+                        if waited.timed_out() && !st.written.is_empty() {
+                            break;
+                        }
+                    }
+                    if st.closing {
+                        return;
+                    }
+                    st.written_bytes = 0;
+                    std::mem::take(&mut st.written)
+                };
+                if round.is_empty() {
+                    continue;
+                }
+                if let Err(e) = move_into_store(&staging, &objects, &round, &mut made) {
+                    shared.fail(e);
+                    return;
+                }
+            }
+        });
+        Committer {
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(&mut self, shared: &Shared) {
+        shared.lock().closing = true;
+        shared.wake.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `syncfs`, then rename each staged object to its name under `objects`.
+fn move_into_store(
+    staging: &std::path::Path,
+    objects: &std::path::Path,
+    round: &[(Digest, PathBuf)],
+    made: &mut std::collections::HashSet<u8>,
+) -> io::Result<()> {
+    let dir = File::open(staging)?;
+    rustix::fs::syncfs(&dir)?;
+    for (digest, staged) in round {
+        let hex = digest.hex();
+        let parent = objects.join(&hex[..2]);
+        if made.insert(digest.as_bytes()[0]) && !parent.exists() {
+            fs::create_dir_all(&parent)?;
+        }
+        // rename over an identical object written concurrently is harmless
+        fs::rename(staged, parent.join(&hex[2..]))?;
+    }
+    Ok(())
 }
 
 impl<'s> ObjectBatch<'s> {
@@ -138,7 +280,9 @@ impl<'s> ObjectBatch<'s> {
             buf: Vec::new(),
             stats: BatchStats::default(),
             writers: None,
+            committer: None,
             made_subdirs: std::collections::HashSet::new(),
+            shared: Arc::default(),
         })
     }
 
@@ -157,8 +301,19 @@ impl<'s> ObjectBatch<'s> {
         self.dir.join(format!("big-{}", self.seq))
     }
 
+    fn start_committer(&mut self) {
+        if self.committer.is_none() {
+            self.committer = Some(Committer::start(
+                self.shared.clone(),
+                self.dir.clone(),
+                self.store.root().join("objects"),
+            ));
+        }
+    }
+
     /// Add content of exactly `size` bytes; returns its digest.
     pub fn put(&mut self, content: &mut dyn Read, size: u64) -> io::Result<Digest> {
+        self.shared.check()?;
         if size <= IN_MEMORY_MAX {
             self.buf.clear();
             content.take(size).read_to_end(&mut self.buf)?;
@@ -179,14 +334,17 @@ impl<'s> ObjectBatch<'s> {
             }
             self.seq += 1;
             let path = sub.join(self.seq.to_string());
-            let writers = self.writers.get_or_insert_with(Writers::start);
-            writers.check()?;
+            self.start_committer();
+            let shared = &self.shared;
+            let writers = self
+                .writers
+                .get_or_insert_with(|| Writers::start(shared.clone()));
             let bytes = std::mem::take(&mut self.buf);
             writers
                 .tx
                 .as_ref()
                 .expect("sender lives until finish")
-                .send((path.clone(), bytes))
+                .send((path.clone(), digest, bytes))
                 .map_err(|_| io::Error::other("object writers stopped"))?;
             self.pending.insert(digest, path);
             self.stats.objects_written += 1;
@@ -196,6 +354,7 @@ impl<'s> ObjectBatch<'s> {
         let path = self.next_path();
         let mut f = File::create(&path)?;
         let mut hasher = Hasher::new();
+        let mut verity = FsVerityHasher::new();
         let mut limited = content.take(size);
         let mut chunk = vec![0u8; 256 * 1024];
         loop {
@@ -204,6 +363,7 @@ impl<'s> ObjectBatch<'s> {
                 break;
             }
             hasher.update(&chunk[..n]);
+            verity.update(&chunk[..n]);
             f.write_all(&chunk[..n])?;
         }
         if hasher.len() != size {
@@ -217,46 +377,86 @@ impl<'s> ObjectBatch<'s> {
             self.stats.files_deduplicated += 1;
             return Ok(digest);
         }
-        self.admit(digest, path, size, &f)?;
+        f.set_permissions(fs::Permissions::from_mode(0o444))?;
+        let _ = strata_sys::start_writeback(&f);
+        drop(f);
+        self.pending.insert(digest, path.clone());
+        self.stats.objects_written += 1;
+        self.stats.bytes_written += size;
+        self.start_committer();
+        self.shared.written(digest, path, size, verity.finish());
         Ok(digest)
     }
 
-    fn admit(&mut self, digest: Digest, path: PathBuf, size: u64, f: &File) -> io::Result<()> {
-        f.set_permissions(fs::Permissions::from_mode(0o444))?;
-        self.pending.insert(digest, path);
-        self.stats.objects_written += 1;
-        self.stats.bytes_written += size;
-        Ok(())
+    /// Make every staged object durable and visible.
+    pub fn commit(self) -> Result<BatchStats> {
+        let root = self.store.root().to_path_buf();
+        let (stats, _) = self.commit_unsynced()?;
+        let dir = File::open(&root).map_err(io_err("opening", &root))?;
+        rustix::fs::syncfs(&dir)
+            .map_err(|e| io_err("syncing committed objects", &root)(e.into()))?;
+        Ok(stats)
     }
 
-    /// Make every staged object durable and visible.
-    pub fn commit(mut self) -> Result<BatchStats> {
+    /// Every staged object durable and renamed to its name, but the renames
+    /// not yet synced: the caller calls `syncfs` on the store's filesystem
+    /// before anything naming these objects is published (one sync for the
+    /// renames and its own files). Also gives the fs-verity digests of the
+    /// objects this batch wrote (not of those it found in the store).
+    pub(crate) fn commit_unsynced(mut self) -> Result<(BatchStats, HashMap<Digest, VerityDigest>)> {
         if let Some(w) = self.writers.take() {
             w.finish()
                 .map_err(io_err("writing staged objects", &self.dir))?;
         }
+        if let Some(mut c) = self.committer.take() {
+            c.stop(&self.shared);
+        }
+        self.shared
+            .check()
+            .map_err(io_err("writing staged objects", &self.dir))?;
+        let (verity, rest) = {
+            let mut st = self.shared.lock();
+            (
+                std::mem::take(&mut st.verity),
+                std::mem::take(&mut st.written),
+            )
+        };
         if self.pending.is_empty() {
             let _ = fs::remove_dir_all(&self.dir);
-            return Ok(self.stats);
+            return Ok((self.stats, verity));
         }
         let dir_file = File::open(&self.dir).map_err(io_err("opening staging", &self.dir))?;
         rustix::fs::syncfs(&dir_file)
             .map_err(|e| io_err("syncing staged objects", &self.dir)(e.into()))?;
-        for (digest, staged) in &self.pending {
-            let dest = self.store.object_path(digest);
-            let parent = dest.parent().expect("object paths have a fan-out dir");
-            if !parent.exists() {
-                fs::create_dir_all(parent).map_err(io_err("creating object dir", parent))?;
-            }
-            // rename over an identical object written concurrently is harmless
-            fs::rename(staged, &dest).map_err(io_err("committing object", &dest))?;
+        // What the committer had not moved yet, by fan-out directory, a few
+        // directories at once: a rename locks its two directories, and
+        // these pairs are disjoint.
+        let mut by_fanout: Vec<Vec<(Digest, PathBuf)>> = vec![Vec::new(); 256];
+        for (digest, staged) in rest {
+            by_fanout[usize::from(digest.as_bytes()[0])].push((digest, staged));
         }
-        // One syncfs makes every rename durable; fsyncing up to 256 fan-out
-        // dirs would force as many journal commits.
-        rustix::fs::syncfs(&dir_file)
-            .map_err(|e| io_err("syncing committed objects", self.store.root())(e.into()))?;
+        by_fanout.retain(|v| !v.is_empty());
+        strata_ops::par_map(
+            &by_fanout,
+            RENAME_THREADS,
+            &strata_ops::Cancel::new(),
+            |_, objects| {
+                let (first, _) = &objects[0];
+                let dest = self.store.object_path(first);
+                let parent = dest.parent().expect("object paths have a fan-out dir");
+                if !parent.exists() {
+                    fs::create_dir_all(parent).map_err(io_err("creating object dir", parent))?;
+                }
+                for (digest, staged) in objects {
+                    let dest = self.store.object_path(digest);
+                    // rename over an identical object written concurrently is harmless
+                    fs::rename(staged, &dest).map_err(io_err("committing object", &dest))?;
+                }
+                Ok::<_, crate::StoreError>(())
+            },
+        )?;
         let _ = fs::remove_dir_all(&self.dir);
-        Ok(self.stats)
+        Ok((self.stats, verity))
     }
 }
 
@@ -264,6 +464,9 @@ impl Drop for ObjectBatch<'_> {
     fn drop(&mut self) {
         if let Some(w) = self.writers.take() {
             let _ = w.finish();
+        }
+        if let Some(mut c) = self.committer.take() {
+            c.stop(&self.shared);
         }
         if self.dir.exists() {
             let _ = fs::remove_dir_all(&self.dir);
@@ -287,6 +490,7 @@ fn short_read(expected: u64, got: u64) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::object_verity;
 
     /// Regression: a big object staged as plain `N` collided with the
     /// fan-out staging subdirectory of the same two-digit name.
@@ -322,5 +526,85 @@ mod tests {
         batch.put(&mut &small[..], small.len() as u64).unwrap();
         assert_eq!(batch.commit().unwrap().objects_written, 0);
         assert!(store.fsck(strata_ops::Ctl::none()).unwrap().is_ok());
+    }
+
+    /// Objects reach their names while the batch is still being filled
+    /// (the commit then has little left to move), and the fs-verity
+    /// digests the batch computed as it wrote are those of the stored files.
+    #[test]
+    fn objects_are_moved_while_the_batch_fills_and_their_verity_is_right() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store")).unwrap();
+        let mut batch = store.object_batch().unwrap();
+        let mut digests = Vec::new();
+        for i in 0..50u32 {
+            let small = format!("early object {i}").into_bytes();
+            digests.push(batch.put(&mut &small[..], small.len() as u64).unwrap());
+        }
+        let big = vec![7u8; (1 << 20) + 4097];
+        digests.push(batch.put(&mut &big[..], big.len() as u64).unwrap());
+        // the committer moves them within its period, before any commit
+        let t0 = std::time::Instant::now();
+        while !digests.iter().all(|d| store.has_object(d))
+            && t0.elapsed() < std::time::Duration::from_secs(10)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(
+            digests.iter().all(|d| store.has_object(d)),
+            "objects not moved before the commit"
+        );
+        let late = b"written just before the commit";
+        digests.push(batch.put(&mut &late[..], late.len() as u64).unwrap());
+        let (stats, verity) = batch.commit_unsynced().unwrap();
+        assert_eq!(stats.objects_written, 52);
+        assert_eq!(verity.len(), 52);
+        for d in &digests {
+            let on_disk = object_verity(&store.object_path(d)).unwrap();
+            assert_eq!(verity[d], on_disk, "verity of {d}");
+        }
+        assert!(store.fsck(strata_ops::Ctl::none()).unwrap().is_ok());
+    }
+
+    /// A batch dropped after the committer moved some of its objects (a
+    /// pull that failed late) leaves complete objects that nothing names:
+    /// the store stays consistent and gc takes them.
+    #[test]
+    fn a_dropped_batch_leaves_only_whole_objects_that_gc_takes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store")).unwrap();
+        let mut batch = store.object_batch().unwrap();
+        let content = b"moved early, then the pull failed";
+        let d = batch.put(&mut &content[..], content.len() as u64).unwrap();
+        let t0 = std::time::Instant::now();
+        while !store.has_object(&d) && t0.elapsed() < std::time::Duration::from_secs(10) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(store.has_object(&d));
+        drop(batch);
+        assert_eq!(std::fs::read(store.object_path(&d)).unwrap(), content);
+        assert!(store.fsck(strata_ops::Ctl::none()).unwrap().is_ok());
+        let root = store.root().to_path_buf();
+        drop(store);
+        let store = Store::open_for_gc(&root).unwrap();
+        let gc = store.gc(false, strata_ops::Ctl::none()).unwrap();
+        assert_eq!(gc.objects, 1);
+        assert!(!store.has_object(&d));
+        // no staging left (the handle's own work dir may stay, empty)
+        let leftovers: Vec<_> = walkdir(&store.root().join("tmp"));
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    fn walkdir(dir: &std::path::Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(walkdir(&p));
+            } else {
+                out.push(p);
+            }
+        }
+        out
     }
 }
