@@ -253,6 +253,137 @@ impl Slots {
     }
 }
 
+/// One streamed request for a run of files in blob order, taken one file
+/// at a time: each is checked, served (stored in the background) and
+/// released to the reads waiting for it as soon as its own bytes are in.
+/// Files not taken when it is dropped are released too (their reads
+/// fetch them themselves).
+struct Span<'f> {
+    fetcher: &'f Fetcher,
+    desc: &'f strata_oci::Descriptor,
+    r: Box<dyn Read + Send>,
+    pos: u64,
+    end: u64,
+    files: Vec<&'f RemoteFile>,
+    next: usize,
+    frames: Vec<u8>,
+    _slot: SlotGuard<'f>,
+}
+
+impl<'f> Span<'f> {
+    fn open(
+        fetcher: &'f Fetcher,
+        desc: &'f strata_oci::Descriptor,
+        start: u64,
+        end: u64,
+        files: Vec<&'f RemoteFile>,
+    ) -> Result<Span<'f>, ReadError> {
+        let slot = fetcher.slots.take(fetcher.wait_limit)?;
+        let r = fetcher
+            .source
+            .open_range(desc, start, end - start)
+            .map_err(|e| fetcher.span_error(desc, e.to_string()))?;
+        Ok(Span {
+            fetcher,
+            desc,
+            r,
+            pos: start,
+            end,
+            files,
+            next: 0,
+            frames: Vec::new(),
+            _slot: slot,
+        })
+    }
+
+    /// The next file: `Some(true)` taken, `Some(false)` refused (its
+    /// check failed, recorded), `None` when none is left.
+    fn take_next(&mut self) -> Result<Option<bool>, ReadError> {
+        let Some(&f) = self.files.get(self.next) else {
+            return Ok(None);
+        };
+        // (a failure leaves `next` at this file: the drop releases it)
+        let fetcher = self.fetcher;
+        let fail = |reason: String| fetcher.span_error(self.desc, reason);
+        if f.offset < self.pos || f.end > self.end {
+            return Err(fail(format!(
+                "{}: its frames at {}..{} are not inside the run {}..{}",
+                f.name, f.offset, f.end, self.pos, self.end
+            )));
+        }
+        let gap = f.offset - self.pos;
+        let skipped = io::copy(&mut (&mut self.r).take(gap), &mut io::sink())
+            .map_err(|e| fail(format!("bytes {}..{}: {e}", self.pos, f.offset)))?;
+        self.frames.clear();
+        (&mut self.r)
+            .take(f.end - f.offset)
+            .read_to_end(&mut self.frames)
+            .map_err(|e| fail(format!("bytes {}..{}: {e}", f.offset, f.end)))?;
+        if skipped != gap || self.frames.len() as u64 != f.end - f.offset {
+            return Err(fail(format!("the answer ended before byte {}", f.end)));
+        }
+        fetcher
+            .stats
+            .bytes_fetched
+            .fetch_add(f.end - self.pos, Ordering::Relaxed);
+        self.pos = f.end;
+        let taken = match fetcher.check_fetched(self.desc, f, &self.frames)? {
+            Some(content) => {
+                fetcher.store_fresh(f.digest, &content)?;
+                true
+            }
+            None => false,
+        };
+        self.next += 1;
+        lock(&fetcher.bulk).remove(&f.digest);
+        fetcher.bulk_done.notify_all();
+        Ok(Some(taken))
+    }
+}
+
+impl Drop for Span<'_> {
+    fn drop(&mut self) {
+        let rest = self.files.get(self.next..).unwrap_or_default();
+        if rest.is_empty() {
+            return;
+        }
+        let mut bulk = lock(&self.fetcher.bulk);
+        for f in rest {
+            bulk.remove(&f.digest);
+        }
+        drop(bulk);
+        self.fetcher.bulk_done.notify_all();
+    }
+}
+
+/// What a read's request brings after the file read: its neighbours,
+/// still streaming. [`ReadRest::finish`] takes them, after the read's
+/// reply (see [`Fetcher::read_streamed`]).
+pub struct ReadRest<'f>(Span<'f>);
+
+impl ReadRest<'_> {
+    /// The files it still brings.
+    pub fn files(&self) -> Vec<Digest> {
+        let rest = self.0.files.get(self.0.next..).unwrap_or_default();
+        rest.iter().map(|f| f.digest).collect()
+    }
+
+    /// Take the rest of the request's files (errors only end it: reads of
+    /// those files fetch them themselves).
+    pub fn finish(mut self) {
+        loop {
+            match self.0.take_next() {
+                Ok(Some(_)) => {}
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!("the neighbours of a read: {e}");
+                    return;
+                }
+            }
+        }
+    }
+}
+
 struct SlotGuard<'a>(&'a Slots);
 impl Drop for SlotGuard<'_> {
     fn drop(&mut self) {
@@ -718,20 +849,38 @@ impl Fetcher {
         offset: u64,
         len: u32,
     ) -> Result<Vec<u8>, ReadError> {
+        let (data, rest) = self.read_streamed(digest, size, offset, len)?;
+        if let Some(rest) = rest {
+            rest.finish();
+        }
+        Ok(data)
+    }
+
+    /// [`read`](Self::read), returning as soon as the file read is in:
+    /// the neighbours its request brings along are left streaming in the
+    /// returned [`ReadRest`], for the caller to finish once it has
+    /// replied (reads of them wait for it meanwhile).
+    pub fn read_streamed(
+        &self,
+        digest: &Digest,
+        size: u64,
+        offset: u64,
+        len: u32,
+    ) -> Result<(Vec<u8>, Option<ReadRest<'_>>), ReadError> {
         self.check_consistent()?;
         let end = size.min(offset.saturating_add(len as u64));
         if offset >= end {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         }
         // at most `len` (a u32) bytes, whatever `size` says
         let n = (end - offset) as u32;
         if let Some(f) = self.open_local(digest)? {
-            return Ok(pread(&f, offset, n)?);
+            return Ok((pread(&f, offset, n)?, None));
         }
         if self.wait_bulk(digest)
             && let Some(f) = self.open_local(digest)?
         {
-            return Ok(pread(&f, offset, n)?);
+            return Ok((pread(&f, offset, n)?, None));
         }
         let t0 = Instant::now();
         let fetched = |how: &str| {
@@ -745,11 +894,14 @@ impl Fetcher {
         // of a directory one after another: one round trip, not one each)
         let near = self.neighbours(digest);
         if near.len() > 1 {
-            match self.fetch_many_with(&near, Ctl::none(), true) {
-                Ok(_) => {
+            match self.start_near(digest, &near) {
+                Ok(span) => {
                     if let Some(f) = self.open_local(digest)? {
-                        fetched(&format!("its fetch with {} neighbours", near.len() - 1));
-                        return Ok(pread(&f, offset, n)?);
+                        fetched(&format!(
+                            "its fetch ({} neighbours still coming)",
+                            near.len() - 1
+                        ));
+                        return Ok((pread(&f, offset, n)?, Some(ReadRest(span))));
                     }
                 }
                 Err(e) => tracing::debug!("fetching {digest} with its neighbours: {e}"),
@@ -759,7 +911,7 @@ impl Fetcher {
         self.fetch_whole(digest)?;
         fetched("its fetch");
         match self.open_local(digest)? {
-            Some(f) => Ok(pread(&f, offset, n)?),
+            Some(f) => Ok((pread(&f, offset, n)?, None)),
             None => Err(ReadError::Fetch {
                 layer: self.image.remote(digest).map_or(*digest, |(d, _)| d.digest),
                 reason: format!("{digest} is not in the store after its fetch"),
@@ -1212,6 +1364,15 @@ impl Fetcher {
 
     /// Serve `content` from a staging file at once; it is stored in the
     /// background.
+    /// A streamed request's failure, counted.
+    fn span_error(&self, desc: &strata_oci::Descriptor, reason: String) -> ReadError {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        ReadError::Fetch {
+            layer: desc.digest,
+            reason,
+        }
+    }
+
     fn store_fresh(&self, digest: Digest, content: &[u8]) -> Result<(), ReadError> {
         let path = self.fresh_path();
         let mut file = OpenOptions::new()
@@ -1237,51 +1398,61 @@ impl Fetcher {
         files: &[&RemoteFile],
         ctl: Ctl<'_>,
     ) -> Result<u64, ReadError> {
-        let fail = |reason: String| {
-            self.stats.errors.fetch_add(1, Ordering::Relaxed);
-            ReadError::Fetch {
+        let mut span = Span::open(self, desc, start, end, files.to_vec())?;
+        let mut n = 0;
+        loop {
+            ctl.cancel.check().map_err(|_| ReadError::Cancelled)?;
+            match span.take_next()? {
+                Some(taken) => n += taken as u64,
+                None => return Ok(n),
+            }
+        }
+    }
+
+    /// Start fetching `near` (`digest`, then the neighbours after it in
+    /// its layer's blob, see [`neighbours`](Self::neighbours)) in one
+    /// streamed request, and take `digest` from it. The rest is left to
+    /// the returned span: reads of those files wait for it.
+    fn start_near<'f>(&'f self, digest: &Digest, near: &[Digest]) -> Result<Span<'f>, ReadError> {
+        let mut files: Vec<&'f RemoteFile> = Vec::new();
+        let mut desc = None;
+        for d in near {
+            if let Some((dd, rf)) = self.image.remote(d) {
+                desc.get_or_insert(dd);
+                files.push(rf);
+            }
+        }
+        let (Some(desc), Some(first)) = (desc, files.first()) else {
+            return Err(ReadError::Unknown(*digest));
+        };
+        if first.digest != *digest || files.windows(2).any(|w| w[1].offset < w[0].end) {
+            return Err(ReadError::Fetch {
                 layer: desc.digest,
-                reason,
+                reason: format!("the neighbours of {digest} are not after it in its blob"),
+            });
+        }
+        let (start, end) = (
+            first.offset,
+            files.iter().map(|f| f.end).max().unwrap_or(first.end),
+        );
+        let claimed: Vec<Digest> = files.iter().map(|f| f.digest).collect();
+        self.reserve_bulk(&claimed);
+        self.last_read_fetch
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let mut span = match Span::open(self, desc, start, end, files) {
+            Ok(span) => span,
+            Err(e) => {
+                let mut bulk = lock(&self.bulk);
+                for d in &claimed {
+                    bulk.remove(d);
+                }
+                drop(bulk);
+                self.bulk_done.notify_all();
+                return Err(e);
             }
         };
-        let _slot = self.slots.take(self.wait_limit)?;
-        let mut r = self
-            .source
-            .open_range(desc, start, end - start)
-            .map_err(|e| fail(e.to_string()))?;
-        let (mut pos, mut n) = (start, 0);
-        let mut frames = Vec::new();
-        for f in files {
-            ctl.cancel.check().map_err(|_| ReadError::Cancelled)?;
-            if f.offset < pos || f.end > end {
-                return Err(fail(format!(
-                    "{}: its frames at {}..{} are not inside the run {pos}..{end}",
-                    f.name, f.offset, f.end
-                )));
-            }
-            let gap = f.offset - pos;
-            let skipped = io::copy(&mut (&mut r).take(gap), &mut io::sink())
-                .map_err(|e| fail(format!("bytes {pos}..{}: {e}", f.offset)))?;
-            frames.clear();
-            (&mut r)
-                .take(f.end - f.offset)
-                .read_to_end(&mut frames)
-                .map_err(|e| fail(format!("bytes {}..{}: {e}", f.offset, f.end)))?;
-            if skipped != gap || frames.len() as u64 != f.end - f.offset {
-                return Err(fail(format!("the answer ended before byte {}", f.end)));
-            }
-            self.stats
-                .bytes_fetched
-                .fetch_add(f.end - pos, Ordering::Relaxed);
-            pos = f.end;
-            if let Some(content) = self.check_fetched(desc, f, &frames)? {
-                self.store_fresh(f.digest, &content)?;
-                n += 1;
-            }
-            lock(&self.bulk).remove(&f.digest);
-            self.bulk_done.notify_all();
-        }
-        Ok(n)
+        span.take_next()?;
+        Ok(span)
     }
 
     /// Wait while a bulk prefetch fetches `digest` (at most the wait

@@ -395,18 +395,24 @@ impl LazyFs {
         let job: Job = Box::new(move || {
             // a program's first read: what its loader opens next is
             // looked up now and fetched once the reader has its bytes
+            // the neighbours its request brings are taken after the reply
             let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                fetcher.read(&digest, len, offset, size).map(|data| {
-                    let deps = match offset {
-                        0 => fetcher.deps_to_prefetch(&digest),
-                        _ => Vec::new(),
-                    };
-                    (data, deps)
-                })
+                fetcher
+                    .read_streamed(&digest, len, offset, size)
+                    .map(|(data, rest)| {
+                        let deps = match offset {
+                            0 => fetcher.deps_to_prefetch(&digest),
+                            _ => Vec::new(),
+                        };
+                        (data, rest, deps)
+                    })
             }));
             match read {
-                Ok(Ok((data, deps))) => {
+                Ok(Ok((data, rest, deps))) => {
                     reply.data(&data);
+                    if let Some(rest) = rest {
+                        finish_rest(rest);
+                    }
                     if !deps.is_empty() {
                         fetch_deps(&fetcher, &digest, || deps);
                     }
@@ -478,6 +484,16 @@ fn fetch_deps(fetcher: &Fetcher, digest: &Digest, deps: impl FnOnce() -> Vec<Dig
     let run = std::panic::AssertUnwindSafe(|| fetcher.fetch_deps(digest, deps()));
     if std::panic::catch_unwind(run).is_err() {
         tracing::error!("fetching the libraries of {digest} panicked");
+    }
+}
+
+/// Take the rest of a read's request, on its worker after the reply: a
+/// panic there is logged, never the worker's end (the span's drop
+/// releases what it did not take).
+fn finish_rest(rest: crate::fetch::ReadRest<'_>) {
+    let run = std::panic::AssertUnwindSafe(|| rest.finish());
+    if std::panic::catch_unwind(run).is_err() {
+        tracing::error!("taking the neighbours of a read panicked");
     }
 }
 

@@ -43,7 +43,7 @@ use strata_oci::{Descriptor, ImageSource, OciError, ResolvedImage};
 use strata_store::{Store, StoreError};
 use strata_tree::Tree;
 
-pub use fetch::{Fetcher, ReadError, Stats};
+pub use fetch::{Fetcher, ReadError, ReadRest, Stats};
 pub use mount::{
     Fallback, LazyMount, LazyOptions, MountRecord, MountReport, MountStatus, Mounted, Prefetch,
     attach, cleanup, list, mount,

@@ -548,6 +548,111 @@ fn a_long_run_of_files_streams_in_one_request_each_served_as_it_arrives() {
     assert_stored(&f, &run);
 }
 
+/// A small file read brings its small neighbours of the same directory
+/// in the same streamed request, and the read returns once its own bytes
+/// are in: the rest is taken after it (a read of one of them waits for
+/// that stream instead of asking again). A rest dropped untaken releases
+/// its files: their reads fetch them themselves.
+#[test]
+fn a_read_returns_before_the_neighbours_its_request_brings() {
+    let fx = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let src = faulty(&fx);
+    let (f, _, _) = fetcher(dir.path(), src.clone(), 4);
+    // checked and served (from staging or the store)
+    let served = |d: &Digest| f.open_verified(d).unwrap().is_some();
+    // small files, in blob order: the first whose read brings neighbours
+    let mut small: Vec<(Digest, u64)> = Vec::new();
+    for layer in &f.image().layers {
+        let Some(ix) = &layer.index else { continue };
+        let mut files: Vec<_> = ix.files.iter().filter(|rf| rf.size > 0).collect();
+        files.sort_by_key(|rf| rf.offset);
+        small.extend(
+            files
+                .iter()
+                .filter(|rf| rf.end - rf.offset < 16 << 10)
+                .map(|rf| (rf.digest, rf.size)),
+        );
+    }
+    // each read's stream is slow: 40 ms per 32 KiB
+    src.stream_step_ms.store(40, Ordering::SeqCst);
+    let mut found = None;
+    for (d, size) in small.iter().take(400) {
+        if served(d) {
+            continue;
+        }
+        let (data, rest) = f.read_streamed(d, *size, 0, 4096).unwrap();
+        assert_eq!(data, truth_bytes(&fx, d)[..data.len()]);
+        match rest {
+            Some(rest) if rest.files().len() >= 2 => {
+                found = Some((*d, rest));
+                break;
+            }
+            Some(rest) => rest.finish(),
+            None => {}
+        }
+    }
+    let (read, rest) = found.expect("a small file with neighbours");
+    let near = rest.files();
+    assert!(served(&read));
+    assert!(
+        near.iter().all(|d| !served(d)),
+        "the read returned before its neighbours arrived"
+    );
+    let (streams, ranges) = (
+        src.streams.load(Ordering::SeqCst),
+        src.ranges.load(Ordering::SeqCst),
+    );
+    let last = *near.last().unwrap();
+    let last_size = f.image().remote(&last).unwrap().1.size;
+    std::thread::scope(|s| {
+        let waiting = s.spawn(|| f.read(&last, last_size, 0, 4096));
+        rest.finish();
+        let got = waiting.join().unwrap().unwrap();
+        assert_eq!(got, truth_bytes(&fx, &last)[..got.len()]);
+    });
+    assert!(near.iter().all(|d| served(d)));
+    assert_eq!(
+        (
+            src.streams.load(Ordering::SeqCst),
+            src.ranges.load(Ordering::SeqCst)
+        ),
+        (streams, ranges),
+        "the neighbour's read asked for nothing more"
+    );
+    f.flush();
+    assert_stored(&f, &near);
+
+    // a rest dropped untaken: its files are released and fetched by reads
+    let mut dropped = None;
+    for (d, size) in small.iter().skip(400).take(400) {
+        if served(d) {
+            continue;
+        }
+        if let (_, Some(rest)) = f.read_streamed(d, *size, 0, 4096).unwrap() {
+            if rest.files().is_empty() {
+                continue;
+            }
+            dropped = Some(rest.files());
+            drop(rest);
+            break;
+        }
+    }
+    let dropped = dropped.expect("another small file with neighbours");
+    let d = dropped[0];
+    let size = f.image().remote(&d).unwrap().1.size;
+    let got = within(
+        std::time::Duration::from_secs(10),
+        "a released file's read",
+        {
+            let f = f.clone();
+            move || f.read(&d, size, 0, 4096)
+        },
+    )
+    .unwrap();
+    assert_eq!(got, truth_bytes(&fx, &d)[..got.len()]);
+}
+
 #[test]
 fn a_tampered_stream_stores_nothing_of_the_file_it_spoils() {
     let fx = fixture();
