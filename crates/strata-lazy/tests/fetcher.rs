@@ -611,7 +611,7 @@ fn a_read_returns_before_the_neighbours_its_request_brings() {
         let got = waiting.join().unwrap().unwrap();
         assert_eq!(got, truth_bytes(&fx, &last)[..got.len()]);
     });
-    assert!(near.iter().all(|d| served(d)));
+    assert!(near.iter().all(served));
     assert_eq!(
         (
             src.streams.load(Ordering::SeqCst),
