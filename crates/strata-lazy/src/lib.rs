@@ -46,7 +46,7 @@ use strata_tree::Tree;
 pub use fetch::{Fetcher, ReadError, ReadRest, Stats};
 pub use mount::{
     Fallback, LazyMount, LazyOptions, MountRecord, MountReport, MountStatus, Mounted, Prefetch,
-    attach, cleanup, list, mount,
+    attach, cleanup, list, mount, start_set,
 };
 pub use state::{MountState, PrefetchState};
 

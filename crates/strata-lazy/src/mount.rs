@@ -393,10 +393,11 @@ fn early_runs(
 }
 
 /// The digests of the prefetch list's files, and (with no list given)
-/// the files placed first in their layers.
-fn wanted(lazy: &LazyImage, opts: &LazyOptions) -> Vec<Digest> {
+/// the files placed first in their layers; or, with neither, the
+/// [`start_set`] (then `true`).
+fn wanted(lazy: &LazyImage, opts: &LazyOptions) -> (Vec<Digest>, bool) {
     if opts.prefetch == Prefetch::None {
-        return Vec::new();
+        return (Vec::new(), false);
     }
     let list = match &opts.prefetch_list {
         Some(l) => l.clone(),
@@ -424,7 +425,95 @@ fn wanted(lazy: &LazyImage, opts: &LazyOptions) -> Vec<Digest> {
         let mut seen: std::collections::HashSet<_> = wanted.iter().copied().collect();
         wanted.extend(lazy.placed_first().into_iter().filter(|d| seen.insert(*d)));
     }
-    wanted
+    // (`STRATA_LAZY_START_SET=0` turns it off, for measuring)
+    let start_set_on = std::env::var_os("STRATA_LAZY_START_SET").is_none_or(|v| v != "0");
+    if wanted.is_empty()
+        && start_set_on
+        && opts.prefetch == Prefetch::All
+        && opts.prefetch_list.is_none()
+    {
+        return (start_set(lazy), true);
+    }
+    (wanted, false)
+}
+
+/// A file of the start set larger than this is left to reads.
+const START_FILE_MAX: u64 = 16 << 20;
+
+/// What `Prefetch::All` fetches first when the image has no list and no
+/// files placed first: what a program started from it loads before
+/// anything else. The image's command (`Entrypoint`/`Cmd`, looked up on
+/// its `PATH`), and for the host's machine the dynamic loader,
+/// `/etc/ld.so.cache` and the C library, which every dynamically linked
+/// program of a glibc or musl image opens first. Those missing from the
+/// store, each at most [`START_FILE_MAX`]; the libraries the command
+/// names follow once it is in (see `prefetch_thread`).
+///
+/// A guess, bounded to a few files: a container that runs something else
+/// still gets the loader and libc it will most likely need, and the
+/// whole image is pulled afterwards anyway. Fetched while the container
+/// is being created, when the link is otherwise idle.
+pub fn start_set(lazy: &LazyImage) -> Vec<Digest> {
+    let tree = &lazy.tree;
+    let mut paths: Vec<Vec<u8>> = Vec::new();
+    let (cmd, env) = crate::record::command_of(&lazy.resolved.config_bytes);
+    if let Some(program) = cmd.first() {
+        if program.contains('/') {
+            paths.push(program.as_bytes().to_vec());
+        } else {
+            let path = env
+                .iter()
+                .find_map(|kv| kv.strip_prefix("PATH="))
+                .unwrap_or_default();
+            for dir in path.split(':').filter(|d| d.starts_with('/')) {
+                let p = format!("{dir}/{program}");
+                if crate::elf::resolve(tree, p.as_bytes()).is_some() {
+                    paths.push(p.into_bytes());
+                    break;
+                }
+            }
+        }
+    }
+    let (loaders, triple): (&[&str], &str) = if cfg!(target_arch = "aarch64") {
+        (
+            &["/lib/ld-linux-aarch64.so.1", "/lib/ld-musl-aarch64.so.1"],
+            "aarch64-linux-gnu",
+        )
+    } else {
+        (
+            &["/lib64/ld-linux-x86-64.so.2", "/lib/ld-musl-x86_64.so.1"],
+            "x86_64-linux-gnu",
+        )
+    };
+    paths.extend(loaders.iter().map(|l| l.as_bytes().to_vec()));
+    paths.push(b"/etc/ld.so.cache".to_vec());
+    let libc_dirs = [
+        format!("/lib/{triple}"),
+        format!("/usr/lib/{triple}"),
+        "/lib64".into(),
+        "/usr/lib64".into(),
+        "/lib".into(),
+        "/usr/lib".into(),
+    ];
+    if let Some(libc) = libc_dirs
+        .iter()
+        .map(|d| format!("{d}/libc.so.6"))
+        .find(|p| crate::elf::resolve(tree, p.as_bytes()).is_some())
+    {
+        paths.push(libc.into_bytes());
+    }
+    let mut out = Vec::new();
+    for p in &paths {
+        if let Some((d, size)) = crate::elf::resolve(tree, p)
+            && size > 0
+            && size <= START_FILE_MAX
+            && lazy.remote(&d).is_some()
+            && !out.contains(&d)
+        {
+            out.push(d);
+        }
+    }
+    out
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -477,7 +566,7 @@ fn serve(
     // start, as before (links, no daemon)
     fetcher.link_trusted();
     // reads of listed files wait for the bulk fetch instead of racing it
-    let wanted = wanted(&lazy, opts);
+    let (wanted, start) = wanted(&lazy, opts);
     fetcher.reserve_bulk(&wanted);
     let files_total = lazy.contents().len() as u64;
     let to_fetch = lazy.missing(&store).len() as u64;
@@ -521,8 +610,8 @@ fn serve(
             .name("prefetch".into())
             .spawn(move || {
                 prefetch_thread(
-                    fetcher, prefetch, wanted, state, store, source, name, pull, cancel, events,
-                    early,
+                    fetcher, prefetch, wanted, start, state, store, source, name, pull, cancel,
+                    events, early,
                 )
             })
             .map_err(io("starting the prefetch thread".into()))?;
@@ -667,6 +756,7 @@ fn prefetch_thread(
     fetcher: Arc<Fetcher>,
     prefetch: Prefetch,
     wanted: Vec<Digest>,
+    start: bool,
     state: Arc<Mutex<MountState>>,
     store: Arc<Store>,
     source: Arc<dyn ImageSource>,
@@ -694,7 +784,15 @@ fn prefetch_thread(
     let listed = fetcher.fetch_many(&wanted, ctl);
     // what was streamed ahead for the list is freed (and stops)
     drop(early);
+    // the start set's command brings its libraries (a list holds them)
+    for d in wanted.iter().filter(|_| start) {
+        let deps = fetcher.deps_to_prefetch(d);
+        if !deps.is_empty() {
+            fetcher.fetch_deps(d, deps);
+        }
+    }
     match listed {
+        Ok(n) if start => tracing::info!("prefetched {n} files a program loads first"),
         Ok(n) => tracing::info!("prefetched {n} files of the list"),
         Err(ReadError::Cancelled) => {
             tracing::info!("prefetch cancelled during the list");

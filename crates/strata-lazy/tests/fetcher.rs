@@ -24,9 +24,9 @@ struct Faulty {
     panic: AtomicBool,
     /// Milliseconds a range read sleeps before failing (0: none).
     stall_ms: AtomicU64,
-    /// Range reads running now, and the most seen at once.
-    inflight: AtomicU64,
-    max_inflight: AtomicU64,
+    /// Range reads and ranged streams running now, and the most seen at once.
+    inflight: Arc<AtomicU64>,
+    max_inflight: Arc<AtomicU64>,
     /// Milliseconds every range read takes (0: as fast as it can).
     delay_ms: AtomicU64,
     /// Ranged streams opened, and milliseconds each read of one takes.
@@ -39,6 +39,14 @@ struct Slow {
     inner: Box<dyn Read + Send>,
     step_ms: u64,
     flip: bool,
+    /// Counted in flight until dropped.
+    inflight: Arc<AtomicU64>,
+}
+
+impl Drop for Slow {
+    fn drop(&mut self) {
+        self.inflight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Read for Slow {
@@ -106,10 +114,14 @@ impl ImageSource for Faulty {
     ) -> Result<Box<dyn Read + Send>, OciError> {
         self.check(desc)?;
         self.streams.fetch_add(1, Ordering::SeqCst);
+        let inner = self.inner.open_range(desc, offset, len)?;
+        let now = self.inflight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_inflight.fetch_max(now, Ordering::SeqCst);
         Ok(Box::new(Slow {
-            inner: self.inner.open_range(desc, offset, len)?,
+            inner,
             step_ms: self.stream_step_ms.load(Ordering::SeqCst),
             flip: self.tamper.load(Ordering::SeqCst),
+            inflight: self.inflight.clone(),
         }))
     }
     fn read_range(&self, desc: &Descriptor, offset: u64, len: u64) -> Result<Vec<u8>, OciError> {
@@ -229,8 +241,8 @@ fn faulty(fx: &Fixture) -> Arc<Faulty> {
         tamper: AtomicBool::new(false),
         panic: AtomicBool::new(false),
         stall_ms: AtomicU64::new(0),
-        inflight: AtomicU64::new(0),
-        max_inflight: AtomicU64::new(0),
+        inflight: Arc::new(AtomicU64::new(0)),
+        max_inflight: Arc::new(AtomicU64::new(0)),
         delay_ms: AtomicU64::new(0),
         streams: AtomicU64::new(0),
         stream_step_ms: AtomicU64::new(0),
@@ -653,6 +665,61 @@ fn a_read_returns_before_the_neighbours_its_request_brings() {
     assert_eq!(got, truth_bytes(&fx, &d)[..got.len()]);
 }
 
+/// With no list, `Prefetch::All` starts with what a program loads first:
+/// the image's command looked up on its PATH, the dynamic loader,
+/// `/etc/ld.so.cache` and libc (symlinks followed inside the image).
+#[test]
+fn the_start_set_is_the_command_the_loader_and_libc() {
+    let fx = fixture();
+    let regular =
+        |image: &LazyImage, p: &str| match image.tree.lookup(p.as_bytes()).map(|n| &n.kind) {
+            Some(NodeKind::Regular { digest, .. }) => *digest,
+            other => panic!("{p} is a regular file: {other:?}"),
+        };
+    let (libc, loader) = if cfg!(target_arch = "aarch64") {
+        (
+            "usr/lib/aarch64-linux-gnu/libc.so.6",
+            "usr/lib/aarch64-linux-gnu/ld-linux-aarch64.so.1",
+        )
+    } else {
+        (
+            "usr/lib/x86_64-linux-gnu/libc.so.6",
+            "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+        )
+    };
+    // the fixture's config names no command
+    let dir = tempfile::tempdir().unwrap();
+    let (f, python, _) = fetcher(dir.path(), faulty(&fx), 2);
+    let image = f.image();
+    let set = strata_lazy::start_set(image);
+    let want = [
+        regular(image, loader),
+        regular(image, "etc/ld.so.cache"),
+        regular(image, libc),
+    ];
+    assert_eq!(set, want, "loader, cache, libc");
+    // a command: first, found on the image's PATH through the symlink
+    let dir = tempfile::tempdir().unwrap();
+    let (f, ..) = fetcher_with(
+        dir.path(),
+        faulty(&fx),
+        2,
+        |image, _| {
+            let mut config: serde_json::Value =
+                serde_json::from_slice(&image.resolved.config_bytes).unwrap();
+            config["config"] = serde_json::json!({
+                "Env": ["PATH=/nonexistent:/usr/bin"],
+                "Cmd": ["python3", "-c", "print(1)"],
+            });
+            image.resolved.config_bytes = serde_json::to_vec(&config).unwrap();
+        },
+        None,
+    );
+    let set = strata_lazy::start_set(f.image());
+    assert_eq!(set[0], python, "python3 -> python3.11 first");
+    assert_eq!(set[1..], want);
+}
+
 #[test]
 fn a_tampered_stream_stores_nothing_of_the_file_it_spoils() {
     let fx = fixture();
@@ -958,5 +1025,6 @@ fn reads_never_run_more_fetches_at_once_than_the_pool_allows() {
         (1..=2).contains(&max),
         "at most 2 fetches at once with a pool of 2, saw {max}"
     );
-    assert!(src.ranges.load(Ordering::SeqCst) >= 16);
+    // each read its own request (a small file's brings its neighbours)
+    assert!(src.ranges.load(Ordering::SeqCst) + src.streams.load(Ordering::SeqCst) >= 16);
 }
