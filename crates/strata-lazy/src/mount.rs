@@ -596,6 +596,9 @@ fn serve(
     }));
     // background prefetch: the list starts now, while the mount is built
     let prefetch_cancel = Cancel::new();
+    // the start set waits for the mount: its CPU goes to building it, and
+    // the link is idle after it (while the container is created)
+    let (mounted_tx, mounted_rx) = std::sync::mpsc::channel::<()>();
     if opts.prefetch != Prefetch::None {
         let fetcher = fetcher.clone();
         let prefetch = opts.prefetch;
@@ -609,6 +612,10 @@ fn serve(
         std::thread::Builder::new()
             .name("prefetch".into())
             .spawn(move || {
+                if start && mounted_rx.recv().is_err() {
+                    // not mounted after all
+                    return;
+                }
                 prefetch_thread(
                     fetcher, prefetch, wanted, start, state, store, source, name, pull, cancel,
                     events, early,
@@ -683,6 +690,7 @@ fn serve(
         undo(session);
         return Err(fail(e.into()));
     }
+    let _ = mounted_tx.send(());
     let saved = {
         // the counts here are from before the prefetch: a prefetch that
         // already moved on is saved as still on its list until the
