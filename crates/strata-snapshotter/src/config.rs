@@ -15,8 +15,9 @@
 //! # every file for the CLI and containerd alike
 //! # store = "/var/lib/strata"
 //! # what lazy mounts of zstd:chunked images fetch in the background:
-//! # "all" (the image's prefetch list first, if it has one, then the rest:
-//! # the image ends fully pulled), "list" (only the list the image carries,
+//! # "all" (the image's prefetch list first, if it has one, else what a
+//! # program loads first: the image's command, the loader and libc; then
+//! # the rest: the image ends fully pulled), "list" (only the list the image carries,
 //! # `strata convert --prefetch-list`) or "none" (only what is read)
 //! prefetch = "all"
 //! # when a zstd:chunked image cannot be mounted lazily (its TOC fails its
