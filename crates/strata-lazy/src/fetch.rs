@@ -1085,6 +1085,17 @@ impl Fetcher {
         self.fetch_many_with(digests, ctl, false)
     }
 
+    /// [`fetch_many`](Self::fetch_many), the files served from their
+    /// staging files at once and stored in the background batches (no
+    /// sync per request): for a few files wanted soon.
+    pub fn fetch_many_deferred(
+        &self,
+        digests: &[Digest],
+        ctl: Ctl<'_>,
+    ) -> Result<usize, ReadError> {
+        self.fetch_many_with(digests, ctl, true)
+    }
+
     /// [`fetch_many`](Self::fetch_many); with `defer`, the files are
     /// served from their staging files at once and stored in the
     /// background (a read waits for them), else stored request by request.

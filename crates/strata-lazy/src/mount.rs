@@ -789,7 +789,12 @@ fn prefetch_thread(
     });
     set(PrefetchState::List, None, false);
     let mut list_error = None;
-    let listed = fetcher.fetch_many(&wanted, ctl);
+    // (the start set's few files are stored in the background: a sync per
+    // request there slowed what runs beside it, containerd's calls too)
+    let listed = match start {
+        true => fetcher.fetch_many_deferred(&wanted, ctl),
+        false => fetcher.fetch_many(&wanted, ctl),
+    };
     // what was streamed ahead for the list is freed (and stops)
     drop(early);
     // the start set's command brings its libraries (a list holds them)
