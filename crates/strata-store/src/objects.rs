@@ -77,7 +77,6 @@ struct Writers {
 }
 
 const WRITER_THREADS: usize = 4;
-const RENAME_THREADS: usize = 4;
 /// The committer moves what was written into the store once this much is
 /// waiting, or [`COMMIT_EVERY`] after the first of it.
 const COMMIT_BYTES: u64 = 8 << 20;
@@ -392,9 +391,7 @@ impl<'s> ObjectBatch<'s> {
     pub fn commit(self) -> Result<BatchStats> {
         let root = self.store.root().to_path_buf();
         let (stats, _) = self.commit_unsynced()?;
-        let dir = File::open(&root).map_err(io_err("opening", &root))?;
-        rustix::fs::syncfs(&dir)
-            .map_err(|e| io_err("syncing committed objects", &root)(e.into()))?;
+        crate::syncfs(&root)?;
         Ok(stats)
     }
 
@@ -425,36 +422,10 @@ impl<'s> ObjectBatch<'s> {
             let _ = fs::remove_dir_all(&self.dir);
             return Ok((self.stats, verity));
         }
-        let dir_file = File::open(&self.dir).map_err(io_err("opening staging", &self.dir))?;
-        rustix::fs::syncfs(&dir_file)
-            .map_err(|e| io_err("syncing staged objects", &self.dir)(e.into()))?;
-        // What the committer had not moved yet, by fan-out directory, a few
-        // directories at once: a rename locks its two directories, and
-        // these pairs are disjoint.
-        let mut by_fanout: Vec<Vec<(Digest, PathBuf)>> = vec![Vec::new(); 256];
-        for (digest, staged) in rest {
-            by_fanout[usize::from(digest.as_bytes()[0])].push((digest, staged));
-        }
-        by_fanout.retain(|v| !v.is_empty());
-        strata_ops::par_map(
-            &by_fanout,
-            RENAME_THREADS,
-            &strata_ops::Cancel::new(),
-            |_, objects| {
-                let (first, _) = &objects[0];
-                let dest = self.store.object_path(first);
-                let parent = dest.parent().expect("object paths have a fan-out dir");
-                if !parent.exists() {
-                    fs::create_dir_all(parent).map_err(io_err("creating object dir", parent))?;
-                }
-                for (digest, staged) in objects {
-                    let dest = self.store.object_path(digest);
-                    // rename over an identical object written concurrently is harmless
-                    fs::rename(staged, &dest).map_err(io_err("committing object", &dest))?;
-                }
-                Ok::<_, crate::StoreError>(())
-            },
-        )?;
+        // what the committer had not moved yet: the last round's worth
+        let objects = self.store.root().join("objects");
+        move_into_store(&self.dir, &objects, &rest, &mut Default::default())
+            .map_err(io_err("committing staged objects", &self.dir))?;
         let _ = fs::remove_dir_all(&self.dir);
         Ok((self.stats, verity))
     }
@@ -544,12 +515,7 @@ mod tests {
         let big = vec![7u8; (1 << 20) + 4097];
         digests.push(batch.put(&mut &big[..], big.len() as u64).unwrap());
         // the committer moves them within its period, before any commit
-        let t0 = std::time::Instant::now();
-        while !digests.iter().all(|d| store.has_object(d))
-            && t0.elapsed() < std::time::Duration::from_secs(10)
-        {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        moved_within_10s(|| digests.iter().all(|d| store.has_object(d)));
         assert!(
             digests.iter().all(|d| store.has_object(d)),
             "objects not moved before the commit"
@@ -576,10 +542,7 @@ mod tests {
         let mut batch = store.object_batch().unwrap();
         let content = b"moved early, then the pull failed";
         let d = batch.put(&mut &content[..], content.len() as u64).unwrap();
-        let t0 = std::time::Instant::now();
-        while !store.has_object(&d) && t0.elapsed() < std::time::Duration::from_secs(10) {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        moved_within_10s(|| store.has_object(&d));
         assert!(store.has_object(&d));
         drop(batch);
         assert_eq!(std::fs::read(store.object_path(&d)).unwrap(), content);
@@ -593,6 +556,14 @@ mod tests {
         // no staging left (the handle's own work dir may stay, empty)
         let leftovers: Vec<_> = walkdir(&store.root().join("tmp"));
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    /// Wait (at most 10 s) until `done`.
+    fn moved_within_10s(done: impl Fn() -> bool) {
+        let t0 = std::time::Instant::now();
+        while !done() && t0.elapsed() < std::time::Duration::from_secs(10) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     fn walkdir(dir: &std::path::Path) -> Vec<PathBuf> {
