@@ -182,6 +182,32 @@ const STREAM_SPAN_BYTES: u64 = 1 << 20;
 /// Files a program loads (its libraries) fetched at once.
 const DEPS_PARALLEL: usize = 6;
 
+/// Largest `.pyc` read for its imports, and largest module fetched for
+/// one.
+const PYC_BYTES: u64 = 1 << 20;
+/// Modules fetched at most for one module's imports.
+const PYC_IMPORTS: usize = 64;
+/// Rounds of imports of imports fetched ahead of the interpreter.
+const PYC_ROUNDS: usize = 16;
+/// Modules fetched at most in those rounds, from one module opened.
+const PYC_CASCADE: usize = 512;
+
+/// What a file loads next (see [`Fetcher::deps_to_prefetch`]).
+#[derive(Debug, Default)]
+pub struct Loads {
+    /// Missing files, in the order they are wanted.
+    pub files: Vec<Digest>,
+    /// Python modules (fetched together), not an ELF file's libraries.
+    modules: bool,
+}
+
+impl Loads {
+    /// Nothing to fetch.
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+}
+
 /// A read of a file this small (compressed) brings its small neighbours.
 const NEAR_FILE_BYTES: u64 = 64 * 1024;
 /// How much blob a read brings along at most.
@@ -427,11 +453,19 @@ pub struct Fetcher {
     layers_checked: Mutex<std::collections::HashSet<usize>>,
     events: Option<Arc<dyn EventSink>>,
     wait_limit: Duration,
-    /// ELF files whose interpreter and libraries were looked for.
+    /// Files looked at for what they load (ELF files, Python modules).
     deps_seen: Mutex<std::collections::HashSet<Digest>>,
     /// Whether programs bring their libraries (`STRATA_LAZY_ELF_DEPS=0`:
     /// no, for measuring what it gains).
     elf_deps_on: bool,
+    /// Whether Python modules bring what they import
+    /// (`STRATA_LAZY_PY_IMPORTS=0`: no, for measuring what it gains).
+    py_imports_on: bool,
+    /// The image's `.pyc` files by content (a path of each), made at the
+    /// first module looked at.
+    pyc_paths: std::sync::OnceLock<HashMap<Digest, Vec<u8>>>,
+    /// Python import roots met so far (`crate::pyc::module_files`).
+    py_roots: Mutex<Vec<Vec<u8>>>,
     /// Counters.
     pub stats: Stats,
 }
@@ -487,6 +521,9 @@ impl Fetcher {
             wait_limit: WAIT_LIMIT,
             deps_seen: Mutex::new(std::collections::HashSet::new()),
             elf_deps_on: std::env::var_os("STRATA_LAZY_ELF_DEPS").is_none_or(|v| v != "0"),
+            py_imports_on: std::env::var_os("STRATA_LAZY_PY_IMPORTS").is_none_or(|v| v != "0"),
+            pyc_paths: std::sync::OnceLock::new(),
+            py_roots: Mutex::new(Vec::new()),
             stats: Stats::default(),
         })
     }
@@ -885,7 +922,13 @@ impl Fetcher {
         let t0 = Instant::now();
         let fetched = |how: &str| {
             tracing::debug!(
-                "read of {digest} ({size} bytes) waited {:.1} ms for {how}",
+                "read of {} ({digest}, {size} bytes, {} in the blob) waited {:.1} ms for {how}",
+                self.image
+                    .remote(digest)
+                    .map_or("?", |(_, f)| f.name.as_str()),
+                self.image
+                    .remote(digest)
+                    .map_or(0, |(_, f)| f.end - f.offset),
                 t0.elapsed().as_secs_f64() * 1000.0
             )
         };
@@ -919,25 +962,97 @@ impl Fetcher {
         }
     }
 
-    /// When `digest` (just read, now local) is a dynamically linked ELF
-    /// file looked at for the first time: the missing files its loader
-    /// opens next (interpreter, `/etc/ld.so.cache`, libraries), for
-    /// [`fetch_deps`](Self::fetch_deps).
-    pub fn deps_to_prefetch(&self, digest: &Digest) -> Vec<Digest> {
-        match self.elf_deps_on {
-            true => self.elf_deps(digest),
-            false => Vec::new(),
+    /// When `digest` (just read or opened, local) is looked at for the
+    /// first time, the missing files it loads next, for
+    /// [`fetch_deps`](Self::fetch_deps): a dynamically linked ELF file's
+    /// interpreter, `/etc/ld.so.cache` and libraries; a Python module's
+    /// (`.pyc`) imports (`crate::pyc`).
+    pub fn deps_to_prefetch(&self, digest: &Digest) -> Loads {
+        let Ok(Some(f)) = self.open_verified(digest) else {
+            return Loads::default();
+        };
+        let Ok(head) = pread(&f, 0, 16) else {
+            return Loads::default();
+        };
+        if !lock(&self.deps_seen).insert(*digest) {
+            return Loads::default();
         }
+        if head.starts_with(b"\x7fELF") && self.elf_deps_on {
+            return Loads {
+                files: self.elf_files(&f),
+                modules: false,
+            };
+        }
+        if crate::pyc::is_pyc(&head) && self.py_imports_on {
+            return Loads {
+                files: self.module_files(digest, &f),
+                modules: true,
+            };
+        }
+        Loads::default()
+    }
+
+    /// The missing module files the `.pyc` `digest` (open as `f`) imports.
+    fn module_files(&self, digest: &Digest, f: &File) -> Vec<Digest> {
+        let paths = self.pyc_paths.get_or_init(|| {
+            let mut m = HashMap::new();
+            for (p, n) in self.image.tree.walk() {
+                if let strata_tree::NodeKind::Regular { digest, .. } = &n.kind
+                    && p.ends_with(b".pyc")
+                {
+                    m.entry(*digest)
+                        .or_insert_with(|| [b"/", p.as_slice()].concat());
+                }
+            }
+            m
+        });
+        let Some(path) = paths.get(digest) else {
+            return Vec::new();
+        };
+        let Ok(len) = f.metadata().map(|m| m.len()) else {
+            return Vec::new();
+        };
+        if len > PYC_BYTES {
+            return Vec::new();
+        }
+        let Ok(data) = pread(f, 0, len as u32) else {
+            return Vec::new();
+        };
+        let Some(names) = crate::pyc::names(&data) else {
+            return Vec::new();
+        };
+        let found = {
+            let mut roots = lock(&self.py_roots);
+            crate::pyc::module_files(&self.image.tree, path, &names, &mut roots)
+        };
+        let mut out = Vec::new();
+        for (d, size) in found {
+            if out.len() < PYC_IMPORTS
+                && size > 0
+                && size <= PYC_BYTES
+                && !out.contains(&d)
+                && self.image.remote(&d).is_some()
+                && !self.has(&d)
+            {
+                out.push(d);
+            }
+        }
+        out
     }
 
     /// Fetch what [`deps_to_prefetch`](Self::deps_to_prefetch) returned for
-    /// `origin`: each file by its own requests, [`DEPS_PARALLEL`] at once
-    /// (a read of one of them waits for its chunks instead of asking
-    /// again), served at once and stored in the background; then the
-    /// libraries those libraries need, a few rounds deep. Failures only
-    /// end the prefetch (reads fetch for themselves).
-    pub fn fetch_deps(&self, origin: &Digest, deps: Vec<Digest>) {
-        let mut todo = deps;
+    /// `origin`. Libraries: each file by its own requests,
+    /// [`DEPS_PARALLEL`] at once (a read of one of them waits for its
+    /// chunks instead of asking again), served at once and stored in the
+    /// background; then the libraries those libraries need, a few rounds
+    /// deep. Modules: all in one request per layer, then the libraries of
+    /// the extension modules among them. Failures only end the prefetch
+    /// (reads fetch for themselves).
+    pub fn fetch_deps(&self, origin: &Digest, deps: Loads) {
+        if deps.modules {
+            return self.fetch_modules(origin, deps.files);
+        }
+        let mut todo = deps.files;
         for _ in 0..4 {
             // what a bulk prefetch is bringing is not asked for twice (a
             // read of it waits for the bulk)
@@ -986,6 +1101,75 @@ impl Fetcher {
         }
     }
 
+    /// [`fetch_deps`](Self::fetch_deps) of modules: those `origin`
+    /// imports in one request per layer, then what those import as they
+    /// arrive (each looked at once per mount), round after round, ahead
+    /// of the interpreter; the libraries of extension modules on the side.
+    fn fetch_modules(&self, origin: &Digest, first: Vec<Digest>) {
+        let name = |d: &Digest| self.image.remote(d).map_or("?", |(_, f)| f.name.as_str());
+        let t0 = Instant::now();
+        let mut todo = first;
+        let mut total = 0;
+        std::thread::scope(|s| {
+            for _ in 0..PYC_ROUNDS {
+                {
+                    let bulk = lock(&self.bulk);
+                    todo.retain(|d| !bulk.contains(d) && !self.has(d));
+                }
+                todo.truncate(PYC_CASCADE.saturating_sub(total));
+                if todo.is_empty() {
+                    break;
+                }
+                total += todo.len();
+                match self.fetch_many_deferred(&todo, Ctl::none()) {
+                    Ok(n) => {
+                        self.stats
+                            .deps_fetched
+                            .fetch_add(n as u64, Ordering::Relaxed);
+                        tracing::debug!(
+                            "fetched {n} of {} modules {} imports, {:.1} ms in: {}",
+                            todo.len(),
+                            name(origin),
+                            t0.elapsed().as_secs_f64() * 1000.0,
+                            todo.iter().map(name).collect::<Vec<_>>().join(" ")
+                        );
+                    }
+                    Err(e) => {
+                        tracing::debug!("fetching the modules {} imports: {e}", name(origin));
+                        return;
+                    }
+                }
+                let mut next = Vec::new();
+                let mut libs = Vec::new();
+                for d in &todo {
+                    let loads = self.deps_to_prefetch(d);
+                    let into = match loads.modules {
+                        true => &mut next,
+                        false => &mut libs,
+                    };
+                    for f in loads.files {
+                        if !into.contains(&f) {
+                            into.push(f);
+                        }
+                    }
+                }
+                if !libs.is_empty() {
+                    // extension modules load their libraries (`dlopen`)
+                    s.spawn(move || {
+                        self.fetch_deps(
+                            origin,
+                            Loads {
+                                files: libs,
+                                modules: false,
+                            },
+                        )
+                    });
+                }
+                todo = next;
+            }
+        });
+    }
+
     /// Whether `digest` was looked at for what it loads (or is not
     /// fetched lazily at all).
     pub fn deps_seen(&self, digest: &Digest) -> bool {
@@ -993,15 +1177,25 @@ impl Fetcher {
     }
 
     /// The missing files the ELF file `digest` (local) loads, once per
-    /// content per mount.
+    /// content per mount (anything else is not marked as looked at: a
+    /// module is looked at once opened).
     fn elf_deps(&self, digest: &Digest) -> Vec<Digest> {
-        if !lock(&self.deps_seen).insert(*digest) {
-            return Vec::new();
-        }
         let Ok(Some(f)) = self.open_verified(digest) else {
             return Vec::new();
         };
-        let read_at = |off: u64, len: usize| pread(&f, off, len.min(1 << 20) as u32);
+        match pread(&f, 0, 4) {
+            Ok(h) if h == b"\x7fELF" => {}
+            _ => return Vec::new(),
+        }
+        if !lock(&self.deps_seen).insert(*digest) {
+            return Vec::new();
+        }
+        self.elf_files(&f)
+    }
+
+    /// The missing files the ELF file `f` loads.
+    fn elf_files(&self, f: &File) -> Vec<Digest> {
+        let read_at = |off: u64, len: usize| pread(f, off, len.min(1 << 20) as u32);
         let Some(d) = crate::elf::deps(&read_at) else {
             return Vec::new();
         };

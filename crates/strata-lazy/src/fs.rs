@@ -402,7 +402,7 @@ impl LazyFs {
                     .map(|(data, rest)| {
                         let deps = match offset {
                             0 => fetcher.deps_to_prefetch(&digest),
-                            _ => Vec::new(),
+                            _ => Default::default(),
                         };
                         (data, rest, deps)
                     })
@@ -480,7 +480,7 @@ impl LazyFs {
 
 /// Fetch what the program `digest` loads (`deps()` says what), on a
 /// worker: a panic there is logged, never the worker's end.
-fn fetch_deps(fetcher: &Fetcher, digest: &Digest, deps: impl FnOnce() -> Vec<Digest>) {
+fn fetch_deps(fetcher: &Fetcher, digest: &Digest, deps: impl FnOnce() -> crate::fetch::Loads) {
     let run = std::panic::AssertUnwindSafe(|| fetcher.fetch_deps(digest, deps()));
     if std::panic::catch_unwind(run).is_err() {
         tracing::error!("fetching the libraries of {digest} panicked");

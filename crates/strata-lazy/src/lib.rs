@@ -31,6 +31,7 @@ mod elf;
 mod fetch;
 pub mod fs;
 pub mod mount;
+mod pyc;
 pub mod record;
 pub mod state;
 
@@ -43,10 +44,10 @@ use strata_oci::{Descriptor, ImageSource, OciError, ResolvedImage};
 use strata_store::{Store, StoreError};
 use strata_tree::Tree;
 
-pub use fetch::{Fetcher, ReadError, ReadRest, Stats};
+pub use fetch::{Fetcher, Loads, ReadError, ReadRest, Stats};
 pub use mount::{
     Fallback, LazyMount, LazyOptions, MountRecord, MountReport, MountStatus, Mounted, Prefetch,
-    attach, cleanup, list, mount, start_set,
+    attach, cleanup, list, mount, received_since, start_set,
 };
 pub use state::{MountState, PrefetchState};
 

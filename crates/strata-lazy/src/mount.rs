@@ -439,15 +439,23 @@ fn wanted(lazy: &LazyImage, opts: &LazyOptions) -> (Vec<Digest>, bool) {
 
 /// A file of the start set larger than this is left to reads.
 const START_FILE_MAX: u64 = 16 << 20;
+/// The same for the small files of the start set (those a program's
+/// first calls read).
+const START_SMALL_MAX: u64 = 1 << 20;
 
 /// What `Prefetch::All` fetches first when the image has no list and no
 /// files placed first: what a program started from it loads before
 /// anything else. The image's command (`Entrypoint`/`Cmd`, looked up on
 /// its `PATH`), and for the host's machine the dynamic loader,
 /// `/etc/ld.so.cache` and the C library, which every dynamically linked
-/// program of a glibc or musl image opens first. Those missing from the
-/// store, each at most [`START_FILE_MAX`]; the libraries the command
-/// names follow once it is in (see `prefetch_thread`).
+/// program of a glibc or musl image opens first; then the few small
+/// files read before the program starts or by its first calls:
+/// `/etc/passwd` and `/etc/group` (the runtime looks the user up in
+/// them), C.UTF-8's `LC_CTYPE` and glibc's gconv cache (setlocale), and
+/// `/etc/localtime` (tzset). Those missing from the store, each at most
+/// [`START_FILE_MAX`] ([`START_SMALL_MAX`] for the small ones); the
+/// libraries the command names follow once it is in (see
+/// `prefetch_thread`).
 ///
 /// A guess, bounded to a few files: a container that runs something else
 /// still gets the loader and libc it will most likely need, and the
@@ -495,18 +503,47 @@ pub fn start_set(lazy: &LazyImage) -> Vec<Digest> {
         "/lib".into(),
         "/usr/lib".into(),
     ];
-    if let Some(libc) = libc_dirs
-        .iter()
-        .map(|d| format!("{d}/libc.so.6"))
-        .find(|p| crate::elf::resolve(tree, p.as_bytes()).is_some())
-    {
+    let first = |names: Vec<String>| {
+        names
+            .into_iter()
+            .find(|p| crate::elf::resolve(tree, p.as_bytes()).is_some())
+    };
+    if let Some(libc) = first(libc_dirs.iter().map(|d| format!("{d}/libc.so.6")).collect()) {
         paths.push(libc.into_bytes());
     }
+    let big = paths.len();
+    // small files read before the program or by its first calls: the
+    // runtime's user lookup (runc reads these in the container's root),
+    // then glibc's setlocale (C.UTF-8's LC_CTYPE, the gconv cache) and
+    // tzset
+    for p in ["/etc/passwd", "/etc/group"] {
+        paths.push(p.as_bytes().to_vec());
+    }
+    if let Some(p) = first(vec![
+        "/usr/lib/locale/C.utf8/LC_CTYPE".into(),
+        "/usr/lib/locale/C.UTF-8/LC_CTYPE".into(),
+    ]) {
+        paths.push(p.into_bytes());
+    }
+    if let Some(p) = first(
+        libc_dirs
+            .iter()
+            .map(|d| format!("{d}/gconv/gconv-modules.cache"))
+            .collect(),
+    ) {
+        paths.push(p.into_bytes());
+    }
+    paths.push(b"/etc/localtime".to_vec());
     let mut out = Vec::new();
-    for p in &paths {
+    for (i, p) in paths.iter().enumerate() {
+        let max = if i < big {
+            START_FILE_MAX
+        } else {
+            START_SMALL_MAX
+        };
         if let Some((d, size)) = crate::elf::resolve(tree, p)
             && size > 0
-            && size <= START_FILE_MAX
+            && size <= max
             && lazy.remote(&d).is_some()
             && !out.contains(&d)
         {
@@ -722,6 +759,7 @@ fn serve(
         t.elapsed().as_secs_f64() * 1000.0
     );
     let done = Arc::new(AtomicBool::new(false));
+    heartbeat(mdir.join(RECEIVED), done.clone());
     let updater = {
         let u = Updater {
             done: done.clone(),
@@ -1195,6 +1233,62 @@ pub fn list(root: &Path) -> Vec<MountRecord> {
         .collect()
 }
 
+/// The file a lazy mount's daemon keeps the time it last received bytes
+/// from its registry in (milliseconds since the Unix epoch, 8 bytes
+/// little-endian): [`received_since`].
+const RECEIVED: &str = "received";
+
+/// Keep `path` saying when this process last received bytes from a
+/// registry (`strata_oci::registry::last_received`): every 10 ms while
+/// bytes arrive, every 100 ms when none have for a second; until `done`.
+fn heartbeat(path: PathBuf, done: Arc<AtomicBool>) {
+    let run = move || {
+        let Ok(f) = std::fs::File::create(&path) else {
+            return;
+        };
+        let mut said = 0u64;
+        let mut changed = Instant::now();
+        while !done.load(Ordering::Relaxed) {
+            let at = strata_oci::registry::last_received()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_millis() as u64);
+            if at != said {
+                use std::os::unix::fs::FileExt;
+                if f.write_at(&at.to_le_bytes(), 0).is_ok() {
+                    said = at;
+                    changed = Instant::now();
+                }
+            }
+            std::thread::sleep(match changed.elapsed() < Duration::from_secs(1) {
+                true => Duration::from_millis(10),
+                false => Duration::from_millis(100),
+            });
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("lazy-heartbeat".into())
+        .spawn(run)
+    {
+        tracing::warn!("no heartbeat thread: {e}");
+    }
+}
+
+/// Whether the daemon of the lazy mount at `target` received bytes from
+/// its registry after `since` (a later millisecond): proof that the
+/// registry answered since then, as a probe of it would be.
+pub fn received_since(root: &Path, target: &Path, since: SystemTime) -> bool {
+    let Ok(b) = std::fs::read(mount_dir(root, target).join(RECEIVED)) else {
+        return false;
+    };
+    let Ok(ms) = <[u8; 8]>::try_from(b.as_slice()).map(u64::from_le_bytes) else {
+        return false;
+    };
+    let since = since
+        .duration_since(UNIX_EPOCH)
+        .map_or(u64::MAX, |d| d.as_millis() as u64);
+    ms > since
+}
+
 /// The lazy mount on record at `target` (a canonical path), served by
 /// whichever process: how a restarted manager finds the mounts it started.
 pub fn attach(root: &Path, target: &Path) -> Result<MountRecord, LazyError> {
@@ -1233,6 +1327,34 @@ pub fn cleanup(root: &Path, target: &Path) -> Result<(), LazyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bytes_received_after_a_moment_are_told_by_the_mounts_file() {
+        let root = tempfile::tempdir().unwrap();
+        let target = Path::new("/mnt/some/where");
+        let since = SystemTime::now();
+        // no daemon said anything: not received
+        assert!(!received_since(root.path(), target, since));
+        let mdir = mount_dir(root.path(), target);
+        std::fs::create_dir_all(&mdir).unwrap();
+        let say = |t: SystemTime| {
+            let ms = t.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+            std::fs::write(mdir.join(RECEIVED), ms.to_le_bytes()).unwrap();
+        };
+        // bytes from before, or from the same millisecond: not proof
+        say(since - Duration::from_millis(50));
+        assert!(!received_since(root.path(), target, since));
+        say(since);
+        assert!(!received_since(root.path(), target, since));
+        // after: proof
+        say(since + Duration::from_millis(2));
+        assert!(received_since(root.path(), target, since));
+        // another mount's file says nothing of this one
+        assert!(!received_since(root.path(), Path::new("/mnt/other"), since));
+        // a torn or foreign file: not proof
+        std::fs::write(mdir.join(RECEIVED), b"12345").unwrap();
+        assert!(!received_since(root.path(), target, since));
+    }
 
     #[test]
     fn trims_once_per_quiet_period() {

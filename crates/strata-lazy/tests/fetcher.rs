@@ -19,6 +19,8 @@ use strata_tree::NodeKind;
 struct Faulty {
     inner: Box<dyn ImageSource>,
     ranges: AtomicU64,
+    /// Requests of several ranges.
+    range_lists: AtomicU64,
     fail: AtomicBool,
     tamper: AtomicBool,
     panic: AtomicBool,
@@ -138,6 +140,7 @@ impl ImageSource for Faulty {
         Ok(self.spoil(r?))
     }
     fn read_ranges(&self, desc: &Descriptor, r: &[(u64, u64)]) -> Result<Vec<Vec<u8>>, OciError> {
+        self.range_lists.fetch_add(1, Ordering::SeqCst);
         r.iter()
             .map(|(o, l)| self.read_range(desc, *o, *l))
             .collect()
@@ -237,6 +240,7 @@ fn faulty(fx: &Fixture) -> Arc<Faulty> {
     Arc::new(Faulty {
         inner: strata_oci::open_source(&fx.layout, &Default::default()).unwrap(),
         ranges: AtomicU64::new(0),
+        range_lists: AtomicU64::new(0),
         fail: AtomicBool::new(false),
         tamper: AtomicBool::new(false),
         panic: AtomicBool::new(false),
@@ -669,7 +673,7 @@ fn a_read_returns_before_the_neighbours_its_request_brings() {
 /// the image's command looked up on its PATH, the dynamic loader,
 /// `/etc/ld.so.cache` and libc (symlinks followed inside the image).
 #[test]
-fn the_start_set_is_the_command_the_loader_and_libc() {
+fn the_start_set_is_the_command_the_loader_libc_and_the_files_their_first_calls_read() {
     let fx = fixture();
     let regular =
         |image: &LazyImage, p: &str| match image.tree.lookup(p.as_bytes()).map(|n| &n.kind) {
@@ -696,8 +700,15 @@ fn the_start_set_is_the_command_the_loader_and_libc() {
         regular(image, loader),
         regular(image, "etc/ld.so.cache"),
         regular(image, libc),
+        // then the small files read before the program and by its first
+        // calls (localtime is a symlink to the zone's file)
+        regular(image, "etc/passwd"),
+        regular(image, "etc/group"),
+        regular(image, "usr/lib/locale/C.utf8/LC_CTYPE"),
+        regular(image, "usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache"),
+        regular(image, "usr/share/zoneinfo/Etc/UTC"),
     ];
-    assert_eq!(set, want, "loader, cache, libc");
+    assert_eq!(set, want, "loader, cache, libc, the small ones");
     // a command: first, found on the image's PATH through the symlink
     let dir = tempfile::tempdir().unwrap();
     let (f, ..) = fetcher_with(
@@ -1027,4 +1038,106 @@ fn reads_never_run_more_fetches_at_once_than_the_pool_allows() {
     );
     // each read its own request (a small file's brings its neighbours)
     assert!(src.ranges.load(Ordering::SeqCst) + src.streams.load(Ordering::SeqCst) >= 16);
+}
+
+/// A Python module, once opened, brings what it imports when it runs,
+/// and those bring theirs, before the interpreter asks; what it does not
+/// import (a function's imports, other modules of its package) stays.
+#[test]
+fn an_opened_python_module_brings_what_its_imports_import() {
+    let fx = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let src = faulty(&fx);
+    let (f, ..) = fetcher(dir.path(), src.clone(), 4);
+    let image = f.image();
+    let file = |p: &str| match image.tree.lookup(p.as_bytes()).map(|n| &n.kind) {
+        Some(NodeKind::Regular { digest, .. }) => *digest,
+        other => panic!("{p} is a regular file: {other:?}"),
+    };
+    let lib = "usr/lib/python3.11";
+    let pyc = |m: &str| file(&format!("{lib}/{m}.cpython-311.pyc"));
+    let decoder = pyc("json/__pycache__/decoder");
+    // the module is read (what its first read fetches)
+    let size = image.remote(&decoder).unwrap().1.size;
+    f.read(&decoder, size, 0, size as u32).unwrap();
+    f.flush();
+    let loads = f.deps_to_prefetch(&decoder);
+    let json_ext = image
+        .tree
+        .walk()
+        .find(|(p, _)| p.starts_with(format!("{lib}/lib-dynload/_json.").as_bytes()))
+        .map(|(p, _)| file(std::str::from_utf8(&p).unwrap()))
+        .expect("the _json extension");
+    // `import re`, `from json import scanner`, `from _json import ...`
+    // (a module its read brought along as a neighbour is not asked for)
+    for (what, d) in [
+        ("re", pyc("re/__pycache__/__init__")),
+        ("json.scanner", pyc("json/__pycache__/scanner")),
+        ("_json", json_ext),
+    ] {
+        assert!(
+            loads.files.contains(&d) || f.store().has_object(&d),
+            "{what} is not brought: {:?}",
+            loads.files
+        );
+    }
+    assert!(loads.files.contains(&pyc("re/__pycache__/__init__")));
+    // not imported by json.decoder
+    for m in [
+        "json/__pycache__/encoder",
+        "json/__pycache__/tool",
+        "sqlite3/__pycache__/__init__",
+    ] {
+        if let Some(NodeKind::Regular { digest, .. }) = image
+            .tree
+            .lookup(format!("{lib}/{m}.cpython-311.pyc").as_bytes())
+            .map(|n| &n.kind)
+        {
+            assert!(!loads.files.contains(digest), "{m} is brought");
+        }
+    }
+    // looked at once
+    assert!(f.deps_to_prefetch(&decoder).is_empty());
+    let asked = src.range_lists.load(Ordering::SeqCst);
+    f.fetch_deps(&decoder, loads);
+    f.flush();
+    // re, then what re imports when it runs, then what those import:
+    // all in without a read of any
+    let deep = [
+        pyc("re/__pycache__/__init__"),
+        pyc("re/__pycache__/_compiler"),
+        pyc("re/__pycache__/_parser"),
+        pyc("re/__pycache__/_casefix"),
+        pyc("__pycache__/enum"),
+        pyc("__pycache__/types"),
+        pyc("__pycache__/functools"),
+        pyc("collections/__pycache__/__init__"),
+        pyc("__pycache__/keyword"),
+        json_ext,
+    ];
+    assert_stored(&f, &deep);
+    // a request per round of imports (one layer), not one per module
+    let requests = src.range_lists.load(Ordering::SeqCst) - asked;
+    assert!(
+        requests < deep.len() as u64,
+        "{requests} requests for {} modules",
+        deep.len()
+    );
+    // what nothing imports at import time stays remote
+    for m in [
+        "sqlite3/__pycache__/__init__",
+        "__pycache__/subprocess",
+        "email/__pycache__/__init__",
+    ] {
+        if let Some(NodeKind::Regular { digest, .. }) = image
+            .tree
+            .lookup(format!("{lib}/{m}.cpython-311.pyc").as_bytes())
+            .map(|n| &n.kind)
+        {
+            assert!(!f.store().has_object(digest), "{m} was fetched");
+        }
+    }
+    // the modules fetched ahead were looked at as they came: opening one
+    // asks for nothing more
+    assert!(f.deps_to_prefetch(&pyc("__pycache__/enum")).is_empty());
 }

@@ -16,8 +16,9 @@
 //! # store = "/var/lib/strata"
 //! # what lazy mounts of zstd:chunked images fetch in the background:
 //! # "all" (the image's prefetch list first, if it has one, else what a
-//! # program loads first: the image's command, the loader and libc; then
-//! # the rest: the image ends fully pulled), "list" (only the list the image carries,
+//! # program loads first: the image's command, the loader, libc and the
+//! # small files a start reads; then the rest: the image ends fully
+//! # pulled), "list" (only the list the image carries,
 //! # `strata convert --prefetch-list`) or "none" (only what is read)
 //! prefetch = "all"
 //! # when a zstd:chunked image cannot be mounted lazily (its TOC fails its

@@ -566,7 +566,9 @@ impl Snapshotter {
             source: io::Error::other(e.to_string()),
         })?;
         if new && mounted && r.lazy && self.store.image_meta(&r.manifest).is_err() {
+            let t0 = std::time::Instant::now();
             self.check_lazy_source(r, &dir)?;
+            tracing::debug!("registry of {} checked in {:?}", r.image, t0.elapsed());
         }
         if !mounted && r.lazy && self.store.image_meta(&r.manifest).is_err() {
             let t0 = std::time::Instant::now();
@@ -735,7 +737,8 @@ impl Snapshotter {
 
     /// Before a container starts on a lazy image whose files are not all
     /// local: one byte of its top layer from its registry (bounded by the
-    /// registry client's timeouts). A registry that is gone then fails the
+    /// registry client's timeouts), or bytes the mount's daemon received
+    /// from the registry meanwhile, whichever comes first. A registry that is gone then fails the
     /// start with an error naming strata and the registry, instead of the
     /// container's first read of a file not fetched yet (EIO, with no
     /// word of why).
@@ -784,10 +787,32 @@ impl Snapshotter {
                 (source, top)
             }
         };
-        source
-            .read_range(&top, 0, 1)
-            .map_err(|e| gone(error_chain(&e)))?;
-        Ok(())
+        // the probe, on its own thread: the mount's daemon may show the
+        // registry answering first (bytes it received after the probe
+        // started), where the probe's own answer waits behind those bytes
+        // on a busy link
+        let since = std::time::SystemTime::now();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(source.read_range(&top, 0, 1).map(drop));
+        });
+        loop {
+            match rx.recv_timeout(std::time::Duration::from_millis(5)) {
+                Ok(probed) => return probed.map_err(|e| gone(error_chain(&e))),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if strata_lazy::received_since(self.store.root(), &target, since) {
+                        tracing::debug!(
+                            "the registry of {} is sending to its lazy mount: not probed",
+                            r.image
+                        );
+                        return Ok(());
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(gone("the probe of the registry panicked".into()));
+                }
+            }
+        }
     }
 
     /// The lazy mount of `r`'s image at `<root>/mnt/<manifest hex>`,
@@ -1075,6 +1100,14 @@ impl Snapshotter {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .insert(r.manifest, (config.diff_ids.clone(), blobs.clone()));
+                    // the check before a container starts asks the same
+                    // registry, on this source's open connections
+                    if let Some(top) = resolved.manifest.layers.last() {
+                        self.sources
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(r.manifest, (source.into(), top.clone()));
+                    }
                     return Ok((config.diff_ids, blobs, true));
                 }
                 Err(e) => e,

@@ -59,6 +59,7 @@ pub use auth::{CredentialProvider, Credentials, FileCredentials, StaticCredentia
 pub use config::RegistryConfig;
 pub use push::{BlobContent, RegistryPusher};
 pub use source::RegistrySource;
+pub use transport::last_received;
 
 /// Parsers of registry answers, public only for the fuzz targets in
 /// `fuzz/` (not an API: names and signatures may change).

@@ -620,6 +620,7 @@ fn read_body(
         match resp.read(&mut buf[..room]) {
             Ok(0) => return Ok(body),
             Ok(n) => {
+                note_received();
                 body.extend_from_slice(&buf[..n]);
                 if body.len() as u64 > limit {
                     return Ok(body);
@@ -738,9 +739,33 @@ impl<R> RateGuard<R> {
     }
 }
 
+/// When this process last received body bytes from a registry
+/// (milliseconds since the Unix epoch; 0: never).
+static LAST_RECEIVED_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// When this process last received bytes of a response body from a
+/// registry, if ever: evidence that a registry was answering then (a
+/// lazy mount's daemon publishes it, see `strata_lazy`).
+pub fn last_received() -> Option<std::time::SystemTime> {
+    match LAST_RECEIVED_MS.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => None,
+        ms => Some(std::time::UNIX_EPOCH + Duration::from_millis(ms)),
+    }
+}
+
+/// Body bytes arrived now (see [`last_received`]).
+fn note_received() {
+    if let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        LAST_RECEIVED_MS.fetch_max(now.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 impl<R: Read> Read for RateGuard<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
+        if n > 0 {
+            note_received();
+        }
         self.bytes += n as u64;
         let took = self.since.elapsed();
         if self.rate > 0 && n > 0 && took >= self.window {
@@ -1075,6 +1100,16 @@ mod tests {
         // fast enough: no error
         let mut g = RateGuard::new(&[7u8; 100_000][..], (1000, Duration::from_millis(1)));
         assert_eq!(io::copy(&mut g, &mut io::sink()).unwrap(), 100_000);
+    }
+
+    #[test]
+    fn body_bytes_read_say_when_the_registry_last_answered() {
+        let before = std::time::SystemTime::now() - Duration::from_millis(1);
+        let mut g = RateGuard::new(&[7u8; 1000][..], (0, Duration::from_secs(1)));
+        io::copy(&mut g, &mut io::sink()).unwrap();
+        let at = last_received().expect("bytes were read");
+        assert!(at >= before, "{at:?} is before the read at {before:?}");
+        assert!(at <= std::time::SystemTime::now());
     }
 
     #[test]
