@@ -1018,9 +1018,10 @@ impl Fetcher {
         let Ok(data) = pread(f, 0, len as u32) else {
             return Vec::new();
         };
-        let Some(names) = crate::pyc::names(&data) else {
+        let Some(mut names) = crate::pyc::names(&data) else {
             return Vec::new();
         };
+        names.extend(crate::pyc::started_with(path).iter().map(|n| n.to_string()));
         let found = {
             let mut roots = lock(&self.py_roots);
             crate::pyc::module_files(&self.image.tree, path, &names, &mut roots)

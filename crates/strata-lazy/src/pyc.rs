@@ -354,6 +354,25 @@ impl Walker<'_> {
     }
 }
 
+/// The modules the interpreter imports at its start by names no bytecode
+/// holds, once the module compiled at `pyc` runs: after `encodings` (the
+/// first module a CPython start reads), the codec of a UTF-8 locale's
+/// filesystem and standard streams (looked up by the encoding's name) and
+/// the customize hooks `site` (frozen) imports.
+pub(crate) fn started_with(pyc: &[u8]) -> &'static [&'static str] {
+    let first = rsplit(pyc)
+        .and_then(|(cache, file)| Some((rsplit(cache)?, file)))
+        .is_some_and(|((pkg, cache), file)| {
+            cache == b"__pycache__"
+                && pkg.ends_with(b"/encodings")
+                && file.starts_with(b"__init__.")
+        });
+    match first {
+        true => &["encodings.utf_8", "sitecustomize", "usercustomize"],
+        false => &[],
+    }
+}
+
 /// Longest dotted name resolved, in parts.
 const MAX_PARTS: usize = 8;
 /// Import roots remembered per mount.
@@ -696,6 +715,23 @@ class C:
         let mut t = Tree::new();
         t.apply_layer(&entries).unwrap();
         (t, id)
+    }
+
+    #[test]
+    fn a_start_brings_the_modules_it_imports_by_computed_names() {
+        let lib = "/usr/lib/python3.11";
+        let enc = format!("{lib}/encodings/__pycache__/__init__.cpython-311.pyc");
+        assert_eq!(
+            started_with(enc.as_bytes()),
+            ["encodings.utf_8", "sitecustomize", "usercustomize"]
+        );
+        for other in [
+            format!("{lib}/encodings/__pycache__/aliases.cpython-311.pyc"),
+            format!("{lib}/json/__pycache__/__init__.cpython-311.pyc"),
+            format!("{lib}/encodings/__init__.py"),
+        ] {
+            assert!(started_with(other.as_bytes()).is_empty(), "{other}");
+        }
     }
 
     #[test]
