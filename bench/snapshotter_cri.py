@@ -88,6 +88,11 @@ def cri(c, *args):
     return p.stdout.strip(), timings
 
 
+# the phases of the last cri_run (seconds): PullImage, RunPodSandbox,
+# CreateContainer + StartContainer, until the container exited
+LAST_PHASES = [{}]
+
+
 def cri_run(tmp, addr, image, link, n, prefetch=None):
     """One cold start; prefetch None: containerd's own snapshotter."""
     snap = None
@@ -108,6 +113,7 @@ def cri_run(tmp, addr, image, link, n, prefetch=None):
                      "--", "python3", "-c", L.PY)
         if out != "1":
             sys.exit(f"bench: the pod printed {out!r}")
+        LAST_PHASES[0] = {k: t[k] for k in ("pull", "sandbox", "create_start", "until_exit") if k in t}
         return t["run_total"], link.bytes() - b0
     finally:
         c.stop()
@@ -174,13 +180,18 @@ def main():
                 key = "shaped" if shaped else "loopback"
                 results[key] = {}
                 for name, f in cases.items():
-                    xs, bs = [], []
+                    xs, bs, phases = [], [], []
                     for n in range(L.RUNS):
                         dt, b = f(n)
                         xs.append(dt)
                         bs.append(b)
-                    results[key][name] = {"seconds": L.med(xs), "all": xs, "bytes": L.med(bs)}
-                    print(f"  {name}: {L.med(xs):.2f} s, {L.med(bs)/1e6:.1f} MB", flush=True)
+                        phases.append(LAST_PHASES[0])
+                    results[key][name] = {"seconds": L.med(xs), "all": xs, "bytes": L.med(bs),
+                                          "phases": phases}
+                    # the phases of the median run
+                    ph = phases[xs.index(L.med(xs))] if L.med(xs) in xs else phases[0]
+                    print(f"  {name}: {L.med(xs):.2f} s, {L.med(bs)/1e6:.1f} MB "
+                          f"({', '.join(f'{k} {v:.2f}' for k, v in ph.items())})", flush=True)
                 base = results[key]["containerd CRI (overlayfs)"]["seconds"]
                 for name in list(cases)[1:]:
                     r = base / results[key][name]["seconds"]

@@ -314,7 +314,14 @@ pub fn prepare(
                     if store.has_layer(diff_id) {
                         return Ok((store.layer_record(diff_id)?.entries, None));
                     }
-                    match strata_oci::partial::open_chunked_with(source, desc, counter, budget)? {
+                    let t0 = std::time::Instant::now();
+                    let opened =
+                        strata_oci::partial::open_chunked_with(source, desc, counter, budget)?;
+                    tracing::debug!(
+                        "layer {index}: TOC and tar-split fetched and read in {:.1} ms",
+                        t0.elapsed().as_secs_f64() * 1000.0
+                    );
+                    match opened {
                         // every content is checked against its tar-split
                         // checksum before it is served: one without
                         // cannot be served lazily

@@ -759,7 +759,6 @@ fn serve(
         t.elapsed().as_secs_f64() * 1000.0
     );
     let done = Arc::new(AtomicBool::new(false));
-    heartbeat(mdir.join(RECEIVED), done.clone());
     let updater = {
         let u = Updater {
             done: done.clone(),
@@ -906,6 +905,7 @@ struct Updater {
 
 impl Updater {
     fn run(self) {
+        let mut heartbeat = Heartbeat::new(&self.mdir.join(RECEIVED));
         // re-check only what is still missing, and only when something may
         // have arrived (reads completed files, prefetch running) or every
         // 5 s: stat'ing every object each tick cost reads CPU
@@ -1011,7 +1011,7 @@ impl Updater {
                 let released = strata_sys::malloc::trim();
                 tracing::debug!("reads went quiet: malloc trimmed (released: {released})");
             }
-            std::thread::sleep(Duration::from_millis(500));
+            heartbeat.beat_for(Duration::from_millis(500));
         }
     }
 
@@ -1238,38 +1238,53 @@ pub fn list(root: &Path) -> Vec<MountRecord> {
 /// little-endian): [`received_since`].
 const RECEIVED: &str = "received";
 
-/// Keep `path` saying when this process last received bytes from a
-/// registry (`strata_oci::registry::last_received`): every 10 ms while
-/// bytes arrive, every 100 ms when none have for a second; until `done`.
-fn heartbeat(path: PathBuf, done: Arc<AtomicBool>) {
-    let run = move || {
-        let Ok(f) = std::fs::File::create(&path) else {
-            return;
-        };
-        let mut said = 0u64;
-        let mut changed = Instant::now();
-        while !done.load(Ordering::Relaxed) {
+/// Keeps [`RECEIVED`] saying when this process last received bytes from
+/// a registry (`strata_oci::registry::last_received`), on the state
+/// thread: every 10 ms while bytes arrive, at each state tick when none
+/// have for a second.
+struct Heartbeat {
+    file: Option<std::fs::File>,
+    said: u64,
+    changed: Instant,
+}
+
+impl Heartbeat {
+    fn new(path: &Path) -> Heartbeat {
+        Heartbeat {
+            file: std::fs::File::create(path)
+                .inspect_err(|e| tracing::warn!("no heartbeat file {}: {e}", path.display()))
+                .ok(),
+            said: 0,
+            changed: Instant::now(),
+        }
+    }
+
+    /// Wait `d`, saying what arrives meanwhile.
+    fn beat_for(&mut self, d: Duration) {
+        let until = Instant::now() + d;
+        loop {
             let at = strata_oci::registry::last_received()
                 .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                 .map_or(0, |d| d.as_millis() as u64);
-            if at != said {
+            if at != self.said
+                && let Some(f) = &self.file
+            {
                 use std::os::unix::fs::FileExt;
                 if f.write_at(&at.to_le_bytes(), 0).is_ok() {
-                    said = at;
-                    changed = Instant::now();
+                    self.said = at;
+                    self.changed = Instant::now();
                 }
             }
-            std::thread::sleep(match changed.elapsed() < Duration::from_secs(1) {
+            let now = Instant::now();
+            if now >= until {
+                return;
+            }
+            let step = match self.changed.elapsed() < Duration::from_secs(1) {
                 true => Duration::from_millis(10),
-                false => Duration::from_millis(100),
-            });
+                false => until - now,
+            };
+            std::thread::sleep(step.min(until - now));
         }
-    };
-    if let Err(e) = std::thread::Builder::new()
-        .name("lazy-heartbeat".into())
-        .spawn(run)
-    {
-        tracing::warn!("no heartbeat thread: {e}");
     }
 }
 
