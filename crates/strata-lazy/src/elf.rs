@@ -254,7 +254,7 @@ fn split_rev(p: &[u8]) -> Vec<Vec<u8>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::process::Command;
 
@@ -350,18 +350,23 @@ mod tests {
         assert_eq!(from_bytes(&bad), None);
     }
 
-    #[test]
-    fn paths_resolve_through_symlinks_inside_the_image_only() {
-        use strata_tar::{Entry, EntryKind, Timestamp};
-        let e = |path: &str, kind: EntryKind| Entry {
+    /// A tar entry of `path` (root's, mode 755) for the trees of tests.
+    pub(crate) fn entry(path: &str, kind: strata_tar::EntryKind) -> strata_tar::Entry {
+        strata_tar::Entry {
             path: path.as_bytes().to_vec(),
             kind,
             mode: 0o755,
             uid: 0,
             gid: 0,
-            mtime: Timestamp { secs: 1, nanos: 0 },
+            mtime: strata_tar::Timestamp { secs: 1, nanos: 0 },
             xattrs: Default::default(),
-        };
+        }
+    }
+
+    #[test]
+    fn paths_resolve_through_symlinks_inside_the_image_only() {
+        use strata_tar::EntryKind;
+        let e = entry;
         let link = |p: &str, t: &str| {
             e(
                 p,

@@ -681,7 +681,7 @@ class C:
     }
 
     fn tree(files: &[&str]) -> (Tree, impl Fn(&str) -> (Digest, u64)) {
-        use strata_tar::{Entry, EntryKind, Timestamp};
+        use strata_tar::EntryKind;
         let mut entries = Vec::new();
         let mut dirs = std::collections::BTreeSet::new();
         let id = |p: &str| (Digest::sha256_of(p.as_bytes()), p.len() as u64);
@@ -696,15 +696,7 @@ class C:
                 dirs.insert(at.clone());
             }
         }
-        let e = |p: &str, kind| Entry {
-            path: p.as_bytes().to_vec(),
-            kind,
-            mode: 0o755,
-            uid: 0,
-            gid: 0,
-            mtime: Timestamp { secs: 1, nanos: 0 },
-            xattrs: Default::default(),
-        };
+        let e = crate::elf::tests::entry;
         for d in &dirs {
             entries.push(e(d, EntryKind::Dir));
         }
