@@ -921,14 +921,12 @@ impl Fetcher {
         }
         let t0 = Instant::now();
         let fetched = |how: &str| {
+            let (name, blob) = self
+                .image
+                .remote(digest)
+                .map_or(("?", 0), |(_, f)| (f.name.as_str(), f.end - f.offset));
             tracing::debug!(
-                "read of {} ({digest}, {size} bytes, {} in the blob) waited {:.1} ms for {how}",
-                self.image
-                    .remote(digest)
-                    .map_or("?", |(_, f)| f.name.as_str()),
-                self.image
-                    .remote(digest)
-                    .map_or(0, |(_, f)| f.end - f.offset),
+                "read of {name} ({digest}, {size} bytes, {blob} in the blob) waited {:.1} ms for {how}",
                 t0.elapsed().as_secs_f64() * 1000.0
             )
         };

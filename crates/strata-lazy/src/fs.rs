@@ -393,23 +393,26 @@ impl LazyFs {
         // a panic in the fetch is this request's EIO, not a dead worker
         // and a reader stuck in the kernel (the fetcher undoes its claims)
         let job: Job = Box::new(move || {
-            // a program's first read: what its loader opens next is
-            // looked up now and fetched once the reader has its bytes
-            // the neighbours its request brings are taken after the reply
             let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                fetcher
-                    .read_streamed(&digest, len, offset, size)
-                    .map(|(data, rest)| {
-                        let deps = match offset {
-                            0 => fetcher.deps_to_prefetch(&digest),
-                            _ => Default::default(),
-                        };
-                        (data, rest, deps)
-                    })
+                fetcher.read_streamed(&digest, len, offset, size)
             }));
             match read {
-                Ok(Ok((data, rest, deps))) => {
+                Ok(Ok((data, rest))) => {
                     reply.data(&data);
+                    // a program's or module's first read: what it loads
+                    // next is looked up once the reader has its bytes (a
+                    // module's imports take a parse), and fetched after
+                    // the neighbours its request brings are taken
+                    let deps = match offset {
+                        0 => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            fetcher.deps_to_prefetch(&digest)
+                        }))
+                        .unwrap_or_else(|_| {
+                            tracing::error!("looking at what {digest} loads panicked");
+                            Default::default()
+                        }),
+                        _ => Default::default(),
+                    };
                     if let Some(rest) = rest {
                         finish_rest(rest);
                     }

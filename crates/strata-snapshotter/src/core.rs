@@ -738,10 +738,10 @@ impl Snapshotter {
     /// Before a container starts on a lazy image whose files are not all
     /// local: one byte of its top layer from its registry (bounded by the
     /// registry client's timeouts), or bytes the mount's daemon received
-    /// from the registry meanwhile, whichever comes first. A registry that is gone then fails the
-    /// start with an error naming strata and the registry, instead of the
-    /// container's first read of a file not fetched yet (EIO, with no
-    /// word of why).
+    /// from the registry meanwhile, whichever comes first. A registry
+    /// that is gone then fails the start with an error naming strata and
+    /// the registry, instead of the container's first read of a file not
+    /// fetched yet (EIO, with no word of why).
     fn check_lazy_source(&self, r: &Remote, dir: &Path) -> Result<()> {
         let target = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
         if let Ok(rec) = strata_lazy::attach(self.store.root(), &target)
