@@ -165,6 +165,38 @@ fn assert_reads(mnt: &Path, want: &Path, files: &[PathBuf]) {
     }
 }
 
+/// The objects in the store of `env`.
+fn objects(env: &Env) -> std::collections::BTreeSet<String> {
+    let mut all = std::collections::BTreeSet::new();
+    for fan in std::fs::read_dir(env.root().join("objects")).unwrap() {
+        let fan = fan.unwrap();
+        for o in std::fs::read_dir(fan.path()).unwrap() {
+            let name = o.unwrap().file_name();
+            all.insert(format!(
+                "{}{}",
+                fan.file_name().to_string_lossy(),
+                name.to_string_lossy()
+            ));
+        }
+    }
+    all
+}
+
+/// The objects in the store once a lazy mount has stored what its reads
+/// brought (no change for 500 ms; at most 10 s).
+fn settled_objects(env: &Env) -> std::collections::BTreeSet<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = objects(env);
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = objects(env);
+        if now == last || Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
 fn kill9(pid: u32) {
     let st = Command::new("kill")
         .args(["-9", &pid.to_string()])
@@ -313,13 +345,17 @@ fn gc_sweeps_while_a_lazy_mount_is_served_and_its_reads_still_work() {
     assert!(files.len() >= 4, "{files:?}");
 
     let env = Env::new();
+    let lazy = Lazy::mount(&env, &lazy_ref, &env.path("mnt"), &["--prefetch", "none"]);
+    let (first, rest) = files.split_at(files.len() / 2);
+    assert_reads(&lazy.dir, &want, first);
+    // what the mount stored by now: the files read and the neighbours
+    // their requests brought, a lower layer's file an upper one hides too
+    let fetched = settled_objects(&env);
+    assert!(fetched.len() > first.len(), "{fetched:?}");
     // an image nobody names any more
     let python = oci_ref(&synth_layout(), "python");
     env.ok(&["-q", "pull", &python]);
     env.ok(&["rm", &python]);
-    let lazy = Lazy::mount(&env, &lazy_ref, &env.path("mnt"), &["--prefetch", "none"]);
-    let (first, rest) = files.split_at(files.len() / 2);
-    assert_reads(&lazy.dir, &want, first);
     let t = Instant::now();
     let r = env.json(&["gc"]);
     assert!(
@@ -329,6 +365,9 @@ fn gc_sweeps_while_a_lazy_mount_is_served_and_its_reads_still_work() {
     );
     assert_eq!(r["layers"].as_array().unwrap().len(), 3, "{r}");
     assert!(r["objects"].as_u64().unwrap() > 0, "{r}");
+    let kept = objects(&env);
+    let lost: Vec<_> = fetched.iter().filter(|o| !kept.contains(*o)).collect();
+    assert!(lost.is_empty(), "gc took what the mount fetched: {lost:?}");
     // what was fetched before gc and what is fetched after it read right
     assert_reads(&lazy.dir, &want, &files);
     assert_reads(&lazy.dir, &want, rest);

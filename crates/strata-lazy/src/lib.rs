@@ -202,6 +202,19 @@ impl LazyImage {
             .collect()
     }
 
+    /// Every content the mount may store: the tree's, and the files of
+    /// its lazy layers that an upper layer hides (a range request brings
+    /// them along with their neighbours, and checking a layer's diff_id
+    /// reads them). Its lease names these, so gc never takes what the
+    /// daemon fetched while the mount lives.
+    pub fn storable(&self) -> std::collections::BTreeSet<Digest> {
+        let mut all = self.contents();
+        for ix in self.layers.iter().filter_map(|l| l.index.as_ref()) {
+            all.extend(ix.files.iter().filter(|f| f.size > 0).map(|f| f.digest));
+        }
+        all
+    }
+
     /// Contents of the tree not in the store yet.
     pub fn missing(&self, store: &Store) -> Vec<Digest> {
         self.contents()

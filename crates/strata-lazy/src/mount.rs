@@ -574,7 +574,7 @@ fn serve(
     let lease = store.lease_for_mount(
         &format!("lazy mount {}", target.display()),
         strata_store::LeaseRoots {
-            objects: lazy.contents().into_iter().collect(),
+            objects: lazy.storable().into_iter().collect(),
             ..Default::default()
         },
         target,
