@@ -627,7 +627,8 @@ pub fn open_chunked_with(
             2 => pieces.push(TarPiece::Raw(t.payload_bytes()?)),
             1 => {
                 let name = t.name.as_deref().unwrap_or("");
-                check_path(&format!("the name {name:?}"), name.as_bytes()).map_err(fail)?;
+                check_path("the name", name.as_bytes())
+                    .map_err(|why| fail(format!("{name:?}: {why}")))?;
                 let size = u64::try_from(t.size)
                     .map_err(|_| fail(format!("{name:?}: size {} is negative", t.size)))?;
                 let Some(item) = items.get(i) else {

@@ -254,6 +254,8 @@ const BLOCK: usize = 512;
 
 /// Largest PAX or GNU long-name header we hold in memory.
 const MAX_EXTENSION: u64 = 16 << 20;
+/// Raw bytes read in place at once (larger ones are read as they come).
+const SMALL_RAW: u64 = 64 << 10;
 
 fn padding(size: u64) -> u64 {
     (BLOCK as u64 - size % BLOCK as u64) % BLOCK as u64
@@ -267,6 +269,30 @@ impl<R: Read> Parser<R> {
     /// Read exactly `n` bytes into the raw record; returns a copy.
     fn read_raw(&mut self, n: u64) -> Result<Vec<u8>, TarError> {
         let start = self.raw.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        // the usual sizes (padding, extension headers) straight into place:
+        // `read_to_end` would probe and grow in small steps
+        if n <= SMALL_RAW {
+            self.raw.resize(start + n as usize, 0);
+            let mut filled = start;
+            while filled < self.raw.len() {
+                match self.r.read(&mut self.raw[filled..]) {
+                    Ok(0) => {
+                        self.raw.truncate(filled);
+                        return Err(TarError::Truncated(self.offset()));
+                    }
+                    Ok(k) => filled += k,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        self.raw.truncate(filled);
+                        return Err(e.into());
+                    }
+                }
+            }
+            return Ok(self.raw[start..].to_vec());
+        }
         let got = (&mut self.r).take(n).read_to_end(&mut self.raw)?;
         if (got as u64) < n {
             return Err(TarError::Truncated(self.offset()));
@@ -299,8 +325,17 @@ impl<R: Read> Parser<R> {
 
     fn flush_raw(&mut self) {
         if !self.raw.is_empty() {
-            self.segments
-                .push(Segment::Raw(std::mem::take(&mut self.raw)));
+            // a copy of its exact size: the buffer keeps its capacity for
+            // the next headers (taking it would grow a new one each entry)
+            // (unless it grew big: a large extension header's buffer goes)
+            let seg = if self.raw.capacity() > SMALL_RAW as usize {
+                std::mem::take(&mut self.raw)
+            } else {
+                let seg = self.raw.clone();
+                self.raw.clear();
+                seg
+            };
+            self.segments.push(Segment::Raw(seg));
         }
     }
 
