@@ -657,11 +657,14 @@ fn serve(
         opens: 0,
         inconsistent: None,
     }));
-    // background prefetch: the list starts now, while the mount is built
+    // background prefetch: a list starts now, while the mount is built
     let prefetch_cancel = Cancel::new();
     // the start set waits for the mount: its CPU goes to building it, and
-    // the link is idle after it (while the container is created)
+    // the link is idle after it (while the container is created); so does
+    // a list whose files are placed first: their bytes stream in already,
+    // only checking and storing them waits (a fifth of a loopback rpull)
     let (mounted_tx, mounted_rx) = std::sync::mpsc::channel::<()>();
+    let after_mount = start || !early.is_empty();
     if opts.prefetch != Prefetch::None {
         let fetcher = fetcher.clone();
         let prefetch = opts.prefetch;
@@ -675,7 +678,7 @@ fn serve(
         std::thread::Builder::new()
             .name("prefetch".into())
             .spawn(move || {
-                if start && mounted_rx.recv().is_err() {
+                if after_mount && mounted_rx.recv().is_err() {
                     // not mounted after all
                     return;
                 }
