@@ -215,12 +215,12 @@ impl LazyImage {
         all
     }
 
-    /// Contents of the tree not in the store yet.
-    pub fn missing(&self, store: &Store) -> Vec<Digest> {
-        self.contents()
-            .into_iter()
-            .filter(|d| !store.has_object(d))
-            .collect()
+    /// How many contents the tree has, and how many of them the store
+    /// lacks (a stat each).
+    pub fn count_missing(&self, store: &Store) -> (u64, u64) {
+        let contents = self.contents();
+        let missing = contents.iter().filter(|d| !store.has_object(d)).count();
+        (contents.len() as u64, missing as u64)
     }
 
     /// The composefs EROFS image of the tree for a lazy mount: every

@@ -567,29 +567,33 @@ fn serve(
 ) -> Result<LazyMount, LazyError> {
     let digest = lazy.resolved.manifest_digest;
     let prepared = started.elapsed();
-    // the EROFS image is built on the other core while the lease, the
-    // fetcher and the state are set up (it needs only the tree)
+    // the EROFS image is built on another core while the lease, the
+    // fetcher and the state are set up (it needs only the tree), and what
+    // the store lacks is counted on a third
     let lazy = Arc::new(lazy);
+    let aside = |name: &str| std::thread::Builder::new().name(name.into());
+    let spawn_err = |e| LazyError::Io {
+        what: "starting a thread to build the mount".into(),
+        source: e,
+    };
     let image = {
         let lazy = lazy.clone();
-        std::thread::Builder::new()
-            .name("lazy-erofs".into())
+        aside("lazy-erofs")
             .spawn(move || {
                 let t = Instant::now();
                 lazy.erofs().map(|bytes| (bytes, t.elapsed()))
             })
-    };
-    // and what the store lacks is counted on a third (a stat per content)
-    let count = |lazy: &LazyImage, store: &Store| {
-        let contents = lazy.contents();
-        let missing = contents.iter().filter(|d| !store.has_object(d)).count();
-        (contents.len() as u64, missing as u64)
+            .map_err(spawn_err)?
     };
     let counted = {
         let (lazy, store) = (lazy.clone(), store.clone());
-        std::thread::Builder::new()
-            .name("lazy-count".into())
-            .spawn(move || count(&lazy, &store))
+        aside("lazy-count")
+            .spawn(move || lazy.count_missing(&store))
+            .map_err(spawn_err)?
+    };
+    let panicked = |what: &str| LazyError::Io {
+        what: what.into(),
+        source: std::io::Error::other("its thread panicked"),
     };
     let mdir = mount_dir(store.root(), target);
     let io = |what: String| move |e: std::io::Error| LazyError::Io { what, source: e };
@@ -629,10 +633,9 @@ fn serve(
     // reads of listed files wait for the bulk fetch instead of racing it
     let (wanted, start) = wanted(&lazy, opts);
     fetcher.reserve_bulk(&wanted);
-    let (files_total, to_fetch) = match counted {
-        Ok(h) => h.join().unwrap_or_else(|_| count(&lazy, &store)),
-        Err(_) => count(&lazy, &store),
-    };
+    let (files_total, to_fetch) = counted
+        .join()
+        .map_err(|_| panicked("counting what the store lacks"))?;
     let state = Arc::new(Mutex::new(MountState {
         pid: std::process::id(),
         dir: target.to_path_buf(),
@@ -702,19 +705,9 @@ fn serve(
     // composefs: the tree as EROFS over [objects/, FUSE of missing contents]
     let erofs = mdir.join("image.erofs");
     let tmp = mdir.join("image.erofs.tmp");
-    let built = match image {
-        Ok(h) => h.join().unwrap_or_else(|_| {
-            Err(LazyError::Io {
-                what: "building the EROFS image".into(),
-                source: std::io::Error::other("its thread panicked"),
-            })
-        }),
-        // no thread to spare: built here
-        Err(_) => {
-            let t = Instant::now();
-            lazy.erofs().map(|bytes| (bytes, t.elapsed()))
-        }
-    };
+    let built = image
+        .join()
+        .unwrap_or_else(|_| Err(panicked("building the EROFS image")));
     let staged = built.and_then(|(bytes, took)| {
         std::fs::write(&tmp, bytes)
             .and_then(|()| std::fs::rename(&tmp, &erofs))

@@ -266,37 +266,36 @@ impl<R: Read> Parser<R> {
         self.r.len()
     }
 
-    /// Read exactly `n` bytes into the raw record; returns a copy.
-    fn read_raw(&mut self, n: u64) -> Result<Vec<u8>, TarError> {
+    /// Read exactly `n` bytes into the raw record.
+    fn keep_raw(&mut self, n: u64) -> Result<(), TarError> {
         let start = self.raw.len();
-        if n == 0 {
-            return Ok(Vec::new());
-        }
-        // the usual sizes (padding, extension headers) straight into place:
-        // `read_to_end` would probe and grow in small steps
         if n <= SMALL_RAW {
+            // in place (padding, extension headers): `read_to_end` would
+            // probe and grow in small steps
             self.raw.resize(start + n as usize, 0);
-            let mut filled = start;
-            while filled < self.raw.len() {
-                match self.r.read(&mut self.raw[filled..]) {
-                    Ok(0) => {
-                        self.raw.truncate(filled);
-                        return Err(TarError::Truncated(self.offset()));
-                    }
-                    Ok(k) => filled += k,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        self.raw.truncate(filled);
-                        return Err(e.into());
-                    }
+            let read = self.r.read_exact(&mut self.raw[start..]);
+            return match read {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    self.raw.truncate(start);
+                    Err(match e.kind() {
+                        io::ErrorKind::UnexpectedEof => TarError::Truncated(self.offset()),
+                        _ => e.into(),
+                    })
                 }
-            }
-            return Ok(self.raw[start..].to_vec());
+            };
         }
         let got = (&mut self.r).take(n).read_to_end(&mut self.raw)?;
         if (got as u64) < n {
             return Err(TarError::Truncated(self.offset()));
         }
+        Ok(())
+    }
+
+    /// [`keep_raw`](Self::keep_raw), returning a copy of the bytes.
+    fn read_raw(&mut self, n: u64) -> Result<Vec<u8>, TarError> {
+        let start = self.raw.len();
+        self.keep_raw(n)?;
         Ok(self.raw[start..].to_vec())
     }
 
@@ -381,14 +380,14 @@ impl<R: Read> Parser<R> {
             match h.typeflag {
                 b'x' | b'g' => {
                     let data = self.read_raw(h.size)?;
-                    self.read_raw(padding(h.size))?;
+                    self.keep_raw(padding(h.size))?;
                     if h.typeflag == b'x' {
                         header::apply_pax(&data, &mut pending, offset)?;
                     }
                 }
                 b'L' | b'K' => {
                     let mut data = self.read_raw(h.size)?;
-                    self.read_raw(padding(h.size))?;
+                    self.keep_raw(padding(h.size))?;
                     if let Some(nul) = data.iter().position(|b| *b == 0) {
                         data.truncate(nul);
                     }
@@ -564,11 +563,11 @@ impl<R: Read> Parser<R> {
                     *lsize = realsize;
                 }
             }
-            self.read_raw(padding(size))?;
+            self.keep_raw(padding(size))?;
         } else if size > 0 {
             // Data on a non-file entry (dumpdir listings, odd writers): keep.
-            self.read_raw(size)?;
-            self.read_raw(padding(size))?;
+            self.keep_raw(size)?;
+            self.keep_raw(padding(size))?;
         }
         self.entries.push(Entry {
             path,
