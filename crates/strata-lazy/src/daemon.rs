@@ -36,7 +36,17 @@ pub struct DaemonRequest {
     /// the registry is asked only for blobs. The image must be named by
     /// digest.
     pub resolved_file: Option<PathBuf>,
+    /// Report the stage `checked` to the waiting parent once every TOC
+    /// and tar-split is checked, before the mount is made
+    /// (`strata_sys::daemon::report_stage`); the mount's own report
+    /// follows.
+    pub report_checked: bool,
 }
+
+/// The stage a daemon started with [`DaemonRequest::report_checked`]
+/// reports before its mount is made: the image's TOCs and tar-splits are
+/// fetched and checked.
+pub const CHECKED: &str = "checked";
 
 /// Why a lazy mount could not start.
 #[derive(Debug, thiserror::Error)]
@@ -146,13 +156,19 @@ pub fn start(root: &Path, req: DaemonRequest) -> Result<Serving, DaemonError> {
     }
     let name = opened.reference.to_string();
     let events = Arc::new(strata_ops::log::LogEvents);
-    let mounted = crate::mount(
+    let report_checked = req.report_checked;
+    let mounted = crate::mount::mount_then(
         Arc::new(store),
         Arc::from(opened.source),
         &name,
         &req.target,
         &opts,
         events,
+        &mut || {
+            if report_checked {
+                strata_sys::daemon::report_stage(CHECKED);
+            }
+        },
     )
     .map_err(|source| DaemonError::Mount {
         name: name.clone(),

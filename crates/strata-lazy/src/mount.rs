@@ -212,6 +212,23 @@ pub fn mount(
     opts: &LazyOptions,
     events: Arc<dyn EventSink>,
 ) -> Result<Mounted, LazyError> {
+    mount_then(store, source, name, target, opts, events, &mut || {})
+}
+
+/// [`mount`], calling `checked` once every TOC and tar-split has been
+/// fetched and checked (a lazy mount only): what is left (the EROFS
+/// image, the lease, the FUSE and overlay mounts) is this machine's own
+/// work. A caller waiting for a pull's answer (the snapshotter) can give
+/// it there and let the mount finish meanwhile.
+pub fn mount_then(
+    store: Arc<Store>,
+    source: Arc<dyn ImageSource>,
+    name: &str,
+    target: &Path,
+    opts: &LazyOptions,
+    events: Arc<dyn EventSink>,
+    checked: &mut dyn FnMut(),
+) -> Result<Mounted, LazyError> {
     let started = Instant::now();
     let cancel = Cancel::new();
     let ctl = Ctl::new(events.as_ref(), &cancel);
@@ -281,6 +298,7 @@ pub fn mount(
         }
         Err(e) => return Err(e),
     };
+    checked();
     let m = serve(
         store,
         source,

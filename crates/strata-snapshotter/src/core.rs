@@ -230,6 +230,35 @@ pub struct Snapshotter {
     /// One set of HTTP connection pools for every pull and check the
     /// daemon makes (TLS roots loaded once, connections reused).
     client: strata_oci::RegistryClient,
+    /// Lazy mounts made at an image's first Prepare whose daemon has
+    /// checked the image's TOCs and tar-splits and is still building the
+    /// mount: the pull goes on meanwhile, and whatever needs the mount
+    /// waits for it ([`Snapshotter::settle`]). Keyed by mount dir.
+    building: std::sync::Arc<Mutex<HashMap<PathBuf, std::sync::Arc<Building>>>>,
+}
+
+/// A lazy mount being built by its daemon: its outcome once known.
+#[derive(Default)]
+struct Building {
+    done: Mutex<Option<std::result::Result<(), String>>>,
+    cv: std::sync::Condvar,
+}
+
+impl Building {
+    fn finish(&self, r: std::result::Result<(), String>) {
+        *self.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        self.cv.notify_all();
+    }
+
+    fn wait(&self) -> std::result::Result<(), String> {
+        let mut g = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(r) = g.as_ref() {
+                return r.clone();
+            }
+            g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
 }
 
 /// A registry source and the blob it is checked with.
@@ -305,6 +334,7 @@ impl Snapshotter {
             mounting: Mutex::new(()),
             checked: Mutex::new(HashMap::new()),
             sources: Mutex::new(HashMap::new()),
+            building: Default::default(),
             client: strata_oci::RegistryClient::new(),
         };
         s.sweep(known)?;
@@ -543,8 +573,12 @@ impl Snapshotter {
             .chain(info.tops.iter())
             .collect();
         let mounted = |r: &&&Remote| {
-            strata_sys::is_mount_point(&self.root.join("mnt").join(r.manifest.hex()))
-                .unwrap_or(false)
+            let dir = self.root.join("mnt").join(r.manifest.hex());
+            self.building
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&dir)
+                || strata_sys::is_mount_point(&dir).unwrap_or(false)
         };
         let r = candidates
             .iter()
@@ -561,6 +595,12 @@ impl Snapshotter {
         };
         let dir = self.root.join("mnt").join(r.manifest.hex());
         fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        if let Err(e) = self.settle(&dir) {
+            tracing::warn!(
+                "the lazy mount of {} failed once checked ({e}): mounting it again",
+                r.image
+            );
+        }
         let mounted = strata_sys::is_mount_point(&dir).map_err(|e| SnapError::Io {
             what: format!("checking {}", dir.display()),
             source: io::Error::other(e.to_string()),
@@ -822,7 +862,15 @@ impl Snapshotter {
         // ordered with Cleanup (which unmounts what no snapshot uses)
         let _gate = self.mounting.lock().unwrap_or_else(|e| e.into_inner());
         fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        if strata_sys::is_mount_point(&dir).unwrap_or(false) {
+        // one being built was checked: it is made (or fails, and the
+        // first container makes it again)
+        if self
+            .building
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&dir)
+            || strata_sys::is_mount_point(&dir).unwrap_or(false)
+        {
             return Ok(());
         }
         // what this process resolved goes to the daemon: it does not ask
@@ -838,6 +886,7 @@ impl Snapshotter {
             r.plain_http,
             &dir,
             Some(&handed),
+            true,
         );
         let _ = fs::remove_file(&handed);
         if made.is_err() {
@@ -851,24 +900,39 @@ impl Snapshotter {
     /// which outlives this process (containers keep reading while the
     /// snapshotter restarts).
     fn mount_lazy(&self, r: &Remote, dir: &Path) -> Result<()> {
-        self.mount_lazy_ref(&r.pinned(), r.plain_http, dir, None)
+        self.mount_lazy_ref(&r.pinned(), r.plain_http, dir, None, false)
     }
 
     /// [`mount_lazy`](Self::mount_lazy) of `pinned` (a reference with its
-    /// digest).
+    /// digest), the daemon started here. `early`: return once the daemon
+    /// has checked the image (its TOCs and tar-splits); a thread waits for
+    /// the mount, and [`settle`](Self::settle) for that thread.
     fn mount_lazy_ref(
         &self,
         pinned: &str,
         plain_http: bool,
         dir: &Path,
         resolved: Option<&Path>,
+        early: bool,
     ) -> Result<()> {
+        let failed = |e: String| {
+            SnapError::Unavailable(format!(
+                "lazy mount of {} at {}: {e}",
+                pinned,
+                dir.display()
+            ))
+        };
         let exe = std::env::current_exe().map_err(io_err("finding the strata binary"))?;
+        let target = dir
+            .canonicalize()
+            .map_err(io_err(format!("resolving {}", dir.display())))?;
+        let log = strata_lazy::state::mount_dir(self.store.root(), &target).join("log");
         let mut cmd = std::process::Command::new(exe);
         cmd.arg("--root").arg(self.store.root()).args([
             "--quiet",
             "mount",
             "--lazy=require",
+            "--foreground",
             "--prefetch",
             &self.prefetch,
         ]);
@@ -878,20 +942,54 @@ impl Snapshotter {
         if let Some(f) = resolved {
             cmd.arg("--resolved").arg(f);
         }
-        cmd.arg(pinned).arg(dir);
-        let out = cmd
-            .stdin(std::process::Stdio::null())
-            .output()
-            .map_err(io_err("running strata mount --lazy"))?;
-        if !out.status.success() {
-            return Err(SnapError::Unavailable(format!(
-                "lazy mount of {} at {}: {}",
-                pinned,
-                dir.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
+        if early {
+            cmd.arg("--report-checked");
         }
+        cmd.arg(pinned).arg(&target);
+        use strata_sys::daemon::Said;
+        let mut daemon = strata_sys::daemon::spawn("lazy mount", cmd, &log)
+            .map_err(|e| failed(error_chain(&e)))?;
+        loop {
+            match daemon.said().map_err(|e| failed(error_chain(&e)))? {
+                Said::Ready(_) => return Ok(()),
+                Said::Stage(s) if s == strata_lazy::daemon::CHECKED => break,
+                Said::Stage(_) => {}
+            }
+        }
+        let building = std::sync::Arc::new(Building::default());
+        self.building
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(dir.to_path_buf(), building.clone());
+        let all = self.building.clone();
+        let (dir, what) = (dir.to_path_buf(), pinned.to_string());
+        std::thread::spawn(move || {
+            let r = loop {
+                match daemon.said() {
+                    Ok(Said::Ready(_)) => break Ok(()),
+                    Ok(Said::Stage(_)) => {}
+                    Err(e) => break Err(error_chain(&e)),
+                }
+            };
+            if let Err(e) = &r {
+                tracing::warn!("lazy mount of {what} at {}: {e}", dir.display());
+            }
+            building.finish(r);
+            all.lock().unwrap_or_else(|e| e.into_inner()).remove(&dir);
+        });
         Ok(())
+    }
+
+    /// Wait until no lazy mount at `dir` is being built; whether one
+    /// being built failed (the mount is not there: make it again).
+    fn settle(&self, dir: &Path) -> std::result::Result<(), String> {
+        let b = self
+            .building
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(dir)
+            .cloned();
+        b.map_or(Ok(()), |b| b.wait())
     }
 
     /// Unmount an image mount of either kind (`strata umount` stops a
@@ -1419,6 +1517,17 @@ impl Snapshotter {
         // a new snapshot on an image needs the gate held here, so the
         // images found unused stay unused until it is released
         drop(st);
+        // a mount being built is a pull's: not unmounted under it
+        for dir in self
+            .building
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+        {
+            if let Some(n) = dir.file_name() {
+                used_mounts.insert(n.to_string_lossy().into_owned());
+            }
+        }
         let mnt = self.root.join("mnt");
         for e in fs::read_dir(&mnt)
             .map_err(io_err(format!("reading {}", mnt.display())))?

@@ -298,14 +298,6 @@ async fn pull_under_lease(
             chain.last().cloned().unwrap_or_default(),
         ),
     ]);
-    write_blob(
-        &mut content,
-        &format!("config-{}", manifest.config.digest),
-        &resolved.config_bytes,
-        &manifest.config.digest,
-        config_labels,
-    )
-    .await?;
     let mut manifest_labels = HashMap::from([
         source_label.clone(),
         (
@@ -319,16 +311,87 @@ async fn pull_under_lease(
             l.digest.to_string(),
         );
     }
-    write_blob(
-        &mut content,
-        &format!("manifest-{}", resolved.manifest_digest),
-        &resolved.manifest_bytes,
-        &resolved.manifest_digest,
-        manifest_labels,
-    )
-    .await?;
+    // the config and manifest go into containerd's content store while
+    // the layers are made available (all under the lease): the image
+    // record, made last, is what names them
+    let contents = async {
+        write_blob(
+            &mut content,
+            &format!("config-{}", manifest.config.digest),
+            &resolved.config_bytes,
+            &manifest.config.digest,
+            config_labels,
+        )
+        .await?;
+        write_blob(
+            &mut content,
+            &format!("manifest-{}", resolved.manifest_digest),
+            &resolved.manifest_bytes,
+            &resolved.manifest_digest,
+            manifest_labels,
+        )
+        .await
+    };
+    let (prepared, ()) = tokio::try_join!(
+        unpack(channel, headers, opts, reference, resolved, diff_ids, chain),
+        contents
+    )?;
 
-    // unpack: each layer's Prepare with strata's labels
+    // the image records
+    let mut images = ImagesClient::with_interceptor(channel.clone(), headers.clone());
+    let target = types::Descriptor {
+        media_type: manifest.media_type.clone(),
+        digest: resolved.manifest_digest.to_string(),
+        size: resolved.manifest_bytes.len() as i64,
+        annotations: HashMap::new(),
+    };
+    for (name, labels) in image_records(
+        name,
+        &format!("{host}/{repository}"),
+        &resolved.manifest_digest,
+        &manifest.config.digest,
+        &opts.namespace,
+    ) {
+        let image = ipb::Image {
+            name: name.clone(),
+            labels,
+            target: Some(target.clone()),
+            created_at: None,
+            updated_at: None,
+        };
+        match images
+            .create(ipb::CreateImageRequest {
+                image: Some(image.clone()),
+            })
+            .await
+        {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::AlreadyExists => {
+                images
+                    .update(ipb::UpdateImageRequest {
+                        image: Some(image),
+                        update_mask: None,
+                    })
+                    .await
+                    .map_err(call(format!("updating image {name}")))?;
+            }
+            Err(s) => return Err(call(format!("creating image {name}"))(s)),
+        }
+    }
+    Ok(prepared)
+}
+
+/// Each layer's Prepare with strata's labels, bottom up (a layer's parent
+/// is the one below): the number strata made available.
+async fn unpack(
+    channel: &Channel,
+    headers: &Headers,
+    opts: &RpullOptions,
+    reference: &str,
+    resolved: &ResolvedImage,
+    diff_ids: &[Digest],
+    chain: &[String],
+) -> Result<usize, RpullError> {
     let mut snaps = SnapshotsClient::with_interceptor(channel.clone(), headers.clone());
     let mut prepared = 0;
     for (i, target) in chain.iter().enumerate() {
@@ -394,48 +457,6 @@ async fn pull_under_lease(
                     )),
                 });
             }
-        }
-    }
-
-    // the image records
-    let mut images = ImagesClient::with_interceptor(channel.clone(), headers.clone());
-    let target = types::Descriptor {
-        media_type: manifest.media_type.clone(),
-        digest: resolved.manifest_digest.to_string(),
-        size: resolved.manifest_bytes.len() as i64,
-        annotations: HashMap::new(),
-    };
-    for (name, labels) in image_records(
-        name,
-        &format!("{host}/{repository}"),
-        &resolved.manifest_digest,
-        &manifest.config.digest,
-        &opts.namespace,
-    ) {
-        let image = ipb::Image {
-            name: name.clone(),
-            labels,
-            target: Some(target.clone()),
-            created_at: None,
-            updated_at: None,
-        };
-        match images
-            .create(ipb::CreateImageRequest {
-                image: Some(image.clone()),
-            })
-            .await
-        {
-            Ok(_) => {}
-            Err(s) if s.code() == Code::AlreadyExists => {
-                images
-                    .update(ipb::UpdateImageRequest {
-                        image: Some(image),
-                        update_mask: None,
-                    })
-                    .await
-                    .map_err(call(format!("updating image {name}")))?;
-            }
-            Err(s) => return Err(call(format!("creating image {name}"))(s)),
         }
     }
     Ok(prepared)

@@ -6,6 +6,7 @@
 //!   spawn_self(extra, log) ─ fork/exec ──▶ own process group, stdin /dev/null,
 //!                                          stderr appended to `log`
 //!   reads one line from the pipe ◀──────── notify(line) once serving (or failed)
+//!   (spawn + Daemon::said: stages first) ◀─ report_stage(stage), when asked
 //!   returns Spawned { pid, line }          keeps running; stdout closed
 //! ```
 //!
@@ -167,6 +168,14 @@ pub fn report_ready(report: &Report) -> bool {
     is_daemon()
 }
 
+/// In a daemon, tell a parent that asked for it (see [`Daemon::said`])
+/// that `stage` is passed; it goes on waiting for the report.
+pub fn report_stage(stage: &str) {
+    if is_daemon() {
+        notify(&serde_json::json!({ "stage": stage }).to_string());
+    }
+}
+
 /// In a daemon, tell the waiting parent it could not start: `e` and its
 /// causes, `: `-separated (the parent fails with that).
 pub fn report_failed(e: &(dyn std::error::Error + 'static)) {
@@ -182,12 +191,13 @@ pub fn report_failed(e: &(dyn std::error::Error + 'static)) {
     notify(&serde_json::json!({ "error": error }).to_string());
 }
 
-/// Whether this process is a daemon started by [`spawn_self`].
+/// Whether this process is a daemon started by [`spawn_self`] or [`spawn`].
 pub fn is_daemon() -> bool {
     std::env::var_os(NOTIFY_ENV).is_some()
 }
 
-/// Report to the waiting parent (one line; a daemon reports once).
+/// Report to the waiting parent (one line; a daemon reports once, after
+/// the stages it was asked for).
 pub fn notify(line: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{}", line.trim_end());
@@ -203,6 +213,52 @@ pub fn spawn_self(
     env: &[(&str, &std::ffi::OsStr)],
     log: &Path,
 ) -> Result<Spawned, DaemonError> {
+    let exe = std::env::current_exe().map_err(|source| DaemonError::Start {
+        what: what.to_string(),
+        step: "finding the executable".into(),
+        source,
+    })?;
+    let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    args.extend(extra.iter().map(OsString::from));
+    let mut cmd = Command::new(exe);
+    cmd.args(&args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut d = spawn(what, cmd, log)?;
+    let line = d.line()?;
+    Ok(Spawned {
+        pid: d.pid,
+        line,
+        log: log.to_path_buf(),
+    })
+}
+
+/// A daemon started by [`spawn`], until the caller has read what it
+/// needs of its lines; dropping it leaves the daemon running alone (and
+/// reaped once it ends: it does not linger as a zombie of the caller).
+#[derive(Debug)]
+pub struct Daemon {
+    what: String,
+    pid: u32,
+    log: PathBuf,
+    child: Option<std::process::Child>,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+/// What a daemon started by [`spawn`] said.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Said {
+    /// A stage on its way to ready ([`report_stage`]).
+    Stage(String),
+    /// It is ready ([`report_ready`]).
+    Ready(Report),
+}
+
+/// Start `cmd` (a strata command that reports with [`notify`]) as a
+/// daemon: its own process group, stdin `/dev/null`, stderr appended to
+/// `log`; read what it says with [`Daemon::said`].
+pub fn spawn(what: &str, mut cmd: Command, log: &Path) -> Result<Daemon, DaemonError> {
     let err = |step: &str, source| DaemonError::Start {
         what: what.to_string(),
         step: step.to_string(),
@@ -216,45 +272,82 @@ pub fn spawn_self(
         .append(true)
         .open(log)
         .map_err(|e| err(&format!("opening {}", log.display()), e))?;
-    let exe = std::env::current_exe().map_err(|e| err("finding the executable", e))?;
-    let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
-    args.extend(extra.iter().map(OsString::from));
-    let mut cmd = Command::new(exe);
-    cmd.args(&args)
-        .env(NOTIFY_ENV, "1")
+    cmd.env(NOTIFY_ENV, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(logf)
         .process_group(0);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
     let mut child = cmd.spawn().map_err(|e| err("spawning", e))?;
-    let out = child.stdout.take().expect("stdout is piped");
-    let mut line = String::new();
-    let read = BufReader::new(out).read_line(&mut line);
-    if read.is_err() || line.trim().is_empty() {
-        let status = child
-            .wait()
-            .map(|s| s.to_string())
-            .unwrap_or_else(|e| format!("unknown: {e}"));
-        return Err(DaemonError::Exited {
-            what: what.to_string(),
-            status,
-            log: log.to_path_buf(),
-        });
-    }
-    // the daemon goes on alone; a daemon that reported a failure exits:
-    // reap it so it does not linger as a zombie of the caller
-    let pid = child.id();
-    std::thread::spawn(move || {
-        let _ = child.wait();
-    });
-    Ok(Spawned {
-        pid,
-        line: line.trim_end().to_string(),
+    let out = BufReader::new(child.stdout.take().expect("stdout is piped"));
+    Ok(Daemon {
+        what: what.to_string(),
+        pid: child.id(),
         log: log.to_path_buf(),
+        child: Some(child),
+        out,
     })
+}
+
+impl Daemon {
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Its next line, as written; an error when it ended first (with its
+    /// exit status and its log).
+    fn line(&mut self) -> Result<String, DaemonError> {
+        let mut line = String::new();
+        let read = self.out.read_line(&mut line);
+        if read.is_err() || line.trim().is_empty() {
+            let status = match self.child.take() {
+                Some(mut c) => c
+                    .wait()
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|e| format!("unknown: {e}")),
+                None => "unknown".into(),
+            };
+            return Err(DaemonError::Exited {
+                what: self.what.clone(),
+                status,
+                log: self.log.clone(),
+            });
+        }
+        Ok(line.trim_end().to_string())
+    }
+
+    /// What it says next: a stage, or its report once ready; the error it
+    /// reported, or that it ended without a word, as an error.
+    pub fn said(&mut self) -> Result<Said, DaemonError> {
+        let line = self.line()?;
+        let v: serde_json::Value =
+            serde_json::from_str(&line).map_err(|_| DaemonError::BadReport {
+                what: self.what.clone(),
+                line: line.clone(),
+                log: self.log.clone(),
+            })?;
+        if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+            return Err(DaemonError::Failed {
+                what: self.what.clone(),
+                error: e.to_string(),
+            });
+        }
+        if let Some(s) = v.get("stage").and_then(|s| s.as_str()) {
+            return Ok(Said::Stage(s.to_string()));
+        }
+        Ok(Said::Ready(Report(v)))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // the daemon goes on alone; one that failed exits: reap it
+        if let Some(mut c) = self.child.take() {
+            std::thread::spawn(move || {
+                let _ = c.wait();
+            });
+        }
+    }
 }
 
 /// Whether `pid` runs (a zombie does not).
@@ -308,6 +401,64 @@ mod tests {
         assert_eq!(r.notes().collect::<Vec<_>>(), ["slow"]);
         assert_eq!(r.to_string(), "up");
         assert_eq!(Report::new(&serde_json::json!({})).message(), "started");
+    }
+
+    fn sh(script: &str) -> Command {
+        let mut c = Command::new("sh");
+        c.args(["-c", script]);
+        c
+    }
+
+    #[test]
+    fn a_spawned_daemon_says_its_stages_then_its_report_or_its_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("logs/d.log");
+        // the notify variable is set for it, stderr goes to the log
+        let mut d = spawn(
+            "test",
+            sh(r#"echo "env=$STRATA_DAEMON_NOTIFY" >&2
+                  echo '{"stage":"checked"}'; echo '{"message":"up","x":1}'; sleep 30"#),
+            &log,
+        )
+        .unwrap();
+        assert_eq!(d.said().unwrap(), Said::Stage("checked".into()));
+        match d.said().unwrap() {
+            Said::Ready(r) => assert_eq!((r.message(), &r.json()["x"]), ("up", &1.into())),
+            other => panic!("not a report: {other:?}"),
+        }
+        assert!(alive(d.pid()), "it goes on after its report");
+        assert!(std::fs::read_to_string(&log).unwrap().contains("env=1"));
+        let pid = d.pid();
+        drop(d);
+        assert!(stop(pid, Duration::from_millis(10)), "killed");
+        assert!(
+            wait_gone(pid, Duration::from_secs(5)),
+            "reaped once dropped"
+        );
+
+        let mut d = spawn(
+            "test",
+            sh(r#"echo '{"stage":"checked"}'; echo '{"error":"bad TOC"}'"#),
+            &log,
+        )
+        .unwrap();
+        assert_eq!(d.said().unwrap(), Said::Stage("checked".into()));
+        let e = d.said().unwrap_err();
+        assert!(
+            matches!(&e, DaemonError::Failed { error, .. } if error == "bad TOC"),
+            "{e}"
+        );
+
+        let mut d = spawn("test", sh("echo '{\"stage\":\"checked\"}'; exit 3"), &log).unwrap();
+        assert_eq!(d.said().unwrap(), Said::Stage("checked".into()));
+        let e = d.said().unwrap_err().to_string();
+        assert!(
+            e.contains("exited") && e.contains("3") && e.contains("d.log"),
+            "{e}"
+        );
+
+        let mut d = spawn("test", sh("echo not-json"), &log).unwrap();
+        assert!(matches!(d.said(), Err(DaemonError::BadReport { .. })));
     }
 
     #[test]

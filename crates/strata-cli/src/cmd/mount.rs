@@ -104,6 +104,11 @@ pub struct LazyArgs {
     /// the registry is not asked again.
     #[arg(long, hide = true, value_name = "FILE")]
     resolved: Option<PathBuf>,
+    /// With --lazy --foreground, for the snapshotter: a daemon reports the
+    /// stage `checked` once the image's TOCs and tar-splits are checked,
+    /// then its report once mounted.
+    #[arg(long, hide = true)]
+    report_checked: bool,
 }
 
 /// Arguments of `strata umount`.
@@ -146,6 +151,7 @@ fn lazy(ctx: &Ctx, a: &Args, mode: LazyMode) -> Result<ExitCode> {
         target,
         prefetch_list_file: la.prefetch_list.clone(),
         resolved_file: la.resolved.clone(),
+        report_checked: la.report_checked,
         opts: LazyOptions {
             fallback: match mode {
                 LazyMode::Auto => Fallback::Pull,
