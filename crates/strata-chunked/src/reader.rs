@@ -445,9 +445,11 @@ pub struct TarSplitEntry {
     /// File size (files).
     #[serde(default)]
     pub size: i64,
-    /// Segment bytes, or a file's CRC-64 (base64).
-    #[serde(default)]
-    pub payload: Option<String>,
+    /// Segment bytes, or a file's CRC-64: base64 in the line, decoded as
+    /// the line is read (no copy of the text is kept), or why it did not
+    /// decode (an error once the payload is asked for).
+    #[serde(default, deserialize_with = "base64_payload")]
+    payload: Option<Result<Vec<u8>, base64::DecodeError>>,
     /// Line number.
     #[serde(default)]
     pub position: u64,
@@ -456,13 +458,52 @@ pub struct TarSplitEntry {
 impl TarSplitEntry {
     /// The decoded payload.
     pub fn payload_bytes(&self) -> Result<Vec<u8>, ChunkedError> {
+        self.payload().map(<[u8]>::to_vec)
+    }
+
+    /// The decoded payload, borrowed.
+    pub fn payload(&self) -> Result<&[u8], ChunkedError> {
         match &self.payload {
-            None => Ok(Vec::new()),
-            Some(p) => base64::engine::general_purpose::STANDARD
-                .decode(p)
-                .map_err(|e| fmt_err("tar-split", format!("bad base64 payload: {e}"))),
+            None => Ok(&[]),
+            Some(Ok(p)) => Ok(p),
+            Some(Err(e)) => Err(fmt_err("tar-split", format!("bad base64 payload: {e}"))),
         }
     }
+
+    /// The decoded payload, taken out of the line.
+    pub fn into_payload(self) -> Result<Vec<u8>, ChunkedError> {
+        match self.payload {
+            None => Ok(Vec::new()),
+            Some(p) => p.map_err(|e| fmt_err("tar-split", format!("bad base64 payload: {e}"))),
+        }
+    }
+}
+
+/// A tar-split line's `payload`: `null` or absent, or base64 decoded
+/// straight from the JSON text (borrowed when it has no escapes).
+fn base64_payload<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Result<Vec<u8>, base64::DecodeError>>, D::Error> {
+    struct Text;
+    impl<'de> serde::de::Visitor<'de> for Text {
+        type Value = Option<Result<Vec<u8>, base64::DecodeError>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a base64 string or null")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(base64::engine::general_purpose::STANDARD.decode(v)))
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D2: serde::Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
+            d.deserialize_str(Text)
+        }
+    }
+    d.deserialize_option(Text)
 }
 
 /// Verify (against the TOC's `tarSplitDigest`) and parse a tar-split, of
@@ -608,6 +649,27 @@ mod tests {
             tar_split: None,
             checksum: None,
         }
+    }
+
+    #[test]
+    fn tar_split_payloads_are_decoded_as_read_and_bad_ones_fail_when_used() {
+        let line = |j: &str| serde_json::from_str::<TarSplitEntry>(j).unwrap();
+        let e = line(r#"{"type":2,"payload":"QUJD","position":1}"#);
+        assert_eq!(e.payload().unwrap(), b"ABC");
+        assert_eq!(e.clone().into_payload().unwrap(), b"ABC");
+        // an escape in the JSON text (not borrowed) decodes the same
+        let e = line(r#"{"type":2,"payload":"QUJD"}"#);
+        assert_eq!(e.payload_bytes().unwrap(), b"ABC");
+        for j in [r#"{"type":2,"payload":null}"#, r#"{"type":1,"name":"a"}"#] {
+            assert_eq!(line(j).payload().unwrap(), b"");
+        }
+        // not base64: the line reads, its payload is an error
+        let e = line(r#"{"type":2,"payload":"!!!"}"#);
+        let err = e.payload().unwrap_err().to_string();
+        assert!(err.contains("bad base64 payload"), "{err}");
+        assert!(e.into_payload().is_err());
+        // not a string at all: the line does not parse
+        assert!(serde_json::from_str::<TarSplitEntry>(r#"{"type":2,"payload":7}"#).is_err());
     }
 
     #[test]

@@ -624,7 +624,7 @@ pub fn open_chunked_with(
             reason,
         };
         match t.kind {
-            2 => pieces.push(TarPiece::Raw(t.payload_bytes()?)),
+            2 => pieces.push(TarPiece::Raw(t.into_payload()?)),
             1 => {
                 let name = t.name.as_deref().unwrap_or("");
                 check_path("the name", name.as_bytes())
@@ -653,12 +653,10 @@ pub fn open_chunked_with(
                 if item.kind == Kind::Reg && size > 0 {
                     // kept, not judged: a reader that needs it (lazy
                     // mounts) refuses a file without one
-                    let crc = t.payload_bytes().unwrap_or_default();
+                    let crc = t.payload().unwrap_or_default();
                     let f = &mut files[k];
                     debug_assert_eq!(*f.name, *name);
-                    f.crc64 = <[u8; 8]>::try_from(crc.as_slice())
-                        .ok()
-                        .map(u64::from_be_bytes);
+                    f.crc64 = <[u8; 8]>::try_from(crc).ok().map(u64::from_be_bytes);
                     k += 1;
                     pieces.push(TarPiece::File {
                         digest: f.digest,

@@ -195,6 +195,7 @@ pub fn read_entries(r: impl Read, sink: &mut dyn ObjectSink) -> Result<Vec<Entry
         raw: Vec::new(),
         segments: Vec::new(),
         entries: Vec::new(),
+        record: false,
     };
     p.run(sink)?;
     Ok(p.entries)
@@ -207,6 +208,7 @@ pub fn import_tar(r: impl Read, sink: &mut dyn ObjectSink) -> Result<Imported, T
         raw: Vec::new(),
         segments: Vec::new(),
         entries: Vec::new(),
+        record: true,
     };
     p.run(sink)?;
     let Parser {
@@ -214,6 +216,7 @@ pub fn import_tar(r: impl Read, sink: &mut dyn ObjectSink) -> Result<Imported, T
         raw,
         mut segments,
         entries,
+        ..
     } = p;
     if !raw.is_empty() {
         segments.push(Segment::Raw(raw));
@@ -248,6 +251,9 @@ struct Parser<R: Read> {
     raw: Vec<u8>,
     segments: Vec<Segment>,
     entries: Vec<Entry>,
+    /// Keep the rebuild record (`segments`); without it, the raw bytes
+    /// of each entry's headers are dropped once the entry is parsed.
+    record: bool,
 }
 
 const BLOCK: usize = 512;
@@ -323,6 +329,10 @@ impl<R: Read> Parser<R> {
     }
 
     fn flush_raw(&mut self) {
+        if !self.record {
+            self.raw.clear();
+            return;
+        }
         if !self.raw.is_empty() {
             // a copy of its exact size: the buffer keeps its capacity for
             // the next headers (taking it would grow a new one each entry)
@@ -501,11 +511,13 @@ impl<R: Read> Parser<R> {
                             d
                         }
                     };
-                    self.segments.push(Segment::Object {
-                        digest: d,
-                        offset: 0,
-                        len: size,
-                    });
+                    if self.record {
+                        self.segments.push(Segment::Object {
+                            digest: d,
+                            offset: 0,
+                            len: size,
+                        });
+                    }
                     *digest = d;
                     *lsize = size;
                 }
@@ -551,7 +563,7 @@ impl<R: Read> Parser<R> {
                         })?
                     };
                     for (o, n) in &map {
-                        if *n > 0 {
+                        if *n > 0 && self.record {
                             self.segments.push(Segment::Object {
                                 digest: d,
                                 offset: *o,
