@@ -26,7 +26,7 @@ mod writer;
 
 pub use format::encode_dev;
 pub use fs::{FILE_MAX, FileData, FsTree, Kind, NAME_MAX, Node, Stat, TreeError, XATTR_VALUE_MAX};
-pub use writer::{DataSource, Flavor, Image, build};
+pub use writer::{DataSource, Flavor, Image, build, build_owned};
 
 /// Files up to this size are stored inside composefs images.
 pub const INLINE_MAX: u64 = 64;

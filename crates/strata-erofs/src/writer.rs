@@ -97,6 +97,15 @@ impl Image {
         }
     }
 
+    /// [`as_bytes`](Self::as_bytes), taken out of the image (no copy);
+    /// the image back when it streams data.
+    pub fn into_bytes(mut self) -> Result<Vec<u8>, Image> {
+        match self.segments.as_mut_slice() {
+            [Segment::Bytes(b)] => Ok(std::mem::take(b)),
+            _ => Err(self),
+        }
+    }
+
     /// Write the image, pulling streamed contents from `src`.
     pub fn write_to(&self, out: &mut dyn Write, src: &mut dyn DataSource) -> io::Result<()> {
         for s in &self.segments {
@@ -111,17 +120,27 @@ impl Image {
 
 /// Build an image of `tree`.
 pub fn build(tree: &FsTree, flavor: Flavor) -> Result<Image, TreeError> {
+    if flavor == Flavor::Composefs {
+        // its stubs are added to a copy
+        return build_owned(tree.clone(), flavor);
+    }
     tree.validate()?;
-    let mut work;
+    emit(tree, flavor, &HashSet::new())
+}
+
+/// [`build`] of a tree the caller has no more use for: the composefs
+/// flavor adds its stubs to it in place instead of to a copy.
+pub fn build_owned(mut tree: FsTree, flavor: Flavor) -> Result<Image, TreeError> {
+    tree.validate()?;
     let mut stubs = HashSet::new();
-    let tree = if flavor == Flavor::Composefs {
-        work = tree.clone();
-        add_stubs(&mut work, &mut stubs);
-        &work
-    } else {
-        tree
-    };
-    let mut p = Prepared::collect(tree, flavor, &stubs)?;
+    if flavor == Flavor::Composefs {
+        add_stubs(&mut tree, &mut stubs);
+    }
+    emit(&tree, flavor, &stubs)
+}
+
+fn emit(tree: &FsTree, flavor: Flavor, stubs: &HashSet<usize>) -> Result<Image, TreeError> {
+    let mut p = Prepared::collect(tree, flavor, stubs)?;
     p.finish();
     let mut first = Emitter::default();
     p.emit(&mut first);

@@ -5,11 +5,14 @@ mod common;
 
 use composefs::erofs::format::FormatVersion;
 use composefs::erofs::writer::{ValidatedFileSystem, mkfs_erofs_versioned};
-use strata_erofs::{Flavor, build};
+use strata_erofs::{Flavor, build, build_owned};
 
 fn ours_and_theirs(g: &common::Gen) -> (Vec<u8>, Vec<u8>) {
     let ours = build(&g.tree, Flavor::Composefs).expect("build");
     let ours = ours.as_bytes().expect("no streamed data").to_vec();
+    // a tree handed over whole builds the same bytes, taken out whole
+    let owned = build_owned(g.tree.clone(), Flavor::Composefs).expect("build");
+    assert_eq!(owned.into_bytes().expect("no streamed data"), ours);
     let fs = ValidatedFileSystem::new(common::to_composefs(&g.tree)).expect("composefs validates");
     let theirs = mkfs_erofs_versioned(&fs, FormatVersion::V1).to_vec();
     (ours, theirs)

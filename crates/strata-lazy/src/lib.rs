@@ -242,12 +242,11 @@ impl LazyImage {
             &mut Unfetched,
         )
         .map_err(|e| LazyError::Image(e.to_string()))?;
-        let image = strata_erofs::build(&fs, strata_erofs::Flavor::Composefs)
+        let image = strata_erofs::build_owned(fs, strata_erofs::Flavor::Composefs)
             .map_err(|e| LazyError::Image(e.to_string()))?;
         Ok(image
-            .as_bytes()
-            .expect("composefs images stream no data")
-            .to_vec())
+            .into_bytes()
+            .unwrap_or_else(|_| unreachable!("composefs images stream no data")))
     }
 
     /// Contents of the files `strata convert --prefetch-list` placed

@@ -299,12 +299,11 @@ impl Store {
             }
         };
         let (fs, _) = self.fs_tree(tree, diff_ids, Contents::Redirect)?;
-        let image = strata_erofs::build(&fs, Flavor::Composefs)
+        let image = strata_erofs::build_owned(fs, Flavor::Composefs)
             .map_err(|e| StoreError::Unsupported(e.to_string()))?;
         Ok(image
-            .as_bytes()
-            .expect("composefs images stream no data")
-            .to_vec())
+            .into_bytes()
+            .unwrap_or_else(|_| unreachable!("composefs images stream no data")))
     }
 
     /// Where an image's EROFS files are, and their digests; builds them on
