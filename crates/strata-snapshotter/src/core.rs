@@ -13,8 +13,12 @@
 //! A *remote* Prepare (one with strata's labels, see [`crate::labels`])
 //! pulls the image into the store itself (once: the next layers find it
 //! there), records a committed snapshot for the layer and answers
-//! AlreadyExists: containerd downloads nothing. A container's snapshot on
-//! such a layer is an overlay whose lower is the image's mount.
+//! AlreadyExists: containerd downloads nothing. A zstd:chunked image is
+//! mounted lazily instead: its daemon starts at the first layer's
+//! Prepare, which answers once the daemon has checked every TOC and
+//! tar-split; the mount is finished meanwhile, and whatever needs it
+//! waits for it. A container's snapshot on such a layer is an overlay
+//! whose lower is the image's mount.
 //!
 //! Names are containerd's backend keys (`<namespace>/<seq>/<key>`, with
 //! slashes and spaces), so nothing on disk is named by them: ids are.
