@@ -578,11 +578,7 @@ impl Snapshotter {
             .collect();
         let mounted = |r: &&&Remote| {
             let dir = self.root.join("mnt").join(r.manifest.hex());
-            self.building
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains_key(&dir)
-                || strata_sys::is_mount_point(&dir).unwrap_or(false)
+            self.building_at(&dir).is_some() || strata_sys::is_mount_point(&dir).unwrap_or(false)
         };
         let r = candidates
             .iter()
@@ -868,13 +864,7 @@ impl Snapshotter {
         fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
         // one being built was checked: it is made (or fails, and the
         // first container makes it again)
-        if self
-            .building
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(&dir)
-            || strata_sys::is_mount_point(&dir).unwrap_or(false)
-        {
+        if self.building_at(&dir).is_some() || strata_sys::is_mount_point(&dir).unwrap_or(false) {
             return Ok(());
         }
         // what this process resolved goes to the daemon: it does not ask
@@ -987,13 +977,13 @@ impl Snapshotter {
     /// Wait until no lazy mount at `dir` is being built; whether one
     /// being built failed (the mount is not there: make it again).
     fn settle(&self, dir: &Path) -> std::result::Result<(), String> {
-        let b = self
-            .building
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(dir)
-            .cloned();
-        b.map_or(Ok(()), |b| b.wait())
+        self.building_at(dir).map_or(Ok(()), |b| b.wait())
+    }
+
+    /// The lazy mount at `dir` its daemon is still building, if any.
+    fn building_at(&self, dir: &Path) -> Option<std::sync::Arc<Building>> {
+        let all = self.building.lock().unwrap_or_else(|e| e.into_inner());
+        all.get(dir).cloned()
     }
 
     /// Unmount an image mount of either kind (`strata umount` stops a
