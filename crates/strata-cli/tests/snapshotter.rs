@@ -565,6 +565,97 @@ fn a_zstd_chunked_image_runs_lazily_and_survives_a_snapshotter_kill() {
     remove_container(&ctrd, "default", &long);
 }
 
+/// The snapshotter is killed after a lazy image's Prepare answered (the
+/// image checked) and before its daemon made the mount: restarted, it
+/// waits for that daemon instead of starting a second one on the same
+/// mount point, and the container starts on the first daemon's mount.
+/// The daemon is held with SIGSTOP in that window, so the window is
+/// always hit.
+#[test]
+fn a_snapshotter_killed_while_a_lazy_mount_is_built_waits_for_it_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut snap = Snapshotter::start(dir.path());
+    let ctrd = Containerd::start_with(&proxy_config(&snap.socket));
+    let reg = Registry::start();
+    let r = chunked_python(&reg, "built/py:1");
+    let image = r.trim_start_matches("docker://").to_string();
+
+    // the daemon names itself in its mount's state dir once it reported
+    // the image checked, until the mount is made: stop it there
+    let lazy = snap.root.join("store").join("lazy");
+    let stopped = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(120) {
+            for e in std::fs::read_dir(&lazy).into_iter().flatten().flatten() {
+                if let Ok(pid) = std::fs::read_to_string(e.path().join("building")) {
+                    let pid = pid.trim().to_string();
+                    let ok = Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+                    assert!(ok.success(), "kill -STOP {pid}");
+                    return pid;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        panic!("no lazy mount daemon said it was building");
+    });
+    rpull(&ctrd, &snap, &image);
+    let pid = stopped.join().unwrap();
+    let mnt: Vec<PathBuf> = std::fs::read_dir(snap.root.join("mnt"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    assert_eq!(mnt.len(), 1, "{mnt:?}");
+    let target = mnt[0].canonicalize().unwrap();
+    let mounted_at = |t: &Path| {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.split(' ').nth(4) == Some(t.to_str().unwrap()))
+            .count()
+    };
+    assert_eq!(mounted_at(&target), 0, "stopped before its mount was made");
+
+    snap.kill_and_restart();
+    let out = std::thread::scope(|s| {
+        let run =
+            s.spawn(|| run_python(&ctrd, &snap, "default", &image, "built", "print('built')"));
+        // the container waits for the stopped daemon; then it goes on
+        std::thread::sleep(Duration::from_secs(2));
+        if run.is_finished() {
+            let got = run.join();
+            panic!(
+                "started before the mount was made: {got:?}\n{}",
+                snap.log_text()
+            );
+        }
+        let ok = Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+        assert!(ok.success());
+        run.join().unwrap()
+    });
+    assert_eq!(out, "built", "{}", snap.log_text());
+    assert_eq!(mounted_at(&target), 1, "one mount at {}", target.display());
+    let mounts = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--root")
+        .arg(snap.root.join("store"))
+        .args(["--json", "mounts"])
+        .output()
+        .unwrap();
+    let mounts: serde_json::Value = serde_json::from_slice(&mounts.stdout).unwrap();
+    assert_eq!(mounts.as_array().map(|a| a.len()), Some(1), "{mounts}");
+    assert_eq!(
+        mounts[0]["pid"].to_string(),
+        pid,
+        "the first daemon serves it: {mounts}"
+    );
+    assert!(
+        snap.log_text().contains("an earlier snapshotter started"),
+        "{}",
+        snap.log_text()
+    );
+}
+
 /// The registry of a lazy image is gone when a container starts: the
 /// start fails within a bounded time with an error naming strata and the
 /// registry, and works once the registry is back.

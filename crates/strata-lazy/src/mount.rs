@@ -237,6 +237,13 @@ pub fn mount_then(
         subject: name.to_string(),
     });
     let target = check_target(target)?;
+    // another daemon still making a mount there: two would stack
+    if let Some(pid) = builder(store.root(), &target) {
+        return Err(LazyError::Busy(format!(
+            "the daemon (pid {pid}) of another lazy mount at {} is still making it",
+            target.display()
+        )));
+    }
     // preparing is one operation for gc (the layers it reads from the
     // store stay until the lease is taken); serving after it is not: the
     // lease keeps what the mount reads, and each commit of fetched
@@ -299,6 +306,21 @@ pub fn mount_then(
         Err(e) => return Err(e),
     };
     checked();
+    // from here until its state is saved, this daemon is the one building
+    // the mount: a snapshotter restarted meanwhile waits for it instead of
+    // starting another (written after the report: whoever sees it knows
+    // the image was checked)
+    let building = mount_dir(store.root(), &target).join(BUILDING);
+    if let Some(parent) = building.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| LazyError::Io {
+            what: format!("creating {}", parent.display()),
+            source: e,
+        })?;
+    }
+    std::fs::write(&building, std::process::id().to_string()).map_err(|e| LazyError::Io {
+        what: format!("writing {}", building.display()),
+        source: e,
+    })?;
     let m = serve(
         store,
         source,
@@ -798,6 +820,7 @@ fn serve(
         }
         st.save(&mdir)
     };
+    let _ = std::fs::remove_file(mdir.join(BUILDING));
     if let Err(e) = saved {
         // nothing may stay mounted when the caller is told it failed
         let _ = strata_sys::unmount_detach(target);
@@ -1233,6 +1256,53 @@ fn remove_leftovers(mdir: &Path) {
     let _ = std::fs::remove_file(mdir.join("state.json"));
     let _ = std::fs::remove_file(mdir.join("image.erofs"));
     let _ = std::fs::remove_file(mdir.join("image.erofs.tmp"));
+    let _ = std::fs::remove_file(mdir.join(BUILDING));
+}
+
+/// In a lazy mount's state directory: the pid of the daemon building the
+/// mount, from the check of the image's TOCs and tar-splits until the
+/// mount's state is saved.
+const BUILDING: &str = "building";
+
+/// The daemon building the lazy mount at `target` (canonical), if one is
+/// (alive, and the mount not made yet).
+pub fn builder(store_root: &Path, target: &Path) -> Option<u32> {
+    building_pid(&mount_dir(store_root, target))
+}
+
+/// [`builder`] of the mount whose state directory is `mdir`.
+fn building_pid(mdir: &Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(mdir.join(BUILDING))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    (pid != std::process::id() && strata_sys::daemon::alive(pid)).then_some(pid)
+}
+
+/// Wait, at most `limit`, while a daemon builds the lazy mount at `target`
+/// (canonical): until the mount is made or the daemon has gone. Whether
+/// one was building it; `Err` names the daemon still building after
+/// `limit`.
+pub fn wait_built(store_root: &Path, target: &Path, limit: Duration) -> Result<bool, String> {
+    let Some(pid) = builder(store_root, target) else {
+        return Ok(false);
+    };
+    let until = Instant::now() + limit;
+    loop {
+        if strata_sys::is_mount_point(target).unwrap_or(false)
+            || builder(store_root, target).is_none()
+        {
+            return Ok(true);
+        }
+        if Instant::now() >= until {
+            return Err(format!(
+                "the daemon (pid {pid}) building the lazy mount at {} has not made it in {limit:?}",
+                target.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// A daemon of an earlier lazy mount at `target` that is still ending (it

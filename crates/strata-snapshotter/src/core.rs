@@ -40,6 +40,11 @@ use strata_store::Store;
 use crate::filters::Filter;
 use crate::labels::{self, RemoteLayer};
 
+/// How long a container's Prepare waits for a lazy mount that a daemon
+/// started before a restart of the snapshotter is still building (it
+/// takes well under a second; the limit is for a daemon that hangs).
+const BUILD_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// What a snapshot is, in containerd's terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -578,7 +583,7 @@ impl Snapshotter {
             .collect();
         let mounted = |r: &&&Remote| {
             let dir = self.root.join("mnt").join(r.manifest.hex());
-            self.building_at(&dir).is_some() || strata_sys::is_mount_point(&dir).unwrap_or(false)
+            self.being_built(&dir) || strata_sys::is_mount_point(&dir).unwrap_or(false)
         };
         let r = candidates
             .iter()
@@ -864,7 +869,7 @@ impl Snapshotter {
         fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
         // one being built was checked: it is made (or fails, and the
         // first container makes it again)
-        if self.building_at(&dir).is_some() || strata_sys::is_mount_point(&dir).unwrap_or(false) {
+        if self.being_built(&dir) || strata_sys::is_mount_point(&dir).unwrap_or(false) {
             return Ok(());
         }
         // what this process resolved goes to the daemon: it does not ask
@@ -977,7 +982,33 @@ impl Snapshotter {
     /// Wait until no lazy mount at `dir` is being built; whether one
     /// being built failed (the mount is not there: make it again).
     fn settle(&self, dir: &Path) -> std::result::Result<(), String> {
-        self.building_at(dir).map_or(Ok(()), |b| b.wait())
+        if let Some(b) = self.building_at(dir) {
+            return b.wait();
+        }
+        // a daemon this process started before a restart, still building
+        let Ok(target) = dir.canonicalize() else {
+            return Ok(());
+        };
+        match strata_lazy::mount::wait_built(self.store.root(), &target, BUILD_LIMIT) {
+            Ok(true) => {
+                tracing::info!(
+                    "waited for the lazy mount at {} an earlier snapshotter started",
+                    dir.display()
+                );
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether a daemon builds the lazy mount at `dir`: one this process
+    /// started, or one started before a restart.
+    fn being_built(&self, dir: &Path) -> bool {
+        self.building_at(dir).is_some()
+            || dir
+                .canonicalize()
+                .is_ok_and(|t| strata_lazy::mount::builder(self.store.root(), &t).is_some())
     }
 
     /// The lazy mount at `dir` its daemon is still building, if any.
@@ -1532,6 +1563,10 @@ impl Snapshotter {
                 continue;
             }
             let p = e.path();
+            // a mount a daemon still builds (started before a restart)
+            if self.being_built(&p) {
+                continue;
+            }
             // an image handed to a lazy mount's daemon that a crash left
             if name.ends_with(".resolved") {
                 let _ = fs::remove_file(&p);

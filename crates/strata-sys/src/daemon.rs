@@ -256,7 +256,7 @@ pub enum Said {
 }
 
 /// Start `cmd` (a strata command that reports with [`notify`]) as a
-/// daemon: its own process group, stdin `/dev/null`, stderr appended to
+/// daemon: a session of its own, stdin `/dev/null`, stderr appended to
 /// `log`; read what it says with [`Daemon::said`].
 pub fn spawn(what: &str, mut cmd: Command, log: &Path) -> Result<Daemon, DaemonError> {
     let err = |step: &str, source| DaemonError::Start {
@@ -275,8 +275,18 @@ pub fn spawn(what: &str, mut cmd: Command, log: &Path) -> Result<Daemon, DaemonE
     cmd.env(NOTIFY_ENV, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(logf)
-        .process_group(0);
+        .stderr(logf);
+    // a session of its own: no terminal's hangup reaches it, nor the
+    // SIGHUP the kernel sends a stopped process's group when the parent
+    // (the snapshotter) dies and leaves the group orphaned
+    // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::setsid()
+                .map(drop)
+                .map_err(std::io::Error::from)
+        });
+    }
     let mut child = cmd.spawn().map_err(|e| err("spawning", e))?;
     let out = BufReader::new(child.stdout.take().expect("stdout is piped"));
     Ok(Daemon {
