@@ -16,6 +16,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+
+/// jemalloc: a lazy mount's TOCs, tar-splits, tree and EROFS image are a
+/// few hundred thousand small allocations made and freed on several
+/// threads at once, where glibc's malloc took a third of the daemon's
+/// time (BENCHMARKS.md, issue 16, tenth run).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use clap::{Parser, Subcommand};
 
 /// strata: a content-addressed store of container and microVM root filesystems.
@@ -154,6 +162,7 @@ impl Ctx {
 }
 
 fn main() -> ExitCode {
+    strata_sys::malloc::set_release(strata_sys::malloc::jemalloc_purge);
     let cli = Cli::parse();
     // bounds on what images may claim (SECURITY.md); daemons this process
     // starts inherit the environment and read the same values

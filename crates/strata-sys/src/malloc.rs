@@ -48,21 +48,124 @@ pub fn tune_for_daemon() {
 /// hot path. Returns whether memory was released (always `false` where it
 /// is a no-op).
 pub fn trim() -> bool {
+    let other = RELEASE.get().is_some_and(|release| release());
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: malloc_trim only works on malloc's own state, under the
         // arena locks; any thread may call it at any time.
-        unsafe { libc::malloc_trim(0) == 1 }
+        (unsafe { libc::malloc_trim(0) == 1 }) || other
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
-        false
+        other
     }
+}
+
+/// Give jemalloc's free pages back to the kernel, every arena's
+/// (`arena.<MALLCTL_ARENAS_ALL>.purge`): for [`set_release`] in a binary
+/// whose global allocator is jemalloc. The first call also sets every
+/// arena's decay times to 0: from then on a freed page goes back at once
+/// (as glibc's malloc does with [`MMAP_THRESHOLD`]), where jemalloc's
+/// default keeps freed pages 10 s for reuse. A daemon calls [`trim`]
+/// first when its start's burst of allocations is over (the mount made),
+/// so the burst runs at jemalloc's speed and what follows (read buffers
+/// made and freed) costs what it uses. Whether the purge was done.
+#[cfg(feature = "jemalloc")]
+pub fn jemalloc_purge() -> bool {
+    use std::ffi::{CStr, CString, c_void};
+    // SAFETY (each mallctl here): documented jemalloc controls, called
+    // with NUL-terminated names that outlive the call and, where a value
+    // is read or written, a pointer to a live value of the control's type
+    // (unsigned for arenas.narenas, ssize_t for the decay times) with its
+    // size.
+    let write_ssize = |name: &CStr, v: isize| unsafe {
+        let mut v = v;
+        tikv_jemalloc_sys::mallctl(
+            name.as_ptr(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            (&raw mut v).cast::<c_void>(),
+            std::mem::size_of::<isize>(),
+        ) == 0
+    };
+    static DECAY: std::sync::Once = std::sync::Once::new();
+    DECAY.call_once(|| {
+        for knob in ["dirty_decay_ms", "muzzy_decay_ms"] {
+            let _ = write_ssize(&CString::new(format!("arenas.{knob}")).expect("no NUL"), 0);
+            let mut n: u32 = 0;
+            let mut len = std::mem::size_of::<u32>();
+            // SAFETY: as above.
+            let read = unsafe {
+                tikv_jemalloc_sys::mallctl(
+                    c"arenas.narenas".as_ptr(),
+                    (&raw mut n).cast::<c_void>(),
+                    &mut len,
+                    std::ptr::null_mut(),
+                    0,
+                )
+            };
+            if read != 0 {
+                continue;
+            }
+            for i in 0..n {
+                // arenas not in use refuse it: nothing to do there
+                let _ = write_ssize(
+                    &CString::new(format!("arena.{i}.{knob}")).expect("no NUL"),
+                    0,
+                );
+            }
+        }
+    });
+    // SAFETY: as above; purge reads and writes nothing (all null).
+    unsafe {
+        tikv_jemalloc_sys::mallctl(
+            c"arena.4096.purge".as_ptr(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        ) == 0
+    }
+}
+
+static RELEASE: std::sync::OnceLock<fn() -> bool> = std::sync::OnceLock::new();
+
+/// What [`trim`] also calls: a binary whose global allocator is not the C
+/// library's gives that allocator's free pages back there (the C
+/// library's malloc still serves C code: zstd, the TLS library). Set once;
+/// later calls are ignored.
+pub fn set_release(release: fn() -> bool) {
+    let _ = RELEASE.set(release);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(feature = "jemalloc")]
+    #[test]
+    fn jemalloc_purge_purges_and_then_gives_pages_back_at_once() {
+        let decay = || {
+            let mut v: isize = -2;
+            let mut len = std::mem::size_of::<isize>();
+            // SAFETY: reads an ssize_t control into a live ssize_t.
+            let r = unsafe {
+                tikv_jemalloc_sys::mallctl(
+                    c"arenas.dirty_decay_ms".as_ptr(),
+                    (&raw mut v).cast(),
+                    &mut len,
+                    std::ptr::null_mut(),
+                    0,
+                )
+            };
+            assert_eq!(r, 0);
+            v
+        };
+        assert_ne!(decay(), 0, "jemalloc's default keeps freed pages a while");
+        assert!(jemalloc_purge());
+        assert_eq!(decay(), 0);
+        assert!(jemalloc_purge(), "a second purge works too");
+    }
 
     #[test]
     fn tune_and_trim_do_not_disturb_malloc() {
