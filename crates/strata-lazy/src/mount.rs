@@ -1105,10 +1105,12 @@ impl Updater {
 
 /// When to give the memory a burst of fetches freed back to the kernel:
 /// once per quiet period, after fetching went quiet for [`Quiet::AFTER`].
-/// Fetch buffers are freed as soon as their chunks are written, but glibc
-/// keeps freed memory in its arenas; trimming on every tick would walk the
-/// arenas for nothing, trimming never keeps a burst's peak for the
-/// mount's life.
+/// Fetch buffers are freed as soon as their chunks are written, but the
+/// allocator keeps freed pages for reuse (jemalloc up to 10 s, purged only
+/// as it allocates more; glibc's arenas until trimmed); trimming on every
+/// tick would walk the arenas for nothing, trimming never keeps a burst's
+/// peak for the mount's life. A second of quiet is enough: a trim is cheap
+/// (well under a millisecond for a daemon's few arenas).
 struct Quiet {
     /// Activity when last trimmed (or at the start: trimmed when mounted).
     trimmed: u64,
@@ -1118,7 +1120,7 @@ struct Quiet {
 }
 
 impl Quiet {
-    const AFTER: Duration = Duration::from_secs(5);
+    const AFTER: Duration = Duration::from_secs(1);
 
     fn new(activity: u64, now: Instant) -> Self {
         Quiet {
@@ -1501,23 +1503,25 @@ mod tests {
     #[test]
     fn trims_once_per_quiet_period() {
         let t0 = Instant::now();
-        let at = |s: u64| t0 + Duration::from_secs(s);
-        let idle = Duration::from_secs(60);
+        // in tenths of Quiet::AFTER
+        let after = Quiet::AFTER;
+        let at = |tenths: u32| t0 + after * tenths / 10;
+        let idle = after * 60;
         let mut q = Quiet::new(3, t0);
         // nothing fetched since the mount's own trim: never
-        assert!(!q.tick(3, idle, false, at(10)));
-        // a burst: not while it goes on, nor within 5 s of its end
-        assert!(!q.tick(10, Duration::ZERO, false, at(11)));
-        assert!(!q.tick(20, Duration::ZERO, false, at(12)));
-        assert!(!q.tick(20, Duration::from_secs(3), false, at(15)));
+        assert!(!q.tick(3, idle, false, at(100)));
+        // a burst: not while it goes on, nor within AFTER of its end
+        assert!(!q.tick(10, Duration::ZERO, false, at(110)));
+        assert!(!q.tick(20, Duration::ZERO, false, at(120)));
+        assert!(!q.tick(20, after * 6 / 10, false, at(126)));
         // the fetcher says it fetched recently: wait
-        assert!(!q.tick(20, Duration::from_secs(4), false, at(18)));
-        assert!(q.tick(20, idle, false, at(18)));
+        assert!(!q.tick(20, after * 8 / 10, false, at(135)));
+        assert!(q.tick(20, idle, false, at(135)));
         // once
-        assert!(!q.tick(20, idle, false, at(30)));
+        assert!(!q.tick(20, idle, false, at(300)));
         // a prefetch running holds it off until it is over
-        assert!(!q.tick(25, idle, true, at(31)));
-        assert!(!q.tick(25, idle, true, at(40)));
-        assert!(q.tick(25, idle, false, at(41)));
+        assert!(!q.tick(25, idle, true, at(310)));
+        assert!(!q.tick(25, idle, true, at(400)));
+        assert!(q.tick(25, idle, false, at(410)));
     }
 }

@@ -63,60 +63,16 @@ pub fn trim() -> bool {
 
 /// Give jemalloc's free pages back to the kernel, every arena's
 /// (`arena.<MALLCTL_ARENAS_ALL>.purge`): for [`set_release`] in a binary
-/// whose global allocator is jemalloc. The first call also sets every
-/// arena's decay times to 0: from then on a freed page goes back at once
-/// (as glibc's malloc does with [`MMAP_THRESHOLD`]), where jemalloc's
-/// default keeps freed pages 10 s for reuse. A daemon calls [`trim`]
-/// first when its start's burst of allocations is over (the mount made),
-/// so the burst runs at jemalloc's speed and what follows (read buffers
-/// made and freed) costs what it uses. Whether the purge was done.
+/// whose global allocator is jemalloc. jemalloc keeps freed pages for
+/// reuse (up to 10 s, purged as it allocates more); a daemon that calls
+/// [`trim`] once its mount is made and once its reads go quiet costs what
+/// its live data needs between bursts. (Decay times of 0 instead made a
+/// lazy mount's reads cost 15-20% more CPU.) Whether the purge was done.
 #[cfg(feature = "jemalloc")]
 pub fn jemalloc_purge() -> bool {
-    use std::ffi::{CStr, CString, c_void};
-    // SAFETY (each mallctl here): documented jemalloc controls, called
-    // with NUL-terminated names that outlive the call and, where a value
-    // is read or written, a pointer to a live value of the control's type
-    // (unsigned for arenas.narenas, ssize_t for the decay times) with its
-    // size.
-    let write_ssize = |name: &CStr, v: isize| unsafe {
-        let mut v = v;
-        tikv_jemalloc_sys::mallctl(
-            name.as_ptr(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            (&raw mut v).cast::<c_void>(),
-            std::mem::size_of::<isize>(),
-        ) == 0
-    };
-    static DECAY: std::sync::Once = std::sync::Once::new();
-    DECAY.call_once(|| {
-        for knob in ["dirty_decay_ms", "muzzy_decay_ms"] {
-            let _ = write_ssize(&CString::new(format!("arenas.{knob}")).expect("no NUL"), 0);
-            let mut n: u32 = 0;
-            let mut len = std::mem::size_of::<u32>();
-            // SAFETY: as above.
-            let read = unsafe {
-                tikv_jemalloc_sys::mallctl(
-                    c"arenas.narenas".as_ptr(),
-                    (&raw mut n).cast::<c_void>(),
-                    &mut len,
-                    std::ptr::null_mut(),
-                    0,
-                )
-            };
-            if read != 0 {
-                continue;
-            }
-            for i in 0..n {
-                // arenas not in use refuse it: nothing to do there
-                let _ = write_ssize(
-                    &CString::new(format!("arena.{i}.{knob}")).expect("no NUL"),
-                    0,
-                );
-            }
-        }
-    });
-    // SAFETY: as above; purge reads and writes nothing (all null).
+    // SAFETY: a documented mallctl that reads and writes nothing (all
+    // four pointers null); the name is NUL-terminated and outlives the
+    // call.
     unsafe {
         tikv_jemalloc_sys::mallctl(
             c"arena.4096.purge".as_ptr(),
@@ -144,27 +100,52 @@ mod tests {
 
     #[cfg(feature = "jemalloc")]
     #[test]
-    fn jemalloc_purge_purges_and_then_gives_pages_back_at_once() {
-        let decay = || {
-            let mut v: isize = -2;
-            let mut len = std::mem::size_of::<isize>();
-            // SAFETY: reads an ssize_t control into a live ssize_t.
-            let r = unsafe {
+    fn jemalloc_purge_gives_freed_pages_back() {
+        let dirty = || {
+            // SAFETY: "epoch" refreshes jemalloc's statistics (a u64 in,
+            // none out); "stats.arenas.4096.pdirty" reads a size_t.
+            unsafe {
+                let mut e: u64 = 1;
                 tikv_jemalloc_sys::mallctl(
-                    c"arenas.dirty_decay_ms".as_ptr(),
+                    c"epoch".as_ptr(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    (&raw mut e).cast(),
+                    std::mem::size_of::<u64>(),
+                );
+                let mut v: usize = 0;
+                let mut len = std::mem::size_of::<usize>();
+                let r = tikv_jemalloc_sys::mallctl(
+                    c"stats.arenas.4096.pdirty".as_ptr(),
                     (&raw mut v).cast(),
                     &mut len,
                     std::ptr::null_mut(),
                     0,
-                )
-            };
-            assert_eq!(r, 0);
-            v
+                );
+                assert_eq!(r, 0, "jemalloc's statistics");
+                v
+            }
         };
-        assert_ne!(decay(), 0, "jemalloc's default keeps freed pages a while");
+        // pages jemalloc allocated and got back: kept dirty for reuse
+        // SAFETY: plain allocations from jemalloc, each freed once, with
+        // the size and alignment they were made with.
+        unsafe {
+            let layout = std::alloc::Layout::from_size_align(64 << 10, 8).unwrap();
+            let blocks: Vec<*mut u8> = (0..64)
+                .map(|_| {
+                    let p = tikv_jemalloc_sys::malloc(layout.size()).cast::<u8>();
+                    assert!(!p.is_null());
+                    p.write_bytes(7, layout.size());
+                    p
+                })
+                .collect();
+            for p in blocks {
+                tikv_jemalloc_sys::free(p.cast());
+            }
+        }
+        assert!(dirty() > 0, "freed pages are kept dirty");
         assert!(jemalloc_purge());
-        assert_eq!(decay(), 0);
-        assert!(jemalloc_purge(), "a second purge works too");
+        assert_eq!(dirty(), 0, "every dirty page purged");
     }
 
     #[test]
