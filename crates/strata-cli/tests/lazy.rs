@@ -120,7 +120,10 @@ fn python_runs_before_the_image_has_arrived_and_the_tree_is_whole() {
     assert!(s1.1 - s0.1 <= 320 << 10, "too much came: {s0:?} -> {s1:?}");
     // a program: its loader and libraries come along, fetched together
     // while the program is read (python3.11: ld.so, ld.so.cache, libm,
-    // libz, libexpat, libc); nothing else does
+    // libz, libexpat, libc), with what its first calls read (C.UTF-8's
+    // LC_CTYPE, the gconv cache, /etc/localtime) and, for CPython, the
+    // first module it imports (encodings) and that module's imports;
+    // nothing else does
     let bin = std::fs::read(m.dir.join("usr/bin/python3.11")).unwrap();
     assert!(bin.len() > 1 << 20);
     let s2 = settled(s1);
@@ -132,13 +135,22 @@ fn python_runs_before_the_image_has_arrived_and_the_tree_is_whole() {
         s1.0 + 1 + libs,
         "a large file comes alone but for what it loads: {s1:?} -> {s2:?}, {st}"
     );
-    let libc = m.dir.join("usr/lib/x86_64-linux-gnu/libc.so.6");
-    assert!(std::fs::read(&libc).unwrap().starts_with(b"\x7fELF"));
+    for f in [
+        "usr/lib/x86_64-linux-gnu/libc.so.6",
+        "usr/lib/locale/C.utf8/LC_CTYPE",
+        "usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache",
+        "usr/lib/python3.11/encodings/__pycache__/__init__.cpython-311.pyc",
+        "usr/lib/python3.11/encodings/__pycache__/aliases.cpython-311.pyc",
+        "usr/lib/python3.11/encodings/__pycache__/utf_8.cpython-311.pyc",
+    ] {
+        let bytes = std::fs::read(m.dir.join(f)).unwrap();
+        assert!(!bytes.is_empty(), "{f}");
+    }
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(
         count(&m.state()),
         s2,
-        "libc was fetched with python, not when opened"
+        "libc, the locale, the gconv cache and python's first modules were fetched with python, not when opened"
     );
     let out = chroot_python(&m.dir, "import json; print(1)");
     assert_eq!(

@@ -245,6 +245,56 @@ pub(crate) fn resolve(
     None
 }
 
+/// The directory `path` names in `tree` (no symlinks followed): its
+/// node number.
+pub(crate) fn dir(tree: &strata_tree::Tree, path: &[u8]) -> Option<u64> {
+    let mut ino = 0;
+    for c in path.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
+        ino = tree.child(ino, c)?;
+    }
+    matches!(tree.node(ino)?.kind, strata_tree::NodeKind::Dir).then_some(ino)
+}
+
+/// The machine's multiarch triple (Debian's library directories).
+pub(crate) const TRIPLE: &str = if cfg!(target_arch = "aarch64") {
+    "aarch64-linux-gnu"
+} else {
+    "x86_64-linux-gnu"
+};
+
+/// Where a C library and its data live, most specific first.
+pub(crate) fn libc_dirs() -> [String; 6] {
+    [
+        format!("/lib/{TRIPLE}"),
+        format!("/usr/lib/{TRIPLE}"),
+        "/lib64".into(),
+        "/usr/lib64".into(),
+        "/lib".into(),
+        "/usr/lib".into(),
+    ]
+}
+
+/// The small files a dynamically linked program's first calls read, as
+/// `tree` has them: glibc's setlocale (C.UTF-8's `LC_CTYPE`, the gconv
+/// module cache) and tzset (`/etc/localtime`). Content digests and sizes,
+/// in that order.
+pub(crate) fn program_start_files(tree: &strata_tree::Tree) -> Vec<(strata_digest::Digest, u64)> {
+    let first = |paths: Vec<String>| paths.into_iter().find_map(|p| resolve(tree, p.as_bytes()));
+    let mut out = Vec::new();
+    out.extend(first(vec![
+        "/usr/lib/locale/C.utf8/LC_CTYPE".into(),
+        "/usr/lib/locale/C.UTF-8/LC_CTYPE".into(),
+    ]));
+    out.extend(first(
+        libc_dirs()
+            .iter()
+            .map(|d| format!("{d}/gconv/gconv-modules.cache"))
+            .collect(),
+    ));
+    out.extend(resolve(tree, b"/etc/localtime"));
+    out
+}
+
 fn split_rev(p: &[u8]) -> Vec<Vec<u8>> {
     p.split(|b| *b == b'/')
         .filter(|c| !c.is_empty())

@@ -185,6 +185,9 @@ const DEPS_PARALLEL: usize = 6;
 /// Largest `.pyc` read for its imports, and largest module fetched for
 /// one.
 const PYC_BYTES: u64 = 1 << 20;
+/// A file a program's first calls read, fetched with its libraries, is
+/// at most this big.
+const PROGRAM_START_BYTES: u64 = 1 << 20;
 /// Modules fetched at most for one module's imports.
 const PYC_IMPORTS: usize = 64;
 /// Rounds of imports of imports fetched ahead of the interpreter.
@@ -199,12 +202,15 @@ pub struct Loads {
     pub files: Vec<Digest>,
     /// Python modules (fetched together), not an ELF file's libraries.
     modules: bool,
+    /// Python modules a program reads first (CPython's `encodings`),
+    /// fetched as modules beside `files`.
+    then_modules: Vec<Digest>,
 }
 
 impl Loads {
     /// Nothing to fetch.
     pub fn is_empty(&self) -> bool {
-        self.files.is_empty()
+        self.files.is_empty() && self.then_modules.is_empty()
     }
 }
 
@@ -464,6 +470,8 @@ pub struct Fetcher {
     /// The image's `.pyc` files by content (a path of each), made at the
     /// first module looked at.
     pyc_paths: std::sync::OnceLock<HashMap<Digest, Vec<u8>>>,
+    /// [`pythons`](Self::pythons), found once.
+    pythons: std::sync::OnceLock<HashMap<Digest, Digest>>,
     /// Python import roots met so far (`crate::pyc::module_files`).
     py_roots: Mutex<Vec<Vec<u8>>>,
     /// Counters.
@@ -523,6 +531,7 @@ impl Fetcher {
             elf_deps_on: std::env::var_os("STRATA_LAZY_ELF_DEPS").is_none_or(|v| v != "0"),
             py_imports_on: std::env::var_os("STRATA_LAZY_PY_IMPORTS").is_none_or(|v| v != "0"),
             pyc_paths: std::sync::OnceLock::new(),
+            pythons: std::sync::OnceLock::new(),
             py_roots: Mutex::new(Vec::new()),
             stats: Stats::default(),
         })
@@ -976,15 +985,38 @@ impl Fetcher {
             return Loads::default();
         }
         if head.starts_with(b"\x7fELF") && self.elf_deps_on {
+            let (mut files, program) = self.elf_files(&f);
+            let mut then_modules = Vec::new();
+            if program {
+                // what its first calls read (setlocale, tzset), and an
+                // interpreter's first module
+                for (d, size) in crate::elf::program_start_files(&self.image.tree) {
+                    if size > 0
+                        && size <= PROGRAM_START_BYTES
+                        && !files.contains(&d)
+                        && self.missing(&d)
+                    {
+                        files.push(d);
+                    }
+                }
+                if self.py_imports_on
+                    && let Some(pyc) = self.pythons().get(digest)
+                    && self.missing(pyc)
+                {
+                    then_modules.push(*pyc);
+                }
+            }
             return Loads {
-                files: self.elf_files(&f),
+                files,
                 modules: false,
+                then_modules,
             };
         }
         if crate::pyc::is_pyc(&head) && self.py_imports_on {
             return Loads {
                 files: self.module_files(digest, &f),
                 modules: true,
+                then_modules: Vec::new(),
             };
         }
         Loads::default()
@@ -1050,6 +1082,19 @@ impl Fetcher {
     pub fn fetch_deps(&self, origin: &Digest, deps: Loads) {
         if deps.modules {
             return self.fetch_modules(origin, deps.files);
+        }
+        if !deps.then_modules.is_empty() {
+            let modules = deps.then_modules;
+            return std::thread::scope(|s| {
+                s.spawn(|| self.fetch_modules(origin, modules));
+                self.fetch_deps(
+                    origin,
+                    Loads {
+                        files: deps.files,
+                        ..Loads::default()
+                    },
+                );
+            });
         }
         let mut todo = deps.files;
         for _ in 0..4 {
@@ -1159,7 +1204,7 @@ impl Fetcher {
                             origin,
                             Loads {
                                 files: libs,
-                                modules: false,
+                                ..Loads::default()
                             },
                         )
                     });
@@ -1189,14 +1234,62 @@ impl Fetcher {
         if !lock(&self.deps_seen).insert(*digest) {
             return Vec::new();
         }
-        self.elf_files(&f)
+        self.elf_files(&f).0
     }
 
-    /// The missing files the ELF file `f` loads.
-    fn elf_files(&self, f: &File) -> Vec<Digest> {
+    /// Whether `d` is a file of the image not in the store yet.
+    fn missing(&self, d: &Digest) -> bool {
+        self.image.remote(d).is_some() && !self.has(d)
+    }
+
+    /// The image's CPython interpreters: the content of each
+    /// `/usr[/local]/bin/python3.N` (N a number, through symlinks), and
+    /// that of the compiled `__init__` of the `encodings` package of its
+    /// version, which is the first module a start of it reads (then, by
+    /// their imports, the codecs: [`crate::pyc`]).
+    fn pythons(&self) -> &HashMap<Digest, Digest> {
+        self.pythons.get_or_init(|| {
+            let tree = &self.image.tree;
+            let mut m = HashMap::new();
+            for prefix in ["/usr", "/usr/local"] {
+                let Some(bin) = crate::elf::dir(tree, format!("{prefix}/bin").as_bytes()) else {
+                    continue;
+                };
+                let Some(kids) = tree.children(bin) else {
+                    continue;
+                };
+                for (name, _) in kids {
+                    let Some(minor) = name
+                        .strip_prefix(b"python3.")
+                        .filter(|m| !m.is_empty() && m.len() <= 3 && m.iter().all(u8::is_ascii_digit))
+                    else {
+                        continue;
+                    };
+                    let minor = String::from_utf8_lossy(minor);
+                    let program = [format!("{prefix}/bin/").as_bytes(), name].concat();
+                    let init = format!(
+                        "{prefix}/lib/python3.{minor}/encodings/__pycache__/__init__.cpython-3{minor}.pyc"
+                    );
+                    if let (Some((prog, _)), Some((pyc, size))) = (
+                        crate::elf::resolve(tree, &program),
+                        crate::elf::resolve(tree, init.as_bytes()),
+                    ) && size > 0
+                        && size <= PYC_BYTES
+                    {
+                        m.insert(prog, pyc);
+                    }
+                }
+            }
+            m
+        })
+    }
+
+    /// The missing files the ELF file `f` loads, and whether it is a
+    /// program (it names an interpreter: the dynamic loader).
+    fn elf_files(&self, f: &File) -> (Vec<Digest>, bool) {
         let read_at = |off: u64, len: usize| pread(f, off, len.min(1 << 20) as u32);
         let Some(d) = crate::elf::deps(&read_at) else {
-            return Vec::new();
+            return (Vec::new(), false);
         };
         let tree = &self.image.tree;
         let mut found: Vec<(Digest, u64)> = Vec::new();
@@ -1220,11 +1313,11 @@ impl Fetcher {
         }
         let mut out = Vec::new();
         for (d, size) in found {
-            if size > 0 && !out.contains(&d) && self.image.remote(&d).is_some() && !self.has(&d) {
+            if size > 0 && !out.contains(&d) && self.missing(&d) {
                 out.push(d);
             }
         }
-        out
+        (out, d.interp.is_some())
     }
 
     /// `digest` and the files after it in its layer's blob that a read of

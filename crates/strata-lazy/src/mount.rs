@@ -522,71 +522,44 @@ pub fn start_set(lazy: &LazyImage) -> Vec<Digest> {
             }
         }
     }
-    let (loaders, triple): (&[&str], &str) = if cfg!(target_arch = "aarch64") {
-        (
-            &["/lib/ld-linux-aarch64.so.1", "/lib/ld-musl-aarch64.so.1"],
-            "aarch64-linux-gnu",
-        )
+    let loaders: &[&str] = if cfg!(target_arch = "aarch64") {
+        &["/lib/ld-linux-aarch64.so.1", "/lib/ld-musl-aarch64.so.1"]
     } else {
-        (
-            &["/lib64/ld-linux-x86-64.so.2", "/lib/ld-musl-x86_64.so.1"],
-            "x86_64-linux-gnu",
-        )
+        &["/lib64/ld-linux-x86-64.so.2", "/lib/ld-musl-x86_64.so.1"]
     };
     paths.extend(loaders.iter().map(|l| l.as_bytes().to_vec()));
     paths.push(b"/etc/ld.so.cache".to_vec());
-    let libc_dirs = [
-        format!("/lib/{triple}"),
-        format!("/usr/lib/{triple}"),
-        "/lib64".into(),
-        "/usr/lib64".into(),
-        "/lib".into(),
-        "/usr/lib".into(),
-    ];
-    let first = |names: Vec<String>| {
-        names
-            .into_iter()
-            .find(|p| crate::elf::resolve(tree, p.as_bytes()).is_some())
-    };
-    if let Some(libc) = first(libc_dirs.iter().map(|d| format!("{d}/libc.so.6")).collect()) {
+    if let Some(libc) = crate::elf::libc_dirs()
+        .iter()
+        .map(|d| format!("{d}/libc.so.6"))
+        .find(|p| crate::elf::resolve(tree, p.as_bytes()).is_some())
+    {
         paths.push(libc.into_bytes());
     }
     let big = paths.len();
     // small files read before the program or by its first calls: the
     // runtime's user lookup (runc reads these in the container's root),
-    // then glibc's setlocale (C.UTF-8's LC_CTYPE, the gconv cache) and
-    // tzset
+    // then what the program's setlocale and tzset read
     for p in ["/etc/passwd", "/etc/group"] {
         paths.push(p.as_bytes().to_vec());
     }
-    if let Some(p) = first(vec![
-        "/usr/lib/locale/C.utf8/LC_CTYPE".into(),
-        "/usr/lib/locale/C.UTF-8/LC_CTYPE".into(),
-    ]) {
-        paths.push(p.into_bytes());
-    }
-    if let Some(p) = first(
-        libc_dirs
-            .iter()
-            .map(|d| format!("{d}/gconv/gconv-modules.cache"))
-            .collect(),
-    ) {
-        paths.push(p.into_bytes());
-    }
-    paths.push(b"/etc/localtime".to_vec());
+    let found = paths
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| Some((i, crate::elf::resolve(tree, p)?)))
+        .chain(
+            crate::elf::program_start_files(tree)
+                .into_iter()
+                .map(|f| (big, f)),
+        );
     let mut out = Vec::new();
-    for (i, p) in paths.iter().enumerate() {
+    for (i, (d, size)) in found {
         let max = if i < big {
             START_FILE_MAX
         } else {
             START_SMALL_MAX
         };
-        if let Some((d, size)) = crate::elf::resolve(tree, p)
-            && size > 0
-            && size <= max
-            && lazy.remote(&d).is_some()
-            && !out.contains(&d)
-        {
+        if size > 0 && size <= max && lazy.remote(&d).is_some() && !out.contains(&d) {
             out.push(d);
         }
     }
