@@ -5,7 +5,7 @@ set -euo pipefail
 PKGS=(libssl-dev openssl pkg-config docker-registry skopeo umoci containerd runc erofs-utils e2fsprogs fuse3
       debootstrap libarchive-tools ostree fsverity attr python3 zstd hyperfine
       tar gzip util-linux binutils stargz-snapshotter podman man-db bash
-      qemu-system-x86 busybox-static)
+      qemu-system-x86 busybox-static gcc make)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
