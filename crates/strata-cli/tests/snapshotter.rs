@@ -49,6 +49,22 @@ impl Snapshotter {
         panic!("the snapshotter did not listen: {}", self.log_text());
     }
 
+    /// `strata --root <its store> --json CMD`: what it printed.
+    fn store_json(&self, cmd: &str) -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+            .arg("--root")
+            .arg(self.root.join("store"))
+            .args(["--json", cmd])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "strata {cmd}: {e}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
     fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -477,14 +493,7 @@ fn a_zstd_chunked_image_runs_lazily_and_survives_a_snapshotter_kill() {
         assert!(reads[0].contains("range="), "{reads:#?}");
     }
     // lazy: the image is not in strata's store, nothing was pulled
-    let store = snap.root.join("store");
-    let images = Command::new(env!("CARGO_BIN_EXE_strata"))
-        .arg("--root")
-        .arg(&store)
-        .args(["--json", "images"])
-        .output()
-        .unwrap();
-    let images: serde_json::Value = serde_json::from_slice(&images.stdout).unwrap();
+    let images = snap.store_json("images");
     assert_eq!(images.as_array().map(|a| a.len()), Some(0), "{images}");
 
     let t0 = Instant::now();
@@ -500,13 +509,7 @@ fn a_zstd_chunked_image_runs_lazily_and_survives_a_snapshotter_kill() {
         "120",
     ]);
     eprintln!("lazy container started in {:?}", t0.elapsed());
-    let mounts = Command::new(env!("CARGO_BIN_EXE_strata"))
-        .arg("--root")
-        .arg(&store)
-        .args(["--json", "mounts"])
-        .output()
-        .unwrap();
-    let mounts: serde_json::Value = serde_json::from_slice(&mounts.stdout).unwrap();
+    let mounts = snap.store_json("mounts");
     assert_eq!(mounts[0]["kind"], "lazy", "{mounts}");
     assert_eq!(mounts[0]["complete"], false, "{mounts}");
     let fetched = mounts[0]["bytes_fetched"].as_u64().unwrap();
@@ -636,13 +639,7 @@ fn a_snapshotter_killed_while_a_lazy_mount_is_built_waits_for_it_after_restart()
     });
     assert_eq!(out, "built", "{}", snap.log_text());
     assert_eq!(mounted_at(&target), 1, "one mount at {}", target.display());
-    let mounts = Command::new(env!("CARGO_BIN_EXE_strata"))
-        .arg("--root")
-        .arg(snap.root.join("store"))
-        .args(["--json", "mounts"])
-        .output()
-        .unwrap();
-    let mounts: serde_json::Value = serde_json::from_slice(&mounts.stdout).unwrap();
+    let mounts = snap.store_json("mounts");
     assert_eq!(mounts.as_array().map(|a| a.len()), Some(1), "{mounts}");
     assert_eq!(
         mounts[0]["pid"].to_string(),
@@ -1352,13 +1349,7 @@ fn an_image_with_its_list_placed_first_runs_with_prefetch_list() {
     let out = run_python(&ctrd, &snap, "default", &image, "placed", "print('placed')");
     assert_eq!(out, "placed");
     // the lazy mount's own log: the list came first
-    let mounts = Command::new(env!("CARGO_BIN_EXE_strata"))
-        .arg("--root")
-        .arg(snap.root.join("store"))
-        .args(["--json", "mounts"])
-        .output()
-        .unwrap();
-    let mounts: serde_json::Value = serde_json::from_slice(&mounts.stdout).unwrap();
+    let mounts = snap.store_json("mounts");
     let m = &mounts[0];
     assert_eq!(m["kind"], "lazy", "{mounts}");
     // the list's prefetch is under way or done, and nothing more comes
@@ -1426,13 +1417,7 @@ fn an_image_that_cannot_be_lazy_is_pulled_in_full_and_runs() {
             && log.contains("old zstd:chunked"),
         "{log}"
     );
-    let images = Command::new(env!("CARGO_BIN_EXE_strata"))
-        .arg("--root")
-        .arg(snap.root.join("store"))
-        .args(["--json", "images"])
-        .output()
-        .unwrap();
-    let images: serde_json::Value = serde_json::from_slice(&images.stdout).unwrap();
+    let images = snap.store_json("images");
     assert_eq!(images.as_array().map(|a| a.len()), Some(1), "{images}");
     let out = run_python(
         &ctrd,
