@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
 
 /// jemalloc: a lazy mount's TOCs, tar-splits, tree and EROFS image are a
 /// few hundred thousand small allocations made and freed on several
@@ -23,8 +24,6 @@ use anyhow::{Context, Result};
 /// time (BENCHMARKS.md, issue 16, tenth run).
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
-use clap::{Parser, Subcommand};
 
 /// strata: a content-addressed store of container and microVM root filesystems.
 #[derive(Parser)]

@@ -245,18 +245,8 @@ pub(crate) fn resolve(
     None
 }
 
-/// The directory `path` names in `tree` (no symlinks followed): its
-/// node number.
-pub(crate) fn dir(tree: &strata_tree::Tree, path: &[u8]) -> Option<u64> {
-    let mut ino = 0;
-    for c in path.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
-        ino = tree.child(ino, c)?;
-    }
-    matches!(tree.node(ino)?.kind, strata_tree::NodeKind::Dir).then_some(ino)
-}
-
 /// The machine's multiarch triple (Debian's library directories).
-pub(crate) const TRIPLE: &str = if cfg!(target_arch = "aarch64") {
+const TRIPLE: &str = if cfg!(target_arch = "aarch64") {
     "aarch64-linux-gnu"
 } else {
     "x86_64-linux-gnu"

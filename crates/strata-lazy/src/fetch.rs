@@ -1252,10 +1252,11 @@ impl Fetcher {
             let tree = &self.image.tree;
             let mut m = HashMap::new();
             for prefix in ["/usr", "/usr/local"] {
-                let Some(bin) = crate::elf::dir(tree, format!("{prefix}/bin").as_bytes()) else {
-                    continue;
-                };
-                let Some(kids) = tree.children(bin) else {
+                // (children: directories only)
+                let Some(kids) = tree
+                    .lookup_ino(format!("{prefix}/bin").as_bytes())
+                    .and_then(|bin| tree.children(bin))
+                else {
                     continue;
                 };
                 for (name, _) in kids {

@@ -512,11 +512,17 @@ impl Tree {
 
     /// Look a path up (no symlink following).
     pub fn lookup(&self, path: &[u8]) -> Option<&Node> {
+        self.node(self.lookup_ino(path)?)
+    }
+
+    /// [`lookup`](Self::lookup), the node's number (for
+    /// [`children`](Self::children)).
+    pub fn lookup_ino(&self, path: &[u8]) -> Option<u64> {
         let mut ino = ROOT;
         for c in path.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
             ino = *self.children.get(&ino)?.get(c)?;
         }
-        Some(&self.nodes[ino])
+        Some(ino as u64)
     }
 
     /// Every node reachable from the root, each once (hardlinked names
