@@ -525,9 +525,13 @@ fn cancelled_template_pushes_and_pulls_leave_nothing_and_converge() {
     };
     let mut announced = std::collections::BTreeSet::new();
     // push: cancelled as it starts, once the manifest is known (before any
-    // upload), after the first pack
-    for n in [1, 2, 4] {
-        let sink = after(n);
+    // upload), once the first pack is uploaded (an event, not a count: two
+    // packs start side by side and either may finish first)
+    for stop in [Some(1), Some(2), None] {
+        let sink = CancelWhen::new(move |seen, e| match stop {
+            Some(n) => seen >= n,
+            None => matches!(e, Event::UnitDone { .. }),
+        });
         let r = strata_block::artifact::push_with(
             &store,
             &id,
@@ -540,11 +544,20 @@ fn cancelled_template_pushes_and_pulls_leave_nothing_and_converge() {
             Err(e @ strata_block::BlockError::Cancelled) => {
                 assert_eq!(e.kind(), ErrorKind::Cancelled)
             }
-            other => panic!("push cancelled after {n} events: {other:?}"),
+            other => panic!("push cancelled at {stop:?}: {other:?}"),
         }
         let ev = sink.events.events();
+        let n = match stop {
+            Some(n) => n,
+            None => {
+                1 + ev
+                    .iter()
+                    .position(|e| matches!(e, Event::UnitDone { .. }))
+                    .expect("a pack was uploaded before the cancel")
+            }
+        };
         // in-flight packs finish at most (3 events each), nothing starts
-        assert!(ev.len() <= n + 3 * jobs, "after {n}: {ev:?}");
+        assert!(ev.len() <= n + 3 * jobs, "cancelled at {stop:?}: {ev:?}");
         assert!(!ev.contains(&Event::Finished {
             op: Op::TemplatePush
         }));

@@ -619,6 +619,22 @@ fn a_snapshotter_killed_while_a_lazy_mount_is_built_waits_for_it_after_restart()
             .count()
     };
     assert_eq!(mounted_at(&target), 0, "stopped before its mount was made");
+    // nor does anyone else start a second daemon there: refused, naming
+    // the one building it
+    let second = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--root")
+        .arg(snap.root.join("store"))
+        .args(["mount", "--lazy=require", "--plain-http", &image])
+        .arg(&target)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "a second daemon mounted: {err}");
+    assert!(
+        err.contains(&format!("pid {pid}")) && err.contains("is still making it"),
+        "{err}"
+    );
+    assert_eq!(mounted_at(&target), 0);
 
     snap.kill_and_restart();
     let out = std::thread::scope(|s| {
