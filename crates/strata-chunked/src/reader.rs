@@ -618,7 +618,12 @@ fn tar_split_lines(
     };
     if limit <= IN_MEMORY {
         let all = decompress_all(ts_z, limit, what)?;
-        return all.split(|b| *b == b'\n').try_for_each(one);
+        let mut at = 0;
+        for end in memchr::memchr_iter(b'\n', &all) {
+            one(&all[at..end])?;
+            at = end + 1;
+        }
+        return one(&all[at..]);
     }
     let mut r = decoder(ts_z, limit, what)?;
     let mut line = Vec::new();

@@ -104,15 +104,22 @@ impl FromStr for Digest {
         if algo != "sha256" {
             return Err(err("unsupported algorithm (only sha256)"));
         }
-        if hex_part.len() != 64
-            || !hex_part
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
-            return Err(err("expected 64 lowercase hex digits"));
+        let hex_part = hex_part.as_bytes();
+        let bad = || err("expected 64 lowercase hex digits");
+        if hex_part.len() != 64 {
+            return Err(bad());
         }
+        // TOCs name a digest or two per file: decoded in one pass, without
+        // the hex crate's per-byte error paths
+        let nibble = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        };
         let mut bytes = [0u8; 32];
-        hex::decode_to_slice(hex_part, &mut bytes).map_err(|_| err("bad hex"))?;
+        for (out, pair) in bytes.iter_mut().zip(hex_part.chunks_exact(2)) {
+            *out = (nibble(pair[0]).ok_or_else(bad)? << 4) | nibble(pair[1]).ok_or_else(bad)?;
+        }
         Ok(Digest::sha256_from_bytes(bytes))
     }
 }
@@ -363,6 +370,9 @@ mod tests {
             "sha256:E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855",
             "sha256:e3b0",
             "sha256:zzb0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b85g",
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b8:5",
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b8\u{e9}",
         ] {
             assert!(bad.parse::<Digest>().is_err(), "{bad:?} should not parse");
         }

@@ -86,29 +86,18 @@ pub(crate) fn number(field: &[u8], offset: u64) -> Result<u64, TarError> {
 impl Header {
     pub(crate) fn parse(b: &[u8; 512], offset: u64) -> Result<Header, TarError> {
         let stored = number(&b[148..156], offset)?;
-        let unsigned: u64 = b
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                if (148..156).contains(&i) {
-                    32
-                } else {
-                    *c as u64
-                }
-            })
-            .sum();
-        let signed: i64 = b
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                if (148..156).contains(&i) {
-                    32
-                } else {
-                    *c as i8 as i64
-                }
-            })
-            .sum();
-        if stored != unsigned && stored as i64 != signed {
+        // the sums of every byte, the checksum field's 8 counted as spaces
+        // (most tars sum unsigned; a few old ones signed)
+        let (head, rest) = (&b[..148], &b[156..]);
+        let unsigned: u64 = head.iter().chain(rest).map(|&c| u64::from(c)).sum::<u64>() + 8 * 32;
+        let signed = || -> i64 {
+            head.iter()
+                .chain(rest)
+                .map(|&c| i64::from(c as i8))
+                .sum::<i64>()
+                + 8 * 32
+        };
+        if stored != unsigned && stored as i64 != signed() {
             return Err(TarError::Malformed {
                 offset,
                 reason: format!("header checksum {stored} does not match {unsigned}"),
@@ -368,6 +357,40 @@ mod tests {
         assert_eq!(number(b"\0\0\0\0", 0).unwrap(), 0);
         assert_eq!(number(&[0x80, 0, 0, 0, 0, 0, 0, 1, 0], 0).unwrap(), 256);
         assert!(number(b"0009", 0).is_err());
+    }
+
+    /// A ustar header named `name`, its checksum field `sum`.
+    fn header_with(name: &[u8], sum: impl Fn(&[u8; 512]) -> i64) -> [u8; 512] {
+        let mut b = [0u8; 512];
+        b[..name.len()].copy_from_slice(name);
+        for (f, v) in [(100..108, &b"0000644\0"[..]), (124..136, b"00000000000\0")] {
+            b[f].copy_from_slice(v);
+        }
+        b[136..148].copy_from_slice(b"00000000000\0");
+        b[156] = b'0';
+        b[257..263].copy_from_slice(b"ustar\0");
+        b[148..156].copy_from_slice(b"        ");
+        let v = sum(&b);
+        b[148..156].copy_from_slice(format!("{v:06o}\0 ").as_bytes());
+        b
+    }
+
+    #[test]
+    fn checksums_unsigned_and_signed_and_wrong() {
+        let unsigned = |b: &[u8; 512]| -> i64 { b.iter().map(|&c| i64::from(c)).sum() };
+        let signed = |b: &[u8; 512]| -> i64 { b.iter().map(|&c| i64::from(c as i8)).sum() };
+        // a name with bytes above 127: the two sums differ
+        let name = "caf\u{e9}".as_bytes();
+        for sum in [&unsigned as &dyn Fn(&[u8; 512]) -> i64, &signed] {
+            let h = Header::parse(&header_with(name, sum), 0).unwrap();
+            assert_eq!(h.path, name);
+        }
+        let off_by_one = |b: &[u8; 512]| unsigned(b) + 1;
+        let err = match Header::parse(&header_with(name, off_by_one), 0) {
+            Ok(_) => panic!("a wrong checksum parsed"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("header checksum"), "{err}");
     }
 
     fn pax(records: &[(&[u8], &[u8])]) -> Vec<u8> {
