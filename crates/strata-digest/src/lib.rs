@@ -92,6 +92,22 @@ impl Digest {
     }
 }
 
+/// Lowercase hex digits' values; 0x80 marks every other byte.
+const HEX: [u8; 256] = {
+    let mut t = [0x80u8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
+
 impl FromStr for Digest {
     type Err = ParseDigestError;
 
@@ -111,14 +127,15 @@ impl FromStr for Digest {
         }
         // TOCs name a digest or two per file: decoded in one pass, without
         // the hex crate's per-byte error paths
-        let nibble = |c: u8| match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            _ => None,
-        };
         let mut bytes = [0u8; 32];
+        let mut invalid = 0u8;
         for (out, pair) in bytes.iter_mut().zip(hex_part.chunks_exact(2)) {
-            *out = (nibble(pair[0]).ok_or_else(bad)? << 4) | nibble(pair[1]).ok_or_else(bad)?;
+            let (hi, lo) = (HEX[usize::from(pair[0])], HEX[usize::from(pair[1])]);
+            invalid |= hi | lo;
+            *out = (hi << 4) | (lo & 0x0f);
+        }
+        if invalid & 0x80 != 0 {
+            return Err(bad());
         }
         Ok(Digest::sha256_from_bytes(bytes))
     }

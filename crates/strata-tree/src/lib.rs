@@ -152,7 +152,8 @@ type Touched = HashSet<(Ino, Vec<u8>)>;
 #[derive(Debug, Clone)]
 pub struct Tree {
     nodes: Vec<Node>,
-    children: HashMap<Ino, BTreeMap<Vec<u8>, Ino>>,
+    /// Each node's names, by node number (empty but for directories).
+    children: Vec<BTreeMap<Vec<u8>, Ino>>,
 }
 
 impl Default for Tree {
@@ -176,55 +177,105 @@ impl Tree {
             ino: 0,
             nlink: 2,
         };
-        let mut children = HashMap::new();
-        children.insert(ROOT, BTreeMap::new());
         Tree {
             nodes: vec![root],
-            children,
+            children: vec![BTreeMap::new()],
         }
     }
 
     fn new_node(&mut self, kind: NodeKind, meta: Meta) -> Ino {
         let ino = self.nodes.len();
-        let is_dir = kind == NodeKind::Dir;
         self.nodes.push(Node {
             kind,
             meta,
             ino: ino as u64,
             nlink: 0,
         });
-        if is_dir {
-            self.children.insert(ino, BTreeMap::new());
-        }
+        self.children.push(BTreeMap::new());
         ino
+    }
+
+    /// A directory's names (`None` for anything else).
+    fn kids(&self, ino: Ino) -> Option<&BTreeMap<Vec<u8>, Ino>> {
+        (self.nodes.get(ino)?.kind == NodeKind::Dir).then(|| &self.children[ino])
     }
 
     fn is_dir(&self, ino: Ino) -> bool {
         self.nodes[ino].kind == NodeKind::Dir
     }
 
-    /// Resolve the directory that holds `path`'s last component, following
+    /// Resolve the directory that holds an entry whose parent path is
+    /// `parents` (`path` is the whole entry path, for messages), following
     /// symlinks in parent components inside the tree. Missing parents are
-    /// created when `create` is set. Returns the dir stack (root first).
+    /// created when `create` is set.
     ///
-    /// With `touched` (only when writing), every directory entered is
-    /// recorded as touched by the current layer, so that an opaque marker
-    /// later in the same layer keeps it (see [`Tree::apply_layer`]).
+    /// With `touched`, every directory entered is recorded as touched by
+    /// the current layer, so that an opaque marker later in the same layer
+    /// keeps it (see [`Tree::apply_layer`]).
     fn resolve_parent(
         &mut self,
         path: &[u8],
-        comps: &[&[u8]],
+        parents: &[u8],
+        create: bool,
         mut touched: Option<&mut Touched>,
-    ) -> Result<Option<Vec<Ino>>, TreeError> {
-        let create = touched.is_some();
+    ) -> Result<Option<Ino>, TreeError> {
+        // the usual path: plain directory names, walked without copying
+        // them; a symlink, `..` or a non-directory on the way goes to the
+        // full walk, from the root again (what was made and recorded so
+        // far is what it would make and record itself)
+        let mut dir = ROOT;
+        for c in components(parents) {
+            if c.is_empty() || c == b"." {
+                continue;
+            }
+            if c == b".." {
+                return self.resolve_slow(path, parents, create, touched);
+            }
+            let ino = match self.children[dir].get(c) {
+                Some(&ino) => ino,
+                None if !create => return Ok(None),
+                None => {
+                    let ino = self.new_node(
+                        NodeKind::Dir,
+                        Meta {
+                            mode: 0o755,
+                            ..Meta::default()
+                        },
+                    );
+                    self.link(dir, c.to_vec(), ino);
+                    ino
+                }
+            };
+            if !self.is_dir(ino) {
+                return self.resolve_slow(path, parents, create, touched);
+            }
+            if let Some(t) = touched.as_deref_mut() {
+                t.insert((dir, c.to_vec()));
+            }
+            dir = ino;
+        }
+        Ok(Some(dir))
+    }
+
+    /// [`resolve_parent`](Self::resolve_parent) following symlinks and
+    /// `..`, and naming what is wrong.
+    fn resolve_slow(
+        &mut self,
+        path: &[u8],
+        parents: &[u8],
+        create: bool,
+        mut touched: Option<&mut Touched>,
+    ) -> Result<Option<Ino>, TreeError> {
         let mut stack = vec![ROOT];
         // Names of the dirs on the stack below the root, for messages.
         let mut names: Vec<Vec<u8>> = Vec::new();
         let mut hops = 0;
         // Components still to walk, each tagged with the symlink (full
         // path) whose target it came from, if any.
-        let mut todo: Vec<(Vec<u8>, Option<Vec<u8>>)> =
-            comps.iter().rev().map(|c| (c.to_vec(), None)).collect();
+        let mut todo: Vec<(Vec<u8>, Option<Vec<u8>>)> = components(parents)
+            .rev()
+            .map(|c| (c.to_vec(), None))
+            .collect();
         while let Some((c, via)) = todo.pop() {
             if c.is_empty() || c == b"." {
                 continue;
@@ -244,7 +295,7 @@ impl Tree {
                 continue;
             }
             let dir = *stack.last().expect("stack starts with root");
-            let child = self.children[&dir].get(&c).copied();
+            let child = self.children[dir].get(&c).copied();
             let ino = match child {
                 None => {
                     if !create {
@@ -302,7 +353,7 @@ impl Tree {
                 }
             }
         }
-        Ok(Some(stack))
+        Ok(stack.last().copied())
     }
 
     fn link(&mut self, dir: Ino, name: Vec<u8>, ino: Ino) {
@@ -311,20 +362,17 @@ impl Tree {
             self.nodes[ino].nlink += 1; // its own "."
             self.nodes[dir].nlink += 1; // its ".."
         }
-        self.children
-            .get_mut(&dir)
-            .expect("dir has a child map")
-            .insert(name, ino);
+        self.children[dir].insert(name, ino);
     }
 
     fn unlink(&mut self, dir: Ino, name: &[u8]) {
-        let Some(ino) = self.children.get_mut(&dir).and_then(|m| m.remove(name)) else {
+        let Some(ino) = self.children[dir].remove(name) else {
             return;
         };
         self.nodes[ino].nlink = self.nodes[ino].nlink.saturating_sub(1);
         if self.is_dir(ino) {
             self.nodes[dir].nlink -= 1;
-            let names: Vec<Vec<u8>> = self.children[&ino].keys().cloned().collect();
+            let names: Vec<Vec<u8>> = self.children[ino].keys().cloned().collect();
             for n in names {
                 self.unlink(ino, &n);
             }
@@ -337,7 +385,7 @@ impl Tree {
     /// subdirectories that this layer merged into (as overlayfs does with an
     /// opaque upper dir).
     fn prune_lower(&mut self, dir: Ino, touched: &Touched) {
-        let names: Vec<(Vec<u8>, Ino)> = self.children[&dir]
+        let names: Vec<(Vec<u8>, Ino)> = self.children[dir]
             .iter()
             .map(|(n, i)| (n.clone(), *i))
             .collect();
@@ -365,6 +413,11 @@ impl Tree {
     /// - Symlinks in parent components are followed inside the tree; a
     ///   resolution that would climb above the root is an error.
     pub fn apply_layer(&mut self, entries: &[Entry]) -> Result<(), TreeError> {
+        // names this layer wrote or entered: only whiteouts of the same
+        // layer ask, so a layer without any keeps no record
+        let whiteouts = entries
+            .iter()
+            .any(|e| split_last(&e.path).1.starts_with(b".wh."));
         let mut added: Touched = HashSet::new();
         for e in entries {
             if e.path.is_empty() {
@@ -374,16 +427,13 @@ impl Tree {
                 self.nodes[ROOT].meta = meta_of(e);
                 continue;
             }
-            let comps: Vec<&[u8]> = e.path.split(|b| *b == b'/').collect();
-            let (name, parents) = comps.split_last().expect("non-empty path");
-            let name = name.to_vec();
+            let (parents, name) = split_last(&e.path);
             if let Some(hidden) = name.strip_prefix(b".wh.") {
                 // Whiteouts never create anything; a missing parent means
                 // there is nothing to hide.
-                let Some(stack) = self.resolve_parent(&e.path, parents, None)? else {
+                let Some(dir) = self.resolve_parent(&e.path, parents, false, None)? else {
                     continue;
                 };
-                let dir = *stack.last().expect("non-empty");
                 if hidden == b".wh..opq" {
                     self.prune_lower(dir, &added);
                 } else if !added.contains(&(dir, hidden.to_vec())) {
@@ -391,11 +441,10 @@ impl Tree {
                 }
                 continue;
             }
-            let stack = self
-                .resolve_parent(&e.path, parents, Some(&mut added))?
+            let dir = self
+                .resolve_parent(&e.path, parents, true, whiteouts.then_some(&mut added))?
                 .expect("missing parents are created when writing");
-            let dir = *stack.last().expect("non-empty");
-            let existing = self.children[&dir].get(&name).copied();
+            let existing = self.children[dir].get(name).copied();
             match &e.kind {
                 EntryKind::Dir => {
                     if let Some(ino) = existing
@@ -403,24 +452,22 @@ impl Tree {
                     {
                         self.nodes[ino].meta = meta_of(e);
                     } else {
-                        self.unlink(dir, &name);
+                        self.unlink(dir, name);
                         let ino = self.new_node(NodeKind::Dir, meta_of(e));
-                        self.link(dir, name.clone(), ino);
+                        self.link(dir, name.to_vec(), ino);
                     }
                 }
                 EntryKind::Hardlink { target } => {
-                    let tcomps: Vec<&[u8]> = target.split(|b| *b == b'/').collect();
-                    let (tname, tparents) = tcomps.split_last().expect("non-empty target");
+                    let (tparents, tname) = split_last(target);
                     let missing = || TreeError::HardlinkMissing {
                         path: lossy(&e.path),
                         target: lossy(target),
                     };
-                    let tstack = self
-                        .resolve_parent(target, tparents, None)?
+                    let tdir = self
+                        .resolve_parent(target, tparents, false, None)?
                         .ok_or_else(missing)?;
-                    let tdir = *tstack.last().expect("non-empty");
-                    let tino = self.children[&tdir]
-                        .get(*tname)
+                    let tino = self.children[tdir]
+                        .get(tname)
                         .copied()
                         .ok_or_else(missing)?;
                     if self.is_dir(tino) {
@@ -432,8 +479,8 @@ impl Tree {
                     if existing == Some(tino) {
                         continue;
                     }
-                    self.unlink(dir, &name);
-                    self.link(dir, name.clone(), tino);
+                    self.unlink(dir, name);
+                    self.link(dir, name.to_vec(), tino);
                 }
                 other => {
                     let kind = match other {
@@ -457,12 +504,14 @@ impl Tree {
                             unreachable!("handled above")
                         }
                     };
-                    self.unlink(dir, &name);
+                    self.unlink(dir, name);
                     let ino = self.new_node(kind, meta_of(e));
-                    self.link(dir, name.clone(), ino);
+                    self.link(dir, name.to_vec(), ino);
                 }
             }
-            added.insert((dir, name));
+            if whiteouts {
+                added.insert((dir, name.to_vec()));
+            }
         }
         Ok(())
     }
@@ -477,9 +526,7 @@ impl Tree {
         let mut stack: Vec<(Vec<u8>, Ino)> = vec![(Vec::new(), ROOT)];
         while let Some((path, ino)) = stack.pop() {
             out.push((path.clone(), &self.nodes[ino]));
-            if let Some(kids) = self.children.get(&ino)
-                && self.is_dir(ino)
-            {
+            if let Some(kids) = self.kids(ino) {
                 for (name, child) in kids.iter().rev() {
                     let mut p = path.clone();
                     if !p.is_empty() {
@@ -500,13 +547,13 @@ impl Tree {
 
     /// A directory's entries, name -> node number, in bytewise order.
     pub fn children(&self, ino: u64) -> Option<impl ExactSizeIterator<Item = (&[u8], u64)>> {
-        let kids = self.children.get(&usize::try_from(ino).ok()?)?;
+        let kids = self.kids(usize::try_from(ino).ok()?)?;
         Some(kids.iter().map(|(n, i)| (n.as_slice(), *i as u64)))
     }
 
     /// One entry of a directory.
     pub fn child(&self, dir: u64, name: &[u8]) -> Option<u64> {
-        let kids = self.children.get(&usize::try_from(dir).ok()?)?;
+        let kids = self.kids(usize::try_from(dir).ok()?)?;
         kids.get(name).map(|i| *i as u64)
     }
 
@@ -520,7 +567,7 @@ impl Tree {
     pub fn lookup_ino(&self, path: &[u8]) -> Option<u64> {
         let mut ino = ROOT;
         for c in path.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
-            ino = *self.children.get(&ino)?.get(c)?;
+            ino = *self.kids(ino)?.get(c)?;
         }
         Some(ino as u64)
     }
@@ -537,9 +584,7 @@ impl Tree {
                 if std::mem::replace(&mut seen[ino], true) {
                     continue;
                 }
-                if self.is_dir(ino)
-                    && let Some(kids) = self.children.get(&ino)
-                {
+                if let Some(kids) = self.kids(ino) {
                     stack.extend(kids.values().copied());
                 }
                 return Some(&self.nodes[ino]);
@@ -615,7 +660,20 @@ impl Tree {
 
     /// Whether the tree has only its root.
     pub fn is_empty(&self) -> bool {
-        self.children[&ROOT].is_empty()
+        self.children[ROOT].is_empty()
+    }
+}
+
+/// A path's components (none for the empty path).
+fn components(path: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
+    path.split(|b| *b == b'/').filter(move |_| !path.is_empty())
+}
+
+/// A non-empty path's parent path and last component.
+fn split_last(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.iter().rposition(|b| *b == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&[], path),
     }
 }
 

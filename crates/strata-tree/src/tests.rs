@@ -101,6 +101,63 @@ fn opaque_dir_hides_lower_but_keeps_same_layer_children_in_any_order() {
 }
 
 #[test]
+fn names_written_through_symlinked_parents_survive_an_opaque_marker() {
+    let mut t = Tree::new();
+    t.apply_layer(&[
+        dir("real/sub"),
+        file("real/old", "o"),
+        file("real/sub/lower", "l"),
+        symlink("in", "real"),
+    ])
+    .unwrap();
+    // written through the symlink (and through `..`), then the directory
+    // made opaque: what this layer wrote or entered stays (`sub`, entered
+    // on the way to `..`, without its lower child), the rest goes
+    t.apply_layer(&[
+        file("in/new", "n"),
+        file("real/sub/../sub2/x", "x"),
+        file("real/.wh..wh..opq", ""),
+    ])
+    .unwrap();
+    assert_eq!(
+        paths(&t),
+        [
+            "",
+            "in",
+            "real",
+            "real/new",
+            "real/sub",
+            "real/sub2",
+            "real/sub2/x"
+        ]
+    );
+    // the same layer without the marker keeps everything, and a layer
+    // without whiteouts (no record of what it wrote) builds the same tree
+    let mut t2 = Tree::new();
+    t2.apply_layer(&[
+        dir("real/sub"),
+        file("real/sub/lower", "l"),
+        symlink("in", "real"),
+    ])
+    .unwrap();
+    t2.apply_layer(&[file("in/new", "n"), file("real/sub/../sub2/x", "x")])
+        .unwrap();
+    assert_eq!(
+        paths(&t2),
+        [
+            "",
+            "in",
+            "real",
+            "real/new",
+            "real/sub",
+            "real/sub/lower",
+            "real/sub2",
+            "real/sub2/x"
+        ]
+    );
+}
+
+#[test]
 fn dir_replaced_by_file_and_back() {
     let mut t = Tree::new();
     t.apply_layer(&[dir("x"), file("x/inner", "i")]).unwrap();
