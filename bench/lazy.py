@@ -109,7 +109,15 @@ class JournaledTmp:
         if self.plain is not None:
             return self.plain.__exit__(*exc)
         # (the loop device goes with the mount: mount -o loop sets autoclear)
-        subprocess.run(["umount", "-R", self.dir], stderr=subprocess.DEVNULL)
+        # a daemon still exiting may hold it a moment: try again, then
+        # detach it (a mount left behind keeps its image's blocks and a
+        # loop device's writeback in every later run)
+        for _ in range(20):
+            if subprocess.run(["umount", "-R", self.dir], stderr=subprocess.DEVNULL).returncode == 0:
+                break
+            time.sleep(0.25)
+        else:
+            subprocess.run(["umount", "-R", "-l", self.dir], stderr=subprocess.DEVNULL)
         try:
             os.rmdir(self.dir)
         except OSError:
