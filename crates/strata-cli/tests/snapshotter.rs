@@ -393,6 +393,17 @@ fn rpull_makes_the_layers_available_from_strata_and_ctr_runs_on_them() {
         2,
         "{ls}"
     );
+    // mounted once pulled, before any container asks for it
+    let premounted = snap
+        .root
+        .join("mnt")
+        .join(layout_manifest_digest(&debian_layout(), "python").trim_start_matches("sha256:"));
+    assert!(
+        strata_sys::is_mount_point(&premounted).unwrap(),
+        "{} is not mounted after the pull: {}",
+        premounted.display(),
+        snap.log_text()
+    );
 
     let out = ctrd.ctr(&[
         "run",

@@ -192,6 +192,17 @@ pub enum SnapError {
 
 type Result<T> = std::result::Result<T, SnapError>;
 
+/// How an image in the store is mounted for containers: read-only
+/// composefs, split as `strata mount` does.
+fn image_mount_options() -> strata_store::MountOptions {
+    strata_store::MountOptions {
+        writable: false,
+        upper: None,
+        verity: false,
+        split: strata_store::SplitPolicy::Auto(strata_store::DEFAULT_SPLIT_THRESHOLD),
+    }
+}
+
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SnapError {
     let what = what.into();
     move |source| SnapError::Io { what, source }
@@ -627,18 +638,7 @@ impl Snapshotter {
             );
         } else if !mounted {
             self.store
-                .mount_image(
-                    &r.manifest,
-                    &dir,
-                    &strata_store::MountOptions {
-                        writable: false,
-                        upper: None,
-                        verity: false,
-                        split: strata_store::SplitPolicy::Auto(
-                            strata_store::DEFAULT_SPLIT_THRESHOLD,
-                        ),
-                    },
-                )
+                .mount_image(&r.manifest, &dir, &image_mount_options())
                 .map_err(|e| SnapError::Io {
                     what: format!("mounting {} ({}) at {}", r.image, r.manifest, dir.display()),
                     source: io::Error::other(e.to_string()),
@@ -893,6 +893,40 @@ impl Snapshotter {
             let _ = fs::remove_dir(&dir);
         }
         made
+    }
+
+    /// The composefs mount of an image just pulled in full, made now (as
+    /// a lazy image's is at its pull): its first container, often the
+    /// pod's sandbox started right after, does not wait for it. Best
+    /// effort: the first container mounts it otherwise, and Cleanup
+    /// unmounts it while no container uses it.
+    fn premount_pulled(&self, r: &RemoteLayer) {
+        let dir = self.root.join("mnt").join(r.manifest.hex());
+        let _gate = self.mounting.lock().unwrap_or_else(|e| e.into_inner());
+        if strata_sys::is_mount_point(&dir).unwrap_or(false) {
+            return;
+        }
+        let t0 = std::time::Instant::now();
+        let mounted = fs::create_dir_all(&dir)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                self.store
+                    .mount_image(&r.manifest, &dir, &image_mount_options())
+                    .map_err(|e| e.to_string())
+            });
+        match mounted {
+            Ok(_) => tracing::info!(
+                "mounted {} ({}) at {} once pulled, in {:?}",
+                r.image,
+                r.manifest,
+                dir.display(),
+                t0.elapsed()
+            ),
+            Err(e) => {
+                tracing::warn!("mounting {} ({}) once pulled: {e}", r.image, r.manifest);
+                let _ = fs::remove_dir(&dir);
+            }
+        }
     }
 
     /// `strata mount --lazy` of the image at `dir`: a daemon of its own,
@@ -1293,6 +1327,7 @@ impl Snapshotter {
             .store
             .image_meta(&r.manifest)
             .map_err(|e| unavailable(e.to_string()))?;
+        self.premount_pulled(r);
         Ok((diff_ids_of(&meta), blobs_of(&meta), false))
     }
 

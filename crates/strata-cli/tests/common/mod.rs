@@ -127,8 +127,8 @@ pub fn oci_ref(layout: &Path, tag: &str) -> String {
     format!("oci:{}:{tag}", layout.display())
 }
 
-/// The manifest JSON of a layout tag.
-pub fn layout_manifest(layout: &Path, tag: &str) -> serde_json::Value {
+/// The manifest digest (`sha256:...`) of a layout tag.
+pub fn layout_manifest_digest(layout: &Path, tag: &str) -> String {
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
     let m = index["manifests"]
@@ -137,8 +137,13 @@ pub fn layout_manifest(layout: &Path, tag: &str) -> serde_json::Value {
         .iter()
         .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
         .unwrap_or_else(|| panic!("no tag {tag} in {}", layout.display()));
-    let d = m["digest"].as_str().unwrap();
-    serde_json::from_slice(&std::fs::read(blob_path(layout, d)).unwrap()).unwrap()
+    m["digest"].as_str().unwrap().to_string()
+}
+
+/// The manifest JSON of a layout tag.
+pub fn layout_manifest(layout: &Path, tag: &str) -> serde_json::Value {
+    let d = layout_manifest_digest(layout, tag);
+    serde_json::from_slice(&std::fs::read(blob_path(layout, &d)).unwrap()).unwrap()
 }
 
 pub fn blob_path(layout: &Path, digest: &str) -> PathBuf {
