@@ -434,10 +434,11 @@ fn early_runs(
 
 /// The digests of the prefetch list's files, and (with no list given)
 /// the files placed first in their layers; or, with neither, the
-/// [`start_set`] (then `true`).
-fn wanted(lazy: &LazyImage, opts: &LazyOptions) -> (Vec<Digest>, bool) {
+/// [`start_set`] (then `true`). With a list, also the [`RUNTIME_FILES`]
+/// it lacks, fetched beside it.
+fn wanted(lazy: &LazyImage, opts: &LazyOptions) -> (Vec<Digest>, bool, Vec<Digest>) {
     if opts.prefetch == Prefetch::None {
-        return (Vec::new(), false);
+        return (Vec::new(), false, Vec::new());
     }
     let list = match &opts.prefetch_list {
         Some(l) => l.clone(),
@@ -472,10 +473,31 @@ fn wanted(lazy: &LazyImage, opts: &LazyOptions) -> (Vec<Digest>, bool) {
         && opts.prefetch == Prefetch::All
         && opts.prefetch_list.is_none()
     {
-        return (start_set(lazy), true);
+        return (start_set(lazy), true, Vec::new());
     }
-    (wanted, false)
+    // a list records what the program read; the runtime reads these in
+    // the container's root before the program starts, at every container
+    let runtime = if wanted.is_empty() {
+        Vec::new()
+    } else {
+        RUNTIME_FILES
+            .iter()
+            .filter_map(|p| crate::elf::resolve(&lazy.tree, p.as_bytes()))
+            .filter(|(d, size)| {
+                *size > 0
+                    && *size <= START_SMALL_MAX
+                    && lazy.remote(d).is_some()
+                    && !wanted.contains(d)
+            })
+            .map(|(d, _)| d)
+            .collect()
+    };
+    (wanted, false, runtime)
 }
+
+/// What the container runtime reads in a container's root before its
+/// program starts: containerd and runc look the user and its groups up.
+const RUNTIME_FILES: [&str; 2] = ["/etc/passwd", "/etc/group"];
 
 /// A file of the start set larger than this is left to reads.
 const START_FILE_MAX: u64 = 16 << 20;
@@ -540,7 +562,7 @@ pub fn start_set(lazy: &LazyImage) -> Vec<Digest> {
     // small files read before the program or by its first calls: the
     // runtime's user lookup (runc reads these in the container's root),
     // then what the program's setlocale and tzset read
-    for p in ["/etc/passwd", "/etc/group"] {
+    for p in RUNTIME_FILES {
         paths.push(p.as_bytes().to_vec());
     }
     let found = paths
@@ -644,8 +666,9 @@ fn serve(
     // start, as before (links, no daemon)
     fetcher.link_trusted();
     // reads of listed files wait for the bulk fetch instead of racing it
-    let (wanted, start) = wanted(&lazy, opts);
+    let (wanted, start, runtime) = wanted(&lazy, opts);
     fetcher.reserve_bulk(&wanted);
+    fetcher.reserve_bulk(&runtime);
     let (files_total, to_fetch) = counted
         .join()
         .map_err(|_| panicked("counting what the store lacks"))?;
@@ -699,8 +722,8 @@ fn serve(
                     return;
                 }
                 prefetch_thread(
-                    fetcher, prefetch, wanted, start, state, store, source, name, pull, cancel,
-                    events, early,
+                    fetcher, prefetch, wanted, start, runtime, state, store, source, name, pull,
+                    cancel, events, early,
                 )
             })
             .map_err(io("starting the prefetch thread".into()))?;
@@ -855,6 +878,7 @@ fn prefetch_thread(
     prefetch: Prefetch,
     wanted: Vec<Digest>,
     start: bool,
+    runtime: Vec<Digest>,
     state: Arc<Mutex<MountState>>,
     store: Arc<Store>,
     source: Arc<dyn ImageSource>,
@@ -881,10 +905,22 @@ fn prefetch_thread(
     let mut list_error = None;
     // (the start set's few files are stored in the background: a sync per
     // request there slowed what runs beside it, containerd's calls too)
-    let listed = match start {
-        true => fetcher.fetch_many_deferred(&wanted, ctl),
-        false => fetcher.fetch_many(&wanted, ctl),
-    };
+    let listed = std::thread::scope(|s| {
+        // the runtime's few files beside the list (they are elsewhere in
+        // their layer, behind its files placed first), served at once
+        if !runtime.is_empty() {
+            let (fetcher, runtime) = (&fetcher, &runtime);
+            s.spawn(move || {
+                if let Err(e) = fetcher.fetch_many_deferred(runtime, ctl) {
+                    tracing::debug!("prefetching what the runtime reads: {e}");
+                }
+            });
+        }
+        match start {
+            true => fetcher.fetch_many_deferred(&wanted, ctl),
+            false => fetcher.fetch_many(&wanted, ctl),
+        }
+    });
     // what was streamed ahead for the list is freed (and stops)
     drop(early);
     // the start set's command brings its libraries (a list holds them)
