@@ -234,17 +234,7 @@ impl Tree {
             let ino = match self.children[dir].get(c) {
                 Some(&ino) => ino,
                 None if !create => return Ok(None),
-                None => {
-                    let ino = self.new_node(
-                        NodeKind::Dir,
-                        Meta {
-                            mode: 0o755,
-                            ..Meta::default()
-                        },
-                    );
-                    self.link(dir, c.to_vec(), ino);
-                    ino
-                }
+                None => self.missing_parent(dir, c.to_vec()),
             };
             if !self.is_dir(ino) {
                 return self.resolve_slow(path, parents, create, touched);
@@ -297,20 +287,8 @@ impl Tree {
             let dir = *stack.last().expect("stack starts with root");
             let child = self.children[dir].get(&c).copied();
             let ino = match child {
-                None => {
-                    if !create {
-                        return Ok(None);
-                    }
-                    let ino = self.new_node(
-                        NodeKind::Dir,
-                        Meta {
-                            mode: 0o755,
-                            ..Meta::default()
-                        },
-                    );
-                    self.link(dir, c.clone(), ino);
-                    ino
-                }
+                None if !create => return Ok(None),
+                None => self.missing_parent(dir, c.clone()),
                 Some(ino) => ino,
             };
             match &self.nodes[ino].kind {
@@ -354,6 +332,20 @@ impl Tree {
             }
         }
         Ok(stack.last().copied())
+    }
+
+    /// A parent directory an entry needs and no layer made: 0755,
+    /// root:root, mtime 0.
+    fn missing_parent(&mut self, dir: Ino, name: Vec<u8>) -> Ino {
+        let ino = self.new_node(
+            NodeKind::Dir,
+            Meta {
+                mode: 0o755,
+                ..Meta::default()
+            },
+        );
+        self.link(dir, name, ino);
+        ino
     }
 
     fn link(&mut self, dir: Ino, name: Vec<u8>, ino: Ino) {
