@@ -483,13 +483,9 @@ fn wanted(lazy: &LazyImage, opts: &LazyOptions) -> (Vec<Digest>, bool, Vec<Diges
         RUNTIME_FILES
             .iter()
             .filter_map(|p| crate::elf::resolve(&lazy.tree, p.as_bytes()))
-            .filter(|(d, size)| {
-                *size > 0
-                    && *size <= START_SMALL_MAX
-                    && lazy.remote(d).is_some()
-                    && !wanted.contains(d)
-            })
+            .filter(|(d, size)| worth_fetching(lazy, d, *size, START_SMALL_MAX))
             .map(|(d, _)| d)
+            .filter(|d| !wanted.contains(d))
             .collect()
     };
     (wanted, false, runtime)
@@ -581,11 +577,17 @@ pub fn start_set(lazy: &LazyImage) -> Vec<Digest> {
         } else {
             START_SMALL_MAX
         };
-        if size > 0 && size <= max && lazy.remote(&d).is_some() && !out.contains(&d) {
+        if worth_fetching(lazy, &d, size, max) && !out.contains(&d) {
             out.push(d);
         }
     }
     out
+}
+
+/// Whether a file guessed to be read soon (`size` bytes of `d`) is
+/// fetched ahead: not empty, at most `max`, and not local yet.
+fn worth_fetching(lazy: &LazyImage, d: &Digest, size: u64, max: u64) -> bool {
+    size > 0 && size <= max && lazy.remote(d).is_some()
 }
 
 #[allow(clippy::too_many_arguments)]
