@@ -192,17 +192,6 @@ pub enum SnapError {
 
 type Result<T> = std::result::Result<T, SnapError>;
 
-/// How an image in the store is mounted for containers: read-only
-/// composefs, split as `strata mount` does.
-fn image_mount_options() -> strata_store::MountOptions {
-    strata_store::MountOptions {
-        writable: false,
-        upper: None,
-        verity: false,
-        split: strata_store::SplitPolicy::Auto(strata_store::DEFAULT_SPLIT_THRESHOLD),
-    }
-}
-
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SnapError {
     let what = what.into();
     move |source| SnapError::Io { what, source }
@@ -637,15 +626,33 @@ impl Snapshotter {
                 t0.elapsed()
             );
         } else if !mounted {
-            self.store
-                .mount_image(&r.manifest, &dir, &image_mount_options())
-                .map_err(|e| SnapError::Io {
-                    what: format!("mounting {} ({}) at {}", r.image, r.manifest, dir.display()),
-                    source: io::Error::other(e.to_string()),
-                })?;
-            tracing::info!("mounted {} ({}) at {}", r.image, r.manifest, dir.display());
+            self.mount_full(&r.image, &r.manifest, &dir)?;
         }
         Ok(dir)
+    }
+
+    /// The composefs mount of `image` (`manifest`, in the store) at `dir`,
+    /// read-only, split as `strata mount` does: what containers stand on.
+    fn mount_full(&self, image: &str, manifest: &Digest, dir: &Path) -> Result<()> {
+        let t0 = std::time::Instant::now();
+        let opts = strata_store::MountOptions {
+            writable: false,
+            upper: None,
+            verity: false,
+            split: strata_store::SplitPolicy::Auto(strata_store::DEFAULT_SPLIT_THRESHOLD),
+        };
+        self.store
+            .mount_image(manifest, dir, &opts)
+            .map_err(|e| SnapError::Io {
+                what: format!("mounting {image} ({manifest}) at {}", dir.display()),
+                source: io::Error::other(e.to_string()),
+            })?;
+        tracing::info!(
+            "mounted {image} ({manifest}) at {} in {:?}",
+            dir.display(),
+            t0.elapsed()
+        );
+        Ok(())
     }
 
     /// The mount of the layers up to an intermediate layer of a remote
@@ -906,26 +913,12 @@ impl Snapshotter {
         if strata_sys::is_mount_point(&dir).unwrap_or(false) {
             return;
         }
-        let t0 = std::time::Instant::now();
         let mounted = fs::create_dir_all(&dir)
-            .map_err(|e| e.to_string())
-            .and_then(|()| {
-                self.store
-                    .mount_image(&r.manifest, &dir, &image_mount_options())
-                    .map_err(|e| e.to_string())
-            });
-        match mounted {
-            Ok(_) => tracing::info!(
-                "mounted {} ({}) at {} once pulled, in {:?}",
-                r.image,
-                r.manifest,
-                dir.display(),
-                t0.elapsed()
-            ),
-            Err(e) => {
-                tracing::warn!("mounting {} ({}) once pulled: {e}", r.image, r.manifest);
-                let _ = fs::remove_dir(&dir);
-            }
+            .map_err(io_err(format!("creating {}", dir.display())))
+            .and_then(|()| self.mount_full(&r.image, &r.manifest, &dir));
+        if let Err(e) = mounted {
+            tracing::warn!("mounting {} once pulled: {e}", r.image);
+            let _ = fs::remove_dir(&dir);
         }
     }
 
