@@ -42,6 +42,9 @@ def strata_snapshotter(tmp, prefetch="all"):
     cfg = os.path.join(tmp, "snap-config.toml")
     with open(cfg, "w") as f:
         f.write(f'[snapshotter]\nprefetch = "{prefetch}"\n')
+        # BENCH_SPARE_MIB=0: no lazy mount daemon started ahead (A/B)
+        if os.environ.get("BENCH_SPARE_MIB"):
+            f.write(f'spare_mib = {int(os.environ["BENCH_SPARE_MIB"])}\n')
     p = subprocess.Popen([L.STRATA, "--root", root, "snapshotter", "--socket", sock,
                           "--config", cfg], stdout=subprocess.DEVNULL, stderr=log)
     for _ in range(200):

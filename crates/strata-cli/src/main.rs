@@ -80,6 +80,9 @@ enum Command {
     Snapshotter(cmd::snapshotter::Args),
     /// Serve the HTTP conversion service (jobs, verified results, explicit format fallbacks).
     Serve(cmd::serve::Args),
+    /// A lazy mount's daemon started ahead of its mount (the snapshotter's).
+    #[command(hide = true)]
+    Spare(cmd::spare::Args),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions(cmd::completions::Args),
     /// Print the man page (roff) of strata or of one subcommand.
@@ -162,7 +165,18 @@ impl Ctx {
 
 fn main() -> ExitCode {
     strata_sys::malloc::set_release(strata_sys::malloc::jemalloc_purge);
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Command::Spare(a) = &cli.command {
+        cli = match cmd::spare::wait(a) {
+            Ok(Some(work)) => work,
+            Ok(None) => return ExitCode::SUCCESS,
+            Err(e) => {
+                strata_sys::daemon::report_failed(e.as_ref());
+                eprintln!("strata: error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+    }
     // bounds on what images may claim (SECURITY.md); daemons this process
     // starts inherit the environment and read the same values
     match strata_oci::limits::Limits::from_env() {
@@ -227,6 +241,7 @@ fn main() -> ExitCode {
         Command::Rootfs(a) => cmd::rootfs::run(&ctx, a),
         Command::Rpull(a) => cmd::rpull::run(&ctx, a),
         Command::Snapshotter(_) | Command::Serve(_) => unreachable!("served above"),
+        Command::Spare(_) => unreachable!("a spare's work replaced it above"),
         Command::Completions(a) => cmd::completions::completions(a),
         Command::Man(a) => cmd::completions::man(a),
     };

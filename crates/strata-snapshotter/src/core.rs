@@ -244,6 +244,77 @@ pub struct Snapshotter {
     /// mount: the pull goes on meanwhile, and whatever needs the mount
     /// waits for it ([`Snapshotter::settle`]). Keyed by mount dir.
     building: std::sync::Arc<Mutex<HashMap<PathBuf, std::sync::Arc<Building>>>>,
+    /// A lazy mount's daemon started ahead ([`set_spare`](Self::set_spare)).
+    spare: std::sync::Arc<Spares>,
+}
+
+/// The daemon a lazy mount takes next, started ahead of it: a lazy
+/// image's first Prepare does not wait for a process to start and for the
+/// memory its check needs to be made (BENCHMARKS.md, issue 16, twelfth
+/// run).
+#[derive(Default)]
+struct Spares {
+    /// The one waiting, if any.
+    ready: Mutex<Option<strata_sys::daemon::Spare>>,
+    /// Memory (MiB) it makes ready; 0: none is kept.
+    mib: std::sync::atomic::AtomicUsize,
+    /// `strata --root STORE` (the command line before `spare`).
+    root: Mutex<PathBuf>,
+    /// Its log (what it says before its work).
+    log: Mutex<PathBuf>,
+}
+
+/// How long after a spare was taken the next one starts: not while the
+/// container that took it is being started, on the same cores.
+const SPARE_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Spares {
+    /// The spare, if one waits (and is alive).
+    fn take(&self) -> Option<strata_sys::daemon::Spare> {
+        let mut ready = self.ready.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = ready.take()?;
+        s.alive().then_some(s)
+    }
+
+    /// Start the next spare `after` this long, on a thread of its own,
+    /// unless one waits or none is wanted.
+    fn refill(self: &std::sync::Arc<Self>, after: std::time::Duration) {
+        if self.mib.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            return;
+        }
+        let spares = self.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            let mut ready = spares.ready.lock().unwrap_or_else(|e| e.into_inner());
+            if ready.as_mut().is_some_and(|s| s.alive()) {
+                return;
+            }
+            match spares.spawn() {
+                Ok(s) => *ready = Some(s),
+                Err(e) => tracing::warn!("starting a spare lazy mount daemon: {}", error_chain(&e)),
+            }
+        });
+    }
+
+    fn spawn(
+        &self,
+    ) -> std::result::Result<strata_sys::daemon::Spare, strata_sys::daemon::DaemonError> {
+        let exe =
+            std::env::current_exe().map_err(|source| strata_sys::daemon::DaemonError::Start {
+                what: "spare lazy mount".into(),
+                step: "finding the strata binary".into(),
+                source,
+            })?;
+        let mib = self.mib.load(std::sync::atomic::Ordering::Relaxed);
+        let mut cmd = std::process::Command::new(exe);
+        cmd.arg("--root")
+            .arg(&*self.root.lock().unwrap_or_else(|e| e.into_inner()))
+            .args(["--quiet", "spare", "--prefault-mib", &mib.to_string()]);
+        let (k, v) = strata_sys::malloc::SPARE_MALLOC_CONF;
+        cmd.env(k, v);
+        let log = self.log.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        strata_sys::daemon::spawn_spare("spare lazy mount", cmd, &log)
+    }
 }
 
 /// A lazy mount being built by its daemon: its outcome once known.
@@ -345,6 +416,7 @@ impl Snapshotter {
             sources: Mutex::new(HashMap::new()),
             building: Default::default(),
             client: strata_oci::RegistryClient::new(),
+            spare: Default::default(),
         };
         s.sweep(known)?;
         s.empty_trash();
@@ -362,6 +434,19 @@ impl Snapshotter {
     /// failing (`[snapshotter] lazy_fallback = "pull"`).
     pub fn set_lazy_fallback(&mut self, pull: bool) {
         self.lazy_fallback = pull;
+    }
+
+    /// Keep a lazy mount's daemon started ahead, with `mib` MiB of memory
+    /// made ready (`[snapshotter] spare_mib`); 0 keeps none. The first
+    /// starts now.
+    pub fn set_spare(&mut self, mib: usize) {
+        self.spare
+            .mib
+            .store(mib, std::sync::atomic::Ordering::Relaxed);
+        *self.spare.root.lock().unwrap_or_else(|e| e.into_inner()) =
+            self.store.root().to_path_buf();
+        *self.spare.log.lock().unwrap_or_else(|e| e.into_inner()) = self.root.join("spare.log");
+        self.spare.refill(std::time::Duration::ZERO);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -953,27 +1038,31 @@ impl Snapshotter {
             .canonicalize()
             .map_err(io_err(format!("resolving {}", dir.display())))?;
         let log = strata_lazy::state::mount_dir(self.store.root(), &target).join("log");
-        let mut cmd = std::process::Command::new(exe);
-        cmd.arg("--root").arg(self.store.root()).args([
-            "--quiet",
-            "mount",
-            "--lazy=require",
-            "--foreground",
-            "--prefetch",
-            &self.prefetch,
-        ]);
+        let mut args: Vec<std::ffi::OsString> = vec!["--root".into(), self.store.root().into()];
+        args.extend(
+            [
+                "--quiet",
+                "mount",
+                "--lazy=require",
+                "--foreground",
+                "--prefetch",
+                &self.prefetch,
+            ]
+            .map(Into::into),
+        );
         if plain_http {
-            cmd.arg("--plain-http");
+            args.push("--plain-http".into());
         }
         if let Some(f) = resolved {
-            cmd.arg("--resolved").arg(f);
+            args.extend(["--resolved".into(), f.into()]);
         }
         if early {
-            cmd.arg("--report-checked");
+            args.push("--report-checked".into());
         }
-        cmd.arg(pinned).arg(&target);
+        args.extend([pinned.into(), target.clone().into()]);
         use strata_sys::daemon::Said;
-        let mut daemon = strata_sys::daemon::spawn("lazy mount", cmd, &log)
+        let mut daemon = self
+            .lazy_daemon(exe, args, &log)
             .map_err(|e| failed(error_chain(&e)))?;
         loop {
             match daemon.said().map_err(|e| failed(error_chain(&e)))? {
@@ -1004,6 +1093,42 @@ impl Snapshotter {
             all.lock().unwrap_or_else(|e| e.into_inner()).remove(&dir);
         });
         Ok(())
+    }
+
+    /// The daemon of a lazy mount, `strata ARGS`: the spare if one waits
+    /// (the next starts a little later), else a new process.
+    fn lazy_daemon(
+        &self,
+        exe: PathBuf,
+        args: Vec<std::ffi::OsString>,
+        log: &Path,
+    ) -> std::result::Result<strata_sys::daemon::Daemon, strata_sys::daemon::DaemonError> {
+        let spare = self.spare.take();
+        // the next, once this start is over (also when the one waiting had died)
+        self.spare.refill(SPARE_AFTER);
+        if let Some(spare) = spare {
+            if let Some(dir) = log.parent() {
+                fs::create_dir_all(dir).map_err(|source| {
+                    strata_sys::daemon::DaemonError::Start {
+                        what: "lazy mount".into(),
+                        step: format!("creating {}", dir.display()),
+                        source,
+                    }
+                })?;
+            }
+            let (pid, mut line) = (spare.pid(), vec![exe.clone().into_os_string()]);
+            line.extend(args.iter().cloned());
+            match spare.start(&line, log) {
+                Ok(d) => return Ok(d),
+                Err(e) => tracing::warn!(
+                    "the spare daemon {pid}: {}; starting another",
+                    error_chain(&e)
+                ),
+            }
+        }
+        let mut cmd = std::process::Command::new(exe);
+        cmd.args(args);
+        strata_sys::daemon::spawn("lazy mount", cmd, log)
     }
 
     /// Wait until no lazy mount at `dir` is being built; whether one

@@ -15,6 +15,13 @@
 //! [`report_failed`]; [`start_and_wait`] reads it into a [`Started`] or a
 //! [`DaemonError::Failed`].
 //!
+//! A daemon can also be started ahead of its work ([`spawn_spare`]): it
+//! gets ready (its memory made, see [`crate::malloc::prefault`]) and
+//! waits on its stdin for the command line it is to run and its log
+//! ([`wait_for_work`]); [`Spare::start`] hands them over and returns the
+//! same [`Daemon`] a [`spawn`] gives. A spare whose parent goes away
+//! reads the end of its stdin and exits.
+//!
 //! A daemon that exits before it reports is an error naming its exit
 //! status and its log. [`stop`] waits for a daemon to end by itself (its
 //! mount was taken away) and kills it when it does not.
@@ -258,7 +265,16 @@ pub enum Said {
 /// Start `cmd` (a strata command that reports with [`notify`]) as a
 /// daemon: a session of its own, stdin `/dev/null`, stderr appended to
 /// `log`; read what it says with [`Daemon::said`].
-pub fn spawn(what: &str, mut cmd: Command, log: &Path) -> Result<Daemon, DaemonError> {
+pub fn spawn(what: &str, cmd: Command, log: &Path) -> Result<Daemon, DaemonError> {
+    spawn_with(what, cmd, log, true)
+}
+
+fn spawn_with(
+    what: &str,
+    mut cmd: Command,
+    log: &Path,
+    no_input: bool,
+) -> Result<Daemon, DaemonError> {
     let err = |step: &str, source| DaemonError::Start {
         what: what.to_string(),
         step: step.to_string(),
@@ -272,10 +288,10 @@ pub fn spawn(what: &str, mut cmd: Command, log: &Path) -> Result<Daemon, DaemonE
         .append(true)
         .open(log)
         .map_err(|e| err(&format!("opening {}", log.display()), e))?;
-    cmd.env(NOTIFY_ENV, "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(logf);
+    if no_input {
+        cmd.stdin(Stdio::null());
+    }
+    cmd.env(NOTIFY_ENV, "1").stdout(Stdio::piped()).stderr(logf);
     // a session of its own: no terminal's hangup reaches it, nor the
     // SIGHUP the kernel sends a stopped process's group when the parent
     // (the snapshotter) dies and leaves the group orphaned
@@ -296,6 +312,137 @@ pub fn spawn(what: &str, mut cmd: Command, log: &Path) -> Result<Daemon, DaemonE
         child: Some(child),
         out,
     })
+}
+
+/// A daemon started ahead of its work by [`spawn_spare`], waiting for it.
+#[derive(Debug)]
+pub struct Spare {
+    daemon: Daemon,
+    input: std::process::ChildStdin,
+}
+
+/// The most arguments, and the most bytes of one, a spare takes.
+const WORK_ARGS_MAX: u32 = 256;
+const WORK_ARG_BYTES_MAX: u32 = 64 * 1024;
+
+/// Start `cmd` as [`spawn`] does, but with a pipe for its stdin: a spare
+/// that waits there for its work ([`wait_for_work`]); `log` takes what it
+/// says before that.
+pub fn spawn_spare(what: &str, mut cmd: Command, log: &Path) -> Result<Spare, DaemonError> {
+    cmd.stdin(Stdio::piped());
+    let mut daemon = spawn_with(what, cmd, log, false)?;
+    let input = daemon
+        .child
+        .as_mut()
+        .and_then(|c| c.stdin.take())
+        .expect("stdin is piped");
+    Ok(Spare { daemon, input })
+}
+
+impl Spare {
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.daemon.pid
+    }
+
+    /// Whether it is still waiting (it ends when it cannot start).
+    pub fn alive(&mut self) -> bool {
+        match self.daemon.child.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(None)) => alive(self.daemon.pid),
+            _ => false,
+        }
+    }
+
+    /// Hand it its work: `args`, the command line it runs (the program's
+    /// name first, as if it had been started with them), and `log`, where
+    /// its stderr goes from then on. What it says then is read from the
+    /// returned [`Daemon`], as from one [`spawn`] started. Fails when it
+    /// is gone.
+    pub fn start(mut self, args: &[OsString], log: &Path) -> Result<Daemon, DaemonError> {
+        use std::os::unix::ffi::OsStrExt;
+        let mut work = Vec::new();
+        let all = args.iter().map(|a| a.as_os_str()).chain([log.as_os_str()]);
+        work.extend_from_slice(&(args.len() as u32 + 1).to_le_bytes());
+        for a in all {
+            work.extend_from_slice(&(a.len() as u32).to_le_bytes());
+            work.extend_from_slice(a.as_bytes());
+        }
+        let handed = self
+            .input
+            .write_all(&work)
+            .and_then(|()| self.input.flush());
+        drop(self.input);
+        if let Err(source) = handed {
+            return Err(DaemonError::Start {
+                what: self.daemon.what.clone(),
+                step: format!("handing its work to the spare daemon {}", self.daemon.pid),
+                source,
+            });
+        }
+        self.daemon.log = log.to_path_buf();
+        Ok(self.daemon)
+    }
+}
+
+/// What a spare was handed ([`wait_for_work`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Work {
+    /// The command line to run, the program's name first.
+    pub args: Vec<OsString>,
+}
+
+/// In a spare ([`spawn_spare`]): wait for its work on stdin. `None` when
+/// stdin ends first (the parent went away: the spare exits). Once handed
+/// its work, stderr is appended to the log it names and stdin is
+/// `/dev/null`, as for a daemon [`spawn`] started.
+pub fn wait_for_work() -> std::io::Result<Option<Work>> {
+    use std::io::Read;
+    use std::os::unix::ffi::OsStringExt;
+    let mut input = std::io::stdin().lock();
+    let mut word = [0u8; 4];
+    let mut u32_of = |input: &mut std::io::StdinLock<'_>| -> std::io::Result<Option<u32>> {
+        match input.read_exact(&mut word) {
+            Ok(()) => Ok(Some(u32::from_le_bytes(word))),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+            Err(e) => Err(e),
+        }
+    };
+    let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    let Some(n) = u32_of(&mut input)? else {
+        return Ok(None);
+    };
+    if !(2..=WORK_ARGS_MAX).contains(&n) {
+        return Err(bad(format!("a spare's work of {n} words")));
+    }
+    let mut words = Vec::new();
+    for _ in 0..n {
+        let len = u32_of(&mut input)?.ok_or_else(|| bad("a spare's work cut short".into()))?;
+        if len > WORK_ARG_BYTES_MAX {
+            return Err(bad(format!("a spare's work with a word of {len} bytes")));
+        }
+        let mut w = vec![0u8; len as usize];
+        input.read_exact(&mut w)?;
+        words.push(OsString::from_vec(w));
+    }
+    drop(input);
+    let log = PathBuf::from(words.pop().expect("at least two words"));
+    let logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)?;
+    let null = std::fs::File::open("/dev/null")?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: dup2 onto the standard descriptors of this process, from
+    // descriptors it owns (closed when they drop; the duplicates stay).
+    let r = unsafe {
+        (libc::dup2(logf.as_raw_fd(), libc::STDERR_FILENO) < 0
+            || libc::dup2(null.as_raw_fd(), libc::STDIN_FILENO) < 0)
+            .then(std::io::Error::last_os_error)
+    };
+    match r {
+        Some(e) => Err(e),
+        None => Ok(Some(Work { args: words })),
+    }
 }
 
 impl Daemon {

@@ -84,6 +84,56 @@ pub fn jemalloc_purge() -> bool {
     }
 }
 
+/// jemalloc's settings for a spare daemon ([`crate::daemon::spawn_spare`]),
+/// as the variable its environment sets them with: one arena (the memory
+/// [`prefault`] makes is then the memory every thread allocates from),
+/// large blocks from that arena too (not from one that gives them back
+/// at once), and nothing given back until [`jemalloc_decay_default`].
+pub const SPARE_MALLOC_CONF: (&str, &str) = (
+    "_RJEM_MALLOC_CONF",
+    "narenas:1,oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1",
+);
+
+/// Make `bytes` of memory ready for the allocator and free it again: its
+/// pages are faulted in and zeroed now, not when the work that needs them
+/// runs. Worth it only where freed memory stays with the allocator (a
+/// spare daemon's [`SPARE_MALLOC_CONF`]). A lazy mount's first check,
+/// started in a fresh process, took 8,000 page faults; after this, 400
+/// (BENCHMARKS.md, issue 16, twelfth run).
+pub fn prefault(bytes: usize) {
+    const BLOCK: usize = 1 << 20;
+    let blocks: Vec<Vec<u8>> = (0..bytes.div_ceil(BLOCK))
+        .map(|_| {
+            let mut b = Vec::<u8>::with_capacity(BLOCK);
+            // one write per page faults it in
+            b.resize(BLOCK, 1);
+            b
+        })
+        .collect();
+    std::hint::black_box(&blocks);
+}
+
+/// jemalloc's default decay (freed pages given back over 10 s), for a
+/// spare once its work starts: what it made ready is used in the first
+/// hundred milliseconds, the rest goes back. Whether it was set.
+#[cfg(feature = "jemalloc")]
+pub fn jemalloc_decay_default() -> bool {
+    let set = |name: &std::ffi::CStr, mut ms: libc::ssize_t| {
+        // SAFETY: a documented mallctl that writes one ssize_t, read from
+        // a live local; the name is NUL-terminated.
+        unsafe {
+            tikv_jemalloc_sys::mallctl(
+                name.as_ptr(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                (&raw mut ms).cast(),
+                std::mem::size_of::<libc::ssize_t>(),
+            ) == 0
+        }
+    };
+    set(c"arena.0.dirty_decay_ms", 10_000) & set(c"arena.0.muzzy_decay_ms", 0)
+}
+
 static RELEASE: std::sync::OnceLock<fn() -> bool> = std::sync::OnceLock::new();
 
 /// What [`trim`] also calls: a binary whose global allocator is not the C

@@ -15,5 +15,6 @@ pub mod rootfs;
 pub mod rpull;
 pub mod serve;
 pub mod snapshotter;
+pub mod spare;
 pub mod tag;
 pub mod verify;

@@ -118,6 +118,14 @@ pub struct UmountArgs {
     dir: PathBuf,
 }
 
+impl Args {
+    /// Whether this is a lazy mount served in the foreground (what a
+    /// daemon runs).
+    pub fn lazy_foreground(&self) -> bool {
+        self.lazy.is_some() && self.lazy_args.foreground
+    }
+}
+
 pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
     if let Some(mode) = a.lazy {
         if a.rw || a.upper.is_some() || a.verity {
