@@ -510,7 +510,9 @@ const START_SMALL_MAX: u64 = 1 << 20;
 /// files read before the program starts or by its first calls:
 /// `/etc/passwd` and `/etc/group` (the runtime looks the user up in
 /// them), C.UTF-8's `LC_CTYPE` and glibc's gconv cache (setlocale), and
-/// `/etc/localtime` (tzset). Those missing from the store, each at most
+/// `/etc/localtime` (tzset); with the command, the programs the image's
+/// own layers add to its `PATH` ([`layer_programs`]). Those missing from
+/// the store, each at most
 /// [`START_FILE_MAX`] ([`START_SMALL_MAX`] for the small ones); the
 /// libraries the command names follow once it is in (see
 /// `prefetch_thread`).
@@ -523,15 +525,16 @@ pub fn start_set(lazy: &LazyImage) -> Vec<Digest> {
     let tree = &lazy.tree;
     let mut paths: Vec<Vec<u8>> = Vec::new();
     let (cmd, env) = crate::record::command_of(&lazy.resolved.config_bytes);
+    let path = env
+        .iter()
+        .find_map(|kv| kv.strip_prefix("PATH="))
+        .unwrap_or_default();
+    let path_dirs: Vec<&str> = path.split(':').filter(|d| d.starts_with('/')).collect();
     if let Some(program) = cmd.first() {
         if program.contains('/') {
             paths.push(program.as_bytes().to_vec());
         } else {
-            let path = env
-                .iter()
-                .find_map(|kv| kv.strip_prefix("PATH="))
-                .unwrap_or_default();
-            for dir in path.split(':').filter(|d| d.starts_with('/')) {
+            for dir in &path_dirs {
                 let p = format!("{dir}/{program}");
                 if crate::elf::resolve(tree, p.as_bytes()).is_some() {
                     paths.push(p.into_bytes());
@@ -540,6 +543,7 @@ pub fn start_set(lazy: &LazyImage) -> Vec<Digest> {
             }
         }
     }
+    paths.extend(layer_programs(lazy, &path_dirs));
     let loaders: &[&str] = if cfg!(target_arch = "aarch64") {
         &["/lib/ld-linux-aarch64.so.1", "/lib/ld-musl-aarch64.so.1"]
     } else {
@@ -582,6 +586,59 @@ pub fn start_set(lazy: &LazyImage) -> Vec<Digest> {
         }
     }
     out
+}
+
+/// The most programs [`layer_programs`] names.
+const LAYER_PROGRAMS: usize = 2;
+/// A file on the `PATH` smaller than this is taken for a script.
+const PROGRAM_MIN: u64 = 64 << 10;
+
+/// The programs the image's own layers put on its `PATH`, for the start
+/// set: a container often runs a command of its own, not the image's
+/// (`python3 -c ...` on an image whose config names none, or `bash`),
+/// and what it runs is then most likely what the layers above the base
+/// added (a language runtime, a server), not one of the base's hundreds
+/// of tools. The topmost layer above the bottom one that adds
+/// executables of at least [`PROGRAM_MIN`] bytes (scripts are smaller)
+/// to a `PATH` directory (still the image's: not replaced above), and of
+/// those the [`LAYER_PROGRAMS`] largest. A guess, like the rest of the
+/// start set: on the fixture's python layer it finds python3.11, which
+/// its first container otherwise waited 46-59 ms for (BENCHMARKS.md,
+/// issue 16, twelfth run).
+fn layer_programs(lazy: &LazyImage, path_dirs: &[&str]) -> Vec<Vec<u8>> {
+    fn on_path<'a>(name: &'a str, path_dirs: &[&str]) -> Option<&'a str> {
+        let name = name.trim_start_matches("./").trim_start_matches('/');
+        let dir = name.rsplit_once('/').map_or("", |(d, _)| d);
+        path_dirs
+            .iter()
+            .any(|d| d.trim_start_matches('/').trim_end_matches('/') == dir)
+            .then_some(name)
+    }
+    for layer in lazy.layers.iter().skip(1).rev() {
+        let Some(ix) = &layer.index else { continue };
+        let mut found: Vec<(u64, &str)> = ix
+            .files
+            .iter()
+            .filter(|f| f.size >= PROGRAM_MIN)
+            .filter_map(|f| Some((f.size, on_path(&f.name, path_dirs)?, f.digest)))
+            .filter(|(_, name, digest)| {
+                lazy.tree.lookup(name.as_bytes()).is_some_and(|n| {
+                    n.meta.mode & 0o111 != 0
+                        && matches!(&n.kind, strata_tree::NodeKind::Regular { digest: d, .. } if d == digest)
+                })
+            })
+            .map(|(size, name, _)| (size, name))
+            .collect();
+        if !found.is_empty() {
+            found.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
+            return found
+                .into_iter()
+                .take(LAYER_PROGRAMS)
+                .map(|(_, name)| format!("/{name}").into_bytes())
+                .collect();
+        }
+    }
+    Vec::new()
 }
 
 /// Whether a file guessed to be read soon (`size` bytes of `d`) is

@@ -670,8 +670,9 @@ fn a_read_returns_before_the_neighbours_its_request_brings() {
 }
 
 /// With no list, `Prefetch::All` starts with what a program loads first:
-/// the image's command looked up on its PATH, the dynamic loader,
-/// `/etc/ld.so.cache` and libc (symlinks followed inside the image).
+/// the image's command looked up on its PATH, the programs its top layer
+/// adds to the PATH, the dynamic loader, `/etc/ld.so.cache` and libc
+/// (symlinks followed inside the image).
 #[test]
 fn the_start_set_is_the_command_the_loader_libc_and_the_files_their_first_calls_read() {
     let fx = fixture();
@@ -691,12 +692,15 @@ fn the_start_set_is_the_command_the_loader_libc_and_the_files_their_first_calls_
             "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
         )
     };
-    // the fixture's config names no command
+    // the fixture's config names no command: the program its top layer
+    // adds to the PATH comes first (python3.11; none of the base layer's
+    // programs, and not the python layer's scripts)
     let dir = tempfile::tempdir().unwrap();
     let (f, python, _) = fetcher(dir.path(), faulty(&fx), 2);
     let image = f.image();
     let set = strata_lazy::start_set(image);
     let want = [
+        python,
         regular(image, loader),
         regular(image, "etc/ld.so.cache"),
         regular(image, libc),
@@ -708,8 +712,32 @@ fn the_start_set_is_the_command_the_loader_libc_and_the_files_their_first_calls_
         regular(image, "usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache"),
         regular(image, "usr/share/zoneinfo/Etc/UTC"),
     ];
-    assert_eq!(set, want, "loader, cache, libc, the small ones");
-    // a command: first, found on the image's PATH through the symlink
+    assert_eq!(set, want, "python, loader, cache, libc, the small ones");
+    // a command: first, found on the image's PATH
+    let dir = tempfile::tempdir().unwrap();
+    let (f, ..) = fetcher_with(
+        dir.path(),
+        faulty(&fx),
+        2,
+        |image, _| {
+            let mut config: serde_json::Value =
+                serde_json::from_slice(&image.resolved.config_bytes).unwrap();
+            config["config"] = serde_json::json!({
+                "Env": ["PATH=/nonexistent:/usr/bin"],
+                "Cmd": ["bash", "-c", "true"],
+            });
+            image.resolved.config_bytes = serde_json::to_vec(&config).unwrap();
+        },
+        None,
+    );
+    let set = strata_lazy::start_set(f.image());
+    assert_eq!(
+        set[0],
+        regular(f.image(), "usr/bin/bash"),
+        "the command first"
+    );
+    assert_eq!(set[1..], want);
+    // a command that is the layer's program: named once
     let dir = tempfile::tempdir().unwrap();
     let (f, ..) = fetcher_with(
         dir.path(),
@@ -726,9 +754,11 @@ fn the_start_set_is_the_command_the_loader_libc_and_the_files_their_first_calls_
         },
         None,
     );
-    let set = strata_lazy::start_set(f.image());
-    assert_eq!(set[0], python, "python3 -> python3.11 first");
-    assert_eq!(set[1..], want);
+    assert_eq!(
+        strata_lazy::start_set(f.image()),
+        want,
+        "python3 -> python3.11 first"
+    );
 }
 
 #[test]
