@@ -96,16 +96,24 @@ fn synthetic_images_mount_as_exported() {
         let before = mountinfo();
         let m = mount(&env, &image, &format!("mnt-{tag}"), &[]);
         let after = mountinfo();
-        let new: Vec<&String> = after.iter().filter(|l| !before.contains(l)).collect();
+        // (tests running beside this one mount too: only this mount point)
+        let at = format!(" {} ", m.dir.display());
+        let new: Vec<&String> = after
+            .iter()
+            .filter(|l| !before.contains(l) && l.contains(&at))
+            .collect();
         assert_eq!(new.len(), 1, "one new mount for {tag}, got {new:#?}");
         assert!(
             new[0].contains(" - overlay strata:sha256:"),
             "an overlay with strata's source: {}",
             new[0]
         );
+        let ours = env.path("").display().to_string();
         assert!(
-            !after.iter().any(|l| l.contains(" - erofs ")),
-            "no EROFS mount in the namespace"
+            !after
+                .iter()
+                .any(|l| l.contains(" - erofs ") && !before.contains(l) && l.contains(&ours)),
+            "no EROFS mount of this test's in the namespace"
         );
         assert_same_tree(&m.dir, &export, &format!("mount of {tag} vs strata export"));
         // The EROFS image itself passes erofs-utils' checker.
