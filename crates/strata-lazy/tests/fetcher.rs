@@ -713,52 +713,37 @@ fn the_start_set_is_the_command_the_loader_libc_and_the_files_their_first_calls_
         regular(image, "usr/share/zoneinfo/Etc/UTC"),
     ];
     assert_eq!(set, want, "python, loader, cache, libc, the small ones");
+    // with `cmd` as the image's command: its start set, and the digest
+    // of `path` in it
+    let with_command = |cmd: serde_json::Value, path: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let (f, ..) = fetcher_with(
+            dir.path(),
+            faulty(&fx),
+            2,
+            |image, _| {
+                let mut config: serde_json::Value =
+                    serde_json::from_slice(&image.resolved.config_bytes).unwrap();
+                config["config"] = serde_json::json!({
+                    "Env": ["PATH=/nonexistent:/usr/bin"],
+                    "Cmd": cmd,
+                });
+                image.resolved.config_bytes = serde_json::to_vec(&config).unwrap();
+            },
+            None,
+        );
+        (strata_lazy::start_set(f.image()), regular(f.image(), path))
+    };
     // a command: first, found on the image's PATH
-    let dir = tempfile::tempdir().unwrap();
-    let (f, ..) = fetcher_with(
-        dir.path(),
-        faulty(&fx),
-        2,
-        |image, _| {
-            let mut config: serde_json::Value =
-                serde_json::from_slice(&image.resolved.config_bytes).unwrap();
-            config["config"] = serde_json::json!({
-                "Env": ["PATH=/nonexistent:/usr/bin"],
-                "Cmd": ["bash", "-c", "true"],
-            });
-            image.resolved.config_bytes = serde_json::to_vec(&config).unwrap();
-        },
-        None,
-    );
-    let set = strata_lazy::start_set(f.image());
-    assert_eq!(
-        set[0],
-        regular(f.image(), "usr/bin/bash"),
-        "the command first"
-    );
+    let (set, bash) = with_command(serde_json::json!(["bash", "-c", "true"]), "usr/bin/bash");
+    assert_eq!(set[0], bash, "the command first");
     assert_eq!(set[1..], want);
     // a command that is the layer's program: named once
-    let dir = tempfile::tempdir().unwrap();
-    let (f, ..) = fetcher_with(
-        dir.path(),
-        faulty(&fx),
-        2,
-        |image, _| {
-            let mut config: serde_json::Value =
-                serde_json::from_slice(&image.resolved.config_bytes).unwrap();
-            config["config"] = serde_json::json!({
-                "Env": ["PATH=/nonexistent:/usr/bin"],
-                "Cmd": ["python3", "-c", "print(1)"],
-            });
-            image.resolved.config_bytes = serde_json::to_vec(&config).unwrap();
-        },
-        None,
+    let (set, _) = with_command(
+        serde_json::json!(["python3", "-c", "print(1)"]),
+        "usr/bin/python3.11",
     );
-    assert_eq!(
-        strata_lazy::start_set(f.image()),
-        want,
-        "python3 -> python3.11 first"
-    );
+    assert_eq!(set, want, "python3 -> python3.11 first");
 }
 
 #[test]
