@@ -412,9 +412,48 @@ fn rpull_makes_the_layers_available_from_strata_and_ctr_runs_on_them() {
     let reg = Registry::start();
     reg.push(&oci_ref(&debian_layout(), "python"), "debian:python", &[]);
     let image = format!("{}/debian:python", reg.addr);
+    // containerd holds an ingest under the ref rpull writes the config as,
+    // with bytes that are not the config's (another client's, cut short):
+    // rpull goes on from there, containerd refuses the commit, and rpull
+    // aborts the ingest and writes the config again
+    let config = layout_manifest(&debian_layout(), "python")["config"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bytes = std::fs::read(blob_path(&debian_layout(), &config)).unwrap();
+    let r#ref = format!("config-{config}");
+    // (ctr writes what it read once its input ends, then fails to commit
+    // it: the ingest stays, holding the wrong bytes)
+    let mut ingest = Command::new("ctr")
+        .arg("--address")
+        .arg(ctrd.socket())
+        .args(["content", "ingest", "--expected-size"])
+        .arg(bytes.len().to_string())
+        .args(["--expected-digest", &config, &r#ref])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut input = ingest.stdin.take().unwrap();
+        input.write_all(&vec![b'x'; bytes.len()]).unwrap();
+    }
+    assert!(
+        !ingest.wait().unwrap().success(),
+        "ctr committed the wrong bytes"
+    );
+    let active = ctrd.ctr(&["content", "active"]);
+    assert!(
+        active.lines().any(|l| l.starts_with(&r#ref) && l.contains(&bytes.len().to_string())),
+        "containerd holds the ingest {ref}: {active}",
+        ref = r#ref
+    );
     let t0 = Instant::now();
     let s = rpull(&ctrd, &snap, &image);
     eprintln!("rpull of debian:python: {:?}", t0.elapsed());
+    let blobs = ctrd.ctr(&["content", "ls", "-q"]);
+    assert!(blobs.contains(&config), "the config is in: {blobs}");
     assert_eq!(s["layers"], 2, "{s}");
     assert_eq!(s["layers_prepared"], 2, "{s}");
 

@@ -491,7 +491,47 @@ fn image_records(
 
 /// Put `bytes` into containerd's content store as `digest` (STAT, WRITE,
 /// COMMIT on the Write stream); a blob already there gets the labels.
+/// An ingest of the same ref left by an earlier attempt (a pull cut
+/// short) goes on from where it stopped, as containerd's own client does;
+/// one that does not fit (more bytes than the blob has, other bytes, an
+/// offset containerd refuses) is aborted and written again, once.
 async fn write_blob(
+    content: &mut ContentClient<Intercepted>,
+    r#ref: &str,
+    bytes: &[u8],
+    digest: &Digest,
+    labels: HashMap<String, String>,
+) -> Result<(), RpullError> {
+    match write_blob_once(content, r#ref, bytes, digest, labels.clone()).await {
+        Err(RpullError::Call { status, .. })
+            if matches!(
+                status.code(),
+                Code::OutOfRange | Code::DataLoss | Code::FailedPrecondition
+            ) =>
+        {
+            tracing::debug!("containerd's ingest {ref}: {status}; writing it again", ref = r#ref);
+            match content
+                .abort(cpb::AbortRequest {
+                    r#ref: r#ref.to_string(),
+                })
+                .await
+            {
+                Ok(_) => {}
+                Err(s) if s.code() == Code::NotFound => {}
+                Err(s) => {
+                    return Err(call(format!(
+                        "aborting {ref} in containerd's content store",
+                        ref = r#ref
+                    ))(s));
+                }
+            }
+            write_blob_once(content, r#ref, bytes, digest, labels).await
+        }
+        r => r,
+    }
+}
+
+async fn write_blob_once(
     content: &mut ContentClient<Intercepted>,
     r#ref: &str,
     bytes: &[u8],
@@ -500,38 +540,34 @@ async fn write_blob(
 ) -> Result<(), RpullError> {
     let what = || format!("writing {ref} to containerd's content store", ref = r#ref);
     let total = bytes.len() as i64;
-    let msgs = vec![
-        cpb::WriteContentRequest {
-            action: WriteAction::Stat as i32,
-            r#ref: r#ref.to_string(),
-            total,
-            expected: digest.to_string(),
-            ..Default::default()
-        },
-        cpb::WriteContentRequest {
-            action: WriteAction::Write as i32,
-            r#ref: r#ref.to_string(),
-            offset: 0,
-            data: bytes.to_vec(),
-            ..Default::default()
-        },
-        cpb::WriteContentRequest {
-            action: WriteAction::Commit as i32,
-            r#ref: r#ref.to_string(),
-            total,
-            offset: total,
-            expected: digest.to_string(),
-            labels: labels.clone(),
-            ..Default::default()
-        },
-    ];
+    let write_at = |offset: i64| cpb::WriteContentRequest {
+        action: WriteAction::Write as i32,
+        r#ref: r#ref.to_string(),
+        offset,
+        data: bytes[offset as usize..].to_vec(),
+        ..Default::default()
+    };
+    let commit = cpb::WriteContentRequest {
+        action: WriteAction::Commit as i32,
+        r#ref: r#ref.to_string(),
+        total,
+        offset: total,
+        expected: digest.to_string(),
+        labels: labels.clone(),
+        ..Default::default()
+    };
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     // the first message goes out before the call is awaited: containerd
     // answers (and sends its headers) only once it has one
-    let mut pending = msgs.into_iter();
-    tx.send(pending.next().expect("three messages"))
-        .await
-        .expect("the receiver is alive");
+    tx.send(cpb::WriteContentRequest {
+        action: WriteAction::Stat as i32,
+        r#ref: r#ref.to_string(),
+        total,
+        expected: digest.to_string(),
+        ..Default::default()
+    })
+    .await
+    .expect("the receiver is alive");
     let resp = content
         .write(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await;
@@ -541,6 +577,7 @@ async fn write_blob(
         Err(s) if exists(&s) => return set_labels(content, digest, labels, what()).await,
         Err(s) => return Err(call(what())(s)),
     };
+    let mut commit = Some(commit);
     loop {
         match stream.next().await {
             Some(Ok(r)) => {
@@ -556,7 +593,24 @@ async fn write_blob(
                     }
                     return Ok(());
                 }
-                match pending.next() {
+                let next = if r.action == WriteAction::Stat as i32 {
+                    // what the ingest holds already (0 when it is new)
+                    match r.offset {
+                        o if o < 0 || o > total => {
+                            return Err(RpullError::Call {
+                                what: what(),
+                                status: Status::data_loss(format!(
+                                    "containerd's ingest holds {o} bytes of {total}"
+                                )),
+                            });
+                        }
+                        o if o < total => Some(write_at(o)),
+                        _ => commit.take(),
+                    }
+                } else {
+                    commit.take()
+                };
+                match next {
                     Some(m) => {
                         if tx.send(m).await.is_err() {
                             return Err(call(what())(Status::aborted("the stream closed")));
