@@ -2180,8 +2180,16 @@ fn commit_loop(
 
 fn commit_batch(store: &Store, batch: &[(Digest, Arc<File>, PathBuf)]) -> io::Result<()> {
     let mut objects = store.object_batch().map_err(io::Error::other)?;
-    for (d, file, _) in batch {
+    for (d, file, path) in batch {
         let size = file.metadata()?.len();
+        // the staging file was written from the bytes checked against `d`
+        // (or hashed whole once complete) and is written no more: it is
+        // moved into the store as it is, not copied and hashed again
+        match objects.adopt(file, path, *d, size) {
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {}
+            Err(e) => return Err(e),
+        }
         let mut r = AtReader {
             file: file.as_ref(),
             off: 0,

@@ -118,9 +118,12 @@ impl Shared {
         }
     }
 
-    fn written(&self, digest: Digest, path: PathBuf, size: u64, verity: VerityDigest) {
+    /// An object is staged (`verity`: its fs-verity digest, when known).
+    fn written(&self, digest: Digest, path: PathBuf, size: u64, verity: Option<VerityDigest>) {
         let mut st = self.lock();
-        st.verity.insert(digest, verity);
+        if let Some(v) = verity {
+            st.verity.insert(digest, v);
+        }
         st.written.push((digest, path));
         st.written_bytes += size;
         // the first waiting object starts the committer's clock
@@ -158,7 +161,7 @@ impl Writers {
                         match r {
                             Ok(()) => {
                                 let v = strata_digest::fsverity_digest(&bytes);
-                                shared.written(digest, path, bytes.len() as u64, v);
+                                shared.written(digest, path, bytes.len() as u64, Some(v));
                             }
                             Err(e) => shared.fail(e),
                         }
@@ -383,8 +386,53 @@ impl<'s> ObjectBatch<'s> {
         self.stats.objects_written += 1;
         self.stats.bytes_written += size;
         self.start_committer();
-        self.shared.written(digest, path, size, verity.finish());
+        self.shared
+            .written(digest, path, size, Some(verity.finish()));
         Ok(digest)
+    }
+
+    /// Add a file written and hashed by the caller, by moving it into the
+    /// batch: no copy, no second hash. The caller vouches that `file`
+    /// (open at `path`, on the store's filesystem) holds exactly the
+    /// content of `digest` and that nothing writes to it any more: the
+    /// bytes it hashed are the bytes it wrote (`strata fsck` checks every
+    /// object all the same). Returns `Ok(false)` when the store or this
+    /// batch has the content already (`path` is left where it is); on an
+    /// error (`CrossesDevices` when `path` is on another filesystem) `path`
+    /// is left where it is too. Its fs-verity digest is not computed:
+    /// [`commit_unsynced`](Self::commit_unsynced)'s map lacks it.
+    pub fn adopt(
+        &mut self,
+        file: &File,
+        path: &std::path::Path,
+        digest: Digest,
+        size: u64,
+    ) -> io::Result<bool> {
+        self.shared.check()?;
+        if self.known(&digest) {
+            self.stats.files_deduplicated += 1;
+            return Ok(false);
+        }
+        let len = file.metadata()?.len();
+        if len != size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} holds {len} bytes, {digest} has {size}", path.display()),
+            ));
+        }
+        file.set_permissions(fs::Permissions::from_mode(0o444))?;
+        let staged = self.next_path();
+        if let Err(e) = fs::rename(path, &staged) {
+            let _ = file.set_permissions(fs::Permissions::from_mode(0o644));
+            return Err(e);
+        }
+        let _ = strata_sys::start_writeback(file);
+        self.pending.insert(digest, staged.clone());
+        self.stats.objects_written += 1;
+        self.stats.bytes_written += size;
+        self.start_committer();
+        self.shared.written(digest, staged, size, None);
+        Ok(true)
     }
 
     /// Make every staged object durable and visible.
@@ -556,6 +604,63 @@ mod tests {
         // no staging left (the handle's own work dir may stay, empty)
         let leftovers: Vec<_> = walkdir(&store.root().join("tmp"));
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    /// A file the caller wrote and hashed is moved in as it is: it becomes
+    /// the object (read-only, same inode), a content already there is
+    /// left to the caller, and a file of another size or on another
+    /// filesystem is refused with the file left in place.
+    #[test]
+    fn an_adopted_file_becomes_the_object_without_a_copy() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store")).unwrap();
+        let write = |path: &std::path::Path, bytes: &[u8]| {
+            let mut f = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .unwrap();
+            f.write_all(bytes).unwrap();
+            f
+        };
+        let content = vec![5u8; 300_000];
+        let d = Digest::sha256_of(&content);
+        let path = store.root().join("tmp").join("adopt-me");
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let f = write(&path, &content);
+        let ino = f.metadata().unwrap().ino();
+        let mut batch = store.object_batch().unwrap();
+        // a size that is not the content's: refused, the file stays
+        let err = batch.adopt(&f, &path, d, 299_999).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        assert!(path.exists());
+        assert!(batch.adopt(&f, &path, d, content.len() as u64).unwrap());
+        assert!(!path.exists(), "moved, not copied");
+        // the same content again (another file): the batch has it
+        let again = store.root().join("tmp").join("again");
+        let g = write(&again, &content);
+        assert!(!batch.adopt(&g, &again, d, content.len() as u64).unwrap());
+        assert!(again.exists(), "left to the caller");
+        // on another filesystem: refused as such, the file stays
+        let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+        let other = vec![6u8; 10];
+        let there = shm.path().join("elsewhere");
+        let h = write(&there, &other);
+        let err = batch
+            .adopt(&h, &there, Digest::sha256_of(&other), 10)
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::CrossesDevices, "{err}");
+        assert!(there.exists());
+        let stats = batch.commit().unwrap();
+        assert_eq!((stats.objects_written, stats.files_deduplicated), (1, 1));
+        let meta = fs::metadata(store.object_path(&d)).unwrap();
+        assert_eq!(meta.ino(), ino, "the adopted file is the object");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o444);
+        assert_eq!(fs::read(store.object_path(&d)).unwrap(), content);
+        assert!(!store.has_object(&Digest::sha256_of(&other)));
+        assert!(store.fsck(strata_ops::Ctl::none()).unwrap().is_ok());
     }
 
     /// Wait (at most 10 s) until `done`.
