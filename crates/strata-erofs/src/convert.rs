@@ -113,8 +113,9 @@ pub fn from_tree(
 ) -> io::Result<(FsTree, Vec<Digest>)> {
     let mut table = Vec::new();
     let mut out: Option<FsTree> = None;
-    let mut dirs: HashMap<Vec<u8>, usize> = HashMap::new();
-    let mut by_ino: HashMap<u64, usize> = HashMap::new();
+    // (foldhash, seeded per process: each entry looks its parent's path up)
+    let mut dirs: HashMap<Vec<u8>, usize, foldhash::fast::RandomState> = HashMap::default();
+    let mut by_ino: HashMap<u64, usize, foldhash::fast::RandomState> = HashMap::default();
     for (path, node) in tree.walk() {
         let stat = stat_of(&node.meta);
         let Some(fs) = out.as_mut() else {

@@ -650,7 +650,8 @@ impl<'a> Prepared<'a> {
             flavor,
             flags: 0,
         };
-        let mut inode_of: HashMap<usize, usize> = HashMap::new();
+        // the inode of each node numbered so far (usize::MAX: none yet)
+        let mut inode_of = vec![usize::MAX; tree.nodes.len()];
         let root = p.push(tree, 0, &names, escape)?;
         let mut queue = VecDeque::from([(0usize, root, root)]);
         let mut dirs: Vec<(usize, Vec<DirEnt<'a>>)> = Vec::new();
@@ -680,11 +681,11 @@ impl<'a> Prepared<'a> {
                     continue;
                 }
                 let first_here = names[child] == 1 || first_dir.get(&child) == Some(&node);
-                let target = if let Some(i) = inode_of.get(&child) {
-                    Target::Inode(*i)
+                let target = if inode_of[child] != usize::MAX {
+                    Target::Inode(inode_of[child])
                 } else if first_here {
                     let i = p.push(tree, child, &names, escape)?;
-                    inode_of.insert(child, i);
+                    inode_of[child] = i;
                     let user_whiteout = escape
                         && !stubs.contains(&child)
                         && matches!(tree.nodes[child].kind, Kind::CharDev(0, 0))
@@ -732,7 +733,13 @@ impl<'a> Prepared<'a> {
         for (me, mut ents) in dirs {
             for d in &mut ents {
                 if let Target::Node(n) = d.target {
-                    let i = inode_of[&n];
+                    let i = inode_of[n];
+                    if i == usize::MAX {
+                        return Err(TreeError::Malformed(format!(
+                            "{:?}: a hard link whose first name was never reached",
+                            String::from_utf8_lossy(d.name)
+                        )));
+                    }
                     d.target = Target::Inode(i);
                     d.ftype = p.inodes[i].ftype;
                 }
@@ -847,7 +854,10 @@ impl<'a> Prepared<'a> {
         for i in &mut self.inodes {
             i.xattrs.local.sort_by(XAttr::canonical_cmp);
         }
-        let mut counts: HashMap<&XAttr, usize> = HashMap::new();
+        // (foldhash, seeded per process: several times SipHash's speed
+        // over the xattrs of every inode)
+        let mut counts: HashMap<&XAttr, usize, foldhash::fast::RandomState> =
+            HashMap::with_capacity_and_hasher(self.inodes.len(), Default::default());
         for i in &self.inodes {
             for a in &i.xattrs.local {
                 *counts.entry(a).or_default() += 1;
@@ -859,7 +869,7 @@ impl<'a> Prepared<'a> {
             .map(|(a, _)| a.clone())
             .collect();
         shared.sort_by(|a, b| b.canonical_cmp(a));
-        let index: HashMap<XAttr, usize> = shared
+        let index: HashMap<XAttr, usize, foldhash::fast::RandomState> = shared
             .iter()
             .cloned()
             .enumerate()

@@ -155,6 +155,15 @@ fn download(source: &dyn ImageSource, run: &Weak<Run>) {
             return;
         }
     };
+    // the whole run's room at once (it is at most EARLY_MAX_BYTES): a
+    // growing buffer copied the run again at each doubling, beside the
+    // mount being built
+    if let Some(run) = run.upgrade() {
+        let mut st = run.state.lock().unwrap_or_else(|e| e.into_inner());
+        let room = usize::try_from(end.min(EARLY_MAX_BYTES)).unwrap_or(0);
+        let have = st.data.len();
+        st.data.reserve_exact(room.saturating_sub(have));
+    }
     let mut buf = vec![0u8; STEP];
     let mut got = 0u64;
     while got < end {
