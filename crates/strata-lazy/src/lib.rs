@@ -218,8 +218,8 @@ impl LazyImage {
     /// How many contents the tree has, and how many of them the store
     /// lacks (a stat each).
     pub fn count_missing(&self, store: &Store) -> (u64, u64) {
-        let contents = self.contents();
-        let missing = contents.iter().filter(|d| !store.has_object(d)).count();
+        let contents: Vec<Digest> = self.contents().into_iter().collect();
+        let missing = store.has_objects(&contents).iter().filter(|h| !**h).count();
         (contents.len() as u64, missing as u64)
     }
 

@@ -416,6 +416,49 @@ impl Store {
         self.object_path(digest).exists()
     }
 
+    /// Whether each of `digests` is in the store, as [`has_object`]
+    /// says, for many at once: looked up relative to `objects/` (a short
+    /// walk, no path built), and not at all under a fan-out directory
+    /// that does not exist (a fresh store has few).
+    ///
+    /// [`has_object`]: Self::has_object
+    pub fn has_objects(&self, digests: &[Digest]) -> Vec<bool> {
+        use rustix::fs::{AtFlags, Mode, OFlags, openat, statat};
+        let Ok(objects) = rustix::fs::open(
+            self.root.join("objects"),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) else {
+            return vec![false; digests.len()];
+        };
+        // per fan-out byte: unknown yet, absent, or open
+        let mut fanout: Vec<Option<Option<rustix::fd::OwnedFd>>> = (0..256).map(|_| None).collect();
+        let mut name = [0u8; 62];
+        digests
+            .iter()
+            .map(|d| {
+                let hex = d.hex();
+                let b = usize::from(d.as_bytes()[0]);
+                let dir = fanout[b].get_or_insert_with(|| {
+                    openat(
+                        &objects,
+                        &hex[..2],
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .ok()
+                });
+                let Some(dir) = dir else { return false };
+                if hex.len() != 64 {
+                    return self.object_path(d).exists();
+                }
+                name.copy_from_slice(&hex.as_bytes()[2..]);
+                // (as Path::exists: a link is followed)
+                statat(dir, &name[..], AtFlags::empty()).is_ok()
+            })
+            .collect()
+    }
+
     /// Open an object for reading.
     pub fn open_object(&self, digest: &Digest) -> Result<File> {
         let p = self.object_path(digest);
@@ -970,6 +1013,37 @@ impl strata_ops::HasKind for StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Many lookups at once answer as one at a time: objects present,
+    /// absent beside them in the same fan-out directory, and absent under
+    /// fan-out directories that do not exist.
+    #[test]
+    fn has_objects_agrees_with_has_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store")).unwrap();
+        let mut batch = store.object_batch().unwrap();
+        let mut all = Vec::new();
+        for i in 0..40u32 {
+            let c = format!("content {i}").into_bytes();
+            if i % 3 == 0 {
+                all.push(batch.put(&mut &c[..], c.len() as u64).unwrap());
+            } else {
+                all.push(Digest::sha256_of(&c));
+            }
+        }
+        batch.commit().unwrap();
+        let present: Vec<bool> = all.iter().map(|d| store.has_object(d)).collect();
+        assert_eq!(present.iter().filter(|p| **p).count(), 14);
+        assert_eq!(store.has_objects(&all), present);
+        // a digest in the fan-out directory of a present one, but absent
+        let hex = all[0].hex();
+        let sibling: Digest = format!("sha256:{}{}", &hex[..2], "0".repeat(62))
+            .parse()
+            .unwrap();
+        assert!(!store.has_object(&sibling));
+        assert_eq!(store.has_objects(&[sibling, all[0]]), vec![false, true]);
+        assert!(store.has_objects(&[]).is_empty());
+    }
 
     #[test]
     fn ref_escaping_round_trips() {
