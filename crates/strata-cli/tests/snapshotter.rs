@@ -713,6 +713,10 @@ fn a_snapshotter_killed_while_a_lazy_mount_is_built_waits_for_it_after_restart()
             for e in std::fs::read_dir(&lazy).into_iter().flatten().flatten() {
                 if let Ok(pid) = std::fs::read_to_string(e.path().join("building")) {
                     let pid = pid.trim().to_string();
+                    // (written whole by a rename: never empty; polled on if it were)
+                    if pid.is_empty() {
+                        continue;
+                    }
                     let ok = Command::new("kill").args(["-STOP", &pid]).status().unwrap();
                     assert!(ok.success(), "kill -STOP {pid}");
                     return pid;

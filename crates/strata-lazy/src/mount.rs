@@ -317,10 +317,15 @@ pub fn mount_then(
             source: e,
         })?;
     }
-    std::fs::write(&building, std::process::id().to_string()).map_err(|e| LazyError::Io {
-        what: format!("writing {}", building.display()),
-        source: e,
-    })?;
+    // whole or not at all (a reader seeing it empty would take the mount
+    // for nobody's): written aside, then renamed into place
+    let aside = building.with_extension("tmp");
+    std::fs::write(&aside, std::process::id().to_string())
+        .and_then(|()| std::fs::rename(&aside, &building))
+        .map_err(|e| LazyError::Io {
+            what: format!("writing {}", building.display()),
+            source: e,
+        })?;
     let m = serve(
         store,
         source,
