@@ -2113,7 +2113,10 @@ fn link_verified(
 /// program opens one after another. So a thread moves checked files into
 /// the store in batches, as many as are waiting at once, and until then
 /// they are served from their staging file. A content is always in one of
-/// the two: it leaves this set only after its batch committed.
+/// the two: it leaves this set only after its batch committed. The
+/// committer moves each staging file into the store as it is
+/// ([`strata_store::ObjectBatch::adopt`]): it is neither copied nor hashed
+/// again.
 #[derive(Default)]
 struct Fresh {
     state: Mutex<FreshState>,

@@ -1332,6 +1332,8 @@ fn remove_leftovers(mdir: &Path) {
     let _ = std::fs::remove_file(mdir.join("image.erofs"));
     let _ = std::fs::remove_file(mdir.join("image.erofs.tmp"));
     let _ = std::fs::remove_file(mdir.join(BUILDING));
+    // (a daemon killed between writing the mark aside and renaming it)
+    let _ = std::fs::remove_file(mdir.join(BUILDING).with_extension("tmp"));
 }
 
 /// In a lazy mount's state directory: the pid of the daemon building the
