@@ -892,12 +892,8 @@ fn serve(
     }
     // what building the tree and its EROFS image freed goes back to the
     // kernel (the daemon's malloc keeps it otherwise: strata_sys::malloc)
-    let t = Instant::now();
-    let released = strata_sys::malloc::trim();
-    tracing::debug!(
-        "malloc trimmed after mounting in {:.1} ms (released: {released})",
-        t.elapsed().as_secs_f64() * 1000.0
-    );
+    // at the first quiet period, not now: trimming takes 10-15 ms of CPU
+    // while the container this mount was made for starts
     let done = Arc::new(AtomicBool::new(false));
     let updater = {
         let u = Updater {
@@ -1161,8 +1157,12 @@ impl Updater {
             }
             let (activity, idle) = (self.activity(), self.fetcher.idle_for());
             if quiet.tick(activity, idle, prefetch.is_busy(), Instant::now()) {
+                let t = Instant::now();
                 let released = strata_sys::malloc::trim();
-                tracing::debug!("reads went quiet: malloc trimmed (released: {released})");
+                tracing::debug!(
+                    "reads went quiet: malloc trimmed in {:.1} ms (released: {released})",
+                    t.elapsed().as_secs_f64() * 1000.0
+                );
             }
             heartbeat.beat_for(Duration::from_millis(500));
         }
@@ -1183,10 +1183,12 @@ impl Updater {
 /// as it allocates more; glibc's arenas until trimmed); trimming on every
 /// tick would walk the arenas for nothing, trimming never keeps a burst's
 /// peak for the mount's life. A second of quiet is enough: a trim is cheap
-/// (well under a millisecond for a daemon's few arenas).
+/// (well under a millisecond for a daemon's few arenas) but the first,
+/// after building the mount freed its tree, takes 10-15 ms.
 struct Quiet {
-    /// Activity when last trimmed (or at the start: trimmed when mounted).
-    trimmed: u64,
+    /// Activity when last trimmed; none before the first trim (what
+    /// building the mount freed waits for the first quiet period).
+    trimmed: Option<u64>,
     /// Activity seen last, and since when.
     seen: u64,
     since: Instant,
@@ -1197,7 +1199,7 @@ impl Quiet {
 
     fn new(activity: u64, now: Instant) -> Self {
         Quiet {
-            trimmed: activity,
+            trimmed: None,
             seen: activity,
             since: now,
         }
@@ -1217,14 +1219,14 @@ impl Quiet {
             self.seen = activity;
             self.since = now;
         }
-        if activity == self.trimmed
+        if self.trimmed == Some(activity)
             || prefetch_busy
             || fetcher_idle < Self::AFTER
             || now.saturating_duration_since(self.since) < Self::AFTER
         {
             return false;
         }
-        self.trimmed = activity;
+        self.trimmed = Some(activity);
         true
     }
 }
@@ -1583,7 +1585,11 @@ mod tests {
         let at = |tenths: u32| t0 + after * tenths / 10;
         let idle = after * 60;
         let mut q = Quiet::new(3, t0);
-        // nothing fetched since the mount's own trim: never
+        // what building the mount freed: once its first AFTER is quiet
+        assert!(!q.tick(3, idle, false, at(5)));
+        assert!(!q.tick(3, idle, true, at(20)));
+        assert!(q.tick(3, idle, false, at(20)));
+        // nothing fetched since: never again
         assert!(!q.tick(3, idle, false, at(100)));
         // a burst: not while it goes on, nor within AFTER of its end
         assert!(!q.tick(10, Duration::ZERO, false, at(110)));

@@ -388,10 +388,45 @@ impl Snapshotter {
                 continue;
             }
             let bytes = fs::read(&p).map_err(io_err(format!("reading {}", p.display())))?;
-            let info: Info = serde_json::from_slice(&bytes).map_err(|e| SnapError::Io {
-                what: format!("reading {}", p.display()),
-                source: io::Error::new(io::ErrorKind::InvalidData, e),
-            })?;
+            // a new record is written in place (store_new_record): a crash
+            // before its sync leaves it empty or cut short, and then its
+            // call was never answered. Such a record goes to `lost/`; one
+            // that is whole JSON but not a record fails the start.
+            let info: Info = match serde_json::from_slice(&bytes) {
+                Ok(i) => i,
+                Err(e) if e.classify() != serde_json::error::Category::Data => {
+                    let lost = root.join("lost");
+                    let to = lost.join(e_name(&p));
+                    tracing::warn!(
+                        "{} is not whole ({e}): a snapshot whose creation a crash cut \
+                         short, never reported made; moved to {}",
+                        p.display(),
+                        to.display()
+                    );
+                    fs::create_dir_all(&lost)
+                        .and_then(|()| fs::rename(&p, &to))
+                        .map_err(io_err(format!(
+                            "moving {} to {}",
+                            p.display(),
+                            to.display()
+                        )))?;
+                    // its id is not given again
+                    if let Some(id) = p
+                        .file_stem()
+                        .and_then(|s| s.to_str())
+                        .and_then(|s| s.parse::<u64>().ok())
+                    {
+                        next_id = next_id.max(id.saturating_add(1));
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    return Err(SnapError::Io {
+                        what: format!("reading {}", p.display()),
+                        source: io::Error::new(io::ErrorKind::InvalidData, e),
+                    });
+                }
+            };
             next_id = next_id.max(info.id + 1);
             by_name.insert(info.name.clone(), info);
         }
@@ -463,6 +498,35 @@ impl Snapshotter {
         self.root.join("meta").join(format!("{id}.json"))
     }
 
+    /// The record of a snapshot with a new id, written in place and synced
+    /// once: no file has its name (ids are never given twice, not even
+    /// those of records [`open`](Self::open) found cut short). One journal
+    /// commit, where [`store_record`](Self::store_record)'s write aside
+    /// and rename take two, on the path of every pull and container
+    /// start. What a crash leaves of it is an empty or cut-short file of a
+    /// call never answered, which `open` moves aside.
+    fn store_new_record(&self, info: &Info) -> Result<()> {
+        let p = self.record_path(info.id);
+        let what = || format!("writing {}", p.display());
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&p)
+            .map_err(io_err(what()))?;
+        let written = f
+            .write_all(&serde_json::to_vec(info).expect("records serialize"))
+            .and_then(|()| f.sync_all())
+            .and_then(|()| sync_dir(&self.root.join("meta")));
+        if let Err(e) = written {
+            // nothing half-written stays for the next start to find
+            let _ = fs::remove_file(&p);
+            return Err(io_err(what())(e));
+        }
+        Ok(())
+    }
+
+    /// A record replacing the one of the same id: written aside, synced,
+    /// renamed over it, so a crash leaves the old record or the new one.
     fn store_record(&self, info: &Info) -> Result<()> {
         let p = self.record_path(info.id);
         let tmp = p.with_extension("tmp");
@@ -603,7 +667,7 @@ impl Snapshotter {
                 SnapError::NotFound(parent.unwrap_or_default().to_string())
             });
         }
-        if let Err(e) = self.store_record(&info) {
+        if let Err(e) = self.store_new_record(&info) {
             let _ = fs::remove_dir_all(&dir);
             return Err(e);
         }
@@ -1304,7 +1368,7 @@ impl Snapshotter {
             remote: Some(this),
             tops: Vec::new(),
         };
-        self.store_record(&info)?;
+        self.store_new_record(&info)?;
         st.by_name.insert(key.to_string(), info);
         Err(SnapError::AlreadyExists(key.to_string()))
     }
@@ -1820,6 +1884,11 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// A file's name, for moving it elsewhere.
+fn e_name(p: &Path) -> std::ffi::OsString {
+    p.file_name().map(|n| n.to_os_string()).unwrap_or_default()
+}
+
 fn sync_dir(p: &Path) -> io::Result<()> {
     fs::File::open(p)?.sync_all()
 }
@@ -1922,5 +1991,47 @@ mod tests {
         drop(s);
         let again = Snapshotter::open(dir.path()).unwrap();
         assert_eq!(again.list(&[]).len(), 1 + 7 * 26);
+    }
+
+    /// A new record is written in place: what a crash leaves of one (empty,
+    /// cut short) is moved to `lost/` at the next open, its dir is freed
+    /// and its id is not given again; a whole record beside it is kept,
+    /// and JSON that is whole but no record still fails the open.
+    #[test]
+    fn a_new_record_a_crash_cut_short_is_moved_aside_and_its_id_not_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Snapshotter::open(dir.path()).unwrap();
+        s.create(Kind::Active, "a", None, BTreeMap::new()).unwrap();
+        s.create(Kind::Active, "b", None, BTreeMap::new()).unwrap();
+        s.create(Kind::Active, "c", None, BTreeMap::new()).unwrap();
+        let (b, c) = (s.stat("b").unwrap().id, s.stat("c").unwrap().id);
+        drop(s);
+        let meta = dir.path().join("meta");
+        // as a kill between creating c's record and writing it, and a
+        // power loss that kept half of b's
+        let whole = fs::read(meta.join(format!("{b}.json"))).unwrap();
+        fs::write(meta.join(format!("{b}.json")), &whole[..whole.len() / 2]).unwrap();
+        fs::write(meta.join(format!("{c}.json")), b"").unwrap();
+        let s = Snapshotter::open(dir.path()).unwrap();
+        let names: Vec<_> = s.list(&[]).into_iter().map(|i| i.name).collect();
+        assert_eq!(names, ["a"]);
+        for id in [b, c] {
+            assert!(dir.path().join("lost").join(format!("{id}.json")).is_file());
+            assert!(!s.dir(id).exists(), "snapshot {id}'s dir is freed");
+        }
+        s.create(Kind::Active, "d", None, BTreeMap::new()).unwrap();
+        assert!(
+            s.stat("d").unwrap().id > c,
+            "ids of lost records are not given again"
+        );
+        drop(s);
+        let s = Snapshotter::open(dir.path()).unwrap();
+        assert_eq!(s.list(&[]).len(), 2);
+        drop(s);
+        fs::write(meta.join("99.json"), br#"{"not":"a record"}"#).unwrap();
+        let e = Snapshotter::open(dir.path())
+            .err()
+            .expect("a record that is no record fails the open");
+        assert!(e.to_string().contains("99.json"), "{e}");
     }
 }
