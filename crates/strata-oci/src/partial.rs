@@ -441,131 +441,130 @@ pub fn open_chunked_with(
     // whether the last entry was a file whose chunks may follow
     let mut open_file = false;
     let mut n = 0u64;
-    let mut on_entry =
-        |e: strata_chunked::toc::TocEntry| -> Result<(), strata_chunked::ChunkedError> {
-            n += 1;
-            let err = |reason: String| toc_err(n, &e.name, reason);
-            budget.take_entry().map_err(&err)?;
-            let num = |field: &str, v: i64| -> Result<u64, strata_chunked::ChunkedError> {
-                u64::try_from(v).map_err(|_| err(format!("{field} {v} is negative")))
-            };
-            let digest = |field: &str, d: &str| -> Result<Digest, strata_chunked::ChunkedError> {
-                d.parse()
-                    .map_err(|_| err(format!("{field}: bad digest {d:?}")))
-            };
-            check_path("its name", e.name.as_bytes()).map_err(&err)?;
-            if e.kind == "chunk" {
-                let f = files
-                    .last_mut()
-                    .filter(|f| open_file && *f.name == e.name)
-                    .ok_or_else(|| err("a chunk without its file".into()))?;
-                let prev = f.chunks.last_mut().expect("files start with a chunk");
-                let off = num("offset", e.offset)?;
-                let at = num("chunkOffset", e.chunk_offset)?;
-                let size = num("chunkSize", e.chunk_size)?;
-                if off <= prev.blob_offset || off >= f.end {
-                    return Err(err(format!(
-                        "offset {off} is not after the previous chunk's {} and before the file's endOffset {}",
-                        prev.blob_offset, f.end
-                    )));
-                }
-                let want = prev.file_offset.checked_add(prev.size);
-                if want != Some(at) {
-                    return Err(err(format!(
-                        "chunkOffset {at} does not follow the previous chunk (which ends at {})",
-                        want.map_or("an overflow".into(), |w| w.to_string())
-                    )));
-                }
-                if size == 0 || at.checked_add(size).is_none_or(|end| end > f.size) {
-                    return Err(err(format!(
-                        "chunkSize {size} at chunkOffset {at} does not fit the file's size {}",
-                        f.size
-                    )));
-                }
-                prev.blob_end = off;
-                let chunk_digest = digest("chunkDigest", &e.chunk_digest)?;
-                f.chunks.push(RemoteChunk {
-                    file_offset: at,
-                    size,
-                    blob_offset: off,
-                    blob_end: f.end,
-                    digest: chunk_digest,
-                    zeros: e.chunk_type == "zeros",
-                });
-                return Ok(());
-            }
-            let kind = Kind::of_toc(&e.kind)
-                .ok_or_else(|| err(format!("type {:?} is not a tar entry type", e.kind)))?;
-            check_path("its linkName", e.link_name.as_bytes()).map_err(&err)?;
-            if items.len() as u64 >= max_items {
-                return Err(err(format!(
-                    "more entries than the tar-split's {} bytes can describe (512 bytes of header each)",
-                    ts_range.uncompressed
-                )));
-            }
-            let size = num("size", e.size)?;
-            items.push(TocItem {
-                kind,
-                name: e.name.as_str().into(),
-                link: e.link_name.as_str().into(),
-                size,
-            });
-            open_file = false;
-            if kind != Kind::Reg || size == 0 {
-                return Ok(());
-            }
-            let file_digest = digest("digest", &e.digest)?;
-            let offset = num("offset", e.offset)?;
-            let end = num("endOffset", e.end_offset)?;
-            if offset == 0 || end <= offset || end > desc.size {
-                return Err(err(format!(
-                    "offset {offset} and endOffset {end} are not a range inside the blob's {} bytes",
-                    desc.size
-                )));
-            }
-            let span = end - offset;
-            if size > span.saturating_mul(MAX_RATIO) {
-                return Err(err(format!(
-                    "size {size} is more than its {span} bytes of frames can hold (at most {MAX_RATIO} bytes per byte)"
-                )));
-            }
-            let chunk_size = num("chunkSize", e.chunk_size)?;
-            if chunk_size > size {
-                return Err(err(format!(
-                    "chunkSize {chunk_size} is more than the file's size {size}"
-                )));
-            }
-            let first = if chunk_size > 0 && chunk_size < size {
-                RemoteChunk {
-                    file_offset: 0,
-                    size: chunk_size,
-                    blob_offset: offset,
-                    blob_end: end,
-                    digest: digest("chunkDigest", &e.chunk_digest)?,
-                    zeros: e.chunk_type == "zeros",
-                }
-            } else {
-                RemoteChunk {
-                    file_offset: 0,
-                    size,
-                    blob_offset: offset,
-                    blob_end: end,
-                    digest: file_digest,
-                    zeros: false,
-                }
-            };
-            files.push(RemoteFile {
-                name: e.name,
-                digest: file_digest,
-                size,
-                offset,
-                end,
-                chunks: vec![first],
-                crc64: None,
-            });
-            open_file = true;
-            Ok(())
+    let mut on_entry = |e: reader::TocEntryRef<'_>| -> Result<(), strata_chunked::ChunkedError> {
+        n += 1;
+        let err = |reason: String| toc_err(n, &e.name, reason);
+        budget.take_entry().map_err(&err)?;
+        let num = |field: &str, v: i64| -> Result<u64, strata_chunked::ChunkedError> {
+            u64::try_from(v).map_err(|_| err(format!("{field} {v} is negative")))
         };
+        let digest = |field: &str, d: &str| -> Result<Digest, strata_chunked::ChunkedError> {
+            d.parse()
+                .map_err(|_| err(format!("{field}: bad digest {d:?}")))
+        };
+        check_path("its name", e.name.as_bytes()).map_err(&err)?;
+        if e.kind == "chunk" {
+            let f = files
+                .last_mut()
+                .filter(|f| open_file && *f.name == e.name)
+                .ok_or_else(|| err("a chunk without its file".into()))?;
+            let prev = f.chunks.last_mut().expect("files start with a chunk");
+            let off = num("offset", e.offset)?;
+            let at = num("chunkOffset", e.chunk_offset)?;
+            let size = num("chunkSize", e.chunk_size)?;
+            if off <= prev.blob_offset || off >= f.end {
+                return Err(err(format!(
+                    "offset {off} is not after the previous chunk's {} and before the file's endOffset {}",
+                    prev.blob_offset, f.end
+                )));
+            }
+            let want = prev.file_offset.checked_add(prev.size);
+            if want != Some(at) {
+                return Err(err(format!(
+                    "chunkOffset {at} does not follow the previous chunk (which ends at {})",
+                    want.map_or("an overflow".into(), |w| w.to_string())
+                )));
+            }
+            if size == 0 || at.checked_add(size).is_none_or(|end| end > f.size) {
+                return Err(err(format!(
+                    "chunkSize {size} at chunkOffset {at} does not fit the file's size {}",
+                    f.size
+                )));
+            }
+            prev.blob_end = off;
+            let chunk_digest = digest("chunkDigest", &e.chunk_digest)?;
+            f.chunks.push(RemoteChunk {
+                file_offset: at,
+                size,
+                blob_offset: off,
+                blob_end: f.end,
+                digest: chunk_digest,
+                zeros: e.chunk_type == "zeros",
+            });
+            return Ok(());
+        }
+        let kind = Kind::of_toc(&e.kind)
+            .ok_or_else(|| err(format!("type {:?} is not a tar entry type", e.kind)))?;
+        check_path("its linkName", e.link_name.as_bytes()).map_err(&err)?;
+        if items.len() as u64 >= max_items {
+            return Err(err(format!(
+                "more entries than the tar-split's {} bytes can describe (512 bytes of header each)",
+                ts_range.uncompressed
+            )));
+        }
+        let size = num("size", e.size)?;
+        items.push(TocItem {
+            kind,
+            name: e.name.as_ref().into(),
+            link: e.link_name.as_ref().into(),
+            size,
+        });
+        open_file = false;
+        if kind != Kind::Reg || size == 0 {
+            return Ok(());
+        }
+        let file_digest = digest("digest", &e.digest)?;
+        let offset = num("offset", e.offset)?;
+        let end = num("endOffset", e.end_offset)?;
+        if offset == 0 || end <= offset || end > desc.size {
+            return Err(err(format!(
+                "offset {offset} and endOffset {end} are not a range inside the blob's {} bytes",
+                desc.size
+            )));
+        }
+        let span = end - offset;
+        if size > span.saturating_mul(MAX_RATIO) {
+            return Err(err(format!(
+                "size {size} is more than its {span} bytes of frames can hold (at most {MAX_RATIO} bytes per byte)"
+            )));
+        }
+        let chunk_size = num("chunkSize", e.chunk_size)?;
+        if chunk_size > size {
+            return Err(err(format!(
+                "chunkSize {chunk_size} is more than the file's size {size}"
+            )));
+        }
+        let first = if chunk_size > 0 && chunk_size < size {
+            RemoteChunk {
+                file_offset: 0,
+                size: chunk_size,
+                blob_offset: offset,
+                blob_end: end,
+                digest: digest("chunkDigest", &e.chunk_digest)?,
+                zeros: e.chunk_type == "zeros",
+            }
+        } else {
+            RemoteChunk {
+                file_offset: 0,
+                size,
+                blob_offset: offset,
+                blob_end: end,
+                digest: file_digest,
+                zeros: false,
+            }
+        };
+        files.push(RemoteFile {
+            name: e.name.into_owned(),
+            digest: file_digest,
+            size,
+            offset,
+            end,
+            chunks: vec![first],
+            crc64: None,
+        });
+        open_file = true;
+        Ok(())
+    };
     // a tar-split of a usual size is parsed while the TOC is (its lines
     // are used only once its digest is the TOC's); a big one afterwards,
     // streamed, so its lines are never all held
@@ -574,8 +573,7 @@ pub fn open_chunked_with(
         let ts = parallel.then(|| {
             s.spawn(|| reader::tar_split_unchecked(&ts_z, &ts_range, reader::MAX_TAR_SPLIT_LINES))
         });
-        let head =
-            reader::read_toc_entries(&toc_z, &loc, budget.limits.layer_entries, &mut on_entry);
+        let head = reader::read_toc_refs(&toc_z, &loc, budget.limits.layer_entries, &mut on_entry);
         (head, ts.map(|t| t.join()))
     });
     let head = head.map_err(chunked(desc))?;
