@@ -32,6 +32,7 @@ pub mod reader;
 pub mod reorder;
 pub mod rollsum;
 pub mod toc;
+mod tocscan;
 mod writer;
 
 pub use writer::{ChunkedLayer, WriteOptions, write_layer};

@@ -371,6 +371,11 @@ fn read_toc_with<S: EntrySink>(
     let mut failed = None;
     let parsed = if limit <= IN_MEMORY {
         let json = decompress_all(toc_z, limit, what)?;
+        if let Some(each) = each.direct()
+            && let Some(scanned) = crate::tocscan::scan(&json, max_entries, each)
+        {
+            return scanned;
+        }
         let seed = TocSeed {
             max_entries,
             each: &mut each,
@@ -395,6 +400,37 @@ fn read_toc_with<S: EntrySink>(
     }
 }
 
+/// Why serde_json refuses the TOC `json` (entries handed to nobody): the
+/// words [`crate::tocscan`] reports a TOC it cannot read in.
+pub(crate) fn serde_toc_error(json: &[u8], max_entries: u64) -> ChunkedError {
+    /// Every entry parsed, none kept.
+    struct Nobody;
+    impl EntrySink for Nobody {
+        fn next<'de, A: serde::de::SeqAccess<'de>>(
+            &mut self,
+            seq: &mut A,
+            _take: bool,
+        ) -> Result<Option<Result<(), ChunkedError>>, A::Error> {
+            Ok(seq.next_element::<TocEntryRef<'de>>()?.map(|_| Ok(())))
+        }
+    }
+    let mut failed = None;
+    let seed = TocSeed {
+        max_entries,
+        each: &mut Nobody,
+        failed: &mut failed,
+    };
+    match (
+        parse_whole(serde_json::Deserializer::from_slice(json), seed),
+        failed,
+    ) {
+        (_, Some(e)) => e,
+        (Err(e), None) => fmt_err("zstd:chunked TOC", e.to_string()),
+        // not refused after all: what the scan saw is all there is to say
+        (Ok(_), None) => fmt_err("zstd:chunked TOC", "not read"),
+    }
+}
+
 /// Where a TOC's entries go as they are parsed: one parsed from `seq`
 /// at a time, and what taking it said (`None` at the end; not handed
 /// on unless `take`).
@@ -404,6 +440,15 @@ trait EntrySink {
         seq: &mut A,
         take: bool,
     ) -> Result<Option<Result<(), ChunkedError>>, A::Error>;
+
+    /// Where [`TocEntryRef`]s go, for [`crate::tocscan`] (a TOC held in
+    /// memory read without serde where it can be).
+    #[allow(clippy::type_complexity)]
+    fn direct(
+        &mut self,
+    ) -> Option<&mut dyn for<'j> FnMut(TocEntryRef<'j>) -> Result<(), ChunkedError>> {
+        None
+    }
 }
 
 /// Entries as [`TocEntry`]s.
@@ -433,6 +478,12 @@ impl EntrySink for Borrowed<'_> {
         Ok(seq
             .next_element::<TocEntryRef<'de>>()?
             .map(|e| if take { (self.0)(e) } else { Ok(()) }))
+    }
+
+    fn direct(
+        &mut self,
+    ) -> Option<&mut dyn for<'j> FnMut(TocEntryRef<'j>) -> Result<(), ChunkedError>> {
+        Some(&mut *self.0)
     }
 }
 
@@ -1020,6 +1071,141 @@ mod tests {
             let z = zstd::encode_all(bad, 1).unwrap();
             assert!(read_toc_refs(&z, &loc(&z, bad.len() as u64), 9, &mut |_| Ok(())).is_err());
         }
+    }
+
+    /// Entries to a callback through serde_json only (as a TOC too big
+    /// to hold is read), to check the scanner against.
+    struct SerdeOnly<'a>(&'a mut dyn for<'j> FnMut(TocEntryRef<'j>) -> Result<(), ChunkedError>);
+
+    impl EntrySink for SerdeOnly<'_> {
+        fn next<'de, A: serde::de::SeqAccess<'de>>(
+            &mut self,
+            seq: &mut A,
+            take: bool,
+        ) -> Result<Option<Result<(), ChunkedError>>, A::Error> {
+            Ok(seq
+                .next_element::<TocEntryRef<'de>>()?
+                .map(|e| if take { (self.0)(e) } else { Ok(()) }))
+        }
+    }
+
+    /// The scanner of TOCs held in memory gives what serde_json gives,
+    /// for TOCs in the usual shape and for every way out of it: each
+    /// entry, the head, and whether it fails.
+    #[test]
+    fn scanned_tocs_are_what_serde_reads() {
+        type Got = Result<(TocHead, Vec<String>), String>;
+        let run = |json: &str, max: u64, scan: bool| -> Got {
+            let z = zstd::encode_all(json.as_bytes(), 1).unwrap();
+            let l = loc(&z, json.len() as u64);
+            let mut seen = Vec::new();
+            let mut each = |e: TocEntryRef<'_>| {
+                if e.name == "refuse-me" {
+                    return Err(fmt_err("x", "refused by the caller"));
+                }
+                seen.push(format!("{e:?}"));
+                Ok(())
+            };
+            let head = if scan {
+                read_toc_refs(&z, &l, max, &mut each)
+            } else {
+                read_toc_with(&z, &l, max, SerdeOnly(&mut each))
+            };
+            head.map(|h| (h, seen)).map_err(|e| e.to_string())
+        };
+        let usual = r#"{"type":"reg","name":"usr/bin/a","mode":493,"size":5,"uid":1,"gid":2,"modtime":"2024-01-01T00:00:00Z","digest":"sha256:aa","offset":10,"endOffset":30,"chunkSize":3,"chunkDigest":"sha256:bb"}"#;
+        let chunk = r#"{"type":"chunk","name":"usr/bin/a","offset":20,"chunkSize":2,"chunkOffset":3,"chunkDigest":"sha256:cc","chunkType":"zeros"}"#;
+        let toc = |entries: &str| {
+            format!(r#"{{"version":1,"entries":[{entries}],"tarSplitDigest":"sha256:dd"}}"#)
+        };
+        let odd_entries = [
+            usual.to_string(),
+            chunk.to_string(),
+            r#"{"type":"symlink","name":"l","linkName":"usr/bin/a","devMajor":0,"devMinor":0,"accesstime":"x","changetime":"y"}"#.into(),
+            r#"{"type":"reg","name":"a\"\u00e9","size":1}"#.into(),
+            r#"{"type":"reg","na\u006de":"a"}"#.into(),
+            r#"{"type":"reg","name":"a","foo":[1,{"b":null}]}"#.into(),
+            r#"{"type":"reg","name":"a","xattrs":{"user.a":"eA=="}}"#.into(),
+            r#"{"type":"reg","name":"a","mode":"abc","uid":1.5}"#.into(),
+            r#"{"type":"reg","name":"a","modtime":"2024-01-01T00:00:00Z\u00e9"}"#.into(),
+            r#"{"type":"reg","name":"a","modtime":"é"}"#.into(),
+            r#"{"type":"reg","name":"a","size":-1,"offset":-9223372036854775808}"#.into(),
+            r#"{"type":"reg","name":"a","size":5.0}"#.into(),
+            r#"{"type":"reg","name":"a","size":1e2}"#.into(),
+            r#"{"type":"reg","name":"a","size":9223372036854775808}"#.into(),
+            r#"{"type":"reg","name":"a","size":-0}"#.into(),
+            r#"{"type":"reg","name":"a","size":007}"#.into(),
+            r#"{"type":null,"name":"a"}"#.into(),
+            r#"{"type":"reg","name":"a","name":"b"}"#.into(),
+            r#"{"type":"reg"}"#.into(),
+            r#"{}"#.into(),
+            r#"{ "type" : "reg" , "name" : "a" }"#.into(),
+            r#"{"type":"reg","name":"refuse-me"}"#.into(),
+            r#"{"type":"reg","name":"a"#.into(),
+            r#"[1]"#.into(),
+            r#"null"#.into(),
+        ];
+        let mut cases: Vec<(String, u64)> = Vec::new();
+        for e in &odd_entries {
+            cases.push((toc(&format!("{usual},{e},{chunk}")), 9));
+            cases.push((toc(e), 9));
+        }
+        let three = format!("{usual},{chunk},{usual}");
+        for (json, max) in [
+            (toc(&three), 3),
+            (toc(&three), 2),
+            (toc(""), 9),
+            (r#"{"version":1,"entries":null}"#.into(), 9),
+            (r#"{"version":1,"entries":{}}"#.into(), 9),
+            (r#"{"version":1,"entries":3}"#.into(), 9),
+            (format!(r#"{{"entries":[{usual}],"entries":[]}}"#), 9),
+            (
+                format!(
+                    r#"{{"x":{{"y":[1,2,{{"z":"\""}}]}},"entries":[{usual}],"w":null,"version":-3}}"#
+                ),
+                9,
+            ),
+            (
+                format!(r#"{{"entri\u0065s":[{usual}],"tarSplitDigest":"a\nb"}}"#),
+                9,
+            ),
+            (format!(r#"{{"version":"1","entries":[{usual}]}}"#), 9),
+            (format!(r#"{{"version":1.0,"entries":[{usual}]}}"#), 9),
+            (format!("{} ", toc(usual)), 9),
+            (format!("{} x", toc(usual)), 9),
+            (format!("{},", toc(usual)), 9),
+            (format!(r#"{{"version":1,"entries":[{usual}] "x":1}}"#), 9),
+            (format!(r#"{{"version":1,"entries":[{usual},]}}"#), 9),
+            (format!(r#"{{"version":1,"entries":[{usual}]"#), 9),
+            (format!(r#"{{"version":1 "entries":[{usual}]}}"#), 9),
+            (format!(r#"{{"version":1,,"entries":[{usual}]}}"#), 9),
+            (r#"{}"#.into(), 9),
+            (r#"[]"#.into(), 9),
+            (r#""toc""#.into(), 9),
+            (String::new(), 9),
+            (
+                serde_json::to_string_pretty(
+                    &serde_json::from_str::<serde_json::Value>(&toc(&three)).unwrap(),
+                )
+                .unwrap(),
+                9,
+            ),
+        ] {
+            cases.push((json, max));
+        }
+        let mut scanned_ok = 0;
+        for (json, max) in &cases {
+            let (a, b) = (run(json, *max, true), run(json, *max, false));
+            match (&a, &b) {
+                (Ok(x), Ok(y)) => {
+                    assert_eq!(x, y, "{json}");
+                    scanned_ok += 1;
+                }
+                (Err(x), Err(y)) => assert_eq!(x, y, "{json}"),
+                _ => panic!("{json}: scanned {a:?}, serde {b:?}"),
+            }
+        }
+        assert!(scanned_ok > 20, "{scanned_ok} of {} read", cases.len());
     }
 
     /// The SIMD decoder of payloads reads what Go's (and the base64
