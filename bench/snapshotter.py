@@ -42,6 +42,9 @@ def strata_snapshotter(tmp, prefetch="all"):
     cfg = os.path.join(tmp, "snap-config.toml")
     with open(cfg, "w") as f:
         f.write(f'[snapshotter]\nprefetch = "{prefetch}"\n')
+        # containerd's root as containerd_with and snapshotter_cri set it:
+        # manifests and configs come from its content store
+        f.write(f'containerd_root = "{os.path.join(tmp, "containerd", "root")}"\n')
         # BENCH_SPARE_MIB=0: no lazy mount daemon started ahead (A/B)
         if os.environ.get("BENCH_SPARE_MIB"):
             f.write(f'spare_mib = {int(os.environ["BENCH_SPARE_MIB"])}\n')

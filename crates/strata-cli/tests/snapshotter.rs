@@ -900,16 +900,8 @@ fn kubernetes_cri_runs_a_zstd_chunked_image_lazily_through_strata() {
     )
     .unwrap();
     let config = dir.path().join("config.toml");
-    std::fs::write(&config, "[snapshotter]\nprefetch = \"none\"\n").unwrap();
     let socket = dir.path().join("strata.sock");
     let log = dir.path().join("snapshotter.log");
-    let snap = Snapshotter {
-        child: spawn_with(&root, &socket, &log, config.to_str().unwrap()),
-        root,
-        socket,
-        log,
-    };
-    snap.wait_ready();
     let d = dir.path().display();
     let cri = format!(
         "  restrict_oom_score_adj = true\n  sandbox_image = \"{}/strata/pause:sleep\"\n",
@@ -923,10 +915,27 @@ fn kubernetes_cri_runs_a_zstd_chunked_image_lazily_through_strata() {
          [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n\
          [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc.options]\n  Root = \"{d}/runc\"\n\
          [plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{a}\"]\n  endpoint = [\"http://{a}\"]\n",
-        proxy_config(&snap.socket),
+        proxy_config(&socket),
         a = reg.addr
     );
     let ctrd = Containerd::start_with_cri(&cri, &extra);
+    // containerd's content store, where it puts the manifests and configs
+    // it pulls before the layers' Prepares
+    std::fs::write(
+        &config,
+        format!(
+            "[snapshotter]\nprefetch = \"none\"\ncontainerd_root = \"{}\"\n",
+            ctrd.root().display()
+        ),
+    )
+    .unwrap();
+    let snap = Snapshotter {
+        child: spawn_with(&root, &socket, &log, config.to_str().unwrap()),
+        root,
+        socket,
+        log,
+    };
+    snap.wait_ready();
     let client = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cri/cri_client.py");
     let logs = dir.path().join("pod-logs");
     // kubelet's order: the sandbox image is there before the pod's image
@@ -986,6 +995,24 @@ fn kubernetes_cri_runs_a_zstd_chunked_image_lazily_through_strata() {
         log.lines()
             .any(|l| l.contains("mounted") && l.contains("/py:1") && l.contains("lazily")),
         "the pod ran on a lazy mount of the image: {log}"
+    );
+    // its manifest and config came from containerd's content store, not
+    // from the registry a second time
+    let pod_manifest = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{image}"))
+        .output()
+        .unwrap();
+    assert!(
+        pod_manifest.status.success(),
+        "skopeo inspect --raw {image}"
+    );
+    let digest = strata_digest::Digest::sha256_of(&pod_manifest.stdout);
+    assert!(
+        log.lines().any(|l| l.contains(&format!(
+            "{digest} and its config from containerd's content store"
+        ))),
+        "{digest} read from containerd's content store: {log}"
     );
     // containerd fetched no layer itself
     let content = ctrd.ctr(&["-n", "k8s.io", "content", "ls", "-q"]);

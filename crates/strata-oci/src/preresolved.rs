@@ -44,6 +44,66 @@ pub fn write(path: &Path, resolved: &ResolvedImage) -> std::io::Result<()> {
     std::fs::write(path, json)
 }
 
+/// The image whose manifest is `manifest`, from a content-addressed blob
+/// directory laid out as containerd's content store is
+/// (`<blobs>/sha256/<hex>`, `io.containerd.content.v1.content/blobs`
+/// under containerd's root): a snapshotter asked for a layer of an image
+/// containerd is pulling finds there the manifest and config containerd
+/// fetched a moment ago, without asking the registry again. Both are
+/// checked against their digests and held to the manifest and config
+/// limits. `Ok(None)`: one of them is not there (the caller asks the
+/// registry); an error: one is there but wrong.
+pub fn from_content_store(
+    blobs: &Path,
+    manifest: &Digest,
+) -> Result<Option<ResolvedImage>, OciError> {
+    let limits = crate::limits::current();
+    let read = |d: &Digest, cap: u64| -> Result<Option<Vec<u8>>, OciError> {
+        let path = blobs.join(d.algorithm().name()).join(d.hex());
+        let mut bytes = Vec::new();
+        match std::fs::File::open(&path) {
+            Ok(f) => f
+                .take(cap + 1)
+                .read_to_end(&mut bytes)
+                .map_err(crate::io_err("reading", &path))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(crate::io_err("reading", &path)(e)),
+        };
+        let what = format!("{d} in {}", blobs.display());
+        if bytes.len() as u64 > cap {
+            return Err(OciError::Format {
+                what,
+                reason: format!("larger than its limit of {cap} bytes"),
+            });
+        }
+        crate::verify(&what, &bytes, d)?;
+        Ok(Some(bytes))
+    };
+    let Some(manifest_bytes) = read(manifest, limits.manifest_bytes)? else {
+        return Ok(None);
+    };
+    let what = format!("manifest {manifest} in {}", blobs.display());
+    let parsed = match parse_document(&manifest_bytes, None, &what)? {
+        Document::Manifest(m) => *m,
+        Document::Index(_) => {
+            return Err(OciError::Format {
+                what,
+                reason: "an index, not a manifest".into(),
+            });
+        }
+    };
+    let Some(config_bytes) = read(&parsed.config.digest, limits.config_bytes)? else {
+        return Ok(None);
+    };
+    Ok(Some(ResolvedImage {
+        manifest_bytes,
+        manifest_digest: *manifest,
+        manifest: parsed,
+        config_bytes,
+        index_digest: None,
+    }))
+}
+
 /// A source whose `resolve` answers what was resolved before; blobs come
 /// from `inner`.
 pub struct Preresolved {
@@ -264,5 +324,59 @@ mod tests {
             .err()
             .expect("refused");
         assert!(e.to_string().contains("larger than"), "{e}");
+    }
+
+    /// The manifest and config as containerd's content store holds them
+    /// are the image; one missing is none (the caller asks the
+    /// registry); one whose bytes are not its digest's, or an index, is
+    /// an error naming it.
+    #[test]
+    fn an_image_is_read_from_a_content_store_by_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = dir.path().join("blobs");
+        std::fs::create_dir_all(blobs.join("sha256")).unwrap();
+        let put = |bytes: &[u8]| {
+            let d = Digest::sha256_of(bytes);
+            std::fs::write(blobs.join("sha256").join(d.hex()), bytes).unwrap();
+            d
+        };
+        let r = image();
+        // nothing there yet
+        assert!(
+            from_content_store(&blobs, &r.manifest_digest)
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            from_content_store(&dir.path().join("nowhere"), &r.manifest_digest)
+                .unwrap()
+                .is_none()
+        );
+        put(&r.manifest_bytes);
+        // the manifest without its config
+        assert!(
+            from_content_store(&blobs, &r.manifest_digest)
+                .unwrap()
+                .is_none()
+        );
+        let config = put(&r.config_bytes);
+        let back = from_content_store(&blobs, &r.manifest_digest)
+            .unwrap()
+            .unwrap();
+        assert_eq!(back.manifest_bytes, r.manifest_bytes);
+        assert_eq!(back.config_bytes, r.config_bytes);
+        assert_eq!(back.manifest.config.digest, config);
+        // a config changed in place
+        std::fs::write(blobs.join("sha256").join(config.hex()), b"{}").unwrap();
+        let Err(e) = from_content_store(&blobs, &r.manifest_digest) else {
+            panic!("a changed config is refused");
+        };
+        assert!(matches!(e, OciError::DigestMismatch { .. }), "{e}");
+        // an index where a manifest was named
+        let index = put(br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#);
+        let Err(e) = from_content_store(&blobs, &index) else {
+            panic!("an index is refused");
+        };
+        assert!(e.to_string().contains("an index"), "{e}");
     }
 }

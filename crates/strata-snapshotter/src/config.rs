@@ -33,6 +33,11 @@
 //! # 45 MiB for an image of 12,000 files); the first container of a lazy
 //! # image then waits for neither. 0: none is started ahead
 //! spare_mib = 48
+//! # containerd's root: a Prepare of a layer containerd is pulling reads
+//! # the image's manifest and config from containerd's content store
+//! # there (checked against their digests) instead of asking the registry
+//! # again; where they are missing, the registry is asked
+//! containerd_root = "/var/lib/containerd"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -45,6 +50,8 @@ pub const DEFAULT_CONFIG: &str = "/etc/strata/config.toml";
 pub const DEFAULT_ROOT: &str = "/var/lib/containerd/io.containerd.snapshotter.v1.strata";
 /// The default socket.
 pub const DEFAULT_SOCKET: &str = "/run/strata/snapshotter.sock";
+/// containerd's default root.
+pub const DEFAULT_CONTAINERD_ROOT: &str = "/var/lib/containerd";
 
 /// The snapshotter's settings.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -69,6 +76,14 @@ pub struct Config {
     /// none is started ahead.
     #[serde(default = "default_spare_mib")]
     pub spare_mib: usize,
+    /// containerd's root, whose content store holds the manifests and
+    /// configs of the images containerd pulls.
+    #[serde(default = "default_containerd_root")]
+    pub containerd_root: PathBuf,
+}
+
+fn default_containerd_root() -> PathBuf {
+    DEFAULT_CONTAINERD_ROOT.into()
 }
 
 fn default_spare_mib() -> usize {
@@ -130,6 +145,7 @@ impl Default for Config {
             prefetch: default_prefetch(),
             lazy_fallback: LazyFallback::Fail,
             spare_mib: default_spare_mib(),
+            containerd_root: default_containerd_root(),
         }
     }
 }
@@ -185,6 +201,12 @@ mod tests {
         let c = Config::load(&p, true).unwrap();
         assert_eq!(c.lazy_fallback, LazyFallback::Pull);
         assert_eq!(c.spare_mib, 48);
+        assert_eq!(c.containerd_root, PathBuf::from("/var/lib/containerd"));
+        std::fs::write(&p, "[snapshotter]\ncontainerd_root = \"/c\"\n").unwrap();
+        assert_eq!(
+            Config::load(&p, true).unwrap().containerd_root,
+            PathBuf::from("/c")
+        );
         std::fs::write(&p, "[snapshotter]\nspare_mib = 0\n").unwrap();
         assert_eq!(Config::load(&p, true).unwrap().spare_mib, 0);
         std::fs::write(&p, "[snapshotter]\nlazy_fallback = \"maybe\"\n").unwrap();

@@ -244,6 +244,9 @@ pub struct Snapshotter {
     /// mount: the pull goes on meanwhile, and whatever needs the mount
     /// waits for it ([`Snapshotter::settle`]). Keyed by mount dir.
     building: std::sync::Arc<Mutex<HashMap<PathBuf, std::sync::Arc<Building>>>>,
+    /// containerd's content store's blobs
+    /// ([`set_containerd_root`](Self::set_containerd_root)).
+    containerd_blobs: Option<PathBuf>,
     /// A lazy mount's daemon started ahead ([`set_spare`](Self::set_spare)).
     spare: std::sync::Arc<Spares>,
 }
@@ -452,6 +455,7 @@ impl Snapshotter {
             building: Default::default(),
             client: strata_oci::RegistryClient::new(),
             spare: Default::default(),
+            containerd_blobs: None,
         };
         s.sweep(known)?;
         s.empty_trash();
@@ -469,6 +473,14 @@ impl Snapshotter {
     /// failing (`[snapshotter] lazy_fallback = "pull"`).
     pub fn set_lazy_fallback(&mut self, pull: bool) {
         self.lazy_fallback = pull;
+    }
+
+    /// containerd's root (`[snapshotter] containerd_root`): the manifest
+    /// and config of an image whose layer is prepared are read from its
+    /// content store (`io.containerd.content.v1.content/blobs`), where
+    /// containerd put them before unpacking, instead of from the registry.
+    pub fn set_containerd_root(&mut self, root: &Path) {
+        self.containerd_blobs = Some(root.join("io.containerd.content.v1.content").join("blobs"));
     }
 
     /// Keep a lazy mount's daemon started ahead, with `mib` MiB of memory
@@ -1407,9 +1419,12 @@ impl Snapshotter {
         let (reference, registry) = self.registry_of(&r.image, &r.manifest, r.plain_http)?;
         let source = strata_oci::open_source(&reference, &registry)
             .map_err(|e| unavailable(error_chain(&e)))?;
-        let resolved = source
-            .resolve(&strata_oci::Platform::host_default())
-            .map_err(|e| unavailable(error_chain(&e)))?;
+        let resolved = match self.resolved_by_containerd(&r.manifest) {
+            Some(resolved) => resolved,
+            None => source
+                .resolve(&strata_oci::Platform::host_default())
+                .map_err(|e| unavailable(error_chain(&e)))?,
+        };
         let chunked = resolved
             .manifest
             .layers
@@ -1511,6 +1526,26 @@ impl Snapshotter {
             .map_err(|e| unavailable(e.to_string()))?;
         self.premount_pulled(r);
         Ok((diff_ids_of(&meta), blobs_of(&meta), false))
+    }
+
+    /// The image of `manifest` as containerd fetched it into its content
+    /// store (checked against the digests), if it is there.
+    fn resolved_by_containerd(&self, manifest: &Digest) -> Option<strata_oci::ResolvedImage> {
+        let blobs = self.containerd_blobs.as_ref()?;
+        match strata_oci::preresolved::from_content_store(blobs, manifest) {
+            Ok(Some(r)) => {
+                tracing::debug!("{manifest} and its config from containerd's content store");
+                Some(r)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(
+                    "reading {manifest} from containerd's content store: {}; asking the registry",
+                    error_chain(&e)
+                );
+                None
+            }
+        }
     }
 
     /// The lock that makes pulls (and lazy mounts) of one image happen

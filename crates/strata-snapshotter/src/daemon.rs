@@ -67,12 +67,14 @@ pub async fn serve(config: &Config, ready: impl FnOnce()) -> Result<(), ServeErr
     let prefetch = config.prefetch;
     let fallback = config.lazy_fallback == crate::config::LazyFallback::Pull;
     let spare_mib = config.spare_mib;
+    let containerd_root = config.containerd_root.clone();
     let store = config.store.clone().unwrap_or_else(|| root.join("store"));
     let core = tokio::task::spawn_blocking(move || {
         Snapshotter::open_with_store(&root, &store).map(|mut s| {
             s.set_prefetch(prefetch.as_str());
             s.set_lazy_fallback(fallback);
             s.set_spare(spare_mib);
+            s.set_containerd_root(&containerd_root);
             s
         })
     })

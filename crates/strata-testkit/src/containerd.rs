@@ -75,6 +75,12 @@ impl Containerd {
         c
     }
 
+    /// Its root (`root` in its config): its content store, metadata and
+    /// snapshotters' dirs.
+    pub fn root(&self) -> PathBuf {
+        self._dir.path().join("root")
+    }
+
     /// kill -9 containerd (its shims and containers live on) and start
     /// it again on the same root, state and config.
     pub fn kill_and_restart(&mut self) {
