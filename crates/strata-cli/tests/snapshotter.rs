@@ -808,6 +808,7 @@ fn a_lazy_image_whose_registry_is_gone_fails_the_start_naming_it() {
     rpull(&ctrd, &snap, &image);
 
     reg.stop();
+    let before = records(&snap.root);
     let t0 = Instant::now();
     let out = ctrd.ctr_output(&[
         "run",
@@ -822,6 +823,9 @@ fn a_lazy_image_whose_registry_is_gone_fails_the_start_naming_it() {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "started without its registry");
     assert!(err.contains("strata") && err.contains(&reg.addr), "{err}");
+    // the container's snapshot, recorded while the registry was asked,
+    // does not stay
+    assert_eq!(records(&snap.root), before, "{}", snap.log_text());
     assert!(
         took < Duration::from_secs(60),
         "failed after {took:?}: {err}"

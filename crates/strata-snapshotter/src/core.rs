@@ -235,7 +235,7 @@ pub struct Snapshotter {
     checked: Mutex<HashMap<Digest, Layers>>,
     /// Per lazy image: a source on its registry and its top layer, for
     /// the check before a container starts on it.
-    sources: Mutex<HashMap<Digest, LazySource>>,
+    sources: std::sync::Arc<Mutex<HashMap<Digest, LazySource>>>,
     /// One set of HTTP connection pools for every pull and check the
     /// daemon makes (TLS roots loaded once, connections reused).
     client: strata_oci::RegistryClient,
@@ -317,6 +317,60 @@ impl Spares {
         cmd.env(k, v);
         let log = self.log.lock().unwrap_or_else(|e| e.into_inner()).clone();
         strata_sys::daemon::spawn_spare("spare lazy mount", cmd, &log)
+    }
+}
+
+/// The check of a lazy image's registry before a container starts on it
+/// ([`Snapshotter::start_probe`]).
+struct Probe {
+    rx: std::sync::mpsc::Receiver<std::result::Result<(), String>>,
+    /// When the probe was sent: bytes the mount's daemon received after
+    /// it answer it too.
+    since: std::time::SystemTime,
+    target: PathBuf,
+    store_root: PathBuf,
+    image: String,
+    started: std::time::Instant,
+}
+
+impl Probe {
+    /// The registry answered (the probe, or bytes to the mount's daemon
+    /// sent after the probe was), or why it did not.
+    fn wait(self) -> Result<()> {
+        let gone = |e: String| {
+            SnapError::Unavailable(format!(
+                "strata: the registry of the lazy image {} cannot be reached, and files of it \
+                 not fetched yet could not be read: {e}",
+                self.image
+            ))
+        };
+        loop {
+            // the mount's daemon may show the registry answering first,
+            // where the probe's own answer waits behind its bytes on a busy
+            // link
+            match self.rx.recv_timeout(std::time::Duration::from_millis(5)) {
+                Ok(probed) => {
+                    tracing::debug!(
+                        "registry of {} checked in {:?}",
+                        self.image,
+                        self.started.elapsed()
+                    );
+                    return probed.map_err(gone);
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if strata_lazy::received_since(&self.store_root, &self.target, self.since) {
+                        tracing::debug!(
+                            "the registry of {} is sending to its lazy mount: not probed",
+                            self.image
+                        );
+                        return Ok(());
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(gone("the probe of the registry panicked".into()));
+                }
+            }
+        }
     }
 }
 
@@ -451,7 +505,7 @@ impl Snapshotter {
             lazy_fallback: false,
             mounting: Mutex::new(()),
             checked: Mutex::new(HashMap::new()),
-            sources: Mutex::new(HashMap::new()),
+            sources: Default::default(),
             building: Default::default(),
             client: strata_oci::RegistryClient::new(),
             spare: Default::default(),
@@ -481,6 +535,11 @@ impl Snapshotter {
     /// containerd put them before unpacking, instead of from the registry.
     pub fn set_containerd_root(&mut self, root: &Path) {
         self.containerd_blobs = Some(root.join("io.containerd.content.v1.content").join("blobs"));
+    }
+
+    /// The sources of lazy images, for a thread of their own.
+    fn sources_handle(&self) -> std::sync::Arc<Mutex<HashMap<Digest, LazySource>>> {
+        self.sources.clone()
     }
 
     /// Keep a lazy mount's daemon started ahead, with `mib` MiB of memory
@@ -658,7 +717,7 @@ impl Snapshotter {
             .iter()
             .any(|p| p.remote.is_some())
             .then(|| self.mounting.lock().unwrap_or_else(|e| e.into_inner()));
-        let mounts = match self.mounts_of(&info, chain, true) {
+        let (mounts, probe) = match self.mounts_of(&info, chain, true) {
             Ok(m) => m,
             Err(e) => {
                 let _ = fs::remove_dir_all(&dir);
@@ -684,12 +743,30 @@ impl Snapshotter {
             return Err(e);
         }
         st.by_name.insert(key.to_string(), info);
+        drop(st);
+        // the registry's answer, asked for while the snapshot was recorded
+        if let Some(probe) = probe
+            && let Err(e) = probe.wait()
+        {
+            // no start: nothing of this snapshot stays
+            let mut st = self.lock();
+            st.by_name.remove(key);
+            let _ = self.drop_record(id);
+            drop(st);
+            let _ = fs::remove_dir_all(&dir);
+            return Err(e);
+        }
         Ok(mounts)
     }
 
     /// `info`'s mounts; `new`: for a snapshot being made (a lazy image's
     /// registry is checked then).
-    fn mounts_of(&self, info: &Info, chain: &[Info], new: bool) -> Result<Vec<Mount>> {
+    fn mounts_of(
+        &self,
+        info: &Info,
+        chain: &[Info],
+        new: bool,
+    ) -> Result<(Vec<Mount>, Option<Probe>)> {
         let fs_of = |i: &Info| self.dir(i.id).join("fs").display().to_string();
         let bind = |src: String, rw: bool| Mount {
             kind: "bind".into(),
@@ -699,16 +776,19 @@ impl Snapshotter {
         // the parents' dirs, nearest first, down to the first remote
         // layer, which stands for itself and everything under it
         let mut lowers = Vec::new();
+        let mut probe = None;
         for p in chain {
             match &p.remote {
                 Some(_) => {
-                    lowers.push(self.image_mount(p, new)?.display().to_string());
+                    let (dir, started) = self.image_mount(p, new)?;
+                    probe = started;
+                    lowers.push(dir.display().to_string());
                     break;
                 }
                 None => lowers.push(fs_of(p)),
             }
         }
-        Ok(match (info.kind, lowers.len()) {
+        let mounts = match (info.kind, lowers.len()) {
             (Kind::Active, 0) => vec![bind(fs_of(info), true)],
             (Kind::Active, _) => vec![Mount {
                 kind: "overlay".into(),
@@ -727,13 +807,14 @@ impl Snapshotter {
                 source: "overlay".into(),
                 options: vec!["ro".into(), format!("lowerdir={}", lowers.join(":"))],
             }],
-        })
+        };
+        Ok((mounts, probe))
     }
 
     /// Where the image of a remote layer is mounted (mounted now if it
     /// is not): `<root>/mnt/<manifest hex>`, one mount per image, shared
     /// by every container on it and left in place across restarts.
-    fn image_mount(&self, info: &Info, new: bool) -> Result<PathBuf> {
+    fn image_mount(&self, info: &Info, new: bool) -> Result<(PathBuf, Option<Probe>)> {
         // the images this layer is the top of; one already mounted, else
         // one in the store, else the first
         let candidates: Vec<&Remote> = info
@@ -757,7 +838,7 @@ impl Snapshotter {
             .or(candidates.first())
             .copied();
         let Some(r) = r else {
-            return self.prefix_mount(info);
+            return Ok((self.prefix_mount(info)?, None));
         };
         let dir = self.root.join("mnt").join(r.manifest.hex());
         fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
@@ -771,11 +852,9 @@ impl Snapshotter {
             what: format!("checking {}", dir.display()),
             source: io::Error::other(e.to_string()),
         })?;
-        if new && mounted && r.lazy && self.store.image_meta(&r.manifest).is_err() {
-            let t0 = std::time::Instant::now();
-            self.check_lazy_source(r, &dir)?;
-            tracing::debug!("registry of {} checked in {:?}", r.image, t0.elapsed());
-        }
+        let probe = (new && mounted && r.lazy && self.store.image_meta(&r.manifest).is_err())
+            .then(|| self.start_probe(r, &dir))
+            .flatten();
         if !mounted && r.lazy && self.store.image_meta(&r.manifest).is_err() {
             let t0 = std::time::Instant::now();
             self.mount_lazy(r, &dir)?;
@@ -789,7 +868,7 @@ impl Snapshotter {
         } else if !mounted {
             self.mount_full(&r.image, &r.manifest, &dir)?;
         }
-        Ok(dir)
+        Ok((dir, probe))
     }
 
     /// The composefs mount of `image` (`manifest`, in the store) at `dir`,
@@ -954,78 +1033,75 @@ impl Snapshotter {
     /// from the registry meanwhile, whichever comes first. A registry
     /// that is gone then fails the start with an error naming strata and
     /// the registry, instead of the container's first read of a file not
-    /// fetched yet (EIO, with no word of why).
-    fn check_lazy_source(&self, r: &Remote, dir: &Path) -> Result<()> {
+    /// fetched yet (EIO, with no word of why). Started here, on a thread
+    /// of its own, answered by [`Probe::wait`]: the container's snapshot
+    /// is recorded meanwhile. `None`: every file is local.
+    fn start_probe(&self, r: &Remote, dir: &Path) -> Option<Probe> {
         let target = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
         if let Ok(rec) = strata_lazy::attach(self.store.root(), &target)
             && rec.state.files_local >= rec.state.files_total
         {
-            return Ok(());
+            return None;
         }
-        let gone = |e: String| {
-            SnapError::Unavailable(format!(
-                "strata: the registry of the lazy image {} cannot be reached, and files of it \
-                 not fetched yet could not be read: {e}",
-                r.image
-            ))
-        };
         let cached = self
             .sources
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&r.manifest)
             .cloned();
-        let (source, top) = match cached {
-            Some(s) => s,
-            None => {
-                let (reference, registry) =
-                    self.registry_of(&r.image, &r.manifest, r.plain_http)?;
-                let source: std::sync::Arc<dyn strata_oci::ImageSource> =
-                    strata_oci::open_source(&reference, &registry)
-                        .map_err(|e| gone(error_chain(&e)))?
-                        .into();
-                let resolved = source
-                    .resolve(&strata_oci::Platform::host_default())
-                    .map_err(|e| gone(error_chain(&e)))?;
-                let top = resolved
-                    .manifest
-                    .layers
-                    .last()
-                    .cloned()
-                    .ok_or_else(|| gone(format!("{} has no layers", r.manifest)))?;
-                self.sources
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(r.manifest, (source.clone(), top.clone()));
-                (source, top)
-            }
+        // what it takes to ask: the source of an earlier pull, else one
+        // made now (the image resolved again) on the probe's thread
+        let registry = match &cached {
+            Some(_) => None,
+            None => Some(self.registry_of(&r.image, &r.manifest, r.plain_http)),
         };
-        // the probe, on its own thread: the mount's daemon may show the
-        // registry answering first (bytes it received after the probe
-        // started), where the probe's own answer waits behind those bytes
-        // on a busy link
+        let sources = self.sources_handle();
+        let manifest = r.manifest;
         let since = std::time::SystemTime::now();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let _ = tx.send(source.read_range(&top, 0, 1).map(drop));
-        });
-        loop {
-            match rx.recv_timeout(std::time::Duration::from_millis(5)) {
-                Ok(probed) => return probed.map_err(|e| gone(error_chain(&e))),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    if strata_lazy::received_since(self.store.root(), &target, since) {
-                        tracing::debug!(
-                            "the registry of {} is sending to its lazy mount: not probed",
-                            r.image
-                        );
-                        return Ok(());
+            let asked = (|| -> std::result::Result<(), String> {
+                let (source, top) = match cached {
+                    Some(s) => s,
+                    None => {
+                        let (reference, registry) = registry
+                            .expect("made when none was cached")
+                            .map_err(|e| e.to_string())?;
+                        let source: std::sync::Arc<dyn strata_oci::ImageSource> =
+                            strata_oci::open_source(&reference, &registry)
+                                .map_err(|e| error_chain(&e))?
+                                .into();
+                        let resolved = source
+                            .resolve(&strata_oci::Platform::host_default())
+                            .map_err(|e| error_chain(&e))?;
+                        let top = resolved
+                            .manifest
+                            .layers
+                            .last()
+                            .cloned()
+                            .ok_or_else(|| format!("{manifest} has no layers"))?;
+                        sources
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(manifest, (source.clone(), top.clone()));
+                        (source, top)
                     }
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(gone("the probe of the registry panicked".into()));
-                }
-            }
-        }
+                };
+                source
+                    .read_range(&top, 0, 1)
+                    .map(drop)
+                    .map_err(|e| error_chain(&e))
+            })();
+            let _ = tx.send(asked);
+        });
+        Some(Probe {
+            rx,
+            since,
+            target,
+            store_root: self.store.root().to_path_buf(),
+            image: r.image.clone(),
+            started: std::time::Instant::now(),
+        })
     }
 
     /// The lazy mount of `r`'s image at `<root>/mnt/<manifest hex>`,
@@ -1615,7 +1691,7 @@ impl Snapshotter {
             .iter()
             .any(|p| p.remote.is_some())
             .then(|| self.mounting.lock().unwrap_or_else(|e| e.into_inner()));
-        self.mounts_of(&info, &chain, false)
+        self.mounts_of(&info, &chain, false).map(|(m, _)| m)
     }
 
     /// Commit the active snapshot `key` as `name`.
