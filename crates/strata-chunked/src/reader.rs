@@ -305,7 +305,7 @@ pub fn read_toc_refs(
     max_entries: u64,
     each: &mut dyn for<'j> FnMut(TocEntryRef<'j>) -> Result<(), ChunkedError>,
 ) -> Result<TocHead, ChunkedError> {
-    read_toc_with(toc_z, loc, max_entries, Borrowed(each))
+    read_toc_with(toc_z, loc, max_entries, Borrowed { each, scan: true })
 }
 
 /// What a reader of a layer needs of a TOC entry (see [`TocEntry`] for
@@ -403,21 +403,15 @@ fn read_toc_with<S: EntrySink>(
 /// Why serde_json refuses the TOC `json` (entries handed to nobody): the
 /// words [`crate::tocscan`] reports a TOC it cannot read in.
 pub(crate) fn serde_toc_error(json: &[u8], max_entries: u64) -> ChunkedError {
-    /// Every entry parsed, none kept.
-    struct Nobody;
-    impl EntrySink for Nobody {
-        fn next<'de, A: serde::de::SeqAccess<'de>>(
-            &mut self,
-            seq: &mut A,
-            _take: bool,
-        ) -> Result<Option<Result<(), ChunkedError>>, A::Error> {
-            Ok(seq.next_element::<TocEntryRef<'de>>()?.map(|_| Ok(())))
-        }
-    }
+    // every entry parsed, none kept
+    let mut nobody = Borrowed {
+        each: &mut |_| Ok(()),
+        scan: false,
+    };
     let mut failed = None;
     let seed = TocSeed {
         max_entries,
-        each: &mut Nobody,
+        each: &mut nobody,
         failed: &mut failed,
     };
     match (
@@ -466,8 +460,12 @@ impl EntrySink for Owned<'_> {
     }
 }
 
-/// Entries as [`TocEntryRef`]s.
-struct Borrowed<'a>(&'a mut dyn for<'j> FnMut(TocEntryRef<'j>) -> Result<(), ChunkedError>);
+/// Entries as [`TocEntryRef`]s; `scan`: a TOC held in memory is read by
+/// [`crate::tocscan`] (else by serde_json only).
+struct Borrowed<'a> {
+    each: &'a mut dyn for<'j> FnMut(TocEntryRef<'j>) -> Result<(), ChunkedError>,
+    scan: bool,
+}
 
 impl EntrySink for Borrowed<'_> {
     fn next<'de, A: serde::de::SeqAccess<'de>>(
@@ -477,13 +475,13 @@ impl EntrySink for Borrowed<'_> {
     ) -> Result<Option<Result<(), ChunkedError>>, A::Error> {
         Ok(seq
             .next_element::<TocEntryRef<'de>>()?
-            .map(|e| if take { (self.0)(e) } else { Ok(()) }))
+            .map(|e| if take { (self.each)(e) } else { Ok(()) }))
     }
 
     fn direct(
         &mut self,
     ) -> Option<&mut dyn for<'j> FnMut(TocEntryRef<'j>) -> Result<(), ChunkedError>> {
-        Some(&mut *self.0)
+        self.scan.then_some(&mut *self.each)
     }
 }
 
@@ -779,13 +777,12 @@ fn fast_line(line: &[u8]) -> Option<TarSplitEntry> {
                 rest
             }
         };
-        match p.split_first()? {
-            (b',', rest) => p = rest,
-            (b'}', rest) => {
+        match crate::tocscan::field_end(p)? {
+            (rest, false) => p = rest,
+            (rest, true) => {
                 p = rest;
                 break;
             }
-            _ => return None,
         }
     }
     (seen & 1 != 0 && p.is_empty()).then_some(e)
@@ -1073,22 +1070,6 @@ mod tests {
         }
     }
 
-    /// Entries to a callback through serde_json only (as a TOC too big
-    /// to hold is read), to check the scanner against.
-    struct SerdeOnly<'a>(&'a mut dyn for<'j> FnMut(TocEntryRef<'j>) -> Result<(), ChunkedError>);
-
-    impl EntrySink for SerdeOnly<'_> {
-        fn next<'de, A: serde::de::SeqAccess<'de>>(
-            &mut self,
-            seq: &mut A,
-            take: bool,
-        ) -> Result<Option<Result<(), ChunkedError>>, A::Error> {
-            Ok(seq
-                .next_element::<TocEntryRef<'de>>()?
-                .map(|e| if take { (self.0)(e) } else { Ok(()) }))
-        }
-    }
-
     /// The scanner of TOCs held in memory gives what serde_json gives,
     /// for TOCs in the usual shape and for every way out of it: each
     /// entry, the head, and whether it fails.
@@ -1109,7 +1090,16 @@ mod tests {
             let head = if scan {
                 read_toc_refs(&z, &l, max, &mut each)
             } else {
-                read_toc_with(&z, &l, max, SerdeOnly(&mut each))
+                // through serde_json only, as a TOC too big to hold is read
+                read_toc_with(
+                    &z,
+                    &l,
+                    max,
+                    Borrowed {
+                        each: &mut each,
+                        scan: false,
+                    },
+                )
             };
             head.map(|h| (h, seen)).map_err(|e| e.to_string())
         };

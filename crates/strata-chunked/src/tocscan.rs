@@ -75,6 +75,16 @@ fn int(p: &[u8]) -> Option<(i64, &[u8])> {
     Some((v, &d[n..]))
 }
 
+/// After a field of a compact object: what follows its `,` (false), or
+/// its closing `}` (true); `None` for anything else.
+pub(crate) fn field_end(p: &[u8]) -> Option<(&[u8], bool)> {
+    match p.split_first()? {
+        (b',', rest) => Some((rest, false)),
+        (b'}', rest) => Some((rest, true)),
+        _ => None,
+    }
+}
+
 /// One entry object at the start of `p` in the usual shape, and what
 /// follows it; `None` where it leaves that shape.
 fn fast_entry(p: &[u8]) -> Option<(TocEntryRef<'_>, &[u8])> {
@@ -151,13 +161,12 @@ fn fast_entry(p: &[u8]) -> Option<(TocEntryRef<'_>, &[u8])> {
                 rest
             }
         };
-        match p.split_first()? {
-            (b',', rest) => p = rest,
-            (b'}', rest) => {
+        match field_end(p)? {
+            (rest, false) => p = rest,
+            (rest, true) => {
                 p = rest;
                 break;
             }
-            _ => return None,
         }
     }
     (seen & 3 == 3).then_some((e, p))

@@ -38,6 +38,24 @@ impl Snapshotter {
         s
     }
 
+    /// [`start`](Self::start) on `root`, `socket` and `log`, with
+    /// `config` (a TOML file) as its `--config`.
+    fn start_with_config(
+        root: PathBuf,
+        socket: PathBuf,
+        log: PathBuf,
+        config: &Path,
+    ) -> Snapshotter {
+        let s = Snapshotter {
+            child: spawn_with(&root, &socket, &log, config.to_str().unwrap()),
+            root,
+            socket,
+            log,
+        };
+        s.wait_ready();
+        s
+    }
+
     fn wait_ready(&self) {
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_secs(20) {
@@ -542,13 +560,7 @@ fn a_zstd_chunked_image_runs_lazily_and_survives_a_snapshotter_kill() {
     let log = dir.path().join("snapshotter.log");
     let config = dir.path().join("config.toml");
     std::fs::write(&config, "[snapshotter]\nprefetch = \"none\"\n").unwrap();
-    let mut snap = Snapshotter {
-        child: spawn_with(&root, &socket, &log, config.to_str().unwrap()),
-        root,
-        socket,
-        log,
-    };
-    snap.wait_ready();
+    let mut snap = Snapshotter::start_with_config(root, socket, log, &config);
     // a lazy mount's daemon is started ahead: the image's first Prepare
     // hands it its mount
     let store = snap.root.join("store");
@@ -933,13 +945,7 @@ fn kubernetes_cri_runs_a_zstd_chunked_image_lazily_through_strata() {
         ),
     )
     .unwrap();
-    let snap = Snapshotter {
-        child: spawn_with(&root, &socket, &log, config.to_str().unwrap()),
-        root,
-        socket,
-        log,
-    };
-    snap.wait_ready();
+    let snap = Snapshotter::start_with_config(root, socket, log, &config);
     let client = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cri/cri_client.py");
     let logs = dir.path().join("pod-logs");
     // kubelet's order: the sandbox image is there before the pod's image
@@ -1134,13 +1140,7 @@ fn a_shared_store_gives_containerd_what_the_cli_already_pulled() {
     let root = dir.path().join("snap-root");
     let socket = dir.path().join("strata.sock");
     let log = dir.path().join("snapshotter.log");
-    let snap = Snapshotter {
-        child: spawn_with(&root, &socket, &log, config.to_str().unwrap()),
-        root,
-        socket,
-        log,
-    };
-    snap.wait_ready();
+    let snap = Snapshotter::start_with_config(root, socket, log, &config);
     let ctrd = Containerd::start_with(&proxy_config(&snap.socket));
     let before = proxy.requests().len();
     let s = rpull(&ctrd, &snap, &image);
@@ -1499,13 +1499,7 @@ fn an_image_with_its_list_placed_first_runs_with_prefetch_list() {
     let log = dir.path().join("snapshotter.log");
     let config = dir.path().join("config.toml");
     std::fs::write(&config, "[snapshotter]\nprefetch = \"list\"\n").unwrap();
-    let snap = Snapshotter {
-        child: spawn_with(&root, &socket, &log, config.to_str().unwrap()),
-        root,
-        socket,
-        log,
-    };
-    snap.wait_ready();
+    let snap = Snapshotter::start_with_config(root, socket, log, &config);
     // the spare daemon dies before it is used: the mount gets a daemon
     // of its own
     let store = snap.root.join("store");
