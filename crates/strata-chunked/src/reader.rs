@@ -690,19 +690,7 @@ fn base64_payload<'de, D: serde::Deserializer<'de>>(
 /// anything else, which serde then reads (or names what is wrong with):
 /// what this accepts, serde reads the same (see the test).
 fn fast_line(line: &[u8]) -> Option<TarSplitEntry> {
-    /// A string's bytes (none of them `\`, `"` or below 0x20) and what
-    /// follows its closing quote.
-    fn string(p: &[u8]) -> Option<(&[u8], &[u8])> {
-        let p = p.strip_prefix(b"\"")?;
-        let end = memchr::memchr(b'"', p)?;
-        let s = &p[..end];
-        // no early exit: the loop vectorizes (payloads are most of a
-        // tar-split's bytes)
-        let bad = s
-            .iter()
-            .fold(false, |bad, &b| bad | (b == b'\\') | (b < 0x20));
-        (!bad).then(|| (s, &p[end + 1..]))
-    }
+    use crate::tocscan::raw_string as string;
     /// A non-negative integer without leading zeros.
     fn uint(p: &[u8]) -> Option<(u64, &[u8])> {
         let n = p.iter().take_while(|b| b.is_ascii_digit()).count();

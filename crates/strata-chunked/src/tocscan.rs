@@ -33,19 +33,25 @@ fn ws(p: &[u8]) -> &[u8] {
     &p[n..]
 }
 
-/// A string without escapes or control bytes, as UTF-8, and what follows
-/// its closing quote.
-fn string(p: &[u8]) -> Option<(&str, &[u8])> {
+/// A string's bytes (none of them `\\`, `"` or below 0x20) and what
+/// follows its closing quote.
+pub(crate) fn raw_string(p: &[u8]) -> Option<(&[u8], &[u8])> {
     let p = p.strip_prefix(b"\"")?;
     let end = memchr::memchr(b'"', p)?;
     let s = &p[..end];
+    // no early exit: the loop vectorizes (a tar-split's payloads are most
+    // of its bytes)
     let bad = s
         .iter()
         .fold(false, |bad, &b| bad | (b == b'\\') | (b < 0x20));
-    if bad {
-        return None;
-    }
-    Some((std::str::from_utf8(s).ok()?, &p[end + 1..]))
+    (!bad).then(|| (s, &p[end + 1..]))
+}
+
+/// A string without escapes or control bytes, as UTF-8, and what follows
+/// its closing quote.
+fn string(p: &[u8]) -> Option<(&str, &[u8])> {
+    let (s, rest) = raw_string(p)?;
+    Some((std::str::from_utf8(s).ok()?, rest))
 }
 
 /// A JSON integer that fits an i64 (no fraction, exponent, leading zero
