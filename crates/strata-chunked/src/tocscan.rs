@@ -33,7 +33,7 @@ fn ws(p: &[u8]) -> &[u8] {
     &p[n..]
 }
 
-/// A string's bytes (none of them `\\`, `"` or below 0x20) and what
+/// A string's bytes (none of them `\`, `"` or below 0x20) and what
 /// follows its closing quote.
 pub(crate) fn raw_string(p: &[u8]) -> Option<(&[u8], &[u8])> {
     let p = p.strip_prefix(b"\"")?;
