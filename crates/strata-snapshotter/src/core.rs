@@ -453,7 +453,7 @@ impl Snapshotter {
                 Ok(i) => i,
                 Err(e) if e.classify() != serde_json::error::Category::Data => {
                     let lost = root.join("lost");
-                    let to = lost.join(e_name(&p));
+                    let to = lost.join(p.file_name().unwrap_or_default());
                     tracing::warn!(
                         "{} is not whole ({e}): a snapshot whose creation a crash cut \
                          short, never reported made; moved to {}",
@@ -535,11 +535,6 @@ impl Snapshotter {
     /// containerd put them before unpacking, instead of from the registry.
     pub fn set_containerd_root(&mut self, root: &Path) {
         self.containerd_blobs = Some(root.join("io.containerd.content.v1.content").join("blobs"));
-    }
-
-    /// The sources of lazy images, for a thread of their own.
-    fn sources_handle(&self) -> std::sync::Arc<Mutex<HashMap<Digest, LazySource>>> {
-        self.sources.clone()
     }
 
     /// Keep a lazy mount's daemon started ahead, with `mib` MiB of memory
@@ -1055,7 +1050,7 @@ impl Snapshotter {
             Some(_) => None,
             None => Some(self.registry_of(&r.image, &r.manifest, r.plain_http)),
         };
-        let sources = self.sources_handle();
+        let sources = self.sources.clone();
         let manifest = r.manifest;
         let since = std::time::SystemTime::now();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -1993,11 +1988,6 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
-}
-
-/// A file's name, for moving it elsewhere.
-fn e_name(p: &Path) -> std::ffi::OsString {
-    p.file_name().map(|n| n.to_os_string()).unwrap_or_default()
 }
 
 fn sync_dir(p: &Path) -> io::Result<()> {
