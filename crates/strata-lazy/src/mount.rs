@@ -963,8 +963,9 @@ fn prefetch_thread(
     });
     set(PrefetchState::List, None, false);
     let mut list_error = None;
-    // (the start set's few files are stored in the background: a sync per
-    // request there slowed what runs beside it, containerd's calls too)
+    // the files are served from their staging files as they arrive and
+    // stored in the background, in batches: a sync per request slowed what
+    // runs beside it (containerd's calls too)
     let listed = std::thread::scope(|s| {
         // the runtime's few files beside the list (they are elsewhere in
         // their layer, behind its files placed first), served at once
@@ -976,13 +977,14 @@ fn prefetch_thread(
                 }
             });
         }
-        match start {
-            true => fetcher.fetch_many_deferred(&wanted, ctl),
-            false => fetcher.fetch_many(&wanted, ctl),
-        }
+        fetcher.fetch_many_deferred(&wanted, ctl)
     });
     // what was streamed ahead for the list is freed (and stops)
     drop(early);
+    // a list is done once its files are in the store
+    if !start {
+        fetcher.flush();
+    }
     // the start set's command brings its libraries (a list holds them)
     for d in wanted.iter().filter(|_| start) {
         let deps = fetcher.deps_to_prefetch(d);
