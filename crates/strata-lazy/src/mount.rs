@@ -963,9 +963,8 @@ fn prefetch_thread(
     });
     set(PrefetchState::List, None, false);
     let mut list_error = None;
-    // the files are served from their staging files as they arrive and
-    // stored in the background, in batches: a sync per request slowed what
-    // runs beside it (containerd's calls too)
+    // (the start set's few files are stored in the background: a sync per
+    // request there slowed what runs beside it, containerd's calls too)
     let listed = std::thread::scope(|s| {
         // the runtime's few files beside the list (they are elsewhere in
         // their layer, behind its files placed first), served at once
@@ -977,14 +976,13 @@ fn prefetch_thread(
                 }
             });
         }
-        fetcher.fetch_many_deferred(&wanted, ctl)
+        match start {
+            true => fetcher.fetch_many_deferred(&wanted, ctl),
+            false => fetcher.fetch_many(&wanted, ctl),
+        }
     });
     // what was streamed ahead for the list is freed (and stops)
     drop(early);
-    // a list is done once its files are in the store
-    if !start {
-        fetcher.flush();
-    }
     // the start set's command brings its libraries (a list holds them)
     for d in wanted.iter().filter(|_| start) {
         let deps = fetcher.deps_to_prefetch(d);
