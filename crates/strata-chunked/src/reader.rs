@@ -765,12 +765,10 @@ fn fast_line(line: &[u8]) -> Option<TarSplitEntry> {
                 rest
             }
         };
-        match crate::tocscan::field_end(p)? {
-            (rest, false) => p = rest,
-            (rest, true) => {
-                p = rest;
-                break;
-            }
+        let (rest, closed) = crate::tocscan::field_end(p)?;
+        p = rest;
+        if closed {
+            break;
         }
     }
     (seen & 1 != 0 && p.is_empty()).then_some(e)

@@ -167,12 +167,10 @@ fn fast_entry(p: &[u8]) -> Option<(TocEntryRef<'_>, &[u8])> {
                 rest
             }
         };
-        match field_end(p)? {
-            (rest, false) => p = rest,
-            (rest, true) => {
-                p = rest;
-                break;
-            }
+        let (rest, closed) = field_end(p)?;
+        p = rest;
+        if closed {
+            break;
         }
     }
     (seen & 3 == 3).then_some((e, p))
